@@ -1,0 +1,57 @@
+"""The ``metering`` command. Each area registers its subcommands from its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from metering.settings import SettingsError
+
+# Modules that contribute subcommands: each has ``register(subparsers)``.
+COMMAND_MODULES = [
+    "metering.commands.dev",
+    "metering.commands.kafka",
+    "metering.commands.demo",
+]
+
+
+class CommandError(RuntimeError):
+    """A command could not do what it was asked; printed without a traceback, exit code 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metering", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
+    try:
+        return int(handler(args) or 0)
+    except SettingsError as exc:
+        print(f"metering: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"metering: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

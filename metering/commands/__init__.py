@@ -1,0 +1,1 @@
+"""Subcommands of the ``metering`` CLI, one module per area."""

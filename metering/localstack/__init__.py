@@ -1,0 +1,21 @@
+"""Real servers as local processes for machines without Docker; see :mod:`.stack`."""
+
+from metering.localstack.stack import (
+    DEFAULT_SERVICES,
+    SERVICES,
+    LocalStack,
+    StackError,
+    default_root,
+    ensure_kafka_jars,
+    format_env,
+)
+
+__all__ = [
+    "DEFAULT_SERVICES",
+    "SERVICES",
+    "LocalStack",
+    "StackError",
+    "default_root",
+    "ensure_kafka_jars",
+    "format_env",
+]

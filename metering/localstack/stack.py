@@ -1,0 +1,758 @@
+"""The local service stack: real servers as plain processes on loopback, without Docker.
+
+- Redis: Debian's ``redis-server``; on request a 3-master Cluster and a Sentinel group
+  (1 master, 1 replica, 3 sentinels).
+- Kafka: Apache Kafka in KRaft mode (one broker acting as its own controller), from the official
+  jars on Maven Central, resolved once with Maven into a cache folder and reused after.
+- PostgreSQL: Debian's, a throw-away cluster in a temporary folder, on request.
+- ClickHouse: the embedded engine (chdb); it has no process, only a data folder.
+
+State (PIDs, ports, folders) lives in ``<root>/state.json``. ``up`` is idempotent: a service whose
+processes are alive and answering is left alone. ``down`` stops exactly the PIDs ``up`` recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SERVICES = ("redis", "kafka", "postgres", "redis-cluster", "redis-sentinel")
+DEFAULT_SERVICES = ("redis", "kafka")
+PREFERRED_PORTS: dict[str, list[int]] = {
+    "redis": [6379],
+    "kafka": [9092, 9093],
+    "postgres": [55432],
+    "redis-cluster": [7000, 7001, 7002],
+    "redis-sentinel": [6380, 6381, 26379, 26380, 26381],
+}
+SENTINEL_MASTER = "mymaster"
+PACKAGE_HINTS = {
+    "redis-server": "Debian package 'redis-server' (apt-get install redis-server)",
+    "redis-cli": "Debian package 'redis-tools' (apt-get install redis-tools)",
+    "java": "a JDK 17 (apt-get install openjdk-17-jre-headless)",
+    "mvn": "Maven (apt-get install maven)",
+    "initdb": "Debian package 'postgresql' (apt-get install postgresql)",
+    "postgres": "Debian package 'postgresql' (apt-get install postgresql)",
+}
+
+
+class StackError(RuntimeError):
+    """A local service could not be started, found or reached; the message says what to do."""
+
+
+@dataclass
+class ServiceState:
+    name: str
+    pids: dict[str, int] = field(default_factory=dict)  # member name -> pid
+    ports: dict[str, int] = field(default_factory=dict)  # member name -> port
+    paths: dict[str, str] = field(default_factory=dict)
+    started_at: float = 0.0
+
+
+# Children started by this Python process, so a dead one is reaped instead of lingering as a
+# zombie that still "exists" for os.kill(pid, 0).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def find_binary(name: str, extra_dirs: Iterable[str] = ()) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in extra_dirs:
+        for cand in sorted(Path("/").glob(d.lstrip("/")), reverse=True):
+            p = cand / name
+            if p.exists():
+                return str(p)
+    raise StackError(f"'{name}' was not found on PATH: install {PACKAGE_HINTS.get(name, name)}")
+
+
+def pid_alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            _children.pop(pid, None)
+            return False
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
+    """Signal ``pid``, wait for it to exit, SIGKILL it after ``timeout``."""
+    if not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, log: Path | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:
+            last = exc
+        time.sleep(0.1)
+    tail = ""
+    if log is not None and log.exists():
+        tail = (
+            "\n--- last lines of "
+            + str(log)
+            + " ---\n"
+            + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        )
+    raise StackError(f"{what} did not answer within {timeout:.0f}s (last error: {last!r}){tail}")
+
+
+def redis_ping(port: int) -> bool:
+    return bool(redis_command(port, "PING"))
+
+
+def redis_command(port: int, *args: str, timeout: float = 1.0) -> Any:
+    import redis
+
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+    )
+    try:
+        return client.execute_command(*args)
+    finally:
+        client.close()
+
+
+def kafka_cache_dir() -> Path:
+    base = os.environ.get("METERING_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "metering"
+    )
+    return Path(base)
+
+
+def kafka_version() -> str:
+    pom = resources.files("metering.localstack").joinpath("kafka-pom.xml").read_text()
+    start = pom.index("<kafka.version>") + len("<kafka.version>")
+    return pom[start : pom.index("</kafka.version>")]
+
+
+def ensure_kafka_jars(quiet: bool = True) -> Path:
+    """Resolve Kafka's jars with Maven into the cache folder (first time only); return it."""
+    version = kafka_version()
+    libs = kafka_cache_dir() / f"kafka-{version}" / "libs"
+    if (libs / ".complete").exists():
+        return libs
+    mvn = find_binary("mvn")
+    find_binary("java")
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="libs-", dir=libs.parent))
+    with resources.as_file(resources.files("metering.localstack").joinpath("kafka-pom.xml")) as pom:
+        cmd = [
+            mvn,
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-Dmdep.includeScope=runtime",
+        ]
+        if quiet:
+            cmd.insert(1, "-q")
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StackError(
+            f"Maven could not resolve org.apache.kafka:kafka_2.13:{version}:\n"
+            + (proc.stdout + proc.stderr)[-3000:]
+        )
+    (staging / ".complete").write_text(version)
+    if libs.exists():
+        shutil.rmtree(libs)
+    staging.rename(libs)
+    return libs
+
+
+def _kafka_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class LocalStack:
+    """Real servers as processes under one root folder, described by ``<root>/state.json``."""
+
+    def __init__(self, root: Path | str, *, kafka_heap: str = "768m") -> None:
+        self.root = Path(root).resolve()
+        self.kafka_heap = kafka_heap
+        self.state_file = self.root / "state.json"
+
+    # --- state ---------------------------------------------------------------------------------
+    def _load(self) -> dict[str, ServiceState]:
+        if not self.state_file.exists():
+            return {}
+        raw = json.loads(self.state_file.read_text())
+        return {k: ServiceState(**v) for k, v in raw.items()}
+
+    def _save(self, state: dict[str, ServiceState]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in state.items()}, indent=2))
+        tmp.replace(self.state_file)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def service(self, name: str) -> ServiceState | None:
+        return self._load().get(name)
+
+    # --- public operations ---------------------------------------------------------------------
+    def up(
+        self, services: Iterable[str] = DEFAULT_SERVICES, timeout: float = 60.0
+    ) -> dict[str, str]:
+        """Start each service that is not already running and answering; return its settings."""
+        wanted = list(dict.fromkeys(services))
+        for name in wanted:
+            if name not in SERVICES:
+                raise StackError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
+        with self._locked():
+            state = self._load()
+            for name in wanted:
+                current = state.get(name)
+                if current is not None and self._healthy(current):
+                    continue
+                if current is not None:
+                    self._stop(current)
+                state[name] = self._start(name, current, timeout)
+                self._save(state)
+            return self.env(state)
+
+    def down(self, services: Iterable[str] | None = None) -> list[str]:
+        """Stop the processes ``up`` started (by PID); return the services stopped."""
+        with self._locked():
+            state = self._load()
+            names = list(services) if services is not None else list(state)
+            stopped = []
+            for name in names:
+                st = state.pop(name, None)
+                if st is None:
+                    continue
+                self._stop(st)
+                stopped.append(name)
+            self._save(state)
+            return stopped
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, st in self._load().items():
+            out[name] = {
+                "running": {m: pid_alive(pid) for m, pid in st.pids.items()},
+                "ports": st.ports,
+                "healthy": self._healthy(st),
+            }
+        return out
+
+    def env(self, state: dict[str, ServiceState] | None = None) -> dict[str, str]:
+        """The settings (environment variables) that point the product at this stack."""
+        state = self._load() if state is None else state
+        env: dict[str, str] = {"METERING_DATA_DIR": str(self.root.parent)}
+        if "redis" in state:
+            env["RATE_LIMIT_REDIS_URL"] = f"redis://127.0.0.1:{state['redis'].ports['redis']}/0"
+        if "kafka" in state:
+            env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{state['kafka'].ports['broker']}"
+        if "postgres" in state:
+            env["QUOTA_DB_URL"] = (
+                f"postgresql+psycopg://postgres@127.0.0.1:{state['postgres'].ports['postgres']}/postgres"
+            )
+        if "redis-cluster" in state:
+            env["RATE_LIMIT_REDIS_CLUSTER_NODES"] = ",".join(
+                f"127.0.0.1:{p}" for p in state["redis-cluster"].ports.values()
+            )
+        if "redis-sentinel" in state:
+            st = state["redis-sentinel"]
+            env["RATE_LIMIT_REDIS_SENTINELS"] = ",".join(
+                f"127.0.0.1:{p}" for m, p in st.ports.items() if m.startswith("sentinel")
+            )
+            env["RATE_LIMIT_REDIS_SENTINEL_MASTER"] = SENTINEL_MASTER
+        return env
+
+    def kill(self, service: str, member: str, sig: int = signal.SIGKILL) -> int:
+        """Kill one member process of a service (for failure tests); return its PID."""
+        st = self._load()[service]
+        pid = st.pids[member]
+        stop_pid(pid, timeout=10, sig=sig)
+        return pid
+
+    def restart_member(self, service: str, member: str, timeout: float = 60.0) -> None:
+        """Start a member that was killed again, on the same port and data (failure tests)."""
+        with self._locked():
+            state = self._load()
+            st = state[service]
+            if service == "kafka":
+                st.pids[member] = self._spawn_kafka(st)
+                wait_until(
+                    lambda: self._kafka_ready(st.ports["broker"]),
+                    timeout,
+                    "Kafka",
+                    Path(st.paths["log"]),
+                )
+            elif service in {"redis", "redis-sentinel", "redis-cluster"}:
+                argv = json.loads(st.paths[f"argv:{member}"])
+                st.pids[member] = self._spawn(argv, Path(st.paths[f"log:{member}"]))
+                wait_until(lambda: redis_ping(st.ports[member]), timeout, f"{service}/{member}")
+            else:
+                raise StackError(f"restart of {service}/{member} is not supported")
+            self._save(state)
+
+    # --- per-service start ---------------------------------------------------------------------
+    def _ports(
+        self, name: str, previous: ServiceState | None, members: list[str]
+    ) -> dict[str, int]:
+        if (
+            previous is not None
+            and set(previous.ports) == set(members)
+            and all(port_free(p) for p in previous.ports.values())
+        ):
+            return dict(previous.ports)
+        preferred = PREFERRED_PORTS[name]
+        if all(port_free(p) for p in preferred):
+            return dict(zip(members, preferred, strict=True))
+        ports: dict[str, int] = {}
+        for m in members:
+            p = free_port()
+            # A Cluster node also listens on port + 10000 (its bus), so it needs both free.
+            while p in ports.values() or (
+                name == "redis-cluster" and (p > 55535 or not port_free(p + 10000))
+            ):
+                p = free_port() if name != "redis-cluster" else random.randint(20000, 45000)
+                if not port_free(p):
+                    continue
+            ports[m] = p
+        return ports
+
+    def _start(self, name: str, previous: ServiceState | None, timeout: float) -> ServiceState:
+        starter = {
+            "redis": self._start_redis,
+            "kafka": self._start_kafka,
+            "postgres": self._start_postgres,
+            "redis-cluster": self._start_cluster,
+            "redis-sentinel": self._start_sentinel,
+        }[name]
+        st = ServiceState(name, started_at=time.time())
+        try:
+            starter(st, previous, timeout)
+        except BaseException:
+            self._stop(st)  # never leave a half-started service's processes behind
+            raise
+        return st
+
+    def _spawn(
+        self, argv: list[str], log: Path, user: str | None = None, cwd: Path | None = None
+    ) -> int:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=cwd,
+                user=user,
+            )
+        _children[proc.pid] = proc
+        return proc.pid
+
+    def _redis_argv(self, port: int, data: Path, *extra: str) -> list[str]:
+        return [
+            find_binary("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            *extra,
+        ]
+
+    def _start_redis_member(self, st: ServiceState, member: str, argv: list[str]) -> None:
+        log = self.root / st.name / f"{member}.log"
+        st.paths[f"argv:{member}"] = json.dumps(argv)
+        st.paths[f"log:{member}"] = str(log)
+        st.pids[member] = self._spawn(argv, log)
+
+    def _start_redis(self, st: ServiceState, previous: ServiceState | None, timeout: float) -> None:
+        st.ports = self._ports("redis", previous, ["redis"])
+        data = self.root / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self._start_redis_member(st, "redis", self._redis_argv(st.ports["redis"], data))
+        wait_until(
+            lambda: redis_ping(st.ports["redis"]),
+            timeout,
+            "redis-server",
+            Path(st.paths["log:redis"]),
+        )
+
+    def _start_cluster(
+        self, st: ServiceState, previous: ServiceState | None, timeout: float
+    ) -> None:
+        members = ["node0", "node1", "node2"]
+        st.ports = self._ports("redis-cluster", previous, members)
+        base = self.root / "redis-cluster"
+        shutil.rmtree(base, ignore_errors=True)  # a cluster is rebuilt from scratch each start
+        for m in members:
+            data = base / m
+            data.mkdir(parents=True, exist_ok=True)
+            argv = self._redis_argv(
+                st.ports[m],
+                data,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(data / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            )
+            self._start_redis_member(st, m, argv)
+        for m in members:
+            wait_until(lambda m=m: redis_ping(st.ports[m]), timeout, f"redis cluster {m}")
+        cli = find_binary("redis-cli")
+        addrs = [f"127.0.0.1:{st.ports[m]}" for m in members]
+        proc = subprocess.run(
+            [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise StackError(f"redis-cli --cluster create failed: {proc.stdout}{proc.stderr}")
+
+        def cluster_ok() -> bool:
+            return all(
+                "cluster_state:ok" in redis_command(st.ports[m], "CLUSTER", "INFO") for m in members
+            )
+
+        wait_until(cluster_ok, timeout, "redis cluster (cluster_state:ok)")
+
+    def _start_sentinel(
+        self, st: ServiceState, previous: ServiceState | None, timeout: float
+    ) -> None:
+        members = ["master", "replica", "sentinel0", "sentinel1", "sentinel2"]
+        st.ports = self._ports("redis-sentinel", previous, members)
+        base = self.root / "redis-sentinel"
+        shutil.rmtree(base, ignore_errors=True)  # sentinels rewrite their config: start clean
+        for m in ("master", "replica"):
+            (base / m).mkdir(parents=True, exist_ok=True)
+        self._start_redis_member(
+            st, "master", self._redis_argv(st.ports["master"], base / "master")
+        )
+        self._start_redis_member(
+            st,
+            "replica",
+            self._redis_argv(
+                st.ports["replica"],
+                base / "replica",
+                "--replicaof",
+                "127.0.0.1",
+                str(st.ports["master"]),
+            ),
+        )
+        for m in ("master", "replica"):
+            wait_until(lambda m=m: redis_ping(st.ports[m]), timeout, f"redis sentinel group {m}")
+
+        def replica_synced() -> bool:
+            info = redis_command(st.ports["replica"], "INFO", "replication")
+            return bool(info.get("master_link_status") == "up")
+
+        wait_until(replica_synced, timeout, "replica sync")
+        for i in range(3):
+            m = f"sentinel{i}"
+            d = base / m
+            d.mkdir(parents=True, exist_ok=True)
+            conf = d / "sentinel.conf"
+            conf.write_text(
+                f"port {st.ports[m]}\nbind 127.0.0.1\nprotected-mode no\ndir {d}\n"
+                f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {st.ports['master']} 2\n"
+                f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n"
+                f"sentinel failover-timeout {SENTINEL_MASTER} 3000\n"
+                f"sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
+            )
+            self._start_redis_member(st, m, [find_binary("redis-server"), str(conf), "--sentinel"])
+        for i in range(3):
+            port = st.ports[f"sentinel{i}"]
+
+            def knows_replica(port: int = port) -> bool:
+                replicas = redis_command(port, "SENTINEL", "REPLICAS", SENTINEL_MASTER)
+                others = redis_command(port, "SENTINEL", "SENTINELS", SENTINEL_MASTER)
+                return len(replicas) >= 1 and len(others) >= 2
+
+            wait_until(knows_replica, timeout, f"sentinel{i}")
+
+    def _kafka_ready(self, port: int) -> bool:
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}",
+            request_timeout_ms=3000,
+            client_id="metering-localstack",
+        )
+        try:
+            admin.list_topics()
+            return True
+        finally:
+            admin.close()
+
+    def _spawn_kafka(self, st: ServiceState) -> int:
+        libs = Path(st.paths["libs"])
+        log4j = resources.files("metering.localstack").joinpath("log4j2.xml")
+        java = find_binary("java")
+        argv = [
+            java,
+            "-Xms256m",
+            f"-Xmx{self.kafka_heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-cp",
+            f"{libs}/*",
+            "kafka.Kafka",
+            st.paths["config"],
+        ]
+        return self._spawn(argv, Path(st.paths["log"]))
+
+    def _start_kafka(self, st: ServiceState, previous: ServiceState | None, timeout: float) -> None:
+        libs = ensure_kafka_jars()
+        st.ports = self._ports("kafka", previous, ["broker", "controller"])
+        base = self.root / "kafka"
+        data = base / "data"
+        base.mkdir(parents=True, exist_ok=True)
+        broker, controller = st.ports["broker"], st.ports["controller"]
+        config = base / "server.properties"
+        config.write_text(
+            "process.roles=broker,controller\nnode.id=1\n"
+            f"controller.quorum.voters=1@127.0.0.1:{controller}\n"
+            f"listeners=PLAINTEXT://127.0.0.1:{broker},CONTROLLER://127.0.0.1:{controller}\n"
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{broker}\n"
+            "controller.listener.names=CONTROLLER\ninter.broker.listener.name=PLAINTEXT\n"
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
+            f"log.dirs={data}\nnum.partitions=1\nauto.create.topics.enable=true\n"
+            "offsets.topic.replication.factor=1\noffsets.topic.num.partitions=10\n"
+            "transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n"
+            "share.coordinator.state.topic.replication.factor=1\n"
+            "share.coordinator.state.topic.min.isr=1\n"
+            "group.initial.rebalance.delay.ms=0\nlog.retention.hours=168\n"
+            "num.network.threads=2\nnum.io.threads=4\n"
+        )
+        st.paths.update(
+            libs=str(libs), config=str(config), log=str(base / "kafka.log"), data=str(data)
+        )
+        if not (data / "meta.properties").exists():
+            java = find_binary("java")
+            proc = subprocess.run(
+                [
+                    java,
+                    "-Xmx256m",
+                    "-cp",
+                    f"{libs}/*",
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    _kafka_cluster_id(),
+                    "-c",
+                    str(config),
+                    "--ignore-formatted",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise StackError(f"kafka storage format failed: {proc.stdout}{proc.stderr}")
+        st.pids["broker"] = self._spawn_kafka(st)
+        wait_until(
+            lambda: self._kafka_ready(broker), timeout, "Kafka broker", Path(st.paths["log"])
+        )
+
+    def _start_postgres(
+        self, st: ServiceState, previous: ServiceState | None, timeout: float
+    ) -> None:
+        pg_dirs = ["/usr/lib/postgresql/*/bin"]
+        initdb = find_binary("initdb", pg_dirs)
+        postgres = find_binary("postgres", pg_dirs)
+        st.ports = self._ports("postgres", previous, ["postgres"])
+        user = None
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as its own user
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                raise StackError(
+                    "running as root needs the 'postgres' user: apt-get install postgresql"
+                ) from None
+            user = "postgres"
+        data = Path(tempfile.mkdtemp(prefix="metering-pg-"))
+        os.chmod(data, 0o700)
+        if user:
+            shutil.chown(data, user, user)
+        log = self.root / "postgres" / "postgres.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            capture_output=True,
+            text=True,
+            check=False,
+            user=user,
+        )
+        if proc.returncode != 0:
+            shutil.rmtree(data, ignore_errors=True)
+            raise StackError(f"initdb failed: {proc.stdout}{proc.stderr}")
+        port = st.ports["postgres"]
+        argv = [
+            postgres,
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(data),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+        ]
+        if user:
+            with contextlib.suppress(OSError):
+                log.touch()
+                shutil.chown(log, user, user)
+        st.paths.update(data=str(data), log=str(log))
+        st.pids["postgres"] = self._spawn(argv, log, user=user)
+
+        def ready() -> bool:
+            import psycopg
+
+            with psycopg.connect(
+                host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
+            ) as conn:
+                conn.execute("SELECT 1")
+            return True
+
+        wait_until(ready, timeout, "PostgreSQL", log)
+
+    # --- health and stop -----------------------------------------------------------------------
+    def _healthy(self, st: ServiceState) -> bool:
+        if not st.pids or not all(pid_alive(p) for p in st.pids.values()):
+            return False
+        try:
+            if st.name == "kafka":
+                return self._kafka_ready(st.ports["broker"])
+            if st.name == "postgres":
+                with socket.create_connection(("127.0.0.1", st.ports["postgres"]), timeout=1):
+                    return True
+            return all(redis_ping(p) for p in st.ports.values())
+        except Exception:
+            return False
+
+    def _stop(self, st: ServiceState) -> None:
+        # Sentinels first, so they do not fail over a master that is merely being stopped.
+        order = sorted(st.pids.items(), key=lambda kv: not kv[0].startswith("sentinel"))
+        for _member, pid in order:
+            stop_pid(pid, sig=signal.SIGINT if st.name == "postgres" else signal.SIGTERM)
+        if st.name == "postgres" and st.paths.get("data"):
+            shutil.rmtree(st.paths["data"], ignore_errors=True)
+
+
+def default_root() -> Path:
+    from metering.settings import load_settings
+
+    return load_settings().metering_data_dir.resolve() / "stack"
+
+
+def format_env(env: dict[str, str]) -> str:
+    return "\n".join(f"export {k}={v}" for k, v in env.items())
+
+
+__all__ = [
+    "DEFAULT_SERVICES",
+    "SERVICES",
+    "LocalStack",
+    "StackError",
+    "default_root",
+    "ensure_kafka_jars",
+    "format_env",
+    "stop_pid",
+]

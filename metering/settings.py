@@ -1,0 +1,255 @@
+"""Settings: one validated object, read from environment variables.
+
+Every name DESIGN.md and the seed note give is kept verbatim as the environment variable
+(``TENANT_QUOTA_CACHE_TTL``, ``RATE_LIMIT_REDIS_URL``, ...). A bad value stops start-up with a
+:class:`SettingsError` whose message names the variable and the value it had.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+HostPort = tuple[str, int]
+
+
+class SettingsError(ValueError):
+    """A setting has a value the product cannot run with; the message names the variable."""
+
+
+def parse_host_ports(value: str | list[Any] | None) -> list[HostPort]:
+    """Parse ``host:port,host:port`` (IPv6 as ``[::1]:port``) into a list of pairs."""
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, list) else [p for p in value.split(",") if p.strip()]
+    out: list[HostPort] = []
+    for item in items:
+        if isinstance(item, tuple | list) and len(item) == 2:
+            host, port_s = str(item[0]), str(item[1])
+        else:
+            text = str(item).strip()
+            host, sep, port_s = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError(f"{text!r} is not host:port")
+            host = host.strip("[]")
+        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise ValueError(f"{item!r} has no valid port (1-65535)")
+        out.append((host, int(port_s)))
+    return out
+
+
+HostPortList = Annotated[list[HostPort], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every setting of the product. Field names map to environment variables (upper case)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", validate_default=True
+    )
+
+    # --- where local state lives -------------------------------------------------------------
+    metering_data_dir: Path = Field(
+        Path("./var"), description="Embedded engine, spool, local stack."
+    )
+
+    # --- limiter / Redis (names from the seed note) ---------------------------------------------
+    tenant_quota_cache_ttl: PositiveInt = Field(30, description="Seconds a quota stays in Redis.")
+    rate_limit_redis_url: str = Field("redis://127.0.0.1:6379/0")
+    rate_limit_redis_cluster_nodes: HostPortList = Field(default_factory=list)
+    rate_limit_redis_sentinels: HostPortList = Field(default_factory=list)
+    rate_limit_redis_sentinel_master: str = Field("mymaster", min_length=1)
+    rate_limit_redis_password: str | None = None
+    rate_limit_redis_socket_timeout: PositiveFloat = Field(
+        0.25, description="Seconds a Redis call may take before it counts as a failure."
+    )
+    rate_limit_redis_connect_timeout: PositiveFloat = 0.5
+    rate_limit_fail_mode: Literal["open", "closed"] = "open"
+    rate_limit_breaker_failures: PositiveInt = Field(
+        3, description="Consecutive Redis failures that open the circuit breaker."
+    )
+    rate_limit_breaker_reset: PositiveFloat = Field(
+        1.0, description="Seconds the breaker stays open before a half-open probe."
+    )
+    rate_limit_local_ceiling_per_sec: PositiveFloat = Field(
+        100.0, description="Per-process, per-tenant ceiling while Redis is down."
+    )
+    rate_limit_shadow_mode: bool = False
+    rate_limit_emit_decisions: bool = True
+
+    # --- quotas --------------------------------------------------------------------------------
+    quota_db_url: str = Field(
+        "", description="sqlite:///… (default under the data dir) or postgresql://…"
+    )
+    quota_local_ttl: PositiveFloat = Field(
+        5.0, description="Seconds a quota lives in process memory."
+    )
+    quota_unknown_tenant: Literal["default", "reject"] = "default"
+    quota_default_plan: str = "free"
+
+    # --- Kafka ---------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092")
+    usage_events_topic: str = Field("usage.events", pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    usage_events_dlq_topic: str = Field("usage.events.dlq", pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    usage_events_partitions: PositiveInt = 6
+    usage_events_retention_ms: PositiveInt = 7 * 24 * 3600 * 1000
+    usage_events_dlq_retention_ms: PositiveInt = 30 * 24 * 3600 * 1000
+    emitter_spool_max_bytes: PositiveInt = 256 * 1024 * 1024
+
+    # --- events --------------------------------------------------------------------------------
+    event_max_future_skew: PositiveFloat = Field(
+        300.0, description="Seconds an event may be ahead."
+    )
+    event_max_lateness: PositiveFloat = Field(
+        3 * 3600.0, description="Seconds after which an event is too late to count (dead letter)."
+    )
+
+    # --- ClickHouse ----------------------------------------------------------------------------
+    clickhouse_url: str = Field(
+        "", description="chdb:///path (default under the data dir) or http(s)://…"
+    )
+    clickhouse_database: str = Field("metering", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    clickhouse_retention_days: PositiveInt = 400
+
+    # --- streams worker ------------------------------------------------------------------------
+    worker_batch_size: PositiveInt = 5000
+    worker_batch_within: PositiveFloat = 0.5
+    worker_backfill_interval: PositiveFloat = 5.0
+
+    # --- HTTP API ------------------------------------------------------------------------------
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_algorithms: str = "HS256,RS256,ES256"
+    jwt_leeway: float = Field(10.0, ge=0)
+    api_max_batch: PositiveInt = 1000
+    api_max_body_bytes: PositiveInt = 4 * 1024 * 1024
+
+    # ----------------------------------------------------------------------------------------
+    @field_validator("rate_limit_redis_cluster_nodes", "rate_limit_redis_sentinels", mode="before")
+    @classmethod
+    def _host_ports(cls, v: Any) -> list[HostPort]:
+        return parse_host_ports(v)
+
+    @field_validator("rate_limit_redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("has no host")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"has a bad port ({exc})") from None
+        return v
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        parse_host_ports(v)
+        if not v.strip():
+            raise ValueError("is empty")
+        return v
+
+    @field_validator("quota_db_url")
+    @classmethod
+    def _quota_db(cls, v: str) -> str:
+        if v and v.split(":", 1)[0].split("+", 1)[0] not in {"sqlite", "postgresql", "postgres"}:
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return v
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _clickhouse(cls, v: str) -> str:
+        if v:
+            scheme = urlsplit(v).scheme
+            if scheme not in {"chdb", "http", "https", "clickhouse", "clickhouses"}:
+                raise ValueError("must be chdb:///path or an http(s):// ClickHouse URL")
+        return v
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        data = self.metering_data_dir.resolve()
+        if not self.quota_db_url:
+            self.quota_db_url = f"sqlite:///{data / 'quota.db'}"
+        if not self.clickhouse_url:
+            self.clickhouse_url = f"chdb://{data / 'clickhouse'}"
+        if self.quota_db_url.startswith("postgres://"):
+            self.quota_db_url = "postgresql://" + self.quota_db_url[len("postgres://") :]
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def redis_mode(self) -> Literal["single", "sentinel", "cluster"]:
+        if self.rate_limit_redis_cluster_nodes:
+            return "cluster"
+        if self.rate_limit_redis_sentinels:
+            return "sentinel"
+        return "single"
+
+    @property
+    def clickhouse_embedded(self) -> bool:
+        return self.clickhouse_url.startswith("chdb:")
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables (what ``metering dev up`` prints)."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if name in {"rate_limit_redis_cluster_nodes", "rate_limit_redis_sentinels"}:
+                value = ",".join(f"{h}:{p}" for h, p in value)
+            out[name.upper()] = str(value)
+        return out
+
+
+def _describe(exc: ValidationError, env: dict[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        var = field.upper()
+        raw = env.get(var, env.get(field, "<default>"))
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{var}={raw!r}: {msg}")
+    return "invalid setting(s): " + "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (and ``overrides``); raise :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        env = {k.upper(): v for k, v in os.environ.items()}
+        env.update({k.upper(): str(v) for k, v in overrides.items()})
+        raise SettingsError(_describe(exc, env)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
+
+
+__all__ = [
+    "HostPort",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "load_settings",
+    "parse_host_ports",
+]

@@ -1,0 +1,1 @@
+"""The Faust worker: usage events from Kafka into ClickHouse and the quota database."""

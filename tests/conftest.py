@@ -1,0 +1,94 @@
+"""Shared fixtures. Services are session-scoped: one suite run starts each service once.
+
+Tests under ``tests/integration`` are marked ``integration`` automatically; ``tests/unit`` holds
+the fast ones. ``pytest -m "not integration"`` runs only the fast ones.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from metering.localstack import LocalStack
+from tests.services import ServiceProvider
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[ServiceProvider]:
+    provider = ServiceProvider()
+    yield provider
+    provider.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: ServiceProvider) -> str:
+    return services.redis_url()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(services: ServiceProvider) -> str:
+    return services.kafka_bootstrap()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(services: ServiceProvider) -> str:
+    return services.postgres_url()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes(services: ServiceProvider) -> str:
+    return services.redis_cluster_nodes()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(services: ServiceProvider) -> tuple[str, str]:
+    return services.redis_sentinels()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ClickHouse for the session: ``TEST_CLICKHOUSE_URL`` or the embedded engine in a
+    session folder (chdb allows one data folder per process; tests isolate by database)."""
+    if url := os.environ.get("TEST_CLICKHOUSE_URL"):
+        return url
+    return f"chdb://{tmp_path_factory.mktemp('clickhouse')}"
+
+
+@pytest.fixture(scope="session")
+def clickhouse_client(clickhouse_url: str):  # type: ignore[no-untyped-def]
+    import clickhouse_connect
+
+    return clickhouse_connect.get_client(dsn=clickhouse_url)
+
+
+@pytest.fixture
+def clickhouse_db(clickhouse_client) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A fresh ClickHouse database for one test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    clickhouse_client.command(f"CREATE DATABASE {name}")
+    yield name
+    clickhouse_client.command(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A tenant id no other test uses, so tests sharing one Redis never collide."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def dedicated_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A private local stack for tests that kill or stop servers; fully stopped afterwards."""
+    stack = LocalStack(tmp_path_factory.mktemp("stack"))
+    yield stack
+    stack.down()

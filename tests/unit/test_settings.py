@@ -1,0 +1,79 @@
+"""Settings: seed names kept, defaults derived from the data dir, bad values named at start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from metering.settings import SettingsError, load_settings, parse_host_ports
+
+
+def test_defaults_follow_design(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("METERING_DATA_DIR", str(tmp_path))
+    s = load_settings()
+    assert s.tenant_quota_cache_ttl == 30
+    assert s.rate_limit_fail_mode == "open"
+    assert s.redis_mode == "single"
+    assert s.quota_db_url == f"sqlite:///{tmp_path.resolve() / 'quota.db'}"
+    assert s.clickhouse_url == f"chdb://{tmp_path.resolve() / 'clickhouse'}"
+    assert s.clickhouse_embedded
+
+
+def test_seed_names_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENANT_QUOTA_CACHE_TTL", "12")
+    monkeypatch.setenv("RATE_LIMIT_FAIL_MODE", "closed")
+    monkeypatch.setenv("RATE_LIMIT_REDIS_CLUSTER_NODES", "10.0.0.1:7000, 10.0.0.2:7001")
+    monkeypatch.setenv("RATE_LIMIT_REDIS_SENTINELS", "[::1]:26379")
+    s = load_settings()
+    assert s.tenant_quota_cache_ttl == 12
+    assert s.rate_limit_fail_mode == "closed"
+    assert s.rate_limit_redis_cluster_nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    assert s.rate_limit_redis_sentinels == [("::1", 26379)]
+    assert s.redis_mode == "cluster"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "fragment"),
+    [
+        ("TENANT_QUOTA_CACHE_TTL", "-5", "greater than 0"),
+        ("TENANT_QUOTA_CACHE_TTL", "soon", "valid integer"),
+        ("RATE_LIMIT_FAIL_MODE", "sideways", "'open' or 'closed'"),
+        ("RATE_LIMIT_REDIS_URL", "http://localhost:6379", "redis://"),
+        ("RATE_LIMIT_REDIS_URL", "redis://localhost:99999", "bad port"),
+        ("RATE_LIMIT_REDIS_CLUSTER_NODES", "localhost", "not host:port"),
+        ("RATE_LIMIT_REDIS_SENTINELS", "a:1,b:x", "no valid port"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "broker", "not host:port"),
+        ("QUOTA_DB_URL", "mysql://x/y", "sqlite"),
+        ("CLICKHOUSE_URL", "ftp://x", "chdb"),
+    ],
+)
+def test_bad_value_names_the_variable_and_value(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert f"{var}={value!r}" in str(err.value)
+    assert fragment in str(err.value)
+
+
+def test_bad_setting_stops_the_cli_with_exit_2_and_a_message() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "metering.cli", "kafka", "init"],
+        env={"TENANT_QUOTA_CACHE_TTL": "-1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "TENANT_QUOTA_CACHE_TTL='-1'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_host_port_parsing() -> None:
+    assert parse_host_ports("") == []
+    assert parse_host_ports("a:1,b:2") == [("a", 1), ("b", 2)]
+    with pytest.raises(ValueError, match="no valid port"):
+        parse_host_ports("a:0")
