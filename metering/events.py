@@ -1,0 +1,369 @@
+"""The usage event: CloudEvents 1.0 structured JSON, validated at every boundary.
+
+An event is what the pipeline counts. Its invariants, enforced here and nowhere else:
+
+- ``subject`` is a valid tenant id and ``data.meter`` a valid meter name (:mod:`metering.ids`);
+- ``data.quantity`` is finite and ``>= 0``;
+- ``data.dimensions`` is a flat map of at most :data:`MAX_DIMENSIONS` string pairs, keys of
+  1-64 characters ``[A-Za-z0-9._:-]``, values of at most :data:`MAX_DIMENSION_VALUE` characters;
+- ``type`` is ``metering.usage`` (``data.decision`` absent) or ``metering.ratelimit``
+  (``data.decision`` is ``allowed`` or ``rejected``);
+- ``time`` is timezone-aware, held and written in UTC (RFC 3339, ``Z``), and when decoded is at
+  most ``max_future_skew`` seconds ahead of the decoder's clock;
+- ``id`` is 1-128 printable ASCII characters, set once when the event is made: a resend carries
+  the same id, which is how the pipeline recognises a duplicate;
+- the encoded event is at most :data:`MAX_EVENT_BYTES` bytes.
+
+Everything that fails raises :class:`EventDecodeError`, whose message names the field
+(``data.quantity: must be finite and >= 0``). Tests: ``tests/unit/test_events*.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from metering.ids import InvalidIdentifier, validate_meter, validate_tenant_id
+
+SPECVERSION = "1.0"
+TYPE_USAGE = "metering.usage"
+TYPE_RATELIMIT = "metering.ratelimit"
+DEFAULT_SOURCE = "urn:metering"
+DEFAULT_DECISION_METER = "requests"
+
+MAX_EVENT_BYTES = 32 * 1024
+MAX_DIMENSIONS = 16
+MAX_DIMENSION_VALUE = 256
+MAX_ID_LENGTH = 128
+MAX_SOURCE_LENGTH = 256
+DEFAULT_MAX_FUTURE_SKEW = 300.0
+
+_DIMENSION_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}")
+_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}")
+_RFC3339_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+EventType = Literal["metering.usage", "metering.ratelimit"]
+DecisionOutcome = Literal["allowed", "rejected"]
+
+
+class EventDecodeError(ValueError):
+    """An event is malformed or invalid; the message names the field and what is wrong."""
+
+
+def _check_id(value: str) -> str:
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(f"must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces")
+    return value
+
+
+def _check_tenant(value: str) -> str:
+    try:
+        return validate_tenant_id(value)
+    except InvalidIdentifier as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_meter(value: str) -> str:
+    try:
+        return validate_meter(value)
+    except InvalidIdentifier as exc:
+        raise ValueError(str(exc)) from None
+
+
+class UsageData(BaseModel):
+    """The ``data`` of a usage event: what was used, how much, and along which dimensions."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    meter: Annotated[str, AfterValidator(_check_meter)]
+    quantity: float
+    dimensions: dict[str, str] = Field(default_factory=dict)
+    decision: DecisionOutcome | None = None
+
+    @field_validator("quantity")
+    @classmethod
+    def _finite_non_negative(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("must be finite and >= 0")
+        return float(v)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _bounded_dimensions(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_DIMENSIONS:
+            raise ValueError(f"at most {MAX_DIMENSIONS} dimensions, got {len(v)}")
+        for key, value in v.items():
+            if not _DIMENSION_KEY_RE.fullmatch(key):
+                shown = key if len(key) <= 40 else key[:37] + "..."
+                raise ValueError(
+                    f"key {shown!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -, "
+                    "starting with a letter, digit or _"
+                )
+            if len(value) > MAX_DIMENSION_VALUE:
+                raise ValueError(
+                    f"value of {key!r} is {len(value)} characters, at most "
+                    f"{MAX_DIMENSION_VALUE} allowed"
+                )
+        return v
+
+
+class UsageEvent(BaseModel):
+    """A CloudEvents 1.0 usage event; ``subject`` is the tenant. Immutable once made."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    specversion: Literal["1.0"] = SPECVERSION
+    id: Annotated[str, AfterValidator(_check_id)]
+    source: str = Field(DEFAULT_SOURCE, min_length=1, max_length=MAX_SOURCE_LENGTH)
+    type: EventType = TYPE_USAGE
+    subject: Annotated[str, AfterValidator(_check_tenant)]
+    time: dt.datetime
+    datacontenttype: Literal["application/json"] | None = None
+    data: UsageData
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _parse_time(cls, v: Any) -> Any:
+        # Strict mode accepts RFC 3339 strings from JSON but not from Python; accept both.
+        if isinstance(v, str):
+            if _RFC3339_RE.fullmatch(v):
+                try:
+                    return dt.datetime.fromisoformat(v[:-1] + "+00:00" if v[-1] in "Zz" else v)
+                except ValueError:
+                    pass
+            raise ValueError("must be an RFC 3339 timestamp with a timezone")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _utc_not_in_future(cls, v: dt.datetime, info: ValidationInfo) -> dt.datetime:
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError("must carry a timezone (RFC 3339, e.g. 2026-01-01T00:00:00Z)")
+        v = v.astimezone(dt.UTC)
+        ctx = info.context or {}
+        skew = ctx.get("max_future_skew")
+        if skew is not None:
+            now = ctx.get("now") or dt.datetime.now(dt.UTC)
+            if v > now + dt.timedelta(seconds=skew):
+                raise ValueError(
+                    f"is {(v - now).total_seconds():.0f}s in the future (at most {skew:g}s allowed)"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _decision_matches_type(self) -> UsageEvent:
+        if self.type == TYPE_RATELIMIT and self.data.decision is None:
+            raise ValueError("data.decision: required for type metering.ratelimit")
+        if self.type == TYPE_USAGE and self.data.decision is not None:
+            raise ValueError("data.decision: only allowed for type metering.ratelimit")
+        return self
+
+    @field_serializer("time")
+    def _rfc3339(self, v: dt.datetime) -> str:
+        return v.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+    @property
+    def tenant(self) -> str:
+        return self.subject
+
+    @property
+    def billable(self) -> bool:
+        """False iff this is a rejected limiter decision (rejections are never billed)."""
+        return self.data.decision != "rejected"
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        elif err["type"] == "extra_forbidden":
+            msg = "is not a known field"
+        if not loc and ": " in msg:  # model-level checks already name their field
+            parts.append(msg)
+        else:
+            parts.append(f"{loc or 'event'}: {msg}")
+    return "; ".join(parts)
+
+
+def _default_skew() -> float:
+    try:
+        from metering.settings import get_settings
+
+        return float(get_settings().event_max_future_skew)
+    except Exception:  # settings unreadable: the documented default still protects the pipeline
+        return DEFAULT_MAX_FUTURE_SKEW
+
+
+def decode_event(
+    raw: bytes | bytearray | memoryview | str,
+    *,
+    now: dt.datetime | None = None,
+    max_future_skew: float | None = None,
+) -> UsageEvent:
+    """Parse and validate one structured-mode CloudEvents JSON document.
+
+    ``now`` (default: the current UTC time) and ``max_future_skew`` (default: the setting
+    ``EVENT_MAX_FUTURE_SKEW``) bound how far ahead ``time`` may be. Raises
+    :class:`EventDecodeError` for bad bytes, bad JSON, a bad shape or an invalid value.
+    """
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EventDecodeError("event: is not valid UTF-8 text") from None
+    elif not isinstance(raw, bytes | bytearray | memoryview):
+        raise EventDecodeError(f"event: must be bytes or str, not {type(raw).__name__}")
+    raw = bytes(raw)
+    if len(raw) > MAX_EVENT_BYTES:
+        raise EventDecodeError(
+            f"event: {len(raw)} bytes encoded, at most {MAX_EVENT_BYTES} allowed"
+        )
+    if now is not None and (now.tzinfo is None or now.utcoffset() is None):
+        raise ValueError("now must be timezone-aware")
+    skew = _default_skew() if max_future_skew is None else max_future_skew
+    try:
+        return UsageEvent.model_validate_json(
+            raw, context={"now": now.astimezone(dt.UTC) if now else None, "max_future_skew": skew}
+        )
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            detail = exc.errors()[0]["msg"]
+            raise EventDecodeError(f"event: is not valid JSON ({detail})") from None
+        if any(e["type"] == "model_type" and not e["loc"] for e in exc.errors()):
+            raise EventDecodeError("event: must be a JSON object") from None
+        raise EventDecodeError(_describe(exc)) from None
+
+
+def encode_event(ev: UsageEvent) -> bytes:
+    """The event as compact structured-mode CloudEvents JSON (UTF-8), ``decode_event``'s inverse."""
+    out = ev.model_dump_json(exclude_none=True).encode("utf-8")
+    if len(out) > MAX_EVENT_BYTES:
+        raise EventDecodeError(
+            f"event: {len(out)} bytes encoded, at most {MAX_EVENT_BYTES} allowed"
+        )
+    return out
+
+
+def new_event_id() -> str:
+    """A fresh, unique event id (the idempotency key of the pipeline)."""
+    return str(uuid.uuid4())
+
+
+def _build(fields: dict[str, Any]) -> UsageEvent:
+    try:
+        return UsageEvent.model_validate(fields)
+    except ValidationError as exc:
+        raise EventDecodeError(_describe(exc)) from None
+
+
+def usage_event(
+    tenant: str,
+    meter: str,
+    quantity: float,
+    dimensions: dict[str, str] | None = None,
+    source: str = DEFAULT_SOURCE,
+    time: dt.datetime | None = None,
+    *,
+    id: str | None = None,
+) -> UsageEvent:
+    """A ``metering.usage`` event with a fresh id (unless given) and ``time`` = now (UTC)."""
+    return _build(
+        {
+            "id": id or new_event_id(),
+            "source": source,
+            "type": TYPE_USAGE,
+            "subject": tenant,
+            "time": time or dt.datetime.now(dt.UTC),
+            "data": {
+                "meter": meter,
+                "quantity": float(quantity) if isinstance(quantity, int) else quantity,
+                "dimensions": dict(dimensions or {}),
+            },
+        }
+    )
+
+
+def decision_event(
+    tenant: str,
+    decision: Any,
+    *,
+    meter: str = DEFAULT_DECISION_METER,
+    cost: float | None = None,
+    route: str | None = None,
+    source: str = DEFAULT_SOURCE,
+    dimensions: dict[str, str] | None = None,
+    time: dt.datetime | None = None,
+) -> UsageEvent:
+    """A ``metering.ratelimit`` event for one limiter decision.
+
+    ``decision`` is a :class:`limiter.Decision`-like object (``allowed``, ``reason``, ``cost``)
+    or a plain bool ``allowed``. ``quantity`` is the request's cost; dimensions carry ``route``
+    and ``reason`` where known.
+    """
+    if isinstance(decision, bool):
+        allowed, reason = decision, None
+    else:
+        allowed = bool(decision.allowed)
+        reason = getattr(decision, "reason", None)
+        if cost is None:
+            cost = getattr(decision, "cost", None)
+    dims = dict(dimensions or {})
+    if route is not None:
+        dims["route"] = route
+    if reason is not None:
+        dims["reason"] = str(reason)
+    if getattr(decision, "degraded", False):
+        dims["degraded"] = "true"
+    return _build(
+        {
+            "id": new_event_id(),
+            "source": source,
+            "type": TYPE_RATELIMIT,
+            "subject": tenant,
+            "time": time or dt.datetime.now(dt.UTC),
+            "data": {
+                "meter": meter,
+                "quantity": float(1 if cost is None else cost),
+                "dimensions": dims,
+                "decision": "allowed" if allowed else "rejected",
+            },
+        }
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_FUTURE_SKEW",
+    "MAX_DIMENSIONS",
+    "MAX_DIMENSION_VALUE",
+    "MAX_EVENT_BYTES",
+    "TYPE_RATELIMIT",
+    "TYPE_USAGE",
+    "EventDecodeError",
+    "UsageData",
+    "UsageEvent",
+    "decision_event",
+    "decode_event",
+    "encode_event",
+    "new_event_id",
+    "usage_event",
+]
