@@ -1,0 +1,391 @@
+"""The quota database: tenants with their limits, and each tenant's backfilled daily usage.
+
+SQLite (the default ``QUOTA_DB_URL``) and PostgreSQL run the same models and the same Alembic
+migrations (:func:`migrate`). Invariants:
+
+- every tenant id is validated (:func:`metering.ids.validate_tenant_id`) and every set of limits
+  checked (:func:`metering.plans.check_limits`) before it reaches SQL;
+- ``tenants.version`` grows by one on every change, so caches can refuse an older answer that
+  arrives after a newer one;
+- ``tenant_daily_usage`` holds absolute totals written by the worker: the upsert on
+  (tenant, day) is idempotent, and replaying a batch changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Double,
+    Engine,
+    Integer,
+    String,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from metering.ids import TENANT_ID_MAX, validate_tenant_id
+from metering.plans import Limits, QuotaError, check_limits, get_plan
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+#: Seconds a PostgreSQL connect or statement may take: a slow database fails fast, and callers
+#: (the quota cache) serve the last known answer instead of waiting.
+PG_TIMEOUT_SECONDS: Final = 3
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TenantRow(Base):
+    __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint("rate_per_sec > 0", name="ck_tenants_rate_positive"),
+        CheckConstraint("burst >= 1", name="ck_tenants_burst_positive"),
+        CheckConstraint("daily_limit >= 1", name="ck_tenants_daily_positive"),
+        CheckConstraint(
+            "(window_limit IS NULL) = (window_seconds IS NULL)", name="ck_tenants_window_pair"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(TENANT_ID_MAX), primary_key=True)
+    plan: Mapped[str] = mapped_column(String(32), nullable=False)
+    rate_per_sec: Mapped[float] = mapped_column(Double, nullable=False)
+    burst: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    daily_limit: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    window_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    window_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class DailyUsageRow(Base):
+    __tablename__ = "tenant_daily_usage"
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_ID_MAX), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    used: Mapped[float] = mapped_column(Double, nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    """A tenant's row as the rest of the product sees it."""
+
+    tenant: str
+    plan: str
+    limits: Limits
+    version: int
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "plan": self.plan,
+            "rate_per_sec": self.limits.rate_per_sec,
+            "burst": self.limits.burst,
+            "daily_limit": self.limits.daily_limit,
+            "window_limit": self.limits.window_limit,
+            "window_seconds": self.limits.window_seconds,
+            "version": self.version,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+        }
+
+
+def _record(row: TenantRow) -> TenantRecord:
+    def aware(t: dt.datetime) -> dt.datetime:  # SQLite returns naive datetimes
+        return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+    return TenantRecord(
+        tenant=row.id,
+        plan=row.plan,
+        limits=Limits(
+            row.rate_per_sec, row.burst, row.daily_limit, row.window_limit, row.window_seconds
+        ),
+        version=row.version,
+        created_at=aware(row.created_at),
+        updated_at=aware(row.updated_at),
+    )
+
+
+# --- engines -------------------------------------------------------------------------------------
+def normalize_url(url: str | URL) -> URL:
+    """``postgresql://`` means psycopg 3 here (the driver the project installs)."""
+    u = make_url(url)
+    if u.drivername in {"postgresql", "postgres"}:
+        u = u.set(drivername="postgresql+psycopg")
+    if u.drivername.split("+", 1)[0] not in {"sqlite", "postgresql"}:
+        raise QuotaError(f"quota DB URL must be sqlite:/// or postgresql://, not {u.drivername}://")
+    return u
+
+
+def make_engine(url: str | URL, *, timeouts: bool = True) -> Engine:
+    """An engine for the quota DB; with ``timeouts``, PostgreSQL calls are bounded in time."""
+    u = normalize_url(url)
+    if u.drivername.startswith("sqlite"):
+        if u.database in (None, "", ":memory:"):
+            return create_engine(u, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 5})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the worker's upserts
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+        return engine
+    connect_args: dict[str, Any] = {}
+    if timeouts:
+        connect_args = {
+            "connect_timeout": PG_TIMEOUT_SECONDS,
+            "options": f"-c statement_timeout={PG_TIMEOUT_SECONDS * 1000}",
+        }
+    return create_engine(u, connect_args=connect_args, pool_pre_ping=True)
+
+
+def migrate(url: str | URL, revision: str = "head") -> str | None:
+    """Bring the quota DB at ``url`` to ``revision`` (idempotent); return the revision reached.
+
+    Needs no ``alembic.ini``: the configuration is built here and the scripts ship inside the
+    package (``metering/migrations``).
+    """
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url, timeouts=False)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+_KEEP: Any = object()
+
+
+class QuotaStore:
+    """Tenants and daily usage in the quota DB. Thread-safe (one engine, a session per call)."""
+
+    def __init__(self, url: str | URL | None = None, *, engine: Engine | None = None) -> None:
+        if engine is None:
+            if url is None:
+                raise ValueError("QuotaStore needs a URL or an engine")
+            engine = make_engine(url)
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> QuotaStore:
+        return cls(settings.quota_db_url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # --- tenants ---------------------------------------------------------------------------------
+    def get_tenant(self, tenant: str) -> TenantRecord | None:
+        validate_tenant_id(tenant)
+        with self._session() as s:
+            row = s.get(TenantRow, tenant)
+            return _record(row) if row else None
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._session() as s:
+            return [_record(r) for r in s.scalars(select(TenantRow).order_by(TenantRow.id))]
+
+    def set_quota(
+        self,
+        tenant: str,
+        *,
+        plan: str | None = None,
+        rate_per_sec: float | None = None,
+        burst: int | None = None,
+        daily_limit: int | None = None,
+        window_limit: int | None = _KEEP,
+        window_seconds: int | None = _KEEP,
+    ) -> TenantRecord:
+        """Create or change a tenant; return the stored record (version bumped on change).
+
+        Limits not given keep their value: from ``plan``'s defaults when a plan is named, else
+        from the tenant's row, else they are required. ``window_limit=None`` (with
+        ``window_seconds=None``) removes the rolling window. Raises :class:`QuotaError` for an
+        unknown plan or a bad limit, :class:`metering.ids.InvalidIdentifier` for a bad id.
+        """
+        validate_tenant_id(tenant)
+        if plan is not None:
+            get_plan(plan)
+        for attempt in range(2):  # a concurrent first insert of the same tenant: retry as update
+            try:
+                with self._session() as s:
+                    row = s.get(TenantRow, tenant, with_for_update=True)
+                    chosen = plan or (row.plan if row else "custom")
+                    defaults = get_plan(chosen).limits if plan else None
+                    if defaults is None and row is not None:
+                        defaults = _record(row).limits
+                    limits = _merge(
+                        defaults,
+                        rate_per_sec,
+                        burst,
+                        daily_limit,
+                        window_limit,
+                        window_seconds,
+                    )
+                    now = _utcnow()
+                    if row is None:
+                        row = TenantRow(id=tenant, version=1, created_at=now)
+                        s.add(row)
+                    else:
+                        row.version += 1
+                    row.plan = chosen
+                    row.rate_per_sec = limits.rate_per_sec
+                    row.burst = limits.burst
+                    row.daily_limit = limits.daily_limit
+                    row.window_limit = limits.window_limit
+                    row.window_seconds = limits.window_seconds
+                    row.updated_at = now
+                    s.flush()
+                    return _record(row)
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def delete_tenant(self, tenant: str) -> bool:
+        """Remove a tenant's row (its usage stays); True if there was one."""
+        validate_tenant_id(tenant)
+        with self._session() as s:
+            row = s.get(TenantRow, tenant)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    # --- daily usage -----------------------------------------------------------------------------
+    def daily_usage(self, tenant: str, day: dt.date) -> int:
+        """The tenant's backfilled usage for UTC ``day``, rounded up (0 when none recorded)."""
+        validate_tenant_id(tenant)
+        with self._session() as s:
+            used = s.scalar(
+                select(DailyUsageRow.used).where(
+                    DailyUsageRow.tenant == tenant, DailyUsageRow.day == day
+                )
+            )
+        return math.ceil(used) if used else 0
+
+    def upsert_daily_usage(self, rows: Iterable[tuple[str, dt.date, int | float]]) -> int:
+        """Store absolute totals per (tenant, day); idempotent. Returns the number of rows.
+
+        A total replaces the stored one (the worker's tables hold the truth), so a replayed
+        batch writes the same values again and changes nothing.
+        """
+        now = _utcnow()
+        values: dict[tuple[str, dt.date], float] = {}
+        for tenant, day, used in rows:
+            validate_tenant_id(tenant)
+            if not isinstance(day, dt.date) or isinstance(day, dt.datetime):
+                raise QuotaError(f"day must be a date, not {day!r}")
+            if isinstance(used, bool) or not isinstance(used, int | float):
+                raise QuotaError(f"used must be a number, not {used!r}")
+            if not math.isfinite(used) or used < 0:
+                raise QuotaError(f"used must be finite and >= 0, got {used!r}")
+            values[(tenant, day)] = float(used)
+        if not values:
+            return 0
+        payload = [
+            {"tenant": t, "day": d, "used": u, "updated_at": now} for (t, d), u in values.items()
+        ]
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        stmt = insert(DailyUsageRow)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[DailyUsageRow.tenant, DailyUsageRow.day],
+            set_={"used": stmt.excluded.used, "updated_at": stmt.excluded.updated_at},
+        )
+        with self._session() as s:
+            s.execute(stmt, payload)
+        return len(payload)
+
+
+def _merge(
+    base: Limits | None,
+    rate_per_sec: float | None,
+    burst: int | None,
+    daily_limit: int | None,
+    window_limit: int | None,
+    window_seconds: int | None,
+) -> Limits:
+    missing = [
+        name
+        for name, value, fallback in (
+            ("rate_per_sec", rate_per_sec, base and base.rate_per_sec),
+            ("burst", burst, base and base.burst),
+            ("daily_limit", daily_limit, base and base.daily_limit),
+        )
+        if value is None and fallback is None
+    ]
+    if missing:
+        raise QuotaError(
+            f"{', '.join(missing)} required: a new tenant on the custom plan has no defaults"
+        )
+    if window_limit is _KEEP:
+        window_limit = base.window_limit if base else None
+    if window_seconds is _KEEP:
+        window_seconds = base.window_seconds if base else None
+    return check_limits(
+        rate_per_sec if rate_per_sec is not None else base.rate_per_sec,  # type: ignore[union-attr]
+        burst if burst is not None else base.burst,  # type: ignore[union-attr]
+        daily_limit if daily_limit is not None else base.daily_limit,  # type: ignore[union-attr]
+        window_limit,
+        window_seconds,
+    )
+
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "Base",
+    "DailyUsageRow",
+    "QuotaError",
+    "QuotaStore",
+    "TenantRecord",
+    "TenantRow",
+    "make_engine",
+    "migrate",
+    "normalize_url",
+]
