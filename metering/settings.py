@@ -128,6 +128,17 @@ class Settings(BaseSettings):
     worker_batch_size: PositiveInt = 5000
     worker_batch_within: PositiveFloat = 0.5
     worker_backfill_interval: PositiveFloat = 5.0
+    worker_group: str = Field(
+        "metering-worker",
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Faust app id; the sink's Kafka consumer group is <worker_group>.sink.",
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0 = off)."
+    )
+    worker_backfill_meter: str = Field(
+        "requests", description="Meter whose billable daily totals go to tenant_daily_usage."
+    )
 
     # --- HTTP API ------------------------------------------------------------------------------
     jwt_secret: str | None = None

@@ -1,0 +1,1 @@
+"""ClickHouse: the client factory and the versioned schema (SQL kept in ``*.sql`` files)."""
