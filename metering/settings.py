@@ -8,6 +8,7 @@ Every name DESIGN.md and the seed note give is kept verbatim as the environment 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -148,6 +149,14 @@ class Settings(BaseSettings):
     jwt_leeway: float = Field(10.0, ge=0)
     api_max_batch: PositiveInt = 1000
     api_max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    rate_limit_route_costs: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description='JSON: cost per route, e.g. {"POST /v1/events": 5, "/v1/usage": 2}; else 1.',
+    )
+    rate_limit_route_meters: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON: meter per route, e.g. {"/v1/usage": "queries"}; else "requests".',
+    )
 
     # ----------------------------------------------------------------------------------------
     @field_validator("rate_limit_redis_cluster_nodes", "rate_limit_redis_sentinels", mode="before")
@@ -225,6 +234,8 @@ class Settings(BaseSettings):
                 continue
             if name in {"rate_limit_redis_cluster_nodes", "rate_limit_redis_sentinels"}:
                 value = ",".join(f"{h}:{p}" for h, p in value)
+            elif isinstance(value, dict):
+                value = json.dumps(value)
             out[name.upper()] = str(value)
         return out
 

@@ -1,0 +1,399 @@
+"""``RateLimitMiddleware``: per-tenant limits for any ASGI application.
+
+Pure ASGI (no framework needed). For each HTTP request outside the exempt paths it:
+
+1. takes the tenant from ``scope["state"]["tenant_id"]`` (what ``request.state.tenant_id`` reads),
+   else from a verified token payload in ``scope["state"]["token_payload"]`` (claim
+   ``tenant_id``, else ``sub``), as put there by an authentication layer running first; a request
+   with neither is passed on unlimited (authentication is not this layer's job). Request headers
+   are never read for the tenant;
+2. asks the limiter for the route's cost (default 1) and emits the decision as a
+   ``metering.ratelimit`` usage event on the route's meter (default ``requests``), never
+   blocking: the emitter only enqueues;
+3. answers a rejection with ``429`` (``503`` when the limiter failed closed because Redis is
+   down), ``application/problem+json`` and ``Retry-After``, or passes the request on; either way
+   the response carries the rate-limit fields (:func:`ratelimit_headers`).
+
+Shadow mode decides, counts and emits exactly as above but never blocks and adds no fields, so a
+limit can be tried on live traffic first; its decision events carry ``shadow=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from metering.events import decision_event
+from metering.ids import is_valid_tenant_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METER = "requests"
+DEFAULT_EXEMPT_PATHS = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+        "/favicon.ico",
+    }
+)
+#: Reason the limiter gives when it decided without Redis and refused (fail mode ``closed``).
+REASON_REDIS_DOWN = "redis_down"
+DAY_SECONDS = 86_400
+
+
+class AsyncLimiter(Protocol):
+    async def acquire(self, tenant: str, cost: int = 1, quota: Any = None) -> Any: ...
+
+
+class AsyncQuotaLookup(Protocol):
+    async def aget(self, tenant: str) -> Any: ...
+
+
+class DecisionEmitter(Protocol):
+    def emit(self, event: Any) -> None: ...
+
+
+# --- the header fields (pure functions of a decision) -------------------------------------------
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return max(0, math.floor(float(value)))
+    except (TypeError, ValueError):
+        return default
+
+
+def _seconds_until(when: Any, now: float) -> int:
+    if when is None:
+        return 0
+    ts = when.timestamp() if hasattr(when, "timestamp") else float(when)
+    return max(0, math.ceil(ts - now))
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """One quota policy as the IETF fields describe it: quota ``q`` over window ``w`` seconds,
+    ``r`` units remaining, full quota again in ``t`` seconds."""
+
+    name: str
+    quota: int
+    window: int | None
+    remaining: int
+    reset: int
+
+
+def policy_states(
+    decision: Any, *, now: float | None = None, quota: Any = None
+) -> list[PolicyState]:
+    """The decision's policies: the token bucket (``burst``), the UTC day (``daily``) and, when
+    the tenant has one, the rolling window (``window``). ``quota`` (the tenant's
+    :class:`limiter.Quota`, when known) gives the bucket's refill rate and the window's length."""
+    now = time.time() if now is None else now
+    limit = _int(decision.limit)
+    remaining = _int(decision.remaining)
+    rate = getattr(quota, "rate_per_sec", None)
+    if rate:
+        # The bucket's "window" is the time it takes to refill from empty; it is whole again
+        # after (limit - remaining) / rate seconds.
+        window: int | None = max(1, math.ceil(limit / rate))
+        bucket_reset = math.ceil(max(0.0, limit - float(decision.remaining)) / rate)
+    else:
+        window, bucket_reset = None, math.ceil(max(0.0, float(decision.retry_after or 0)))
+    states = [
+        PolicyState("burst", limit, window, remaining, bucket_reset),
+        PolicyState(
+            "daily",
+            _int(decision.daily_limit),
+            DAY_SECONDS,
+            _int(decision.daily_remaining),
+            _seconds_until(decision.reset_at, now),
+        ),
+    ]
+    window_limit = getattr(decision, "window_limit", None)
+    if window_limit:
+        window_seconds = getattr(quota, "window_seconds", None)
+        states.append(
+            PolicyState(
+                "window",
+                _int(window_limit),
+                _int(window_seconds) or None,
+                _int(getattr(decision, "window_remaining", 0)),
+                # Whole again at the latest one window length from now.
+                _int(window_seconds) if window_seconds else retry_after_seconds(decision),
+            )
+        )
+    return states
+
+
+_POLICY_OF_REASON = {
+    "bucket": "burst",
+    "cost_exceeds_burst": "burst",
+    "daily": "daily",
+    "window": "window",
+    "cost_exceeds_window": "window",
+}
+
+
+def binding_policy(decision: Any, states: list[PolicyState]) -> PolicyState:
+    """The policy that limits the caller now: the one that rejected, else the one with the fewest
+    units left (what the single-policy ``X-RateLimit-*`` fields describe)."""
+    if not decision.allowed:
+        name = _POLICY_OF_REASON.get(str(getattr(decision, "reason", "")))
+        for state in states:
+            if state.name == name:
+                return state
+    return min(states, key=lambda s: s.remaining)
+
+
+def ratelimit_headers(
+    decision: Any, *, now: float | None = None, quota: Any = None
+) -> list[tuple[bytes, bytes]]:
+    """The response fields for ``decision``.
+
+    IETF draft-ietf-httpapi-ratelimit-headers (-11): ``RateLimit-Policy`` lists each policy as a
+    Structured-Field item (``"daily";q=1000;w=86400``) and ``RateLimit`` its live state
+    (``"daily";r=42;t=3600``). The de-facto ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset``
+    describe the binding policy; ``X-RateLimit-Reset`` is a Unix time in seconds, as GitHub and
+    most APIs send it.
+    """
+    now = time.time() if now is None else now
+    states = policy_states(decision, now=now, quota=quota)
+    policy = ", ".join(
+        f'"{s.name}";q={s.quota}' + (f";w={s.window}" if s.window else "") for s in states
+    )
+    current = ", ".join(f'"{s.name}";r={s.remaining};t={s.reset}' for s in states)
+    bind = binding_policy(decision, states)
+    return [
+        (b"ratelimit-policy", policy.encode()),
+        (b"ratelimit", current.encode()),
+        (b"x-ratelimit-limit", str(bind.quota).encode()),
+        (b"x-ratelimit-remaining", str(bind.remaining).encode()),
+        (b"x-ratelimit-reset", str(math.ceil(now) + bind.reset).encode()),
+    ]
+
+
+def retry_after_seconds(decision: Any) -> int:
+    """``Retry-After`` for a rejection: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(float(getattr(decision, "retry_after", 0) or 0)))
+
+
+async def send_problem(
+    send: Send,
+    status: int,
+    title: str,
+    detail: str,
+    slug: str = "",
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """An RFC 9457 ``application/problem+json`` answer (same shape as the HTTP API's errors)."""
+    body = {
+        "type": f"urn:metering:problem:{slug}" if slug else "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+# --- which route costs what ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """``pattern`` is a path template (``/v1/tenants/{tenant}/quota``), optionally preceded by
+    a method (``POST /v1/events``)."""
+
+    pattern: str
+    method: str | None
+    regex: re.Pattern[str]
+    cost: int
+    meter: str
+
+
+def _parse_route_key(key: str) -> tuple[str | None, str]:
+    method, _, path = key.strip().partition(" ")
+    if path:
+        return method.upper(), path.strip()
+    return None, method
+
+
+def build_route_rules(
+    routes: Iterable[str] = (),
+    costs: Mapping[str, int] | None = None,
+    meters: Mapping[str, str] | None = None,
+    *,
+    default_cost: int = 1,
+    default_meter: str = DEFAULT_METER,
+) -> list[RouteRule]:
+    """Rules from route templates plus per-route ``costs`` / ``meters`` (keys ``"/path"`` or
+    ``"METHOD /path"``). More specific keys (with a method) are tried first."""
+    costs, meters = dict(costs or {}), dict(meters or {})
+    keys = list(dict.fromkeys([*costs, *meters, *routes]))
+    rules = []
+    for key in keys:
+        method, path = _parse_route_key(key)
+        if not path.startswith("/"):
+            raise ValueError(f"route {key!r} must be a path starting with '/'")
+        cost = costs.get(key, costs.get(path, default_cost))
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise ValueError(f"cost of route {key!r} must be an integer >= 1, got {cost!r}")
+        meter = meters.get(key, meters.get(path, default_meter))
+        regex, _, _ = compile_path(path)
+        rules.append(RouteRule(path, method, regex, cost, meter))
+    rules.sort(key=lambda r: r.method is None)
+    return rules
+
+
+def tenant_from_scope(scope: Scope) -> str | None:
+    """The tenant an authentication layer put into the request state, or ``None``."""
+    state = scope.get("state")
+    if not state:
+        return None
+    tenant = state.get("tenant_id")
+    if tenant:
+        return str(tenant)
+    payload = state.get("token_payload")
+    if isinstance(payload, Mapping):
+        claimed = payload.get("tenant_id") or payload.get("sub")
+        return str(claimed) if claimed else None
+    return None
+
+
+# --- the middleware -----------------------------------------------------------------------------
+class RateLimitMiddleware:
+    """See the module docstring. ``limiter`` is an :class:`limiter.AsyncRateLimiter` (anything
+    with ``async acquire(tenant, cost=..., quota=...)`` returning a decision); ``emitter``
+    anything with a non-blocking ``emit(event)``; ``quotas`` (optional) the quota provider, whose
+    answer is handed to the limiter and gives the headers the bucket's refill rate.
+
+    ``routes`` are path templates (``/v1/tenants/{tenant}/quota``) naming the ``route``
+    dimension of decision events; ``costs`` / ``meters`` map ``"/path"`` or ``"METHOD /path"``
+    to a route's cost and meter."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: AsyncLimiter,
+        *,
+        emitter: DecisionEmitter | None = None,
+        quotas: AsyncQuotaLookup | None = None,
+        routes: Iterable[str] = (),
+        costs: Mapping[str, int] | None = None,
+        meters: Mapping[str, str] | None = None,
+        default_cost: int = 1,
+        default_meter: str = DEFAULT_METER,
+        shadow: bool = False,
+        exempt_paths: Iterable[str] = DEFAULT_EXEMPT_PATHS,
+        source: str = "urn:metering:api",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.emitter = emitter
+        self.quotas = quotas
+        self.rules = build_route_rules(
+            routes, costs, meters, default_cost=default_cost, default_meter=default_meter
+        )
+        self.default_cost = default_cost
+        self.default_meter = default_meter
+        self.shadow = shadow
+        self.exempt_paths = frozenset(exempt_paths)
+        self.source = source
+        self.clock = clock
+
+    def route_for(self, method: str, path: str) -> tuple[str, int, str]:
+        """(route name, cost, meter) for a request; unmatched paths use the defaults."""
+        for rule in self.rules:
+            if (rule.method is None or rule.method == method) and rule.regex.match(path):
+                return rule.pattern, rule.cost, rule.meter
+        return path, self.default_cost, self.default_meter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        tenant = tenant_from_scope(scope)
+        if tenant is None:
+            await self.app(scope, receive, send)
+            return
+        if not is_valid_tenant_id(tenant):
+            await send_problem(send, 400, "Bad Request", f"invalid tenant id {tenant[:80]!r}")
+            return
+        route, cost, meter = self.route_for(scope["method"], scope["path"])
+        try:
+            if self.quotas is None:
+                quota = None
+                decision = await self.limiter.acquire(tenant, cost=cost)
+            else:
+                quota = await self.quotas.aget(tenant)
+                decision = await self.limiter.acquire(tenant, cost=cost, quota=quota)
+        except LookupError as exc:  # limiter.quota_provider.UnknownTenant with reject policy
+            await send_problem(send, 403, "Forbidden", f"unknown tenant: {exc}", "unknown-tenant")
+            return
+        self._emit(tenant, decision, cost=cost, meter=meter, route=route)
+
+        if self.shadow:
+            await self.app(scope, receive, send)
+            return
+        headers = ratelimit_headers(decision, now=self.clock(), quota=quota)
+        if not decision.allowed:
+            retry = retry_after_seconds(decision)
+            headers.append((b"retry-after", str(retry).encode()))
+            reason = str(getattr(decision, "reason", ""))
+            if reason == REASON_REDIS_DOWN:
+                detail = "rate limiter unavailable (Redis down, fail mode closed)"
+                await send_problem(
+                    send, 503, "Service Unavailable", detail, "limiter-unavailable", headers
+                )
+            else:
+                detail = (
+                    f"rate limit exceeded for tenant {tenant!r} ({reason}); retry after {retry}s"
+                )
+                await send_problem(send, 429, "Too Many Requests", detail, "rate-limited", headers)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _emit(self, tenant: str, decision: Any, *, cost: int, meter: str, route: str) -> None:
+        if self.emitter is None:
+            return
+        try:
+            event = decision_event(
+                tenant,
+                decision,
+                meter=meter,
+                cost=cost,
+                route=route,
+                source=self.source,
+                dimensions={"shadow": "true"} if self.shadow else None,
+            )
+            self.emitter.emit(event)
+        except Exception:  # metering must never fail the request it meters
+            log.exception("could not emit the decision event for tenant %s", tenant)

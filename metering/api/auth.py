@@ -1,0 +1,263 @@
+"""Bearer-JWT authentication: who is calling, and for which tenant.
+
+:class:`JWTAuthMiddleware` (pure ASGI) verifies ``Authorization: Bearer <JWT>`` with PyJWT and
+puts the caller into ``scope["state"]`` (so ``request.state``): ``tenant_id`` (claim
+``tenant_id``, else ``sub``), ``scopes`` (the space-separated claim ``scope``), ``token_payload``
+and ``principal``. Invariants:
+
+- the tenant comes from the verified token only; no request header can set or override it;
+- HS256 tokens are checked with ``JWT_SECRET``, RS256/ES256 with ``JWT_PUBLIC_KEY``; a token is
+  verified with the key of its own algorithm family only (no HS256-with-the-public-key confusion);
+- ``exp`` is required; ``exp``, ``nbf`` and ``aud`` (when ``JWT_AUDIENCE`` is set) are checked
+  with ``JWT_LEEWAY`` seconds of leeway;
+- ``metering:admin`` in ``scope`` makes an admin.
+
+A verified token is remembered (bounded, until its ``exp``) so a client reusing its token does not
+pay for signature verification on every request; time claims are re-checked on every use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from fastapi import Request
+from fastapi.security import HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from metering.api.problems import Problem, send_problem
+from metering.ids import InvalidIdentifier, validate_tenant_id
+from metering.settings import Settings, SettingsError
+
+ADMIN_SCOPE = "metering:admin"
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+)
+_SECRET_ALGS = {"HS256", "HS384", "HS512"}
+_PUBLIC_ALGS = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
+
+# Documents the scheme in OpenAPI; the middleware does the checking.
+bearer_scheme = HTTPBearer(auto_error=False, description="JWT with tenant_id/sub and scope")
+
+
+class AuthError(Exception):
+    """A credential was missing or did not verify; the message says why (safe to show)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The verified caller."""
+
+    tenant_id: str
+    scopes: frozenset[str]
+    claims: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_SCOPE in self.scopes
+
+
+def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+    """Tenant and scopes from verified claims; raise :class:`AuthError` when unusable."""
+    raw_tenant = claims.get("tenant_id") or claims.get("sub")
+    if raw_tenant is None:
+        raise AuthError("token has neither a 'tenant_id' nor a 'sub' claim")
+    try:
+        tenant = validate_tenant_id(raw_tenant)
+    except InvalidIdentifier as exc:
+        raise AuthError(f"token tenant: {exc}") from None
+    raw_scope = claims.get("scope", "")
+    if isinstance(raw_scope, str):
+        scopes = frozenset(raw_scope.split())
+    elif isinstance(raw_scope, list) and all(isinstance(s, str) for s in raw_scope):
+        scopes = frozenset(raw_scope)
+    else:
+        raise AuthError("token claim 'scope' must be a space-separated string")
+    return Principal(tenant, scopes, dict(claims))
+
+
+class TokenVerifier:
+    """Verifies JWTs with PyJWT; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        public_key: str | None = None,
+        audience: str | None = None,
+        algorithms: Iterable[str] = ("HS256", "RS256", "ES256"),
+        leeway: float = 10.0,
+        cache_size: int = 4096,
+    ) -> None:
+        self._secret = secret or None
+        self._public_key = load_pem_public_key(public_key.encode()) if public_key else None
+        allowed = {a.strip().upper() for a in algorithms if a.strip()}
+        usable = set()
+        if self._secret:
+            usable |= _SECRET_ALGS
+        if self._public_key is not None:
+            usable |= _PUBLIC_ALGS
+        self.algorithms = frozenset(allowed & usable)
+        if not self.algorithms:
+            raise ValueError(
+                "no JWT algorithm is usable: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY "
+                "(RS256/ES256) and list its algorithm in JWT_ALGORITHMS"
+            )
+        self.audience = audience or None
+        self.leeway = leeway
+        self._cache: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
+        self._cache_size = cache_size
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        public_key = settings.jwt_public_key
+        if public_key and not public_key.lstrip().startswith("-----BEGIN"):
+            path = Path(public_key)
+            if not path.is_file():
+                raise SettingsError(
+                    "JWT_PUBLIC_KEY: neither a PEM public key nor the path of a file holding one"
+                )
+            public_key = path.read_text()
+        try:
+            return cls(
+                secret=settings.jwt_secret,
+                public_key=public_key,
+                audience=settings.jwt_audience,
+                algorithms=settings.jwt_algorithms.split(","),
+                leeway=settings.jwt_leeway,
+            )
+        except ValueError as exc:
+            raise SettingsError(f"JWT_SECRET / JWT_PUBLIC_KEY / JWT_ALGORITHMS: {exc}") from None
+
+    def _key_for(self, alg: str) -> Any:
+        if alg not in self.algorithms:
+            raise AuthError(f"token algorithm {alg!r} is not accepted")
+        return self._secret if alg in _SECRET_ALGS else self._public_key
+
+    def verify(self, token: str) -> Principal:
+        """The caller a token names; raise :class:`AuthError` saying what is wrong."""
+        now = time.time()
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, exp, nbf = cached
+            if nbf - self.leeway <= now < exp + self.leeway:
+                return principal
+            self._cache.pop(token, None)
+        try:
+            alg = str(jwt.get_unverified_header(token).get("alg", ""))
+            claims = jwt.decode(
+                token,
+                self._key_for(alg),
+                algorithms=[alg],
+                audience=self.audience,
+                leeway=self.leeway,
+                options={"require": ["exp"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token is not valid yet (nbf)") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError(f"token audience is not {self.audience!r}") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"token lacks the {exc.claim!r} claim") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature does not verify") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"token is invalid: {exc}") from None
+        principal = principal_from_claims(claims)
+        exp = float(claims["exp"])
+        nbf = float(claims.get("nbf", 0) or 0)
+        self._cache[token] = (principal, exp, nbf)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return principal
+
+
+def bearer_token(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return None
+            return token.strip()
+    return None
+
+
+def _unauthorized(detail: str, *, error: bool) -> Problem:
+    challenge = 'Bearer realm="metering"'
+    if error:
+        safe = detail.replace('"', "'")
+        challenge += f', error="invalid_token", error_description="{safe}"'
+    return Problem(401, detail, slug="unauthorized", headers={"WWW-Authenticate": challenge})
+
+
+class JWTAuthMiddleware:
+    """Pure ASGI: every HTTP request outside ``public_paths`` needs a valid bearer token."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        verifier: TokenVerifier,
+        *,
+        public_paths: Iterable[str] = PUBLIC_PATHS,
+    ) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.public_paths = frozenset(public_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope)
+        if token is None:
+            detail = "missing credentials: send 'Authorization: Bearer <JWT>'"
+            await send_problem(send, _unauthorized(detail, error=False))
+            return
+        try:
+            principal = self.verifier.verify(token)
+        except AuthError as exc:
+            await send_problem(send, _unauthorized(str(exc), error=True))
+            return
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        state["tenant_id"] = principal.tenant_id
+        state["scopes"] = principal.scopes
+        state["token_payload"] = principal.claims
+        await self.app(scope, receive, send)
+
+
+# --- FastAPI dependencies --------------------------------------------------------------------
+def current_principal(request: Request) -> Principal:
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        raise Problem(401, "missing credentials", slug="unauthorized")
+    return principal
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise Problem(403, f"this needs the {ADMIN_SCOPE!r} scope", slug="forbidden")
+
+
+def authorize_tenant(principal: Principal, tenant: str) -> str:
+    """``tenant`` if the caller may act on it (itself, or any tenant for an admin); the tenant
+    id is validated first, so a bad id is a 422, never a key built from unchecked input."""
+    try:
+        tenant = validate_tenant_id(tenant)
+    except InvalidIdentifier as exc:
+        raise Problem(422, str(exc), slug="invalid-tenant") from None
+    if tenant != principal.tenant_id and not principal.is_admin:
+        raise Problem(
+            403,
+            f"tenant {principal.tenant_id!r} may not access tenant {tenant!r}",
+            slug="forbidden-tenant",
+        )
+    return tenant

@@ -1,0 +1,153 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``), for every error the API
+sends: raised :class:`Problem`\\ s, validation errors, 404/405/413 from routing, and a last-resort
+500 that never echoes internals.
+
+Pure-ASGI middlewares (auth, rate limit, body limit) run outside FastAPI's exception handling, so
+they answer with :func:`send_problem`, which writes the same body directly.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import Send
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE_BASE = "urn:metering:problem:"
+
+log = logging.getLogger(__name__)
+
+
+def problem_type(slug: str) -> str:
+    """The problem type URI for ``slug`` (``about:blank`` means "see the status code")."""
+    return "about:blank" if slug == "about:blank" else PROBLEM_TYPE_BASE + slug
+
+
+class Problem(Exception):
+    """An error the API answers as problem details. ``extra`` members go into the body
+    (for example ``errors``, a list of per-item errors)."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str = "about:blank",
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.type = problem_type(slug)
+        self.title = title or _phrase(status)
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return problem_body(
+            self.status, self.detail, title=self.title, type_=self.type, **self.extra
+        )
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def problem_body(
+    status: int,
+    detail: str,
+    *,
+    title: str | None = None,
+    type_: str = "about:blank",
+    **extra: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": type_,
+        "title": title or _phrase(status),
+        "status": status,
+        "detail": detail,
+    }
+    body.update(extra)
+    return body
+
+
+def problem_response(problem: Problem) -> Response:
+    return Response(
+        json.dumps(problem.body(), default=str),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+
+
+async def send_problem(
+    send: Send,
+    problem: Problem,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer an ASGI HTTP request with ``problem`` (for pure-ASGI middlewares)."""
+    payload = json.dumps(problem.body(), default=str).encode()
+    headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    headers.extend((k.lower().encode(), v.encode("latin-1")) for k, v in problem.headers.items())
+    headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _location(loc: Sequence[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Pydantic's errors as ``{"location", "message"}`` pairs a client can read (no inputs
+    echoed back: they can be large or secret)."""
+    out = []
+    for err in exc.errors():
+        message = str(err.get("msg", "invalid value"))
+        ctx = err.get("ctx") or {}
+        if err.get("type") == "json_invalid" and "error" in ctx:
+            message = f"body is not valid JSON: {ctx['error']}"
+        out.append({"location": _location(err.get("loc", ())), "message": message})
+    return out
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Make every error the app raises a problem+json answer."""
+
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, exc: Problem) -> Response:
+        return problem_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        errors = validation_errors(exc)
+        detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5])
+        return problem_response(
+            Problem(422, detail or "invalid request", slug="invalid-request", errors=errors)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return problem_response(Problem(exc.status_code, detail, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(Problem(500, "internal error; the event was logged"))
