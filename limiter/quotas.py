@@ -1,0 +1,644 @@
+"""Tenant quotas for the limiter: process memory, then Redis, then the quota DB.
+
+A lookup tries, in order:
+
+1. **local**: a dict in process memory. An entry younger than half ``QUOTA_LOCAL_TTL`` is served
+   as is. An older one is still served, and a background refresh (a thread for :meth:`get`, a
+   task for :meth:`aget`) fetches a new one, so a hot tenant's quota is renewed before it expires
+   and the request path never waits on Redis or the database for it. Only an entry that expired
+   while its tenant was idle is fetched in the request path.
+2. **redis**: ``tenant_quota_cache:<tenant>`` (JSON, TTL ``TENANT_QUOTA_CACHE_TTL``).
+3. **db**: the quota DB. Its answer is written back to Redis with ``SET NX``: a write-back never
+   replaces an entry that :class:`QuotaAdmin` wrote for a newer change meanwhile.
+
+A change (:class:`QuotaAdmin`) writes the DB, replaces the Redis entry and publishes the new
+quota on the channel ``tenant_quota_invalidate``; every :class:`QuotaCache` that listens
+(:meth:`QuotaCache.start` / :meth:`QuotaCache.astart`) installs it at once. ``tenants.version``
+orders changes: an older quota never replaces a newer one, and a refresh that started before a
+change was applied is discarded. After the listener reconnects (messages may have been missed),
+every local entry is refreshed.
+
+When Redis and the DB fail, the last known quota is served (stale) and counted in
+``tenant_quota_stale_served``; retries run in the background at most once per
+``retry_interval``. A tenant the DB does not know gets ``QUOTA_DEFAULT_PLAN``'s limits, or
+:class:`UnknownTenant` when ``QUOTA_UNKNOWN_TENANT=reject``. A tenant seen for the first time while
+both sources are down cannot be proven unknown, so it gets the default plan's limits (counted as
+stale) until a source answers. No other exception reaches the caller, except
+:class:`metering.ids.InvalidIdentifier` for a malformed tenant id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from limiter.metrics import (
+    tenant_quota_cache_hits,
+    tenant_quota_cache_misses,
+    tenant_quota_stale_served,
+)
+from limiter.quota import Quota
+from limiter.quota_provider import UnknownTenant
+from metering.ids import InvalidIdentifier, validate_tenant_id
+from metering.plans import Limits, QuotaError, check_limits, plan_limits
+from metering.quota_db import QuotaStore, TenantRecord
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+    from metering.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INVALIDATION_CHANNEL: Final = "tenant_quota_invalidate"
+CACHE_KEY_PREFIX: Final = "tenant_quota_cache:"
+#: Failures of the sources: the last known quota is served instead.
+_SOURCE_ERRORS = (RedisError, SQLAlchemyError, OSError)
+
+
+def quota_cache_key(tenant: str) -> str:
+    """``tenant_quota_cache:<tenant>`` for a validated tenant id."""
+    return CACHE_KEY_PREFIX + validate_tenant_id(tenant)
+
+
+def encode_quota(record: TenantRecord | None) -> str:
+    """The JSON stored in Redis and published: a tenant's limits, or ``{"unknown": true}``."""
+    if record is None:
+        return json.dumps({"unknown": True})
+    lim = record.limits
+    return json.dumps(
+        {
+            "plan": record.plan,
+            "rate_per_sec": lim.rate_per_sec,
+            "burst": lim.burst,
+            "daily_limit": lim.daily_limit,
+            "window_limit": lim.window_limit,
+            "window_seconds": lim.window_seconds,
+            "version": record.version,
+        },
+        separators=(",", ":"),
+    )
+
+
+def to_quota(limits: Limits) -> Quota:
+    return Quota(
+        rate_per_sec=limits.rate_per_sec,
+        burst=limits.burst,
+        daily_limit=limits.daily_limit,
+        window_limit=limits.window_limit,
+        window_seconds=limits.window_seconds,
+    )
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A cached answer. ``quota is None`` means: unknown tenant, rejected."""
+
+    quota: Quota | None
+    version: int  # tenants.version; 0 for an unknown tenant
+    refresh_at: float  # monotonic time after which a lookup triggers a refresh
+    expires_at: float  # monotonic time after which serving it counts as stale
+    failing: bool = False  # the last refresh failed: serve it, retry in the background
+
+
+class _SourceDown(Exception):
+    """Neither Redis nor the DB could answer."""
+
+
+class QuotaCache:
+    """The :class:`limiter.quota_provider.QuotaProvider` of the product (see module docstring).
+
+    ``redis`` serves :meth:`get` and the listener thread, ``aredis`` serves :meth:`aget` and the
+    listener task; either may be ``None`` (that path then skips the Redis layer, or, for
+    :meth:`aget`, runs the sync client in a thread).
+    """
+
+    def __init__(
+        self,
+        store: QuotaStore,
+        redis: redis.Redis | None = None,
+        *,
+        aredis: redis.asyncio.Redis | None = None,
+        local_ttl: float = 5.0,
+        redis_ttl: int = 30,
+        unknown_tenant: Literal["default", "reject"] = "default",
+        default_plan: str = "free",
+        retry_interval: float = 1.0,
+        max_entries: int = 100_000,
+    ) -> None:
+        if local_ttl <= 0 or redis_ttl <= 0 or retry_interval <= 0 or max_entries < 1:
+            raise QuotaError("local_ttl, redis_ttl, retry_interval and max_entries must be > 0")
+        if unknown_tenant not in ("default", "reject"):
+            raise QuotaError(
+                f"unknown_tenant must be 'default' or 'reject', not {unknown_tenant!r}"
+            )
+        self.store = store
+        self.redis = redis
+        self.aredis = aredis
+        self.local_ttl = float(local_ttl)
+        self.redis_ttl = int(redis_ttl)
+        self.unknown_tenant = unknown_tenant
+        self.default_plan = default_plan
+        self.default_quota = to_quota(plan_limits(default_plan))
+        self.retry_interval = float(retry_interval)
+        self.max_entries = max_entries
+        self._local: dict[str, _Entry] = {}
+        self._changes = 0  # invalidations applied; a cold fetch that overlaps one is discarded
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._refresher: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener_task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        # Bound children: the warm path must not pay for a label lookup.
+        self._hit = {
+            layer: tenant_quota_cache_hits.labels(layer=layer) for layer in ("local", "redis", "db")
+        }
+        self._miss = {
+            layer: tenant_quota_cache_misses.labels(layer=layer)
+            for layer in ("local", "redis", "db")
+        }
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        store: QuotaStore | None = None,
+        redis: redis.Redis | None = None,
+        aredis: redis.asyncio.Redis | None = None,
+    ) -> QuotaCache:
+        return cls(
+            store or QuotaStore(settings.quota_db_url),
+            redis,
+            aredis=aredis,
+            local_ttl=settings.quota_local_ttl,
+            redis_ttl=settings.tenant_quota_cache_ttl,
+            unknown_tenant=settings.quota_unknown_tenant,
+            default_plan=settings.quota_default_plan,
+        )
+
+    # --- the request path -----------------------------------------------------------------------
+    def get(self, tenant: str) -> Quota:
+        """The tenant's quota; no I/O when it is cached. Raises :class:`UnknownTenant` only when
+        the tenant is unknown and unknown tenants are rejected."""
+        e = self._local.get(tenant)
+        if e is not None:
+            now = time.monotonic()
+            if now >= e.refresh_at:
+                if now >= e.expires_at and not e.failing:
+                    return self._answer(tenant, self._load_now(tenant, e))
+                self._schedule(tenant, e, now)
+            if now >= e.expires_at:
+                tenant_quota_stale_served.inc()
+            self._hit["local"].inc()
+            return self._answer(tenant, e)
+        self._miss["local"].inc()
+        return self._answer(tenant, self._load_now(tenant, None))
+
+    async def aget(self, tenant: str) -> Quota:
+        """:meth:`get` for an event loop: refreshes run as tasks, lookups never block the loop."""
+        e = self._local.get(tenant)
+        if e is not None:
+            now = time.monotonic()
+            if now >= e.refresh_at:
+                if now >= e.expires_at and not e.failing:
+                    return self._answer(tenant, await self._aload_now(tenant, e))
+                e.refresh_at = now + self.retry_interval
+                task = asyncio.get_running_loop().create_task(self._arefresh(tenant, e))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if now >= e.expires_at:
+                tenant_quota_stale_served.inc()
+            self._hit["local"].inc()
+            return self._answer(tenant, e)
+        self._miss["local"].inc()
+        return self._answer(tenant, await self._aload_now(tenant, None))
+
+    def daily_seed(self, tenant: str, day: dt.date) -> int:
+        """The tenant's backfilled usage for UTC ``day`` (0 when the DB cannot answer: logged)."""
+        try:
+            return self.store.daily_usage(tenant, day)
+        except _SOURCE_ERRORS as exc:
+            log.warning("daily seed for %s on %s unavailable, seeding 0: %s", tenant, day, exc)
+            return 0
+
+    async def adaily_seed(self, tenant: str, day: dt.date) -> int:
+        return await asyncio.to_thread(self.daily_seed, tenant, day)
+
+    # --- answers ---------------------------------------------------------------------------------
+    def _answer(self, tenant: str, e: _Entry) -> Quota:
+        if e.quota is None:
+            raise UnknownTenant(f"unknown tenant {tenant!r}")
+        return e.quota
+
+    def _entry(self, data: dict[str, Any] | None, now: float) -> _Entry:
+        """An entry from a Redis/pub-sub payload (``None`` or ``unknown``: the unknown policy)."""
+        refresh_at, expires_at = now + self.local_ttl / 2, now + self.local_ttl
+        if data is None or data.get("unknown"):
+            quota = self.default_quota if self.unknown_tenant == "default" else None
+            return _Entry(quota, 0, refresh_at, expires_at)
+        limits = check_limits(
+            data["rate_per_sec"],
+            data["burst"],
+            data["daily_limit"],
+            data.get("window_limit"),
+            data.get("window_seconds"),
+        )
+        return _Entry(to_quota(limits), int(data["version"]), refresh_at, expires_at)
+
+    def _decode(self, raw: bytes | str) -> dict[str, Any] | None:
+        """A cached payload, or ``None`` when it is corrupt (then the DB answers)."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            self._entry(data, 0.0)  # validates
+            return data
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a corrupt quota cache entry %r: %s", raw, exc)
+            return None
+
+    def _fallback(self, tenant: str, previous: _Entry | None) -> _Entry:
+        """Both sources failed: keep serving what we had, or the default plan for a newcomer."""
+        now = time.monotonic()
+        if previous is None:
+            log.warning("quota of %s unavailable; serving plan %r", tenant, self.default_plan)
+            previous = _Entry(self.default_quota, 0, now, now)
+            self._store_entry(tenant, previous)
+        previous.failing = True
+        previous.refresh_at = now + self.retry_interval
+        if now >= previous.expires_at:
+            tenant_quota_stale_served.inc()
+        return previous
+
+    # --- installing entries ---------------------------------------------------------------------
+    def _store_entry(self, tenant: str, entry: _Entry) -> None:
+        local = self._local
+        if tenant not in local and len(local) >= self.max_entries:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                local.pop(next(iter(local)))  # the oldest inserted: approximately FIFO
+        local[tenant] = entry
+
+    def _install(self, tenant: str, entry: _Entry, seen: _Entry | None, changes: int) -> _Entry:
+        """Install a fetched entry unless a change was applied while it was being fetched."""
+        with self._lock:
+            current = self._local.get(tenant)
+            if current is not seen or (seen is None and self._changes != changes):
+                return current or entry  # a newer answer arrived meanwhile; it stays
+            self._store_entry(tenant, entry)
+            return entry
+
+    def apply_change(self, tenant: str, payload: dict[str, Any] | None) -> bool:
+        """Apply a published change (``None``: tenant deleted). True if a cached entry changed.
+
+        Only tenants this process has cached are touched; an older version never replaces a
+        newer one.
+        """
+        now = time.monotonic()
+        with self._lock:
+            self._changes += 1
+            current = self._local.get(tenant)
+            if current is None:
+                return False
+            if payload is None:
+                del self._local[tenant]
+                return True
+            entry = self._entry(payload, now)
+            if entry.version and entry.version < current.version:
+                return False
+            self._local[tenant] = entry
+            return True
+
+    def refresh_all(self) -> None:
+        """Make every cached entry refresh on its next lookup (after missed invalidations)."""
+        with self._lock:
+            self._changes += 1
+            for e in self._local.values():
+                e.refresh_at = 0.0
+                e.failing = False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._changes += 1
+            self._local.clear()
+
+    # --- fetching (sync) -------------------------------------------------------------------------
+    def _fetch(self, tenant: str) -> dict[str, Any] | None:
+        """Redis, then the DB (written back to Redis). Raises :class:`_SourceDown`."""
+        key = quota_cache_key(tenant)
+        redis_ok = self.redis is not None
+        if self.redis is not None:
+            try:
+                raw = self.redis.get(key)
+            except _SOURCE_ERRORS as exc:
+                log.debug("quota cache read failed for %s: %s", tenant, exc)
+                raw, redis_ok = None, False
+            data = self._decode(raw) if raw is not None else None
+            if data is not None:
+                self._hit["redis"].inc()
+                return None if data.get("unknown") else data
+            self._miss["redis"].inc()
+        try:
+            record = self.store.get_tenant(tenant)
+        except _SOURCE_ERRORS as exc:
+            raise _SourceDown(str(exc)) from exc
+        (self._hit if record else self._miss)["db"].inc()
+        payload = encode_quota(record)
+        if redis_ok and self.redis is not None:
+            try:
+                self.redis.set(key, payload, ex=self.redis_ttl, nx=True)
+            except _SOURCE_ERRORS as exc:
+                log.debug("quota cache write-back failed for %s: %s", tenant, exc)
+        return json.loads(payload) if record else None
+
+    def _load_now(self, tenant: str, previous: _Entry | None) -> _Entry:
+        if previous is None:
+            validate_tenant_id(tenant)
+        changes = self._changes
+        try:
+            data = self._fetch(tenant)
+        except _SourceDown as exc:
+            log.debug("quota sources down for %s: %s", tenant, exc)
+            return self._fallback(tenant, previous)
+        return self._install(tenant, self._entry(data, time.monotonic()), previous, changes)
+
+    def _schedule(self, tenant: str, e: _Entry, now: float) -> None:
+        """Queue one background refresh of ``tenant`` (further lookups wait for its outcome)."""
+        e.refresh_at = now + self.retry_interval
+        if self._refresher is None or not self._refresher.is_alive():
+            with self._lock:
+                if self._refresher is None or not self._refresher.is_alive():
+                    self._refresher = threading.Thread(
+                        target=self._refresh_loop, name="quota-refresh", daemon=True
+                    )
+                    self._refresher.start()
+        self._queue.put(tenant)
+
+    def _refresh_loop(self) -> None:
+        while (tenant := self._queue.get()) is not None:
+            seen = self._local.get(tenant)
+            if seen is None:
+                continue
+            try:
+                self._load_now(tenant, seen)
+            except Exception:  # a refresh must never kill the refresher
+                log.exception("background refresh of the quota of %s failed", tenant)
+
+    # --- fetching (async) ------------------------------------------------------------------------
+    async def _afetch(self, tenant: str) -> dict[str, Any] | None:
+        if self.aredis is None:
+            return await asyncio.to_thread(self._fetch, tenant)
+        key = quota_cache_key(tenant)
+        redis_ok = True
+        try:
+            raw = await self.aredis.get(key)
+        except _SOURCE_ERRORS as exc:
+            log.debug("quota cache read failed for %s: %s", tenant, exc)
+            raw, redis_ok = None, False
+        data = self._decode(raw) if raw is not None else None
+        if data is not None:
+            self._hit["redis"].inc()
+            return None if data.get("unknown") else data
+        self._miss["redis"].inc()
+        try:
+            record = await asyncio.to_thread(self.store.get_tenant, tenant)
+        except _SOURCE_ERRORS as exc:
+            raise _SourceDown(str(exc)) from exc
+        (self._hit if record else self._miss)["db"].inc()
+        payload = encode_quota(record)
+        if redis_ok:
+            try:
+                await self.aredis.set(key, payload, ex=self.redis_ttl, nx=True)
+            except _SOURCE_ERRORS as exc:
+                log.debug("quota cache write-back failed for %s: %s", tenant, exc)
+        return json.loads(payload) if record else None
+
+    async def _aload_now(self, tenant: str, previous: _Entry | None) -> _Entry:
+        if previous is None:
+            validate_tenant_id(tenant)
+        changes = self._changes
+        try:
+            data = await self._afetch(tenant)
+        except _SourceDown as exc:
+            log.debug("quota sources down for %s: %s", tenant, exc)
+            return self._fallback(tenant, previous)
+        return self._install(tenant, self._entry(data, time.monotonic()), previous, changes)
+
+    async def _arefresh(self, tenant: str, seen: _Entry) -> None:
+        try:
+            await self._aload_now(tenant, seen)
+        except Exception:
+            log.exception("background refresh of the quota of %s failed", tenant)
+
+    # --- invalidation listener -------------------------------------------------------------------
+    def _on_message(self, raw: bytes | str) -> None:
+        try:
+            msg = json.loads(raw)
+            tenant = validate_tenant_id(msg["tenant"])
+            payload = msg.get("quota")
+            if payload is not None and not isinstance(payload, dict):
+                raise ValueError("quota is not an object")
+            self.apply_change(tenant, payload)
+        except (ValueError, KeyError, TypeError, InvalidIdentifier, QuotaError) as exc:
+            log.warning("ignoring a bad quota invalidation %r: %s", raw, exc)
+
+    def start(self) -> QuotaCache:
+        """Start the invalidation listener thread (needs ``redis``); returns ``self``.
+
+        Returns once subscribed (or after 2 s if Redis is down; it keeps retrying)."""
+        if self.redis is None:
+            raise QuotaError("the invalidation listener needs a Redis client")
+        if self._listener is None:
+            self._stop.clear()
+            self._listener = threading.Thread(
+                target=self._listen, name="quota-invalidation", daemon=True
+            )
+            self._listener.start()
+            self._subscribed.wait(2.0)
+        return self
+
+    def _listen(self) -> None:
+        assert self.redis is not None
+        first = True
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(INVALIDATION_CHANNEL)
+                if not first:
+                    self.refresh_all()
+                first = False
+                self._subscribed.set()
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.2)
+                    if msg and msg.get("type") == "message":
+                        self._on_message(msg["data"])
+            except _SOURCE_ERRORS as exc:
+                log.warning("quota invalidation listener lost Redis (%s); reconnecting", exc)
+                first = False
+                self._stop.wait(self.retry_interval)
+            finally:
+                with contextlib.suppress(_SOURCE_ERRORS):
+                    pubsub.close()
+
+    async def astart(self) -> QuotaCache:
+        """Start the invalidation listener as a task of the running loop (needs ``aredis``)."""
+        if self.aredis is None:
+            raise QuotaError("the async invalidation listener needs an async Redis client")
+        if self._listener_task is None:
+            subscribed = asyncio.Event()
+            self._listener_task = asyncio.get_running_loop().create_task(self._alisten(subscribed))
+            try:
+                await asyncio.wait_for(subscribed.wait(), 2.0)
+            except TimeoutError:
+                log.warning("quota invalidation listener not subscribed yet; it keeps retrying")
+        return self
+
+    async def _alisten(self, subscribed: asyncio.Event) -> None:
+        assert self.aredis is not None
+        first = True
+        while True:
+            pubsub = self.aredis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(INVALIDATION_CHANNEL)
+                if not first:
+                    self.refresh_all()
+                first = False
+                subscribed.set()
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg and msg.get("type") == "message":
+                        self._on_message(msg["data"])
+            except _SOURCE_ERRORS as exc:
+                log.warning("quota invalidation listener lost Redis (%s); reconnecting", exc)
+                first = False
+                await asyncio.sleep(self.retry_interval)
+            finally:
+                with contextlib.suppress(_SOURCE_ERRORS):
+                    await pubsub.aclose()
+
+    def close(self) -> None:
+        """Stop the listener thread and the refresher (idempotent)."""
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=2.0)
+            self._listener = None
+        if self._refresher is not None:
+            self._queue.put(None)
+            self._refresher.join(timeout=2.0)
+            self._refresher = None
+
+    async def aclose(self) -> None:
+        """Stop the listener task and pending refresh tasks, then what :meth:`close` stops."""
+        tasks = [t for t in (self._listener_task, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._listener_task = None
+        self.close()
+
+
+class QuotaAdmin:
+    """Changes quotas so they take effect at once: DB, then the Redis entry, then a publish.
+
+    If Redis cannot be reached, the change is still stored (caches pick it up within
+    ``QUOTA_LOCAL_TTL`` + ``TENANT_QUOTA_CACHE_TTL``) and the methods report ``published=False``
+    in :attr:`last_published`.
+    """
+
+    def __init__(
+        self,
+        store: QuotaStore,
+        redis: redis.Redis | None = None,
+        *,
+        aredis: redis.asyncio.Redis | None = None,
+        redis_ttl: int = 30,
+        local: QuotaCache | None = None,
+    ) -> None:
+        self.store = store
+        self.redis = redis
+        self.aredis = aredis
+        self.redis_ttl = int(redis_ttl)
+        self.local = local
+        self.last_published = False
+
+    @staticmethod
+    def _message(tenant: str, record: TenantRecord | None) -> str:
+        quota = json.loads(encode_quota(record)) if record else None
+        return json.dumps({"tenant": tenant, "quota": quota}, separators=(",", ":"))
+
+    def set_quota(self, tenant: str, **changes: Any) -> TenantRecord:
+        """Store the change (see :meth:`QuotaStore.set_quota`) and publish it."""
+        record = self.store.set_quota(tenant, **changes)
+        self.publish(tenant, record)
+        return record
+
+    def delete_tenant(self, tenant: str) -> bool:
+        deleted = self.store.delete_tenant(tenant)
+        self.publish(tenant, None)
+        return deleted
+
+    def publish(self, tenant: str, record: TenantRecord | None) -> bool:
+        """Replace the Redis entry and publish the change; False if Redis could not be told."""
+        if self.local is not None:
+            self.local.apply_change(tenant, json.loads(self._message(tenant, record))["quota"])
+        self.last_published = False
+        if self.redis is None:
+            return False
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
+            pipe.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
+            pipe.execute()
+        except _SOURCE_ERRORS as exc:
+            log.warning("quota of %s stored but not published: %s", tenant, exc)
+            return False
+        self.last_published = True
+        return True
+
+    async def aset_quota(self, tenant: str, **changes: Any) -> TenantRecord:
+        record = await asyncio.to_thread(self.store.set_quota, tenant, **changes)
+        await self.apublish(tenant, record)
+        return record
+
+    async def apublish(self, tenant: str, record: TenantRecord | None) -> bool:
+        if self.aredis is None:
+            return await asyncio.to_thread(self.publish, tenant, record)
+        if self.local is not None:
+            self.local.apply_change(tenant, json.loads(self._message(tenant, record))["quota"])
+        self.last_published = False
+        try:
+            async with self.aredis.pipeline(transaction=False) as pipe:
+                pipe.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
+                pipe.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
+                await pipe.execute()
+        except _SOURCE_ERRORS as exc:
+            log.warning("quota of %s stored but not published: %s", tenant, exc)
+            return False
+        self.last_published = True
+        return True
+
+
+__all__ = [
+    "CACHE_KEY_PREFIX",
+    "INVALIDATION_CHANNEL",
+    "QuotaAdmin",
+    "QuotaCache",
+    "encode_quota",
+    "quota_cache_key",
+    "to_quota",
+]
