@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "metering.commands.dev",
     "metering.commands.kafka",
     "metering.commands.demo",
+    "metering.commands.tenants",
+    "metering.commands.db",
 ]
 
 
