@@ -92,3 +92,33 @@ def dedicated_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS
     stack = LocalStack(tmp_path_factory.mktemp("stack"))
     yield stack
     stack.down()
+
+
+def fresh_postgres_database(server_url: str) -> Iterator[str]:
+    """Create a uniquely named database on the PostgreSQL at ``server_url``; yield its URL;
+    drop it afterwards (connections still open are terminated)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def quota_db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, services: ServiceProvider
+) -> Iterator[str]:
+    """An empty quota DB for one test: a SQLite file, or a fresh database on the PostgreSQL
+    server. Tests using it run on both."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'quota.db'}"
+    else:
+        yield from fresh_postgres_database(services.postgres_url())
