@@ -1,0 +1,315 @@
+"""The usage query layer: runs the SQL of :mod:`metering.query_sql` on a ClickHouse client.
+
+The client is passed in (a clickhouse-connect client: a server over HTTP or the embedded chdb
+engine), never made here. Every question is validated before any SQL runs, so a bad parameter
+raises :class:`~metering.query_sql.QueryError` and touches nothing.
+
+Sliding windows are minute-grained: "the last N minutes" at ``now`` is the N whole minutes up to
+and including the minute ``now`` falls in, i.e. ``[m - N + 1, m + 1)`` in minutes where ``m`` is
+``now``'s minute. A rolling series gives that sum at each of the last ``points`` minutes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import zoneinfo
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from metering.query_sql import (
+    MAX_RESULT_ROWS,
+    MAX_SLIDING_MINUTES,
+    MAX_SLIDING_POINTS,
+    UTC,
+    Aggregation,
+    DecisionFilter,
+    Path,
+    QueryError,
+    SqlQuery,
+    UsageQuery,
+    build_minute_series,
+    build_statement,
+    build_top_tenants,
+    build_usage,
+    validate_database,
+)
+
+_INTEGRAL = {Aggregation.COUNT, Aggregation.UNIQUE_COUNT}
+
+
+def rfc3339(t: dt.datetime) -> str:
+    """``2026-03-29T00:00:00+01:00``; milliseconds only when there are some."""
+    spec = "milliseconds" if t.microsecond else "seconds"
+    return t.isoformat(timespec=spec)
+
+
+def _value(raw: Any, aggregation: Aggregation) -> float | int:
+    return int(raw) if aggregation in _INTEGRAL else float(raw)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One window (or the whole range) and group: ``value`` over ``[window_start, window_end)``."""
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    value: float | int
+    group: dict[str, str | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window_start": rfc3339(self.window_start),
+            "window_end": rfc3339(self.window_end),
+            "value": self.value,
+            "group": dict(self.group),
+        }
+
+
+@dataclass(frozen=True)
+class UsageResult:
+    """The answer to a :class:`UsageQuery`. Windows without events are absent (sparse)."""
+
+    query: UsageQuery
+    rows: list[UsageRow]
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        q, zone = self.query, zoneinfo.ZoneInfo(self.query.tz)
+        return {
+            "tenant": q.tenant,
+            "meter": q.meter,
+            "window": q.window.value if q.window else None,
+            "aggregation": q.aggregation.value,
+            "tz": q.tz,
+            "from": rfc3339(q.start.astimezone(zone)),
+            "to": rfc3339(q.end.astimezone(zone)),
+            "data": [row.to_dict() for row in self.rows],
+        }
+
+
+@dataclass(frozen=True)
+class SlidingPoint:
+    """The total over ``[window_start, window_end)``, a window of the requested N minutes."""
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    value: float | int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window_start": rfc3339(self.window_start),
+            "window_end": rfc3339(self.window_end),
+            "value": self.value,
+        }
+
+
+@dataclass(frozen=True)
+class SlidingResult:
+    tenant: str
+    meter: str
+    minutes: int
+    aggregation: Aggregation
+    points: list[SlidingPoint]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "meter": self.meter,
+            "minutes": self.minutes,
+            "aggregation": self.aggregation.value,
+            "data": [p.to_dict() for p in self.points],
+        }
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    tenant: str
+    value: float | int
+
+
+@dataclass(frozen=True)
+class TopTenants:
+    meter: str
+    window_start: dt.datetime
+    window_end: dt.datetime
+    aggregation: Aggregation
+    tenants: list[TenantUsage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "meter": self.meter,
+            "window_start": rfc3339(self.window_start),
+            "window_end": rfc3339(self.window_end),
+            "aggregation": self.aggregation.value,
+            "data": [{"tenant": t.tenant, "value": t.value} for t in self.tenants],
+        }
+
+
+def _bounded_int(value: object, param: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise QueryError(param, f"must be a whole number from {low} to {high}")
+    return value
+
+
+def _now_minute_end(now: dt.datetime | None) -> int:
+    """Epoch seconds of the end of the minute ``now`` falls in."""
+    now = dt.datetime.now(UTC) if now is None else now
+    if now.tzinfo is None:
+        raise QueryError("now", "must carry a UTC offset")
+    return (int(now.timestamp()) // 60 + 1) * 60
+
+
+def rolling_sums(
+    minute_values: dict[int, float | int], first_end_s: int, points: int, minutes: int
+) -> list[tuple[int, float]]:
+    """``points`` rolling totals: for each end ``e`` (every minute from ``first_end_s``), the sum
+    of ``minute_values[m]`` (keyed by minute start, epoch seconds) over ``[e - 60*minutes, e)``.
+
+    Prefix sums are kept as exact fractions, so each total is the correctly rounded sum of its
+    minutes (no drift from adding and subtracting floats along the series)."""
+    lo = first_end_s - 60 * minutes
+    dense = [Fraction(0)] * (points - 1 + minutes)
+    for m, v in minute_values.items():
+        idx = (m - lo) // 60
+        if 0 <= idx < len(dense):
+            dense[idx] += Fraction(v)
+    prefix = list(itertools.accumulate(dense, initial=Fraction(0)))
+    return [(first_end_s + 60 * k, float(prefix[k + minutes] - prefix[k])) for k in range(points)]
+
+
+class UsageQueries:
+    """Usage, sliding-window and top-tenant questions against one database of one client."""
+
+    def __init__(self, client: Any, database: str = "metering") -> None:
+        self.client = client
+        self.database = validate_database(database)
+
+    def run(self, query: SqlQuery) -> list[tuple[Any, ...]]:
+        """Execute ``query`` with its parameters bound server-side."""
+        return list(self.client.query(query.sql, parameters=query.parameters).result_rows)
+
+    # --- usage --------------------------------------------------------------------------------
+
+    def usage(self, q: UsageQuery, *, force_raw: bool = False) -> UsageResult:
+        """Usage of ``q.meter`` by window and group; rollups where they answer, raw otherwise."""
+        sql = build_usage(q, self.database, force_raw=force_raw)
+        rows = self.run(sql)
+        if len(rows) > MAX_RESULT_ROWS:
+            raise QueryError(
+                "group_by", f"the answer has more than {MAX_RESULT_ROWS} rows; narrow the query"
+            )
+        zone = zoneinfo.ZoneInfo(q.tz)
+        ngroups = len(q.group_by)
+        out = []
+        for row in rows:
+            if q.window is None:
+                start, end = q.start.astimezone(zone), q.end.astimezone(zone)
+                rest = row
+            else:
+                start = dt.datetime.fromtimestamp(row[0], zone)
+                end = dt.datetime.fromtimestamp(row[1], zone)
+                rest = row[2:]
+            group = dict(zip(q.group_by, rest[:ngroups], strict=True))
+            out.append(UsageRow(start, end, _value(rest[ngroups], q.aggregation), group))
+        return UsageResult(q, out, sql.path)
+
+    # --- sliding windows ------------------------------------------------------------------------
+
+    def sliding(
+        self,
+        tenant: str,
+        meter: str,
+        minutes: int,
+        *,
+        points: int = 1,
+        now: dt.datetime | None = None,
+        aggregation: Aggregation | str = Aggregation.SUM,
+        decision: DecisionFilter | str = DecisionFilter.BILLABLE,
+        force_raw: bool = False,
+    ) -> SlidingResult:
+        """Rolling totals over the last ``minutes`` minutes, at each of the last ``points``
+        minutes (oldest first; the last point ends with the minute ``now`` falls in)."""
+        minutes = _bounded_int(minutes, "minutes", 1, MAX_SLIDING_MINUTES)
+        points = _bounded_int(points, "points", 1, MAX_SLIDING_POINTS)
+        last_end = _now_minute_end(now)
+        first_end = last_end - 60 * (points - 1)
+        sql = build_minute_series(
+            tenant,
+            meter,
+            first_end - 60 * minutes,
+            last_end,
+            self.database,
+            aggregation=aggregation,
+            decision=decision,
+            force_raw=force_raw,
+        )
+        agg = Aggregation(str(aggregation).upper())
+        per_minute = {int(m): _value(v, agg) for m, v in self.run(sql)}
+        series = [
+            SlidingPoint(
+                dt.datetime.fromtimestamp(end - 60 * minutes, UTC),
+                dt.datetime.fromtimestamp(end, UTC),
+                _value(total, agg),
+            )
+            for end, total in rolling_sums(per_minute, first_end, points, minutes)
+        ]
+        return SlidingResult(tenant, meter, minutes, agg, series)
+
+    def top_tenants(
+        self,
+        meter: str,
+        minutes: int = 60,
+        limit: int = 10,
+        *,
+        now: dt.datetime | None = None,
+        aggregation: Aggregation | str = Aggregation.SUM,
+        decision: DecisionFilter | str = DecisionFilter.BILLABLE,
+        force_raw: bool = False,
+    ) -> TopTenants:
+        """The ``limit`` tenants with the most usage of ``meter`` over the last ``minutes``."""
+        minutes = _bounded_int(minutes, "minutes", 1, MAX_SLIDING_MINUTES)
+        end = _now_minute_end(now)
+        start = end - 60 * minutes
+        sql = build_top_tenants(
+            meter,
+            start,
+            end,
+            limit,
+            self.database,
+            aggregation=aggregation,
+            decision=decision,
+            force_raw=force_raw,
+        )
+        agg = Aggregation(str(aggregation).upper())
+        tenants = [TenantUsage(t, _value(v, agg)) for t, v in self.run(sql)]
+        return TopTenants(
+            meter,
+            dt.datetime.fromtimestamp(start, UTC),
+            dt.datetime.fromtimestamp(end, UTC),
+            agg,
+            tenants,
+        )
+
+    # --- billing --------------------------------------------------------------------------------
+
+    def meter_totals(
+        self, tenant: str, start: dt.datetime, end: dt.datetime, *, force_raw: bool = False
+    ) -> list[tuple[str, float, int]]:
+        """Billable ``(meter, quantity, events)`` per meter over ``[start, end)``."""
+        sql = build_statement(tenant, start, end, self.database, force_raw=force_raw)
+        return [(str(m), float(q), int(n)) for m, q, n in self.run(sql)]
+
+
+__all__ = [
+    "SlidingPoint",
+    "SlidingResult",
+    "TenantUsage",
+    "TopTenants",
+    "UsageQueries",
+    "UsageResult",
+    "UsageRow",
+    "rfc3339",
+    "rolling_sums",
+]
