@@ -23,11 +23,11 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -240,6 +240,10 @@ def current_principal(request: Request) -> Principal:
     if not isinstance(principal, Principal):
         raise Problem(401, "missing credentials", slug="unauthorized")
     return principal
+
+
+#: A route parameter ``principal: CurrentPrincipal`` receives the verified caller.
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
 def require_admin(principal: Principal) -> None:

@@ -1,0 +1,197 @@
+"""The HTTP API: :func:`create_app` builds the FastAPI application with its middleware stack.
+
+Request path, outermost first::
+
+    JWTAuthMiddleware     bearer JWT -> request.state.tenant_id / scopes (401 otherwise)
+    RateLimitMiddleware   one limiter decision per request -> 429 / pass, rate-limit fields,
+                          a decision event through the emitter (never blocking)
+    BodyLimitMiddleware   413 beyond API_MAX_BODY_BYTES
+    routes                /v1/events, /v1/tenants/{tenant}/quota, /v1/limits/{tenant},
+                          the query layer's /v1/usage... (when present), /metrics, /healthz, /readyz
+
+Every error is ``application/problem+json`` (:mod:`metering.api.problems`). Whatever is passed
+in (limiter, emitter, stores, clients) belongs to the caller; whatever :func:`create_app` builds
+from the settings, the app closes on shutdown, flushing the emitter first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from limiter.middleware import RateLimitMiddleware
+from metering.api import routes_events, routes_ops, routes_tenants
+from metering.api.auth import PUBLIC_PATHS, JWTAuthMiddleware, TokenVerifier
+from metering.api.body_limit import BodyLimitMiddleware
+from metering.api.context import ApiContext
+from metering.api.problems import install_problem_handlers
+from metering.events import UsageEvent
+from metering.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+USAGE_ROUTES_MODULE = "metering.api.routes_usage"
+EMITTER_CLOSE_TIMEOUT = 10.0
+
+
+async def _maybe_await(value: Any) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+def _build_defaults(settings: Settings, given: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """Fill in what was not given from the settings; return it and what the app must close."""
+    built: list[Any] = []
+    out = dict(given)
+    if out["redis"] is None:
+        if out["limiter"] is not None and getattr(out["limiter"], "redis", None) is not None:
+            out["redis"] = out["limiter"].redis
+        else:
+            from limiter.redis_factory import async_redis_from_settings
+
+            out["redis"] = async_redis_from_settings(settings)
+            built.append(out["redis"])
+    if out["quota_store"] is None:
+        from metering.quota_db import QuotaStore
+
+        out["quota_store"] = QuotaStore(settings.quota_db_url)
+        built.append(out["quota_store"])
+    if out["quotas"] is None and out["limiter"] is not None:
+        out["quotas"] = getattr(out["limiter"], "quotas", None)
+    if out["quotas"] is None and out["limiter"] is None:
+        from limiter.quotas import QuotaCache
+
+        out["quotas"] = QuotaCache.from_settings(
+            settings, store=out["quota_store"], aredis=out["redis"]
+        )
+        built.append(out["quotas"])
+    if out["quota_admin"] is None:
+        from limiter.quotas import QuotaAdmin
+
+        out["quota_admin"] = QuotaAdmin(
+            out["quota_store"],
+            aredis=out["redis"],
+            redis_ttl=settings.tenant_quota_cache_ttl,
+            local=out["quotas"] if hasattr(out["quotas"], "apply_change") else None,
+        )
+    if out["limiter"] is None:
+        from limiter import AsyncRateLimiter
+
+        out["limiter"] = AsyncRateLimiter.from_settings(
+            settings, redis=out["redis"], quotas=out["quotas"]
+        )
+        built.append(out["limiter"])
+    if out["emitter"] is None:
+        from metering.emitter import Emitter
+
+        out["emitter"] = Emitter(settings)
+        built.insert(0, out["emitter"])  # flushed first, while everything else still runs
+    return out, built
+
+
+async def _close(resource: Any) -> None:
+    if hasattr(resource, "aclose"):
+        await resource.aclose()
+    elif hasattr(resource, "close"):
+        try:
+            result = resource.close(timeout=EMITTER_CLOSE_TIMEOUT)
+        except TypeError:
+            result = resource.close()
+        await _maybe_await(result)
+
+
+def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus ``UsageEvent`` (the ingest body is read by hand, not declared)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)
+    event_schema = UsageEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(event_schema.pop("$defs", {}))
+    components["UsageEvent"] = event_schema
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    limiter: Any = None,
+    emitter: Any = None,
+    quota_store: Any = None,
+    quota_admin: Any = None,
+    clickhouse: Any = None,
+    quotas: Any = None,
+    redis: Any = None,
+    verifier: TokenVerifier | None = None,
+) -> FastAPI:
+    """The API application. Anything not given is built from ``settings`` (default: the
+    environment) and closed by the app on shutdown. Raises :class:`metering.settings.SettingsError`
+    when the settings cannot authenticate anyone (neither ``JWT_SECRET`` nor ``JWT_PUBLIC_KEY``).
+    """
+    settings = settings or get_settings()
+    verifier = verifier or TokenVerifier.from_settings(settings)
+    parts, owned = _build_defaults(
+        settings,
+        {
+            "limiter": limiter,
+            "emitter": emitter,
+            "quota_store": quota_store,
+            "quota_admin": quota_admin,
+            "quotas": quotas,
+            "redis": redis,
+        },
+    )
+    context = ApiContext(settings=settings, clickhouse=clickhouse, **parts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if parts["quotas"] in owned and hasattr(parts["quotas"], "astart"):
+            await parts["quotas"].astart()  # quota changes apply at once (pub/sub)
+        try:
+            yield
+        finally:
+            for resource in owned:
+                try:
+                    await _close(resource)
+                except Exception:  # shutting down: log and go on closing the rest
+                    log.exception("closing %r failed", resource)
+
+    app = FastAPI(
+        title="Usage metering API",
+        version="0.1.0",
+        description="Rate limits, quotas, usage events and usage queries per tenant.",
+        lifespan=lifespan,
+    )
+    app.state.context = context
+    install_problem_handlers(app)
+    app.include_router(routes_ops.router)
+    app.include_router(routes_events.router)
+    app.include_router(routes_tenants.router)
+    if importlib.util.find_spec(USAGE_ROUTES_MODULE) is not None:
+        app.include_router(importlib.import_module(USAGE_ROUTES_MODULE).router)
+    app.openapi = lambda: _openapi_with_events(app)  # type: ignore[method-assign]
+
+    templates = [route.path for route in app.routes if isinstance(route, APIRoute)]
+    # add_middleware wraps: the last added runs first.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(
+        RateLimitMiddleware,
+        limiter=parts["limiter"],
+        emitter=parts["emitter"] if settings.rate_limit_emit_decisions else None,
+        quotas=parts["quotas"],
+        routes=templates,
+        costs=settings.rate_limit_route_costs,
+        meters=settings.rate_limit_route_meters,
+        shadow=settings.rate_limit_shadow_mode,
+        exempt_paths=PUBLIC_PATHS,
+    )
+    app.add_middleware(JWTAuthMiddleware, verifier=verifier, public_paths=PUBLIC_PATHS)
+    return app

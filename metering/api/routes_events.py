@@ -1,0 +1,147 @@
+"""``POST /v1/events``: HTTP ingest of usage events.
+
+The body is a JSON array of CloudEvents 1.0 structured events (``application/json`` or
+``application/cloudevents-batch+json``), or one event (``application/cloudevents+json``). The
+batch is all or nothing: every event is validated (:func:`metering.events.decode_event`, with
+the future-time bound) and checked against the caller first, and only a fully valid batch goes to
+the emitter. Errors are reported per event by index. Invariants:
+
+- a tenant may only send events whose ``subject`` is itself, of type ``metering.usage`` (limiter
+  decisions come from the limiter); an admin may send any tenant's events of either type;
+- at most ``API_MAX_BATCH`` events and ``API_MAX_BODY_BYTES`` bytes (413 beyond).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from metering.api.auth import CurrentPrincipal, Principal, bearer_scheme
+from metering.api.context import api_context
+from metering.api.problems import Problem
+from metering.events import TYPE_USAGE, EventDecodeError, UsageEvent, decode_event
+
+router = APIRouter(tags=["events"])
+
+BATCH_TYPES = {"application/json", "application/cloudevents-batch+json"}
+SINGLE_TYPES = {"application/cloudevents+json"}
+
+
+class IngestAccepted(BaseModel):
+    accepted: int
+    ids: list[str]
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _parse_body(raw: bytes, media_type: str, max_batch: int) -> list[Any]:
+    if not raw.strip():
+        raise Problem(400, "request body is empty: send a JSON array of events", slug="bad-json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise Problem(400, f"request body is not valid JSON: {exc}", slug="bad-json") from None
+    if media_type in SINGLE_TYPES:
+        if not isinstance(body, dict):
+            raise Problem(422, "application/cloudevents+json carries one event (a JSON object)")
+        return [body]
+    if not isinstance(body, list):
+        raise Problem(422, "request body must be a JSON array of events", slug="invalid-batch")
+    if not body:
+        raise Problem(422, "the batch is empty", slug="invalid-batch")
+    if len(body) > max_batch:
+        raise Problem(
+            413,
+            f"the batch has {len(body)} events, at most {max_batch} allowed",
+            slug="batch-too-large",
+        )
+    return body
+
+
+def _check_event(item: Any, principal: Principal, max_future_skew: float) -> UsageEvent:
+    """The validated event, or :class:`EventDecodeError` / :class:`PermissionError`."""
+    if not isinstance(item, dict):
+        raise EventDecodeError("event: must be a JSON object")
+    event = decode_event(json.dumps(item), max_future_skew=max_future_skew)
+    if not principal.is_admin:
+        if event.subject != principal.tenant_id:
+            raise PermissionError(
+                f"subject: {event.subject!r} is not your tenant ({principal.tenant_id!r})"
+            )
+        if event.type != TYPE_USAGE:
+            raise PermissionError(f"type: tenants may only send {TYPE_USAGE!r} events")
+    return event
+
+
+@router.post(
+    "/v1/events",
+    status_code=202,
+    response_model=IngestAccepted,
+    summary="Ingest a batch of usage events",
+    dependencies=[Depends(bearer_scheme)],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                media: {
+                    "schema": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"$ref": "#/components/schemas/UsageEvent"},
+                    }
+                }
+                for media in sorted(BATCH_TYPES)
+            }
+            | {
+                "application/cloudevents+json": {
+                    "schema": {"$ref": "#/components/schemas/UsageEvent"}
+                }
+            },
+        }
+    },
+    responses={
+        403: {"description": "an event names another tenant or a type the caller may not send"},
+        413: {"description": "body or batch too large"},
+        415: {"description": "unsupported content type"},
+        422: {"description": "invalid events, reported by index"},
+    },
+)
+async def ingest_events(request: Request, principal: CurrentPrincipal) -> IngestAccepted:
+    ctx = api_context(request)
+    media_type = _media_type(request)
+    if media_type not in BATCH_TYPES | SINGLE_TYPES:
+        raise Problem(
+            415,
+            f"content type {media_type or '(none)'!r} is not accepted; send "
+            + ", ".join(sorted(BATCH_TYPES | SINGLE_TYPES)),
+            slug="unsupported-media-type",
+        )
+    items = _parse_body(await request.body(), media_type, ctx.settings.api_max_batch)
+    events: list[UsageEvent] = []
+    errors: list[dict[str, Any]] = []
+    forbidden = False
+    for index, item in enumerate(items):
+        try:
+            events.append(_check_event(item, principal, ctx.settings.event_max_future_skew))
+        except EventDecodeError as exc:
+            errors.append({"index": index, "message": str(exc)})
+        except PermissionError as exc:
+            forbidden = True
+            errors.append({"index": index, "message": str(exc)})
+    if errors:
+        shown = "; ".join(f"[{e['index']}] {e['message']}" for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise Problem(
+            403 if forbidden else 422,
+            f"{len(errors)} of {len(items)} events refused, none accepted: {shown}{more}",
+            slug="forbidden-events" if forbidden else "invalid-events",
+            errors=errors,
+        )
+    for event in events:
+        ctx.emitter.emit(event)
+    return IngestAccepted(accepted=len(events), ids=[e.id for e in events])

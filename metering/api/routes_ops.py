@@ -1,0 +1,62 @@
+"""Operations endpoints, open without credentials and never rate limited: ``/healthz``
+(the process runs), ``/readyz`` (it can decide: Redis and the quota DB answer; Kafka is not
+required, events wait in the emitter's spool) and ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy import text
+
+from metering.api.context import api_context
+from metering.api.problems import PROBLEM_JSON, problem_body
+
+router = APIRouter(tags=["operations"])
+
+READY_TIMEOUT = 2.0
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _check_redis(redis: Any) -> None:
+    await asyncio.wait_for(redis.ping(), READY_TIMEOUT)
+
+
+def _check_db(store: Any) -> None:
+    with store.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+@router.get("/readyz", summary="Readiness: Redis and the quota DB answer")
+async def readyz(request: Request) -> Response:
+    ctx = api_context(request)
+    checks: dict[str, str] = {}
+    for name, probe in (
+        ("redis", lambda: _check_redis(ctx.redis)),
+        (
+            "quota_db",
+            lambda: asyncio.wait_for(asyncio.to_thread(_check_db, ctx.quota_store), READY_TIMEOUT),
+        ),
+    ):
+        try:
+            await probe()
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means "not ready", reported by name
+            checks[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    failed = ", ".join(k for k, v in checks.items() if v != "ok")
+    body = problem_body(503, f"not ready: {failed}", checks=checks)
+    return JSONResponse(body, status_code=503, media_type=PROBLEM_JSON)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
