@@ -1,0 +1,211 @@
+"""The in-process quota cache without Redis: what the request path pays and when it waits.
+
+The quota DB is replaced by a plain in-memory store with the same two methods (no Redis is
+involved: every test here passes ``redis=None``); the Redis and SQL layers are tested against
+real servers in tests/integration/test_quota_cache.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy.exc import OperationalError
+
+from limiter.quota_provider import QuotaProvider, UnknownTenant
+from limiter.quotas import QuotaCache
+from metering.ids import InvalidIdentifier
+from metering.plans import Limits, plan_limits
+from metering.quota_db import TenantRecord
+
+
+class MemoryStore:
+    """Tenants in a dict; counts lookups; can fail (as a stopped DB does) or block."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, TenantRecord] = {}
+        self.lookups = 0
+        self.down = False
+        self.gate: threading.Event | None = None  # when set: lookups wait for it
+        self.waiting = threading.Event()
+
+    def put(self, tenant: str, burst: int, version: int = 1) -> None:
+        self.records[tenant] = TenantRecord(tenant, "custom", Limits(10.0, burst, 1000), version)
+
+    def get_tenant(self, tenant: str) -> TenantRecord | None:
+        self.lookups += 1
+        if self.gate is not None:
+            self.waiting.set()
+            assert self.gate.wait(5), "the test never released the store"
+        if self.down:
+            raise OperationalError("SELECT", {}, ConnectionRefusedError("quota DB is down"))
+        return self.records.get(tenant)
+
+    def daily_usage(self, tenant: str, day: dt.date) -> int:
+        if self.down:
+            raise OperationalError("SELECT", {}, ConnectionRefusedError("quota DB is down"))
+        return 900
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    s = MemoryStore()
+    s.put("acme", burst=20)
+    return s
+
+
+def make_cache(store: MemoryStore, **kw: object) -> QuotaCache:
+    return QuotaCache(store, None, **kw)  # type: ignore[arg-type]
+
+
+def test_the_cache_is_a_quota_provider(store: MemoryStore) -> None:
+    assert isinstance(make_cache(store), QuotaProvider)
+
+
+def test_a_warm_lookup_does_no_io_and_counts_a_local_hit(store: MemoryStore) -> None:
+    cache = make_cache(store, local_ttl=60)
+    hits = sample("tenant_quota_cache_hits_total", layer="local")
+    assert cache.get("acme").burst == 20
+    for _ in range(1000):
+        assert cache.get("acme").burst == 20
+    assert store.lookups == 1
+    assert sample("tenant_quota_cache_hits_total", layer="local") - hits == 1000
+
+
+def test_a_hot_tenant_is_refreshed_in_the_background_without_the_request_waiting(
+    store: MemoryStore,
+) -> None:
+    cache = make_cache(store, local_ttl=0.2)
+    cache.get("acme")
+    store.put("acme", burst=30, version=2)
+    store.gate = threading.Event()
+    time.sleep(0.12)  # past half the TTL: the next lookup triggers a refresh
+    assert cache.get("acme").burst == 20  # answered from memory while the store is blocked
+    wait_for(store.waiting.is_set)
+    assert cache.get("acme").burst == 20  # still not waiting, refresh in flight
+    store.gate.set()
+    wait_for(lambda: cache.get("acme").burst == 30)
+    assert store.lookups == 2  # one refresh, however many lookups happened meanwhile
+    cache.close()
+
+
+def test_db_down_serves_the_last_known_quota_and_counts_it_stale(store: MemoryStore) -> None:
+    cache = make_cache(store, local_ttl=0.1, retry_interval=0.05)
+    assert cache.get("acme").burst == 20
+    store.down = True
+    stale = sample("tenant_quota_stale_served_total")
+    time.sleep(0.15)  # expired
+    for _ in range(50):
+        assert cache.get("acme").burst == 20
+    assert sample("tenant_quota_stale_served_total") - stale == 50
+    lookups = store.lookups
+    assert lookups <= 3  # retries are paced by retry_interval, not one per request
+    store.down = False
+    store.put("acme", burst=25, version=2)
+    time.sleep(0.06)
+    cache.get("acme")  # triggers the background retry, which now succeeds
+    wait_for(lambda: cache.get("acme").burst == 25)
+    cache.close()
+
+
+def test_an_unknown_tenant_gets_the_default_plan_when_so_configured(store: MemoryStore) -> None:
+    cache = make_cache(store, unknown_tenant="default", default_plan="pro")
+    quota = cache.get("nobody")
+    assert (quota.rate_per_sec, quota.burst) == (
+        plan_limits("pro").rate_per_sec,
+        plan_limits("pro").burst,
+    )
+    cache.get("nobody")
+    assert store.lookups == 1  # the negative answer is cached too
+
+
+def test_an_unknown_tenant_is_rejected_when_so_configured(store: MemoryStore) -> None:
+    cache = make_cache(store, unknown_tenant="reject")
+    for _ in range(3):
+        with pytest.raises(UnknownTenant, match="nobody"):
+            cache.get("nobody")
+    assert store.lookups == 1
+
+
+def test_a_new_tenant_while_the_db_is_down_gets_the_default_plan_until_it_answers(
+    store: MemoryStore,
+) -> None:
+    cache = make_cache(store, unknown_tenant="reject", retry_interval=0.05)
+    store.down = True
+    assert cache.get("acme").burst == plan_limits("free").burst  # no exception, no wait loop
+    store.down = False
+    time.sleep(0.06)
+    cache.get("acme")
+    wait_for(lambda: cache.get("acme").burst == 20)
+    cache.close()
+
+
+def test_a_malformed_tenant_id_is_refused_before_any_lookup(store: MemoryStore) -> None:
+    cache = make_cache(store)
+    with pytest.raises(InvalidIdentifier):
+        cache.get("x" * 65)
+    with pytest.raises(InvalidIdentifier):
+        cache.get("a{b}")
+    assert store.lookups == 0
+
+
+def test_an_older_published_change_never_replaces_a_newer_one(store: MemoryStore) -> None:
+    cache = make_cache(store)
+    cache.get("acme")
+    new = {"rate_per_sec": 1.0, "burst": 3, "daily_limit": 10, "version": 3}
+    old = {"rate_per_sec": 1.0, "burst": 2, "daily_limit": 10, "version": 2}
+    assert cache.apply_change("acme", new)
+    assert not cache.apply_change("acme", old)
+    assert cache.get("acme").burst == 3
+    assert not cache.apply_change("other", new)  # tenants not cached here are not added
+
+
+def test_a_refresh_that_overlaps_a_change_is_discarded(store: MemoryStore) -> None:
+    cache = make_cache(store, local_ttl=0.2)
+    cache.get("acme")
+    store.gate = threading.Event()
+    time.sleep(0.12)
+    cache.get("acme")  # starts a refresh that reads the (old) row and blocks
+    wait_for(store.waiting.is_set)
+    cache.apply_change("acme", {"rate_per_sec": 1.0, "burst": 7, "daily_limit": 10, "version": 2})
+    store.gate.set()
+    time.sleep(0.05)
+    cache.close()  # the refresher has finished
+    assert cache.get("acme").burst == 7
+
+
+def test_daily_seed_reads_the_backfill_and_never_raises(store: MemoryStore) -> None:
+    cache = make_cache(store)
+    assert cache.daily_seed("acme", dt.date(2026, 1, 2)) == 900
+    store.down = True
+    assert cache.daily_seed("acme", dt.date(2026, 1, 2)) == 0
+
+
+async def test_aget_serves_from_memory_and_refreshes_as_a_task(store: MemoryStore) -> None:
+    cache = make_cache(store, local_ttl=0.2)
+    assert (await cache.aget("acme")).burst == 20
+    store.put("acme", burst=40, version=2)
+    await asyncio.sleep(0.12)
+    assert (await cache.aget("acme")).burst == 20  # served, refresh scheduled
+    deadline = time.monotonic() + 5
+    while (await cache.aget("acme")).burst != 40:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert await cache.adaily_seed("acme", dt.date(2026, 1, 2)) == 900
+    await cache.aclose()
