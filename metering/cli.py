@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "metering.commands.dev",
     "metering.commands.kafka",
     "metering.commands.demo",
+    "metering.commands.worker",
     "metering.commands.tenants",
     "metering.commands.db",
 ]

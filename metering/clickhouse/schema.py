@@ -45,10 +45,16 @@ def migrations() -> list[Migration]:
     return found
 
 
+def checked_database(database: str) -> str:
+    """``database`` if it is a plain identifier (safe to put into SQL text), else ValueError."""
+    if not isinstance(database, str) or not _DATABASE_RE.match(database):
+        raise ValueError(f"ClickHouse database name {database!r} is not a plain identifier")
+    return database
+
+
 def migrate_client(client: Any, database: str, *, retention_days: int = 400) -> list[str]:
     """Apply the pending migrations to ``database`` through ``client``; return their names."""
-    if not _DATABASE_RE.match(database):
-        raise ValueError(f"ClickHouse database name {database!r} is not a plain identifier")
+    checked_database(database)
     if retention_days < 1:
         raise ValueError(f"retention_days must be at least 1, got {retention_days}")
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
@@ -57,9 +63,8 @@ def migrate_client(client: Any, database: str, *, retention_days: int = 400) -> 
         "(version UInt32, name String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
         "ENGINE = ReplacingMergeTree ORDER BY version"
     )
-    done = {row[0] for row in client.query(
-        f"SELECT version FROM {database}.schema_migrations"
-    ).result_rows}
+    versions = client.query(f"SELECT version FROM {database}.schema_migrations")  # noqa: S608
+    done = {row[0] for row in versions.result_rows}
     applied = []
     for mig in migrations():
         if mig.version in done:
@@ -67,7 +72,8 @@ def migrate_client(client: Any, database: str, *, retention_days: int = 400) -> 
         for statement in mig.statements(database, retention_days):
             client.command(statement)
         client.insert(
-            f"{database}.schema_migrations", [[mig.version, mig.name]],
+            f"{database}.schema_migrations",
+            [[mig.version, mig.name]],
             column_names=["version", "name"],
         )
         applied.append(f"{mig.version:03d}_{mig.name}")
@@ -91,4 +97,4 @@ def migrate(settings_or_client: Settings | Any, database: str | None = None) -> 
     return migrate_client(settings_or_client, database)
 
 
-__all__ = ["Migration", "migrate", "migrate_client", "migrations"]
+__all__ = ["Migration", "checked_database", "migrate", "migrate_client", "migrations"]

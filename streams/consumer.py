@@ -1,0 +1,233 @@
+"""The sink's Kafka loop: batches from ``usage.events`` through :class:`ClickHouseSink`.
+
+A plain aiokafka consumer (group ``<WORKER_GROUP>.sink``, auto-commit off), run as a service
+of the Faust app. Faust's own consumer commits offsets on its own schedule and re-seeks to them
+after table recovery, which would override a seek to ClickHouse's stored offsets; exactly-once
+needs the seek to win on every assignment, so the sink owns its consumer (see
+``streams/sink.py`` for the order of steps).
+
+Rebalances: processing a batch holds ``_lock``; the revoke callback takes the lock, so a batch
+in flight finishes (written, committed) before its partitions can move. The assign callback,
+under the same lock, asks the sink for the stored resume offsets and seeks; records fetched
+before an assignment are dropped (a generation counter) and fetched again from the new position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from streams import metrics
+from streams.sink import ClickHouseSink, PreparedBatch, Record, dead_letter_value
+
+log = logging.getLogger(__name__)
+
+AggregatePublisher = Callable[[PreparedBatch], Awaitable[None]]
+
+
+class SinkConsumer:
+    """Runs the sink over ``topic`` until :meth:`stop`. Blocking calls run in one thread."""
+
+    def __init__(
+        self,
+        sink: ClickHouseSink,
+        *,
+        bootstrap: str,
+        group_id: str,
+        dlq_topic: str,
+        batch_size: int,
+        batch_within: float,
+        executor: ThreadPoolExecutor,
+        on_batch_written: AggregatePublisher | None = None,
+    ) -> None:
+        self.sink = sink
+        self.topic = sink.topic
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.dlq_topic = dlq_topic
+        self.batch_size = batch_size
+        self.batch_within = batch_within
+        self.executor = executor
+        self.on_batch_written = on_batch_written
+        self._lock = asyncio.Lock()
+        self._assigned: set[int] = set()
+        self._next: dict[int, int] = {}
+        self._generation = 0
+        self._stopping = asyncio.Event()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # --- rebalance ------------------------------------------------------------------------------
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:  # waits for the batch in flight to be written and committed
+            for tp in revoked:
+                self._assigned.discard(tp.partition)
+                self._next.pop(tp.partition, None)
+            self._generation += 1
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self._lock:
+            await self._reposition({tp.partition for tp in assigned if tp.topic == self.topic})
+
+    async def _reposition(self, partitions: set[int]) -> None:
+        """Seek ``partitions`` to the greater of the stored and the committed offset."""
+        assert self.consumer is not None
+        self._generation += 1
+        stored = await self._blocking(self.sink.on_assigned, partitions)
+        for p in sorted(partitions):
+            tp = TopicPartition(self.topic, p)
+            committed = await self.consumer.committed(tp)
+            resume = max(stored.get(p, 0), committed or 0)
+            if p in stored or committed is not None:
+                self.consumer.seek(tp, resume)
+            else:
+                await self.consumer.seek_to_beginning(tp)
+            self._next[p] = resume
+            self._assigned.add(p)
+        log.info("sink assigned %s: resume offsets %s", sorted(partitions), self._next)
+
+    # --- loop -----------------------------------------------------------------------------------
+    async def _take(self) -> tuple[int, list[Record]]:
+        """Up to ``batch_size`` records, waiting at most ``batch_within`` s after the first."""
+        assert self.consumer is not None
+        generation = self._generation
+        out: list[Record] = []
+        deadline: float | None = None
+        while len(out) < self.batch_size and not self._stopping.is_set():
+            wait = 1.0 if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                break
+            got = await self.consumer.getmany(
+                timeout_ms=max(1, int(wait * 1000)), max_records=self.batch_size - len(out)
+            )
+            for tp, msgs in got.items():
+                out.extend(Record(tp.topic, tp.partition, m.offset, m.key, m.value) for m in msgs)
+            if out and deadline is None:
+                deadline = time.monotonic() + self.batch_within
+            if generation != self._generation:
+                return generation, []
+        return generation, out
+
+    def _admit(self, records: list[Record]) -> list[Record]:
+        """Keep records of assigned partitions, contiguous from each partition's next offset."""
+        kept = []
+        for rec in records:
+            nxt = self._next.get(rec.partition)
+            if rec.partition not in self._assigned or nxt is None or rec.offset < nxt:
+                continue
+            self._next[rec.partition] = rec.offset + 1
+            kept.append(rec)
+        return kept
+
+    async def _process(self, records: list[Record]) -> None:
+        assert self.consumer is not None and self.producer is not None
+        metrics.events_consumed.inc(len(records))
+        metrics.sink_batch_size.observe(len(records))
+        batch: PreparedBatch = await self._blocking(self.sink.prepare, records)
+        if batch.dead_letters:
+            sends = [
+                await self.producer.send(
+                    self.dlq_topic,
+                    value=dead_letter_value(d),
+                    key=d.record.key,
+                    headers=d.headers(),
+                )
+                for d in batch.dead_letters
+            ]
+            await asyncio.gather(*sends)
+            for d in batch.dead_letters:
+                metrics.events_dead_lettered.labels(d.reason).inc()
+        took = await self._blocking(self.sink.write, batch)
+        metrics.sink_insert_seconds.observe(took)
+        metrics.events_inserted.inc(len(batch.events))
+        metrics.events_duplicate.inc(batch.duplicates)
+        now = time.time()
+        for _, ev in batch.events[:: max(1, len(batch.events) // 100)]:  # a sample per batch
+            metrics.end_to_end_delay_seconds.observe(max(0.0, now - ev.time.timestamp()))
+        offsets = {
+            TopicPartition(self.topic, p): n
+            for p, n in batch.next_offsets.items()
+            if p in self._assigned
+        }
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:  # ClickHouse holds the progress anyway
+            log.warning("offset commit failed (resume uses ClickHouse progress): %s", exc)
+        for p in batch.next_offsets:
+            tp = TopicPartition(self.topic, p)
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                metrics.consumer_lag.labels(str(p)).set(max(0, high - batch.next_offsets[p]))
+        if self.on_batch_written is not None and batch.events:
+            try:
+                await self.on_batch_written(batch)
+            except Exception:  # the live tables are a view; ClickHouse already holds the rows
+                log.exception("publishing the batch's aggregates failed")
+
+    async def run(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+        )
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True
+        )
+        listener = _Listener(self)
+        await self.producer.start()
+        await self.consumer.start()
+        self.consumer.subscribe([self.topic], listener=listener)
+        try:
+            while not self._stopping.is_set():
+                generation, records = await self._take()
+                if not records:
+                    continue
+                async with self._lock:
+                    if generation != self._generation:
+                        continue  # a rebalance happened: these are fetched again
+                    admitted = self._admit(records)
+                    if not admitted:
+                        continue
+                    try:
+                        await self._process(admitted)
+                    except Exception:
+                        metrics.sink_insert_failures.inc()
+                        log.exception("sink batch failed; re-reading from stored progress")
+                        await asyncio.sleep(1.0)
+                        await self._reposition(set(self._assigned))
+        finally:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: SinkConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.owner._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.owner._on_assigned(assigned)
+
+
+__all__ = ["SinkConsumer"]

@@ -1,0 +1,45 @@
+"""The worker's Prometheus metrics (default registry), each defined once here."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+events_consumed = Counter(
+    "streams_events_consumed", "Kafka messages the sink read from usage.events."
+)
+events_inserted = Counter(
+    "streams_events_inserted", "Usage events inserted into ClickHouse (once per event id)."
+)
+events_duplicate = Counter(
+    "streams_events_duplicate", "Messages dropped because their event id was already inserted."
+)
+events_dead_lettered = Counter(
+    "streams_events_dead_lettered",
+    "Messages sent to usage.events.dlq, by reason.",
+    ["reason"],
+)
+sink_batch_size = Histogram(
+    "streams_sink_batch_size",
+    "Messages per sink batch.",
+    buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000),
+)
+sink_insert_seconds = Histogram(
+    "streams_sink_insert_seconds",
+    "Seconds one ClickHouse insert of a batch took.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+sink_insert_failures = Counter(
+    "streams_sink_insert_failures", "ClickHouse inserts that failed (the batch is re-read)."
+)
+consumer_lag = Gauge(
+    "streams_consumer_lag", "Messages behind the end of usage.events, per partition.", ["partition"]
+)
+end_to_end_delay_seconds = Histogram(
+    "streams_end_to_end_delay_seconds",
+    "Seconds from an event's time to its insert into ClickHouse.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
+)
+backfill_rows = Counter(
+    "streams_backfill_rows", "Tenant-day totals upserted into the quota DB's tenant_daily_usage."
+)
+backfill_failures = Counter("streams_backfill_failures", "Backfill rounds that failed.")

@@ -1,0 +1,310 @@
+"""``ClickHouseSink``: usage events from Kafka into ClickHouse, each event counted exactly once.
+
+The mechanism (DESIGN.md, "Exactly once, the traps"); ClickHouse, not Kafka, is the record of
+progress, as in Kafka Connect sinks:
+
+1. **On every partition assignment**, before reading: the resume offset of each assigned
+   partition is the greatest of (max ``kafka_offset`` stored in ``usage_events`` + 1), the
+   partition's ``sink_progress.next_offset`` and Kafka's committed offset; the consumer seeks
+   there. The recent-id set is rebuilt from ``usage_events`` for those partitions (ids whose
+   event time is within the accepted lateness).
+2. **Per batch**, in this order:
+   a. decode each message; malformed or invalid ones, and events older than ``now - lateness``,
+      become dead letters (original bytes, reason in headers);
+   b. drop events whose (tenant, id) is in the recent-id set or earlier in the same batch
+      (a producer or client resend);
+   c. send the dead letters and wait for Kafka's acknowledgement;
+   d. insert the remaining rows into ``usage_events``, each carrying its topic, partition and
+      offset (one insert = one block; the rollups follow by materialized views);
+   e. add the inserted ids to the recent-id set;
+   f. write ``sink_progress`` (next offset per partition, covering duplicates and dead letters);
+   g. commit the same offsets to Kafka (a hint for the next owner; never required for safety).
+
+Why this order holds: a crash before (d) leaves nothing stored and the batch is read again. A
+crash after (d) and before (f)/(g) leaves the rows stored with their offsets, so step 1 resumes
+after them, and replayed duplicates of them are in the rebuilt id set. Committing first (g before
+d) would lose the batch; marking ids after the commit would double count a replay; a dedup token
+made from batch offsets would miss a replay cut at other offsets. Dead letters go out before the
+insert (c before d) because the insert moves the resume point past them: after a crash they may
+be dead-lettered twice (their headers carry the source offset), never lost. Since no duplicate
+row is ever inserted, the materialized rollups are exact too.
+
+Events later than the lateness are dead-lettered rather than looked up, which is what lets the
+id set forget older buckets: no resend can slip past it.
+
+Tests: ``tests/unit/test_streams_sink.py`` (order, dedupe, lateness) and
+``tests/integration/test_streams_worker.py`` (totals, SIGKILL crash, two-worker rebalance).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time as _time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from metering.clickhouse.schema import checked_database
+from metering.events import EventDecodeError, UsageEvent, decode_event
+from streams.dedupe import RecentIds
+
+EVENT_COLUMNS = [
+    "id",
+    "type",
+    "source",
+    "tenant",
+    "meter",
+    "decision",
+    "billable",
+    "time",
+    "quantity",
+    "dimensions",
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+]
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the sink needs of one Kafka message."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    record: Record
+    reason: str  # "invalid" or "late"
+    error: str
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("dlq.reason", self.reason.encode()),
+            ("dlq.error", self.error.encode("utf-8", "replace")[:1000]),
+            ("dlq.topic", self.record.topic.encode()),
+            ("dlq.partition", str(self.record.partition).encode()),
+            ("dlq.offset", str(self.record.offset).encode()),
+        ]
+
+
+@dataclass
+class PreparedBatch:
+    """A batch after decoding and dedupe, before anything is written."""
+
+    events: list[tuple[Record, UsageEvent]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    duplicates: int = 0
+    next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
+
+    def rows(self) -> list[list[Any]]:
+        return [event_row(ev, rec) for rec, ev in self.events]
+
+
+def event_row(ev: UsageEvent, rec: Record) -> list[Any]:
+    """One ``usage_events`` row (columns :data:`EVENT_COLUMNS`)."""
+    decision = ev.data.decision or ""
+    return [
+        ev.id,
+        ev.type,
+        ev.source,
+        ev.subject,
+        ev.data.meter,
+        decision,
+        0 if decision == "rejected" else 1,
+        ev.time,
+        ev.data.quantity,
+        ev.data.dimensions,
+        rec.topic,
+        rec.partition,
+        rec.offset,
+    ]
+
+
+class SinkStorage(Protocol):
+    """Where the sink writes; passed in, so the sink never builds its own connection."""
+
+    def insert_events(self, rows: Sequence[Sequence[Any]]) -> None: ...
+    def record_progress(self, topic: str, next_offsets: dict[int, int]) -> None: ...
+    def stored_next_offsets(self, topic: str) -> dict[int, int]: ...
+    def recent_ids(
+        self, topic: str, partitions: Iterable[int], since: dt.datetime
+    ) -> Iterable[tuple[str, str, dt.datetime]]: ...
+
+
+class ClickHouseStorage:
+    """:class:`SinkStorage` on a clickhouse-connect client (embedded or server)."""
+
+    def __init__(self, client: Any, database: str) -> None:
+        self.client = client
+        self.database = checked_database(database)  # the only name put into SQL text
+
+    def insert_events(self, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self.client.insert(f"{self.database}.usage_events", rows, column_names=EVENT_COLUMNS)
+
+    def record_progress(self, topic: str, next_offsets: dict[int, int]) -> None:
+        if next_offsets:
+            self.client.insert(
+                f"{self.database}.sink_progress",
+                [[topic, p, n] for p, n in sorted(next_offsets.items())],
+                column_names=["topic", "partition", "next_offset"],
+            )
+
+    def stored_next_offsets(self, topic: str) -> dict[int, int]:
+        result = self.client.query(
+            f"SELECT p, max(n) FROM ("  # noqa: S608 - checked database name
+            f" SELECT kafka_partition AS p, max(kafka_offset) + 1 AS n"
+            f" FROM {self.database}.usage_events WHERE kafka_topic = {{t:String}} GROUP BY p"
+            f" UNION ALL"
+            f" SELECT partition AS p, max(next_offset) AS n"
+            f" FROM {self.database}.sink_progress WHERE topic = {{t:String}} GROUP BY p"
+            f") GROUP BY p",
+            parameters={"t": topic},
+        )
+        return {int(p): int(n) for p, n in result.result_rows}
+
+    def recent_ids(
+        self, topic: str, partitions: Iterable[int], since: dt.datetime
+    ) -> Iterable[tuple[str, str, dt.datetime]]:
+        parts = sorted({int(p) for p in partitions})
+        if not parts:
+            return []
+        result = self.client.query(
+            f"SELECT tenant, id, time FROM {self.database}.usage_events"  # noqa: S608
+            f" WHERE kafka_topic = {{t:String}} AND kafka_partition IN {{ps:Array(Int32)}}"
+            f" AND time >= {{since:DateTime64(3, 'UTC')}}",
+            parameters={"t": topic, "ps": parts, "since": since.astimezone(dt.UTC)},
+        )
+        return [
+            (tenant, event_id, t if t.tzinfo else t.replace(tzinfo=dt.UTC))
+            for tenant, event_id, t in result.result_rows
+        ]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class ClickHouseSink:
+    """Decodes, dedupes and writes batches; see the module docstring for the invariant.
+
+    Not thread-safe: one consumer loop drives it (its blocking calls run in one worker thread).
+    """
+
+    def __init__(
+        self,
+        storage: SinkStorage,
+        *,
+        topic: str,
+        lateness_seconds: float,
+        max_future_skew: float,
+        bucket_seconds: int = 60,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.storage = storage
+        self.topic = topic
+        self.max_future_skew = max_future_skew
+        self.recent = RecentIds(lateness_seconds, bucket_seconds)
+        self.clock = clock
+
+    # --- step 1: assignment ---------------------------------------------------------------------
+    def on_assigned(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Rebuild the id set for ``partitions``; return their stored resume offsets."""
+        parts = sorted(set(partitions))
+        now = self.clock()
+        self.recent.evict(now)
+        self.recent.add_many(self.storage.recent_ids(self.topic, parts, self.recent.cutoff(now)))
+        stored = self.storage.stored_next_offsets(self.topic)
+        return {p: stored[p] for p in parts if p in stored}
+
+    # --- steps a, b -----------------------------------------------------------------------------
+    def prepare(self, records: Iterable[Record]) -> PreparedBatch:
+        """Decode and dedupe ``records`` (one partition's records in offset order)."""
+        now = self.clock()
+        self.recent.evict(now)
+        batch = PreparedBatch()
+        in_batch: set[tuple[str, str]] = set()
+        for rec in records:
+            batch.next_offsets[rec.partition] = max(
+                batch.next_offsets.get(rec.partition, 0), rec.offset + 1
+            )
+            if rec.value is None:
+                batch.dead_letters.append(DeadLetter(rec, "invalid", "event: message has no value"))
+                continue
+            try:
+                ev = decode_event(rec.value, now=now, max_future_skew=self.max_future_skew)
+            except EventDecodeError as exc:
+                batch.dead_letters.append(DeadLetter(rec, "invalid", str(exc)))
+                continue
+            if self.recent.is_late(ev.time, now):
+                age = (now - ev.time).total_seconds()
+                batch.dead_letters.append(
+                    DeadLetter(
+                        rec,
+                        "late",
+                        f"time: {age:.0f}s old, later than the accepted lateness "
+                        f"({self.recent.lateness.total_seconds():g}s)",
+                    )
+                )
+                continue
+            key = (ev.subject, ev.id)
+            if key in in_batch or self.recent.contains(ev.subject, ev.id, ev.time):
+                batch.duplicates += 1
+                continue
+            in_batch.add(key)
+            batch.events.append((rec, ev))
+        return batch
+
+    # --- steps d, e, f (c is the caller's: it owns the producer) ----------------------------------
+    def write(self, batch: PreparedBatch) -> float:
+        """Insert the rows, mark their ids, record progress; return the insert's seconds."""
+        rows = batch.rows()
+        started = _time.perf_counter()
+        self.storage.insert_events(rows)
+        took = _time.perf_counter() - started
+        for _, ev in batch.events:
+            self.recent.add(ev.subject, ev.id, ev.time)
+        self.storage.record_progress(self.topic, batch.next_offsets)
+        return took
+
+
+def dead_letter_value(letter: DeadLetter) -> bytes:
+    """The dead letter's value: the original bytes, unchanged (an empty value stays empty)."""
+    return letter.record.value or b""
+
+
+def minute_aggregates(batch: PreparedBatch) -> list[dict[str, Any]]:
+    """Per (tenant, meter, billable, minute) sums of the inserted events, for the Faust tables."""
+    sums: dict[tuple[str, str, int, int], float] = {}
+    for _, ev in batch.events:
+        minute = int(ev.time.timestamp()) // 60 * 60
+        k = (ev.subject, ev.data.meter, 0 if ev.data.decision == "rejected" else 1, minute)
+        sums[k] = sums.get(k, 0.0) + ev.data.quantity
+    return [
+        {"tenant": t, "meter": m, "billable": b, "minute": minute, "quantity": q}
+        for (t, m, b, minute), q in sums.items()
+    ]
+
+
+def encode_aggregate(agg: dict[str, Any]) -> bytes:
+    return json.dumps(agg, separators=(",", ":")).encode()
+
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "ClickHouseSink",
+    "ClickHouseStorage",
+    "DeadLetter",
+    "PreparedBatch",
+    "Record",
+    "SinkStorage",
+    "dead_letter_value",
+    "event_row",
+    "minute_aggregates",
+]
