@@ -1,0 +1,188 @@
+"""JWT verification: which tokens pass, and the reason given for each one that does not."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from metering.api.auth import (
+    ADMIN_SCOPE,
+    AuthError,
+    JWTAuthMiddleware,
+    TokenVerifier,
+)
+from metering.settings import SettingsError, load_settings
+
+SECRET = "s3cret-for-tests-only-0123456789abcdef"
+AUD = "metering-api"
+
+
+def token(claims: dict, key: object = SECRET, alg: str = "HS256") -> str:
+    base = {"exp": int(time.time()) + 300, "aud": AUD}
+    return jwt.encode({**base, **claims}, key, algorithm=alg)  # type: ignore[arg-type]
+
+
+def pem_public(private_key: object) -> str:
+    return (
+        private_key.public_key()  # type: ignore[attr-defined]
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@pytest.fixture
+def verifier() -> TokenVerifier:
+    return TokenVerifier(secret=SECRET, audience=AUD, leeway=5)
+
+
+def test_tenant_comes_from_tenant_id_claim_before_sub(verifier: TokenVerifier) -> None:
+    p = verifier.verify(token({"tenant_id": "acme", "sub": "user-7", "scope": "read write"}))
+    assert p.tenant_id == "acme"
+    assert p.scopes == frozenset({"read", "write"})
+    assert not p.is_admin
+
+
+def test_sub_is_the_tenant_when_there_is_no_tenant_id(verifier: TokenVerifier) -> None:
+    assert verifier.verify(token({"sub": "globex"})).tenant_id == "globex"
+
+
+def test_admin_is_a_scope(verifier: TokenVerifier) -> None:
+    assert verifier.verify(token({"sub": "ops", "scope": f"read {ADMIN_SCOPE}"})).is_admin
+
+
+@pytest.mark.parametrize(
+    ("claims", "key", "reason"),
+    [
+        ({"sub": "a", "exp": int(time.time()) - 60}, SECRET, "expired"),
+        ({"sub": "a"}, "another-secret-of-sufficient-length-123", "signature"),
+        ({"sub": "a", "aud": "someone-else"}, SECRET, "audience"),
+        ({"sub": "a", "nbf": int(time.time()) + 120}, SECRET, "not valid yet"),
+        ({"exp": int(time.time()) + 60}, SECRET, "neither"),
+        ({"sub": "bad tenant {x}"}, SECRET, "invalid tenant id"),
+        ({"sub": "a", "scope": 42}, SECRET, "scope"),
+    ],
+)
+def test_bad_tokens_are_refused_with_the_reason(
+    verifier: TokenVerifier, claims: dict, key: str, reason: str
+) -> None:
+    with pytest.raises(AuthError, match=reason):
+        verifier.verify(token(claims, key))
+
+
+def test_a_token_without_exp_is_refused(verifier: TokenVerifier) -> None:
+    with pytest.raises(AuthError, match="lacks the 'exp' claim"):
+        verifier.verify(jwt.encode({"sub": "a", "aud": AUD}, SECRET, algorithm="HS256"))
+
+
+def test_leeway_accepts_a_token_expired_a_moment_ago(verifier: TokenVerifier) -> None:
+    assert verifier.verify(token({"sub": "a", "exp": int(time.time()) - 2})).tenant_id == "a"
+
+
+def test_garbage_and_unsigned_tokens_are_refused(verifier: TokenVerifier) -> None:
+    with pytest.raises(AuthError, match="invalid"):
+        verifier.verify("not-a-jwt")
+    unsigned = jwt.encode({"sub": "a", "aud": AUD, "exp": time.time() + 60}, None, algorithm="none")
+    with pytest.raises(AuthError, match="'none' is not accepted"):
+        verifier.verify(unsigned)
+
+
+def test_a_cached_token_still_expires() -> None:
+    v = TokenVerifier(secret=SECRET, audience=AUD, leeway=0)
+    raw = token({"sub": "a", "exp": time.time() + 1.0})
+    assert v.verify(raw).tenant_id == "a"
+    time.sleep(1.1)
+    with pytest.raises(AuthError, match="expired"):
+        v.verify(raw)
+
+
+@pytest.mark.parametrize(
+    ("alg", "make_key"),
+    [
+        ("RS256", lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        ("ES256", lambda: ec.generate_private_key(ec.SECP256R1())),
+    ],
+)
+def test_public_key_algorithms_verify(alg: str, make_key) -> None:  # type: ignore[no-untyped-def]
+    private = make_key()
+    v = TokenVerifier(public_key=pem_public(private), audience=AUD)
+    assert v.verify(token({"sub": "acme"}, private, alg)).tenant_id == "acme"
+    other = make_key()
+    with pytest.raises(AuthError, match="signature"):
+        v.verify(token({"sub": "acme"}, other, alg))
+
+
+def test_hs256_is_refused_when_only_a_public_key_is_configured() -> None:
+    """No algorithm confusion: the public key is never used as an HMAC secret."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = pem_public(private)
+    v = TokenVerifier(public_key=public, audience=AUD)
+    with pytest.raises(AuthError, match="'HS256' is not accepted"):
+        v.verify(token({"sub": "acme"}, "x" * 40))
+
+
+def test_settings_without_any_key_fail_at_start() -> None:
+    with pytest.raises(SettingsError, match="JWT_SECRET"):
+        TokenVerifier.from_settings(load_settings(jwt_secret=None, jwt_public_key=None))
+
+
+def test_public_key_may_be_a_file_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    private = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "jwt.pem"
+    path.write_text(pem_public(private))
+    v = TokenVerifier.from_settings(load_settings(jwt_public_key=str(path), jwt_audience=AUD))
+    assert v.verify(token({"sub": "acme"}, private, "ES256")).tenant_id == "acme"
+
+
+# --- the middleware -----------------------------------------------------------------------------
+async def whoami(request: Request) -> JSONResponse:
+    return JSONResponse({"tenant": request.state.tenant_id, "scopes": sorted(request.state.scopes)})
+
+
+def client(verifier: TokenVerifier) -> httpx.AsyncClient:
+    app = JWTAuthMiddleware(Starlette(routes=[Route("/whoami", whoami)]), verifier)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+async def test_missing_token_is_401_problem_with_a_bearer_challenge(
+    verifier: TokenVerifier,
+) -> None:
+    async with client(verifier) as c:
+        r = await c.get("/whoami")
+    assert r.status_code == 401
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert "missing credentials" in r.json()["detail"]
+
+
+async def test_expired_token_is_401_naming_the_reason(verifier: TokenVerifier) -> None:
+    async with client(verifier) as c:
+        r = await c.get(
+            "/whoami",
+            headers={"Authorization": f"Bearer {token({'sub': 'a', 'exp': 1})}"},
+        )
+    assert r.status_code == 401
+    assert r.json()["detail"] == "token has expired"
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+async def test_a_tenant_header_never_overrides_the_token(verifier: TokenVerifier) -> None:
+    async with client(verifier) as c:
+        r = await c.get(
+            "/whoami",
+            headers={
+                "Authorization": f"Bearer {token({'tenant_id': 'acme', 'scope': 'a b'})}",
+                "X-Tenant-Id": "victim",
+                "Tenant-Id": "victim",
+            },
+        )
+    assert r.status_code == 200
+    assert r.json() == {"tenant": "acme", "scopes": ["a", "b"]}
