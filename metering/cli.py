@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "metering.commands.worker",
     "metering.commands.tenants",
     "metering.commands.db",
+    "metering.commands.api",
 ]
 
 
