@@ -1,0 +1,145 @@
+"""The quota DB on SQLite and on a real PostgreSQL (each test runs on both, on an empty DB)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from metering.ids import InvalidIdentifier
+from metering.plans import QuotaError, plan_limits
+from metering.quota_db import QuotaStore, make_engine, migrate
+from tests.conftest import fresh_postgres_database
+
+DAY = dt.date(2026, 11, 28)
+
+
+@pytest.fixture
+def store(quota_db_url: str) -> QuotaStore:
+    migrate(quota_db_url)
+    s = QuotaStore(quota_db_url)
+    yield s
+    s.close()
+
+
+def test_migrations_build_both_tables_from_empty_and_run_again_harmlessly(
+    quota_db_url: str,
+) -> None:
+    assert migrate(quota_db_url) == "0001"
+    assert migrate(quota_db_url) == "0001"
+    engine = make_engine(quota_db_url)
+    try:
+        insp = inspect(engine)
+        assert {"tenants", "tenant_daily_usage", "alembic_version"} <= set(insp.get_table_names())
+        assert {c["name"] for c in insp.get_columns("tenants")} == {
+            "id", "plan", "rate_per_sec", "burst", "daily_limit", "window_limit",
+            "window_seconds", "version", "created_at", "updated_at",
+        }  # fmt: skip
+        assert insp.get_pk_constraint("tenant_daily_usage")["constrained_columns"] == [
+            "tenant",
+            "day",
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_a_tenant_is_created_read_listed_changed_and_deleted(store: QuotaStore) -> None:
+    created = store.set_quota(
+        "acme", rate_per_sec=2.5, burst=5, daily_limit=1000, window_limit=100, window_seconds=60
+    )
+    assert (created.plan, created.version) == ("custom", 1)
+    got = store.get_tenant("acme")
+    assert got is not None
+    assert (got.limits.rate_per_sec, got.limits.burst, got.limits.daily_limit) == (2.5, 5, 1000)
+    assert (got.limits.window_limit, got.limits.window_seconds) == (100, 60)
+    assert got.created_at is not None and got.created_at.tzinfo is not None
+
+    changed = store.set_quota("acme", burst=8)
+    assert changed.version == 2
+    assert (changed.limits.burst, changed.limits.daily_limit) == (8, 1000)  # the rest is kept
+    assert changed.updated_at >= changed.created_at  # type: ignore[operator]
+
+    store.set_quota("beta", plan="pro")
+    assert [r.tenant for r in store.list_tenants()] == ["acme", "beta"]
+
+    assert store.delete_tenant("acme") is True
+    assert store.get_tenant("acme") is None
+    assert store.delete_tenant("acme") is False
+
+
+def test_naming_a_plan_takes_its_defaults_and_explicit_limits_override_them(
+    store: QuotaStore,
+) -> None:
+    rec = store.set_quota("acme", plan="enterprise", daily_limit=42)
+    ent = plan_limits("enterprise")
+    assert rec.plan == "enterprise"
+    assert (rec.limits.rate_per_sec, rec.limits.burst) == (ent.rate_per_sec, ent.burst)
+    assert rec.limits.daily_limit == 42
+    assert rec.limits.window_limit == ent.window_limit
+    cleared = store.set_quota("acme", window_limit=None, window_seconds=None)
+    assert (cleared.limits.window_limit, cleared.limits.window_seconds) == (None, None)
+    assert cleared.plan == "enterprise"
+
+
+def test_daily_usage_upserts_absolute_totals_idempotently(store: QuotaStore) -> None:
+    assert store.daily_usage("acme", DAY) == 0
+    rows = [("acme", DAY, 900), ("acme", DAY + dt.timedelta(days=1), 5), ("beta", DAY, 1.5)]
+    assert store.upsert_daily_usage(rows) == 3
+    assert store.upsert_daily_usage(rows) == 3  # a replayed batch changes nothing
+    assert store.daily_usage("acme", DAY) == 900
+    assert store.daily_usage("beta", DAY) == 2  # fractions round up: never under-seed a day
+    store.upsert_daily_usage([("acme", DAY, 950)])  # a later total replaces the earlier one
+    assert store.daily_usage("acme", DAY) == 950
+    assert store.upsert_daily_usage([]) == 0
+
+
+@pytest.mark.parametrize(
+    ("tenant", "changes", "error", "message"),
+    [
+        ("acme", {"plan": "gold"}, QuotaError, "unknown plan 'gold'"),
+        ("acme", {"rate_per_sec": -1, "burst": 5, "daily_limit": 10}, QuotaError, "rate_per_sec"),
+        ("acme", {"rate_per_sec": 1, "burst": 5, "daily_limit": -10}, QuotaError, "daily_limit"),
+        ("acme", {"rate_per_sec": 1}, QuotaError, "burst, daily_limit required"),
+        ("a" * 65, {"plan": "pro"}, InvalidIdentifier, "invalid tenant id"),
+        ("bad id", {"plan": "pro"}, InvalidIdentifier, "invalid tenant id"),
+    ],
+)
+def test_bad_input_is_refused_with_the_reason_and_nothing_is_stored(
+    store: QuotaStore, tenant: str, changes: dict, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        store.set_quota(tenant, **changes)
+    assert store.list_tenants() == []
+
+
+def test_bad_usage_rows_are_refused_before_any_is_written(store: QuotaStore) -> None:
+    with pytest.raises(QuotaError, match="used must be finite and >= 0"):
+        store.upsert_daily_usage([("acme", DAY, 1), ("beta", DAY, -5)])
+    with pytest.raises(InvalidIdentifier):
+        store.upsert_daily_usage([("no spaces", DAY, 1)])
+    assert store.daily_usage("acme", DAY) == 0
+
+
+def test_the_schema_itself_refuses_a_negative_limit_written_around_the_code(
+    store: QuotaStore,
+) -> None:
+    with pytest.raises(IntegrityError), store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tenants (id, plan, rate_per_sec, burst, daily_limit, version, "
+                "created_at, updated_at) VALUES ('x', 'custom', 1, 1, -5, 1, "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+
+
+def test_a_plain_postgresql_url_uses_the_installed_psycopg_driver(postgres_url: str) -> None:
+    for url in fresh_postgres_database(postgres_url):
+        plain = "postgresql://" + url.split("://", 1)[1]
+        assert migrate(plain) == "0001"
+        store = QuotaStore(plain)
+        assert store.engine.dialect.driver == "psycopg"
+        assert store.list_tenants() == []
+        store.close()
