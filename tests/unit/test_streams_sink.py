@@ -1,0 +1,150 @@
+"""The sink's pure logic against a recorded storage: dedupe, lateness, dead letters, step order."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+
+from metering.events import decision_event, encode_event, usage_event
+from streams.dedupe import RecentIds
+from streams.sink import ClickHouseSink, Record, minute_aggregates
+
+NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+TOPIC = "usage.events"
+
+
+class RecordedStorage:
+    """Keeps what the sink writes, in call order (the real one is tested in integration)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.rows: list[Sequence[Any]] = []
+        self.progress: dict[int, int] = {}
+
+    def insert_events(self, rows: Sequence[Sequence[Any]]) -> None:
+        self.calls.append("insert_events")
+        self.rows.extend(rows)
+
+    def record_progress(self, topic: str, next_offsets: dict[int, int]) -> None:
+        self.calls.append("record_progress")
+        for p, n in next_offsets.items():
+            self.progress[p] = max(self.progress.get(p, 0), n)
+
+    def stored_next_offsets(self, topic: str) -> dict[int, int]:
+        stored = dict(self.progress)
+        for row in self.rows:
+            p, off = row[11], row[12]
+            stored[p] = max(stored.get(p, 0), off + 1)
+        return stored
+
+    def recent_ids(
+        self, topic: str, partitions: Iterable[int], since: dt.datetime
+    ) -> list[tuple[str, str, dt.datetime]]:
+        parts = set(partitions)
+        return [(r[3], r[0], r[7]) for r in self.rows if r[11] in parts and r[7] >= since]
+
+
+def make_sink(storage: RecordedStorage, lateness: float = 3600) -> ClickHouseSink:
+    return ClickHouseSink(
+        storage, topic=TOPIC, lateness_seconds=lateness, max_future_skew=300, clock=lambda: NOW
+    )
+
+
+def rec(offset: int, value: bytes | None, partition: int = 0) -> Record:
+    return Record(TOPIC, partition, offset, b"k", value)
+
+
+def ev(tenant: str, qty: float, *, minutes_ago: float = 1, id: str | None = None) -> bytes:
+    t = NOW - dt.timedelta(minutes=minutes_ago)
+    return encode_event(usage_event(tenant, "requests", qty, time=t, id=id))
+
+
+def test_a_resent_event_id_counts_once_within_a_batch_and_across_batches() -> None:
+    storage = RecordedStorage()
+    sink = make_sink(storage)
+    first = sink.prepare([rec(0, ev("acme", 5, id="e1")), rec(1, ev("acme", 5, id="e1"))])
+    assert (len(first.events), first.duplicates) == (1, 1)
+    sink.write(first)
+    again = sink.prepare([rec(2, ev("acme", 5, id="e1")), rec(3, ev("acme", 7, id="e2"))])
+    assert (len(again.events), again.duplicates) == (1, 1)
+    sink.write(again)
+    assert sum(r[8] for r in storage.rows) == 12.0
+    # The same id under another tenant is another event.
+    other = sink.prepare([rec(4, ev("globex", 1, id="e1"))])
+    assert len(other.events) == 1
+
+
+def test_malformed_invalid_and_late_messages_become_dead_letters_with_reasons() -> None:
+    sink = make_sink(RecordedStorage(), lateness=3600)
+    batch = sink.prepare(
+        [
+            rec(0, b"not json"),
+            rec(1, None),
+            rec(2, b'{"specversion":"1.0"}'),
+            rec(3, ev("acme", 1, minutes_ago=61)),  # later than the lateness
+            rec(4, ev("acme", 2, minutes_ago=59)),  # late but accepted: counts in its own minute
+        ]
+    )
+    reasons = [(d.record.offset, d.reason) for d in batch.dead_letters]
+    assert reasons == [(0, "invalid"), (1, "invalid"), (2, "invalid"), (3, "late")]
+    assert "not valid JSON" in batch.dead_letters[0].error
+    assert "id: is required" in batch.dead_letters[2].error
+    headers = dict(batch.dead_letters[3].headers())
+    assert headers["dlq.reason"] == b"late" and headers["dlq.offset"] == b"3"
+    assert [r.offset for r, _ in batch.events] == [4]
+    (agg,) = minute_aggregates(batch)
+    assert agg["minute"] == int((NOW - dt.timedelta(minutes=59)).timestamp()) // 60 * 60
+
+
+def test_progress_covers_offsets_that_left_no_row() -> None:
+    storage = RecordedStorage()
+    sink = make_sink(storage)
+    batch = sink.prepare(
+        [rec(10, ev("acme", 1), partition=0), rec(11, b"bad", partition=0), rec(7, b"x", 1)]
+    )
+    assert batch.next_offsets == {0: 12, 1: 8}
+    sink.write(batch)
+    assert storage.calls == ["insert_events", "record_progress"]  # rows first, then progress
+    assert storage.stored_next_offsets(TOPIC) == {0: 12, 1: 8}
+
+
+def test_after_a_restart_the_id_set_is_rebuilt_from_storage_so_a_replay_adds_nothing() -> None:
+    storage = RecordedStorage()
+    sink = make_sink(storage)
+    records = [rec(i, ev("acme", 1, id=f"e{i}")) for i in range(5)]
+    sink.write(sink.prepare(records))
+    # Crash after the insert, before anything else: a fresh sink over the same storage.
+    restarted = make_sink(storage)
+    assert restarted.on_assigned([0]) == {0: 5}
+    replay = restarted.prepare(records)
+    assert (len(replay.events), replay.duplicates) == (0, 5)
+
+
+def test_rejected_decisions_are_stored_but_not_billable() -> None:
+    storage = RecordedStorage()
+    sink = make_sink(storage)
+    rejected = decision_event("acme", False, cost=3, time=NOW)
+    allowed = decision_event("acme", True, cost=2, time=NOW)
+    sink.write(sink.prepare([rec(0, encode_event(rejected)), rec(1, encode_event(allowed))]))
+    by_decision = {r[5]: (r[6], r[8]) for r in storage.rows}
+    assert by_decision == {"rejected": (0, 3.0), "allowed": (1, 2.0)}
+
+
+def test_recent_ids_forget_only_buckets_older_than_the_lateness() -> None:
+    ids = RecentIds(lateness_seconds=600, bucket_seconds=60)
+    for minutes_ago in range(0, 30):
+        ids.add("acme", f"e{minutes_ago}", NOW - dt.timedelta(minutes=minutes_ago))
+    dropped = ids.evict(NOW)
+    assert dropped == 19  # minutes 11..29 end before now - 10 min
+    assert ids.contains("acme", "e10", NOW - dt.timedelta(minutes=10))
+    assert not ids.contains("acme", "e20", NOW - dt.timedelta(minutes=20))
+    assert ids.is_late(NOW - dt.timedelta(minutes=11), NOW)
+    assert not ids.is_late(NOW - dt.timedelta(minutes=9), NOW)
+
+
+def test_recent_ids_refuse_a_nonsense_window() -> None:
+    with pytest.raises(ValueError):
+        RecentIds(lateness_seconds=0)
