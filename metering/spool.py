@@ -1,0 +1,344 @@
+"""The emitter's spool: a bounded, durable, ordered on-disk queue of Kafka records.
+
+While Kafka is unreachable the emitter appends records here and a replayer sends them, oldest
+first, when Kafka is back. Invariants (tests: ``tests/unit/test_events_spool.py``):
+
+- **FIFO**: records are read in the order they were appended. A record leaves the spool only
+  through :meth:`Spool.commit` of a batch the reader has had acknowledged by Kafka, so a crash
+  between delivery and commit resends it (the same event id: a duplicate the pipeline drops).
+- **Durable**: :meth:`Spool.append` writes the whole batch and fsyncs before it returns; the read
+  cursor is replaced atomically (write, fsync, rename). Records survive a process restart.
+- **Bounded**: pending bytes never exceed ``max_bytes``; ``append`` accepts the longest prefix
+  that fits and returns its length, and the caller counts the rest as dropped.
+- **Recoverable**: a record torn by a crash mid-append fails its length/CRC check on open and is
+  cut off, with a log line saying how many bytes were lost.
+- **One owner**: a directory is locked (``flock``) by one process at a time.
+
+Layout: ``<dir>/LOCK``, ``<dir>/cursor`` (``segment offset``), ``<dir>/<segment:020d>.seg``.
+A record is a header (value length u32, key length u16, CRC-32 of key+value u32), the key, the
+value. Segments roll at ``segment_bytes``; fully read segments are deleted on commit.
+
+Why not ``persist-queue``: its file queue is bounded by item count only (and blocks or raises
+when full), has no read-then-acknowledge (an item handed out is gone from the queue's point of
+view until ``task_done``, with no way to read it again after a failed send), and pickles by
+default; its SQLite ack-queue commits per item, which cannot keep up with a request path's event
+rate while Kafka is down. Batched appends with one fsync per batch are what this needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">IHI")
+MAX_KEY_BYTES = 0xFFFF
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+
+Record = tuple[bytes, bytes]  # (key, value)
+
+
+class SpoolLocked(RuntimeError):
+    """The spool directory is in use by another process."""
+
+
+@dataclass(frozen=True)
+class SpoolBatch:
+    """Records read from the head of the spool; pass it to :meth:`Spool.commit` once delivered."""
+
+    records: list[Record]
+    start: tuple[int, int]
+    end: tuple[int, int]
+    nbytes: int
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _segment_name(segment: int) -> str:
+    return f"{segment:020d}.seg"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """A FIFO of ``(key, value)`` records in segment files; thread-safe; one process per dir."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        max_bytes: int,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        fsync: bool = True,
+    ) -> None:
+        if max_bytes <= 0 or segment_bytes <= 0:
+            raise ValueError("max_bytes and segment_bytes must be positive")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.directory / "LOCK", "a+b")  # noqa: SIM115 - held while open
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise SpoolLocked(f"spool {self.directory} is in use by another process") from None
+        self._ends: dict[int, int] = {}  # segment -> end offset of its last whole record
+        self._readers: dict[int, int] = {}  # segment -> fd
+        self._pending_events = 0
+        self._pending_bytes = 0
+        self._closed = False
+        self._recover()
+
+    # --- state ----------------------------------------------------------------------------------
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def __len__(self) -> int:
+        return self._pending_events
+
+    # --- recovery -------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        head_seg, head_off = self._read_cursor()
+        segments = sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
+        for seg in [s for s in segments if s < head_seg]:
+            (self.directory / _segment_name(seg)).unlink(missing_ok=True)
+        segments = [s for s in segments if s >= head_seg]
+        if not segments or segments[0] != head_seg:
+            head_off = 0
+            head_seg = segments[0] if segments else head_seg
+        for seg in segments:
+            count, start, end = self._scan(seg, head_off if seg == head_seg else 0)
+            if seg == head_seg:
+                head_off = start
+            self._ends[seg] = end
+            self._pending_events += count
+            self._pending_bytes += end - start
+        self._head = (head_seg, head_off)
+        self._write_seg = segments[-1] if segments else head_seg
+        self._ends.setdefault(self._write_seg, 0)
+        self._writer = open(self.directory / _segment_name(self._write_seg), "ab")  # noqa: SIM115
+        self._writer.truncate(self._ends[self._write_seg])
+        if self._pending_events:
+            log.info(
+                "spool %s holds %d events (%d bytes) from an earlier run",
+                self.directory,
+                self._pending_events,
+                self._pending_bytes,
+            )
+
+    def _scan(self, seg: int, start: int) -> tuple[int, int, int]:
+        """Count the whole records of a segment from ``start``; cut a torn or corrupt tail.
+        Returns (records, start clamped to the segment, end of the last whole record)."""
+        path = self.directory / _segment_name(seg)
+        data = path.read_bytes()
+        start = min(start, len(data))
+        pos, count = start, 0
+        while pos + _HEADER.size <= len(data):
+            vlen, klen, crc = _HEADER.unpack_from(data, pos)
+            body_end = pos + _HEADER.size + klen + vlen
+            if body_end > len(data) or zlib.crc32(data[pos + _HEADER.size : body_end]) != crc:
+                break
+            pos, count = body_end, count + 1
+        if pos < len(data):
+            log.warning(
+                "spool %s: cut %d bytes of a torn or corrupt record at the end of %s",
+                self.directory,
+                len(data) - pos,
+                path.name,
+            )
+            with open(path, "r+b") as fh:
+                fh.truncate(pos)
+                os.fsync(fh.fileno())
+        return count, start, pos
+
+    def _read_cursor(self) -> tuple[int, int]:
+        try:
+            seg_s, off_s = (self.directory / "cursor").read_text().split()
+            return int(seg_s), int(off_s)
+        except FileNotFoundError:
+            return 0, 0
+        except ValueError:
+            log.warning("spool %s: unreadable cursor, reading from the start", self.directory)
+            return 0, 0
+
+    def _write_cursor(self, head: tuple[int, int]) -> None:
+        tmp = self.directory / "cursor.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(f"{head[0]} {head[1]}\n")
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / "cursor")
+        if self.fsync:
+            _fsync_dir(self.directory)
+
+    # --- writing --------------------------------------------------------------------------------
+    def append(self, records: Sequence[Record]) -> int:
+        """Append the longest prefix of ``records`` that fits; return how many were written."""
+        with self._lock:
+            self._check_open()
+            buf = bytearray()
+            accepted = 0
+            room = self.max_bytes - self._pending_bytes
+            for key, value in records:
+                if len(key) > MAX_KEY_BYTES:
+                    raise ValueError(f"spool key is {len(key)} bytes, at most {MAX_KEY_BYTES}")
+                size = _HEADER.size + len(key) + len(value)
+                if len(buf) + size > room:
+                    break
+                buf += _HEADER.pack(len(value), len(key), zlib.crc32(value, zlib.crc32(key)))
+                buf += key
+                buf += value
+                accepted += 1
+            if not buf:
+                return 0
+            end = self._ends[self._write_seg]
+            try:
+                self._writer.write(buf)
+                self._writer.flush()
+                if self.fsync:
+                    os.fsync(self._writer.fileno())
+            except OSError:
+                log.exception("spool %s: append failed", self.directory)
+                with contextlib.suppress(OSError):
+                    self._writer.truncate(end)
+                return 0
+            self._ends[self._write_seg] = end + len(buf)
+            self._pending_events += accepted
+            self._pending_bytes += len(buf)
+            if self._ends[self._write_seg] >= self.segment_bytes:
+                self._roll()
+            return accepted
+
+    def _roll(self) -> None:
+        self._writer.close()
+        self._write_seg += 1
+        self._ends[self._write_seg] = 0
+        self._writer = open(self.directory / _segment_name(self._write_seg), "ab")  # noqa: SIM115
+        if self.fsync:
+            _fsync_dir(self.directory)
+
+    # --- reading --------------------------------------------------------------------------------
+    def read(self, max_records: int = 1000, max_bytes: int = 4 * 1024 * 1024) -> SpoolBatch:
+        """The oldest records (at most ``max_records``, about ``max_bytes``), not removed."""
+        with self._lock:
+            self._check_open()
+            seg, off = self._head
+            start = (seg, off)
+            records: list[Record] = []
+            nbytes = 0
+            while len(records) < max_records and nbytes < max_bytes:
+                end = self._ends.get(seg)
+                if end is None:
+                    break
+                if off >= end:
+                    later = [s for s in self._ends if s > seg]
+                    if not later:
+                        break
+                    seg, off = min(later), 0
+                    continue
+                chunk = os.pread(self._reader(seg), min(end - off, max(max_bytes - nbytes, 1)), off)
+                pos = 0
+                while len(records) < max_records and pos + _HEADER.size <= len(chunk):
+                    vlen, klen, crc = _HEADER.unpack_from(chunk, pos)
+                    body_end = pos + _HEADER.size + klen + vlen
+                    if body_end > len(chunk):
+                        if pos == 0:  # one record larger than the chunk: read it whole
+                            chunk = os.pread(self._reader(seg), body_end, off)
+                            continue
+                        break
+                    key = bytes(chunk[pos + _HEADER.size : pos + _HEADER.size + klen])
+                    value = bytes(chunk[pos + _HEADER.size + klen : body_end])
+                    if zlib.crc32(value, zlib.crc32(key)) != crc:
+                        raise OSError(f"spool {self.directory}: corrupt record in segment {seg}")
+                    records.append((key, value))
+                    pos = body_end
+                if pos == 0:
+                    break
+                off += pos
+                nbytes += pos
+            return SpoolBatch(records, start, (seg, off), nbytes)
+
+    def _reader(self, seg: int) -> int:
+        fd = self._readers.get(seg)
+        if fd is None:
+            fd = os.open(self.directory / _segment_name(seg), os.O_RDONLY)
+            self._readers[seg] = fd
+        return fd
+
+    def commit(self, batch: SpoolBatch) -> None:
+        """Remove ``batch`` (which must be the current head) after it was delivered."""
+        if not batch.records:
+            return
+        with self._lock:
+            self._check_open()
+            if batch.start != self._head:
+                raise ValueError("spool batch is not at the head (committed twice?)")
+            self._head = batch.end
+            self._pending_events -= len(batch.records)
+            self._pending_bytes -= batch.nbytes
+            if self._pending_events == 0 and self._head[1] > 0:
+                # empty: start a fresh segment so the spent one can be deleted
+                if self._head[0] == self._write_seg:
+                    self._roll()
+                self._head = (self._write_seg, 0)
+            self._write_cursor(self._head)
+            for seg in [s for s in self._ends if s < self._head[0]]:
+                del self._ends[seg]
+                fd = self._readers.pop(seg, None)
+                if fd is not None:
+                    os.close(fd)
+                (self.directory / _segment_name(seg)).unlink(missing_ok=True)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"spool {self.directory} is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._writer.flush()
+            if self.fsync:
+                os.fsync(self._writer.fileno())
+            self._writer.close()
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["DEFAULT_SEGMENT_BYTES", "Record", "Spool", "SpoolBatch", "SpoolLocked"]
