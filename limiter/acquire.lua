@@ -1,0 +1,155 @@
+-- acquire.lua: one tenant's rate-limit decision, atomically.
+--
+-- Refills the token bucket from the server clock (TIME, the clock of record), then consumes
+-- `cost` from the bucket, from the UTC day's counter and (optionally) from the rolling window
+-- only if all of them have room: all or nothing. A rejection writes nothing.
+--
+-- KEYS[1] rl:{t}:tb             hash  tokens (float, %.17g), ts (server time, microseconds)
+-- KEYS[2] rl:{t}:day:YYYYMMDD   int   units used on that UTC day
+-- KEYS[3] rl:{t}:win            zset  rolling-window log: member "<seq>:<cost>", score = ts (us)
+-- KEYS[4] rl:{t}:win:meta       hash  sum (units in the log), seq (last member number)
+-- ARGV: cost, rate_per_sec, burst, daily_limit, window_limit (0 = none), window_seconds,
+--       seed ("" = none given), day_grace_seconds
+--
+-- The day in KEYS[2] must be the server's UTC day; otherwise nothing is counted and the
+-- script answers WRONG_DAY with the server's day, so a client with a skewed clock never
+-- counts into the wrong day. A missing day counter is seeded with ARGV[7]; with no seed given
+-- the script answers NEED_SEED and changes nothing.
+--
+-- Reply: {status, reason, tokens_milli, retry_ms, daily_used, window_used, server_day, now_s}
+--   status 1 allowed, 0 rejected, -1 WRONG_DAY, -2 NEED_SEED
+--   reason 0 ok, 1 bucket, 2 daily, 3 window, 4 cost exceeds burst, 5 cost exceeds window
+--   server_day: days since 1970-01-01 (UTC) by the server clock
+
+local cost = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local daily_limit = tonumber(ARGV[4])
+local window_limit = tonumber(ARGV[5])
+local window_us = tonumber(ARGV[6]) * 1000000
+local seed = ARGV[7]
+local grace = tonumber(ARGV[8])
+
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now = now_s * 1000000 + tonumber(t[2])
+local server_day = math.floor(now_s / 86400)
+
+-- The day the key names, from its YYYYMMDD suffix (days_from_civil, proleptic Gregorian).
+local ymd = string.sub(KEYS[2], -8)
+local y = tonumber(string.sub(ymd, 1, 4))
+local m = tonumber(string.sub(ymd, 5, 6))
+local d = tonumber(string.sub(ymd, 7, 8))
+if m <= 2 then y = y - 1 end
+local era = math.floor(y / 400)
+local yoe = y - era * 400
+local mp = (m > 2) and (m - 3) or (m + 9)
+local doy = math.floor((153 * mp + 2) / 5) + d - 1
+local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+local key_day = era * 146097 + doe - 719468
+if key_day ~= server_day then
+  return {-1, 0, 0, 0, 0, 0, server_day, now_s}
+end
+
+-- Daily counter (seeded when missing, expiring after the day is over plus grace).
+local used = redis.call('GET', KEYS[2])
+if not used then
+  if seed == '' then
+    return {-2, 0, 0, 0, 0, 0, server_day, now_s}
+  end
+  used = tonumber(seed)
+  redis.call('SET', KEYS[2], used, 'EXAT', (server_day + 1) * 86400 + grace)
+else
+  used = tonumber(used)
+end
+
+-- Token bucket, refilled by elapsed server time, capped at burst.
+local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(tb[1])
+local ts = tonumber(tb[2])
+if tokens == nil or ts == nil then
+  tokens = burst
+elseif now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000000)
+end
+
+-- Rolling window: drop entries older than the window, subtracting their cost from the sum.
+local win_used = 0
+if window_limit > 0 then
+  local horizon = now - window_us
+  win_used = tonumber(redis.call('HGET', KEYS[4], 'sum') or '0')
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', horizon)
+  if #expired > 0 then
+    for i = 1, #expired do
+      local member = expired[i]
+      win_used = win_used - tonumber(string.sub(member, string.find(member, ':', 1, true) + 1))
+    end
+    if win_used < 0 then win_used = 0 end
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', horizon)
+    redis.call('HSET', KEYS[4], 'sum', win_used)
+  end
+end
+
+-- Decide: every limit must have room for the whole cost.
+local reason = 0
+local retry_us = 0
+if used + cost > daily_limit then
+  reason = 2
+  retry_us = ((server_day + 1) * 86400) * 1000000 - now
+end
+if window_limit > 0 and win_used + cost > window_limit then
+  if cost > window_limit then
+    if reason == 0 then reason = 5 end
+  else
+    -- Wait until enough of the oldest entries have left the window.
+    local need = win_used + cost - window_limit
+    local entries = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+    local freed = 0
+    local wait = window_us
+    for i = 1, #entries, 2 do
+      local member = entries[i]
+      freed = freed + tonumber(string.sub(member, string.find(member, ':', 1, true) + 1))
+      if freed >= need then
+        wait = tonumber(entries[i + 1]) + window_us - now
+        break
+      end
+    end
+    if reason == 0 then reason = 3 end
+    if wait > retry_us then retry_us = wait end
+  end
+end
+if tokens < cost then
+  local wait
+  if cost > burst then
+    wait = 0
+    if reason == 0 then reason = 4 end
+  else
+    wait = (cost - tokens) * 1000000 / rate
+    if reason == 0 then reason = 1 end
+  end
+  if wait > retry_us then retry_us = wait end
+end
+
+if reason ~= 0 then
+  return {0, reason, math.floor(tokens * 1000), math.ceil(retry_us / 1000), used, win_used,
+          server_day, now_s}
+end
+
+-- Consume from all of them.
+tokens = tokens - cost
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now)
+-- The bucket is full again after (burst - tokens) / rate seconds; then it may as well vanish.
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 1000 / rate) + 1000)
+if cost > 0 then
+  used = redis.call('INCRBY', KEYS[2], cost)
+end
+if window_limit > 0 and cost > 0 then
+  local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
+  redis.call('ZADD', KEYS[3], now, seq .. ':' .. cost)
+  win_used = win_used + cost
+  redis.call('HSET', KEYS[4], 'sum', win_used)
+  local ttl = math.ceil(window_us / 1000) + 1000
+  redis.call('PEXPIRE', KEYS[3], ttl)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+return {1, 0, math.floor(tokens * 1000), 0, used, win_used, server_day, now_s}

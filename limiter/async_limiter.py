@@ -1,0 +1,135 @@
+"""The asyncio limiter: the same decisions as :class:`limiter.RateLimiter`, with the calls of
+concurrent callers coalesced into pipelined round trips (:mod:`limiter.batching`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from limiter.batching import ScriptBatcher
+from limiter.breaker import CircuitBreaker
+from limiter.clock import utc_day
+from limiter.core import LimiterCore, NoQuota, check_cost, check_tenant, settle_inputs
+from limiter.decision import Decision, Settlement
+from limiter.failure_policy import REDIS_UNAVAILABLE, FailMode, FailurePolicy
+from limiter.local_limiter import LocalLimiter
+from limiter.quota import Quota
+from limiter.quota_provider import QuotaProvider
+from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, packed
+
+
+class AsyncRateLimiter:
+    """Async twin of :class:`limiter.RateLimiter` (same names, same decisions)."""
+
+    def __init__(
+        self,
+        redis_client: Any,
+        quotas: QuotaProvider | None = None,
+        *,
+        fail_mode: FailMode = "open",
+        breaker: CircuitBreaker | None = None,
+        local_limiter: LocalLimiter | None = None,
+        day_grace_seconds: int = DAY_GRACE_SECONDS,
+        max_batch: int = 512,
+        max_inflight: int = 2,
+    ) -> None:
+        self.redis = redis_client
+        self.policy = FailurePolicy(fail_mode, breaker=breaker, local_limiter=local_limiter)
+        self._core = LimiterCore(quotas, self.policy, day_grace_seconds)
+        self._batcher = ScriptBatcher(redis_client, max_batch=max_batch, max_inflight=max_inflight)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Any = None, quotas: QuotaProvider | None = None
+    ) -> AsyncRateLimiter:
+        from limiter.redis_factory import async_redis_from_settings
+        from metering.settings import get_settings
+
+        s = settings or get_settings()
+        return cls(
+            async_redis_from_settings(s),
+            quotas,
+            fail_mode=s.rate_limit_fail_mode,
+            breaker=CircuitBreaker(s.rate_limit_breaker_failures, s.rate_limit_breaker_reset),
+            local_limiter=LocalLimiter(s.rate_limit_local_ceiling_per_sec),
+        )
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.policy.breaker
+
+    async def acquire(self, tenant: str, cost: int = 1, quota: Quota | None = None) -> Decision:
+        """Decide whether ``tenant`` may spend ``cost`` units now, and if so spend them."""
+        started = time.perf_counter()
+        core = self._core
+        check_tenant(tenant)
+        check_cost(cost)
+        if quota is None:
+            quota = await self._quota(tenant)
+        policy = self.policy
+        if not policy.breaker.allow():
+            return policy.decide(tenant, cost, quota, core.clock.today())
+        batcher = self._batcher
+        encoder = core.encoder
+        try:
+            day = core.clock.today()
+            seed = core.first_seed
+            for _ in range(4):
+                if batcher.packed:
+                    call: Any = encoder.acquire_packed(tenant, day, cost, quota, seed)
+                else:
+                    call = encoder.acquire_args(tenant, day, cost, quota, seed)
+                reply = await batcher.submit(call)
+                status = reply[0]
+                if status >= 0:
+                    break
+                day = reply[6]
+                core.clock.observe(reply[7])
+                if status == NEED_SEED:
+                    seed = b"%d" % await self._seed(tenant, day)
+            else:
+                raise RuntimeError(f"acquire.lua kept answering status {status}")
+        except REDIS_UNAVAILABLE as exc:
+            policy.redis_failed(exc)
+            return policy.decide(tenant, cost, quota, core.clock.today())
+        policy.breaker.record_success()
+        return core.decision(reply, tenant, cost, quota, started)
+
+    async def settle(
+        self,
+        tenant: str,
+        decision_or_reserved_cost: Decision | int,
+        actual_cost: int,
+        quota: Quota | None = None,
+    ) -> Settlement:
+        """See :meth:`limiter.RateLimiter.settle`."""
+        check_tenant(tenant)
+        delta, day = settle_inputs(decision_or_reserved_cost, actual_cost)
+        if isinstance(decision_or_reserved_cost, Decision):
+            if decision_or_reserved_cost.degraded:
+                return self._core.unsettled(tenant, delta)
+            quota = quota or decision_or_reserved_cost.quota
+        if quota is None:
+            quota = await self._quota(tenant)
+        if not self.policy.breaker.allow():
+            return self._core.unsettled(tenant, delta)
+        if day is None:
+            day = self._core.clock.today()
+        args = self._core.encoder.settle_args(tenant, day, delta, quota)
+        try:
+            reply = await self._batcher.submit(packed(args) if self._batcher.packed else args)
+        except REDIS_UNAVAILABLE as exc:
+            self.policy.redis_failed(exc)
+            return self._core.unsettled(tenant, delta)
+        self.policy.breaker.record_success()
+        return self._core.settlement(reply, tenant, delta)
+
+    async def _quota(self, tenant: str) -> Quota:
+        if self._core.quotas is None:
+            raise NoQuota(f"no quota given for tenant {tenant!r} and no quota provider set")
+        return await self._core.quotas.aget(tenant)
+
+    async def _seed(self, tenant: str, day: int) -> int:
+        assert self._core.quotas is not None  # NEED_SEED is only asked for with a provider
+        seed = await self._core.quotas.adaily_seed(tenant, utc_day(day)[0])
+        return check_cost(seed, "daily seed")

@@ -1,0 +1,119 @@
+"""Coalescing script calls into pipelined round trips (the async limiter's transport).
+
+Python's per-call cost, not Redis, bounds a limiter: one round trip per decision tops out far
+below what Redis serves. So every call waiting at the same moment goes out in ONE pipelined
+write (``transaction=False``: each EVALSHA is still its own atomic script call, nothing is
+wrapped in MULTI). A drain task sends whatever is queued when the event loop gets to it; calls
+that arrive while a batch is in flight form the next batch, so batches grow with the load and
+an idle limiter adds no delay. A second drain task starts only when a full batch is waiting.
+
+Against a single node or a Sentinel master, the pre-encoded calls are written on one pooled
+connection and the replies read back in order. Against a Cluster, redis-py's cluster pipeline
+groups the calls per node. Either way a reply of ``NOSCRIPT`` (after ``SCRIPT FLUSH``, a restart,
+a failover) loads the scripts and sends those calls again; each call's own error reply goes to
+its own caller, and a connection failure goes to every caller in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
+
+from limiter import metrics
+from limiter.scripts import SCRIPTS
+
+
+class ScriptBatcher:
+    def __init__(self, client: Any, *, max_batch: int = 512, max_inflight: int = 2) -> None:
+        if max_batch < 1 or max_inflight < 1:
+            raise ValueError("max_batch and max_inflight must be >= 1")
+        self.client = client
+        self.packed = not isinstance(client, RedisCluster)
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self._queue: list[tuple[asyncio.Future[Any], Any]] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._batch_size = metrics.rate_limiter_batch_size
+
+    def submit(self, call: Any) -> asyncio.Future[Any]:
+        """Queue one call (packed bytes, or an argument tuple on a Cluster); await its reply."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        queue = self._queue
+        queue.append((fut, call))
+        if self._running == 0 or (
+            len(queue) >= self.max_batch and self._running < self.max_inflight
+        ):
+            self._running += 1
+            task = loop.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return fut
+
+    async def _drain(self) -> None:
+        try:
+            queue = self._queue
+            while queue:
+                batch = queue[: self.max_batch]
+                del queue[: self.max_batch]
+                self._batch_size.observe(len(batch))
+                try:
+                    replies = await self._send([call for _, call in batch])
+                except BaseException as exc:
+                    for fut, _ in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (fut, _), reply in zip(batch, replies, strict=True):
+                    if fut.done():  # the caller gave up (cancelled)
+                        continue
+                    if isinstance(reply, Exception):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
+        finally:
+            self._running -= 1
+
+    async def _send(self, calls: Sequence[Any], reload: bool = True) -> list[Any]:
+        replies = await (self._send_packed(calls) if self.packed else self._send_pipeline(calls))
+        if reload:
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:
+                for script in SCRIPTS:
+                    await self.client.script_load(script.source)
+                again = await self._send([calls[i] for i in missing], reload=False)
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        return replies
+
+    async def _send_packed(self, calls: Sequence[bytes]) -> list[Any]:
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command((b"".join(calls),))
+            read = conn.read_response
+            for _ in range(len(calls)):
+                try:
+                    replies.append(await read())
+                except ResponseError as exc:  # that call's own error reply
+                    replies.append(exc)
+        except BaseException:
+            await conn.disconnect()  # replies may be half read: never reuse this connection
+            raise
+        finally:
+            await pool.release(conn)
+        return replies
+
+    async def _send_pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for args in calls:
+            pipe.execute_command(*args)
+        return list(await pipe.execute(raise_on_error=False))

@@ -1,0 +1,138 @@
+"""What the sync and async limiters share: input checks, reply decoding, metrics.
+
+Everything here is pure (no I/O), so both limiters make exactly the same decisions from the
+same replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from limiter import metrics
+from limiter.clock import ServerClock, epoch_day, utc_day
+from limiter.decision import (
+    BUCKET,
+    COST_EXCEEDS_BURST,
+    COST_EXCEEDS_WINDOW,
+    DAILY,
+    OK,
+    WINDOW,
+    Decision,
+    Settlement,
+)
+from limiter.failure_policy import FailurePolicy
+from limiter.quota import Quota
+from limiter.quota_provider import QuotaProvider
+from limiter.scripts import ALLOWED, CallEncoder
+from metering.ids import validate_tenant_id
+
+REASONS = (OK, BUCKET, DAILY, WINDOW, COST_EXCEEDS_BURST, COST_EXCEEDS_WINDOW)
+MAX_COST = 2**53  # Lua numbers are doubles: larger integers lose precision
+
+
+class InvalidCost(ValueError):
+    """A cost that is not a non-negative integer."""
+
+
+class NoQuota(LookupError):
+    """No quota was given and the limiter has no quota provider to ask."""
+
+
+def check_cost(cost: object, name: str = "cost") -> int:
+    if type(cost) is not int or not 0 <= cost <= MAX_COST:  # bool is refused too
+        raise InvalidCost(f"{name} must be a non-negative integer, not {cost!r}")
+    return cost
+
+
+_valid_tenants: set[str] = set()
+
+
+def check_tenant(tenant: object) -> str:
+    """Validate once per tenant id (a bounded set remembers the ones seen)."""
+    if tenant in _valid_tenants:
+        return tenant  # type: ignore[return-value]
+    validate_tenant_id(tenant)
+    if len(_valid_tenants) >= 100_000:
+        _valid_tenants.clear()
+    _valid_tenants.add(tenant)  # type: ignore[arg-type]
+    return tenant  # type: ignore[return-value]
+
+
+class LimiterCore:
+    def __init__(
+        self,
+        quotas: QuotaProvider | None,
+        policy: FailurePolicy,
+        day_grace_seconds: int,
+    ) -> None:
+        self.quotas = quotas
+        self.policy = policy
+        self.encoder = CallEncoder(day_grace_seconds)
+        self.clock = ServerClock()
+        # Without a provider there is nothing to seed from: a lost day starts at 0 (no 2nd trip).
+        self.first_seed = b"0" if quotas is None else b""
+        self._rejected = {r: metrics.rate_limiter_rejections.labels(r) for r in REASONS}
+        self._consumed = metrics.token_bucket_consumed
+        self._daily_hits = metrics.daily_quota_hits
+        self._latency = metrics.rate_limiter_decision_seconds
+
+    def decision(
+        self, reply: Sequence[int], tenant: str, cost: int, quota: Quota, started: float
+    ) -> Decision:
+        """Decode an ALLOWED/REJECTED reply of acquire.lua and count it in the metrics."""
+        status, reason_code, tokens_milli, retry_ms, used, win_used, server_day, now_s = reply
+        self.clock.observe(now_s)
+        date, reset_at = utc_day(server_day)
+        allowed = status == ALLOWED
+        reason = REASONS[reason_code]
+        if allowed:
+            if cost:
+                self._consumed.inc(cost)
+        else:
+            self._rejected[reason].inc()
+            if reason == DAILY:
+                self._daily_hits.inc()
+        daily_limit = quota.daily_limit
+        window_limit = quota.window_limit
+        decision = Decision(
+            allowed,
+            quota.burst,
+            tokens_milli // 1000,
+            retry_ms / 1000,
+            daily_limit,
+            used,
+            daily_limit - used if used < daily_limit else 0,
+            reset_at,
+            reason,
+            tenant,
+            cost,
+            date,
+            False,
+            window_limit,
+            None if window_limit is None else max(0, window_limit - win_used),
+            quota,
+        )
+        self._latency.observe(time.perf_counter() - started)
+        return decision
+
+    def settlement(self, reply: Sequence[int], tenant: str, delta: int) -> Settlement:
+        used, tokens_milli, _win_used = reply
+        return Settlement(tenant, delta, None if used < 0 else used, tokens_milli // 1000)
+
+    def unsettled(self, tenant: str, delta: int) -> Settlement:
+        return Settlement(tenant, delta, None, 0, applied=False)
+
+
+def settle_inputs(
+    decision_or_reserved_cost: Decision | int, actual_cost: int
+) -> tuple[int, int | None]:
+    """(delta, epoch day or None for today) of a settle call; refuses what cannot be settled."""
+    check_cost(actual_cost, "actual_cost")
+    if isinstance(decision_or_reserved_cost, Decision):
+        d = decision_or_reserved_cost
+        if not d.allowed:
+            raise ValueError("a rejected decision reserved nothing: there is nothing to settle")
+        return actual_cost - d.cost, epoch_day(d.day)
+    reserved = check_cost(decision_or_reserved_cost, "reserved cost")
+    return actual_cost - reserved, None

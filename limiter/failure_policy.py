@@ -1,0 +1,110 @@
+"""What the limiter answers when Redis cannot: the failure policy.
+
+``fail_mode="open"`` (the default) allows, within the per-process :class:`LocalLimiter` ceiling;
+``"closed"`` denies. Either way the decision says ``degraded=True`` and ``reason`` tells why,
+``redis_down_events`` counts it, and a warning is logged (at most one per ``log_every`` seconds,
+so an outage does not flood the log). The :class:`CircuitBreaker` decides whether Redis is tried
+at all, so while it is open no call waits for a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Literal
+
+from redis import exceptions as rexc
+
+from limiter import metrics
+from limiter.breaker import BreakerState, CircuitBreaker
+from limiter.clock import utc_day
+from limiter.decision import LOCAL_CEILING, REDIS_DOWN, Decision
+from limiter.local_limiter import LocalLimiter
+from limiter.quota import Quota
+
+log = logging.getLogger("limiter")
+
+FailMode = Literal["open", "closed"]
+
+# Errors that mean "Redis is unavailable" (as opposed to a bug: those propagate).
+REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    rexc.ReadOnlyError,
+    rexc.MasterDownError,
+    rexc.ClusterError,
+    rexc.SlotNotCoveredError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def _log_breaker(old: BreakerState, new: BreakerState) -> None:
+    if new == "open":
+        log.warning("Redis unavailable: circuit breaker open (was %s)", old)
+    else:
+        log.warning("Redis reachable again: circuit breaker %s", new)
+
+
+class FailurePolicy:
+    def __init__(
+        self,
+        fail_mode: FailMode = "open",
+        *,
+        breaker: CircuitBreaker | None = None,
+        local_limiter: LocalLimiter | None = None,
+        log_every: float = 5.0,
+    ) -> None:
+        if fail_mode not in ("open", "closed"):
+            raise ValueError(f"fail_mode must be 'open' or 'closed', not {fail_mode!r}")
+        self.fail_mode = fail_mode
+        self.breaker = breaker or CircuitBreaker(on_change=_log_breaker)
+        self.local = local_limiter or LocalLimiter(100.0)
+        self._log_every = log_every
+        self._logged_at = -1e18
+
+    def redis_failed(self, exc: BaseException) -> None:
+        self.breaker.record_failure()
+        now = time.monotonic()
+        if now - self._logged_at >= self._log_every:
+            self._logged_at = now
+            log.warning(
+                "Redis call failed (%s: %s); deciding fail-%s",
+                type(exc).__name__,
+                exc,
+                self.fail_mode,
+            )
+
+    def decide(self, tenant: str, cost: int, quota: Quota, day: int) -> Decision:
+        """A decision without Redis."""
+        metrics.redis_down_events.inc()
+        date, reset_at = utc_day(day)
+        if self.fail_mode == "open":
+            allowed, tokens, retry = self.local.try_acquire(tenant, cost)
+            reason = REDIS_DOWN if allowed else LOCAL_CEILING
+        else:
+            allowed, tokens, retry = False, 0.0, max(self.breaker.retry_in(), 0.001)
+            reason = REDIS_DOWN
+        if not allowed:
+            metrics.rate_limiter_rejections.labels(reason).inc()
+        return Decision(
+            allowed=allowed,
+            limit=quota.burst,
+            remaining=int(tokens),
+            retry_after=retry,
+            daily_limit=quota.daily_limit,
+            daily_used=0,
+            daily_remaining=quota.daily_limit,
+            reset_at=reset_at,
+            reason=reason,
+            tenant=tenant,
+            cost=cost,
+            day=date,
+            degraded=True,
+            window_limit=quota.window_limit,
+            window_remaining=quota.window_limit,
+            quota=quota,
+        )

@@ -1,0 +1,54 @@
+"""A tenant's limits: token bucket, UTC-day quota and an optional rolling window.
+
+A :class:`Quota` is validated when it is made, so nonsense (a negative rate, a fractional burst,
+a window limit without a window length) never reaches a Redis script.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class InvalidQuota(ValueError):
+    """A quota value that no limiter can enforce; the message names the field."""
+
+
+def _whole(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidQuota(f"{name} must be an integer, not {value!r}")
+    if value < minimum:
+        raise InvalidQuota(f"{name} must be >= {minimum}, not {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """``rate_per_sec`` tokens refill per second up to ``burst``; at most ``daily_limit`` units
+    per UTC day; optionally at most ``window_limit`` units in any ``window_seconds`` span."""
+
+    rate_per_sec: float
+    burst: int
+    daily_limit: int
+    window_limit: int | None = None
+    window_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        rate = self.rate_per_sec
+        if isinstance(rate, bool) or not isinstance(rate, int | float):
+            raise InvalidQuota(f"rate_per_sec must be a number, not {rate!r}")
+        if not math.isfinite(rate) or rate <= 0:
+            raise InvalidQuota(f"rate_per_sec must be a finite number > 0, not {rate!r}")
+        _whole("burst", self.burst, 1)
+        _whole("daily_limit", self.daily_limit, 0)
+        if (self.window_limit is None) != (self.window_seconds is None):
+            raise InvalidQuota("window_limit and window_seconds must be given together")
+        if self.window_limit is not None:
+            _whole("window_limit", self.window_limit, 1)
+            _whole("window_seconds", self.window_seconds, 1)
+            if self.window_seconds > 31 * 86400:  # type: ignore[operator]
+                raise InvalidQuota("window_seconds must be at most 31 days")
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_limit is not None

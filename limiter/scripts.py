@@ -1,0 +1,136 @@
+"""The limiter's Lua scripts and how their calls are encoded.
+
+Each script is a ``.lua`` file beside this module, read once; its SHA1 is computed locally, so
+calls go out as ``EVALSHA`` from the first one. A server that does not know the script (after
+``SCRIPT FLUSH``, a restart or a failover) answers ``NOSCRIPT``; the limiter then loads it with
+``SCRIPT LOAD`` (on a Cluster, redis-py sends that to every primary) and sends the call again.
+
+Calls are encoded once per tenant and day (the keys) and once per quota (its numbers): the hot
+path only joins pre-encoded parts. Two forms exist: an argument tuple for redis-py's generic
+``execute_command``/pipelines (Cluster), and the packed RESP bytes for a direct connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from limiter.clock import utc_day
+from limiter.keys import tenant_keys
+from limiter.quota import Quota
+
+NUM_KEYS = 4
+DAY_GRACE_SECONDS = 3600  # a day counter outlives its UTC day by this much (late settles)
+_CACHE_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    name: str
+    source: bytes
+    sha: bytes
+
+    @classmethod
+    def from_package(cls, filename: str) -> LuaScript:
+        source = resources.files("limiter").joinpath(filename).read_bytes()
+        return cls(filename, source, hashlib.sha1(source).hexdigest().encode())  # noqa: S324
+
+
+ACQUIRE = LuaScript.from_package("acquire.lua")
+SETTLE = LuaScript.from_package("settle.lua")
+SCRIPTS = (ACQUIRE, SETTLE)
+
+# Reply statuses of acquire.lua.
+ALLOWED, REJECTED, WRONG_DAY, NEED_SEED = 1, 0, -1, -2
+
+
+def resp_bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def resp_command(parts: Sequence[bytes]) -> bytes:
+    """One command in the Redis protocol (RESP array of bulk strings)."""
+    return b"*%d\r\n" % len(parts) + b"".join(resp_bulk(p) for p in parts)
+
+
+def quota_args(quota: Quota) -> tuple[bytes, ...]:
+    return (
+        repr(float(quota.rate_per_sec)).encode(),
+        b"%d" % quota.burst,
+        b"%d" % quota.daily_limit,
+        b"%d" % (quota.window_limit or 0),
+        b"%d" % (quota.window_seconds or 0),
+    )
+
+
+_SMALL_INTS = tuple(b"%d" % i for i in range(1025))
+_SMALL_BULKS = tuple(resp_bulk(b) for b in _SMALL_INTS)
+
+
+class CallEncoder:
+    """Builds the script calls; caches keys per (tenant, day) and arguments per quota."""
+
+    def __init__(self, day_grace_seconds: int = DAY_GRACE_SECONDS) -> None:
+        self._grace = b"%d" % day_grace_seconds
+        self._grace_bulk = resp_bulk(self._grace)
+        self._keys: dict[str, tuple[int, tuple[bytes, ...], bytes]] = {}
+        self._quotas: dict[Quota, tuple[tuple[bytes, ...], bytes]] = {}
+
+    def keys(self, tenant: str, day: int) -> tuple[tuple[bytes, ...], bytes]:
+        """The script KEYS for ``tenant`` on epoch ``day``, and the packed EVALSHA head."""
+        entry = self._keys.get(tenant)
+        if entry is None or entry[0] != day:
+            if len(self._keys) >= _CACHE_MAX:
+                self._keys.clear()
+            keys = tenant_keys(tenant, utc_day(day)[0])
+            head = b"*%d\r\n" % (3 + NUM_KEYS + 8) + b"".join(
+                resp_bulk(p) for p in (b"EVALSHA", ACQUIRE.sha, b"%d" % NUM_KEYS, *keys)
+            )
+            entry = self._keys[tenant] = (day, keys, head)
+        return entry[1], entry[2]
+
+    def _quota(self, quota: Quota) -> tuple[tuple[bytes, ...], bytes]:
+        entry = self._quotas.get(quota)
+        if entry is None:
+            if len(self._quotas) >= _CACHE_MAX:
+                self._quotas.clear()
+            args = quota_args(quota)
+            entry = self._quotas[quota] = (args, b"".join(resp_bulk(a) for a in args))
+        return entry
+
+    def acquire_args(
+        self, tenant: str, day: int, cost: int, quota: Quota, seed: bytes
+    ) -> tuple[bytes | str | int, ...]:
+        """``execute_command`` arguments of one acquire.lua call (``seed`` b"" = none)."""
+        keys, _ = self.keys(tenant, day)
+        cost_b = _SMALL_INTS[cost] if cost <= 1024 else b"%d" % cost
+        return (
+            "EVALSHA",
+            ACQUIRE.sha,
+            NUM_KEYS,
+            *keys,
+            cost_b,
+            *self._quota(quota)[0],
+            seed,
+            self._grace,
+        )
+
+    def acquire_packed(self, tenant: str, day: int, cost: int, quota: Quota, seed: bytes) -> bytes:
+        """The same call as RESP bytes, ready for a connection."""
+        _, head = self.keys(tenant, day)
+        cost_bulk = _SMALL_BULKS[cost] if cost <= 1024 else resp_bulk(b"%d" % cost)
+        return b"".join((head, cost_bulk, self._quota(quota)[1], resp_bulk(seed), self._grace_bulk))
+
+    def settle_args(
+        self, tenant: str, day: int, delta: int, quota: Quota
+    ) -> tuple[bytes | str | int, ...]:
+        keys, _ = self.keys(tenant, day)
+        q = self._quota(quota)[0]
+        return ("EVALSHA", SETTLE.sha, NUM_KEYS, *keys, b"%d" % delta, q[0], q[1], q[3], q[4])
+
+
+def packed(args: Sequence[bytes | str | int]) -> bytes:
+    """RESP bytes of an ``execute_command`` argument tuple."""
+    return resp_command([a if isinstance(a, bytes) else str(a).encode() for a in args])

@@ -1,0 +1,189 @@
+"""The synchronous limiter: one atomic Lua call per decision.
+
+Against a single node or a Sentinel-managed master the call skips redis-py's generic command
+path: the EVALSHA is pre-encoded (see :mod:`limiter.scripts`), written on a pooled connection
+and its reply read back, which is most of what a decision costs in Python. Against a Cluster
+it goes through redis-py's ``execute_command``, which routes by the tenant's hash slot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+from limiter.breaker import CircuitBreaker
+from limiter.clock import utc_day
+from limiter.core import LimiterCore, NoQuota, check_cost, check_tenant, settle_inputs
+from limiter.decision import Decision, Settlement
+from limiter.failure_policy import REDIS_UNAVAILABLE, FailMode, FailurePolicy
+from limiter.local_limiter import LocalLimiter
+from limiter.quota import Quota
+from limiter.quota_provider import QuotaProvider
+from limiter.scripts import (
+    DAY_GRACE_SECONDS,
+    NEED_SEED,
+    SCRIPTS,
+)
+
+
+class RateLimiter:
+    """Per-tenant token bucket + UTC-day quota (+ optional rolling window) in Redis.
+
+    ``acquire`` is atomic per decision; a rejection changes nothing. When Redis is unavailable
+    the failure policy answers (``fail_mode``), with ``Decision.degraded`` set.
+    """
+
+    def __init__(
+        self,
+        redis_client: Any,
+        quotas: QuotaProvider | None = None,
+        *,
+        fail_mode: FailMode = "open",
+        breaker: CircuitBreaker | None = None,
+        local_limiter: LocalLimiter | None = None,
+        day_grace_seconds: int = DAY_GRACE_SECONDS,
+    ) -> None:
+        self.redis = redis_client
+        self.policy = FailurePolicy(fail_mode, breaker=breaker, local_limiter=local_limiter)
+        self._core = LimiterCore(quotas, self.policy, day_grace_seconds)
+        # A plain client (single node or Sentinel master) gets the direct connection path.
+        self._pool = redis_client.connection_pool if isinstance(redis_client, redis.Redis) else None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Any = None, quotas: QuotaProvider | None = None
+    ) -> RateLimiter:
+        """A limiter wired from :class:`metering.settings.Settings` (Redis, fail mode, breaker)."""
+        from limiter.redis_factory import redis_from_settings
+        from metering.settings import get_settings
+
+        s = settings or get_settings()
+        return cls(
+            redis_from_settings(s),
+            quotas,
+            fail_mode=s.rate_limit_fail_mode,
+            breaker=CircuitBreaker(s.rate_limit_breaker_failures, s.rate_limit_breaker_reset),
+            local_limiter=LocalLimiter(s.rate_limit_local_ceiling_per_sec),
+        )
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.policy.breaker
+
+    # --- public --------------------------------------------------------------------------------
+    def acquire(self, tenant: str, cost: int = 1, quota: Quota | None = None) -> Decision:
+        """Decide whether ``tenant`` may spend ``cost`` units now, and if so spend them."""
+        started = time.perf_counter()
+        core = self._core
+        check_tenant(tenant)
+        check_cost(cost)
+        if quota is None:
+            quota = self._quota(tenant)
+        policy = self.policy
+        if not policy.breaker.allow():
+            return policy.decide(tenant, cost, quota, core.clock.today())
+        try:
+            day = core.clock.today()
+            seed = core.first_seed
+            for _ in range(4):
+                if self._pool is not None:
+                    reply = self._call_packed(
+                        core.encoder.acquire_packed(tenant, day, cost, quota, seed)
+                    )
+                else:
+                    reply = self._call(core.encoder.acquire_args(tenant, day, cost, quota, seed))
+                status = reply[0]
+                if status >= 0:
+                    break
+                day = reply[6]
+                core.clock.observe(reply[7])
+                if status == NEED_SEED:
+                    seed = b"%d" % self._seed(tenant, day)
+                # WRONG_DAY: the loop goes again with the server's day.
+            else:
+                raise RuntimeError(f"acquire.lua kept answering status {status}")
+        except REDIS_UNAVAILABLE as exc:
+            policy.redis_failed(exc)
+            return policy.decide(tenant, cost, quota, core.clock.today())
+        policy.breaker.record_success()
+        return core.decision(reply, tenant, cost, quota, started)
+
+    def settle(
+        self,
+        tenant: str,
+        decision_or_reserved_cost: Decision | int,
+        actual_cost: int,
+        quota: Quota | None = None,
+    ) -> Settlement:
+        """Correct an allowed decision's cost to ``actual_cost``: the difference is added to (or
+        given back to) the day's counter and the bucket, atomically; no counter goes below 0.
+
+        Given a :class:`Decision`, the correction goes to the day it was counted in. A degraded
+        decision reserved nothing in Redis: nothing is settled (``applied=False``)."""
+        check_tenant(tenant)
+        delta, day = settle_inputs(decision_or_reserved_cost, actual_cost)
+        if isinstance(decision_or_reserved_cost, Decision):
+            if decision_or_reserved_cost.degraded:
+                return self._core.unsettled(tenant, delta)
+            quota = quota or decision_or_reserved_cost.quota
+        if quota is None:
+            quota = self._quota(tenant)
+        if not self.policy.breaker.allow():
+            return self._core.unsettled(tenant, delta)
+        if day is None:
+            day = self._core.clock.today()
+        try:
+            reply = self._call(self._core.encoder.settle_args(tenant, day, delta, quota))
+        except REDIS_UNAVAILABLE as exc:
+            self.policy.redis_failed(exc)
+            return self._core.unsettled(tenant, delta)
+        self.policy.breaker.record_success()
+        return self._core.settlement(reply, tenant, delta)
+
+    # --- internals -----------------------------------------------------------------------------
+    def _quota(self, tenant: str) -> Quota:
+        if self._core.quotas is None:
+            raise NoQuota(f"no quota given for tenant {tenant!r} and no quota provider set")
+        return self._core.quotas.get(tenant)
+
+    def _seed(self, tenant: str, day: int) -> int:
+        assert self._core.quotas is not None  # NEED_SEED is only asked for with a provider
+        return check_cost(self._core.quotas.daily_seed(tenant, utc_day(day)[0]), "daily seed")
+
+    def _load_scripts(self) -> None:
+        for script in SCRIPTS:
+            self.redis.script_load(script.source)
+
+    def _call(self, args: tuple[Any, ...]) -> Any:
+        try:
+            return self.redis.execute_command(*args)
+        except NoScriptError:
+            self._load_scripts()
+            return self.redis.execute_command(*args)
+
+    def _call_packed(self, command: bytes) -> Any:
+        try:
+            return self._roundtrip(command)
+        except NoScriptError:
+            self._load_scripts()
+            return self._roundtrip(command)
+
+    def _roundtrip(self, command: bytes) -> Any:
+        """Write one packed command on a pooled connection and read its reply. (The pool
+        replaces a connection the server closed before handing it out.)"""
+        pool = self._pool
+        assert pool is not None
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command((command,))
+            return conn.read_response()
+        except redis.exceptions.ResponseError:
+            raise  # a complete error reply: the connection is still in step
+        except BaseException:
+            conn.disconnect()  # never reuse a connection with a reply half read
+            raise
+        finally:
+            pool.release(conn)
