@@ -74,6 +74,7 @@ class UsageResult:
     query: UsageQuery
     rows: list[UsageRow]
     path: Path
+    tables: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         q, zone = self.query, zoneinfo.ZoneInfo(self.query.tz)
@@ -213,7 +214,7 @@ class UsageQueries:
                 rest = row[2:]
             group = dict(zip(q.group_by, rest[:ngroups], strict=True))
             out.append(UsageRow(start, end, _value(rest[ngroups], q.aggregation), group))
-        return UsageResult(q, out, sql.path)
+        return UsageResult(q, out, sql.path, sql.tables)
 
     # --- sliding windows ------------------------------------------------------------------------
 

@@ -1,71 +1,52 @@
-"""The ClickHouse schema the query tests run against.
-
-``metering.clickhouse.schema.migrate`` (STREAMS) is the schema of record; until it exists this
-module creates exactly the tables of the agreed contract (docs: helpers/interfaces.md), so the
-query layer is tested against the same names and types either way.
-"""
+"""Test data for the query tests: the real schema (``metering.clickhouse.schema.migrate``) and
+events inserted into ``usage_events`` (the materialized views fill the rollups from them)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-_ROLLUP_COLUMNS = """
-    tenant String,
-    meter LowCardinality(String),
-    billable UInt8,
-    bucket DateTime('UTC'),
-    quantity_sum SimpleAggregateFunction(sum, Float64),
-    event_count SimpleAggregateFunction(sum, UInt64),
-    quantity_max SimpleAggregateFunction(max, Float64),
-    quantity_uniq AggregateFunction(uniqExact, Float64),
-    quantity_latest AggregateFunction(argMax, Float64, DateTime64(3, 'UTC'))
-"""
-
-_ROLLUP_SELECT = """
-    SELECT tenant, meter, billable, {bucket} AS bucket,
-           sum(quantity) AS quantity_sum, count() AS event_count, max(quantity) AS quantity_max,
-           uniqExactState(quantity) AS quantity_uniq, argMaxState(quantity, time) AS quantity_latest
-    FROM {db}.usage_events GROUP BY tenant, meter, billable, bucket
-"""
-
-
-def _contract_ddl(db: str) -> list[str]:
-    stmts = [
-        f"""CREATE TABLE IF NOT EXISTS {db}.usage_events (
-            id String, type LowCardinality(String), source String, tenant String,
-            meter LowCardinality(String), decision LowCardinality(String), billable UInt8,
-            time DateTime64(3, 'UTC'), quantity Float64, dimensions Map(String, String),
-            kafka_topic LowCardinality(String), kafka_partition Int32, kafka_offset Int64,
-            inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)
-        ) ENGINE = MergeTree PARTITION BY toYYYYMMDD(time) ORDER BY (tenant, meter, time, id)"""
-    ]
-    rollups = {
-        "usage_minute": ("toStartOfMinute(time)", "(tenant, meter, billable, bucket)"),
-        "usage_hour": ("toStartOfHour(time)", "(tenant, meter, billable, bucket)"),
-        "usage_day": ("toStartOfDay(time)", "(tenant, meter, billable, bucket)"),
-        "usage_minute_by_time": ("toStartOfMinute(time)", "(bucket, meter, tenant, billable)"),
-    }
-    for table, (bucket, order) in rollups.items():
-        stmts.append(
-            f"CREATE TABLE IF NOT EXISTS {db}.{table} ({_ROLLUP_COLUMNS}) "
-            f"ENGINE = AggregatingMergeTree ORDER BY {order}"
-        )
-        stmts.append(
-            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_mv TO {db}.{table} AS "
-            + _ROLLUP_SELECT.format(bucket=bucket, db=db)
-        )
-    return stmts
+from metering.clickhouse.schema import migrate
 
 
 def create_schema(client: Any, db: str) -> None:
-    """Create the usage tables in ``db``: the real migration when it exists, else the contract."""
-    try:
-        from metering.clickhouse.schema import migrate  # type: ignore[import-not-found]
-    except ImportError:
-        for stmt in _contract_ddl(db):
-            client.command(stmt)
-        return
     migrate(client, db)
+
+
+@contextmanager
+def scratch_database(client: Any) -> Iterator[str]:
+    """A migrated database that lives for a ``with`` block (for module-scoped fixtures)."""
+    name = f"q_{uuid.uuid4().hex[:12]}"
+    client.command(f"CREATE DATABASE {name}")
+    try:
+        create_schema(client, name)
+        yield name
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {name}")
+
+
+def at(text: str) -> dt.datetime:
+    """An aware datetime from RFC 3339 text (``2026-03-29T01:00:00Z``)."""
+    return dt.datetime.fromisoformat(text)
+
+
+class RecordingClient:
+    """Passes everything to the real client and records the SQL of each query, so a test can
+    show that a refused request ran nothing."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.queries: list[str] = []
+
+    def query(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self.queries.append(sql)
+        return self._client.query(sql, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
 
 
 def insert_events(client: Any, db: str, events: list[dict[str, Any]]) -> None:
@@ -78,7 +59,7 @@ def insert_events(client: Any, db: str, events: list[dict[str, Any]]) -> None:
         decision = ev.get("decision", "")
         rows.append(
             [
-                ev.get("id", f"ev-{n}"),
+                ev.get("id") or uuid.uuid4().hex,
                 "metering.ratelimit" if decision else "metering.usage",
                 "urn:test",
                 ev["tenant"],
