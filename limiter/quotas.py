@@ -22,8 +22,9 @@ When Redis and the DB fail, the last known quota is served (stale) and counted i
 ``tenant_quota_stale_served``; retries run in the background at most once per
 ``retry_interval``. A tenant the DB does not know gets ``QUOTA_DEFAULT_PLAN``'s limits, or
 :class:`UnknownTenant` when ``QUOTA_UNKNOWN_TENANT=reject``. A tenant seen for the first time while
-both sources are down cannot be proven unknown, so it gets the default plan's limits (counted as
-stale) until a source answers. No other exception reaches the caller, except
+both sources are down cannot be proven known, so that same policy applies to it (the default plan,
+counted as stale, or :class:`UnknownTenant`) until a source answers; background retries replace
+the answer as soon as one does. No other exception reaches the caller, except
 :class:`metering.ids.InvalidIdentifier` for a malformed tenant id.
 """
 
@@ -276,9 +277,12 @@ class QuotaCache:
     def _fallback(self, tenant: str, previous: _Entry | None) -> _Entry:
         """Both sources failed: keep serving what we had, or the default plan for a newcomer."""
         now = time.monotonic()
-        if previous is None:
-            log.warning("quota of %s unavailable; serving plan %r", tenant, self.default_plan)
-            previous = _Entry(self.default_quota, 0, now, now)
+        if previous is None:  # cannot be proven known: the unknown-tenant policy applies
+            log.warning(
+                "quota of %s unavailable; treating it as unknown until a source answers", tenant
+            )
+            quota = self.default_quota if self.unknown_tenant == "default" else None
+            previous = _Entry(quota, 0, now, now)
             self._store_entry(tenant, previous)
         previous.failing = True
         previous.refresh_at = now + self.retry_interval

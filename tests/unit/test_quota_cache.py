@@ -143,17 +143,27 @@ def test_an_unknown_tenant_is_rejected_when_so_configured(store: MemoryStore) ->
     assert store.lookups == 1
 
 
-def test_a_new_tenant_while_the_db_is_down_gets_the_default_plan_until_it_answers(
+def test_a_tenant_first_seen_while_the_db_is_down_gets_the_unknown_policy_until_it_answers(
     store: MemoryStore,
 ) -> None:
-    cache = make_cache(store, unknown_tenant="reject", retry_interval=0.05)
+    lenient = make_cache(store, unknown_tenant="default", retry_interval=0.05)
+    strict = make_cache(store, unknown_tenant="reject", retry_interval=0.05)
     store.down = True
-    assert cache.get("acme").burst == plan_limits("free").burst  # no exception, no wait loop
+    assert lenient.get("acme").burst == plan_limits("free").burst
+    with pytest.raises(UnknownTenant):
+        strict.get("acme")
     store.down = False
     time.sleep(0.06)
-    cache.get("acme")
-    wait_for(lambda: cache.get("acme").burst == 20)
-    cache.close()
+    for cache in (lenient, strict):
+
+        def burst(cache: QuotaCache = cache) -> int | None:
+            try:
+                return cache.get("acme").burst  # also triggers the background retry
+            except UnknownTenant:
+                return None
+
+        wait_for(lambda burst=burst: burst() == 20)  # type: ignore[misc]
+        cache.close()
 
 
 def test_a_malformed_tenant_id_is_refused_before_any_lookup(store: MemoryStore) -> None:
