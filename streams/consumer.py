@@ -9,7 +9,8 @@ needs the seek to win on every assignment, so the sink owns its consumer (see
 Rebalances: processing a batch holds ``_lock``; the revoke callback takes the lock, so a batch
 in flight finishes (written, committed) before its partitions can move. The assign callback,
 under the same lock, asks the sink for the stored resume offsets and seeks; records fetched
-before an assignment are dropped (a generation counter) and fetched again from the new position.
+across an assignment are dropped (a generation counter) and the partitions re-sought to the next
+unprocessed offset, so they are fetched again.
 """
 
 from __future__ import annotations
@@ -116,8 +117,14 @@ class SinkConsumer:
             if out and deadline is None:
                 deadline = time.monotonic() + self.batch_within
             if generation != self._generation:
-                return generation, []
+                break  # the caller drops these and rewinds
         return generation, out
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition back to the next offset this sink has not processed."""
+        assert self.consumer is not None
+        for p in self._assigned:
+            self.consumer.seek(TopicPartition(self.topic, p), self._next[p])
 
     def _admit(self, records: list[Record]) -> list[Record]:
         """Keep records of assigned partitions, contiguous from each partition's next offset."""
@@ -194,11 +201,10 @@ class SinkConsumer:
         try:
             while not self._stopping.is_set():
                 generation, records = await self._take()
-                if not records:
-                    continue
                 async with self._lock:
                     if generation != self._generation:
-                        continue  # a rebalance happened: these are fetched again
+                        self._rewind()  # fetched across a rebalance: drop, read again
+                        continue
                     admitted = self._admit(records)
                     if not admitted:
                         continue

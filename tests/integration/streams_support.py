@@ -1,0 +1,92 @@
+"""Helpers for the streams tests: unique topics, producing events, waiting on consumer groups."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+from metering.events import encode_event, usage_event
+
+
+def unique_topics(bootstrap: str, partitions: int = 3) -> tuple[str, str]:
+    """A fresh usage topic and dead-letter topic for one test."""
+    base = f"st-{uuid.uuid4().hex[:10]}"
+    topic, dlq = f"{base}.events", f"{base}.dlq"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1), NewTopic(dlq, 1, 1)])
+    finally:
+        admin.close()
+    return topic, dlq
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        for key, value in messages:
+            producer.send(topic, key=key, value=value)
+        producer.flush(30)
+    finally:
+        producer.close()
+
+
+def event_message(
+    tenant: str, quantity: float, *, id: str | None = None, age_seconds: float = 0
+) -> tuple[bytes, bytes]:
+    t = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_seconds)
+    ev = usage_event(tenant, "requests", quantity, time=t, id=id)
+    return tenant.encode(), encode_event(ev)
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        out = {p: consumer.committed(TopicPartition(topic, p)) for p in parts}
+        return {p: off for p, off in out.items() if off is not None}
+    finally:
+        consumer.close(autocommit=False)
+
+
+def wait_until_committed(
+    bootstrap: str, group: str, topic: str, timeout: float, *, at_least: int | None = None
+) -> dict[int, int]:
+    """Wait until ``group`` committed the end of ``topic`` (or ``at_least`` messages in all)."""
+    ends = end_offsets(bootstrap, topic)
+    deadline = time.monotonic() + timeout
+    committed: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        committed = committed_offsets(bootstrap, group, topic)
+        if at_least is not None and sum(committed.values()) >= at_least:
+            return committed
+        if at_least is None and all(committed.get(p, 0) >= e for p, e in ends.items()):
+            return committed
+        time.sleep(0.3)
+    raise TimeoutError(f"group {group} committed {committed}, end offsets {ends}")
+
+
+def read_all(bootstrap: str, topic: str, timeout_ms: int = 3000) -> list:  # type: ignore[type-arg]
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms,
+    )
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
