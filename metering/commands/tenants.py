@@ -77,17 +77,8 @@ def _store(settings: Settings) -> QuotaStore:
 
 
 def _redis(settings: Settings) -> Any:
-    try:
-        from limiter.redis_factory import redis_from_settings
-    except ImportError:
-        import redis
+    from limiter.redis_factory import redis_from_settings
 
-        return redis.Redis.from_url(
-            settings.rate_limit_redis_url,
-            password=settings.rate_limit_redis_password,
-            socket_timeout=settings.rate_limit_redis_socket_timeout,
-            socket_connect_timeout=settings.rate_limit_redis_connect_timeout,
-        )
     return redis_from_settings(settings)
 
 

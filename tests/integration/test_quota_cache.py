@@ -1,0 +1,194 @@
+"""The quota lookup against real Redis and real quota DBs (SQLite and PostgreSQL).
+
+Layers in order (local, Redis ``tenant_quota_cache:<tenant>``, DB with write-back), the hit and
+miss counters per layer, changes applied by other processes within a second through pub/sub.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from limiter.quota_provider import UnknownTenant
+from limiter.quotas import INVALIDATION_CHANNEL, QuotaAdmin, QuotaCache, quota_cache_key
+from metering.quota_db import QuotaStore, migrate
+
+
+def counts() -> dict[str, float]:
+    out = {}
+    for kind in ("hits", "misses"):
+        for layer in ("local", "redis", "db"):
+            value = REGISTRY.get_sample_value(f"tenant_quota_cache_{kind}_total", {"layer": layer})
+            out[f"{kind}.{layer}"] = value or 0.0
+    return out
+
+
+def delta(before: dict[str, float]) -> dict[str, float]:
+    after = counts()
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(quota_db_url: str) -> Iterator[QuotaStore]:
+    migrate(quota_db_url)
+    s = QuotaStore(quota_db_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def cleanup(r: redis.Redis) -> Iterator[list[str]]:
+    tenants: list[str] = []
+    yield tenants
+    if tenants:
+        r.delete(*[quota_cache_key(t) for t in tenants])
+
+
+def test_a_lookup_tries_memory_then_redis_then_the_db_and_writes_back(
+    store: QuotaStore, r: redis.Redis, tenant: str, cleanup: list[str]
+) -> None:
+    cleanup.append(tenant)
+    store.set_quota(tenant, rate_per_sec=3.0, burst=6, daily_limit=600)  # DB only, no Redis entry
+    assert r.get(quota_cache_key(tenant)) is None
+    first = QuotaCache(store, r, redis_ttl=30)
+
+    before = counts()
+    assert first.get(tenant).burst == 6
+    assert delta(before) == {"misses.local": 1, "misses.redis": 1, "hits.db": 1}
+    cached = json.loads(r.get(quota_cache_key(tenant)))  # written back
+    assert (cached["burst"], cached["daily_limit"], cached["version"]) == (6, 600, 1)
+    assert 0 < r.ttl(quota_cache_key(tenant)) <= 30
+
+    second = QuotaCache(store, r)  # another process: its memory is empty, Redis answers
+    before = counts()
+    assert second.get(tenant).burst == 6
+    assert delta(before) == {"misses.local": 1, "hits.redis": 1}
+
+    before = counts()
+    assert first.get(tenant).burst == 6
+    assert second.get(tenant).burst == 6
+    assert delta(before) == {"hits.local": 2}
+
+
+def test_an_unknown_tenant_is_cached_as_unknown_in_redis_and_gets_the_policy(
+    store: QuotaStore, r: redis.Redis, tenant: str, cleanup: list[str]
+) -> None:
+    cleanup.append(tenant)
+    before = counts()
+    assert QuotaCache(store, r, default_plan="pro").get(tenant).burst == 100
+    assert delta(before) == {"misses.local": 1, "misses.redis": 1, "misses.db": 1}
+    assert json.loads(r.get(quota_cache_key(tenant))) == {"unknown": True}
+    strict = QuotaCache(store, r, unknown_tenant="reject")
+    before = counts()
+    with pytest.raises(UnknownTenant):
+        strict.get(tenant)  # answered by Redis: the DB is not asked again
+    assert delta(before) == {"misses.local": 1, "hits.redis": 1}
+
+
+def test_a_corrupt_redis_entry_is_ignored_and_the_db_answers(
+    store: QuotaStore, r: redis.Redis, tenant: str, cleanup: list[str]
+) -> None:
+    cleanup.append(tenant)
+    store.set_quota(tenant, plan="pro", burst=9)
+    r.set(quota_cache_key(tenant), b'{"burst": -1}', ex=30)
+    before = counts()
+    assert QuotaCache(store, r).get(tenant).burst == 9
+    assert delta(before) == {"misses.local": 1, "misses.redis": 1, "hits.db": 1}
+
+
+def test_a_change_replaces_the_redis_entry_and_reaches_listening_caches(
+    store: QuotaStore, r: redis.Redis, tenant: str, cleanup: list[str]
+) -> None:
+    cleanup.append(tenant)
+    admin = QuotaAdmin(store, r, redis_ttl=30)
+    admin.set_quota(tenant, plan="free")
+    cache = QuotaCache(store, r, local_ttl=3600).start()  # only an invalidation can change it
+    try:
+        assert cache.get(tenant).burst == 10
+        pubsub = r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(INVALIDATION_CHANNEL)
+        record = admin.set_quota(tenant, burst=77)
+        assert admin.last_published
+        assert json.loads(r.get(quota_cache_key(tenant)))["burst"] == 77  # replaced, not deleted
+        deadline = time.monotonic() + 5
+        while cache.get(tenant).burst != 77:
+            assert time.monotonic() < deadline, "the change never reached the cache"
+            time.sleep(0.001)
+        published = []  # what every other process received
+        while not published:
+            message = pubsub.get_message(timeout=1)  # None for the subscribe confirmation
+            assert time.monotonic() < deadline, "no invalidation was published"
+            if message and json.loads(message["data"])["tenant"] == tenant:
+                published.append(json.loads(message["data"]))
+        assert published[0]["quota"]["version"] == record.version == 2
+        assert published[0]["quota"]["burst"] == 77
+        pubsub.close()
+
+        admin.delete_tenant(tenant)  # a deleted tenant falls back to the unknown policy
+        deadline = time.monotonic() + 5
+        while cache.get(tenant).burst != 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        cache.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time, redis
+    from limiter.quotas import QuotaCache
+    from metering.quota_db import QuotaStore
+
+    db_url, redis_url, tenant = sys.argv[1:4]
+    cache = QuotaCache(QuotaStore(db_url), redis.Redis.from_url(redis_url), local_ttl=3600)
+    cache.start()
+    start = cache.get(tenant).burst
+    print("ready", start, flush=True)
+    deadline = time.time() + 10
+    while cache.get(tenant).burst == start and time.time() < deadline:
+        time.sleep(0.0005)
+    print("seen", time.time(), cache.get(tenant).burst, flush=True)
+    cache.close()
+    """
+)
+
+
+def test_a_change_in_one_process_is_applied_by_another_within_one_second(
+    quota_db_url: str, store: QuotaStore, redis_url: str, tenant: str, cleanup: list[str]
+) -> None:
+    cleanup.append(tenant)
+    admin = QuotaAdmin(store, redis.Redis.from_url(redis_url))
+    admin.set_quota(tenant, plan="pro")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, quota_db_url, redis_url, tenant],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().split() == ["ready", "100"]
+        changed_at = time.time()
+        admin.set_quota(tenant, burst=123)
+        seen, seen_at, burst = child.stdout.readline().split()
+        assert (seen, burst) == ("seen", "123")
+        applied_after = float(seen_at) - changed_at
+        print(f"change applied by the other process after {applied_after * 1000:.1f} ms")
+        assert applied_after < 1.0
+    finally:
+        child.wait(timeout=15)
+    assert child.returncode == 0
