@@ -56,11 +56,7 @@ DAY_SECONDS = 86_400
 
 
 class AsyncLimiter(Protocol):
-    async def acquire(self, tenant: str, cost: int = 1, quota: Any = None) -> Any: ...
-
-
-class AsyncQuotaLookup(Protocol):
-    async def aget(self, tenant: str) -> Any: ...
+    async def acquire(self, tenant: str, cost: int = 1) -> Any: ...
 
 
 class DecisionEmitter(Protocol):
@@ -99,8 +95,11 @@ def policy_states(
 ) -> list[PolicyState]:
     """The decision's policies: the token bucket (``burst``), the UTC day (``daily``) and, when
     the tenant has one, the rolling window (``window``). ``quota`` (the tenant's
-    :class:`limiter.Quota`, when known) gives the bucket's refill rate and the window's length."""
+    :class:`limiter.Quota`; default: the one the decision carries) gives the bucket's refill
+    rate and the window's length."""
     now = time.time() if now is None else now
+    if quota is None:
+        quota = getattr(decision, "quota", None)
     limit = _int(decision.limit)
     remaining = _int(decision.remaining)
     rate = getattr(quota, "rate_per_sec", None)
@@ -285,8 +284,7 @@ def tenant_from_scope(scope: Scope) -> str | None:
 class RateLimitMiddleware:
     """See the module docstring. ``limiter`` is an :class:`limiter.AsyncRateLimiter` (anything
     with ``async acquire(tenant, cost=..., quota=...)`` returning a decision); ``emitter``
-    anything with a non-blocking ``emit(event)``; ``quotas`` (optional) the quota provider, whose
-    answer is handed to the limiter and gives the headers the bucket's refill rate.
+    anything with a non-blocking ``emit(event)``.
 
     ``routes`` are path templates (``/v1/tenants/{tenant}/quota``) naming the ``route``
     dimension of decision events; ``costs`` / ``meters`` map ``"/path"`` or ``"METHOD /path"``
@@ -298,7 +296,6 @@ class RateLimitMiddleware:
         limiter: AsyncLimiter,
         *,
         emitter: DecisionEmitter | None = None,
-        quotas: AsyncQuotaLookup | None = None,
         routes: Iterable[str] = (),
         costs: Mapping[str, int] | None = None,
         meters: Mapping[str, str] | None = None,
@@ -312,7 +309,6 @@ class RateLimitMiddleware:
         self.app = app
         self.limiter = limiter
         self.emitter = emitter
-        self.quotas = quotas
         self.rules = build_route_rules(
             routes, costs, meters, default_cost=default_cost, default_meter=default_meter
         )
@@ -343,12 +339,7 @@ class RateLimitMiddleware:
             return
         route, cost, meter = self.route_for(scope["method"], scope["path"])
         try:
-            if self.quotas is None:
-                quota = None
-                decision = await self.limiter.acquire(tenant, cost=cost)
-            else:
-                quota = await self.quotas.aget(tenant)
-                decision = await self.limiter.acquire(tenant, cost=cost, quota=quota)
+            decision = await self.limiter.acquire(tenant, cost=cost)
         except LookupError as exc:  # limiter.quota_provider.UnknownTenant with reject policy
             await send_problem(send, 403, "Forbidden", f"unknown tenant: {exc}", "unknown-tenant")
             return
@@ -357,7 +348,7 @@ class RateLimitMiddleware:
         if self.shadow:
             await self.app(scope, receive, send)
             return
-        headers = ratelimit_headers(decision, now=self.clock(), quota=quota)
+        headers = ratelimit_headers(decision, now=self.clock())
         if not decision.allowed:
             retry = retry_after_seconds(decision)
             headers.append((b"retry-after", str(retry).encode()))

@@ -82,12 +82,17 @@ def _build_defaults(settings: Settings, given: dict[str, Any]) -> tuple[dict[str
             local=out["quotas"] if hasattr(out["quotas"], "apply_change") else None,
         )
     if out["limiter"] is None:
-        from limiter import AsyncRateLimiter
+        from limiter import AsyncRateLimiter, CircuitBreaker, LocalLimiter
 
-        out["limiter"] = AsyncRateLimiter.from_settings(
-            settings, redis=out["redis"], quotas=out["quotas"]
+        out["limiter"] = AsyncRateLimiter(
+            out["redis"],
+            out["quotas"],
+            fail_mode=settings.rate_limit_fail_mode,
+            breaker=CircuitBreaker(
+                settings.rate_limit_breaker_failures, settings.rate_limit_breaker_reset
+            ),
+            local_limiter=LocalLimiter(settings.rate_limit_local_ceiling_per_sec),
         )
-        built.append(out["limiter"])
     if out["emitter"] is None:
         from metering.emitter import Emitter
 
@@ -186,7 +191,6 @@ def create_app(
         RateLimitMiddleware,
         limiter=parts["limiter"],
         emitter=parts["emitter"] if settings.rate_limit_emit_decisions else None,
-        quotas=parts["quotas"],
         routes=templates,
         costs=settings.rate_limit_route_costs,
         meters=settings.rate_limit_route_meters,

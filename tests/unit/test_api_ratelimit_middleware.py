@@ -1,0 +1,246 @@
+"""RateLimitMiddleware's logic against a scripted limiter: which fields a decision turns into,
+when a request is answered 429/503, shadow mode, exemptions and per-route cost and meter.
+(The same behaviour against the real limiter and Redis: tests/integration/test_api_ratelimit.py.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from limiter.decision import Decision
+from limiter.middleware import (
+    RateLimitMiddleware,
+    build_route_rules,
+    ratelimit_headers,
+    retry_after_seconds,
+)
+from limiter.quota import Quota
+
+NOW = 1_800_000_000.0  # a fixed Unix time
+RESET_AT = dt.datetime.fromtimestamp(NOW + 3600, dt.UTC)  # the day ends in an hour
+QUOTA = Quota(rate_per_sec=5.0, burst=10, daily_limit=1000)
+
+
+def decision(**over: Any) -> Decision:
+    fields: dict[str, Any] = dict(
+        allowed=True,
+        limit=10,
+        remaining=7,
+        retry_after=0.0,
+        daily_limit=1000,
+        daily_used=10,
+        daily_remaining=990,
+        reset_at=RESET_AT,
+        reason="ok",
+        tenant="acme",
+        cost=1,
+        day=RESET_AT.date(),
+        quota=QUOTA,
+    )
+    fields.update(over)
+    return Decision(**fields)
+
+
+def test_allowed_decision_fields() -> None:
+    headers = dict(ratelimit_headers(decision(), now=NOW))
+    assert headers[b"ratelimit-policy"] == b'"burst";q=10;w=2, "daily";q=1000;w=86400'
+    # 3 tokens missing at 5/s: whole again in 1 s; the day resets in 3600 s.
+    assert headers[b"ratelimit"] == b'"burst";r=7;t=1, "daily";r=990;t=3600'
+    # The binding policy is the bucket (7 left < 990 left).
+    assert headers[b"x-ratelimit-limit"] == b"10"
+    assert headers[b"x-ratelimit-remaining"] == b"7"
+    assert headers[b"x-ratelimit-reset"] == str(int(NOW) + 1).encode()
+
+
+def test_daily_rejection_describes_the_day() -> None:
+    d = decision(
+        allowed=False,
+        reason="daily",
+        remaining=10,
+        daily_used=1000,
+        daily_remaining=0,
+        retry_after=3600.0,
+    )
+    headers = dict(ratelimit_headers(d, now=NOW, quota=QUOTA))
+    assert headers[b"x-ratelimit-limit"] == b"1000"
+    assert headers[b"x-ratelimit-remaining"] == b"0"
+    assert headers[b"x-ratelimit-reset"] == str(int(NOW) + 3600).encode()
+    assert retry_after_seconds(d) == 3600
+
+
+def test_window_policy_appears_when_the_tenant_has_one() -> None:
+    quota = Quota(rate_per_sec=5.0, burst=10, daily_limit=1000, window_limit=50, window_seconds=60)
+    d = decision(
+        quota=quota,
+        window_limit=50,
+        window_remaining=0,
+        allowed=False,
+        reason="window",
+        retry_after=12.2,
+    )
+    headers = dict(ratelimit_headers(d, now=NOW))
+    assert headers[b"ratelimit-policy"].endswith(b', "window";q=50;w=60')
+    assert headers[b"x-ratelimit-limit"] == b"50"
+    assert headers[b"x-ratelimit-remaining"] == b"0"
+    assert retry_after_seconds(d) == 13
+
+
+def test_retry_after_is_whole_seconds_at_least_one() -> None:
+    assert retry_after_seconds(decision(allowed=False, retry_after=0.01)) == 1
+    assert retry_after_seconds(decision(allowed=False, retry_after=1.2)) == 2
+
+
+def test_route_rules_refuse_nonsense_costs() -> None:
+    with pytest.raises(ValueError, match="integer >= 1"):
+        build_route_rules(costs={"/v1/x": 0})
+    with pytest.raises(ValueError, match="starting with '/'"):
+        build_route_rules(costs={"v1/x": 2})
+
+
+# --- the middleware against a scripted limiter -------------------------------------------------
+class ScriptedLimiter:
+    """Answers from a list of decisions and records what it was asked."""
+
+    def __init__(self, *decisions: Decision) -> None:
+        self.decisions = list(decisions)
+        self.calls: list[tuple[str, int]] = []
+
+    async def acquire(self, tenant: str, cost: int = 1, quota: Any = None) -> Decision:
+        self.calls.append((tenant, cost))
+        return self.decisions.pop(0)
+
+
+class ListEmitter:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def emit(self, event: Any) -> None:
+        self.events.append(event)
+
+
+async def ok(_: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+def tenant_from_token(app: Any, tenant: str | None) -> Any:
+    """Stands in for the auth layer: puts a verified tenant into the request state."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if tenant is not None and scope["type"] == "http":
+            scope.setdefault("state", {})["token_payload"] = {"sub": tenant}
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def client(mw: RateLimitMiddleware, tenant: str | None = "acme") -> httpx.AsyncClient:
+    app = tenant_from_token(mw, tenant)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def inner() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/v1/things/{id}", ok, methods=["GET", "POST"]),
+            Route("/healthz", ok),
+        ]
+    )
+
+
+async def test_rejection_is_429_problem_with_retry_after_and_fields() -> None:
+    limiter = ScriptedLimiter(
+        decision(allowed=False, reason="bucket", remaining=0, retry_after=0.4)
+    )
+    emitter = ListEmitter()
+    mw = RateLimitMiddleware(inner(), limiter, emitter=emitter, routes=["/v1/things/{id}"])
+    async with client(mw) as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 429
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["retry-after"] == "1"
+    assert r.headers["x-ratelimit-remaining"] == "0"
+    assert r.json()["status"] == 429
+    (event,) = emitter.events
+    assert event.data.decision == "rejected"
+    assert event.data.dimensions["route"] == "/v1/things/{id}"
+    assert event.data.meter == "requests"
+
+
+async def test_allowed_request_passes_with_fields_and_an_allowed_event() -> None:
+    emitter = ListEmitter()
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter(decision()), emitter=emitter)
+    async with client(mw) as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 200
+    assert r.text == "ok"
+    assert r.headers["ratelimit"].startswith('"burst";r=7')
+    assert [e.data.decision for e in emitter.events] == ["allowed"]
+
+
+async def test_redis_down_with_fail_closed_is_503() -> None:
+    limiter = ScriptedLimiter(
+        decision(allowed=False, reason="redis_down", degraded=True, retry_after=1.0)
+    )
+    async with client(RateLimitMiddleware(inner(), limiter)) as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+
+
+async def test_shadow_mode_never_blocks_but_emits_the_rejection() -> None:
+    limiter = ScriptedLimiter(*[decision(allowed=False, reason="bucket", remaining=0)] * 3)
+    emitter = ListEmitter()
+    mw = RateLimitMiddleware(inner(), limiter, emitter=emitter, shadow=True)
+    async with client(mw) as c:
+        statuses = [(await c.get("/v1/things/1")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert len(limiter.calls) == 3
+    assert [e.data.decision for e in emitter.events] == ["rejected"] * 3
+    assert all(e.data.dimensions["shadow"] == "true" for e in emitter.events)
+
+
+async def test_exempt_paths_and_anonymous_requests_never_reach_the_limiter() -> None:
+    limiter = ScriptedLimiter()
+    mw = RateLimitMiddleware(inner(), limiter)
+    async with client(mw) as c:
+        assert (await c.get("/healthz")).status_code == 200
+    async with client(mw, tenant=None) as c:
+        assert (await c.get("/v1/things/1")).status_code == 200
+    assert limiter.calls == []
+
+
+async def test_route_cost_and_meter_follow_the_configuration() -> None:
+    limiter = ScriptedLimiter(decision(), decision())
+    emitter = ListEmitter()
+    mw = RateLimitMiddleware(
+        inner(),
+        limiter,
+        emitter=emitter,
+        costs={"POST /v1/things/{id}": 5},
+        meters={"/v1/things/{id}": "things"},
+    )
+    async with client(mw) as c:
+        await c.post("/v1/things/9")
+        await c.get("/v1/things/9")
+    assert limiter.calls == [("acme", 5), ("acme", 1)]
+    assert [(e.data.meter, e.data.quantity) for e in emitter.events] == [
+        ("things", 5.0),
+        ("things", 1.0),
+    ]
+
+
+async def test_an_invalid_tenant_is_400_never_a_key() -> None:
+    limiter = ScriptedLimiter()
+    async with client(RateLimitMiddleware(inner(), limiter), tenant="a{b}") as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 400
+    assert limiter.calls == []
