@@ -1,0 +1,590 @@
+"""The usage-event emitter: ``emit(event)`` never blocks, and nothing emitted is lost silently.
+
+How an event travels::
+
+    emit() ─► bounded in-memory handoff queue ─► sender thread ─┬─► KafkaProducer (key = tenant)
+                                                                └─► Spool (disk) ─► replayer thread
+                                                                                    ─► KafkaProducer
+
+- ``emit`` only appends to a bounded deque (a few µs; safe from any thread and from an event loop,
+  nothing to await). A full queue drops the event, counted and logged.
+- The sender thread owns the producer while the emitter is ``DIRECT``. When Kafka looks
+  unreachable (a send fails, a delivery fails, or nothing is acknowledged for ``down_after``
+  seconds) or the queue backs up past half its size, the emitter turns ``SPOOLING``: every
+  event not yet acknowledged is appended to the spool, in emit order, followed by everything
+  emitted later.
+- The replayer thread sends the spool, oldest first, with its own producer, and removes a batch
+  only after Kafka acknowledged all of it. When the spool is empty (checked under the same lock
+  the sender holds while appending) the emitter turns ``DIRECT`` again and the replayer's
+  producer goes to the sender. So per tenant, events reach Kafka in emit order: nothing is sent
+  directly while anything older waits on disk.
+- A start is ``SPOOLING`` too: the replayer first sends what an earlier run left in the spool.
+- A record may be delivered twice (an acknowledgement lost in the outage, a crash between
+  delivery and spool commit); it carries the same event id, which is how the pipeline drops it.
+- ``close(timeout)`` sends what it can in ``timeout`` and spools the rest; the spool is durable.
+
+Tests: ``tests/integration/test_emitter*.py`` (round trip, outage with a process restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import contextlib
+import enum
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
+from prometheus_client import Counter, Gauge, Histogram
+
+from metering.events import EventDecodeError, UsageEvent, encode_event
+from metering.settings import Settings, get_settings, load_settings
+from metering.spool import Record, Spool, SpoolBatch, SpoolLocked
+
+log = logging.getLogger(__name__)
+
+# --- metrics (prometheus-client default registry; counters exported with ``_total``) -----------
+EVENTS_EMITTED = Counter("metering_events_emitted", "Events accepted by Emitter.emit()")
+EVENTS_DELIVERED = Counter(
+    "metering_events_delivered", "Emitted events acknowledged by Kafka (directly or replayed)"
+)
+EVENTS_SPOOLED = Counter("metering_events_spooled", "Events written to the on-disk spool")
+EVENTS_REPLAYED = Counter(
+    "metering_events_replayed", "Spooled events sent to Kafka and acknowledged"
+)
+EVENTS_DROPPED = Counter(
+    "metering_events_dropped",
+    "Events lost: queue_full, spool_full, closed, refused (by Kafka), invalid",
+    ["reason"],
+)
+PRODUCER_ERRORS = Counter(
+    "metering_emitter_producer_errors", "Kafka producer errors seen by the emitter", ["error"]
+)
+EMIT_SECONDS = Histogram(
+    "metering_emit_seconds",
+    "Time Emitter.emit() takes the caller",
+    buckets=(1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2),
+)
+SPOOL_BYTES = Gauge("metering_emitter_spool_bytes", "Bytes waiting in the emitter's spool")
+SPOOL_EVENTS = Gauge("metering_emitter_spool_events", "Events waiting in the emitter's spool")
+QUEUE_EVENTS = Gauge("metering_emitter_queue_events", "Events waiting in the handoff queue")
+KAFKA_DIRECT = Gauge(
+    "metering_emitter_direct", "1 while events go straight to Kafka, 0 while they are spooled"
+)
+
+
+class EmitterMode(enum.Enum):
+    DIRECT = "direct"
+    SPOOLING = "spooling"
+
+
+class _Unacked:
+    """A record handed to the producer and not yet known to be acknowledged."""
+
+    __slots__ = ("future", "key", "sent_at", "value")
+
+    def __init__(self, key: bytes, value: bytes, future: Any, sent_at: float) -> None:
+        self.key, self.value, self.future, self.sent_at = key, value, future, sent_at
+
+
+class _DropLog:
+    """Logs drops at most once per ``every`` seconds per reason, with the count since."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._count: collections.Counter[str] = collections.Counter()
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        EVENTS_DROPPED.labels(reason).inc(n)
+        self._count[reason] += n
+        now = time.monotonic()
+        if now - self._last.get(reason, -self.every) >= self.every:
+            log.error(
+                "usage events dropped (%s): %d since last report", reason, self._count[reason]
+            )
+            self._last[reason] = now
+            self._count[reason] = 0
+
+
+def default_compression() -> str:
+    """lz4 when the codec is installed (a dependency of the project), else gzip."""
+    try:
+        import lz4.frame  # noqa: F401
+
+        return "lz4"
+    except ImportError:  # pragma: no cover - lz4 is a declared dependency
+        return "gzip"
+
+
+# Errors about the record itself: resending it can never succeed, so it is dropped (counted).
+# Every other error (unreachable, timeouts, leader moves, authorisation, a closed producer) may
+# pass, so the record is kept in the spool and retried.
+_RECORD_REFUSED = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordError,
+    InvalidRecordError,
+)
+
+
+def _is_retriable(exc: BaseException | None) -> bool:
+    return not isinstance(exc, _RECORD_REFUSED)
+
+
+def _close_producer_now(producer: KafkaProducer | None) -> None:
+    """Abandon a producer: abort what it still holds, without waiting on Kafka.
+
+    kafka-python's ``close(timeout=0)`` first flushes and raises when that times out, so the
+    I/O thread is force-closed first (its pending batches then fail at once)."""
+    if producer is None:
+        return
+    sender = getattr(producer, "_sender", None)
+    with contextlib.suppress(Exception):
+        if sender is not None:
+            sender.force_close()
+            sender.join(2.0)
+    with contextlib.suppress(Exception):
+        producer.close(timeout=0)
+
+
+def _spool_slot(root: Path, max_bytes: int, fsync: bool) -> Spool:
+    """The first spool slot under ``root`` no other live process holds (``root/0``, ``root/1``,
+    ...), so several processes sharing a data dir each get one, and a restarted process takes
+    over (and replays) what a dead one left."""
+    for slot in range(64):
+        try:
+            return Spool(root / str(slot), max_bytes=max_bytes, fsync=fsync)
+        except SpoolLocked:
+            continue
+    raise SpoolLocked(f"all 64 spool slots under {root} are in use")
+
+
+class Emitter:
+    """Sends usage events to Kafka without blocking the caller; spools to disk when it must.
+
+    ``Emitter(settings)`` or ``Emitter("host:9092")``; ``emit(event)``; ``flush(timeout)``;
+    ``close(timeout)`` (also on interpreter exit). Usable from threads and event loops alike:
+    ``emit`` never awaits or blocks; ``aflush``/``aclose`` run the waiting parts in a thread.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | str | None = None,
+        *,
+        topic: str | None = None,
+        spool_dir: Path | str | None = None,
+        spool_max_bytes: int | None = None,
+        spool_fsync: bool = True,
+        max_queue: int = 100_000,
+        max_unacked: int = 20_000,
+        linger_ms: int = 5,
+        compression: str | None = None,
+        down_after: float = 5.0,
+        replay_batch: int = 5000,
+        retry_backoff: tuple[float, float] = (0.2, 2.0),
+        client_id: str = "metering-emitter",
+        producer_config: dict[str, Any] | None = None,
+    ) -> None:
+        if isinstance(settings, str):
+            settings = load_settings(kafka_bootstrap_servers=settings)
+        self.settings = settings or get_settings()
+        self.topic = topic or self.settings.usage_events_topic
+        if max_queue < 2:
+            raise ValueError("max_queue must be at least 2")
+        self.max_queue = max_queue
+        self.max_unacked = max_unacked
+        self.down_after = down_after
+        self.replay_batch = replay_batch
+        self.retry_backoff = retry_backoff
+        self._producer_config: dict[str, Any] = {
+            "bootstrap_servers": self.settings.kafka_bootstrap_servers.split(","),
+            "client_id": client_id,
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": linger_ms,
+            "compression_type": compression or default_compression(),
+            "batch_size": 64 * 1024,
+            "metrics_enabled": False,
+            "max_block_ms": 2000,
+            "request_timeout_ms": 10_000,
+            "retry_backoff_ms": 100,
+            "bootstrap_timeout_ms": 3000,
+            **(producer_config or {}),
+        }
+        root = Path(spool_dir) if spool_dir else self.settings.metering_data_dir / "spool"
+        self.spool = _spool_slot(
+            root, spool_max_bytes or self.settings.emitter_spool_max_bytes, spool_fsync
+        )
+
+        self._queue: collections.deque[tuple[UsageEvent, float]] = collections.deque()
+        self._mode = EmitterMode.SPOOLING  # the replayer decides when Kafka takes events directly
+        self._mode_lock = threading.Lock()  # held while appending to the spool or leaving SPOOLING
+        self._producer: KafkaProducer | None = None  # the sender's, while DIRECT
+        self._handover: KafkaProducer | None = None  # the sender's, passed on to the replayer
+        self._unacked: collections.deque[_Unacked] = collections.deque()
+        self._sender_busy = False
+        self._sender_idle = False
+        self._wake_sender = threading.Event()
+        self._wake_replayer = threading.Event()
+        self._closing = False
+        self._stop_sender = False
+        self._stop_replayer = False
+        self._close_deadline = float("inf")
+        # None: not known yet; False: the last attempt failed (close() does not wait on Kafka)
+        self._kafka_reachable: bool | None = None
+        self._drops = _DropLog()
+        self._update_spool_gauges()
+        KAFKA_DIRECT.set(0)
+
+        self._sender = threading.Thread(target=self._send_loop, name="emitter-sender", daemon=True)
+        self._replayer = threading.Thread(
+            target=self._replay_loop, name="emitter-replayer", daemon=True
+        )
+        self._sender.start()
+        self._replayer.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (e := ref()) is not None and e.close(timeout=5.0)
+        atexit.register(self._atexit)
+
+    # --- the caller's side ---------------------------------------------------------------------
+    def emit(self, event: UsageEvent) -> None:
+        """Hand ``event`` over for delivery and return at once (never waits on Kafka or disk)."""
+        started = time.perf_counter()
+        if type(event) is not UsageEvent and not isinstance(event, UsageEvent):
+            raise TypeError(f"emit() takes a UsageEvent, not {type(event).__name__}")
+        if self._closing:
+            self._drops.drop("closed")
+            return
+        if len(self._queue) >= self.max_queue:
+            self._drops.drop("queue_full")
+            return
+        self._queue.append((event, started))
+        if self._sender_idle:
+            self._wake_sender.set()
+        EMIT_SECONDS.observe(time.perf_counter() - started)
+
+    @property
+    def mode(self) -> EmitterMode:
+        return self._mode
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event emitted so far is acknowledged by Kafka or durably spooled.
+
+        Returns False if that did not happen within ``timeout`` seconds."""
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self._queue or self._sender_busy or self._unacked:
+            if time.monotonic() >= deadline:
+                return False
+            self._wake_sender.set()
+            time.sleep(0.002)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting events; deliver what can be delivered within ``timeout`` seconds
+        (including what waits in the spool); spool the rest. Idempotent."""
+        if self._stop_sender:
+            return
+        with contextlib.suppress(Exception):
+            atexit.unregister(self._atexit)
+        deadline = time.monotonic() + timeout
+        self._close_deadline = deadline
+        self._closing = True
+        # Give the replayer the time left to empty the spool while Kafka answers.
+        while time.monotonic() < deadline - 0.05:
+            idle = not (self._queue or self._sender_busy)
+            if idle and (self._mode is EmitterMode.DIRECT or self._kafka_reachable is False):
+                break
+            self._wake_sender.set()
+            time.sleep(0.005)
+        self._stop_replayer = True
+        self._wake_replayer.set()
+        self._replayer.join(max(0.0, deadline - time.monotonic()) + 5.0)
+        self._stop_sender = True
+        self._wake_sender.set()
+        self._sender.join(max(0.0, deadline - time.monotonic()) + 5.0)
+        self._update_spool_gauges()
+        self.spool.close()
+        if self.spool.pending_events:
+            log.warning(
+                "emitter closed with %d events in the spool %s; they are sent on the next start",
+                self.spool.pending_events,
+                self.spool.directory,
+            )
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        return await asyncio.to_thread(self.flush, timeout)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        await asyncio.to_thread(self.close, timeout)
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Emitter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- the sender thread ---------------------------------------------------------------------
+    def _new_producer(self) -> KafkaProducer:
+        return KafkaProducer(**self._producer_config)
+
+    def _send_loop(self) -> None:
+        while True:
+            self._sender_busy = True
+            batch = self._take(2000)
+            try:
+                if batch:
+                    self._dispatch(batch)
+                self._sweep()
+            except Exception:  # never let the thread die: spool what it held
+                log.exception("emitter sender failed; spooling")
+                self._to_spool("sender error", [], abort=True)
+            finally:
+                self._sender_busy = False
+            QUEUE_EVENTS.set(len(self._queue))
+            if batch:
+                continue
+            if self._stop_sender:
+                self._finish()
+                return
+            self._sender_idle = True
+            if not self._queue:
+                self._wake_sender.wait(0.05)
+            self._wake_sender.clear()
+            self._sender_idle = False
+
+    def _take(self, n: int) -> list[tuple[UsageEvent, float]]:
+        q = self._queue
+        out = []
+        with contextlib.suppress(IndexError):
+            for _ in range(n):
+                out.append(q.popleft())
+        return out
+
+    def _encode(self, batch: Iterable[tuple[UsageEvent, float]]) -> list[Record]:
+        records = []
+        for event, _ in batch:
+            try:
+                records.append((event.subject.encode(), encode_event(event)))
+            except EventDecodeError as exc:
+                log.error("usage event %s not sent: %s", event.id, exc)
+                self._drops.drop("invalid")
+        EVENTS_EMITTED.inc(len(records))
+        return records
+
+    def _dispatch(self, batch: list[tuple[UsageEvent, float]]) -> None:
+        records = self._encode(batch)
+        if len(self._unacked) + len(records) > self.max_unacked:
+            self._sweep()  # may leave DIRECT
+        # Only the replayer leaves SPOOLING (under the lock), so a False here means DIRECT.
+        if self._mode is EmitterMode.SPOOLING and self._dispatch_spooled(records):
+            return
+        # kafka-python's accumulator has no memory bound: cap what waits on Kafka, and let the
+        # disk take a backlog rather than RAM.
+        if len(self._queue) > self.max_queue // 2:
+            self._to_spool("the handoff queue is backing up", records, abort=False)
+            return
+        if len(self._unacked) + len(records) > self.max_unacked:
+            self._to_spool("Kafka is not keeping up", records, abort=False)
+            return
+        producer = self._producer
+        assert producer is not None
+        sent_at = time.monotonic()
+        send = producer.send
+        topic = self.topic
+        unacked = self._unacked
+        for i, (key, value) in enumerate(records):
+            try:
+                future = send(topic, value=value, key=key)
+            except Exception as exc:
+                PRODUCER_ERRORS.labels(type(exc).__name__).inc()
+                if not _is_retriable(exc):
+                    log.error("Kafka refused a usage event: %s", exc)
+                    self._drops.drop("refused")
+                    continue
+                self._to_spool(f"send failed: {exc!r}", records[i:], abort=True)
+                return
+            unacked.append(_Unacked(key, value, future, sent_at))
+
+    def _dispatch_spooled(self, records: list[Record]) -> bool:
+        """Append to the spool if (still) SPOOLING; False if the replayer just left it."""
+        with self._mode_lock:
+            if self._mode is EmitterMode.SPOOLING:
+                self._append_to_spool(records)
+                return True
+        return False
+
+    def _sweep(self) -> None:
+        """Retire acknowledged records (oldest first); turn to the spool when Kafka fails."""
+        unacked = self._unacked
+        delivered = 0
+        while unacked and unacked[0].future.is_done:
+            rec = unacked[0]
+            if rec.future.succeeded():
+                unacked.popleft()
+                delivered += 1
+                continue
+            exc = rec.future.exception
+            PRODUCER_ERRORS.labels(type(exc).__name__).inc()
+            if _is_retriable(exc):
+                EVENTS_DELIVERED.inc(delivered)
+                self._to_spool(f"delivery failed: {exc!r}", [], abort=True)
+                return
+            unacked.popleft()
+            log.error("Kafka refused a usage event: %s", exc)
+            self._drops.drop("refused")
+        EVENTS_DELIVERED.inc(delivered)
+        if unacked and time.monotonic() - unacked[0].sent_at > self.down_after:
+            self._to_spool(f"no acknowledgement for {self.down_after:g}s", [], abort=True)
+
+    def _to_spool(self, why: str, rest: list[Record], *, abort: bool) -> None:
+        """Leave DIRECT: spool every unacknowledged record, in order, then ``rest``."""
+        producer, self._producer = self._producer, None
+        if not abort and producer is not None:
+            with contextlib.suppress(Exception):
+                producer.flush(timeout=1.0)
+            abort = any(not (u.future.is_done and u.future.succeeded()) for u in self._unacked)
+        if abort:
+            _close_producer_now(producer)
+        else:
+            self._handover = producer  # all acknowledged: the replayer goes on with it
+        leftovers: list[Record] = []
+        delivered = 0
+        for u in self._unacked:
+            if u.future.is_done and u.future.succeeded():
+                delivered += 1
+            else:
+                leftovers.append((u.key, u.value))
+        self._unacked.clear()
+        EVENTS_DELIVERED.inc(delivered)
+        with self._mode_lock:
+            if self._mode is EmitterMode.DIRECT:
+                log.warning("emitter spooling to %s: %s", self.spool.directory, why)
+            self._mode = EmitterMode.SPOOLING
+            KAFKA_DIRECT.set(0)
+            self._append_to_spool(leftovers + rest)
+        self._kafka_reachable = None if not abort else False
+        self._wake_replayer.set()
+
+    def _append_to_spool(self, records: list[Record]) -> None:
+        """Caller holds ``_mode_lock``."""
+        if not records:
+            return
+        accepted = self.spool.append(records)
+        EVENTS_SPOOLED.inc(accepted)
+        if accepted < len(records):
+            self._drops.drop("spool_full", len(records) - accepted)
+        self._update_spool_gauges()
+
+    def _finish(self) -> None:
+        """On close: deliver in the time left, else spool."""
+        if self._mode is EmitterMode.DIRECT and self._producer is not None:
+            left = max(0.0, self._close_deadline - time.monotonic())
+            with contextlib.suppress(Exception):
+                self._producer.flush(timeout=left)
+            self._sweep()
+            if self._unacked:
+                self._to_spool("closing with unacknowledged events", [], abort=True)
+            else:
+                with contextlib.suppress(Exception):
+                    self._producer.close(timeout=0)
+                self._producer = None
+        _close_producer_now(self._handover)
+
+    # --- the replayer thread -------------------------------------------------------------------
+    def _replay_loop(self) -> None:
+        backoff = self.retry_backoff[0]
+        producer: KafkaProducer | None = None
+        while not self._stop_replayer:
+            if self._mode is EmitterMode.DIRECT:
+                self._wake_replayer.wait(0.5)
+                self._wake_replayer.clear()
+                continue
+            try:
+                producer = producer or self._handover or self._new_producer()
+                self._handover = None
+                if self._replay_once(producer):
+                    producer = None  # handed to the sender
+                backoff = self.retry_backoff[0]
+            except Exception as exc:
+                PRODUCER_ERRORS.labels(type(exc).__name__).inc()
+                if self._kafka_reachable or backoff == self.retry_backoff[0]:
+                    log.warning("emitter cannot reach Kafka (%r); retrying", exc)
+                self._kafka_reachable = False
+                _close_producer_now(producer)
+                producer = None
+                self._wake_replayer.wait(backoff)
+                self._wake_replayer.clear()
+                backoff = min(backoff * 2, self.retry_backoff[1])
+        _close_producer_now(producer)
+
+    def _replay_once(self, producer: KafkaProducer) -> bool:
+        """Send one spool batch; return True when the spool was empty and DIRECT resumed."""
+        batch: SpoolBatch = self.spool.read(max_records=self.replay_batch)
+        if not batch.records:
+            with self._mode_lock:
+                if self.spool.pending_events == 0:
+                    self._producer = producer
+                    self._mode = EmitterMode.DIRECT
+                    KAFKA_DIRECT.set(1)
+                    self._kafka_reachable = True
+                    log.info("emitter sending directly to Kafka topic %s", self.topic)
+                    return True
+            return False
+        futures = []
+        refused = 0
+        for key, value in batch.records:
+            try:
+                futures.append(producer.send(self.topic, value=value, key=key))
+            except _RECORD_REFUSED as exc:
+                log.error("Kafka refused a spooled usage event: %s", exc)
+                refused += 1
+        left = self._close_deadline - time.monotonic()
+        producer.flush(timeout=max(0.1, min(30.0, left)))
+        for future in futures:
+            if not future.succeeded():
+                raise future.exception or KafkaError("replay not acknowledged")
+        self.spool.commit(batch)
+        if refused:
+            self._drops.drop("refused", refused)
+        EVENTS_REPLAYED.inc(len(futures))
+        EVENTS_DELIVERED.inc(len(futures))
+        self._kafka_reachable = True
+        self._update_spool_gauges()
+        return False
+
+    def _update_spool_gauges(self) -> None:
+        SPOOL_BYTES.set(self.spool.pending_bytes)
+        SPOOL_EVENTS.set(self.spool.pending_events)
+
+
+__all__ = [
+    "EVENTS_DELIVERED",
+    "EVENTS_DROPPED",
+    "EVENTS_EMITTED",
+    "EVENTS_REPLAYED",
+    "EVENTS_SPOOLED",
+    "Emitter",
+    "EmitterMode",
+    "default_compression",
+]

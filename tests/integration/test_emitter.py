@@ -1,0 +1,206 @@
+"""The emitter against a real Kafka: what is emitted is consumed unchanged, keyed by tenant, in
+per-tenant order; with Kafka unreachable it spools, and a later emitter replays the spool."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer
+from prometheus_client import REGISTRY
+
+from metering.emitter import Emitter, EmitterMode
+from metering.events import UsageEvent, decision_event, decode_event, usage_event
+from metering.spool import Spool
+from metering.topics import TopicSpec, ensure_topics
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str) -> str:
+    name = f"test.emitter.{uuid.uuid4().hex[:10]}"
+    ensure_topics(kafka_bootstrap, [TopicSpec(name, partitions=3, retention_ms=3_600_000)])
+    return name
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=2000,
+    )
+    out: list = []
+    try:
+        for _ in range(int(timeout_s / 2)):
+            out.extend(consumer)
+            if len(out) >= expected:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def dead_address() -> str:
+    """A loopback address where nothing listens (Kafka 'unreachable')."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def emitters() -> Iterator[list[Emitter]]:
+    made: list[Emitter] = []
+    yield made
+    for em in made:
+        em.close(timeout=5)
+
+
+def test_emitted_events_are_consumed_unchanged_with_the_tenant_as_key(
+    kafka_bootstrap: str, topic: str, tmp_path: Path, emitters: list[Emitter]
+) -> None:
+    em = Emitter(kafka_bootstrap, topic=topic, spool_dir=tmp_path)
+    emitters.append(em)
+    sent: list[UsageEvent] = []
+    for i in range(300):
+        tenant = f"acme-{i % 4}"
+        if i % 3:
+            ev = usage_event(tenant, "api.calls", i * 0.5, {"seq": str(i), "region": "eu"})
+        else:
+            ev = decision_event(tenant, i % 2 == 0, cost=2, route="/v1/search")
+        em.emit(ev)
+        sent.append(ev)
+    em.close(timeout=20)
+    assert em.spool.pending_events == 0
+
+    messages = consume(kafka_bootstrap, topic, expected=len(sent))
+    assert len(messages) == 300
+    received = {}
+    for m in messages:
+        ev = decode_event(m.value)
+        assert m.key == ev.subject.encode()
+        received[ev.id] = ev
+    assert received == {ev.id: ev for ev in sent}
+
+
+def test_one_tenants_events_arrive_in_emit_order_on_one_partition(
+    kafka_bootstrap: str, topic: str, tmp_path: Path, emitters: list[Emitter]
+) -> None:
+    em = Emitter(kafka_bootstrap, topic=topic, spool_dir=tmp_path)
+    emitters.append(em)
+    for i in range(2000):
+        em.emit(usage_event(f"tenant-{i % 7}", "api.calls", 1, {"seq": str(i)}))
+    assert em.flush(timeout=30)
+    em.close(timeout=20)
+
+    messages = consume(kafka_bootstrap, topic, expected=2000)
+    partitions: dict[bytes, set[int]] = defaultdict(set)
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for m in sorted(messages, key=lambda m: (m.partition, m.offset)):
+        ev = decode_event(m.value)
+        partitions[m.key].add(m.partition)
+        seqs[ev.tenant].append(int(ev.data.dimensions["seq"]))
+    assert sum(len(s) for s in seqs.values()) == 2000
+    assert all(len(p) == 1 for p in partitions.values())
+    for tenant, order in seqs.items():
+        assert order == sorted(order), tenant
+
+
+async def test_emit_is_callable_from_a_coroutine_without_awaiting(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    em = Emitter(kafka_bootstrap, topic=topic, spool_dir=tmp_path)
+
+    async def handler(i: int) -> None:
+        em.emit(usage_event("async-tenant", "api.calls", 1, {"seq": str(i)}))
+        await asyncio.sleep(0)
+
+    await asyncio.gather(*(handler(i) for i in range(200)))
+    assert await em.aflush(timeout=30)
+    await em.aclose(timeout=20)
+    assert len(consume(kafka_bootstrap, topic, expected=200)) == 200
+
+
+def test_with_kafka_unreachable_events_are_spooled_and_a_later_emitter_replays_them_in_order(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    spooled_before = metric("metering_events_spooled_total")
+    down = Emitter(dead_address(), topic=topic, spool_dir=tmp_path)
+    for i in range(500):
+        down.emit(usage_event(f"t-{i % 3}", "api.calls", 1, {"seq": str(i)}))
+    assert down.flush(timeout=30)
+    assert down.mode is EmitterMode.SPOOLING
+    down.close(timeout=2)
+    assert metric("metering_events_spooled_total") - spooled_before == 500
+    with Spool(tmp_path / "0", max_bytes=1 << 30) as spool:
+        assert spool.pending_events == 500
+
+    up = Emitter(kafka_bootstrap, topic=topic, spool_dir=tmp_path)
+    for i in range(500, 600):
+        up.emit(usage_event(f"t-{i % 3}", "api.calls", 1, {"seq": str(i)}))
+    up.close(timeout=30)
+    assert up.spool.pending_events == 0
+
+    messages = consume(kafka_bootstrap, topic, expected=600)
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for m in sorted(messages, key=lambda m: (m.partition, m.offset)):
+        ev = decode_event(m.value)
+        seqs[ev.tenant].append(int(ev.data.dimensions["seq"]))
+    assert sorted(s for order in seqs.values() for s in order) == list(range(600))
+    for order in seqs.values():
+        assert order == sorted(order)
+
+
+def test_a_full_spool_counts_and_logs_what_it_drops(
+    topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dropped_before = metric("metering_events_dropped_total", reason="spool_full")
+    em = Emitter(dead_address(), topic=topic, spool_dir=tmp_path, spool_max_bytes=20_000)
+    for i in range(200):  # ~250 bytes each: about 80 fit
+        em.emit(usage_event("t-full", "api.calls", 1, {"seq": str(i)}))
+    assert em.flush(timeout=30)
+    em.close(timeout=2)
+    kept = em.spool.pending_events
+    assert 0 < kept < 200
+    assert metric("metering_events_dropped_total", reason="spool_full") - dropped_before == (
+        200 - kept
+    )
+    assert "usage events dropped (spool_full)" in caplog.text
+
+
+def test_emit_after_close_is_counted_as_dropped_not_raised(topic: str, tmp_path: Path) -> None:
+    em = Emitter(dead_address(), topic=topic, spool_dir=tmp_path)
+    em.close(timeout=1)
+    before = metric("metering_events_dropped_total", reason="closed")
+    em.emit(usage_event("t1", "m", 1))
+    assert metric("metering_events_dropped_total", reason="closed") - before == 1
+
+
+def test_emit_refuses_what_is_not_an_event(topic: str, tmp_path: Path) -> None:
+    em = Emitter(dead_address(), topic=topic, spool_dir=tmp_path)
+    try:
+        with pytest.raises(TypeError, match="UsageEvent"):
+            em.emit({"subject": "t1"})  # type: ignore[arg-type]
+    finally:
+        em.close(timeout=1)
+
+
+def test_two_emitters_sharing_a_data_dir_get_separate_spool_slots(
+    topic: str, tmp_path: Path
+) -> None:
+    a = Emitter(dead_address(), topic=topic, spool_dir=tmp_path)
+    b = Emitter(dead_address(), topic=topic, spool_dir=tmp_path)
+    try:
+        assert {a.spool.directory.name, b.spool.directory.name} == {"0", "1"}
+    finally:
+        a.close(timeout=1)
+        b.close(timeout=1)
