@@ -4,7 +4,8 @@
 -- `cost` from the bucket, from the UTC day's counter and (optionally) from the rolling window
 -- only if all of them have room: all or nothing. A rejection writes nothing.
 --
--- KEYS[1] rl:{t}:tb             hash  tokens (float, %.17g), ts (server time, microseconds)
+-- KEYS[1] rl:{t}:tb             hash  tokens (float, %.17g), ts (server time, microseconds),
+--                                     xs (when its expiry was last pushed out, microseconds)
 -- KEYS[2] rl:{t}:day:YYYYMMDD   int   units used on that UTC day
 -- KEYS[3] rl:{t}:win            zset  rolling-window log: member "<seq>:<cost>", score = ts (us)
 -- KEYS[4] rl:{t}:win:meta       hash  sum (units in the log), seq (last member number)
@@ -64,9 +65,10 @@ else
 end
 
 -- Token bucket, refilled by elapsed server time, capped at burst.
-local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'xs')
 local tokens = tonumber(tb[1])
 local ts = tonumber(tb[2])
+local xs = tonumber(tb[3]) or 0
 if tokens == nil or ts == nil then
   tokens = burst
 elseif now > ts then
@@ -137,9 +139,16 @@ end
 
 -- Consume from all of them.
 tokens = tokens - cost
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now)
--- The bucket is full again after (burst - tokens) / rate seconds; then it may as well vanish.
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 1000 / rate) + 1000)
+-- The bucket may vanish once it would be full again (after at most burst / rate seconds). Its
+-- expiry is pushed out to twice that only when half of it has run down, which saves a write on
+-- most calls while the key always outlives its refill time.
+local full_us = math.ceil(burst * 1000000 / rate) + 1000000
+if now - xs >= full_us then
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now, 'xs', now)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
+else
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now)
+end
 if cost > 0 then
   used = redis.call('INCRBY', KEYS[2], cost)
 end

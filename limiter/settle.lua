@@ -44,8 +44,10 @@ end
 tokens = tokens - delta
 if tokens < 0 then tokens = 0 end
 if tokens > burst then tokens = burst end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 1000 / rate) + 1000)
+-- The same expiry rule as acquire.lua: pushed out to twice the full-refill time.
+local full_us = math.ceil(burst * 1000000 / rate) + 1000000
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now, 'xs', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
 
 local win_used = 0
 if window_limit > 0 then

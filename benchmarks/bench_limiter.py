@@ -1,0 +1,297 @@
+"""Limiter benchmark: decisions per second and p50/p99 latency on one core against local Redis.
+
+Measured in the same run, for comparison:
+  (a) a no-op ``EVALSHA`` (``return 1``) through plain redis-py, sync and asyncio;
+  (b) the ``limits`` library's fixed-window, moving-window and sliding-window-counter strategies
+      on the same Redis. ``limits[redis]`` wants redis-py < 8 and the project has redis-py 8, so
+      that part runs in its own virtualenv (``var/bench-venv-limits``, created on first use) in a
+      subprocess pinned to the same core.
+
+Run:  python benchmarks/bench_limiter.py [--redis-url redis://127.0.0.1:6379/0] [--seconds 2]
+
+Every figure is the median of ``--rounds`` interleaved rounds (the machine may be shared; the
+best round is printed too). Targets (issue 3): async >= 40,000 decisions/s with p99 < 1 ms at
+half that load; sync >= 0.9x the no-op EVALSHA rate, >= 1.1x limits' fixed window, p99 < 300 us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+import redis.asyncio as aredis  # noqa: E402
+
+from limiter import AsyncRateLimiter, Quota, RateLimiter  # noqa: E402
+
+LIMITS_VENV = ROOT / "var" / "bench-venv-limits"
+# All decisions are allowed (a huge quota), so every call does the full consume path.
+BIG = Quota(rate_per_sec=1e9, burst=10**12, daily_limit=10**15)
+TENANTS = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(64)]
+
+
+def pin_one_core() -> int | None:
+    """Pin this process to one core (the last one allowed); return it (None if unsupported)."""
+    try:
+        cpu = max(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
+        return cpu
+    except (AttributeError, OSError):
+        return None
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(p * len(s)))]
+
+
+# --- sync ------------------------------------------------------------------------------------
+def run_sync(call: Callable[[int], Any], seconds: float) -> dict[str, float]:
+    for i in range(500):
+        call(i)
+    lat: list[float] = []
+    perf = time.perf_counter
+    end = perf() + seconds
+    i = 0
+    start = perf()
+    while True:
+        t0 = perf()
+        call(i)
+        t1 = perf()
+        lat.append(t1 - t0)
+        i += 1
+        if t1 >= end:
+            break
+    elapsed = perf() - start
+    return {"rate": i / elapsed, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+
+
+def sync_cases(url: str) -> dict[str, Callable[[int], Any]]:
+    client = redis.Redis.from_url(url)
+    sha = client.script_load("return 1")
+    limiter = RateLimiter(redis.Redis.from_url(url))
+    n = len(TENANTS)
+    return {
+        "sync no-op EVALSHA (redis-py)": lambda i: client.evalsha(sha, 0),
+        "sync limiter acquire": lambda i: limiter.acquire(TENANTS[i % n], 1, BIG),
+    }
+
+
+# --- async -----------------------------------------------------------------------------------
+async def closed_loop(
+    call: Callable[[int], Any], seconds: float, concurrency: int
+) -> dict[str, float]:
+    """``concurrency`` callers, each calling again as soon as its answer comes back."""
+    count = 0
+    stop = False
+    lat: list[float] = []
+    perf = time.perf_counter
+
+    async def caller(k: int) -> None:
+        nonlocal count
+        i = k
+        while not stop:
+            t0 = perf()
+            await call(i)
+            lat.append(perf() - t0)
+            count += 1
+            i += concurrency
+
+    for i in range(200):  # warm up: connections, scripts loaded
+        await call(i)
+    tasks = [asyncio.create_task(caller(k)) for k in range(concurrency)]
+    start = perf()
+    await asyncio.sleep(seconds)
+    stop = True
+    done_at = count
+    elapsed = perf() - start
+    await asyncio.gather(*tasks)
+    return {"rate": done_at / elapsed, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+
+
+async def open_loop(call: Callable[[int], Any], seconds: float, rate: float) -> dict[str, float]:
+    """Calls arriving at a fixed ``rate`` (a batch every millisecond), latency of each."""
+    lat: list[float] = []
+    perf = time.perf_counter
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(i: int) -> None:
+        t0 = perf()
+        await call(i)
+        lat.append(perf() - t0)
+
+    tick = 0.001
+    start = perf()
+    sent = 0
+    while perf() - start < seconds:
+        due = int((perf() - start) * rate)
+        while sent < due:
+            t = asyncio.create_task(one(sent))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+            sent += 1
+        await asyncio.sleep(tick)
+    await asyncio.gather(*pending)
+    elapsed = perf() - start
+    return {"rate": len(lat) / elapsed, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+
+
+async def async_round(url: str, seconds: float, concurrency: int) -> dict[str, dict[str, float]]:
+    client = aredis.Redis.from_url(url, max_connections=concurrency)
+    sha = await client.script_load("return 1")
+    limiter = AsyncRateLimiter(aredis.Redis.from_url(url))
+    n = len(TENANTS)
+
+    def noop(i: int) -> Any:
+        return client.evalsha(sha, 0)
+
+    def acquire(i: int) -> Any:
+        return limiter.acquire(TENANTS[i % n], 1, BIG)
+
+    out = {
+        "async no-op EVALSHA (redis-py)": await closed_loop(noop, seconds, concurrency),
+        "async limiter acquire": await closed_loop(acquire, seconds, concurrency),
+    }
+    half = out["async limiter acquire"]["rate"] / 2
+    out["async limiter at half load"] = await open_loop(acquire, seconds, half)
+    await client.aclose()
+    await limiter.redis.aclose()
+    return out
+
+
+# --- the limits library (own venv, subprocess) -----------------------------------------------
+LIMITS_CHILD = r"""
+import json, os, sys, time, uuid
+os.sched_setaffinity(0, {int(sys.argv[3])}) if sys.argv[3] != "-" else None
+from limits import parse, storage, strategies
+url, seconds = sys.argv[1], float(sys.argv[2])
+store = storage.storage_from_string(url)
+item = parse("1000000000/second")
+out = {}
+for name, cls in [("fixed-window", strategies.FixedWindowRateLimiter),
+                  ("moving-window", strategies.MovingWindowRateLimiter),
+                  ("sliding-window-counter", strategies.SlidingWindowCounterRateLimiter)]:
+    lim = cls(store)
+    keys = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(64)]
+    for i in range(500):
+        lim.hit(item, keys[i % 64])
+    lat = []
+    perf = time.perf_counter
+    end = perf() + seconds
+    start = perf()
+    i = 0
+    while True:
+        t0 = perf(); lim.hit(item, keys[i % 64]); t1 = perf()
+        lat.append(t1 - t0); i += 1
+        if t1 >= end: break
+    lat.sort()
+    out["limits " + name] = {"rate": i / (perf() - start), "p50": lat[len(lat) // 2],
+                              "p99": lat[int(0.99 * len(lat))]}
+print(json.dumps(out))
+"""
+
+
+def ensure_limits_venv() -> Path:
+    python = LIMITS_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {LIMITS_VENV} with limits[redis] (redis-py < 8) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LIMITS_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "limits[redis]>=4", "hiredis"],
+            check=True,
+        )
+    return python
+
+
+def limits_round(url: str, seconds: float, cpu: int | None) -> dict[str, dict[str, float]]:
+    python = ensure_limits_venv()
+    proc = subprocess.run(
+        [str(python), "-c", LIMITS_CHILD, url, str(seconds), "-" if cpu is None else str(cpu)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, dict[str, float]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+# --- report ----------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=256, help="async callers")
+    ap.add_argument("--skip-limits", action="store_true", help="leave out the limits library")
+    args = ap.parse_args()
+
+    cpu = pin_one_core()
+    print(f"pinned to CPU {cpu}" if cpu is not None else "could not pin to one core")
+    print(f"Redis {args.redis_url}; {args.rounds} rounds x {args.seconds}s each; "
+          f"async concurrency {args.concurrency}")
+    results: dict[str, list[dict[str, float]]] = {}
+    cases = sync_cases(args.redis_url)
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds} ...", flush=True)
+        for name, call in cases.items():
+            results.setdefault(name, []).append(run_sync(call, args.seconds))
+        for name, res in asyncio.run(
+            async_round(args.redis_url, args.seconds, args.concurrency)
+        ).items():
+            results.setdefault(name, []).append(res)
+        if not args.skip_limits:
+            for name, res in limits_round(args.redis_url, args.seconds, cpu).items():
+                results.setdefault(name, []).append(res)
+
+    med: dict[str, dict[str, float]] = {}
+    print()
+    print(f"{'case':40s} {'median/s':>10s} {'best/s':>10s} {'p50 us':>8s} {'p99 us':>8s}")
+    for name, rounds in results.items():
+        med[name] = {k: statistics.median(r[k] for r in rounds) for k in ("rate", "p50", "p99")}
+        best = max(r["rate"] for r in rounds)
+        m = med[name]
+        print(f"{name:40s} {m['rate']:10.0f} {best:10.0f} {m['p50'] * 1e6:8.0f} "
+              f"{m['p99'] * 1e6:8.0f}")
+
+    def ratio(a: str, b: str) -> float | None:
+        return med[a]["rate"] / med[b]["rate"] if a in med and b in med else None
+
+    sync_r = ratio("sync limiter acquire", "sync no-op EVALSHA (redis-py)")
+    fixed_r = ratio("sync limiter acquire", "limits fixed-window")
+    async_r = ratio("async limiter acquire", "async no-op EVALSHA (redis-py)")
+    a = med["async limiter acquire"]
+    s = med["sync limiter acquire"]
+    h = med["async limiter at half load"]
+    print()
+    print("targets (medians):")
+    print(f"  async >= 40,000/s: {a['rate']:.0f}/s -> {'MET' if a['rate'] >= 40000 else 'NOT MET'}"
+          f" ({async_r:.2f}x the async no-op EVALSHA)")
+    print(f"  async p99 at half load < 1 ms: {h['p99'] * 1e3:.2f} ms -> "
+          f"{'MET' if h['p99'] < 0.001 else 'NOT MET'}")
+    print(f"  sync >= 0.9x no-op EVALSHA: {sync_r:.2f}x -> "
+          f"{'MET' if sync_r and sync_r >= 0.9 else 'NOT MET'}")
+    if fixed_r is not None:
+        print(f"  sync >= 1.1x limits fixed window: {fixed_r:.2f}x -> "
+              f"{'MET' if fixed_r >= 1.1 else 'NOT MET'}")
+        for other in ("limits moving-window", "limits sliding-window-counter"):
+            print(f"  (sync vs {other}: {ratio('sync limiter acquire', other):.2f}x)")
+    print(f"  sync p99 < 300 us: {s['p99'] * 1e6:.0f} us -> "
+          f"{'MET' if s['p99'] < 300e-6 else 'NOT MET'}")
+    print("\ncommand: python benchmarks/bench_limiter.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The limiter's decisions against real Redis: the same suite on a single node, a Sentinel
+group and a 3-master Cluster, through the sync and the async limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from limiter import AsyncRateLimiter, NoQuota, Quota, RateLimiter, UnknownTenant
+from limiter.keys import daily_counter_key, token_bucket_key, window_log_key
+from tests.integration.limiter_support import KINDS, StaticQuotas, Targets, server_day, server_time
+
+
+@pytest.fixture(scope="module")
+def targets(redis_url: str, redis_sentinels: tuple[str, str], redis_cluster_nodes: str) -> Targets:
+    return Targets(redis_url, redis_sentinels, redis_cluster_nodes)
+
+
+class Driver:
+    """One limiter (sync or async) behind the same awaitable methods, plus a raw client."""
+
+    def __init__(self, limiter: Any, raw: Any) -> None:
+        self.limiter, self.raw = limiter, raw
+        self.is_async = isinstance(limiter, AsyncRateLimiter)
+
+    async def acquire(self, tenant: str, cost: int = 1, quota: Quota | None = None) -> Any:
+        result = self.limiter.acquire(tenant, cost, quota)
+        return await result if self.is_async else result
+
+    async def settle(
+        self, tenant: str, reserved: Any, actual: int, quota: Quota | None = None
+    ) -> Any:
+        result = self.limiter.settle(tenant, reserved, actual, quota)
+        return await result if self.is_async else result
+
+    def counter(self, tenant: str, day: dt.date | None = None) -> int | None:
+        key = daily_counter_key(tenant, day or server_day(self.raw, token_bucket_key(tenant)))
+        value = self.raw.get(key)
+        return None if value is None else int(value)
+
+    def bucket(self, tenant: str) -> dict[bytes, bytes]:
+        return dict(self.raw.hgetall(token_bucket_key(tenant)))
+
+
+@pytest.fixture(
+    params=[(k, f) for k in KINDS for f in ("sync", "async")], ids=lambda p: f"{p[0]}-{p[1]}"
+)
+async def make(
+    request: pytest.FixtureRequest, targets: Targets
+) -> AsyncIterator[Callable[..., Driver]]:
+    kind, flavor = request.param
+    raw = targets.sync_client(kind)
+    opened: list[Any] = []
+
+    def factory(**kwargs: Any) -> Driver:
+        if flavor == "sync":
+            return Driver(RateLimiter(targets.sync_client(kind), **kwargs), raw)
+        client = targets.async_client(kind)
+        opened.append(client)
+        return Driver(AsyncRateLimiter(client, **kwargs), raw)
+
+    yield factory
+    for client in opened:
+        await client.aclose()
+    raw.close()
+
+
+SLOW = dict(rate_per_sec=0.001, burst=5, daily_limit=100)  # the bucket barely refills
+
+
+async def test_bucket_allows_burst_then_rejects_and_a_rejection_changes_nothing(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(**SLOW)
+    allowed = [await d.acquire(tenant, 1, q) for _ in range(5)]
+    assert [x.allowed for x in allowed] == [True] * 5
+    assert [x.remaining for x in allowed] == [4, 3, 2, 1, 0]
+    assert [x.daily_used for x in allowed] == [1, 2, 3, 4, 5]
+    before = (d.bucket(tenant), d.counter(tenant))
+
+    rejected = await d.acquire(tenant, 1, q)
+
+    assert (rejected.allowed, rejected.reason, rejected.degraded) == (False, "bucket", False)
+    assert rejected.daily_used == 5 and rejected.remaining == 0
+    assert 900 < rejected.retry_after <= 1000  # 1 token at 0.001/s, minus what refilled
+    assert (d.bucket(tenant), d.counter(tenant)) == before
+
+
+async def test_daily_limit_is_exact_and_resets_at_next_utc_midnight(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(rate_per_sec=1000, burst=1000, daily_limit=7)
+    decisions = [await d.acquire(tenant, 1, q) for _ in range(9)]
+    assert [x.allowed for x in decisions] == [True] * 7 + [False] * 2
+    last = decisions[-1]
+    assert (last.reason, last.daily_used, last.daily_remaining) == ("daily", 7, 0)
+    today = server_day(d.raw, token_bucket_key(tenant))
+    midnight = dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    assert last.reset_at == midnight and last.day == today
+    to_midnight = midnight.timestamp() - server_time(d.raw, token_bucket_key(tenant))
+    assert abs(last.retry_after - to_midnight) < 5
+    assert d.counter(tenant) == 7
+
+
+async def test_a_cost_is_taken_whole_or_not_at_all(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(rate_per_sec=0.001, burst=20, daily_limit=10)
+    first = await d.acquire(tenant, 6, q)
+    second = await d.acquire(tenant, 6, q)  # 6 + 6 > 10
+    third = await d.acquire(tenant, 4, q)
+    assert (first.allowed, second.allowed, third.allowed) == (True, False, True)
+    assert second.reason == "daily" and second.daily_used == 6
+    assert third.daily_used == 10 and third.remaining == 10
+    assert d.counter(tenant) == 10
+
+
+async def test_settle_adds_and_returns_exactly_the_difference(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(rate_per_sec=0.001, burst=50, daily_limit=100)
+    reserved = await d.acquire(tenant, 5, q)
+    assert (reserved.daily_used, reserved.remaining) == (5, 45)
+
+    more = await d.settle(tenant, reserved, 8)  # the real cost was 3 more
+    assert (more.delta, more.daily_used, more.remaining) == (3, 8, 42)
+    assert d.counter(tenant) == 8
+
+    second = await d.acquire(tenant, 4, q)
+    less = await d.settle(tenant, second, 1)  # 3 given back
+    assert (less.delta, less.daily_used, less.remaining) == (-3, 9, 41)
+    assert d.counter(tenant) == 9
+
+    floor = await d.settle(tenant, 100, 0, q)  # more given back than was ever used
+    assert floor.daily_used == 0 and d.counter(tenant) == 0
+    assert floor.remaining == 50  # the bucket never goes above its burst
+
+
+async def test_settling_a_rejected_decision_is_refused(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(rate_per_sec=0.001, burst=1, daily_limit=100)
+    await d.acquire(tenant, 1, q)
+    rejected = await d.acquire(tenant, 1, q)
+    with pytest.raises(ValueError, match="nothing to settle"):
+        await d.settle(tenant, rejected, 1)
+    assert d.counter(tenant) == 1
+
+
+async def test_day_counter_ttl_ends_after_the_next_utc_midnight(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    await d.acquire(tenant, 1, Quota(**SLOW))
+    key = daily_counter_key(tenant, server_day(d.raw, token_bucket_key(tenant)))
+    ttl = d.raw.ttl(key)
+    now = server_time(d.raw, key)
+    to_midnight = 86400 - now % 86400
+    assert to_midnight < ttl <= to_midnight + 3600 + 1  # midnight plus one hour of grace
+
+
+async def test_a_client_clock_on_the_wrong_day_never_counts_into_that_day(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    d.limiter.clock.offset = -3 * 86400.0  # the client believes it is three days ago
+    decision = await d.acquire(tenant, 1, Quota(**SLOW))
+    today = server_day(d.raw, token_bucket_key(tenant))
+    assert decision.allowed and decision.day == today
+    assert d.counter(tenant, today) == 1
+    assert d.counter(tenant, today - dt.timedelta(days=3)) is None
+
+
+async def test_a_missing_day_counter_is_seeded_from_the_quota_provider(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d0 = make()
+    today = server_day(d0.raw, token_bucket_key(tenant))
+    quotas = StaticQuotas(
+        {tenant: Quota(rate_per_sec=1000, burst=1000, daily_limit=42)}, {(tenant, today): 40}
+    )
+    d = make(quotas=quotas)
+    decisions = [await d.acquire(tenant) for _ in range(3)]
+    assert [(x.allowed, x.daily_used) for x in decisions] == [(True, 41), (True, 42), (False, 42)]
+    assert quotas.seed_calls == [(tenant, today)]  # asked once: the counter exists after
+
+    d.raw.delete(daily_counter_key(tenant, today))  # Redis lost the day (restart, failover)
+    quotas.seeds[(tenant, today)] = 42  # what the quota DB backfilled meanwhile
+    again = await d.acquire(tenant)
+    assert (again.allowed, again.reason, again.daily_used) == (False, "daily", 42)
+    assert len(quotas.seed_calls) == 2 and d.counter(tenant) == 42
+
+
+async def test_without_a_provider_a_lost_day_starts_at_zero(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    assert (await d.acquire(tenant, 3, Quota(**SLOW))).daily_used == 3
+
+
+async def test_quota_comes_from_the_provider_or_is_refused(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    with pytest.raises(NoQuota):
+        await make().acquire(tenant)
+    with pytest.raises(UnknownTenant):
+        await make(quotas=StaticQuotas({})).acquire(tenant)
+
+
+async def test_rolling_window_admits_no_more_than_its_limit_in_any_window(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6, window_limit=5, window_seconds=1)
+    first = [await d.acquire(tenant, 1, q) for _ in range(6)]
+    assert [x.allowed for x in first] == [True] * 5 + [False]
+    assert first[-1].reason == "window" and 0 < first[-1].retry_after <= 1.0
+    assert first[4].window_remaining == 0
+
+    # Hammer it for a while; bracket each allowed call by the server's clock.
+    key = token_bucket_key(tenant)
+    allowed: list[tuple[float, float]] = []
+    end = time.monotonic() + 2.2
+    while time.monotonic() < end:
+        before = server_time(d.raw, key)
+        decision = await d.acquire(tenant, 1, q)
+        after = server_time(d.raw, key)
+        if decision.allowed:
+            allowed.append((before, after))
+        else:
+            assert decision.reason == "window"
+    assert len(allowed) >= 5  # the window did open again
+    # Any 6 allowed calls span more than the window: the 6th is > 1 s after the 1st.
+    for i in range(len(allowed) - 5):
+        assert allowed[i + 5][1] - allowed[i][0] > 1.0
+    assert d.raw.zcard(window_log_key(tenant)) <= 5
+
+
+async def test_concurrent_callers_in_one_process_are_exact(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(rate_per_sec=0.001, burst=10**6, daily_limit=150)
+    if d.is_async:
+        decisions = await asyncio.gather(*(d.acquire(tenant, 1, q) for _ in range(400)))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            decisions = list(pool.map(lambda _: d.limiter.acquire(tenant, 1, q), range(400)))
+    assert sum(x.allowed for x in decisions) == 150
+    assert {x.reason for x in decisions if not x.allowed} == {"daily"}
+    assert d.counter(tenant) == 150
