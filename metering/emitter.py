@@ -311,12 +311,14 @@ class Emitter:
                 break
             self._wake_sender.set()
             time.sleep(0.005)
+        # A replayer stuck connecting to an unreachable Kafka is not waited for past the deadline:
+        # it finds the stop flag when it wakes, and what it had not committed stays spooled.
         self._stop_replayer = True
         self._wake_replayer.set()
-        self._replayer.join(max(0.0, deadline - time.monotonic()) + 5.0)
+        self._replayer.join(max(0.1, deadline - time.monotonic()))
         self._stop_sender = True
         self._wake_sender.set()
-        self._sender.join(max(0.0, deadline - time.monotonic()) + 5.0)
+        self._sender.join(max(0.0, deadline - time.monotonic()) + 2.0)
         self._update_spool_gauges()
         self.spool.close()
         if self.spool.pending_events:
@@ -543,7 +545,7 @@ class Emitter:
         batch: SpoolBatch = self.spool.read(max_records=self.replay_batch)
         if not batch.records:
             with self._mode_lock:
-                if self.spool.pending_events == 0:
+                if self.spool.pending_events == 0 and not self._stop_replayer:
                     self._producer = producer
                     self._mode = EmitterMode.DIRECT
                     KAFKA_DIRECT.set(1)

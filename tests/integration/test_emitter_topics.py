@@ -1,0 +1,66 @@
+"""``metering kafka init``: creates the events topic and its dead-letter topic with the configured
+partitions and retention, and running it again changes nothing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
+
+from metering.cli import main
+from metering.settings import get_settings
+
+
+@pytest.fixture
+def admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
+    client = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    yield client
+    client.close()
+
+
+def partitions(admin: KafkaAdminClient, topic: str) -> int:
+    return len(admin.describe_topics([topic])[0]["partitions"])
+
+
+def retention_ms(admin: KafkaAdminClient, topic: str) -> int:
+    configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    return int(configs["topic"][topic]["retention.ms"]["value"])
+
+
+def test_kafka_init_creates_both_topics_as_configured_and_is_idempotent(
+    kafka_bootstrap: str,
+    admin: KafkaAdminClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    events, dlq = f"usage.events.{uuid.uuid4().hex[:8]}", f"usage.events.dlq.{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("USAGE_EVENTS_TOPIC", events)
+    monkeypatch.setenv("USAGE_EVENTS_DLQ_TOPIC", dlq)
+    monkeypatch.setenv("USAGE_EVENTS_PARTITIONS", "4")
+    monkeypatch.setenv("USAGE_EVENTS_RETENTION_MS", "86400000")
+    monkeypatch.setenv("USAGE_EVENTS_DLQ_RETENTION_MS", "172800000")
+    get_settings.cache_clear()
+
+    assert main(["kafka", "init"]) == 0
+    first = capsys.readouterr().out
+    assert f"{events}: created (partitions=4, retention.ms=86400000)" in first
+    assert f"{dlq}: created (partitions=2, retention.ms=172800000)" in first
+    assert (partitions(admin, events), retention_ms(admin, events)) == (4, 86_400_000)
+    assert (partitions(admin, dlq), retention_ms(admin, dlq)) == (2, 172_800_000)
+
+    assert main(["kafka", "init"]) == 0
+    second = capsys.readouterr().out
+    assert f"{events}: exists" in second and f"{dlq}: exists" in second
+    assert partitions(admin, events) == 4
+
+
+def test_kafka_init_refuses_zero_partitions_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("USAGE_EVENTS_PARTITIONS", "0")
+    assert main(["kafka", "init"]) == 2
+    assert "USAGE_EVENTS_PARTITIONS='0'" in capsys.readouterr().err
