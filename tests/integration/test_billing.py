@@ -1,0 +1,152 @@
+"""Billing statements on the real engine: a tenant's local calendar month, per meter, exact.
+
+The data has one ``requests`` event of 1 and one ``tokens`` event of 0.5 at half past every UTC
+hour, so a month's statement counts the hours the month lasts in the tenant's time zone.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from metering.billing import billing_statement, month_period
+from metering.queries import UsageQueries
+from metering.query_sql import QueryError
+from tests.integration.query_schema import at, insert_events, scratch_database
+
+
+@pytest.fixture(scope="module")
+def billing(clickhouse_client: Any) -> Iterator[UsageQueries]:
+    t, stop, events = at("2026-02-25T00:30:00Z"), at("2026-04-05T00:00:00Z"), []
+    while t < stop:
+        events.append({"tenant": "acme", "meter": "requests", "time": t, "quantity": 1})
+        events.append({"tenant": "acme", "meter": "tokens", "time": t, "quantity": 0.5})
+        t += dt.timedelta(hours=1)
+    events += [
+        # Rejected decisions are never billed.
+        {
+            "tenant": "acme",
+            "meter": "requests",
+            "time": at("2026-03-15T12:00:00Z"),
+            "quantity": 1000,
+            "decision": "rejected",
+        },
+        # Ten tenths make one: the statement shows 1, whatever order ClickHouse adds in.
+        *[
+            {
+                "tenant": "tenths",
+                "meter": "gb",
+                "time": at("2026-03-10T00:00:00Z") + dt.timedelta(minutes=7 * i, milliseconds=i),
+                "quantity": 0.1,
+            }
+            for i in range(10)
+        ],
+        {
+            "tenant": "other",
+            "meter": "requests",
+            "time": at("2026-03-15T12:00:00Z"),
+            "quantity": 99,
+        },
+    ]
+    with scratch_database(clickhouse_client) as db:
+        insert_events(clickhouse_client, db, events)
+        yield UsageQueries(clickhouse_client, db)
+
+
+@pytest.mark.parametrize(
+    ("tz", "start", "end", "hours"),
+    [
+        ("UTC", "2026-03-01T00:00:00+00:00", "2026-04-01T00:00:00+00:00", 744),
+        ("Europe/Berlin", "2026-03-01T00:00:00+01:00", "2026-04-01T00:00:00+02:00", 743),
+        ("America/New_York", "2026-03-01T00:00:00-05:00", "2026-04-01T00:00:00-04:00", 743),
+        ("Asia/Kolkata", "2026-03-01T00:00:00+05:30", "2026-04-01T00:00:00+05:30", 744),
+    ],
+)
+def test_a_statement_covers_the_tenants_local_month_per_meter(
+    billing: UsageQueries, tz: str, start: str, end: str, hours: int
+) -> None:
+    statement = billing_statement(billing, "acme", "2026-03", tz)
+    assert statement.to_dict() == {
+        "tenant": "acme",
+        "month": "2026-03",
+        "tz": tz,
+        "period_start": start,
+        "period_end": end,
+        "lines": [
+            {"meter": "requests", "quantity": hours, "events": hours},
+            {"meter": "tokens", "quantity": hours / 2, "events": hours},
+        ],
+    }
+    assert billing_statement(billing, "acme", "2026-03", tz, force_raw=True) == statement
+
+
+def test_fractional_quantities_add_up_to_the_decimal_total(billing: UsageQueries) -> None:
+    for force_raw in (False, True):
+        statement = billing_statement(billing, "tenths", "2026-03", force_raw=force_raw)
+        assert statement.to_dict()["lines"] == [{"meter": "gb", "quantity": 1, "events": 10}]
+
+
+def test_the_csv_has_a_header_and_one_row_per_meter(billing: UsageQueries) -> None:
+    text = billing_statement(billing, "acme", "2026-03", "Europe/Berlin").to_csv()
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows == [
+        ["tenant", "month", "tz", "period_start", "period_end", "meter", "quantity", "events"],
+        [
+            "acme",
+            "2026-03",
+            "Europe/Berlin",
+            "2026-03-01T00:00:00+01:00",
+            "2026-04-01T00:00:00+02:00",
+            "requests",
+            "743",
+            "743",
+        ],
+        [
+            "acme",
+            "2026-03",
+            "Europe/Berlin",
+            "2026-03-01T00:00:00+01:00",
+            "2026-04-01T00:00:00+02:00",
+            "tokens",
+            "371.5",
+            "743",
+        ],
+    ]
+
+
+def test_a_month_without_usage_is_an_empty_statement(billing: UsageQueries) -> None:
+    statement = billing_statement(billing, "acme", "2025-12", "UTC")
+    assert statement.lines == ()
+    assert statement.to_csv().splitlines() == [
+        "tenant,month,tz,period_start,period_end,meter,quantity,events"
+    ]
+
+
+def test_a_partial_month_counts_what_exists(billing: UsageQueries) -> None:
+    # Data starts 2026-02-25 00:30 UTC: four days of February.
+    lines = billing_statement(billing, "acme", "2026-02").to_dict()["lines"]
+    assert lines == [
+        {"meter": "requests", "quantity": 96, "events": 96},
+        {"meter": "tokens", "quantity": 48, "events": 96},
+    ]
+
+
+@pytest.mark.parametrize("month", ["2026-3", "2026-00", "2026-13", "26-03", "2026-03-01", ""])
+def test_a_month_that_is_not_yyyy_mm_is_refused(month: str) -> None:
+    with pytest.raises(QueryError) as err:
+        month_period(month, "UTC")
+    assert err.value.param == "month"
+
+
+def test_the_period_is_local_midnight_to_local_midnight() -> None:
+    start, end = month_period("2026-10", "Europe/Berlin")
+    assert (start.isoformat(), end.isoformat()) == (
+        "2026-10-01T00:00:00+02:00",
+        "2026-11-01T00:00:00+01:00",
+    )
+    assert end.astimezone(dt.UTC) - start.astimezone(dt.UTC) == dt.timedelta(days=31, hours=1)
