@@ -11,7 +11,6 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from metering.cli import main
-from metering.settings import get_settings
 
 
 @pytest.fixture
@@ -43,7 +42,6 @@ def test_kafka_init_creates_both_topics_as_configured_and_is_idempotent(
     monkeypatch.setenv("USAGE_EVENTS_PARTITIONS", "4")
     monkeypatch.setenv("USAGE_EVENTS_RETENTION_MS", "86400000")
     monkeypatch.setenv("USAGE_EVENTS_DLQ_RETENTION_MS", "172800000")
-    get_settings.cache_clear()
 
     assert main(["kafka", "init"]) == 0
     first = capsys.readouterr().out
