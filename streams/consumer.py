@@ -208,8 +208,15 @@ class SinkConsumer:
                     admitted = self._admit(records)
                     if not admitted:
                         continue
+                    work = asyncio.ensure_future(self._process(admitted))
                     try:
-                        await self._process(admitted)
+                        await asyncio.shield(work)
+                    except asyncio.CancelledError:
+                        # Stopping: let the batch in flight be written and committed first,
+                        # so the next owner of its partitions starts after it.
+                        with contextlib.suppress(Exception):
+                            await work
+                        raise
                     except Exception:
                         metrics.sink_insert_failures.inc()
                         log.exception("sink batch failed; re-reading from stored progress")

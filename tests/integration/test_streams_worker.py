@@ -1,0 +1,238 @@
+"""``metering worker`` as real processes: exact totals end to end, SIGKILL, a rebalance.
+
+Each worker process owns its embedded ClickHouse folder (the engine allows one folder per
+process), so results are read afterwards by a short-lived process on that folder. With two
+workers the data is split over two folders: the rebalance test proves that every event is in
+exactly one folder, once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from metering.quota_db import QuotaStore
+from tests.integration.streams_support import (
+    committed_offsets,
+    event_message,
+    produce,
+    read_all,
+    unique_topics,
+    wait_until_committed,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+LATENESS = 3600
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], data_dir: Path) -> None:
+        self.env = env
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "METERING_DATA_DIR": str(self.data_dir)}
+        log = open(self.data_dir / "worker.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metering.cli", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in (self.data_dir / "worker.log").read_text(errors="replace"):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{text!r} not in {self.data_dir / 'worker.log'}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"worker did not stop on SIGTERM; see {self.data_dir}") from None
+
+    def query(self, sql: str) -> list[list]:  # type: ignore[type-arg]
+        """Run ``sql`` on this worker's ClickHouse folder (the worker must be stopped)."""
+        script = textwrap.dedent(
+            """
+            import json, sys, clickhouse_connect
+            client = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
+            rows = client.query(sys.argv[2]).result_rows
+            print(json.dumps([list(r) for r in rows], default=str))
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(self.data_dir / "clickhouse"), sql],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        return json.loads(out.stdout)
+
+
+@pytest.fixture
+def pipeline(kafka_bootstrap: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    topic, dlq = unique_topics(kafka_bootstrap, partitions=4)
+    group = f"wg-{uuid.uuid4().hex[:10]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "QUOTA_DB"))}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+        USAGE_EVENTS_TOPIC=topic,
+        USAGE_EVENTS_DLQ_TOPIC=dlq,
+        USAGE_EVENTS_PARTITIONS="4",
+        WORKER_GROUP=group,
+        WORKER_BATCH_SIZE="200",
+        WORKER_BATCH_WITHIN="0.1",
+        WORKER_BACKFILL_INTERVAL="1",
+        EVENT_MAX_LATENESS=str(LATENESS),
+    )
+    workers: list[Worker] = []
+
+    def make(name: str) -> Worker:
+        w = Worker(env, tmp_path / name)
+        workers.append(w)
+        return w
+
+    yield topic, dlq, group, make
+    for w in workers:
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait(10)
+
+
+def sink_group(group: str) -> str:
+    return f"{group}.sink"
+
+
+def changelog_latest(bootstrap: str, topic: str) -> dict[str, float]:
+    return {json.loads(m.key): json.loads(m.value) for m in read_all(bootstrap, topic)}
+
+
+@pytest.mark.timeout(240)
+def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quota_db(
+    kafka_bootstrap: str, pipeline, tenant: str
+) -> None:
+    topic, dlq, group, make = pipeline
+    other = f"{tenant}-b"
+    messages = [event_message(tenant, 2, id=f"a{i}") for i in range(300)]
+    messages += [event_message(other, 1, id=f"b{i}") for i in range(200)]
+    messages += [event_message(tenant, 2, id=f"a{i}") for i in range(0, 300, 3)]  # resends
+    messages += [event_message(other, 50, id="b-old", age_seconds=LATENESS + 60)]  # too late
+    messages += [(b"k", b"\xff\xfe not utf-8"), (b"k", b"[]")]
+    produce(kafka_bootstrap, topic, messages)
+
+    worker = make("w1").start()
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
+    store = QuotaStore(f"sqlite:///{worker.data_dir / 'quota.db'}")
+    today = dt.datetime.now(dt.UTC).date()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and store.daily_usage(other, today) == 0:
+        time.sleep(0.5)  # the backfill timer runs every second
+    time.sleep(1.5)
+    worker.stop()
+
+    assert store.daily_usage(tenant, today) == 600
+    assert store.daily_usage(other, today) == 200
+    counts = worker.query(
+        "SELECT tenant, count(), uniqExact(id), sum(quantity) FROM metering.usage_events"
+        " GROUP BY tenant ORDER BY tenant"
+    )
+    assert counts == [[tenant, 300, 300, 600.0], [other, 200, 200, 200.0]]
+    day = worker.query(
+        "SELECT tenant, sum(event_count), sum(quantity_sum) FROM metering.usage_day"
+        " WHERE billable = 1 GROUP BY tenant ORDER BY tenant"
+    )
+    assert day == [[tenant, 300, 600.0], [other, 200, 200.0]]
+    letters = read_all(kafka_bootstrap, dlq)
+    assert sorted(dict(m.headers)["dlq.reason"] for m in letters) == [
+        b"invalid",
+        b"invalid",
+        b"late",
+    ]
+    table = changelog_latest(kafka_bootstrap, f"{group}-tenant_daily_usage-changelog")
+    assert table[f"{tenant}|{today}"] == 600.0
+    assert table[f"{other}|{today}"] == 200.0
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
+    kafka_bootstrap: str, pipeline, tenant: str
+) -> None:
+    topic, _, group, make = pipeline
+    first = [event_message(tenant, 1, id=f"e{i}") for i in range(4000)]
+    produce(kafka_bootstrap, topic, first)
+    worker = make("w1").start()
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120, at_least=800)
+    worker.kill()  # no shutdown: whatever was inserted and not yet committed stays so
+    at_kill = sum(committed_offsets(kafka_bootstrap, sink_group(group), topic).values())
+    assert at_kill < 4000, "the kill should land mid-stream"
+    second = [event_message(tenant, 1, id=f"e{i}") for i in range(4000, 6000)]
+    second += first[:500]  # producer retries of events the first life may have inserted
+    produce(kafka_bootstrap, topic, second)
+    worker.start()
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
+    worker.stop()
+    assert worker.query(
+        "SELECT count(), uniqExact(id), sum(quantity) FROM metering.usage_events"
+    ) == [[6000, 6000, 6000.0]]
+    assert worker.query(
+        "SELECT sum(event_count), sum(quantity_sum) FROM metering.usage_minute"
+    ) == [[6000, 6000.0]]
+
+
+@pytest.mark.timeout(300)
+def test_a_second_worker_joining_mid_stream_keeps_totals_exact(
+    kafka_bootstrap: str, pipeline, tenant: str
+) -> None:
+    topic, _, group, make = pipeline
+    tenants = [f"{tenant}-{i}" for i in range(8)]  # spread over the 4 partitions
+    produce(
+        kafka_bootstrap, topic, [event_message(tenants[i % 8], 1, id=f"a{i}") for i in range(4000)]
+    )
+    a = make("wa").start()
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120, at_least=1000)
+    b = make("wb").start()
+    b.wait_for_log("sink assigned", timeout=90)  # b's sink joined: the group rebalanced
+    produce(
+        kafka_bootstrap,
+        topic,
+        [event_message(tenants[i % 8], 1, id=f"b{i}") for i in range(4000)],
+    )
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=150)
+    a.stop()
+    b.stop()
+    ids_a = {r[0] for r in a.query("SELECT id FROM metering.usage_events")}
+    ids_b = {r[0] for r in b.query("SELECT id FROM metering.usage_events")}
+    assert len(ids_b) > 0, "the second worker took partitions over"
+    assert ids_a.isdisjoint(ids_b)
+    assert len(ids_a) + len(ids_b) == 8000
+    rows_a = a.query("SELECT count() FROM metering.usage_events")[0][0]
+    rows_b = b.query("SELECT count() FROM metering.usage_events")[0][0]
+    assert rows_a + rows_b == 8000  # no id twice within a folder either
