@@ -164,6 +164,7 @@ class QuotaCache:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener_task: asyncio.Task[None] | None = None
         self._stop = threading.Event()
+        self.reconnects = 0  # times the invalidation listener lost and regained Redis
         self._subscribed = threading.Event()
         # Bound children: the warm path must not pay for a label lookup.
         self._hit = {
@@ -461,6 +462,20 @@ class QuotaCache:
         except (ValueError, KeyError, TypeError, InvalidIdentifier, QuotaError) as exc:
             log.warning("ignoring a bad quota invalidation %r: %s", raw, exc)
 
+    def _watch_reconnects(self, pubsub: Any) -> None:
+        """redis-py may reconnect a subscription by itself (its retry policy); what was published
+        in the gap is lost, so every reconnect refreshes the whole cache."""
+        if pubsub.connection is not None:
+            pubsub.connection.register_connect_callback(self._on_listener_reconnect)
+
+    def _unwatch_reconnects(self, pubsub: Any) -> None:
+        if pubsub.connection is not None:  # the connection may go back to a pool
+            pubsub.connection.deregister_connect_callback(self._on_listener_reconnect)
+
+    def _on_listener_reconnect(self, _connection: Any) -> None:
+        self.reconnects += 1
+        self.refresh_all()
+
     def start(self) -> QuotaCache:
         """Start the invalidation listener thread (needs ``redis``); returns ``self``.
 
@@ -483,6 +498,7 @@ class QuotaCache:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(INVALIDATION_CHANNEL)
+                self._watch_reconnects(pubsub)
                 if not first:
                     self.refresh_all()
                 first = False
@@ -493,10 +509,12 @@ class QuotaCache:
                         self._on_message(msg["data"])
             except _SOURCE_ERRORS as exc:
                 log.warning("quota invalidation listener lost Redis (%s); reconnecting", exc)
+                self.reconnects += 1
                 first = False
                 self._stop.wait(self.retry_interval)
             finally:
-                with contextlib.suppress(_SOURCE_ERRORS):
+                self._unwatch_reconnects(pubsub)
+                with contextlib.suppress(*_SOURCE_ERRORS):
                     pubsub.close()
 
     async def astart(self) -> QuotaCache:
@@ -519,6 +537,7 @@ class QuotaCache:
             pubsub = self.aredis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(INVALIDATION_CHANNEL)
+                self._watch_reconnects(pubsub)
                 if not first:
                     self.refresh_all()
                 first = False
@@ -529,10 +548,12 @@ class QuotaCache:
                         self._on_message(msg["data"])
             except _SOURCE_ERRORS as exc:
                 log.warning("quota invalidation listener lost Redis (%s); reconnecting", exc)
+                self.reconnects += 1
                 first = False
                 await asyncio.sleep(self.retry_interval)
             finally:
-                with contextlib.suppress(_SOURCE_ERRORS):
+                self._unwatch_reconnects(pubsub)
+                with contextlib.suppress(*_SOURCE_ERRORS):
                     await pubsub.aclose()
 
     def close(self) -> None:

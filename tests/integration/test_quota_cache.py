@@ -6,6 +6,7 @@ miss counters per layer, changes applied by other processes within a second thro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -18,7 +19,13 @@ import redis
 from prometheus_client import REGISTRY
 
 from limiter.quota_provider import UnknownTenant
-from limiter.quotas import INVALIDATION_CHANNEL, QuotaAdmin, QuotaCache, quota_cache_key
+from limiter.quotas import (
+    INVALIDATION_CHANNEL,
+    QuotaAdmin,
+    QuotaCache,
+    encode_quota,
+    quota_cache_key,
+)
 from metering.quota_db import QuotaStore, migrate
 
 
@@ -192,3 +199,53 @@ def test_a_change_in_one_process_is_applied_by_another_within_one_second(
     finally:
         child.wait(timeout=15)
     assert child.returncode == 0
+
+
+def test_a_change_published_while_the_listener_was_disconnected_is_picked_up_on_reconnect(
+    store: QuotaStore, redis_url: str, r: redis.Redis, tenant: str, cleanup: list[str]
+) -> None:
+    cleanup.append(tenant)
+    name = f"quota-listener-{tenant}"
+    QuotaAdmin(store, r).set_quota(tenant, plan="free")
+    cache = QuotaCache(
+        store, redis.Redis.from_url(redis_url, client_name=name), local_ttl=3600
+    ).start()
+    try:
+        assert cache.get(tenant).burst == 10
+        listener = [c for c in r.client_list() if c["name"] == name and "P" in c["flags"]]
+        assert len(listener) == 1
+        r.client_kill_filter(_id=listener[0]["id"])  # only this test's subscription
+        record = store.set_quota(tenant, burst=55)  # the change, its publish lost in the gap:
+        r.set(quota_cache_key(tenant), encode_quota(record), ex=30)  # Redis has it, no PUBLISH
+        deadline = time.monotonic() + 10
+        while cache.get(tenant).burst != 55:
+            assert time.monotonic() < deadline, "the reconnect did not refresh the cache"
+            time.sleep(0.01)
+        assert cache.reconnects >= 1
+    finally:
+        cache.close()
+
+
+async def test_the_async_path_reads_redis_and_applies_published_changes(
+    store: QuotaStore, redis_url: str, tenant: str, cleanup: list[str]
+) -> None:
+    import redis.asyncio as aioredis
+
+    cleanup.append(tenant)
+    ar = aioredis.Redis.from_url(redis_url)
+    cache = await QuotaCache(store, aredis=ar, local_ttl=3600).astart()
+    admin = QuotaAdmin(store, aredis=ar)
+    try:
+        await admin.aset_quota(tenant, plan="pro")
+        before = counts()
+        assert (await cache.aget(tenant)).burst == 100
+        assert delta(before) == {"misses.local": 1, "hits.redis": 1}  # the admin wrote Redis
+        await admin.aset_quota(tenant, burst=11)
+        assert admin.last_published
+        deadline = time.monotonic() + 5
+        while (await cache.aget(tenant)).burst != 11:
+            assert time.monotonic() < deadline, "the change never reached the async cache"
+            await asyncio.sleep(0.001)
+    finally:
+        await cache.aclose()
+        await ar.aclose()
