@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -296,7 +296,7 @@ class RateLimitMiddleware:
         limiter: AsyncLimiter,
         *,
         emitter: DecisionEmitter | None = None,
-        routes: Iterable[str] = (),
+        routes: Collection[str] = (),
         costs: Mapping[str, int] | None = None,
         meters: Mapping[str, str] | None = None,
         default_cost: int = 1,
@@ -312,6 +312,9 @@ class RateLimitMiddleware:
         self.rules = build_route_rules(
             routes, costs, meters, default_cost=default_cost, default_meter=default_meter
         )
+        # With known routes, an unknown path is named "other": raw paths (ids, probes for
+        # nonsense) would make the route dimension unbounded.
+        self.unmatched_route = "other" if routes else None
         self.default_cost = default_cost
         self.default_meter = default_meter
         self.shadow = shadow
@@ -324,7 +327,7 @@ class RateLimitMiddleware:
         for rule in self.rules:
             if (rule.method is None or rule.method == method) and rule.regex.match(path):
                 return rule.pattern, rule.cost, rule.meter
-        return path, self.default_cost, self.default_meter
+        return self.unmatched_route or path, self.default_cost, self.default_meter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt_paths:

@@ -177,14 +177,14 @@ def create_app(
     )
     app.state.context = context
     install_problem_handlers(app)
-    app.include_router(routes_ops.router)
-    app.include_router(routes_events.router)
-    app.include_router(routes_tenants.router)
+    routers = [routes_ops.router, routes_events.router, routes_tenants.router]
     if importlib.util.find_spec(USAGE_ROUTES_MODULE) is not None:
-        app.include_router(importlib.import_module(USAGE_ROUTES_MODULE).router)
+        routers.append(importlib.import_module(USAGE_ROUTES_MODULE).router)
+    for router in routers:
+        app.include_router(router)
     app.openapi = lambda: _openapi_with_events(app)  # type: ignore[method-assign]
 
-    templates = [route.path for route in app.routes if isinstance(route, APIRoute)]
+    templates = [r.path for router in routers for r in router.routes if isinstance(r, APIRoute)]
     # add_middleware wraps: the last added runs first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(

@@ -1,0 +1,144 @@
+"""What the API integration tests share: settings on the real services (unique Kafka topic, a
+private SQLite quota DB), signed tokens, the app with its lifespan behind an httpx client, and a
+Kafka reader for the events the app emitted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+from kafka import KafkaConsumer
+
+from metering.api import create_app
+from metering.events import UsageEvent, decode_event
+from metering.quota_db import migrate
+from metering.settings import Settings, load_settings
+from metering.topics import ensure_topics, pipeline_topics
+
+SECRET = "integration-secret-0123456789abcdef0123"
+AUDIENCE = "metering-api"
+ADMIN_SCOPE = "metering:admin"
+
+
+def make_token(
+    tenant: str, scope: str = "", *, ttl: float = 600, key: str = SECRET, **claims: Any
+) -> str:
+    now = time.time()
+    body = {"sub": tenant, "aud": AUDIENCE, "exp": int(now + ttl), "iat": int(now)}
+    if scope:
+        body["scope"] = scope
+    body.update(claims)
+    return jwt.encode(body, key, algorithm="HS256")
+
+
+def auth(tenant: str, scope: str = "", **claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token(tenant, scope, **claims)}"}
+
+
+def admin() -> dict[str, str]:
+    return auth(f"ops-{uuid.uuid4().hex[:6]}", ADMIN_SCOPE)
+
+
+def api_settings(
+    tmp_path: Path, redis_url: str, kafka_bootstrap: str, *, topics: bool = False, **over: Any
+) -> Settings:
+    """Settings on the shared services; with ``topics``, a fresh one-partition topic pair."""
+    topic = f"api-test-{uuid.uuid4().hex[:10]}"
+    values: dict[str, Any] = {
+        "metering_data_dir": tmp_path,
+        "rate_limit_redis_url": redis_url,
+        "kafka_bootstrap_servers": kafka_bootstrap,
+        "usage_events_topic": topic,
+        "usage_events_dlq_topic": f"{topic}.dlq",
+        "usage_events_partitions": 1,
+        "quota_db_url": f"sqlite:///{tmp_path / 'quota.db'}",
+        "jwt_secret": SECRET,
+        "jwt_audience": AUDIENCE,
+        "jwt_leeway": 5,
+        "quota_local_ttl": 60,  # a change must arrive by invalidation, not by expiry
+        "tenant_quota_cache_ttl": 60,
+    }
+    values.update(over)
+    settings = load_settings(**values)
+    migrate(settings.quota_db_url)
+    if topics:
+        ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def api_client(settings: Settings, **parts: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The app (built from ``settings`` unless parts are given) with its lifespan running."""
+    app = create_app(settings, **parts)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            yield client
+
+
+async def put_quota(
+    client: httpx.AsyncClient,
+    tenant: str,
+    *,
+    rate_per_sec: float,
+    burst: int,
+    daily_limit: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    body = {"rate_per_sec": rate_per_sec, "burst": burst, "daily_limit": daily_limit, **extra}
+    r = await client.put(f"/v1/tenants/{tenant}/quota", json=body, headers=admin())
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def read_events(
+    settings: Settings, expected: int, subject: str | None = None, timeout: float = 30.0
+) -> list[UsageEvent]:
+    """The events on the settings' topic (of ``subject`` only, when given), read until
+    ``expected`` of them arrived or ``timeout``; what arrives right after is read too, so an
+    extra event would show."""
+    consumer = KafkaConsumer(
+        settings.usage_events_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=1000,
+    )
+    events: list[UsageEvent] = []
+
+    def poll() -> None:
+        for batch in consumer.poll(timeout_ms=500).values():
+            for message in batch:
+                event = decode_event(message.value, max_future_skew=3600)
+                if subject is None or event.subject == subject:
+                    events.append(event)
+
+    deadline = time.monotonic() + timeout
+    try:
+        while len(events) < expected and time.monotonic() < deadline:
+            poll()
+        poll()
+    finally:
+        consumer.close()
+    return events
+
+
+def problem(response: httpx.Response) -> dict[str, Any]:
+    """The body of a problem response, checked to be one."""
+    assert response.headers["content-type"].startswith("application/problem+json"), (
+        response.status_code,
+        response.headers.get("content-type"),
+        response.text[:300],
+    )
+    body = json.loads(response.content)
+    assert body["status"] == response.status_code
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body  # type: ignore[no-any-return]

@@ -1,0 +1,236 @@
+"""The API's request path on real Redis and Kafka: tokens, limits, headers, shadow mode,
+exemptions, and quota changes taking effect at once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.integration.api_support import (
+    AUDIENCE,
+    admin,
+    api_client,
+    api_settings,
+    auth,
+    make_token,
+    problem,
+    put_quota,
+    read_events,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, kafka_bootstrap: str):  # type: ignore[no-untyped-def]
+    return api_settings(tmp_path, redis_url, kafka_bootstrap, topics=True)
+
+
+def seconds_to_utc_midnight(now: dt.datetime) -> float:
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    return (midnight - now).total_seconds()
+
+
+# --- authentication ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("token_kwargs", "reason"),
+    [
+        ({"ttl": -60}, "expired"),
+        ({"key": "some-other-secret-0123456789abcdef"}, "signature"),
+        ({"aud": "another-api"}, "audience"),
+    ],
+)
+async def test_bad_tokens_get_401(settings, tenant: str, token_kwargs: dict, reason: str) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Authorization": f"Bearer {make_token(tenant, **token_kwargs)}"}
+    async with api_client(settings) as client:
+        r = await client.get(f"/v1/tenants/{tenant}/quota", headers=headers)
+        body = problem(r)
+    assert r.status_code == 401
+    assert reason in body["detail"]
+
+
+async def test_a_spoofed_tenant_header_is_ignored(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    victim = f"{tenant}-victim"
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=100, burst=50, daily_limit=1000)
+        await put_quota(client, victim, rate_per_sec=100, burst=50, daily_limit=1000)
+        spoof = {**auth(tenant), "X-Tenant-Id": victim, "Tenant-Id": victim, "X-Tenant": victim}
+        for _ in range(3):
+            r = await client.get(f"/v1/tenants/{tenant}/quota", headers=spoof)
+            assert r.status_code == 200
+        # Reading another tenant with the header set is still refused.
+        r = await client.get(f"/v1/tenants/{victim}/quota", headers=spoof)
+        assert r.status_code == 403
+        mine = (await client.get(f"/v1/limits/{tenant}", headers=admin())).json()
+        theirs = (await client.get(f"/v1/limits/{victim}", headers=admin())).json()
+    assert mine["daily"]["used"] == 4  # 3 reads + the refused one, all counted as ours
+    assert theirs["daily"]["used"] == 0
+
+
+# --- limits and fields ---------------------------------------------------------------------------
+async def test_429_arrives_exactly_when_the_bucket_is_empty(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=0.5, burst=5, daily_limit=1000)
+        responses = [
+            await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant)) for _ in range(7)
+        ]
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 5 + [429] * 2
+    assert [r.headers["x-ratelimit-remaining"] for r in responses] == [
+        "4", "3", "2", "1", "0", "0", "0"
+    ]  # fmt: skip
+    assert {r.headers["x-ratelimit-limit"] for r in responses} == {"5"}
+    assert responses[0].headers["ratelimit-policy"] == '"burst";q=5;w=10, "daily";q=1000;w=86400'
+    assert responses[0].headers["ratelimit"].startswith('"burst";r=4;t=2, "daily";r=999;t=')
+    rejected = responses[5]
+    body = problem(rejected)
+    assert body["type"].endswith("rate-limited")
+    # One token at 0.5/s: a little under 2 s away, so Retry-After is 2.
+    assert rejected.headers["retry-after"] == "2"
+    assert rejected.headers["ratelimit"].startswith('"burst";r=0;')
+
+
+async def test_daily_limit_gives_429_until_the_utc_day_ends(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=100, burst=100, daily_limit=3)
+        responses = [
+            await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant)) for _ in range(5)
+        ]
+        now = dt.datetime.now(dt.UTC)
+        live = (await client.get(f"/v1/limits/{tenant}", headers=admin())).json()
+    assert [r.status_code for r in responses] == [200, 200, 200, 429, 429]
+    rejected = responses[3]
+    assert rejected.headers["x-ratelimit-limit"] == "3"
+    assert rejected.headers["x-ratelimit-remaining"] == "0"
+    to_midnight = seconds_to_utc_midnight(now)
+    assert abs(int(rejected.headers["retry-after"]) - to_midnight) <= 5
+    assert abs(int(rejected.headers["x-ratelimit-reset"]) - (now.timestamp() + to_midnight)) <= 5
+    assert '"daily";r=0;' in rejected.headers["ratelimit"]
+    # The limiter's own counter agrees with what the headers said: 3 used, none more.
+    assert live["daily"]["used"] == 3
+    assert live["daily"]["remaining"] == 0
+
+
+async def test_fields_match_the_limiters_live_state(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=0.01, burst=20, daily_limit=500)
+        for _ in range(6):
+            last = await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))
+        live = (await client.get(f"/v1/limits/{tenant}", headers=admin())).json()
+    assert last.headers["x-ratelimit-remaining"] == "14"
+    assert '"daily";r=494;' in last.headers["ratelimit"]
+    assert live["daily"]["used"] == 6
+    assert math.floor(live["bucket"]["tokens"]) == 14
+
+
+async def test_shadow_mode_never_blocks_but_counts(
+    tmp_path: Path, redis_url, kafka_bootstrap, tenant: str
+) -> None:  # type: ignore[no-untyped-def]
+    settings = api_settings(
+        tmp_path, redis_url, kafka_bootstrap, topics=True, rate_limit_shadow_mode=True
+    )
+    rejections = REGISTRY.get_sample_value("rate_limiter_rejections_total", {"reason": "bucket"})
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=0.01, burst=2, daily_limit=1000)
+        statuses = [
+            (await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))).status_code
+            for _ in range(5)
+        ]
+        live = (await client.get(f"/v1/limits/{tenant}", headers=admin())).json()
+    assert statuses == [200] * 5
+    assert live["daily"]["used"] == 2  # only what the limiter allowed was counted
+    after = REGISTRY.get_sample_value("rate_limiter_rejections_total", {"reason": "bucket"})
+    assert (after or 0) - (rejections or 0) >= 3
+    events = read_events(settings, expected=5, subject=tenant)
+    assert sorted(e.data.decision or "" for e in events) == ["allowed"] * 2 + ["rejected"] * 3
+    assert all(e.data.dimensions["shadow"] == "true" for e in events)
+
+
+async def test_exempt_paths_are_never_limited(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=0.01, burst=1, daily_limit=1)
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+            for _ in range(3):
+                r = await client.get(path, headers=auth(tenant))
+                assert r.status_code == 200, (path, r.text[:200])
+                assert "ratelimit" not in r.headers
+        live = (await client.get(f"/v1/limits/{tenant}", headers=admin())).json()
+    assert live["daily"]["used"] == 0
+
+
+async def test_every_decision_becomes_a_usage_event(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=0.01, burst=2, daily_limit=1000)
+        for _ in range(3):
+            await client.get(f"/v1/limits/{tenant}", headers=auth(tenant))
+    events = read_events(settings, expected=3, subject=tenant)
+    assert [(e.type, e.data.meter, e.data.quantity) for e in events] == [
+        ("metering.ratelimit", "requests", 1.0)
+    ] * 3
+    assert [e.data.decision for e in events] == ["allowed", "allowed", "rejected"]
+    assert {e.data.dimensions["route"] for e in events} == {"/v1/limits/{tenant}"}
+    assert [e.billable for e in events] == [True, True, False]
+
+
+async def test_route_costs_come_from_the_settings(
+    tmp_path: Path, redis_url, kafka_bootstrap, tenant: str
+) -> None:  # type: ignore[no-untyped-def]
+    settings = api_settings(
+        tmp_path,
+        redis_url,
+        kafka_bootstrap,
+        rate_limit_route_costs={"GET /v1/limits/{tenant}": 4},
+    )
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=0.01, burst=10, daily_limit=1000)
+        r = await client.get(f"/v1/limits/{tenant}", headers=auth(tenant))
+    assert r.headers["x-ratelimit-remaining"] == "6"
+    assert r.json()["daily"]["used"] == 4
+
+
+# --- quotas --------------------------------------------------------------------------------------
+async def test_quota_changes_need_admin(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    body = {"rate_per_sec": 1000, "burst": 1000, "daily_limit": 10**9}
+    async with api_client(settings) as client:
+        r = await client.put(f"/v1/tenants/{tenant}/quota", json=body, headers=auth(tenant))
+        assert r.status_code == 403
+        assert "metering:admin" in problem(r)["detail"]
+        r = await client.put(f"/v1/tenants/{tenant}/quota", json=body, headers=admin())
+        assert r.status_code == 200
+        assert r.json()["version"] == 1
+
+
+async def test_a_quota_change_applies_in_another_process_without_waiting_for_the_ttl(
+    settings, tenant: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Two apps stand for two API processes: the change made through one is enforced by the
+    other at once (pub/sub invalidation; the cache TTLs here are 60 s)."""
+    async with api_client(settings) as first, api_client(settings) as second:
+        await put_quota(first, tenant, rate_per_sec=100, burst=50, daily_limit=1000)
+        r = await second.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))
+        assert r.headers["x-ratelimit-limit"] == "50"  # the second app now caches burst 50
+        await put_quota(first, tenant, rate_per_sec=100, burst=50, daily_limit=2)
+        statuses = []
+        for _ in range(3):
+            r = await second.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))
+            statuses.append(r.status_code)
+    # 1 used before the change; with daily_limit 2 only one more is allowed.
+    assert statuses == [200, 429, 429]
+    assert r.headers["x-ratelimit-limit"] == "2"
+
+
+async def test_the_audience_is_required_when_configured(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    assert settings.jwt_audience == AUDIENCE
+    no_aud = make_token(tenant)
+    import jwt
+
+    claims = jwt.decode(no_aud, options={"verify_signature": False})
+    claims.pop("aud")
+    token = jwt.encode(claims, "integration-secret-0123456789abcdef0123", algorithm="HS256")
+    async with api_client(settings) as client:
+        r = await client.get(
+            f"/v1/tenants/{tenant}/quota", headers={"Authorization": f"Bearer {token}"}
+        )
+    assert r.status_code == 401
