@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "metering.commands.tenants",
     "metering.commands.db",
     "metering.commands.api",
+    "metering.commands.usage",
 ]
 
 
