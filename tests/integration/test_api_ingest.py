@@ -1,0 +1,175 @@
+"""``POST /v1/events`` on real Kafka: accepted events arrive on the topic with their ids; a batch
+with any bad event is refused whole, with errors by index, and nothing of it is sent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.api_support import (
+    admin,
+    api_client,
+    api_settings,
+    auth,
+    problem,
+    put_quota,
+    read_events,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, kafka_bootstrap: str):  # type: ignore[no-untyped-def]
+    return api_settings(
+        tmp_path,
+        redis_url,
+        kafka_bootstrap,
+        topics=True,
+        api_max_batch=10,
+        api_max_body_bytes=64 * 1024,
+        rate_limit_emit_decisions=False,  # only ingested events on the topic
+    )
+
+
+def event(tenant: str, quantity: float = 1.0, **over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": "urn:test:ingest",
+        "type": "metering.usage",
+        "subject": tenant,
+        "time": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+        "data": {"meter": "tokens", "quantity": quantity, "dimensions": {"model": "m1"}},
+    }
+    body.update(over)
+    return body
+
+
+async def test_a_batch_arrives_on_kafka_with_its_ids(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    batch = [event(tenant, q) for q in (1, 2.5, 40)]
+    async with api_client(settings) as client:
+        r = await client.post("/v1/events", json=batch, headers=auth(tenant))
+        assert r.status_code == 202, r.text
+        assert r.json() == {"accepted": 3, "ids": [e["id"] for e in batch]}
+    arrived = read_events(settings, expected=3, subject=tenant)
+    assert [(e.id, e.data.quantity) for e in arrived] == [
+        (e["id"], e["data"]["quantity"]) for e in batch
+    ]
+
+
+async def test_cloudevents_content_types(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    one, two = event(tenant), event(tenant)
+    async with api_client(settings) as client:
+        r = await client.post(
+            "/v1/events",
+            content=json.dumps([one]),
+            headers={**auth(tenant), "Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert r.status_code == 202
+        r = await client.post(
+            "/v1/events",
+            content=json.dumps(two),
+            headers={**auth(tenant), "Content-Type": "application/cloudevents+json"},
+        )
+        assert r.status_code == 202
+        r = await client.post(
+            "/v1/events", content=b"x", headers={**auth(tenant), "Content-Type": "text/plain"}
+        )
+        assert r.status_code == 415
+        problem(r)
+    assert {e.id for e in read_events(settings, expected=2, subject=tenant)} == {
+        one["id"],
+        two["id"],
+    }
+
+
+async def test_bad_events_are_reported_by_index_and_nothing_is_sent(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).isoformat()
+    batch = [
+        event(tenant),
+        event(tenant, time=future),
+        {**event(tenant), "data": {"meter": "tokens", "quantity": "lots"}},
+        "not an object",
+        {k: v for k, v in event(tenant).items() if k != "id"},
+    ]
+    async with api_client(settings) as client:
+        r = await client.post("/v1/events", json=batch, headers=auth(tenant))
+    body = problem(r)
+    assert r.status_code == 422
+    by_index = {e["index"]: e["message"] for e in body["errors"]}
+    assert sorted(by_index) == [1, 2, 3, 4]
+    assert "time" in by_index[1] and "future" in by_index[1]
+    assert "data.quantity" in by_index[2]
+    assert "JSON object" in by_index[3]
+    assert "id" in by_index[4] and "required" in by_index[4]
+    assert read_events(settings, expected=1, subject=tenant, timeout=2) == []
+
+
+async def test_a_tenant_cannot_send_another_tenants_events(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    other = f"{tenant}-b"
+    async with api_client(settings) as client:
+        r = await client.post(
+            "/v1/events", json=[event(tenant), event(other)], headers=auth(tenant)
+        )
+        body = problem(r)
+        assert r.status_code == 403
+        assert body["errors"] == [
+            {"index": 1, "message": f"subject: {other!r} is not your tenant ({tenant!r})"}
+        ]
+        # Limiter decisions come from the limiter, not from tenants.
+        decision = event(tenant, type="metering.ratelimit")
+        decision["data"]["decision"] = "rejected"
+        r = await client.post("/v1/events", json=[decision], headers=auth(tenant))
+        assert r.status_code == 403
+        # An admin may send for any tenant.
+        r = await client.post("/v1/events", json=[event(other)], headers=admin())
+        assert r.status_code == 202
+    assert read_events(settings, expected=1, subject=tenant, timeout=2) == []
+    assert len(read_events(settings, expected=1, subject=other)) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "words"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"", 400, "empty"),
+        (b'{"a": 1}', 422, "JSON array"),
+        (b"[]", 422, "empty"),
+        (b"[" * 100_000 + b"]" * 100_000, 413, "larger than"),
+        (json.dumps([{"x": 1}] * 11).encode(), 413, "at most 10"),
+        (b"[1, 2, NaN]", 422, "JSON object"),
+    ],
+)
+async def test_bad_bodies_get_a_clear_4xx(
+    settings, tenant: str, content: bytes, status: int, words: str
+) -> None:  # type: ignore[no-untyped-def]
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=100, burst=100, daily_limit=1000)
+        r = await client.post(
+            "/v1/events",
+            content=content,
+            headers={**auth(tenant), "Content-Type": "application/json"},
+        )
+    assert r.status_code == status
+    assert words in problem(r)["detail"]
+
+
+async def test_a_chunked_body_over_the_limit_gets_413(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b"["
+        for _ in range(400):  # about 100 kB
+            yield json.dumps(event(tenant)).encode() + b","
+        yield b"{}]"
+
+    async with api_client(settings) as client:
+        r = await client.post(
+            "/v1/events",
+            content=chunks(),
+            headers={**auth(tenant), "Content-Type": "application/json"},
+        )
+    assert r.status_code == 413
+    assert "larger than 65536 bytes" in problem(r)["detail"]
