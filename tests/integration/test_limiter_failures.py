@@ -1,0 +1,220 @@
+"""The limiter when Redis fails: stopped mid-load (fail open / fail closed, the breaker, the
+recovery), a Sentinel failover, and scripts flushed from the server. Each test has its own
+Redis processes (``dedicated_stack``), since it kills or flushes them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from limiter import AsyncRateLimiter, Quota, RateLimiter
+from limiter.breaker import BreakerState, CircuitBreaker
+from limiter.keys import daily_counter_key, token_bucket_key
+from limiter.local_limiter import LocalLimiter
+from limiter.redis_factory import async_redis_from_settings, redis_from_settings
+from metering.localstack import LocalStack
+from tests.integration.limiter_support import server_day, settings_for
+
+TIMEOUT = 0.5  # RATE_LIMIT_REDIS_SOCKET_TIMEOUT for these tests
+RESET = 0.5  # RATE_LIMIT_BREAKER_RESET
+CEILING = 200.0  # RATE_LIMIT_LOCAL_CEILING_PER_SEC
+QUOTA = Quota(rate_per_sec=10**6, burst=10**6, daily_limit=10**9)
+
+
+@dataclass
+class Call:
+    started: float
+    took: float
+    allowed: bool
+    degraded: bool
+    reason: str
+
+
+def make_limiter(flavor: str, settings: Any) -> Any:
+    """A limiter built as ``from_settings`` does, with a breaker that records when it opened."""
+    opened: list[float] = []
+
+    def on_change(old: BreakerState, new: BreakerState) -> None:
+        if new == "open":
+            opened.append(time.monotonic())
+
+    kwargs = dict(
+        fail_mode=settings.rate_limit_fail_mode,
+        breaker=CircuitBreaker(
+            settings.rate_limit_breaker_failures,
+            settings.rate_limit_breaker_reset,
+            on_change=on_change,
+        ),
+        local_limiter=LocalLimiter(settings.rate_limit_local_ceiling_per_sec),
+    )
+    if flavor == "sync":
+        limiter: Any = RateLimiter(redis_from_settings(settings), **kwargs)
+    else:
+        limiter = AsyncRateLimiter(async_redis_from_settings(settings), **kwargs)
+    limiter.opened = opened
+    return limiter
+
+
+def sync_load(limiter: RateLimiter, tenant: str, stop: threading.Event, calls: list[Call]) -> None:
+    while not stop.is_set():
+        t0 = time.monotonic()
+        d = limiter.acquire(tenant, 1, QUOTA)
+        calls.append(Call(t0, time.monotonic() - t0, d.allowed, d.degraded, d.reason))
+        time.sleep(0.002)
+
+
+async def async_load(
+    limiter: AsyncRateLimiter, tenant: str, stop: asyncio.Event, calls: list[Call]
+) -> None:
+    while not stop.is_set():
+        t0 = time.monotonic()
+        d = await limiter.acquire(tenant, 1, QUOTA)
+        calls.append(Call(t0, time.monotonic() - t0, d.allowed, d.degraded, d.reason))
+        await asyncio.sleep(0.002)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+async def test_redis_stopped_mid_load(
+    dedicated_stack: LocalStack, tenant: str, fail_mode: str, flavor: str
+) -> None:
+    url = dedicated_stack.up(["redis"])["RATE_LIMIT_REDIS_URL"]
+    settings = settings_for(
+        "single",
+        url=url,
+        rate_limit_fail_mode=fail_mode,
+        rate_limit_redis_socket_timeout=TIMEOUT,
+        rate_limit_redis_connect_timeout=TIMEOUT,
+        rate_limit_breaker_failures=3,
+        rate_limit_breaker_reset=RESET,
+        rate_limit_local_ceiling_per_sec=CEILING,
+    )
+    limiter = make_limiter(flavor, settings)
+    calls: list[Call] = []
+    if flavor == "sync":
+        stop: Any = threading.Event()
+        workers: list[Any] = [
+            threading.Thread(target=sync_load, args=(limiter, tenant, stop, calls))
+            for _ in range(4)
+        ]
+        for w in workers:
+            w.start()
+    else:
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(async_load(limiter, tenant, stop, calls)) for _ in range(4)]
+
+    await asyncio.sleep(0.5)
+    killed_at = time.monotonic()
+    await asyncio.to_thread(dedicated_stack.kill, "redis", "redis")
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(dedicated_stack.restart_member, "redis", "redis")
+    back_at = time.monotonic()
+    while time.monotonic() - back_at < 5 and not any(
+        c.started > back_at and not c.degraded for c in list(calls)
+    ):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    stop.set()
+    if flavor == "sync":
+        for w in workers:
+            await asyncio.to_thread(w.join)
+    else:
+        await asyncio.gather(*workers)
+        await limiter.redis.aclose()
+
+    before = [c for c in calls if c.started + c.took < killed_at]
+    assert before and all(c.allowed and not c.degraded for c in before)
+
+    assert limiter.opened, "the breaker never opened"
+    opened_at = limiter.opened[0]
+    outage = [c for c in calls if opened_at <= c.started < back_at]
+    assert len(outage) > 20
+    # Once the breaker is open, no call waits longer than the configured timeout.
+    assert max(c.took for c in outage) < TIMEOUT
+    assert all(c.degraded for c in outage if c.started < back_at - TIMEOUT - RESET)
+    degraded = [c for c in outage if c.degraded]
+    if fail_mode == "open":
+        assert {c.reason for c in degraded} <= {"redis_down", "local_ceiling"}
+        assert sum(c.allowed for c in degraded) > 0
+        # The per-process ceiling still holds: CEILING per second plus one burst.
+        span = max(c.started for c in degraded) - min(c.started for c in degraded)
+        assert sum(c.allowed for c in degraded) <= CEILING * (span + 1) + 1
+    else:
+        assert all(not c.allowed and c.reason == "redis_down" for c in degraded)
+
+    # Decisions resume within a second of Redis answering again.
+    resumed = min(c.started for c in calls if c.started > back_at and not c.degraded)
+    assert resumed - back_at < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_sentinel_failover_the_limiter_carries_on_with_the_promoted_replica(
+    dedicated_stack: LocalStack, tenant: str, flavor: str
+) -> None:
+    env = dedicated_stack.up(["redis-sentinel"])
+    settings = settings_for(
+        "sentinel",
+        sentinels=env["RATE_LIMIT_REDIS_SENTINELS"],
+        master=env["RATE_LIMIT_REDIS_SENTINEL_MASTER"],
+        rate_limit_redis_socket_timeout=TIMEOUT,
+        rate_limit_breaker_reset=RESET,
+    )
+    limiter = make_limiter(flavor, settings)
+
+    async def acquire() -> Any:
+        d = limiter.acquire(tenant, 1, QUOTA)
+        return await d if flavor == "async" else d
+
+    for _ in range(10):
+        assert not (await acquire()).degraded
+    master = redis_from_settings(settings)
+    assert master.execute_command("WAIT", 1, 5000) == 1  # the replica has all 10
+    old_port = master.connection_pool.get_master_address()[1]
+    dedicated_stack.kill("redis-sentinel", "master")
+
+    deadline = time.monotonic() + 40
+    decision = await acquire()
+    while decision.degraded and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        decision = await acquire()
+    assert not decision.degraded, "no decision from Redis within 40 s of the failover"
+    assert master.connection_pool.get_master_address()[1] != old_port
+    assert decision.daily_used == 11  # the promoted replica carries the day on
+    assert (await acquire()).daily_used == 12
+    if flavor == "async":
+        await limiter.redis.aclose()
+
+
+@pytest.mark.parametrize("service", ["redis", "redis-cluster"])
+async def test_scripts_are_reloaded_after_script_flush(
+    dedicated_stack: LocalStack, tenant: str, service: str
+) -> None:
+    env = dedicated_stack.up([service])
+    if service == "redis":
+        settings = settings_for("single", url=env["RATE_LIMIT_REDIS_URL"])
+    else:
+        settings = settings_for("cluster", cluster=env["RATE_LIMIT_REDIS_CLUSTER_NODES"])
+    raw = redis_from_settings(settings)
+    sync_limiter = RateLimiter(redis_from_settings(settings))
+    async_client = async_redis_from_settings(settings)
+    async_limiter = AsyncRateLimiter(async_client)
+    day = server_day(raw, token_bucket_key(tenant))
+
+    assert sync_limiter.acquire(tenant, 1, QUOTA).daily_used == 1
+    assert (await async_limiter.acquire(tenant, 1, QUOTA)).daily_used == 2
+    raw.script_flush()  # on a Cluster: every primary
+    assert sync_limiter.acquire(tenant, 1, QUOTA).daily_used == 3
+    raw.script_flush()
+    # A whole pipelined batch meets NOSCRIPT; every call in it still counts exactly once.
+    batch = await asyncio.gather(*(async_limiter.acquire(tenant, 1, QUOTA) for _ in range(50)))
+    assert sorted(d.daily_used for d in batch) == list(range(4, 54))
+    assert not any(d.degraded for d in batch)
+    assert int(raw.get(daily_counter_key(tenant, day))) == 53
+    await async_client.aclose()
