@@ -162,6 +162,34 @@ def _close_producer_now(producer: KafkaProducer | None) -> None:
         producer.close(timeout=0)
 
 
+def producer_config(
+    bootstrap: str,
+    *,
+    linger_ms: int = 5,
+    compression: str | None = None,
+    client_id: str = "metering-emitter",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The emitter's KafkaProducer settings: idempotent, acks=all, batched with linger,
+    compressed. ``max_block_ms`` bounds how long the sender thread (never the caller) waits
+    for metadata."""
+    return {
+        "bootstrap_servers": bootstrap.split(","),
+        "client_id": client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": linger_ms,
+        "compression_type": compression or default_compression(),
+        "batch_size": 64 * 1024,
+        "metrics_enabled": False,
+        "max_block_ms": 2000,
+        "request_timeout_ms": 10_000,
+        "retry_backoff_ms": 100,
+        "bootstrap_timeout_ms": 3000,
+        **overrides,
+    }
+
+
 def _spool_slot(root: Path, max_bytes: int, fsync: bool) -> Spool:
     """The first spool slot under ``root`` no other live process holds (``root/0``, ``root/1``,
     ...), so several processes sharing a data dir each get one, and a restarted process takes
@@ -198,7 +226,7 @@ class Emitter:
         replay_batch: int = 5000,
         retry_backoff: tuple[float, float] = (0.2, 2.0),
         client_id: str = "metering-emitter",
-        producer_config: dict[str, Any] | None = None,
+        producer_overrides: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(settings, str):
             settings = load_settings(kafka_bootstrap_servers=settings)
@@ -211,21 +239,13 @@ class Emitter:
         self.down_after = down_after
         self.replay_batch = replay_batch
         self.retry_backoff = retry_backoff
-        self._producer_config: dict[str, Any] = {
-            "bootstrap_servers": self.settings.kafka_bootstrap_servers.split(","),
-            "client_id": client_id,
-            "acks": "all",
-            "enable_idempotence": True,
-            "linger_ms": linger_ms,
-            "compression_type": compression or default_compression(),
-            "batch_size": 64 * 1024,
-            "metrics_enabled": False,
-            "max_block_ms": 2000,
-            "request_timeout_ms": 10_000,
-            "retry_backoff_ms": 100,
-            "bootstrap_timeout_ms": 3000,
-            **(producer_config or {}),
-        }
+        self._producer_config = producer_config(
+            self.settings.kafka_bootstrap_servers,
+            linger_ms=linger_ms,
+            compression=compression,
+            client_id=client_id,
+            **(producer_overrides or {}),
+        )
         root = Path(spool_dir) if spool_dir else self.settings.metering_data_dir / "spool"
         self.spool = _spool_slot(
             root, spool_max_bytes or self.settings.emitter_spool_max_bytes, spool_fsync
@@ -589,4 +609,5 @@ __all__ = [
     "Emitter",
     "EmitterMode",
     "default_compression",
+    "producer_config",
 ]
