@@ -1,0 +1,135 @@
+"""Tenant isolation through the whole app (JWT, limiter, routes): tenant A can neither read nor
+write tenant B's quota, limits, events or usage, on every endpoint; an admin can; and A's own
+answers never contain B's data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.api_support import admin, api_client, api_settings, auth, problem
+from tests.integration.query_schema import insert_events, scratch_database
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+FROM = (NOW - dt.timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+TO = (NOW + dt.timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+MONTH = f"{NOW:%Y-%m}"
+
+
+@pytest.fixture(scope="module")
+def usage_db(clickhouse_client: Any) -> Iterator[str]:
+    with scratch_database(clickhouse_client) as db:
+        yield db
+
+
+@pytest.fixture
+def pair(clickhouse_client: Any, usage_db: str) -> tuple[str, str]:
+    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    at = NOW - dt.timedelta(minutes=5)
+    insert_events(
+        clickhouse_client,
+        usage_db,
+        [
+            {"tenant": a, "meter": "tokens", "time": at, "quantity": 7},
+            {"tenant": b, "meter": "tokens", "time": at, "quantity": 1000},
+        ],
+    )
+    return a, b
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, kafka_bootstrap: str, usage_db: str):  # type: ignore[no-untyped-def]
+    return api_settings(
+        tmp_path, redis_url, kafka_bootstrap, topics=True, clickhouse_database=usage_db
+    )
+
+
+def usage_event(tenant: str) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": "urn:test",
+        "type": "metering.usage",
+        "subject": tenant,
+        "time": NOW.isoformat(),
+        "data": {"meter": "tokens", "quantity": 1},
+    }
+
+
+def requests_on(b: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every endpoint, aimed at tenant ``b``: (method, url, httpx keyword arguments)."""
+    quota = {"rate_per_sec": 1e6, "burst": 10**6, "daily_limit": 10**12}
+    return [
+        ("GET", f"/v1/tenants/{b}/quota", {}),
+        ("PUT", f"/v1/tenants/{b}/quota", {"json": quota}),
+        ("GET", f"/v1/limits/{b}", {}),
+        ("POST", "/v1/events", {"json": [usage_event(b)]}),
+        ("GET", "/v1/usage", {"params": {"meter": "tokens", "from": FROM, "to": TO, "tenant": b}}),
+        ("GET", "/v1/usage/sliding", {"params": {"meter": "tokens", "tenant": b}}),
+        ("GET", f"/v1/billing/{b}/{MONTH}", {}),
+        ("GET", "/v1/usage/top", {"params": {"meter": "tokens"}}),
+    ]
+
+
+async def send(
+    client: httpx.AsyncClient, call: tuple[str, str, dict[str, Any]], headers: dict[str, str]
+) -> httpx.Response:
+    method, url, kwargs = call
+    return await client.request(method, url, headers=headers, **kwargs)
+
+
+async def test_tenant_a_is_refused_on_every_endpoint_aimed_at_b(
+    settings, clickhouse_client: Any, pair: tuple[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    async with api_client(settings, clickhouse=clickhouse_client) as client:
+        for call in requests_on(b):
+            r = await send(client, call, auth(a))
+            assert r.status_code == 403, (call[:2], r.status_code, r.text[:300])
+            problem(r)
+        # Nothing was written for B: no quota row, nothing counted against B.
+        quota = (await client.get(f"/v1/tenants/{b}/quota", headers=admin())).json()
+        live = (await client.get(f"/v1/limits/{b}", headers=admin())).json()
+    assert quota["is_default"] is True
+    assert live["daily"]["used"] == 0
+
+
+async def test_an_admin_may_act_on_any_tenant(
+    settings, clickhouse_client: Any, pair: tuple[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    _, b = pair
+    async with api_client(settings, clickhouse=clickhouse_client) as client:
+        for call in requests_on(b):
+            r = await send(client, call, admin())
+            assert r.status_code in (200, 202), (call[:2], r.status_code, r.text[:300])
+
+
+async def test_a_tenants_own_answers_hold_only_its_data(
+    settings, clickhouse_client: Any, pair: tuple[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    async with api_client(settings, clickhouse=clickhouse_client) as client:
+        usage = await client.get(
+            "/v1/usage", params={"meter": "tokens", "from": FROM, "to": TO}, headers=auth(a)
+        )
+        bill = await client.get(f"/v1/billing/{a}/{MONTH}", headers=auth(a))
+        quota = await client.get(f"/v1/tenants/{a}/quota", headers=auth(a))
+        # A tenant header naming B changes nothing.
+        usage_again = await client.get(
+            "/v1/usage",
+            params={"meter": "tokens", "from": FROM, "to": TO},
+            headers={**auth(a), "X-Tenant-Id": b},
+        )
+    assert usage.status_code == 200, usage.text
+    assert [row["value"] for row in usage.json()["data"]] == [7.0]
+    assert bill.status_code == 200
+    assert b not in bill.text and "1000" not in bill.text
+    assert quota.json()["tenant"] == a
+    assert usage_again.status_code == 200
+    assert [row["value"] for row in usage_again.json()["data"]] == [7.0]
