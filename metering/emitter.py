@@ -278,8 +278,13 @@ class Emitter:
         self._sender.start()
         self._replayer.start()
         ref = weakref.ref(self)
-        self._atexit = lambda: (e := ref()) is not None and e.close(timeout=5.0)
-        atexit.register(self._atexit)
+
+        def close_at_exit() -> None:
+            if (emitter := ref()) is not None:
+                emitter.close(timeout=5.0)
+
+        self._atexit = close_at_exit
+        atexit.register(close_at_exit)
 
     # --- the caller's side ---------------------------------------------------------------------
     def emit(self, event: UsageEvent) -> None:

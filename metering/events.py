@@ -24,7 +24,7 @@ import datetime as dt
 import math
 import re
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -40,9 +40,9 @@ from pydantic import (
 
 from metering.ids import InvalidIdentifier, validate_meter, validate_tenant_id
 
-SPECVERSION = "1.0"
-TYPE_USAGE = "metering.usage"
-TYPE_RATELIMIT = "metering.ratelimit"
+SPECVERSION: Final = "1.0"
+TYPE_USAGE: Final = "metering.usage"
+TYPE_RATELIMIT: Final = "metering.ratelimit"
 DEFAULT_SOURCE = "urn:metering"
 DEFAULT_DECISION_METER = "requests"
 
