@@ -204,3 +204,26 @@ def test_two_emitters_sharing_a_data_dir_get_separate_spool_slots(
     finally:
         a.close(timeout=1)
         b.close(timeout=1)
+
+
+def test_when_kafka_falls_behind_the_backlog_goes_to_disk_and_still_arrives_in_order(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    # A cap of 500 unacknowledged records makes every 2000-event batch overflow to the spool.
+    spooled_before = metric("metering_events_spooled_total")
+    em = Emitter(kafka_bootstrap, topic=topic, spool_dir=tmp_path, max_unacked=500)
+    events = [usage_event(f"t-{i % 4}", "api.calls", 1, {"seq": str(i)}) for i in range(6000)]
+    for ev in events:
+        em.emit(ev)
+    em.close(timeout=60)
+    assert em.spool.pending_events == 0
+    assert metric("metering_events_spooled_total") - spooled_before >= 2000
+
+    messages = consume(kafka_bootstrap, topic, expected=6000)
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for m in sorted(messages, key=lambda m: (m.partition, m.offset)):
+        ev = decode_event(m.value)
+        seqs[ev.tenant].append(int(ev.data.dimensions["seq"]))
+    assert sorted(s for order in seqs.values() for s in order) == list(range(6000))
+    for order in seqs.values():
+        assert order == sorted(order)
