@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from limiter.metrics import (
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 INVALIDATION_CHANNEL: Final = "tenant_quota_invalidate"
 CACHE_KEY_PREFIX: Final = "tenant_quota_cache:"
 #: Failures of the sources: the last known quota is served instead.
-_SOURCE_ERRORS = (RedisError, SQLAlchemyError, OSError)
+_SOURCE_ERRORS = (RedisError, RedisClusterException, SQLAlchemyError, OSError)
 
 
 def quota_cache_key(tenant: str) -> str:
@@ -624,11 +624,9 @@ class QuotaAdmin:
         self.last_published = False
         if self.redis is None:
             return False
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
-            pipe.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
-            pipe.execute()
+        try:  # two calls, not a pipeline: a Cluster pipeline refuses PUBLISH
+            self.redis.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
+            self.redis.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
         except _SOURCE_ERRORS as exc:
             log.warning("quota of %s stored but not published: %s", tenant, exc)
             return False
@@ -647,10 +645,8 @@ class QuotaAdmin:
             self.local.apply_change(tenant, json.loads(self._message(tenant, record))["quota"])
         self.last_published = False
         try:
-            async with self.aredis.pipeline(transaction=False) as pipe:
-                pipe.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
-                pipe.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
-                await pipe.execute()
+            await self.aredis.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
+            await self.aredis.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
         except _SOURCE_ERRORS as exc:
             log.warning("quota of %s stored but not published: %s", tenant, exc)
             return False

@@ -249,3 +249,34 @@ async def test_the_async_path_reads_redis_and_applies_published_changes(
     finally:
         await cache.aclose()
         await ar.aclose()
+
+
+def test_on_redis_cluster_a_change_is_cached_published_and_applied(
+    store: QuotaStore, redis_cluster_nodes: str, tenant: str
+) -> None:
+    from redis.cluster import ClusterNode, RedisCluster
+
+    nodes = [
+        ClusterNode(h, int(p))
+        for h, p in (n.rsplit(":", 1) for n in redis_cluster_nodes.split(","))
+    ]
+    writer, reader = RedisCluster(startup_nodes=nodes), RedisCluster(startup_nodes=nodes)
+    admin = QuotaAdmin(store, writer)
+    cache = QuotaCache(store, reader, local_ttl=3600)
+    try:
+        admin.set_quota(tenant, plan="pro")
+        assert admin.last_published
+        cache.start()
+        before = counts()
+        assert cache.get(tenant).burst == 100
+        assert delta(before) == {"misses.local": 1, "hits.redis": 1}
+        admin.set_quota(tenant, burst=5)
+        deadline = time.monotonic() + 5
+        while cache.get(tenant).burst != 5:
+            assert time.monotonic() < deadline, "the change never reached the cache"
+            time.sleep(0.001)
+    finally:
+        cache.close()
+        writer.delete(quota_cache_key(tenant))
+        writer.close()
+        reader.close()
