@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -333,9 +334,9 @@ class QuotaCache:
         """Make every cached entry refresh on its next lookup (after missed invalidations)."""
         with self._lock:
             self._changes += 1
-            for e in self._local.values():
-                e.refresh_at = 0.0
-                e.failing = False
+            for tenant, e in list(self._local.items()):
+                # New objects: a refresh already in flight (fetched before the gap) is discarded.
+                self._local[tenant] = dataclasses.replace(e, refresh_at=0.0, failing=False)
 
     def clear(self) -> None:
         with self._lock:
