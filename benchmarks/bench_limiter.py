@@ -67,6 +67,7 @@ def run_sync(call: Callable[[int], Any], seconds: float) -> dict[str, float]:
     end = perf() + seconds
     i = 0
     start = perf()
+    cpu0 = time.thread_time()
     while True:
         t0 = perf()
         call(i)
@@ -76,7 +77,8 @@ def run_sync(call: Callable[[int], Any], seconds: float) -> dict[str, float]:
         if t1 >= end:
             break
     elapsed = perf() - start
-    return {"rate": i / elapsed, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+    cpu = time.thread_time() - cpu0
+    return {"rate": i / elapsed, "cpu_rate": i / cpu, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
 
 
 def sync_cases(url: str) -> dict[str, Callable[[int], Any]]:
@@ -113,13 +115,20 @@ async def closed_loop(
     for i in range(200):  # warm up: connections, scripts loaded
         await call(i)
     tasks = [asyncio.create_task(caller(k)) for k in range(concurrency)]
-    start = perf()
+    await asyncio.sleep(0.2)  # let the callers reach a steady state
+    lat.clear()
+    start, cpu0, count0 = perf(), time.thread_time(), count
     await asyncio.sleep(seconds)
     stop = True
-    done_at = count
-    elapsed = perf() - start
+    done = count - count0
+    elapsed, cpu = perf() - start, time.thread_time() - cpu0
     await asyncio.gather(*tasks)
-    return {"rate": done_at / elapsed, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+    return {
+        "rate": done / elapsed,
+        "cpu_rate": done / cpu,
+        "p50": pct(lat, 0.5),
+        "p99": pct(lat, 0.99),
+    }
 
 
 async def open_loop(call: Callable[[int], Any], seconds: float, rate: float) -> dict[str, float]:
@@ -135,6 +144,7 @@ async def open_loop(call: Callable[[int], Any], seconds: float, rate: float) -> 
 
     tick = 0.001
     start = perf()
+    cpu0 = time.thread_time()
     sent = 0
     while perf() - start < seconds:
         due = int((perf() - start) * rate)
@@ -145,8 +155,13 @@ async def open_loop(call: Callable[[int], Any], seconds: float, rate: float) -> 
             sent += 1
         await asyncio.sleep(tick)
     await asyncio.gather(*pending)
-    elapsed = perf() - start
-    return {"rate": len(lat) / elapsed, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+    elapsed, cpu = perf() - start, time.thread_time() - cpu0
+    return {
+        "rate": len(lat) / elapsed,
+        "cpu_rate": len(lat) / cpu,
+        "p50": pct(lat, 0.5),
+        "p99": pct(lat, 0.99),
+    }
 
 
 async def async_round(url: str, seconds: float, concurrency: int) -> dict[str, dict[str, float]]:
@@ -192,14 +207,16 @@ for name, cls in [("fixed-window", strategies.FixedWindowRateLimiter),
     perf = time.perf_counter
     end = perf() + seconds
     start = perf()
+    cpu0 = time.thread_time()
     i = 0
     while True:
         t0 = perf(); lim.hit(item, keys[i % 64]); t1 = perf()
         lat.append(t1 - t0); i += 1
         if t1 >= end: break
     lat.sort()
-    out["limits " + name] = {"rate": i / (perf() - start), "p50": lat[len(lat) // 2],
-                              "p99": lat[int(0.99 * len(lat))]}
+    cpu = time.thread_time() - cpu0
+    out["limits " + name] = {"rate": i / (perf() - start), "cpu_rate": i / cpu,
+                              "p50": lat[len(lat) // 2], "p99": lat[int(0.99 * len(lat))]}
 print(json.dumps(out))
 """
 
@@ -231,7 +248,9 @@ def limits_round(url: str, seconds: float, cpu: int | None) -> dict[str, dict[st
 # --- report ----------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=256, help="async callers")
@@ -240,8 +259,10 @@ def main() -> None:
 
     cpu = pin_one_core()
     print(f"pinned to CPU {cpu}" if cpu is not None else "could not pin to one core")
-    print(f"Redis {args.redis_url}; {args.rounds} rounds x {args.seconds}s each; "
-          f"async concurrency {args.concurrency}")
+    print(
+        f"Redis {args.redis_url}; {args.rounds} rounds x {args.seconds}s each; "
+        f"async concurrency {args.concurrency}"
+    )
     results: dict[str, list[dict[str, float]]] = {}
     cases = sync_cases(args.redis_url)
     for r in range(args.rounds):
@@ -258,13 +279,20 @@ def main() -> None:
 
     med: dict[str, dict[str, float]] = {}
     print()
-    print(f"{'case':40s} {'median/s':>10s} {'best/s':>10s} {'p50 us':>8s} {'p99 us':>8s}")
+    print(
+        f"{'case':34s} {'median/s':>9s} {'best/s':>9s} {'per cpu-s':>10s} {'p50 us':>7s} "
+        f"{'p99 us':>7s}"
+    )
     for name, rounds in results.items():
-        med[name] = {k: statistics.median(r[k] for r in rounds) for k in ("rate", "p50", "p99")}
+        med[name] = {
+            k: statistics.median(r[k] for r in rounds) for k in ("rate", "cpu_rate", "p50", "p99")
+        }
         best = max(r["rate"] for r in rounds)
         m = med[name]
-        print(f"{name:40s} {m['rate']:10.0f} {best:10.0f} {m['p50'] * 1e6:8.0f} "
-              f"{m['p99'] * 1e6:8.0f}")
+        print(
+            f"{name:34s} {m['rate']:9.0f} {best:9.0f} {m['cpu_rate']:10.0f} "
+            f"{m['p50'] * 1e6:7.0f} {m['p99'] * 1e6:7.0f}"
+        )
 
     def ratio(a: str, b: str) -> float | None:
         return med[a]["rate"] / med[b]["rate"] if a in med and b in med else None
@@ -277,19 +305,31 @@ def main() -> None:
     h = med["async limiter at half load"]
     print()
     print("targets (medians):")
-    print(f"  async >= 40,000/s: {a['rate']:.0f}/s -> {'MET' if a['rate'] >= 40000 else 'NOT MET'}"
-          f" ({async_r:.2f}x the async no-op EVALSHA)")
-    print(f"  async p99 at half load < 1 ms: {h['p99'] * 1e3:.2f} ms -> "
-          f"{'MET' if h['p99'] < 0.001 else 'NOT MET'}")
-    print(f"  sync >= 0.9x no-op EVALSHA: {sync_r:.2f}x -> "
-          f"{'MET' if sync_r and sync_r >= 0.9 else 'NOT MET'}")
+    print(
+        f"  async >= 40,000/s: {a['rate']:.0f}/s wall -> "
+        f"{'MET' if a['rate'] >= 40000 else 'NOT MET'} ({async_r:.2f}x the async no-op "
+        f"EVALSHA); per CPU-second of the pinned core: {a['cpu_rate']:.0f}/s -> "
+        f"{'MET' if a['cpu_rate'] >= 40000 else 'NOT MET'}"
+    )
+    print(
+        f"  async p99 at half load < 1 ms: {h['p99'] * 1e3:.2f} ms -> "
+        f"{'MET' if h['p99'] < 0.001 else 'NOT MET'}"
+    )
+    print(
+        f"  sync >= 0.9x no-op EVALSHA: {sync_r:.2f}x -> "
+        f"{'MET' if sync_r and sync_r >= 0.9 else 'NOT MET'}"
+    )
     if fixed_r is not None:
-        print(f"  sync >= 1.1x limits fixed window: {fixed_r:.2f}x -> "
-              f"{'MET' if fixed_r >= 1.1 else 'NOT MET'}")
+        print(
+            f"  sync >= 1.1x limits fixed window: {fixed_r:.2f}x -> "
+            f"{'MET' if fixed_r >= 1.1 else 'NOT MET'}"
+        )
         for other in ("limits moving-window", "limits sliding-window-counter"):
             print(f"  (sync vs {other}: {ratio('sync limiter acquire', other):.2f}x)")
-    print(f"  sync p99 < 300 us: {s['p99'] * 1e6:.0f} us -> "
-          f"{'MET' if s['p99'] < 300e-6 else 'NOT MET'}")
+    print(
+        f"  sync p99 < 300 us: {s['p99'] * 1e6:.0f} us -> "
+        f"{'MET' if s['p99'] < 300e-6 else 'NOT MET'}"
+    )
     print("\ncommand: python benchmarks/bench_limiter.py " + " ".join(sys.argv[1:]))
 
 

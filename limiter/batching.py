@@ -17,11 +17,13 @@ its own caller, and a connection failure goes to every caller in the batch.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from limiter import metrics
 from limiter.scripts import SCRIPTS
@@ -98,15 +100,20 @@ class ScriptBatcher:
         conn = await pool.get_connection()
         replies: list[Any] = []
         try:
-            await conn.send_packed_command((b"".join(calls),))
-            read = conn.read_response
-            for _ in range(len(calls)):
-                try:
-                    replies.append(await read())
-                except ResponseError as exc:  # that call's own error reply
-                    replies.append(exc)
-        except BaseException:
+            # One deadline for the whole batch instead of a timer per reply: the socket timeout
+            # bounds the round trip, and reading replies that are already buffered is cheap.
+            async with asyncio.timeout(conn.socket_timeout):
+                await conn.send_packed_command((b"".join(calls),))
+                read = conn.read_response
+                for _ in range(len(calls)):
+                    try:
+                        replies.append(await read(timeout=math.inf))
+                    except ResponseError as exc:  # that call's own error reply
+                        replies.append(exc)
+        except BaseException as exc:
             await conn.disconnect()  # replies may be half read: never reuse this connection
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no reply within {conn.socket_timeout} s") from exc
             raise
         finally:
             await pool.release(conn)

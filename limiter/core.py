@@ -72,10 +72,7 @@ class LimiterCore:
         self.clock = ServerClock()
         # Without a provider there is nothing to seed from: a lost day starts at 0 (no 2nd trip).
         self.first_seed = b"0" if quotas is None else b""
-        self._rejected = {r: metrics.rate_limiter_rejections.labels(r) for r in REASONS}
-        self._consumed = metrics.token_bucket_consumed
-        self._daily_hits = metrics.daily_quota_hits
-        self._latency = metrics.rate_limiter_decision_seconds
+        self._metrics = metrics.decisions
 
     def decision(
         self, reply: Sequence[int], tenant: str, cost: int, quota: Quota, started: float
@@ -86,13 +83,6 @@ class LimiterCore:
         date, reset_at = utc_day(server_day)
         allowed = status == ALLOWED
         reason = REASONS[reason_code]
-        if allowed:
-            if cost:
-                self._consumed.inc(cost)
-        else:
-            self._rejected[reason].inc()
-            if reason == DAILY:
-                self._daily_hits.inc()
         daily_limit = quota.daily_limit
         window_limit = quota.window_limit
         decision = Decision(
@@ -113,7 +103,10 @@ class LimiterCore:
             None if window_limit is None else max(0, window_limit - win_used),
             quota,
         )
-        self._latency.observe(time.perf_counter() - started)
+        if allowed:
+            self._metrics.allowed(cost, time.perf_counter() - started)
+        else:
+            self._metrics.rejected(reason, time.perf_counter() - started, reason == DAILY)
         return decision
 
     def settlement(self, reply: Sequence[int], tenant: str, delta: int) -> Settlement:

@@ -88,8 +88,10 @@ class FailurePolicy:
         else:
             allowed, tokens, retry = False, 0.0, max(self.breaker.retry_in(), 0.001)
             reason = REDIS_DOWN
-        if not allowed:
-            metrics.rate_limiter_rejections.labels(reason).inc()
+        if allowed:
+            metrics.decisions.allowed(0, 0.0)  # nothing consumed from Redis
+        else:
+            metrics.decisions.rejected(reason, 0.0)
         return Decision(
             allowed=allowed,
             limit=quota.burst,

@@ -2,28 +2,105 @@
 
 Counters are exported with the ``_total`` suffix (``rate_limiter_rejections_total``, ...). No
 metric carries the tenant as a label: that would be unbounded cardinality.
+
+The per-decision metrics (``token_bucket_consumed``, ``rate_limiter_rejections``,
+``daily_quota_hits``, ``rate_limiter_decision_seconds``) are counted by :class:`DecisionMetrics`
+as plain numbers under one lock and turned into metric families when Prometheus scrapes: the
+async limiter's budget is a few microseconds per decision, and prometheus-client's objects cost
+about a microsecond per update each.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import bisect
+import threading
+from collections.abc import Iterator
 
-token_bucket_consumed = Counter(
-    "token_bucket_consumed", "Units consumed by allowed rate-limit decisions."
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+DECISION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
 )
-rate_limiter_rejections = Counter(
-    "rate_limiter_rejections", "Rejected rate-limit decisions.", ["reason"]
-)
-daily_quota_hits = Counter(
-    "daily_quota_hits", "Decisions rejected because the UTC day's quota was used up."
-)
+
+
+class DecisionMetrics:
+    """Counts of decisions and their latency; a Prometheus collector."""
+
+    def __init__(self, buckets: tuple[float, ...] = DECISION_BUCKETS) -> None:
+        self._lock = threading.Lock()
+        self._buckets = buckets
+        self._counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self.consumed = 0
+        self.daily_hits = 0
+        self.rejections: dict[str, int] = {}
+
+    def allowed(self, cost: int, seconds: float) -> None:
+        i = bisect.bisect_left(self._buckets, seconds)
+        with self._lock:
+            self.consumed += cost
+            self._counts[i] += 1
+            self._sum += seconds
+
+    def rejected(self, reason: str, seconds: float, daily: bool = False) -> None:
+        i = bisect.bisect_left(self._buckets, seconds)
+        with self._lock:
+            self.rejections[reason] = self.rejections.get(reason, 0) + 1
+            if daily:
+                self.daily_hits += 1
+            self._counts[i] += 1
+            self._sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            consumed, daily_hits = self.consumed, self.daily_hits
+            rejections = dict(self.rejections)
+            counts, total = list(self._counts), self._sum
+        yield CounterMetricFamily(
+            "token_bucket_consumed",
+            "Units consumed by allowed rate-limit decisions.",
+            value=consumed,
+        )
+        rej = CounterMetricFamily(
+            "rate_limiter_rejections", "Rejected rate-limit decisions.", labels=["reason"]
+        )
+        for reason, n in sorted(rejections.items()):
+            rej.add_metric([reason], n)
+        yield rej
+        yield CounterMetricFamily(
+            "daily_quota_hits",
+            "Decisions rejected because the UTC day's quota was used up.",
+            value=daily_hits,
+        )
+        cumulative, acc = [], 0
+        for le, n in zip((*self._buckets, float("inf")), counts, strict=True):
+            acc += n
+            cumulative.append(("+Inf" if le == float("inf") else repr(le), acc))
+        yield HistogramMetricFamily(
+            "rate_limiter_decision_seconds",
+            "Time to decide, from the call to the answer (Redis round trip included).",
+            buckets=cumulative,
+            sum_value=total,
+        )
+
+
+decisions = DecisionMetrics()
+REGISTRY.register(decisions)
+
 redis_down_events = Counter(
     "redis_down_events", "Decisions made without Redis (error, timeout or open breaker)."
-)
-rate_limiter_decision_seconds = Histogram(
-    "rate_limiter_decision_seconds",
-    "Time to decide, from the call to the answer (Redis round trip included).",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 rate_limiter_batch_size = Histogram(
     "rate_limiter_batch_size",
@@ -41,13 +118,11 @@ tenant_quota_stale_served = Counter(
 )
 
 __all__ = [
-    "daily_quota_hits",
+    "DecisionMetrics",
+    "decisions",
     "rate_limiter_batch_size",
-    "rate_limiter_decision_seconds",
-    "rate_limiter_rejections",
     "redis_down_events",
     "tenant_quota_cache_hits",
     "tenant_quota_cache_misses",
     "tenant_quota_stale_served",
-    "token_bucket_consumed",
 ]
