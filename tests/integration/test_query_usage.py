@@ -219,7 +219,7 @@ def test_without_a_window_the_answer_is_one_total_over_the_range(hourly: UsageQu
     assert [(r.window_start, r.window_end, r.value) for r in result.rows] == [
         (at("2026-03-01T00:00:00Z"), at("2026-03-03T12:00:00Z"), 60.0)
     ]
-    assert set(result.tables) == {"usage_day", "usage_hour"}
+    assert result.tables == ("usage_hour",)  # 60 hours: one read beats days + hours
 
 
 # --- aggregations, decisions, groups and filters -------------------------------------------------

@@ -152,12 +152,13 @@ def test_a_range_inside_one_minute_is_raw_only() -> None:
     start=st.integers(0, 40 * 86_400_000),
     length=st.integers(1, 40 * 86_400_000),
     coarsest=st.sampled_from([None, MINUTE_ROLLUP, HOUR_ROLLUP, DAY_ROLLUP]),
+    max_buckets=st.sampled_from([0, 10, 2000]),
 )
 def test_segments_cover_the_range_exactly_with_aligned_rollup_parts(
-    start: int, length: int, coarsest: Any
+    start: int, length: int, coarsest: Any, max_buckets: int
 ) -> None:
     end = start + length
-    parts = segments(start, end, coarsest)
+    parts = segments(start, end, coarsest, max_buckets)
     assert parts[0].lo_ms == start and parts[-1].hi_ms == end
     for a, b in itertools.pairwise(parts):
         assert a.hi_ms == b.lo_ms
