@@ -5,8 +5,10 @@ A lookup tries, in order:
 1. **local**: a dict in process memory. An entry younger than half ``QUOTA_LOCAL_TTL`` is served
    as is. An older one is still served, and a background refresh (a thread for :meth:`get`, a
    task for :meth:`aget`) fetches a new one, so a hot tenant's quota is renewed before it expires
-   and the request path never waits on Redis or the database for it. Only an entry that expired
-   while its tenant was idle is fetched in the request path.
+   and the request path never waits on Redis or the database for it. While the invalidation
+   listener runs, published changes keep cached entries right, so even an entry that expired
+   while its tenant was idle is served while it is refreshed; without a listener such an entry
+   is fetched in the request path instead.
 2. **redis**: ``tenant_quota_cache:<tenant>`` (JSON, TTL ``TENANT_QUOTA_CACHE_TTL``).
 3. **db**: the quota DB. Its answer is written back to Redis with ``SET NX``: a write-back never
    replaces an entry that :class:`QuotaAdmin` wrote for a newer change meanwhile.
@@ -166,6 +168,9 @@ class QuotaCache:
         self._listener_task: asyncio.Task[None] | None = None
         self._stop = threading.Event()
         self.reconnects = 0  # times the invalidation listener lost and regained Redis
+        # With a listener, cached entries are kept right by published changes, so even an
+        # expired one is served while it is refreshed; without one, it is reloaded first.
+        self._listening = False
         self._subscribed = threading.Event()
         # Bound children: the warm path must not pay for a label lookup.
         self._hit = {
@@ -203,10 +208,10 @@ class QuotaCache:
         if e is not None:
             now = time.monotonic()
             if now >= e.refresh_at:
-                if now >= e.expires_at and not e.failing:
+                if now >= e.expires_at and not e.failing and not self._listening:
                     return self._answer(tenant, self._load_now(tenant, e))
                 self._schedule(tenant, e, now)
-            if now >= e.expires_at:
+            if e.failing and now >= e.expires_at:
                 tenant_quota_stale_served.inc()
             self._hit["local"].inc()
             return self._answer(tenant, e)
@@ -219,13 +224,13 @@ class QuotaCache:
         if e is not None:
             now = time.monotonic()
             if now >= e.refresh_at:
-                if now >= e.expires_at and not e.failing:
+                if now >= e.expires_at and not e.failing and not self._listening:
                     return self._answer(tenant, await self._aload_now(tenant, e))
                 e.refresh_at = now + self.retry_interval
                 task = asyncio.get_running_loop().create_task(self._arefresh(tenant, e))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            if now >= e.expires_at:
+            if e.failing and now >= e.expires_at:
                 tenant_quota_stale_served.inc()
             self._hit["local"].inc()
             return self._answer(tenant, e)
@@ -489,6 +494,7 @@ class QuotaCache:
                 target=self._listen, name="quota-invalidation", daemon=True
             )
             self._listener.start()
+            self._listening = True
             self._subscribed.wait(2.0)
         return self
 
@@ -525,6 +531,7 @@ class QuotaCache:
         if self._listener_task is None:
             subscribed = asyncio.Event()
             self._listener_task = asyncio.get_running_loop().create_task(self._alisten(subscribed))
+            self._listening = True
             try:
                 await asyncio.wait_for(subscribed.wait(), 2.0)
             except TimeoutError:
@@ -563,6 +570,7 @@ class QuotaCache:
         if self._listener is not None:
             self._listener.join(timeout=2.0)
             self._listener = None
+            self._listening = self._listener_task is not None
         if self._refresher is not None:
             self._queue.put(None)
             self._refresher.join(timeout=2.0)
@@ -575,6 +583,7 @@ class QuotaCache:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._listener_task = None
+        self._listening = False
         self.close()
 
 

@@ -12,13 +12,15 @@ from collections.abc import Iterator
 import pytest
 import redis
 from prometheus_client import REGISTRY
+from sqlalchemy import text
 
 from limiter import RateLimiter
 from limiter.quota_provider import UnknownTenant
 from limiter.quotas import QuotaAdmin, QuotaCache, quota_cache_key
 from metering.localstack import LocalStack
 from metering.plans import plan_limits
-from metering.quota_db import QuotaStore, migrate
+from metering.quota_db import QuotaStore, make_engine, migrate
+from tests.conftest import fresh_postgres_database
 
 
 def stale_served() -> float:
@@ -110,3 +112,48 @@ def test_a_flushed_redis_seeds_today_from_the_backfill_and_admits_only_the_rest(
     finally:
         cache.close()
         store.close()
+
+
+def test_a_slow_database_never_delays_a_known_tenant(
+    postgres_url: str, r: redis.Redis, tenant: str
+) -> None:
+    for url in fresh_postgres_database(postgres_url):
+        migrate(url)
+        store = QuotaStore(url)
+        QuotaAdmin(store, r).set_quota(tenant, rate_per_sec=1.0, burst=3, daily_limit=100)
+        cache = QuotaCache(store, r, local_ttl=0.2).start()
+        other = make_engine(url)
+        try:
+            assert cache.get(tenant).burst == 3
+            r.delete(quota_cache_key(tenant))  # so the refresh has to ask the DB
+            with other.connect() as lock:
+                # The DB turns slow: every read of tenants waits for this transaction.
+                lock.execute(text("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE"))
+                lock.execute(
+                    text("UPDATE tenants SET burst = 9, version = version + 1 WHERE id = :t"),
+                    {"t": tenant},
+                )
+                time.sleep(0.25)  # the cached entry has expired
+                assert cache.get(tenant).burst == 3  # answered from memory at once ...
+                with other.connect() as probe:  # ... while its refresh waits on the lock
+                    deadline = time.monotonic() + 5
+                    while not probe.scalar(text(WAITING_ON_A_LOCK)):
+                        assert time.monotonic() < deadline, "no refresh is waiting on the DB"
+                        time.sleep(0.01)
+                assert cache.get(tenant).burst == 3
+                lock.commit()
+            deadline = time.monotonic() + 10
+            while cache.get(tenant).burst != 9:  # the refresh completes once the DB answers
+                assert time.monotonic() < deadline, "the refresh never completed"
+                time.sleep(0.01)
+        finally:
+            cache.close()
+            store.close()
+            other.dispose()
+            r.delete(quota_cache_key(tenant))
+
+
+WAITING_ON_A_LOCK = (
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
