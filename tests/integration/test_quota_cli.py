@@ -126,3 +126,15 @@ def test_db_migrate_brings_up_the_quota_db_and_clickhouse(tmp_path: Path) -> Non
     again = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "ClickHouse: applied nothing new" in again.stdout
+
+
+def test_a_change_is_stored_even_when_redis_cannot_be_told(
+    env: str, tenant: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    capsys.readouterr()
+    code, _, err = run(["tenants", "set", tenant, "--plan", "free"], capsys)
+    assert code == 0
+    assert "stored, but Redis could not be told; processes apply the change within 35s" in err
+    code, out, _ = run(["tenants", "show", tenant, "--json"], capsys)
+    assert json.loads(out)["plan"] == "free"
