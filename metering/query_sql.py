@@ -41,7 +41,7 @@ import enum
 import functools
 import re
 import zoneinfo
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -197,7 +197,7 @@ class UsageQuery:
     tz: str = "UTC"
     aggregation: Aggregation = Aggregation.SUM
     group_by: tuple[str, ...] = ()
-    filters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    filters: Mapping[str, Sequence[str]] = field(default_factory=dict)
     decision: DecisionFilter = DecisionFilter.BILLABLE
 
     def __post_init__(self) -> None:
