@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import uvicorn
 from kafka import KafkaConsumer
 
 from metering.api import create_app
@@ -81,6 +83,32 @@ async def api_client(settings: Settings, **parts: Any) -> AsyncIterator[httpx.As
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             yield client
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings, **parts: Any) -> Iterator[str]:
+    """The app served by uvicorn on a free loopback port (in a thread); yields its base URL."""
+    app = create_app(settings, **parts)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="api-under-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def put_quota_sync(base_url: str, tenant: str, **limits: Any) -> None:
+    r = httpx.put(f"{base_url}/v1/tenants/{tenant}/quota", json=limits, headers=admin())
+    assert r.status_code == 200, r.text
 
 
 async def put_quota(
