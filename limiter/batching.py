@@ -5,7 +5,9 @@ below what Redis serves. So every call waiting at the same moment goes out in ON
 write (``transaction=False``: each EVALSHA is still its own atomic script call, nothing is
 wrapped in MULTI). A drain task sends whatever is queued when the event loop gets to it; calls
 that arrive while a batch is in flight form the next batch, so batches grow with the load and
-an idle limiter adds no delay. A second drain task starts only when a full batch is waiting.
+an idle limiter adds no delay. While a batch is in flight, another drain task (up to
+``max_inflight``) starts once ``overlap_at`` calls are waiting, so Redis executes one batch
+while Python encodes the next and decodes the last.
 
 Against a single node or a Sentinel master, the pre-encoded calls are written on one pooled
 connection and the replies read back in order. Against a Cluster, redis-py's cluster pipeline
@@ -30,9 +32,12 @@ from limiter.scripts import SCRIPTS
 
 
 class ScriptBatcher:
-    def __init__(self, client: Any, *, max_batch: int = 512, max_inflight: int = 2) -> None:
-        if max_batch < 1 or max_inflight < 1:
-            raise ValueError("max_batch and max_inflight must be >= 1")
+    def __init__(
+        self, client: Any, *, max_batch: int = 512, max_inflight: int = 2, overlap_at: int = 64
+    ) -> None:
+        if max_batch < 1 or max_inflight < 1 or overlap_at < 1:
+            raise ValueError("max_batch, max_inflight and overlap_at must be >= 1")
+        self.overlap_at = overlap_at
         self.client = client
         self.packed = not isinstance(client, RedisCluster)
         self.max_batch = max_batch
@@ -49,7 +54,7 @@ class ScriptBatcher:
         queue = self._queue
         queue.append((fut, call))
         if self._running == 0 or (
-            len(queue) >= self.max_batch and self._running < self.max_inflight
+            len(queue) >= self.overlap_at and self._running < self.max_inflight
         ):
             self._running += 1
             task = loop.create_task(self._drain())

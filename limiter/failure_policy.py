@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from redis import exceptions as rexc
 
@@ -42,7 +42,8 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def _log_breaker(old: BreakerState, new: BreakerState) -> None:
+def log_breaker_change(old: BreakerState, new: BreakerState) -> None:
+    """The breaker's ``on_change`` hook: every transition is worth a log line."""
     if new == "open":
         log.warning("Redis unavailable: circuit breaker open (was %s)", old)
     else:
@@ -50,6 +51,20 @@ def _log_breaker(old: BreakerState, new: BreakerState) -> None:
 
 
 class FailurePolicy:
+    @classmethod
+    def from_settings(cls, settings: Any) -> FailurePolicy:
+        """From ``RATE_LIMIT_FAIL_MODE``, ``RATE_LIMIT_BREAKER_*`` and
+        ``RATE_LIMIT_LOCAL_CEILING_PER_SEC``."""
+        return cls(
+            settings.rate_limit_fail_mode,
+            breaker=CircuitBreaker(
+                settings.rate_limit_breaker_failures,
+                settings.rate_limit_breaker_reset,
+                on_change=log_breaker_change,
+            ),
+            local_limiter=LocalLimiter(settings.rate_limit_local_ceiling_per_sec),
+        )
+
     def __init__(
         self,
         fail_mode: FailMode = "open",
@@ -61,7 +76,7 @@ class FailurePolicy:
         if fail_mode not in ("open", "closed"):
             raise ValueError(f"fail_mode must be 'open' or 'closed', not {fail_mode!r}")
         self.fail_mode = fail_mode
-        self.breaker = breaker or CircuitBreaker(on_change=_log_breaker)
+        self.breaker = breaker or CircuitBreaker(on_change=log_breaker_change)
         self.local = local_limiter or LocalLimiter(100.0)
         self._log_every = log_every
         self._logged_at = -1e18

@@ -62,12 +62,13 @@ class RateLimiter:
         from metering.settings import get_settings
 
         s = settings or get_settings()
+        policy = FailurePolicy.from_settings(s)
         return cls(
             redis_from_settings(s),
             quotas,
-            fail_mode=s.rate_limit_fail_mode,
-            breaker=CircuitBreaker(s.rate_limit_breaker_failures, s.rate_limit_breaker_reset),
-            local_limiter=LocalLimiter(s.rate_limit_local_ceiling_per_sec),
+            fail_mode=policy.fail_mode,
+            breaker=policy.breaker,
+            local_limiter=policy.local,
         )
 
     @property
