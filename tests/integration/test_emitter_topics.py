@@ -3,6 +3,7 @@ partitions and retention, and running it again changes nothing."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -25,8 +26,14 @@ def partitions(admin: KafkaAdminClient, topic: str) -> int:
 
 
 def retention_ms(admin: KafkaAdminClient, topic: str) -> int:
-    configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    return int(configs["topic"][topic]["retention.ms"]["value"])
+    """The topic's retention.ms (a just-created topic's configs may take a moment to show)."""
+    for _ in range(50):
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        entry = configs["topic"].get(topic, {}).get("retention.ms")
+        if entry is not None:
+            return int(entry["value"])
+        time.sleep(0.2)
+    raise AssertionError(f"{topic} shows no retention.ms")
 
 
 def test_kafka_init_creates_both_topics_as_configured_and_is_idempotent(
