@@ -14,6 +14,9 @@ connection and the replies read back in order. Against a Cluster, redis-py's clu
 groups the calls per node. Either way a reply of ``NOSCRIPT`` (after ``SCRIPT FLUSH``, a restart,
 a failover) loads the scripts and sends those calls again; each call's own error reply goes to
 its own caller, and a connection failure goes to every caller in the batch.
+
+A caller cancelled after its call was queued is simply not answered: the call itself may still
+run (once it is written, Redis executes it), exactly as with any request cancelled in flight.
 """
 
 from __future__ import annotations

@@ -1,0 +1,100 @@
+"""The async limiter's transport: concurrent decisions share pipelined round trips, and one
+call's error or cancellation never leaks into the others in its batch. Also: the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio as aredis
+from prometheus_client import REGISTRY
+
+from limiter import AsyncRateLimiter, Quota, RateLimiter
+from limiter.keys import token_bucket_key
+
+QUOTA = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6)
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aredis.Redis]:
+    c = aredis.Redis.from_url(redis_url, socket_timeout=2.0)
+    yield c
+    await c.aclose()
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_concurrent_decisions_share_round_trips(client: aredis.Redis, tenant: str) -> None:
+    limiter = AsyncRateLimiter(client)
+    batches_before = sample("rate_limiter_batch_size_count")
+    calls_before = sample("rate_limiter_batch_size_sum")
+
+    decisions = await asyncio.gather(*(limiter.acquire(tenant, 1, QUOTA) for _ in range(300)))
+
+    assert sorted(d.daily_used for d in decisions) == list(range(1, 301))
+    batches = sample("rate_limiter_batch_size_count") - batches_before
+    assert sample("rate_limiter_batch_size_sum") - calls_before == 300
+    assert batches <= 10  # 300 decisions in a handful of round trips, not 300
+
+
+async def test_one_calls_error_reply_goes_to_that_caller_only(
+    client: aredis.Redis, redis_url: str, tenant: str
+) -> None:
+    broken = f"{tenant}-broken"
+    raw = redis.Redis.from_url(redis_url)
+    raw.set(token_bucket_key(broken), "not a hash")  # every script call on it fails: WRONGTYPE
+    limiter = AsyncRateLimiter(client)
+
+    results = await asyncio.gather(
+        *(limiter.acquire(broken if i % 10 == 0 else tenant, 1, QUOTA) for i in range(100)),
+        return_exceptions=True,
+    )
+
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(errors) == 10
+    assert all(isinstance(e, redis.ResponseError) and "WRONGTYPE" in str(e) for e in errors)
+    ok = [r for r in results if not isinstance(r, Exception)]
+    assert sorted(d.daily_used for d in ok) == list(range(1, 91))
+    assert limiter.breaker.state == "closed"  # a bad key is not an outage
+    raw.delete(token_bucket_key(broken))
+
+
+async def test_cancelled_callers_do_not_disturb_the_rest_of_the_batch(
+    client: aredis.Redis, tenant: str
+) -> None:
+    limiter = AsyncRateLimiter(client)
+    tasks = [asyncio.create_task(limiter.acquire(tenant, 1, QUOTA)) for _ in range(100)]
+    await asyncio.sleep(0)  # all queued
+    for t in tasks[::4]:
+        t.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    done = [r for r in results if not isinstance(r, BaseException)]
+    assert len(done) == 75 and not any(d.degraded for d in done)
+    # The connection stays in step: the next decisions read their own replies.
+    after = await asyncio.gather(*(limiter.acquire(tenant, 1, QUOTA) for _ in range(5)))
+    used = [d.daily_used for d in after]
+    assert used == sorted(used) and len(set(used)) == 5
+
+
+def test_decisions_are_counted_in_the_seed_metrics(redis_url: str, tenant: str) -> None:
+    limiter = RateLimiter(redis.Redis.from_url(redis_url))
+    before = {
+        "consumed": sample("token_bucket_consumed_total"),
+        "bucket": sample("rate_limiter_rejections_total", reason="bucket"),
+        "daily": sample("rate_limiter_rejections_total", reason="daily"),
+        "daily_hits": sample("daily_quota_hits_total"),
+        "count": sample("rate_limiter_decision_seconds_count"),
+    }
+    q = Quota(rate_per_sec=0.001, burst=3, daily_limit=5)
+    limiter.acquire(tenant, 2, q)  # allowed: 2 consumed
+    limiter.acquire(tenant, 2, q)  # bucket: 1 token left
+    limiter.acquire(tenant, 4, q)  # daily (2 + 4 > 5) and bucket: daily is the reason
+    assert sample("token_bucket_consumed_total") - before["consumed"] == 2
+    assert sample("rate_limiter_rejections_total", reason="bucket") - before["bucket"] == 1
+    assert sample("rate_limiter_rejections_total", reason="daily") - before["daily"] == 1
+    assert sample("daily_quota_hits_total") - before["daily_hits"] == 1
+    assert sample("rate_limiter_decision_seconds_count") - before["count"] == 3
