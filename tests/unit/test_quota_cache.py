@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from limiter.quota_provider import QuotaProvider, UnknownTenant
 from limiter.quotas import QuotaCache
 from metering.ids import InvalidIdentifier
-from metering.plans import Limits, plan_limits
+from metering.plans import Limits, QuotaError, plan_limits
 from metering.quota_db import TenantRecord
 
 
@@ -219,3 +219,33 @@ async def test_aget_serves_from_memory_and_refreshes_as_a_task(store: MemoryStor
         await asyncio.sleep(0.01)
     assert await cache.adaily_seed("acme", dt.date(2026, 1, 2)) == 900
     await cache.aclose()
+
+
+def test_memory_is_bounded_by_max_entries(store: MemoryStore) -> None:
+    for name in ("a1", "a2", "a3"):
+        store.put(name, burst=5)
+    cache = make_cache(store, max_entries=2)
+    for name in ("a1", "a2", "a3"):
+        cache.get(name)
+    assert store.lookups == 3
+    cache.get("a3")
+    cache.get("a2")
+    assert store.lookups == 3  # the two newest stayed
+    cache.get("a1")
+    assert store.lookups == 4  # the oldest was evicted
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"default_plan": "gold"}, "unknown plan 'gold'"),
+        ({"default_plan": "custom"}, "has no default limits"),
+        ({"unknown_tenant": "allow"}, "unknown_tenant must be 'default' or 'reject'"),
+        ({"local_ttl": 0}, "must be > 0"),
+    ],
+)
+def test_a_misconfigured_cache_is_refused_at_construction(
+    store: MemoryStore, kw: dict, message: str
+) -> None:
+    with pytest.raises(QuotaError, match=message):
+        make_cache(store, **kw)
