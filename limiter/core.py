@@ -50,13 +50,13 @@ _valid_tenants: set[str] = set()
 
 def check_tenant(tenant: object) -> str:
     """Validate once per tenant id (a bounded set remembers the ones seen)."""
-    if tenant in _valid_tenants:
-        return tenant  # type: ignore[return-value]
-    validate_tenant_id(tenant)
+    if isinstance(tenant, str) and tenant in _valid_tenants:
+        return tenant
+    valid = validate_tenant_id(tenant)
     if len(_valid_tenants) >= 100_000:
         _valid_tenants.clear()
-    _valid_tenants.add(tenant)  # type: ignore[arg-type]
-    return tenant  # type: ignore[return-value]
+    _valid_tenants.add(valid)
+    return valid
 
 
 class LimiterCore:
