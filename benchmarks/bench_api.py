@@ -1,0 +1,255 @@
+"""Cost of the API's request path: auth + rate limiting on a trivial endpoint.
+
+Two servers, the same FastAPI app with one trivial endpoint (``GET /v1/ping``), each served by
+uvicorn (one process, pinned to CPU 0) on loopback:
+
+- **bare**: the app alone;
+- **full**: the app behind ``JWTAuthMiddleware`` (HS256 bearer token) and
+  ``RateLimitMiddleware`` (the real ``AsyncRateLimiter`` on Redis, quota from the real
+  ``QuotaCache`` over a SQLite quota DB, every decision emitted through the real ``Emitter`` to
+  Kafka). The tenant's quota is large enough that nothing is rejected: we measure the cost of
+  deciding, not of refusing.
+
+The load generator is ``wrk`` (pinned to CPU 1), run in the same script against each server in
+turn, alternating bare/full for ``--rounds`` rounds; the medians are reported:
+
+- throughput: requests/s at ``--connections`` concurrent connections (target: full >= 0.7 x bare);
+- latency: p99 with one connection (requests back to back, so p99 is service time, not queueing;
+  target: full - bare < 2 ms).
+
+Usage: ``python benchmarks/bench_api.py [--duration 10] [--rounds 3] [--connections 32]``.
+Redis and Kafka come from ``RATE_LIMIT_REDIS_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` (defaults:
+127.0.0.1:6379, 127.0.0.1:9092).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import jwt
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECRET = "bench-secret-0123456789abcdef0123456789"
+AUDIENCE = "metering-bench"
+SERVER_CPU = "0"
+LOADGEN_CPU = "1"
+
+
+# --- the servers ----------------------------------------------------------------------------------
+def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untyped-def]
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    if kind == "bare":
+        return app
+
+    from limiter import AsyncRateLimiter, CircuitBreaker, LocalLimiter
+    from limiter.middleware import RateLimitMiddleware
+    from limiter.quotas import QuotaCache
+    from limiter.redis_factory import async_redis_from_settings
+    from metering.api.auth import JWTAuthMiddleware, TokenVerifier
+    from metering.emitter import Emitter
+    from metering.quota_db import QuotaStore, migrate
+    from metering.settings import load_settings
+    from metering.topics import ensure_topics, pipeline_topics
+
+    topic = f"bench-api-{uuid.uuid4().hex[:8]}"
+    settings = load_settings(
+        metering_data_dir=data_dir,
+        quota_db_url=f"sqlite:///{data_dir / 'quota.db'}",
+        usage_events_topic=topic,
+        usage_events_dlq_topic=f"{topic}.dlq",
+        usage_events_partitions=1,
+        jwt_secret=SECRET,
+        jwt_audience=AUDIENCE,
+    )
+    migrate(settings.quota_db_url)
+    ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
+    store = QuotaStore(settings.quota_db_url)
+    store.set_quota(tenant, rate_per_sec=1e9, burst=10**12, daily_limit=10**15)
+    redis = async_redis_from_settings(settings)
+    quotas = QuotaCache.from_settings(settings, store=store, aredis=redis)
+    limiter = AsyncRateLimiter(
+        redis,
+        quotas,
+        fail_mode=settings.rate_limit_fail_mode,
+        breaker=CircuitBreaker(
+            settings.rate_limit_breaker_failures, settings.rate_limit_breaker_reset
+        ),
+        local_limiter=LocalLimiter(settings.rate_limit_local_ceiling_per_sec),
+    )
+    emitter = Emitter(settings)
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, emitter=emitter, routes=["/v1/ping"])
+    app.add_middleware(JWTAuthMiddleware, verifier=TokenVerifier.from_settings(settings))
+    return app
+
+
+def serve(kind: str, port: int, data_dir: Path, tenant: str) -> None:
+    import uvicorn
+
+    app = build_app(kind, data_dir, tenant)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --- the driver -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cpu: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv] if shutil.which("taskset") else argv
+
+
+def start_server(kind: str, data_dir: Path, tenant: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
+    argv += ["--data-dir", str(data_dir), "--tenant", tenant]
+    proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{kind} server exited with {proc.returncode}")
+        try:
+            httpx.get(f"{url}/v1/ping", timeout=1)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"{kind} server did not start")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def wrk(url: str, token: str, connections: int, duration: float) -> tuple[float, float, int]:
+    """(requests/s, p99 ms, non-2xx responses) of one wrk run."""
+    argv = pinned(
+        LOADGEN_CPU,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration:g}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {token}",
+            f"{url}/v1/ping",
+        ],
+    )
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return rps, p99, int(bad.group(1)) if bad else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--serve", choices=["bare", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tenant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.data_dir, args.tenant)
+        return 0
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed (Debian: apt-get install wrk)")
+
+    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+    token = jwt.encode(
+        {"sub": tenant, "aud": AUDIENCE, "exp": int(time.time()) + 3600},
+        SECRET,
+        algorithm="HS256",
+    )
+    results: dict[str, dict[str, list[float]]] = {
+        k: {"rps": [], "p99": []} for k in ("bare", "full")
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        servers = {kind: start_server(kind, Path(tmp) / kind, tenant) for kind in ("bare", "full")}
+        try:
+            for _, url in servers.values():  # warm-up: caches, pooled connections
+                wrk(url, token, args.connections, 2)
+            for n in range(args.rounds):
+                for kind, (_, url) in servers.items():
+                    rps, _, bad = wrk(url, token, args.connections, args.duration)
+                    _, p99, bad1 = wrk(url, token, 1, args.duration / 2)
+                    if bad or bad1:
+                        raise SystemExit(f"{kind}: {bad + bad1} non-2xx responses")
+                    results[kind]["rps"].append(rps)
+                    results[kind]["p99"].append(p99)
+                    print(
+                        f"round {n + 1} {kind:4s}: {rps:8.0f} req/s at {args.connections} "
+                        f"connections, p99 {p99:6.2f} ms at 1 connection",
+                        flush=True,
+                    )
+        finally:
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGINT)
+            for proc, _ in servers.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    bare_rps = statistics.median(results["bare"]["rps"])
+    full_rps = statistics.median(results["full"]["rps"])
+    bare_p99 = statistics.median(results["bare"]["p99"])
+    full_p99 = statistics.median(results["full"]["p99"])
+    ratio = full_rps / bare_rps
+    added = full_p99 - bare_p99
+    summary = {
+        "bare_rps": round(bare_rps),
+        "full_rps": round(full_rps),
+        "ratio": round(ratio, 3),
+        "bare_p99_ms": round(bare_p99, 3),
+        "full_p99_ms": round(full_p99, 3),
+        "p99_added_ms": round(added, 3),
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg()[0],
+    }
+    print(json.dumps(summary))
+    print(
+        f"baseline (bare app): {bare_rps:.0f} req/s, p99 {bare_p99:.2f} ms; "
+        f"with auth + rate limiting: {full_rps:.0f} req/s, p99 {full_p99:.2f} ms"
+    )
+    print(
+        f"ratio {ratio:.2f}x (target >= 0.7: {'met' if ratio >= 0.7 else 'NOT met'}); "
+        f"p99 added {added:.2f} ms (target < 2 ms: {'met' if added < 2 else 'NOT met'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
