@@ -6,8 +6,9 @@ How an event travels::
                                                                 └─► Spool (disk) ─► replayer thread
                                                                                     ─► KafkaProducer
 
-- ``emit`` only appends to a bounded deque (a few µs; safe from any thread and from an event loop,
-  nothing to await). A full queue drops the event, counted and logged.
+- ``emit`` encodes the event and appends it to a bounded deque (µs; no I/O, no lock held by
+  I/O, safe from any thread and from an event loop, nothing to await). A full queue drops the
+  event, counted and logged: that is the bound on the emitter's memory.
 - The sender thread owns the producer while the emitter is ``DIRECT``. When Kafka looks
   unreachable (a send fails, a delivery fails, or nothing is acknowledged for ``down_after``
   seconds) or the queue backs up past half its size, the emitter turns ``SPOOLING``: every
@@ -37,7 +38,6 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +218,7 @@ class Emitter:
         spool_dir: Path | str | None = None,
         spool_max_bytes: int | None = None,
         spool_fsync: bool = True,
-        max_queue: int = 100_000,
+        max_queue: int = 50_000,
         max_unacked: int = 20_000,
         linger_ms: int = 5,
         compression: str | None = None,
@@ -251,7 +251,7 @@ class Emitter:
             root, spool_max_bytes or self.settings.emitter_spool_max_bytes, spool_fsync
         )
 
-        self._queue: collections.deque[tuple[UsageEvent, float]] = collections.deque()
+        self._queue: collections.deque[Record] = collections.deque()  # encoded: ~0.4 KiB each
         self._mode = EmitterMode.SPOOLING  # the replayer decides when Kafka takes events directly
         self._mode_lock = threading.Lock()  # held while appending to the spool or leaving SPOOLING
         self._producer: KafkaProducer | None = None  # the sender's, while DIRECT
@@ -298,7 +298,15 @@ class Emitter:
         if len(self._queue) >= self.max_queue:
             self._drops.drop("queue_full")
             return
-        self._queue.append((event, started))
+        try:
+            value = encode_event(event)
+        except EventDecodeError as exc:  # over the size bound: a caller's bug, never a 500
+            log.error("usage event %s not sent: %s", event.id, exc)
+            self._drops.drop("invalid")
+            return
+        # Encoded here, not in the sender: the queue then holds ~0.4 KiB per event, not the
+        # ~2 KiB of a model object, and the caller's event is free as soon as emit returns.
+        self._queue.append((event.subject.encode(), value))
         if self._sender_idle:
             self._wake_sender.set()
         EMIT_SECONDS.observe(time.perf_counter() - started)
@@ -400,7 +408,7 @@ class Emitter:
             self._wake_sender.clear()
             self._sender_idle = False
 
-    def _take(self, n: int) -> list[tuple[UsageEvent, float]]:
+    def _take(self, n: int) -> list[Record]:
         q = self._queue
         out = []
         with contextlib.suppress(IndexError):
@@ -408,19 +416,8 @@ class Emitter:
                 out.append(q.popleft())
         return out
 
-    def _encode(self, batch: Iterable[tuple[UsageEvent, float]]) -> list[Record]:
-        records = []
-        for event, _ in batch:
-            try:
-                records.append((event.subject.encode(), encode_event(event)))
-            except EventDecodeError as exc:
-                log.error("usage event %s not sent: %s", event.id, exc)
-                self._drops.drop("invalid")
+    def _dispatch(self, records: list[Record]) -> None:
         EVENTS_EMITTED.inc(len(records))
-        return records
-
-    def _dispatch(self, batch: list[tuple[UsageEvent, float]]) -> None:
-        records = self._encode(batch)
         if len(self._unacked) + len(records) > self.max_unacked:
             self._sweep()  # may leave DIRECT
         # Only the replayer leaves SPOOLING (under the lock), so a False here means DIRECT.
