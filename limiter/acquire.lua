@@ -19,7 +19,8 @@
 --
 -- Reply: {status, reason, tokens_milli, retry_ms, daily_used, window_used, server_day, now_s}
 --   status 1 allowed, 0 rejected, -1 WRONG_DAY, -2 NEED_SEED
---   reason 0 ok, 1 bucket, 2 daily, 3 window, 4 cost exceeds burst, 5 cost exceeds window
+--   reason 0 ok, 1 bucket, 2 daily, 3 window, 4 cost exceeds burst, 5 cost exceeds window;
+--          for WRONG_DAY: the day the key names (days since 1970-01-01)
 --   server_day: days since 1970-01-01 (UTC) by the server clock
 
 local cost = tonumber(ARGV[1])
@@ -49,7 +50,7 @@ local doy = math.floor((153 * mp + 2) / 5) + d - 1
 local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
 local key_day = era * 146097 + doe - 719468
 if key_day ~= server_day then
-  return {-1, 0, 0, 0, 0, 0, server_day, now_s}
+  return {-1, key_day, 0, 0, 0, 0, server_day, now_s}
 end
 
 -- Daily counter (seeded when missing, expiring after the day is over plus grace).

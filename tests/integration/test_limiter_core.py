@@ -261,3 +261,38 @@ async def test_concurrent_callers_in_one_process_are_exact(
     assert sum(x.allowed for x in decisions) == 150
     assert {x.reason for x in decisions if not x.allowed} == {"daily"}
     assert d.counter(tenant) == 150
+
+
+@pytest.mark.parametrize(
+    "day",
+    [
+        dt.date(1970, 1, 1),
+        dt.date(2000, 2, 29),
+        dt.date(2024, 2, 29),
+        dt.date(2024, 3, 1),
+        dt.date(2026, 12, 31),
+        dt.date(2100, 3, 1),
+        dt.date(2999, 12, 31),
+    ],
+)
+def test_the_script_reads_the_day_from_the_key_as_the_calendar_does(
+    redis_url: str, tenant: str, day: dt.date
+) -> None:
+    """acquire.lua parses YYYYMMDD from the day key itself (days_from_civil); a key for another
+    day than the server's is refused with both days, and nothing is written."""
+    import redis
+
+    from limiter.clock import epoch_day
+    from limiter.scripts import ACQUIRE, CallEncoder
+
+    raw = redis.Redis.from_url(redis_url)
+    raw.script_load(ACQUIRE.source)
+    args = CallEncoder().acquire_args(tenant, epoch_day(day), 1, Quota(**SLOW), b"0")
+    reply = raw.execute_command(*args)
+    today = server_day(raw)
+    if day == today:
+        pytest.skip("the server's own day")
+    assert reply[0] == -1  # WRONG_DAY
+    assert reply[1] == epoch_day(day)
+    assert reply[6] == epoch_day(today)
+    assert raw.exists(token_bucket_key(tenant), daily_counter_key(tenant, day)) == 0
