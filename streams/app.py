@@ -4,8 +4,9 @@
   malformed message reaches the dead letters with its original bytes).
 - The sink (:mod:`streams.consumer`, :class:`streams.sink.ClickHouseSink`) runs as a task of this
   app with its own consumer: exactly once into ClickHouse, offsets stored with the rows.
-- ``accepted_usage``: after each insert the sink publishes per (tenant, meter, minute) sums of the
-  rows it actually inserted (duplicates already dropped); the ``aggregate`` agent folds them into
+- ``accepted_usage``: after each insert the sink adds per (tenant, meter, minute) sums of the rows
+  it actually inserted (duplicates already dropped) to a buffer sent every
+  ``AGGREGATE_FLUSH_SECONDS``; the ``aggregate`` agent folds them into
   ``tenant_daily_usage`` (per tenant per UTC day, billable) and ``tenant_recent_usage`` (hopping
   windows of the event's own time, so late events land in their own window).
 - Tables use the in-memory store backed by their changelog topics: after a restart or a rebalance
@@ -33,9 +34,10 @@ log = logging.getLogger(__name__)
 
 settings: Settings = get_settings()
 
-WINDOW_SIZE = 60.0
-WINDOW_STEP = 10.0
+WINDOW_SIZE = 300.0  # the last five minutes ...
+WINDOW_STEP = 60.0  # ... at one-minute resolution
 WINDOW_EXPIRES = dt.timedelta(minutes=30)
+AGGREGATE_FLUSH_SECONDS = 2.0
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -86,9 +88,31 @@ async def aggregate(stream: Any) -> None:
         tenant_recent_usage[agg["tenant"]] += agg["quantity"]
 
 
+#: per (tenant, meter, billable, minute) sums of inserted events not yet handed to Faust
+_pending_aggregates: dict[tuple[str, str, int, int], float] = {}
+
+
 async def publish_aggregates(batch: PreparedBatch) -> None:
+    """Add the batch's sums to the buffer that ``flush_aggregates`` sends; the sink's next
+    batch never waits on the live view (ClickHouse already holds the rows)."""
     for agg in minute_aggregates(batch):
-        await accepted_usage.send(key=agg["tenant"], value=agg, timestamp=float(agg["minute"]))
+        key = (agg["tenant"], agg["meter"], agg["billable"], agg["minute"])
+        _pending_aggregates[key] = _pending_aggregates.get(key, 0.0) + agg["quantity"]
+
+
+@app.timer(AGGREGATE_FLUSH_SECONDS)
+async def flush_aggregates() -> None:
+    """Send the buffered sums (one message per tenant, meter, minute) to ``accepted_usage``."""
+    if not _pending_aggregates:
+        return
+    items = list(_pending_aggregates.items())
+    _pending_aggregates.clear()
+    for (tenant, meter, billable, minute), quantity in items:
+        value = {
+            "tenant": tenant, "meter": meter, "billable": billable,
+            "minute": minute, "quantity": quantity,
+        }  # fmt: skip
+        accepted_usage.send_soon(key=tenant, value=value, timestamp=float(minute))
 
 
 # --- the sink and the backfill share one thread: the ClickHouse client is used from it only -----

@@ -181,6 +181,7 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
     assert table[f"{other}|{today}"] == 200.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     kafka_bootstrap: str, pipeline, tenant: str
@@ -207,6 +208,7 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     ) == [[6000, 6000.0]]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_second_worker_joining_mid_stream_keeps_totals_exact(
     kafka_bootstrap: str, pipeline, tenant: str

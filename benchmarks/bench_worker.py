@@ -1,0 +1,260 @@
+"""Benchmark: one ``metering worker`` process into the embedded ClickHouse, beside a raw consumer.
+
+Run: ``python benchmarks/bench_worker.py [--events 300000] [--partitions 4] [--minutes 10]``
+(Kafka from KAFKA_BOOTSTRAP_SERVERS, default 127.0.0.1:9092; a fresh topic per run.)
+
+Phase 1, throughput: ``--events`` usage events are written to a fresh topic first; then
+(a) a raw aiokafka consumer reads them all (the ceiling: fetch + no processing), and
+(b) the worker (a subprocess, exactly as deployed) consumes the same topic from the beginning:
+decode + validate + dedupe + ClickHouse insert + progress + commit. Its rate is measured
+from its first committed offset to the last (start-up excluded), by polling the group's
+committed offsets.
+Phase 2, delay and memory: events are produced at half the measured worker rate for
+``--minutes``; the end-to-end delay (event time = emit time, to the insert having returned,
+i.e. queryable) comes from the worker's ``streams_end_to_end_delay_seconds`` histogram
+(Prometheus, bucket bounds), and the worker's RSS is sampled every 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import NewTopic
+
+ROOT = Path(__file__).resolve().parents[1]
+TENANTS = [f"bench-{i:03d}" for i in range(200)]
+
+
+def event_bytes(i: int, when: dt.datetime) -> tuple[bytes, bytes]:
+    tenant = TENANTS[i % len(TENANTS)]
+    t = when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return tenant.encode(), (
+        f'{{"specversion":"1.0","id":"{uuid.uuid4()}","source":"urn:bench",'
+        f'"type":"metering.usage","subject":"{tenant}","time":"{t}",'
+        f'"data":{{"meter":"requests","quantity":1.0,"dimensions":{{"route":"/v1/x"}}}}}}'
+    ).encode()
+
+
+async def produce(
+    bootstrap: str, topic: str, n: int, partitions: int, rate: float | None = None
+) -> float:
+    """Write ``n`` events (tenant i % 200 always to partition (i % 200) % partitions), in
+    producer batches of up to 500 events per partition, paced to ``rate`` per second if given."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, max_batch_size=1024 * 1024)
+    await producer.start()
+    started = time.monotonic()
+    try:
+        i = 0
+        while i < n:
+            chunk = min(500 * partitions, n - i)
+            if rate is not None:
+                ahead = started + i / rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            now = dt.datetime.now(dt.UTC)
+            batches = [producer.create_batch() for _ in range(partitions)]
+            for j in range(i, i + chunk):
+                key, value = event_bytes(j, now)
+                batches[(j % len(TENANTS)) % partitions].append(
+                    key=key, value=value, timestamp=None
+                )
+            sends = [
+                await producer.send_batch(b, topic, partition=p)
+                for p, b in enumerate(batches)
+                if b.record_count()
+            ]
+            await asyncio.gather(*sends)
+            i += chunk
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
+
+
+async def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"raw-{topic}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    got, started = 0, None
+    try:
+        while got < n:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            if batch and started is None:
+                started = time.monotonic()
+            got += sum(len(v) for v in batch.values())
+        return n / (time.monotonic() - (started or time.monotonic()))
+    finally:
+        await consumer.stop()
+
+
+def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum(c.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
+    finally:
+        c.close(autocommit=False)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def histogram(port: int, name: str) -> list[tuple[float, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = []
+    for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M):
+        out.append((float(m.group(1)), float(m.group(2))))
+    return out
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return float("inf")
+
+
+def diff(after: list[tuple[float, float]], before: list[tuple[float, float]]):  # type: ignore[no-untyped-def]
+    b = dict(before)
+    return [(le, c - b.get(le, 0.0)) for le, c in after]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=300_000)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--batch-size", type=int, default=5000)
+    ap.add_argument("--batch-within", type=float, default=0.5)
+    ap.add_argument("--lateness", type=float, default=120.0)
+    ap.add_argument("--metrics-port", type=int, default=19108)
+    args = ap.parse_args()
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    base = f"bench-{uuid.uuid4().hex[:8]}"
+    topic, dlq, group = f"{base}.events", f"{base}.dlq", base
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, args.partitions, 1), NewTopic(dlq, 1, 1)])
+    admin.close()
+
+    took = asyncio.run(produce(bootstrap, topic, args.events, args.partitions))
+    print(f"produced {args.events} events in {took:.1f}s ({args.events / took:,.0f}/s)")
+    raw_rate = asyncio.run(raw_consume(bootstrap, topic, args.events))
+    print(f"raw aiokafka consumer (ceiling): {raw_rate:,.0f} events/s")
+
+    data = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "QUOTA_DB"))}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        USAGE_EVENTS_TOPIC=topic,
+        USAGE_EVENTS_DLQ_TOPIC=dlq,
+        USAGE_EVENTS_PARTITIONS=str(args.partitions),
+        WORKER_GROUP=group,
+        WORKER_BATCH_SIZE=str(args.batch_size),
+        WORKER_BATCH_WITHIN=str(args.batch_within),
+        WORKER_METRICS_PORT=str(args.metrics_port),
+        EVENT_MAX_LATENESS=str(args.lateness),
+        METERING_DATA_DIR=str(data),
+    )
+    log = open(data / "worker.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "metering.cli", "worker"], cwd=ROOT, env=env, stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    sink_group = f"{group}.sink"
+    try:
+        first_at = first_n = None
+        deadline = time.monotonic() + 600
+        done = 0
+        while done < args.events and time.monotonic() < deadline:
+            done = committed_total(bootstrap, sink_group, topic, args.partitions)
+            if done and first_at is None:
+                first_at, first_n = time.monotonic(), done
+            time.sleep(0.2)
+        if done < args.events:
+            print(f"worker did not finish: {done}/{args.events} committed")
+            return 1
+        assert first_at is not None and first_n is not None
+        worker_rate = (args.events - first_n) / (time.monotonic() - first_at)
+        print(
+            f"worker: {worker_rate:,.0f} events/s (batch_size={args.batch_size}, "
+            f"batch_within={args.batch_within}s, {args.partitions} partitions); "
+            f"ratio to raw consumer {worker_rate / raw_rate:.2f}"
+        )
+        print(f"worker RSS after phase 1: {rss_mb(worker.pid):.0f} MB")
+
+        rate = worker_rate / 2
+        seconds = args.minutes * 60
+        n2 = int(rate * seconds)
+        print(f"phase 2: {n2} events at {rate:,.0f}/s for {seconds:.0f}s")
+        before = histogram(args.metrics_port, "streams_end_to_end_delay_seconds")
+        samples: list[tuple[float, float]] = []
+
+        async def sample_rss() -> None:
+            t0 = time.monotonic()
+            while True:
+                samples.append((time.monotonic() - t0, rss_mb(worker.pid)))
+                await asyncio.sleep(10)
+
+        async def phase2() -> float:
+            sampler = asyncio.create_task(sample_rss())
+            try:
+                return await produce(bootstrap, topic, n2, args.partitions, rate=rate)
+            finally:
+                sampler.cancel()
+
+        took2 = asyncio.run(phase2())
+        target = args.events + n2
+        deadline = time.monotonic() + 120
+        while committed_total(bootstrap, sink_group, topic, args.partitions) < target:
+            if time.monotonic() > deadline:
+                print("worker fell behind in phase 2")
+                break
+            time.sleep(0.5)
+        after = histogram(args.metrics_port, "streams_end_to_end_delay_seconds")
+        delay = diff(after, before)
+        print(
+            f"phase 2 produced at {n2 / took2:,.0f}/s; end-to-end delay (bucket upper bounds): "
+            f"p50 <= {quantile(delay, 0.5)}s, p99 <= {quantile(delay, 0.99)}s"
+        )
+        print("delay histogram (le: count): " + ", ".join(f"{le:g}: {c:.0f}" for le, c in delay))
+        print("worker RSS (s, MB): " + ", ".join(f"({t:.0f}, {m:.0f})" for t, m in samples))
+        if len(samples) >= 4:
+            half = len(samples) // 2
+            first_half = sum(m for _, m in samples[:half]) / half
+            second_half = sum(m for _, m in samples[half:]) / (len(samples) - half)
+            print(f"RSS mean first half {first_half:.0f} MB, second half {second_half:.0f} MB")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
