@@ -253,3 +253,27 @@ def test_events_are_immutable() -> None:
     ev = usage_event("t1", "m", 1)
     with pytest.raises(ValueError, match="frozen"):
         ev.subject = "t2"  # type: ignore[misc]
+
+
+def test_a_limiter_decision_made_without_redis_is_marked_degraded() -> None:
+    from limiter import Decision
+
+    decision = Decision(
+        allowed=True,
+        limit=10,
+        remaining=9,
+        retry_after=0.0,
+        daily_limit=100,
+        daily_used=1,
+        daily_remaining=99,
+        reset_at=NOW,
+        reason="redis_down",
+        tenant="t1",
+        cost=1,
+        day=NOW.date(),
+        degraded=True,
+    )
+    ev = decision_event("t1", decision, route="/v1/items")
+    assert ev.data.decision == "allowed"
+    assert ev.data.quantity == 1.0
+    assert ev.data.dimensions == {"route": "/v1/items", "reason": "redis_down", "degraded": "true"}
