@@ -104,6 +104,14 @@ async def test_known_totals_with_duplicates_late_and_malformed_messages(
     assert totals(clickhouse_client, clickhouse_db) == expected
     for table in ("usage_minute", "usage_hour", "usage_day", "usage_minute_by_time"):
         assert rollup_totals(clickhouse_client, clickhouse_db, table) == expected
+    # The late-but-accepted event sits in the minute of its own time, 50 minutes back.
+    late = clickhouse_client.query(
+        f"SELECT dateDiff('minute', bucket, now()), sum(quantity_sum)"
+        f" FROM {clickhouse_db}.usage_minute WHERE tenant = {{t:String}}"
+        f" AND bucket < now() - INTERVAL 40 MINUTE GROUP BY bucket",
+        parameters={"t": globex},
+    ).result_rows
+    assert len(late) == 1 and 49 <= late[0][0] <= 51 and late[0][1] == 5.0
     letters = read_all(kafka_bootstrap, dlq)
     reasons = sorted(dict(m.headers)["dlq.reason"].decode() for m in letters)
     assert reasons == ["invalid", "invalid", "late"]
