@@ -276,6 +276,7 @@ def main() -> None:
 
     cpu = pin_one_core()
     print(f"pinned to CPU {cpu}" if cpu is not None else "could not pin to one core")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     stack = None
     if args.redis_url is None:
         args.redis_url, stack = private_redis(cpu)
@@ -358,6 +359,7 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         f"  sync p99 < 300 us: {s['p99'] * 1e6:.0f} us -> "
         f"{'MET' if s['p99'] < 300e-6 else 'NOT MET'}"
     )
+    print(f"load average at end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     print("\ncommand: python benchmarks/bench_limiter.py " + " ".join(sys.argv[1:]))
 
 
