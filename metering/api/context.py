@@ -36,4 +36,4 @@ class ApiContext:
 
 
 def api_context(request: Request) -> ApiContext:
-    return request.app.state.context  # type: ignore[no-any-return]
+    return request.app.state.context

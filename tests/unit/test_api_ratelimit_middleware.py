@@ -24,6 +24,7 @@ from limiter.middleware import (
     retry_after_seconds,
 )
 from limiter.quota import Quota
+from metering.events import decision_event, decode_event, encode_event
 
 NOW = 1_800_000_000.0  # a fixed Unix time
 RESET_AT = dt.datetime.fromtimestamp(NOW + 3600, dt.UTC)  # the day ends in an hour
@@ -244,3 +245,34 @@ async def test_an_invalid_tenant_is_400_never_a_key() -> None:
         r = await c.get("/v1/things/1")
     assert r.status_code == 400
     assert limiter.calls == []
+
+
+@pytest.mark.parametrize("shadow", [False, True])
+@pytest.mark.parametrize(
+    "d",
+    [
+        decision(),
+        decision(allowed=False, reason="daily", daily_remaining=0),
+        decision(allowed=True, reason="redis_down", degraded=True),
+    ],
+)
+def test_the_fast_decision_event_is_what_decision_event_makes(d: Decision, shadow: bool) -> None:
+    """The middleware builds its events without re-validation; the strict decoder accepts them
+    and they equal metering.events.decision_event's, field for field."""
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter(), shadow=shadow, source="urn:test")
+    fast = mw.decision_event("acme", d, 3, "requests", "/v1/things/{id}")
+    decoded = decode_event(encode_event(fast))
+    reference = decision_event(
+        "acme",
+        d,
+        meter="requests",
+        cost=3,
+        route="/v1/things/{id}",
+        source="urn:test",
+        dimensions={"shadow": "true"} if shadow else None,
+    )
+    assert decoded == fast
+    assert decoded.model_dump(exclude={"id", "time"}) == reference.model_dump(
+        exclude={"id", "time"}
+    )
+    assert fast.time.tzinfo is not None
