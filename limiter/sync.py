@@ -34,6 +34,10 @@ class RateLimiter:
 
     ``acquire`` is atomic per decision; a rejection changes nothing. When Redis is unavailable
     the failure policy answers (``fail_mode``), with ``Decision.degraded`` set.
+
+    Give it a client from :mod:`limiter.redis_factory` (or one with socket timeouts and no
+    retries): redis-py's default retries with backoff would stretch every failing call far past
+    the timeout before the breaker can open.
     """
 
     def __init__(
