@@ -104,18 +104,26 @@ if window_limit > 0 and win_used + cost > window_limit then
   if cost > window_limit then
     if reason == 0 then reason = 5 end
   else
-    -- Wait until enough of the oldest entries have left the window.
+    -- Wait until enough of the oldest entries have left the window (read oldest first, a few
+    -- at a time: usually the first one frees enough, and a full log is never read whole).
     local need = win_used + cost - window_limit
-    local entries = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
     local freed = 0
     local wait = window_us
-    for i = 1, #entries, 2 do
-      local member = entries[i]
-      freed = freed + tonumber(string.sub(member, string.find(member, ':', 1, true) + 1))
-      if freed >= need then
-        wait = tonumber(entries[i + 1]) + window_us - now
-        break
+    local first = 0
+    local found = false
+    while not found do
+      local entries = redis.call('ZRANGE', KEYS[3], first, first + 31, 'WITHSCORES')
+      if #entries == 0 then break end
+      for i = 1, #entries, 2 do
+        local member = entries[i]
+        freed = freed + tonumber(string.sub(member, string.find(member, ':', 1, true) + 1))
+        if freed >= need then
+          wait = tonumber(entries[i + 1]) + window_us - now
+          found = true
+          break
+        end
       end
+      first = first + 32
     end
     if reason == 0 then reason = 3 end
     if wait > retry_us then retry_us = wait end

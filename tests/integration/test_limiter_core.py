@@ -296,3 +296,23 @@ def test_the_script_reads_the_day_from_the_key_as_the_calendar_does(
     assert reply[1] == epoch_day(day)
     assert reply[6] == epoch_day(today)
     assert raw.exists(token_bucket_key(tenant), daily_counter_key(tenant, day)) == 0
+
+
+async def test_window_retry_after_waits_for_just_enough_old_entries(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    d = make()
+    q = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6, window_limit=40, window_seconds=30)
+    first = await d.acquire(tenant, 2, q)
+    await asyncio.sleep(0.6)
+    for _ in range(38):
+        assert (await d.acquire(tenant, 1, q)).allowed
+    # Full (40). A cost of 2 needs the 2 units of the oldest entry to leave: ~30 s after it.
+    rejected = await d.acquire(tenant, 2, q)
+    assert first.allowed and (rejected.reason, rejected.window_remaining) == ("window", 0)
+    assert 25.0 < rejected.retry_after < 30.0
+    # A cost of 3 also needs the next one, at least 0.6 s younger.
+    later = await d.acquire(tenant, 3, q)
+    assert later.retry_after - rejected.retry_after > 0.3
+    too_big = await d.acquire(tenant, 41, q)
+    assert (too_big.allowed, too_big.reason) == (False, "cost_exceeds_window")
