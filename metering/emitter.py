@@ -68,7 +68,7 @@ EVENTS_REPLAYED = Counter(
 )
 EVENTS_DROPPED = Counter(
     "metering_events_dropped",
-    "Events lost: queue_full, spool_full, closed, refused (by Kafka), invalid",
+    "Events lost: queue_full, spool_full, closed, refused (by Kafka), invalid, error",
     ["reason"],
 )
 PRODUCER_ERRORS = Counter(
@@ -393,7 +393,11 @@ class Emitter:
                 self._sweep()
             except Exception:  # never let the thread die: spool what it held
                 log.exception("emitter sender failed; spooling")
-                self._to_spool("sender error", [], abort=True)
+                try:  # part of the batch may be in Kafka already: a resend, never a loss
+                    self._to_spool("sender error", batch, abort=True)
+                except Exception:
+                    log.exception("emitter could not spool after an error")
+                    self._drops.drop("error", len(batch))
             finally:
                 self._sender_busy = False
             QUEUE_EVENTS.set(len(self._queue))
