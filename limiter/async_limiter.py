@@ -37,7 +37,7 @@ class AsyncRateLimiter:
     ) -> None:
         self.redis = redis_client
         self.policy = FailurePolicy(fail_mode, breaker=breaker, local_limiter=local_limiter)
-        self._core = LimiterCore(quotas, self.policy, day_grace_seconds)
+        self._core = LimiterCore(quotas, day_grace_seconds)
         self.clock = self._core.clock  # the estimate of the Redis server's clock
         self._batcher = ScriptBatcher(redis_client, max_batch=max_batch, max_inflight=max_inflight)
 

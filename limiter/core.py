@@ -21,7 +21,6 @@ from limiter.decision import (
     Decision,
     Settlement,
 )
-from limiter.failure_policy import FailurePolicy
 from limiter.quota import Quota
 from limiter.quota_provider import QuotaProvider
 from limiter.scripts import ALLOWED, CallEncoder
@@ -60,14 +59,8 @@ def check_tenant(tenant: object) -> str:
 
 
 class LimiterCore:
-    def __init__(
-        self,
-        quotas: QuotaProvider | None,
-        policy: FailurePolicy,
-        day_grace_seconds: int,
-    ) -> None:
+    def __init__(self, quotas: QuotaProvider | None, day_grace_seconds: int) -> None:
         self.quotas = quotas
-        self.policy = policy
         self.encoder = CallEncoder(day_grace_seconds)
         self.clock = ServerClock()
         # Without a provider there is nothing to seed from: a lost day starts at 0 (no 2nd trip).

@@ -52,7 +52,7 @@ class RateLimiter:
     ) -> None:
         self.redis = redis_client
         self.policy = FailurePolicy(fail_mode, breaker=breaker, local_limiter=local_limiter)
-        self._core = LimiterCore(quotas, self.policy, day_grace_seconds)
+        self._core = LimiterCore(quotas, day_grace_seconds)
         self.clock = self._core.clock  # the estimate of the Redis server's clock
         # A plain client (single node or Sentinel master) gets the direct connection path.
         self._pool = redis_client.connection_pool if isinstance(redis_client, redis.Redis) else None
