@@ -14,11 +14,14 @@ class InvalidQuota(ValueError):
     """A quota value that no limiter can enforce; the message names the field."""
 
 
+MAX_UNITS = 2**53  # Lua numbers are doubles: integers above this lose precision in the script
+
+
 def _whole(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidQuota(f"{name} must be an integer, not {value!r}")
-    if value < minimum:
-        raise InvalidQuota(f"{name} must be >= {minimum}, not {value}")
+    if not minimum <= value <= MAX_UNITS:
+        raise InvalidQuota(f"{name} must be between {minimum} and 2**53, not {value}")
     return value
 
 
@@ -37,8 +40,8 @@ class Quota:
         rate = self.rate_per_sec
         if isinstance(rate, bool) or not isinstance(rate, int | float):
             raise InvalidQuota(f"rate_per_sec must be a number, not {rate!r}")
-        if not math.isfinite(rate) or rate <= 0:
-            raise InvalidQuota(f"rate_per_sec must be a finite number > 0, not {rate!r}")
+        if not math.isfinite(rate) or rate <= 0 or rate > MAX_UNITS:
+            raise InvalidQuota(f"rate_per_sec must be a number > 0 and <= 2**53, not {rate!r}")
         _whole("burst", self.burst, 1)
         _whole("daily_limit", self.daily_limit, 0)
         if (self.window_limit is None) != (self.window_seconds is None):

@@ -22,6 +22,8 @@ from metering.ids import InvalidIdentifier
         (dict(rate_per_sec="10", burst=1, daily_limit=1), "rate_per_sec"),
         (dict(rate_per_sec=True, burst=1, daily_limit=1), "rate_per_sec"),
         (dict(rate_per_sec=1, burst=0, daily_limit=1), "burst"),
+        (dict(rate_per_sec=1, burst=2**60, daily_limit=1), "burst"),
+        (dict(rate_per_sec=1e300, burst=1, daily_limit=1), "rate_per_sec"),
         (dict(rate_per_sec=1, burst=2.5, daily_limit=1), "burst"),
         (dict(rate_per_sec=1, burst=1, daily_limit=-1), "daily_limit"),
         (dict(rate_per_sec=1, burst=1, daily_limit=1.0), "daily_limit"),
