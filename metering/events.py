@@ -33,7 +33,6 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -156,7 +155,7 @@ class UsageEvent(BaseModel):
     def _utc_not_in_future(cls, v: dt.datetime, info: ValidationInfo) -> dt.datetime:
         if v.tzinfo is None or v.utcoffset() is None:
             raise ValueError("must carry a timezone (RFC 3339, e.g. 2026-01-01T00:00:00Z)")
-        v = v.astimezone(dt.UTC)
+        v = v.astimezone(dt.UTC)  # held in UTC, so pydantic writes RFC 3339 with "Z"
         ctx = info.context or {}
         skew = ctx.get("max_future_skew")
         if skew is not None:
@@ -174,10 +173,6 @@ class UsageEvent(BaseModel):
         if self.type == TYPE_USAGE and self.data.decision is not None:
             raise ValueError("data.decision: only allowed for type metering.ratelimit")
         return self
-
-    @field_serializer("time")
-    def _rfc3339(self, v: dt.datetime) -> str:
-        return v.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
     @property
     def tenant(self) -> str:
