@@ -232,7 +232,7 @@ class SinkConsumer:
         self._stopping.set()
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Listener(ConsumerRebalanceListener):
     def __init__(self, owner: SinkConsumer) -> None:
         self.owner = owner
 
