@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from metering.ids import InvalidIdentifier, validate_meter, validate_tenant_id
+from metering.settings import get_settings
 
 SPECVERSION: Final = "1.0"
 TYPE_USAGE: Final = "metering.usage"
@@ -202,8 +203,6 @@ def _describe(exc: ValidationError) -> str:
 
 def _default_skew() -> float:
     try:
-        from metering.settings import get_settings
-
         return float(get_settings().event_max_future_skew)
     except Exception:  # settings unreadable: the documented default still protects the pipeline
         return DEFAULT_MAX_FUTURE_SKEW
@@ -266,7 +265,7 @@ def new_event_id() -> str:
 
 def _build(fields: dict[str, Any]) -> UsageEvent:
     try:
-        return UsageEvent.model_validate(fields)
+        return UsageEvent.model_validate(fields, context={"max_future_skew": _default_skew()})
     except ValidationError as exc:
         raise EventDecodeError(_describe(exc)) from None
 

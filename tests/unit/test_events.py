@@ -277,3 +277,9 @@ def test_a_limiter_decision_made_without_redis_is_marked_degraded() -> None:
     assert ev.data.decision == "allowed"
     assert ev.data.quantity == 1.0
     assert ev.data.dimensions == {"route": "/v1/items", "reason": "redis_down", "degraded": "true"}
+
+
+def test_the_helpers_refuse_a_time_beyond_the_future_skew_too() -> None:
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    with pytest.raises(EventDecodeError, match="time: is 86400s in the future"):
+        usage_event("t1", "m", 1, time=ahead)
