@@ -24,6 +24,8 @@ import datetime as dt
 import json
 import logging
 import math
+import os
+import random
 import re
 import time
 import uuid
@@ -70,6 +72,18 @@ class AsyncLimiter(Protocol):
 
 class DecisionEmitter(Protocol):
     def emit(self, event: Any) -> None: ...
+
+
+# Decision-event ids: random UUIDs (version 4) from a process-local generator seeded from the OS,
+# reseeded in a forked child so two workers never share a sequence. uuid.uuid4() would read
+# os.urandom per request, a system call that gives up the GIL on the request path; ids only need
+# to be unique (they are the pipeline's idempotency key), not unpredictable.
+_event_ids = random.Random()
+os.register_at_fork(after_in_child=_event_ids.seed)
+
+
+def new_decision_event_id() -> str:
+    return str(uuid.UUID(int=_event_ids.getrandbits(128), version=4))
 
 
 # --- the header fields (pure functions of a decision) -------------------------------------------
@@ -436,7 +450,7 @@ class RateLimitMiddleware:
         )
         return UsageEvent.model_construct(
             specversion=SPECVERSION,
-            id=str(uuid.uuid4()),
+            id=new_decision_event_id(),
             source=self.source,
             type=TYPE_RATELIMIT,
             subject=tenant,
