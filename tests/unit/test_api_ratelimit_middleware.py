@@ -6,6 +6,8 @@ when a request is answered 429/503, shadow mode, exemptions and per-route cost a
 from __future__ import annotations
 
 import datetime as dt
+import os
+import uuid
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from limiter.decision import Decision
 from limiter.middleware import (
     RateLimitMiddleware,
     build_route_rules,
+    new_decision_event_id,
     ratelimit_headers,
     retry_after_seconds,
 )
@@ -276,3 +279,18 @@ def test_the_fast_decision_event_is_what_decision_event_makes(d: Decision, shado
         exclude={"id", "time"}
     )
     assert fast.time.tzinfo is not None
+
+
+def test_decision_event_ids_differ_across_a_fork() -> None:
+    """Two workers forked from one parent never produce the same event ids."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write_end, new_decision_event_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 100).decode()
+    os.waitpid(pid, 0)
+    parent_id = new_decision_event_id()
+    assert child_id and child_id != parent_id
+    assert uuid.UUID(parent_id).version == 4
