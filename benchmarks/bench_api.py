@@ -17,7 +17,14 @@ turn, alternating bare/full for ``--rounds`` rounds; the medians are reported:
 - latency: p99 with one connection (requests back to back, so p99 is service time, not queueing;
   target: full - bare < 2 ms).
 
-Usage: ``python benchmarks/bench_api.py [--duration 10] [--rounds 3] [--connections 32]``.
+On a shared machine wall-clock rates mostly measure how much CPU the scheduler gave each server
+(a server with more threads gets more), so the script also reports the server's own CPU time per
+request (all its threads, from /proc): bare / full of that is the capacity ratio of one core.
+``--breakdown`` adds two servers, ``auth`` (JWT only) and ``limit`` (JWT + limiter, no emitter),
+to show where the time goes.
+
+Usage: ``python benchmarks/bench_api.py [--duration 10] [--rounds 3] [--connections 32]
+[--breakdown]``.
 Redis and Kafka come from ``RATE_LIMIT_REDIS_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` (defaults:
 127.0.0.1:6379, 127.0.0.1:9092).
 """
@@ -48,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 SECRET = "bench-secret-0123456789abcdef0123456789"
 AUDIENCE = "metering-bench"
+KINDS = ["bare", "auth", "limit", "full"]
 SERVER_CPU = "0"
 LOADGEN_CPU = "1"
 
@@ -63,6 +71,13 @@ def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untype
         return {"ok": True}
 
     if kind == "bare":
+        return app
+    if kind == "auth":
+        from metering.api.auth import JWTAuthMiddleware, TokenVerifier
+        from metering.settings import load_settings
+
+        settings = load_settings(jwt_secret=SECRET, jwt_audience=AUDIENCE)
+        app.add_middleware(JWTAuthMiddleware, verifier=TokenVerifier.from_settings(settings))
         return app
 
     from limiter import AsyncRateLimiter, CircuitBreaker, LocalLimiter
@@ -100,7 +115,7 @@ def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untype
         ),
         local_limiter=LocalLimiter(settings.rate_limit_local_ceiling_per_sec),
     )
-    emitter = Emitter(settings)
+    emitter = Emitter(settings) if kind == "full" else None
     app.add_middleware(RateLimitMiddleware, limiter=limiter, emitter=emitter, routes=["/v1/ping"])
     app.add_middleware(JWTAuthMiddleware, verifier=TokenVerifier.from_settings(settings))
     return app
@@ -202,7 +217,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--serve", choices=["bare", "full"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also serve 'auth' (JWT only) and 'limit' (JWT + limiter, no emitter)",
+    )
+    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tenant", help=argparse.SUPPRESS)
@@ -213,6 +233,7 @@ def main() -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (Debian: apt-get install wrk)")
 
+    kinds = KINDS if args.breakdown else ["bare", "full"]
     tenant = f"bench-{uuid.uuid4().hex[:8]}"
     token = jwt.encode(
         {"sub": tenant, "aud": AUDIENCE, "exp": int(time.time()) + 3600},
@@ -220,10 +241,10 @@ def main() -> int:
         algorithm="HS256",
     )
     results: dict[str, dict[str, list[float]]] = {
-        k: {"rps": [], "p50": [], "p99": [], "cpu": []} for k in ("bare", "full")
+        k: {"rps": [], "p50": [], "p99": [], "cpu": []} for k in kinds
     }
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
-        servers = {kind: start_server(kind, Path(tmp) / kind, tenant) for kind in ("bare", "full")}
+        servers = {kind: start_server(kind, Path(tmp) / kind, tenant) for kind in kinds}
         try:
             for proc, url in servers.values():  # warm-up: caches, pooled connections
                 wrk(url, token, args.connections, 2, proc.pid)
@@ -273,6 +294,8 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "loadavg_at_end": os.getloadavg()[0],
     }
+    if args.breakdown:
+        summary["cpu_us_per_request"] = {k: round(v["cpu"]) for k, v in med.items()}
     print(json.dumps(summary))
     print(
         f"baseline (bare app): {bare['rps']:.0f} req/s, {bare['cpu']:.0f} us CPU/request, "
