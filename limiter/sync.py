@@ -8,6 +8,8 @@ it goes through redis-py's ``execute_command``, which routes by the tenant's has
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Any
 
@@ -56,6 +58,8 @@ class RateLimiter:
         self.clock = self._core.clock  # the estimate of the Redis server's clock
         # A plain client (single node or Sentinel master) gets the direct connection path.
         self._pool = redis_client.connection_pool if isinstance(redis_client, redis.Redis) else None
+        self._own_lock = threading.Lock()
+        self._own: tuple[int, Any] | None = None  # (pid, connection) kept by this limiter
 
     @classmethod
     def from_settings(
@@ -178,11 +182,35 @@ class RateLimiter:
             return self._roundtrip(command)
 
     def _roundtrip(self, command: bytes) -> Any:
-        """Write one packed command on a pooled connection and read its reply. (The pool
-        replaces a connection the server closed before handing it out.)"""
+        """Write one packed command and read its reply.
+
+        The limiter keeps one connection of its own for the uncontended case (one thread at a
+        time: no pool bookkeeping per call); a caller that finds it busy takes one from the
+        pool. Either way a connection the server closed is replaced before use."""
+        if self._own_lock.acquire(blocking=False):
+            try:
+                pid = os.getpid()
+                if self._own is None or self._own[0] != pid:  # first use, or a forked child
+                    self._own = (pid, self._pool.get_connection())  # type: ignore[union-attr]
+                conn = self._own[1]
+                try:
+                    if conn.can_read():  # EOF (server closed it) or a stray reply: start afresh
+                        conn.disconnect()
+                except (redis.exceptions.ConnectionError, OSError):
+                    conn.disconnect()
+                return self._exchange(conn, command)
+            finally:
+                self._own_lock.release()
         pool = self._pool
         assert pool is not None
         conn = pool.get_connection()
+        try:
+            return self._exchange(conn, command)
+        finally:
+            pool.release(conn)
+
+    @staticmethod
+    def _exchange(conn: Any, command: bytes) -> Any:
         try:
             conn.send_packed_command((command,))
             return conn.read_response()
@@ -191,5 +219,3 @@ class RateLimiter:
         except BaseException:
             conn.disconnect()  # never reuse a connection with a reply half read
             raise
-        finally:
-            pool.release(conn)

@@ -98,3 +98,28 @@ def test_decisions_are_counted_in_the_seed_metrics(redis_url: str, tenant: str) 
     assert sample("rate_limiter_rejections_total", reason="daily") - before["daily"] == 1
     assert sample("daily_quota_hits_total") - before["daily_hits"] == 1
     assert sample("rate_limiter_decision_seconds_count") - before["count"] == 3
+
+
+def test_a_forked_child_never_shares_the_parents_connection(redis_url: str, tenant: str) -> None:
+    """The sync limiter keeps a connection of its own; after a fork the child must open its
+    own, or parent and child would read each other's replies."""
+    import multiprocessing
+
+    limiter = RateLimiter(redis.Redis.from_url(redis_url))
+    q = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6)
+    first = limiter.acquire(tenant, 1, q).daily_used
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+
+    def child() -> None:
+        out.put([limiter.acquire(tenant, 1, q).daily_used for _ in range(200)])
+
+    procs = [ctx.Process(target=child) for _ in range(2)]
+    for p in procs:
+        p.start()
+    mine = [limiter.acquire(tenant, 1, q).daily_used for _ in range(200)]
+    theirs = [n for _ in procs for n in out.get(timeout=60)]
+    for p in procs:
+        p.join(timeout=30)
+    assert sorted([first, *mine, *theirs]) == list(range(1, 602))
+    assert mine == sorted(mine)
