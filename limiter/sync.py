@@ -153,6 +153,13 @@ class RateLimiter:
         self.policy.breaker.record_success()
         return self._core.settlement(reply, tenant, delta)
 
+    def close(self) -> None:
+        """Give the limiter's own connection back to the pool (the client stays open)."""
+        with self._own_lock:
+            if self._own is not None and self._own[0] == os.getpid() and self._pool is not None:
+                self._pool.release(self._own[1])
+            self._own = None
+
     # --- internals -----------------------------------------------------------------------------
     def _quota(self, tenant: str) -> Quota:
         if self._core.quotas is None:
