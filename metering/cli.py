@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "metering.commands.db",
     "metering.commands.api",
     "metering.commands.usage",
+    "metering.commands.up",
 ]
 
 

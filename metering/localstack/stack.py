@@ -560,6 +560,10 @@ class LocalStack:
     def _kafka_ready(self, port: int) -> bool:
         from kafka import KafkaAdminClient
 
+        # A plain connect first: kafka-python logs every refused bootstrap at ERROR level.
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
+
         admin = KafkaAdminClient(
             bootstrap_servers=f"127.0.0.1:{port}",
             request_timeout_ms=3000,
