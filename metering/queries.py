@@ -12,8 +12,10 @@ and including the minute ``now`` falls in, i.e. ``[m - N + 1, m + 1)`` in minute
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -58,10 +60,10 @@ class UsageRow:
     value: float | int
     group: dict[str, str | None] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, text: Callable[[dt.datetime], str] = rfc3339) -> dict[str, Any]:
         return {
-            "window_start": rfc3339(self.window_start),
-            "window_end": rfc3339(self.window_end),
+            "window_start": text(self.window_start),
+            "window_end": text(self.window_end),
             "value": self.value,
             "group": dict(self.group),
         }
@@ -78,6 +80,7 @@ class UsageResult:
 
     def to_dict(self) -> dict[str, Any]:
         q, zone = self.query, zoneinfo.ZoneInfo(self.query.tz)
+        text = functools.lru_cache(maxsize=None)(rfc3339)  # a window's end is the next's start
         return {
             "tenant": q.tenant,
             "meter": q.meter,
@@ -86,7 +89,7 @@ class UsageResult:
             "tz": q.tz,
             "from": rfc3339(q.start.astimezone(zone)),
             "to": rfc3339(q.end.astimezone(zone)),
-            "data": [row.to_dict() for row in self.rows],
+            "data": [row.to_dict(text) for row in self.rows],
         }
 
 
@@ -202,18 +205,26 @@ class UsageQueries:
                 "group_by", f"the answer has more than {MAX_RESULT_ROWS} rows; narrow the query"
             )
         zone = zoneinfo.ZoneInfo(q.tz)
-        ngroups = len(q.group_by)
+        names, ngroups = q.group_by, len(q.group_by)
+        number = int if q.aggregation in _INTEGRAL else float
+        # A window's end is the next one's start: convert each instant once.
+        instants: dict[int, dt.datetime] = {}
+
+        def instant(epoch_s: int) -> dt.datetime:
+            t = instants.get(epoch_s)
+            if t is None:
+                t = instants[epoch_s] = dt.datetime.fromtimestamp(epoch_s, zone)
+            return t
+
         out = []
+        whole = (q.start.astimezone(zone), q.end.astimezone(zone))
         for row in rows:
             if q.window is None:
-                start, end = q.start.astimezone(zone), q.end.astimezone(zone)
-                rest = row
+                start, end, rest = *whole, row
             else:
-                start = dt.datetime.fromtimestamp(row[0], zone)
-                end = dt.datetime.fromtimestamp(row[1], zone)
-                rest = row[2:]
-            group = dict(zip(q.group_by, rest[:ngroups], strict=True))
-            out.append(UsageRow(start, end, _value(rest[ngroups], q.aggregation), group))
+                start, end, rest = instant(row[0]), instant(row[1]), row[2:]
+            group = dict(zip(names, rest[:ngroups], strict=True)) if ngroups else {}
+            out.append(UsageRow(start, end, number(rest[ngroups]), group))
         return UsageResult(q, out, sql.path, sql.tables)
 
     # --- sliding windows ------------------------------------------------------------------------
