@@ -91,10 +91,8 @@ class BillingStatement:
         writer.writerow(CSV_COLUMNS)
         start, end = rfc3339(self.period_start), rfc3339(self.period_end)
         for line in self.lines:
-            writer.writerow(
-                [self.tenant, self.month, self.tz, start, end]
-                + [line.meter, repr(line.quantity), line.events]
-            )
+            head = [self.tenant, self.month, self.tz, start, end]
+            writer.writerow([*head, line.meter, repr(line.quantity), line.events])
         return out.getvalue()
 
 
