@@ -2,7 +2,9 @@
 --
 -- Refills the token bucket from the server clock (TIME, the clock of record), then consumes
 -- `cost` from the bucket, from the UTC day's counter and (optionally) from the rolling window
--- only if all of them have room: all or nothing. A rejection writes nothing.
+-- only if all of them have room: all or nothing. A rejection consumes nothing: it leaves the
+-- bucket and the day's counter as they were (it may still seed a missing counter and drop
+-- window entries that have expired, which changes no limit).
 --
 -- KEYS[1] rl:{t}:tb             hash  tokens (float, %.17g), ts (server time, microseconds),
 --                                     xs (when its expiry was last pushed out, microseconds)
