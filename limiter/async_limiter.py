@@ -21,7 +21,8 @@ from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, packed
 class AsyncRateLimiter:
     """Async twin of :class:`limiter.RateLimiter` (same names, same decisions, same advice on
     the client: timeouts, no retries). ``max_batch`` bounds one pipelined round trip,
-    ``max_inflight`` the round trips in flight at once."""
+    ``max_inflight`` the round trips in flight at once. Like its redis.asyncio client, one
+    instance belongs to one event loop."""
 
     def __init__(
         self,
