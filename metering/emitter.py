@@ -87,6 +87,9 @@ KAFKA_DIRECT = Gauge(
 )
 
 
+_WAKE_AT = 256  # queued events that make emit() wake the idle sender early
+
+
 class EmitterMode(enum.Enum):
     DIRECT = "direct"
     SPOOLING = "spooling"
@@ -259,6 +262,7 @@ class Emitter:
         self._unacked: collections.deque[_Unacked] = collections.deque()
         self._sender_busy = False
         self._sender_idle = False
+        self._idle_poll = max(0.001, linger_ms / 1000)  # queued events wait at most ~linger
         self._wake_sender = threading.Event()
         self._wake_replayer = threading.Event()
         self._closing = False
@@ -307,7 +311,9 @@ class Emitter:
         # Encoded here, not in the sender: the queue then holds ~0.4 KiB per event, not the
         # ~2 KiB of a model object, and the caller's event is free as soon as emit returns.
         self._queue.append((event.subject.encode(), value))
-        if self._sender_idle:
+        # The idle sender polls every linger_ms anyway; a wake-up (a futex call on the caller's
+        # time) is only worth it when a batch has built up.
+        if self._sender_idle and len(self._queue) >= _WAKE_AT:
             self._wake_sender.set()
         EMIT_SECONDS.observe(time.perf_counter() - started)
 
@@ -408,7 +414,7 @@ class Emitter:
                 return
             self._sender_idle = True
             if not self._queue:
-                self._wake_sender.wait(0.05)
+                self._wake_sender.wait(self._idle_poll)
             self._wake_sender.clear()
             self._sender_idle = False
 
