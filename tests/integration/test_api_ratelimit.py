@@ -234,3 +234,26 @@ async def test_the_audience_is_required_when_configured(settings, tenant: str) -
             f"/v1/tenants/{tenant}/quota", headers={"Authorization": f"Bearer {token}"}
         )
     assert r.status_code == 401
+
+
+@pytest.mark.parametrize(("fail_mode", "status"), [("open", 200), ("closed", 503)])
+async def test_with_redis_unreachable_the_fail_mode_decides(
+    tmp_path: Path, kafka_bootstrap: str, tenant: str, fail_mode: str, status: int
+) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    settings = api_settings(tmp_path, dead, kafka_bootstrap, rate_limit_fail_mode=fail_mode)
+    async with api_client(settings) as client:
+        responses = [
+            await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant)) for _ in range(3)
+        ]
+        ready = await client.get("/readyz")
+    assert [r.status_code for r in responses] == [status] * 3
+    if status == 503:
+        assert "Redis down" in problem(responses[0])["detail"]
+        assert responses[0].headers["retry-after"].isdigit()
+    assert ready.status_code == 503
+    assert "redis" in problem(ready)["detail"]
