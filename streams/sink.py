@@ -3,7 +3,10 @@
 The mechanism (DESIGN.md, "Exactly once, the traps"); ClickHouse, not Kafka, is the record of
 progress, as in Kafka Connect sinks:
 
-1. **On every partition assignment**, before reading: the resume offset of each assigned
+1. **On every partition assignment**, before reading: a batch whose insert a crash cut short
+   between ``usage_events`` and the materialized views (ClickHouse does not write them
+   atomically) has its rollups completed (``ClickHouseStorage.repair_unfinished_batch``); the
+   resume offset of each assigned
    partition is the greatest of (max ``kafka_offset`` stored in ``usage_events`` + 1), the
    partition's ``sink_progress.next_offset`` and Kafka's committed offset; the consumer seeks
    there. The recent-id set is rebuilt from ``usage_events`` for those partitions (ids whose
@@ -64,6 +67,15 @@ EVENT_COLUMNS = [
     "kafka_partition",
     "kafka_offset",
 ]
+
+
+#: the rollups fed by materialized views from usage_events, and each one's bucket function
+ROLLUPS = {
+    "usage_minute": "toStartOfMinute",
+    "usage_hour": "toStartOfHour",
+    "usage_day": "toStartOfDay",
+    "usage_minute_by_time": "toStartOfMinute",
+}
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,7 @@ class SinkStorage(Protocol):
     def insert_events(self, rows: Sequence[Sequence[Any]]) -> None: ...
     def record_progress(self, topic: str, next_offsets: dict[int, int]) -> None: ...
     def stored_next_offsets(self, topic: str) -> dict[int, int]: ...
+    def repair_unfinished_batch(self, topic: str, partitions: Iterable[int]) -> int: ...
     def recent_ids(
         self, topic: str, partitions: Iterable[int], since: dt.datetime
     ) -> Iterable[tuple[str, str, dt.datetime]]: ...
@@ -168,6 +181,70 @@ class ClickHouseStorage:
             parameters={"t": topic},
         )
         return {int(p): int(n) for p, n in result.result_rows}
+
+    def _progress(self, topic: str) -> dict[int, int]:
+        result = self.client.query(
+            f"SELECT partition, max(next_offset) FROM {self.database}.sink_progress"  # noqa: S608
+            f" WHERE topic = {{t:String}} GROUP BY partition",
+            parameters={"t": topic},
+        )
+        return {int(p): int(n) for p, n in result.result_rows}
+
+    def repair_unfinished_batch(self, topic: str, partitions: Iterable[int]) -> int:
+        """Complete the rollups of a batch whose insert was cut short by a crash.
+
+        ClickHouse writes an insert's block to ``usage_events`` first and then to each
+        materialized view, not atomically: a process killed in between leaves rows in
+        ``usage_events`` that some rollups lack. Such rows are exactly those at or after the
+        partition's recorded progress (progress is written only after the insert returned).
+        For their buckets, each rollup gets one correcting row: sum and count of the missing
+        difference against ``usage_events``, and the (idempotent) max, unique and latest
+        states. Returns the number of correcting rows written (0 when nothing was cut short).
+        Assumes a bucket's rows come from one partition (key = tenant), so no other worker
+        writes these buckets meanwhile.
+        """
+        progress = self._progress(topic)
+        parts = sorted({int(p) for p in partitions})
+        if not parts:
+            return 0
+        # Integers from our own tables, formatted as integers: nothing from input reaches SQL.
+        tail = " OR ".join(
+            f"(kafka_partition = {p:d} AND kafka_offset >= {int(progress.get(p, 0)):d})"
+            for p in parts
+        )
+        db = self.database
+        written = 0
+        for table, fn in ROLLUPS.items():
+            bucket = f"toDateTime({fn}(time), 'UTC')"
+            keys = (
+                f"SELECT DISTINCT tenant, meter, billable, {bucket} FROM {db}.usage_events"  # noqa: S608
+                f" WHERE kafka_topic = {{t:String}} AND ({tail})"
+            )
+            before = self._rollup_count(table)
+            self.client.command(
+                f"INSERT INTO {db}.{table} (tenant, meter, billable, bucket, quantity_sum,"  # noqa: S608
+                f" event_count, quantity_max, quantity_uniq, quantity_latest)"
+                f" SELECT e.tenant, e.meter, e.billable, e.bucket, e.s - r.s, e.c - r.c,"
+                f" e.mx, e.u, e.l FROM ("
+                f"  SELECT tenant, meter, billable, {bucket} AS bucket, sum(quantity) AS s,"
+                f"  toUInt64(count()) AS c, max(quantity) AS mx, uniqExactState(quantity) AS u,"
+                f"  argMaxState(quantity, time) AS l FROM {db}.usage_events"
+                f"  WHERE (tenant, meter, billable, {bucket}) IN ({keys})"
+                f"  GROUP BY tenant, meter, billable, bucket) AS e"
+                f" LEFT JOIN ("
+                f"  SELECT tenant, meter, billable, bucket, sum(quantity_sum) AS s,"
+                f"  sum(event_count) AS c FROM {db}.{table}"
+                f"  WHERE (tenant, meter, billable, bucket) IN ({keys})"
+                f"  GROUP BY tenant, meter, billable, bucket) AS r"
+                f" USING (tenant, meter, billable, bucket) WHERE e.c > r.c",
+                parameters={"t": topic},
+            )
+            written += self._rollup_count(table) - before
+        return written
+
+    def _rollup_count(self, table: str) -> int:
+        result = self.client.query(f"SELECT count() FROM {self.database}.{table}")  # noqa: S608
+        return int(result.result_rows[0][0])
 
     def recent_ids(
         self, topic: str, partitions: Iterable[int], since: dt.datetime
@@ -215,8 +292,10 @@ class ClickHouseSink:
 
     # --- step 1: assignment ---------------------------------------------------------------------
     def on_assigned(self, partitions: Iterable[int]) -> dict[int, int]:
-        """Rebuild the id set for ``partitions``; return their stored resume offsets."""
+        """Complete a batch a crash cut short, rebuild the id set for ``partitions``; return
+        their stored resume offsets."""
         parts = sorted(set(partitions))
+        self.storage.repair_unfinished_batch(self.topic, parts)
         now = self.clock()
         self.recent.evict(now)
         self.recent.add_many(self.storage.recent_ids(self.topic, parts, self.recent.cutoff(now)))
@@ -298,6 +377,7 @@ def encode_aggregate(agg: dict[str, Any]) -> bytes:
 
 __all__ = [
     "EVENT_COLUMNS",
+    "ROLLUPS",
     "ClickHouseSink",
     "ClickHouseStorage",
     "DeadLetter",

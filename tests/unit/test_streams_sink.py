@@ -40,6 +40,10 @@ class RecordedStorage:
             stored[p] = max(stored.get(p, 0), off + 1)
         return stored
 
+    def repair_unfinished_batch(self, topic: str, partitions: Iterable[int]) -> int:
+        self.calls.append("repair_unfinished_batch")
+        return 0
+
     def recent_ids(
         self, topic: str, partitions: Iterable[int], since: dt.datetime
     ) -> list[tuple[str, str, dt.datetime]]:
