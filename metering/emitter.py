@@ -6,9 +6,10 @@ How an event travels::
                                                                 └─► Spool (disk) ─► replayer thread
                                                                                     ─► KafkaProducer
 
-- ``emit`` encodes the event and appends it to a bounded deque (µs; no I/O, no lock held by
-  I/O, safe from any thread and from an event loop, nothing to await). A full queue drops the
-  event, counted and logged: that is the bound on the emitter's memory.
+- ``emit`` appends the event to a bounded deque (µs; no I/O, no lock held by I/O, safe from any
+  thread and from an event loop, nothing to await); past ``lazy_limit`` queued events it encodes
+  them first, so a backlog costs ~0.4 KiB per event. A full queue drops the event, counted and
+  logged: that is the bound on the emitter's memory.
 - The sender thread owns the producer while the emitter is ``DIRECT``. When Kafka looks
   unreachable (a send fails, a delivery fails, or nothing is acknowledged for ``down_after``
   seconds) or the queue backs up past half its size, the emitter turns ``SPOOLING``: every
@@ -222,6 +223,7 @@ class Emitter:
         spool_max_bytes: int | None = None,
         spool_fsync: bool = True,
         max_queue: int = 50_000,
+        lazy_limit: int = 8192,
         max_unacked: int = 20_000,
         linger_ms: int = 5,
         compression: str | None = None,
@@ -254,7 +256,10 @@ class Emitter:
             root, spool_max_bytes or self.settings.emitter_spool_max_bytes, spool_fsync
         )
 
-        self._queue: collections.deque[Record] = collections.deque()  # encoded: ~0.4 KiB each
+        # Events (~2 KiB each) while the queue is short, encoded records (~0.4 KiB) beyond
+        # ``lazy_limit``: at most ~16 MiB + ~17 MiB with the defaults.
+        self._queue: collections.deque[UsageEvent | Record] = collections.deque()
+        self.lazy_limit = min(lazy_limit, max_queue)
         self._mode = EmitterMode.SPOOLING  # the replayer decides when Kafka takes events directly
         self._mode_lock = threading.Lock()  # held while appending to the spool or leaving SPOOLING
         self._producer: KafkaProducer | None = None  # the sender's, while DIRECT
@@ -299,21 +304,24 @@ class Emitter:
         if self._closing:
             self._drops.drop("closed")
             return
-        if len(self._queue) >= self.max_queue:
+        queued = len(self._queue)
+        if queued >= self.max_queue:
             self._drops.drop("queue_full")
             return
-        try:
-            value = encode_event(event)
-        except EventDecodeError as exc:  # over the size bound: a caller's bug, never a 500
-            log.error("usage event %s not sent: %s", event.id, exc)
-            self._drops.drop("invalid")
-            return
-        # Encoded here, not in the sender: the queue then holds ~0.4 KiB per event, not the
-        # ~2 KiB of a model object, and the caller's event is free as soon as emit returns.
-        self._queue.append((event.subject.encode(), value))
+        if queued < self.lazy_limit:
+            self._queue.append(event)  # the sender encodes it
+        else:
+            # A backlog: encode here, so each queued event takes ~0.4 KiB, not a model's ~2 KiB
+            # (and the caller, paying for it, slows down a little: backpressure, not blocking).
+            try:
+                self._queue.append((event.subject.encode(), encode_event(event)))
+            except EventDecodeError as exc:  # over the size bound: a caller's bug, never a 500
+                log.error("usage event %s not sent: %s", event.id, exc)
+                self._drops.drop("invalid")
+                return
         # The idle sender polls every linger_ms anyway; a wake-up (a futex call on the caller's
         # time) is only worth it when a batch has built up.
-        if self._sender_idle and len(self._queue) >= _WAKE_AT:
+        if self._sender_idle and queued >= _WAKE_AT:
             self._wake_sender.set()
         EMIT_SECONDS.observe(time.perf_counter() - started)
 
@@ -407,7 +415,7 @@ class Emitter:
             finally:
                 self._sender_busy = False
             QUEUE_EVENTS.set(len(self._queue))
-            if batch:
+            if batch or self._queue:
                 continue
             if self._stop_sender:
                 self._finish()
@@ -420,11 +428,22 @@ class Emitter:
 
     def _take(self, n: int) -> list[Record]:
         q = self._queue
-        out = []
+        items: list[UsageEvent | Record] = []
         with contextlib.suppress(IndexError):
             for _ in range(n):
-                out.append(q.popleft())
-        return out
+                items.append(q.popleft())
+        records: list[Record] = []
+        for item in items:
+            if type(item) is tuple:
+                records.append(item)
+                continue
+            assert isinstance(item, UsageEvent)
+            try:
+                records.append((item.subject.encode(), encode_event(item)))
+            except EventDecodeError as exc:
+                log.error("usage event %s not sent: %s", item.id, exc)
+                self._drops.drop("invalid")
+        return records
 
     def _dispatch(self, records: list[Record]) -> None:
         EVENTS_EMITTED.inc(len(records))
