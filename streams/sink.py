@@ -204,7 +204,16 @@ class ClickHouseStorage:
         writes these buckets meanwhile.
         """
         progress = self._progress(topic)
-        parts = sorted({int(p) for p in partitions})
+        ends = self.client.query(
+            f"SELECT kafka_partition, max(kafka_offset) + 1 FROM {self.database}.usage_events"  # noqa: S608
+            f" WHERE kafka_topic = {{t:String}} GROUP BY kafka_partition",
+            parameters={"t": topic},
+        ).result_rows
+        rows_end = {int(p): int(n) for p, n in ends}
+        # Only a partition whose rows reach past its recorded progress can have a cut batch.
+        parts = sorted(
+            p for p in {int(p) for p in partitions} if rows_end.get(p, 0) > progress.get(p, 0)
+        )
         if not parts:
             return 0
         # Integers from our own tables, formatted as integers: nothing from input reaches SQL.
