@@ -88,6 +88,9 @@ def new_decision_event_id() -> str:
 
 # --- the header fields (pure functions of a decision) -------------------------------------------
 def _int(value: Any, default: int = 0) -> int:
+    """A count for a header: a non-negative whole number (the limiter's are ints already)."""
+    if type(value) is int:
+        return value if value > 0 else 0
     try:
         return max(0, math.floor(float(value)))
     except (TypeError, ValueError):
@@ -97,7 +100,7 @@ def _int(value: Any, default: int = 0) -> int:
 def _seconds_until(when: Any, now: float) -> int:
     if when is None:
         return 0
-    ts = when.timestamp() if hasattr(when, "timestamp") else float(when)
+    ts = when.timestamp() if isinstance(when, dt.datetime) else float(when)
     return max(0, math.ceil(ts - now))
 
 
@@ -128,10 +131,11 @@ def policy_states(
     if rate:
         # The bucket's "window" is the time it takes to refill from empty; it is whole again
         # after (limit - remaining) / rate seconds.
-        window: int | None = max(1, math.ceil(limit / rate))
-        bucket_reset = math.ceil(max(0.0, limit - float(decision.remaining)) / rate)
+        window: int | None = math.ceil(limit / rate) or 1
+        bucket_reset = math.ceil((limit - remaining) / rate) if remaining < limit else 0
     else:
-        window, bucket_reset = None, math.ceil(max(0.0, float(decision.retry_after or 0)))
+        retry = getattr(decision, "retry_after", 0)
+        window, bucket_reset = None, math.ceil(retry) if retry and retry > 0 else 0
     states = [
         PolicyState("burst", limit, window, remaining, bucket_reset),
         PolicyState(
@@ -175,7 +179,11 @@ def binding_policy(decision: Any, states: list[PolicyState]) -> PolicyState:
         for state in states:
             if state.name == name:
                 return state
-    return min(states, key=lambda s: s.remaining)
+    best = states[0]
+    for state in states:
+        if state.remaining < best.remaining:
+            best = state
+    return best
 
 
 def ratelimit_headers(
