@@ -82,7 +82,13 @@ def ensure_data(client: Any, events: int) -> int:
                 },
             )
             print(f"  {min(first + chunk, events):,}", flush=True)
-        for table in ("usage_minute", "usage_hour", "usage_day", "usage_minute_by_time"):
+        for table in (
+            "usage_events",
+            "usage_minute",
+            "usage_hour",
+            "usage_day",
+            "usage_minute_by_time",
+        ):
             client.command(f"OPTIMIZE TABLE {DATABASE}.{table} FINAL")
         print(f"generated in {time.perf_counter() - started:.0f} s", flush=True)
         have = client.query(f"SELECT count() FROM {DATABASE}.usage_events").result_rows[0][0]
