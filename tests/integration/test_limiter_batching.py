@@ -11,7 +11,7 @@ import redis
 import redis.asyncio as aredis
 from prometheus_client import REGISTRY
 
-from limiter import AsyncRateLimiter, Quota, RateLimiter
+from limiter import AsyncRateLimiter, Quota, RateLimiter, batching
 from limiter.keys import token_bucket_key
 
 QUOTA = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6)
@@ -24,11 +24,30 @@ async def client(redis_url: str) -> AsyncIterator[aredis.Redis]:
     await c.aclose()
 
 
+@pytest.fixture(params=["hiredis", "public"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Replies read straight from hiredis (the fast path), or through redis-py's public
+    ``read_response`` (the fallback when redis-py's internals differ): same results."""
+    if request.param == "public":
+        monkeypatch.setattr(batching, "hiredis_stream", lambda conn: None)
+    return str(request.param)
+
+
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_concurrent_decisions_share_round_trips(client: aredis.Redis, tenant: str) -> None:
+async def test_the_fast_reader_is_in_use_with_this_redis_py(client: aredis.Redis) -> None:
+    conn = await client.connection_pool.get_connection()
+    try:
+        assert batching.hiredis_stream(conn) is not None
+    finally:
+        await client.connection_pool.release(conn)
+
+
+async def test_concurrent_decisions_share_round_trips(
+    client: aredis.Redis, tenant: str, reader: str
+) -> None:
     limiter = AsyncRateLimiter(client)
     batches_before = sample("rate_limiter_batch_size_count")
     calls_before = sample("rate_limiter_batch_size_sum")
@@ -42,7 +61,7 @@ async def test_concurrent_decisions_share_round_trips(client: aredis.Redis, tena
 
 
 async def test_one_calls_error_reply_goes_to_that_caller_only(
-    client: aredis.Redis, redis_url: str, tenant: str
+    client: aredis.Redis, redis_url: str, tenant: str, reader: str
 ) -> None:
     broken = f"{tenant}-broken"
     raw = redis.Redis.from_url(redis_url)
@@ -64,7 +83,7 @@ async def test_one_calls_error_reply_goes_to_that_caller_only(
 
 
 async def test_cancelled_callers_do_not_disturb_the_rest_of_the_batch(
-    client: aredis.Redis, tenant: str
+    client: aredis.Redis, tenant: str, reader: str
 ) -> None:
     limiter = AsyncRateLimiter(client)
     tasks = [asyncio.create_task(limiter.acquire(tenant, 1, QUOTA)) for _ in range(100)]
