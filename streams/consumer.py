@@ -1,6 +1,6 @@
 """The sink's Kafka loop: batches from ``usage.events`` through :class:`ClickHouseSink`.
 
-A plain aiokafka consumer (group ``<WORKER_GROUP>.sink``, auto-commit off), run as a service
+A plain aiokafka consumer (group ``<WORKER_GROUP>.sink``, auto-commit off), run as a task
 of the Faust app. Faust's own consumer commits offsets on its own schedule and re-seeks to them
 after table recovery, which would override a seek to ClickHouse's stored offsets; exactly-once
 needs the seek to win on every assignment, so the sink owns its consumer (see
