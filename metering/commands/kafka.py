@@ -12,15 +12,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kafka = sub.add_parser("kafka", help="Kafka topics")
     ksub = kafka.add_subparsers(dest="kafka_command", metavar="ACTION", required=True)
     init = ksub.add_parser("init", help="create usage.events and usage.events.dlq (idempotent)")
-    init.add_argument("--partitions", type=int, default=None, help="partitions of usage.events")
+    init.add_argument(
+        "--partitions", type=_positive_int, default=None, help="partitions of usage.events"
+    )
     init.set_defaults(handler=_init)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse prints the message and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _init(args: argparse.Namespace) -> int:
     overrides = {}
     if args.partitions is not None:
-        if args.partitions < 1:
-            raise argparse.ArgumentTypeError("--partitions must be at least 1")
         overrides["usage_events_partitions"] = args.partitions
     settings = load_settings(**overrides)
     specs = pipeline_topics(settings)

@@ -69,3 +69,25 @@ def test_kafka_init_refuses_zero_partitions_naming_the_variable(
     monkeypatch.setenv("USAGE_EVENTS_PARTITIONS", "0")
     assert main(["kafka", "init"]) == 2
     assert "USAGE_EVENTS_PARTITIONS='0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "six"])
+def test_kafka_init_refuses_a_bad_partitions_flag_with_a_usage_error(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["kafka", "init", "--partitions", bad])
+    assert exit_info.value.code == 2
+    assert "argument --partitions" in capsys.readouterr().err
+
+
+def test_kafka_init_partitions_flag_overrides_the_setting(
+    kafka_bootstrap: str, admin: KafkaAdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = f"usage.events.{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("USAGE_EVENTS_TOPIC", events)
+    monkeypatch.setenv("USAGE_EVENTS_DLQ_TOPIC", f"{events}.dlq")
+    assert main(["kafka", "init", "--partitions", "3"]) == 0
+    assert partitions(admin, events) == 3
+    assert partitions(admin, f"{events}.dlq") == 1
