@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("kafka", "aiokafka"):
+    for noisy in ("kafka", "aiokafka", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     handler: Callable[[argparse.Namespace], int | None] = args.handler
     try:
