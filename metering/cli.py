@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "metering.commands.api",
     "metering.commands.usage",
     "metering.commands.up",
+    "metering.commands.reconcile",
 ]
 
 

@@ -306,6 +306,14 @@ class QuotaStore:
             )
         return math.ceil(used) if used else 0
 
+    def daily_usage_for_day(self, day: dt.date) -> dict[str, int]:
+        """Every tenant's backfilled usage for UTC ``day`` (rounded up), for reconciliation."""
+        with self._session() as s:
+            rows = s.execute(
+                select(DailyUsageRow.tenant, DailyUsageRow.used).where(DailyUsageRow.day == day)
+            ).all()
+        return {tenant: math.ceil(used) for tenant, used in rows}
+
     def upsert_daily_usage(self, rows: Iterable[tuple[str, dt.date, int | float]]) -> int:
         """Store absolute totals per (tenant, day); idempotent. Returns the number of rows.
 

@@ -1,13 +1,15 @@
 """Reconciliation: for one UTC day, each tenant's usage as three places see it.
 
 - Redis: the limiter's daily counter ``rl:{<tenant>}:day:<YYYYMMDD>`` (what enforcement counted);
-- ClickHouse: the sum of allowed limiter decisions for that day in ``usage_events`` (what the
-  pipeline recorded, deduplicated by event id);
-- the quota DB: ``tenant_daily_usage`` (what the worker backfilled).
+- ClickHouse: the billable usage of the limiter's meter (``WORKER_BACKFILL_METER``, default
+  ``requests``) for that day, from the ``usage_day`` rollup of the deduplicated ``usage_events``
+  (what the pipeline recorded);
+- the quota DB: ``tenant_daily_usage`` (what the worker backfilled, the same definition).
 
-The three agree when the pipeline has caught up. A tenant whose numbers differ is a drift:
-an event lost or double counted, a backfill that stalled, or a counter that was reset.
-The comparison is a pure function (:func:`compare`); the fetchers are thin I/O at the edges.
+The three agree once the pipeline has caught up. A tenant whose numbers differ is a drift: an
+event lost or double counted, a backfill that stalled, or a counter that was reset or seeded
+wrong. The comparison is a pure function (:func:`compare`); the fetchers are thin I/O at the
+edges, sync for the CLI and async for the API route.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from metering.ids import is_valid_tenant_id
@@ -44,64 +46,84 @@ class ReconcileRow:
                 out[name] = (value or 0) - base
         return out
 
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "agrees": self.agrees, "drift": self.drift}
+
 
 def compare(
     redis: Mapping[str, int], clickhouse: Mapping[str, int], quota_db: Mapping[str, int]
 ) -> list[ReconcileRow]:
     """One row per tenant seen by any source, sorted by tenant."""
     tenants = sorted(set(redis) | set(clickhouse) | set(quota_db))
-    return [
-        ReconcileRow(t, redis.get(t), clickhouse.get(t), quota_db.get(t)) for t in tenants
-    ]
+    return [ReconcileRow(t, redis.get(t), clickhouse.get(t), quota_db.get(t)) for t in tenants]
 
 
 def day_key(tenant: str, day: dt.date) -> str:
     return f"rl:{{{tenant}}}:day:{day:%Y%m%d}"
 
 
+def _day_pattern(day: dt.date) -> str:
+    return f"rl:{{*}}:day:{day:%Y%m%d}"
+
+
+def _tenant_of(key: bytes | str) -> str | None:
+    m = _DAY_KEY_RE.match(key.decode() if isinstance(key, bytes) else key)
+    return m["tenant"] if m and is_valid_tenant_id(m["tenant"]) else None
+
+
 def redis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
-    """Every tenant's daily counter for ``day`` (SCAN, so it never blocks Redis; on Cluster
+    """Every tenant's daily counter for ``day`` (SCAN, so Redis is never blocked; on Cluster
     redis-py scans every primary)."""
-    pattern = f"rl:{{*}}:day:{day:%Y%m%d}"
-    keys = [k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(match=pattern,
-                                                                               count=1000)]
     out: dict[str, int] = {}
-    for key in keys:
-        m = _DAY_KEY_RE.match(key)
-        if not m or not is_valid_tenant_id(m["tenant"]):
-            continue
-        value = client.get(key)
-        if value is not None:
-            out[m["tenant"]] = int(float(value))
+    for key in client.scan_iter(match=_day_pattern(day), count=1000):
+        tenant = _tenant_of(key)
+        value = client.get(key) if tenant else None
+        if tenant and value is not None:
+            out[tenant] = int(float(value))
     return out
 
 
-def clickhouse_daily_totals(client: Any, database: str, day: dt.date) -> dict[str, int]:
-    """Allowed limiter decisions per tenant for the UTC day, from the deduplicated raw table."""
-    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+async def aredis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
+    out: dict[str, int] = {}
+    async for key in client.scan_iter(match=_day_pattern(day), count=1000):
+        tenant = _tenant_of(key)
+        value = await client.get(key) if tenant else None
+        if tenant and value is not None:
+            out[tenant] = int(float(value))
+    return out
+
+
+def clickhouse_daily_totals(client: Any, database: str, day: dt.date, meter: str) -> dict[str, int]:
+    """Billable usage of ``meter`` per tenant for the UTC day (the backfill's definition)."""
+    from metering.clickhouse.schema import checked_database
+
     result = client.query(
-        # the database name is validated by Settings (CLICKHOUSE_DATABASE pattern)
-        f"SELECT tenant, sum(quantity) FROM {database}.usage_events "  # noqa: S608
-        "WHERE time >= {start:DateTime64(3, 'UTC')} AND time < {end:DateTime64(3, 'UTC')} "
-        "AND type = 'metering.ratelimit' AND decision = 'allowed' GROUP BY tenant",
-        parameters={"start": start, "end": start + dt.timedelta(days=1)},
+        f"SELECT tenant, sum(quantity_sum) FROM {checked_database(database)}.usage_day "  # noqa: S608
+        "WHERE billable = 1 AND meter = {m:String} AND bucket = {day:DateTime('UTC')} "
+        "GROUP BY tenant",
+        parameters={"m": meter, "day": dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)},
     )
     return {str(t): round(v) for t, v in result.result_rows}
 
 
 def format_report(rows: Iterable[ReconcileRow], day: dt.date) -> str:
     rows = list(rows)
-    lines = [f"reconcile {day.isoformat()} (UTC): redis counter / clickhouse / quota db",
-             f"{'tenant':<28}{'redis':>12}{'clickhouse':>12}{'quota db':>12}  status"]
+    lines = [
+        f"reconcile {day.isoformat()} (UTC): redis counter / clickhouse / quota db",
+        f"{'tenant':<28}{'redis':>12}{'clickhouse':>12}{'quota db':>12}  status",
+    ]
 
     def show(v: int | None) -> str:
         return "-" if v is None else str(v)
 
     for r in rows:
-        status = "ok" if r.agrees else "DRIFT " + ", ".join(
-            f"{k} {v:+d}" for k, v in r.drift.items())
-        lines.append(f"{r.tenant:<28}{show(r.redis):>12}{show(r.clickhouse):>12}"
-                     f"{show(r.quota_db):>12}  {status}")
+        status = (
+            "ok" if r.agrees else "DRIFT " + ", ".join(f"{k} {v:+d}" for k, v in r.drift.items())
+        )
+        lines.append(
+            f"{r.tenant:<28}{show(r.redis):>12}{show(r.clickhouse):>12}"
+            f"{show(r.quota_db):>12}  {status}"
+        )
     drifted = sum(1 for r in rows if not r.agrees)
     lines.append(f"{len(rows)} tenants, {drifted} with drift")
     return "\n".join(lines)

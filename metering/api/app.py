@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from limiter.middleware import RateLimitMiddleware
-from metering.api import routes_events, routes_ops, routes_tenants
+from metering.api import routes_admin, routes_events, routes_ops, routes_tenants
 from metering.api.auth import PUBLIC_PATHS, JWTAuthMiddleware, TokenVerifier
 from metering.api.body_limit import BodyLimitMiddleware
 from metering.api.context import ApiContext
@@ -177,7 +177,7 @@ def create_app(
     )
     app.state.context = context
     install_problem_handlers(app)
-    routers = [routes_ops.router, routes_events.router, routes_tenants.router]
+    routers = [routes_ops.router, routes_events.router, routes_tenants.router, routes_admin.router]
     if importlib.util.find_spec(USAGE_ROUTES_MODULE) is not None:
         routers.append(importlib.import_module(USAGE_ROUTES_MODULE).router)
     for router in routers:
