@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 
+from metering.cli import CommandError
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     worker = sub.add_parser(
         "worker", help="consume usage.events into ClickHouse and backfill the quota DB"
+    )
+    worker.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve Prometheus /metrics on this port (default: WORKER_METRICS_PORT, 0 = off)",
     )
     worker.set_defaults(handler=_run)
 
@@ -17,10 +23,13 @@ def _run(args: argparse.Namespace) -> int:
     from metering.settings import get_settings
 
     settings = get_settings()  # a bad setting fails here, named, before Faust starts
-    if settings.worker_metrics_port:
+    port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
+    if not 0 <= port <= 65535:
+        raise CommandError(f"--metrics-port {port}: must be 0-65535")
+    if port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port)
+        start_http_server(port)
     from metering.quota_db import migrate as migrate_quota_db
     from metering.topics import ensure_topics, pipeline_topics
 
