@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "metering.commands.usage",
     "metering.commands.up",
     "metering.commands.reconcile",
+    "metering.commands.config",
 ]
 
 

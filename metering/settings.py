@@ -69,16 +69,34 @@ class Settings(BaseSettings):
 
     # --- limiter / Redis (names from the seed note) ---------------------------------------------
     tenant_quota_cache_ttl: PositiveInt = Field(30, description="Seconds a quota stays in Redis.")
-    rate_limit_redis_url: str = Field("redis://127.0.0.1:6379/0")
-    rate_limit_redis_cluster_nodes: HostPortList = Field(default_factory=list)
-    rate_limit_redis_sentinels: HostPortList = Field(default_factory=list)
-    rate_limit_redis_sentinel_master: str = Field("mymaster", min_length=1)
-    rate_limit_redis_password: str | None = None
+    rate_limit_redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Single Redis node: redis://, rediss:// (TLS) or unix://.",
+    )
+    rate_limit_redis_cluster_nodes: HostPortList = Field(
+        default_factory=list,
+        description="host:port,... of Redis Cluster nodes; when set, Cluster is used.",
+    )
+    rate_limit_redis_sentinels: HostPortList = Field(
+        default_factory=list,
+        description="host:port,... of Sentinels; when set (and no Cluster), Sentinel is used.",
+    )
+    rate_limit_redis_sentinel_master: str = Field(
+        "mymaster", min_length=1, description="The master name the Sentinels monitor."
+    )
+    rate_limit_redis_password: str | None = Field(
+        None, description="Password for Redis (Sentinel and Cluster modes; a URL carries its own)."
+    )
     rate_limit_redis_socket_timeout: PositiveFloat = Field(
         0.25, description="Seconds a Redis call may take before it counts as a failure."
     )
-    rate_limit_redis_connect_timeout: PositiveFloat = 0.5
-    rate_limit_fail_mode: Literal["open", "closed"] = "open"
+    rate_limit_redis_connect_timeout: PositiveFloat = Field(
+        0.5, description="Seconds to connect to Redis before it counts as a failure."
+    )
+    rate_limit_fail_mode: Literal["open", "closed"] = Field(
+        "open",
+        description="While Redis is down: open lets requests through, closed answers 503.",
+    )
     rate_limit_breaker_failures: PositiveInt = Field(
         3, description="Consecutive Redis failures that open the circuit breaker."
     )
@@ -88,8 +106,12 @@ class Settings(BaseSettings):
     rate_limit_local_ceiling_per_sec: PositiveFloat = Field(
         100.0, description="Per-process, per-tenant ceiling while Redis is down."
     )
-    rate_limit_shadow_mode: bool = False
-    rate_limit_emit_decisions: bool = True
+    rate_limit_shadow_mode: bool = Field(
+        False, description="Decide and count, but never block (dry run of new limits)."
+    )
+    rate_limit_emit_decisions: bool = Field(
+        True, description="Emit every limiter decision as a metering.ratelimit usage event."
+    )
 
     # --- quotas --------------------------------------------------------------------------------
     quota_db_url: str = Field(
@@ -98,17 +120,41 @@ class Settings(BaseSettings):
     quota_local_ttl: PositiveFloat = Field(
         5.0, description="Seconds a quota lives in process memory."
     )
-    quota_unknown_tenant: Literal["default", "reject"] = "default"
-    quota_default_plan: str = "free"
+    quota_unknown_tenant: Literal["default", "reject"] = Field(
+        "default",
+        description="A tenant with no quota: default gets QUOTA_DEFAULT_PLAN, reject refuses it.",
+    )
+    quota_default_plan: str = Field(
+        "free", description="Plan for unknown tenants (free, pro, enterprise)."
+    )
 
     # --- Kafka ---------------------------------------------------------------------------------
-    kafka_bootstrap_servers: str = Field("127.0.0.1:9092")
-    usage_events_topic: str = Field("usage.events", pattern=r"^[A-Za-z0-9._-]{1,249}$")
-    usage_events_dlq_topic: str = Field("usage.events.dlq", pattern=r"^[A-Za-z0-9._-]{1,249}$")
-    usage_events_partitions: PositiveInt = 6
-    usage_events_retention_ms: PositiveInt = 7 * 24 * 3600 * 1000
-    usage_events_dlq_retention_ms: PositiveInt = 30 * 24 * 3600 * 1000
-    emitter_spool_max_bytes: PositiveInt = 256 * 1024 * 1024
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="host:port,... of the Kafka brokers."
+    )
+    usage_events_topic: str = Field(
+        "usage.events",
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        description="Topic of usage events (key = tenant).",
+    )
+    usage_events_dlq_topic: str = Field(
+        "usage.events.dlq",
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        description="Topic of dead letters (original bytes and the reason).",
+    )
+    usage_events_partitions: PositiveInt = Field(
+        6, description="Partitions of the usage topic when created (half that for the DLQ)."
+    )
+    usage_events_retention_ms: PositiveInt = Field(
+        7 * 24 * 3600 * 1000, description="Retention of the usage topic."
+    )
+    usage_events_dlq_retention_ms: PositiveInt = Field(
+        30 * 24 * 3600 * 1000, description="Retention of the dead-letter topic."
+    )
+    emitter_spool_max_bytes: PositiveInt = Field(
+        256 * 1024 * 1024,
+        description="Disk the emitter's spool may use while Kafka is away (then: drop, count).",
+    )
 
     # --- events --------------------------------------------------------------------------------
     event_max_future_skew: PositiveFloat = Field(
@@ -122,13 +168,25 @@ class Settings(BaseSettings):
     clickhouse_url: str = Field(
         "", description="chdb:///path (default under the data dir) or http(s)://…"
     )
-    clickhouse_database: str = Field("metering", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-    clickhouse_retention_days: PositiveInt = 400
+    clickhouse_database: str = Field(
+        "metering",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+        description="ClickHouse database of the tables.",
+    )
+    clickhouse_retention_days: PositiveInt = Field(
+        400, description="Days usage_events rows are kept (table TTL)."
+    )
 
     # --- streams worker ------------------------------------------------------------------------
-    worker_batch_size: PositiveInt = 5000
-    worker_batch_within: PositiveFloat = 0.5
-    worker_backfill_interval: PositiveFloat = 5.0
+    worker_batch_size: PositiveInt = Field(
+        5000, description="Most events the sink inserts in one batch."
+    )
+    worker_batch_within: PositiveFloat = Field(
+        0.5, description="Seconds the sink waits to fill a batch."
+    )
+    worker_backfill_interval: PositiveFloat = Field(
+        5.0, description="Seconds between upserts of daily totals into the quota DB."
+    )
     worker_group: str = Field(
         "metering-worker",
         pattern=r"^[A-Za-z0-9._-]{1,200}$",
@@ -142,13 +200,22 @@ class Settings(BaseSettings):
     )
 
     # --- HTTP API ------------------------------------------------------------------------------
-    jwt_secret: str | None = None
-    jwt_public_key: str | None = None
-    jwt_audience: str | None = None
-    jwt_algorithms: str = "HS256,RS256,ES256"
-    jwt_leeway: float = Field(10.0, ge=0)
-    api_max_batch: PositiveInt = 1000
-    api_max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    jwt_secret: str | None = Field(
+        None,
+        description="HS256 key of API tokens (metering up makes a dev one if no key is set).",
+    )
+    jwt_public_key: str | None = Field(
+        None, description="PEM (or a path to one) for RS256/ES256 API tokens."
+    )
+    jwt_audience: str | None = Field(
+        None, description="Required aud claim of API tokens, when set."
+    )
+    jwt_algorithms: str = Field("HS256,RS256,ES256", description="Token algorithms accepted.")
+    jwt_leeway: float = Field(10.0, ge=0, description="Seconds of clock leeway for exp and nbf.")
+    api_max_batch: PositiveInt = Field(1000, description="Most events in one POST /v1/events.")
+    api_max_body_bytes: PositiveInt = Field(
+        4 * 1024 * 1024, description="Largest request body (413 beyond)."
+    )
     rate_limit_route_costs: dict[str, PositiveInt] = Field(
         default_factory=dict,
         description='JSON: cost per route, e.g. {"POST /v1/events": 5, "/v1/usage": 2}; else 1.',
