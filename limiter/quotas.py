@@ -26,7 +26,8 @@ When Redis and the DB fail, the last known quota is served (stale) and counted i
 :class:`UnknownTenant` when ``QUOTA_UNKNOWN_TENANT=reject``. A tenant seen for the first time while
 both sources are down cannot be proven known, so that same policy applies to it (the default plan,
 counted as stale, or :class:`UnknownTenant`) until a source answers; background retries replace
-the answer as soon as one does. No other exception reaches the caller, except
+the answer as soon as one does, and so does a concurrent lookup that got one. That placeholder never
+replaces an answer a concurrent lookup installed. No other exception reaches the caller, except
 :class:`metering.ids.InvalidIdentifier` for a malformed tenant id.
 """
 
@@ -115,6 +116,7 @@ class _Entry:
     refresh_at: float  # monotonic time after which a lookup triggers a refresh
     expires_at: float  # monotonic time after which serving it counts as stale
     failing: bool = False  # the last refresh failed: serve it, retry in the background
+    placeholder: bool = False  # made while both sources failed for a newcomer: no answer yet
 
 
 class _SourceDown(Exception):
@@ -285,12 +287,20 @@ class QuotaCache:
         """Both sources failed: keep serving what we had, or the default plan for a newcomer."""
         now = time.monotonic()
         if previous is None:  # cannot be proven known: the unknown-tenant policy applies
-            log.warning(
-                "quota of %s unavailable; treating it as unknown until a source answers", tenant
-            )
-            quota = self.default_quota if self.unknown_tenant == "default" else None
-            previous = _Entry(quota, 0, now, now)
-            self._store_entry(tenant, previous)
+            with self._lock:
+                current = self._local.get(tenant)
+                if current is not None:
+                    # A concurrent lookup got an answer meanwhile (or a change was applied):
+                    # it stands. Replacing it by the placeholder would serve a known tenant
+                    # the default plan until the next retry.
+                    return current
+                log.warning(
+                    "quota of %s unavailable; treating it as unknown until a source answers",
+                    tenant,
+                )
+                quota = self.default_quota if self.unknown_tenant == "default" else None
+                previous = _Entry(quota, 0, now, now, placeholder=True)
+                self._store_entry(tenant, previous)
         previous.failing = True
         previous.refresh_at = now + self.retry_interval
         if now >= previous.expires_at:
@@ -306,9 +316,14 @@ class QuotaCache:
         local[tenant] = entry
 
     def _install(self, tenant: str, entry: _Entry, seen: _Entry | None, changes: int) -> _Entry:
-        """Install a fetched entry unless a change was applied while it was being fetched."""
+        """Install a fetched entry unless a change was applied while it was being fetched.
+
+        A placeholder (a newcomer's entry made while both sources failed) holds no answer, so a
+        fetch that overlapped its making replaces it, unless a change was applied meanwhile."""
         with self._lock:
             current = self._local.get(tenant)
+            if current is not None and current.placeholder and self._changes == changes:
+                seen = current  # it holds no answer: this fetch replaces it
             if current is not seen or (seen is None and self._changes != changes):
                 return current or entry  # a newer answer arrived meanwhile; it stays
             self._store_entry(tenant, entry)
