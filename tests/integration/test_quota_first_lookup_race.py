@@ -11,6 +11,7 @@ DB calls and which of them fails, as a DB timeout does (:class:`StagedStore`).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,5 +128,29 @@ def test_an_answer_fetched_while_a_placeholder_was_made_replaces_it(
         assert cache.get(tenant) == OWN  # the source answered: the placeholder is gone
     finally:
         cache.close()
+        store.close()
+        r.delete(quota_cache_key(tenant))
+
+
+async def test_on_the_async_path_a_failed_first_lookup_keeps_the_tenants_own_quota(
+    quota_db_url: str, r: redis.Redis, redis_url: str, tenant: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    failing = Step(fail=True)
+    cache, store = staged_cache(quota_db_url, r, tenant, [failing])
+    cache.aredis = aioredis.Redis.from_url(redis_url)
+    try:
+        slow = asyncio.create_task(cache.aget(tenant))  # its DB call will time out
+        assert await asyncio.to_thread(failing.entered.wait, 10)
+
+        assert await cache.aget(tenant) == OWN
+        failing.release.set()
+
+        assert await slow == OWN
+        assert await cache.aget(tenant) == OWN
+    finally:
+        await cache.aclose()
+        await cache.aredis.aclose()
         store.close()
         r.delete(quota_cache_key(tenant))
