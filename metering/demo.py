@@ -64,6 +64,7 @@ class TenantRun:
 class DemoResult:
     tenants: list[TenantRun] = field(default_factory=list)
     seconds: float = 0.0
+    traffic_seconds: float = 0.0  # how long the traffic really took (a busy server stretches it)
     caught_up_after: float | None = None
 
     @property
@@ -157,8 +158,10 @@ class DemoClient:
 
 async def drive(
     client: DemoClient, runs: list[TenantRun], seconds: float, progress: Any = None
-) -> None:
-    """Each tenant sends at its rate for ``seconds`` (open loop, bounded concurrency)."""
+) -> float:
+    """Each tenant sends at its rate for ``seconds`` (open loop, bounded concurrency); return
+    the seconds until the last answer arrived (a busy server stretches the traffic)."""
+    began = time.monotonic()
     sem = asyncio.Semaphore(48)
     end = time.monotonic() + seconds
 
@@ -189,6 +192,7 @@ async def drive(
     await asyncio.gather(tick(), *(tenant_loop(r) for r in runs))
     if progress is not None:
         progress(seconds, sum(r.sent for r in runs))
+    return time.monotonic() - began
 
 
 async def collect(
@@ -260,12 +264,15 @@ def provision_operator(settings: Settings) -> None:
     from metering.quota_db import QuotaStore
 
     url = os.environ.get("RATE_LIMIT_REDIS_URL") or LocalStack(
-        settings.metering_data_dir.resolve() / "stack").env().get("RATE_LIMIT_REDIS_URL")
+        settings.metering_data_dir.resolve() / "stack"
+    ).env().get("RATE_LIMIT_REDIS_URL")
     client = redis.Redis.from_url(url) if url else None
     try:
-        QuotaAdmin(QuotaStore(settings.quota_db_url), client,
-                   redis_ttl=settings.tenant_quota_cache_ttl).set_quota(
-            OPERATOR, plan="enterprise", rate_per_sec=1000.0, burst=1000, daily_limit=10_000_000)
+        QuotaAdmin(
+            QuotaStore(settings.quota_db_url), client, redis_ttl=settings.tenant_quota_cache_ttl
+        ).set_quota(
+            OPERATOR, plan="enterprise", rate_per_sec=1000.0, burst=1000, daily_limit=10_000_000
+        )
     finally:
         if client is not None:
             client.close()

@@ -76,7 +76,7 @@ def _demo(args: argparse.Namespace) -> int:
                     console=console,
                 ) as bar:
                     task = bar.add_task("traffic", total=args.seconds, sent=0)
-                    await demo.drive(
+                    result.traffic_seconds = await demo.drive(
                         client,
                         runs,
                         args.seconds,
@@ -126,7 +126,8 @@ def _demo(args: argparse.Namespace) -> int:
         sent = sum(r.sent for r in runs)
         errors = sum(r.errors + r.rejected_other for r in runs)
         console.print(
-            f"{sent:,} requests: {sum(r.allowed for r in runs):,} allowed, "
+            f"{sent:,} requests in {result.traffic_seconds:.0f}s: "
+            f"{sum(r.allowed for r in runs):,} allowed, "
             f"{sum(r.rejected_bucket for r in runs):,} rejected by the token bucket, "
             f"{sum(r.rejected_daily for r in runs):,} by the daily quota, {errors} other"
         )
