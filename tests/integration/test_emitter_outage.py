@@ -130,7 +130,10 @@ def test_events_emitted_across_a_broker_outage_and_a_process_restart_all_arrive_
     for tenant, seqs in order.items():
         assert seqs == sorted(seqs), f"{tenant}: per-tenant order"
     assert len(messages) == n + duplicates
-    assert duplicates <= 200, "resends are bounded by what was unacknowledged at the kill"
+    # Only what process A had sent but Kafka had not acknowledged when the broker died can be
+    # sent twice (with the same id, so the pipeline drops it); how much that is depends on the
+    # machine's load, but it can never exceed what A emitted while the broker was up.
+    assert duplicates <= N_BEFORE_KILL, "resends are bounded by what was in flight at the kill"
     with Spool(tmp_path / "spool" / "0", max_bytes=1 << 30) as spool:
         assert spool.pending_events == 0
 
