@@ -16,9 +16,9 @@ import functools
 import itertools
 import zoneinfo
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from metering.query_sql import (
     MAX_RESULT_ROWS,
@@ -51,14 +51,15 @@ def _value(raw: Any, aggregation: Aggregation) -> float | int:
     return int(raw) if aggregation in _INTEGRAL else float(raw)
 
 
-@dataclass(frozen=True)
-class UsageRow:
-    """One window (or the whole range) and group: ``value`` over ``[window_start, window_end)``."""
+class UsageRow(NamedTuple):
+    """One window (or the whole range) and group: ``value`` over ``[window_start, window_end)``.
+
+    A named tuple: an answer can hold tens of thousands of rows, built in a tight loop."""
 
     window_start: dt.datetime
     window_end: dt.datetime
     value: float | int
-    group: dict[str, str | None] = field(default_factory=dict)
+    group: dict[str, str | None]
 
     def to_dict(self, text: Callable[[dt.datetime], str] = rfc3339) -> dict[str, Any]:
         return {
@@ -207,24 +208,26 @@ class UsageQueries:
         zone = zoneinfo.ZoneInfo(q.tz)
         names, ngroups = q.group_by, len(q.group_by)
         number = int if q.aggregation in _INTEGRAL else float
-        # A window's end is the next one's start: convert each instant once.
-        instants: dict[int, dt.datetime] = {}
-
-        def instant(epoch_s: int) -> dt.datetime:
-            t = instants.get(epoch_s)
-            if t is None:
-                t = instants[epoch_s] = dt.datetime.fromtimestamp(epoch_s, zone)
-            return t
-
-        out = []
-        whole = (q.start.astimezone(zone), q.end.astimezone(zone))
-        for row in rows:
-            if q.window is None:
-                start, end, rest = *whole, row
-            else:
-                start, end, rest = instant(row[0]), instant(row[1]), row[2:]
-            group = dict(zip(names, rest[:ngroups], strict=True)) if ngroups else {}
-            out.append(UsageRow(start, end, number(rest[ngroups]), group))
+        if q.window is None:
+            start, end = q.start.astimezone(zone), q.end.astimezone(zone)
+            out = [
+                UsageRow(start, end, number(row[ngroups]), dict(zip(names, row, strict=False)))
+                for row in rows
+            ]
+        else:
+            # A window's end is the next one's start: convert each instant once.
+            fromtimestamp = dt.datetime.fromtimestamp
+            epochs = {e for row in rows for e in row[:2]}
+            instants = {e: fromtimestamp(e, zone) for e in epochs}
+            out = [
+                UsageRow(
+                    instants[row[0]],
+                    instants[row[1]],
+                    number(row[2 + ngroups]),
+                    dict(zip(names, row[2:], strict=False)) if ngroups else {},
+                )
+                for row in rows
+            ]
         return UsageResult(q, out, sql.path, sql.tables)
 
     # --- sliding windows ------------------------------------------------------------------------
