@@ -14,8 +14,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import itertools
+import types
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -39,6 +40,7 @@ from metering.query_sql import (
 )
 
 _INTEGRAL = {Aggregation.COUNT, Aggregation.UNIQUE_COUNT}
+NO_GROUP: Mapping[str, str | None] = types.MappingProxyType({})  # shared, read-only
 
 
 def rfc3339(t: dt.datetime) -> str:
@@ -59,7 +61,7 @@ class UsageRow(NamedTuple):
     window_start: dt.datetime
     window_end: dt.datetime
     value: float | int
-    group: dict[str, str | None]
+    group: Mapping[str, str | None]
 
     def to_dict(self, text: Callable[[dt.datetime], str] = rfc3339) -> dict[str, Any]:
         return {
@@ -224,7 +226,7 @@ class UsageQueries:
                     instants[row[0]],
                     instants[row[1]],
                     number(row[2 + ngroups]),
-                    dict(zip(names, row[2:], strict=False)) if ngroups else {},
+                    dict(zip(names, row[2:], strict=False)) if ngroups else NO_GROUP,
                 )
                 for row in rows
             ]
