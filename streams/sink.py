@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from metering.clickhouse.schema import checked_database
-from metering.events import EventDecodeError, UsageEvent, decode_event
+from metering.events import EventDecodeError
+from metering.events_fast import FastUsageEvent, decode_event_fast, future_limit
 from streams.dedupe import RecentIds
 
 EVENT_COLUMNS = [
@@ -109,7 +110,7 @@ class DeadLetter:
 class PreparedBatch:
     """A batch after decoding and dedupe, before anything is written."""
 
-    events: list[tuple[Record, UsageEvent]] = field(default_factory=list)
+    events: list[tuple[Record, FastUsageEvent]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     duplicates: int = 0
     next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
@@ -118,7 +119,7 @@ class PreparedBatch:
         return [event_row(ev, rec) for rec, ev in self.events]
 
 
-def event_row(ev: UsageEvent, rec: Record) -> list[Any]:
+def event_row(ev: FastUsageEvent, rec: Record) -> list[Any]:
     """One ``usage_events`` row (columns :data:`EVENT_COLUMNS`)."""
     decision = ev.data.decision or ""
     return [
@@ -316,6 +317,7 @@ class ClickHouseSink:
         """Decode and dedupe ``records`` (one partition's records in offset order)."""
         now = self.clock()
         self.recent.evict(now)
+        limit = future_limit(now, self.max_future_skew)
         batch = PreparedBatch()
         in_batch: set[tuple[str, str]] = set()
         for rec in records:
@@ -326,7 +328,9 @@ class ClickHouseSink:
                 batch.dead_letters.append(DeadLetter(rec, "invalid", "event: message has no value"))
                 continue
             try:
-                ev = decode_event(rec.value, now=now, max_future_skew=self.max_future_skew)
+                ev = decode_event_fast(
+                    rec.value, now=now, max_future_skew=self.max_future_skew, limit=limit
+                )
             except EventDecodeError as exc:
                 batch.dead_letters.append(DeadLetter(rec, "invalid", str(exc)))
                 continue
