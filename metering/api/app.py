@@ -32,6 +32,7 @@ from metering.api.auth import PUBLIC_PATHS, JWTAuthMiddleware, TokenVerifier
 from metering.api.body_limit import BodyLimitMiddleware
 from metering.api.context import ApiContext
 from metering.api.problems import install_problem_handlers
+from metering.api.routes_admin import UNMETERED_ADMIN_PATHS
 from metering.events import UsageEvent
 from metering.settings import Settings, get_settings
 
@@ -195,7 +196,8 @@ def create_app(
         costs=settings.rate_limit_route_costs,
         meters=settings.rate_limit_route_meters,
         shadow=settings.rate_limit_shadow_mode,
-        exempt_paths=PUBLIC_PATHS,
+        # Operator tooling is not tenant usage: reconciling must not add to what it compares.
+        exempt_paths=PUBLIC_PATHS | UNMETERED_ADMIN_PATHS,
     )
     app.add_middleware(JWTAuthMiddleware, verifier=verifier, public_paths=PUBLIC_PATHS)
     return app

@@ -17,6 +17,9 @@ from metering.api.problems import Problem
 
 router = APIRouter(tags=["operations"])
 
+#: Authenticated and admin-only, but never rate limited or metered (see create_app).
+UNMETERED_ADMIN_PATHS = frozenset({"/v1/admin/reconcile"})
+
 
 @router.get("/v1/admin/reconcile", summary="Compare Redis counters, ClickHouse and the quota DB")
 async def reconcile_day(

@@ -151,3 +151,7 @@ async def test_the_api_route_answers_admins_with_the_same_rows_and_refuses_tenan
         got = {t["tenant"]: (t["redis"], t["clickhouse"], t["quota_db"], t["agrees"])
                for t in body["tenants"] if t["tenant"] in set(pipeline["tenants"].values())}
         assert got == {pipeline["tenants"][k]: (n, n, n, True) for k, n in ALLOWED.items()}
+        # The operator's own calls are not metered, so reconciling adds no drift of its own.
+        again = (await client.get("/v1/admin/reconcile", headers=admin())).json()
+        assert again["tenants"] == body["tenants"]
+        assert "ratelimit" not in {k.lower() for k in r.headers}
