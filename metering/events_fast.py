@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from typing import Literal
 
 import msgspec
@@ -44,6 +45,7 @@ from metering.events import (
 from metering.ids import _METER_RE, _TENANT_RE
 
 _UTC = dt.UTC
+_INF = math.inf
 
 
 class FastUsageData(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -106,13 +108,32 @@ class FastUsageEvent(msgspec.Struct, frozen=True, gc=False):
 
 _decoder = msgspec.json.Decoder(_WireEvent)
 
+#: Identifiers already found valid (tenants, meters, dimension keys recur in every batch): a set
+#: lookup instead of a regex match. Bounded: cleared when it reaches _KNOWN_MAX entries.
+_KNOWN_MAX = 100_000
+_known_tenants: set[str] = set()
+_known_meters: set[str] = set()
+_known_keys: set[str] = set()
+
+
+def _known(value: str, known: set[str], pattern: re.Pattern[str]) -> bool:
+    if value in known:
+        return True
+    if pattern.fullmatch(value) is None:
+        return False
+    if len(known) >= _KNOWN_MAX:
+        known.clear()
+    known.add(value)
+    return True
+
 
 def _valid_dimensions(dims: dict[str, str]) -> bool:
     if len(dims) > MAX_DIMENSIONS:
         return False
-    key_ok = _DIMENSION_KEY_RE.fullmatch
     for key, value in dims.items():
-        if len(value) > MAX_DIMENSION_VALUE or not key_ok(key):
+        if len(value) > MAX_DIMENSION_VALUE or not (
+            key in _known_keys or _known(key, _known_keys, _DIMENSION_KEY_RE)
+        ):
             return False
     return True
 
@@ -125,13 +146,13 @@ def _fast(raw: bytes, limit: dt.datetime) -> FastUsageEvent | None:
         return None
     d = w.data
     q = d.quantity
+    subject, meter = w.subject, d.meter
     if not (
         _ID_RE.fullmatch(w.id)
-        and _TENANT_RE.fullmatch(w.subject)
-        and _METER_RE.fullmatch(d.meter)
+        and (subject in _known_tenants or _known(subject, _known_tenants, _TENANT_RE))
+        and (meter in _known_meters or _known(meter, _known_meters, _METER_RE))
         and 0 < len(w.source) <= MAX_SOURCE_LENGTH
-        and math.isfinite(q)
-        and q >= 0
+        and 0 <= q < _INF  # finite and >= 0 (NaN fails both comparisons)
         and (d.decision is None) == (w.type == TYPE_USAGE)
         and (not d.dimensions or _valid_dimensions(d.dimensions))
     ):
@@ -145,7 +166,7 @@ def _fast(raw: bytes, limit: dt.datetime) -> FastUsageEvent | None:
         return None
     if t > limit:
         return None
-    return FastUsageEvent(w.specversion, w.id, w.source, w.type, w.subject, t, w.datacontenttype, d)
+    return FastUsageEvent(w.specversion, w.id, w.source, w.type, subject, t, w.datacontenttype, d)
 
 
 def future_limit(now: dt.datetime | None, max_future_skew: float | None) -> dt.datetime:
