@@ -24,22 +24,38 @@ class RecentIds:
             raise ValueError("lateness_seconds and bucket_seconds must be positive")
         self.lateness = dt.timedelta(seconds=lateness_seconds)
         self.bucket_seconds = bucket_seconds
+        self._bucket_span = dt.timedelta(seconds=bucket_seconds)
         self._buckets: dict[int, set[str]] = {}
 
-    def _bucket(self, time: dt.datetime) -> int:
-        return int((time - _EPOCH).total_seconds()) // self.bucket_seconds
+    def bucket(self, time: dt.datetime) -> int:
+        """The bucket of an event time (aware): whole bucket spans since the epoch, floored."""
+        return (time - _EPOCH) // self._bucket_span
 
     @staticmethod
-    def _key(tenant: str, event_id: str) -> str:
-        # Tenant ids and event ids are printable ASCII, so NUL cannot occur inside either.
+    def key(tenant: str, event_id: str) -> str:
+        """One string per (tenant, id): tenant ids and event ids are printable ASCII, so NUL
+        cannot occur inside either."""
         return f"{tenant}\x00{event_id}"
 
     def contains(self, tenant: str, event_id: str, time: dt.datetime) -> bool:
-        ids = self._buckets.get(self._bucket(time))
-        return ids is not None and self._key(tenant, event_id) in ids
+        return self.contains_key(self.bucket(time), self.key(tenant, event_id))
+
+    def contains_key(self, bucket: int, key: str) -> bool:
+        """:meth:`contains` for a :meth:`bucket` and :meth:`key` computed by the caller."""
+        ids = self._buckets.get(bucket)
+        return ids is not None and key in ids
 
     def add(self, tenant: str, event_id: str, time: dt.datetime) -> None:
-        self._buckets.setdefault(self._bucket(time), set()).add(self._key(tenant, event_id))
+        self._buckets.setdefault(self.bucket(time), set()).add(self.key(tenant, event_id))
+
+    def add_keys(self, entries: Iterable[tuple[int, str]]) -> None:
+        """:meth:`add` for (:meth:`bucket`, :meth:`key`) pairs computed by the caller."""
+        buckets = self._buckets
+        for bucket, key in entries:
+            ids = buckets.get(bucket)
+            if ids is None:
+                ids = buckets[bucket] = set()
+            ids.add(key)
 
     def add_many(self, entries: Iterable[tuple[str, str, dt.datetime]]) -> int:
         n = 0
@@ -57,7 +73,7 @@ class RecentIds:
 
     def evict(self, now: dt.datetime) -> int:
         """Drop the buckets that end before the lateness cutoff; return how many ids went."""
-        oldest_kept = self._bucket(self.cutoff(now))
+        oldest_kept = self.bucket(self.cutoff(now))
         gone = [b for b in self._buckets if b < oldest_kept]
         dropped = sum(len(self._buckets.pop(b)) for b in gone)
         return dropped
