@@ -125,11 +125,13 @@ def _demo(args: argparse.Namespace) -> int:
         console.print(table)
         sent = sum(r.sent for r in runs)
         errors = sum(r.errors + r.rejected_other for r in runs)
+        skipped = sum(r.skipped for r in runs)
         console.print(
             f"{sent:,} requests in {result.traffic_seconds:.0f}s: "
             f"{sum(r.allowed for r in runs):,} allowed, "
             f"{sum(r.rejected_bucket for r in runs):,} rejected by the token bucket, "
             f"{sum(r.rejected_daily for r in runs):,} by the daily quota, {errors} other"
+            + (f"; {skipped:,} not sent while the server was behind" if skipped else "")
         )
         if result.all_agree:
             console.print(
