@@ -198,9 +198,16 @@ class SinkConsumer:
         await self.producer.start()
         await self.consumer.start()
         self.consumer.subscribe([self.topic], listener=listener)
+        # Read-ahead: the next batch is taken from Kafka (aiokafka's record parsing, on this
+        # loop) while the current one is processed in the executor (the ClickHouse insert
+        # releases the GIL). It is only read into memory: it is admitted, decoded and written
+        # after the current batch is committed, and dropped like any batch taken across a
+        # rebalance or a failed batch (generation counter), so the order of steps is unchanged.
+        ahead: asyncio.Future[tuple[int, list[Record]]] | None = None
         try:
             while not self._stopping.is_set():
-                generation, records = await self._take()
+                taking, ahead = ahead or asyncio.ensure_future(self._take()), None
+                generation, records = await taking
                 async with self._lock:
                     if generation != self._generation:
                         self._rewind()  # fetched across a rebalance: drop, read again
@@ -208,6 +215,7 @@ class SinkConsumer:
                     admitted = self._admit(records)
                     if not admitted:
                         continue
+                    ahead = asyncio.ensure_future(self._take())
                     work = asyncio.ensure_future(self._process(admitted))
                     try:
                         await asyncio.shield(work)
@@ -223,6 +231,10 @@ class SinkConsumer:
                         await asyncio.sleep(1.0)
                         await self._reposition(set(self._assigned))
         finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             with contextlib.suppress(Exception):
