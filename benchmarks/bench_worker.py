@@ -122,6 +122,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def histogram(port: int, name: str) -> list[tuple[float, float]]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = []
@@ -187,22 +193,31 @@ def main() -> int:
     sink_group = f"{group}.sink"
     try:
         first_at = first_n = None
+        first_cpu = 0.0
         deadline = time.monotonic() + 600
         done = 0
         while done < args.events and time.monotonic() < deadline:
             done = committed_total(bootstrap, sink_group, topic, args.partitions)
             if done and first_at is None:
-                first_at, first_n = time.monotonic(), done
+                first_at, first_n, first_cpu = time.monotonic(), done, cpu_seconds(worker.pid)
             time.sleep(0.2)
         if done < args.events:
             print(f"worker did not finish: {done}/{args.events} committed")
             return 1
         assert first_at is not None and first_n is not None
         worker_rate = (args.events - first_n) / (time.monotonic() - first_at)
+        worker_cpu = cpu_seconds(worker.pid) - first_cpu
         print(
             f"worker: {worker_rate:,.0f} events/s (batch_size={args.batch_size}, "
             f"batch_within={args.batch_within}s, {args.partitions} partitions); "
             f"ratio to raw consumer {worker_rate / raw_rate:.2f}"
+        )
+        # On a shared machine the wall-clock rate is the share of the CPUs the worker got; the
+        # CPU time it used per event is the cost of an event (ClickHouse's threads included).
+        per_event = worker_cpu / max(1, args.events - first_n)
+        print(
+            f"worker CPU: {per_event * 1e6:.1f} us per event ({1 / per_event:,.0f} events per "
+            f"CPU-second); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
         print(f"worker RSS after phase 1: {rss_mb(worker.pid):.0f} MB")
 
