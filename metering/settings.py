@@ -179,7 +179,7 @@ class Settings(BaseSettings):
 
     # --- streams worker ------------------------------------------------------------------------
     worker_batch_size: PositiveInt = Field(
-        5000, description="Most events the sink inserts in one batch."
+        20000, description="Most events the sink inserts in one batch."
     )
     worker_batch_within: PositiveFloat = Field(
         0.5, description="Seconds the sink waits to fill a batch."
