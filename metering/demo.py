@@ -77,8 +77,12 @@ class DemoResult:
         return bool(self.tenants) and all(t.agrees for t in self.tenants)
 
 
-def make_tenants(count: int, seed: int = 7) -> list[TenantRun]:
-    """Tenants over the plans; each sends at a rate around (sometimes above) its plan's rate."""
+def make_tenants(count: int, seed: int = 7, run_id: str | None = None) -> list[TenantRun]:
+    """Tenants over the plans; each sends at a rate around (sometimes above) its plan's rate.
+
+    Each run has tenants of its own (``demo-<run>-<plan>-NN``): the daily counters are per UTC
+    day, so a second run the same day must not start from the first run's usage."""
+    run_id = run_id or time.strftime("%H%M%S", time.gmtime())
     rng = random.Random(seed)
     plans = ["free", "pro", "enterprise"]
     out = []
@@ -86,7 +90,8 @@ def make_tenants(count: int, seed: int = 7) -> list[TenantRun]:
         plan = plans[i % 3]
         rate, _, _ = DEMO_PLANS[plan]
         factor = rng.choice([0.5, 0.9, 1.5, 3.0])
-        out.append(TenantRun(f"demo-{plan}-{i:02d}", plan, min(rate * factor, MAX_TENANT_RATE)))
+        name = f"demo-{run_id}-{plan}-{i:02d}"
+        out.append(TenantRun(name, plan, min(rate * factor, MAX_TENANT_RATE)))
     return out
 
 

@@ -35,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
     from metering.commands.up import ensure_dev_secret, sign_token
     from metering.quota_db import QuotaStore
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     settings = get_settings()
     ensure_dev_secret(settings)  # made before the child starts, which finds the same file
     base = f"http://127.0.0.1:{args.port}"
@@ -108,7 +108,13 @@ def _demo(args: argparse.Namespace) -> int:
             "quota DB",
             "agree",
         ):
-            table.add_column(col, justify="left" if col in {"tenant", "plan"} else "right")
+            left = col in {"tenant", "plan"}
+            table.add_column(
+                col,
+                justify="left" if left else "right",
+                no_wrap=left,
+                min_width=26 if col == "tenant" else None,
+            )
         for r in runs:
             table.add_row(
                 r.tenant,
