@@ -179,7 +179,12 @@ class Settings(BaseSettings):
 
     # --- streams worker ------------------------------------------------------------------------
     worker_batch_size: PositiveInt = Field(
-        20000, description="Most events the sink inserts in one batch."
+        20000,
+        description=(
+            "Most events the sink inserts in one batch (an insert has a fixed cost and makes"
+            " parts to merge: larger batches cost less per event; WORKER_BATCH_WITHIN bounds"
+            " the wait)."
+        ),
     )
     worker_batch_within: PositiveFloat = Field(
         0.5, description="Seconds the sink waits to fill a batch."
