@@ -85,3 +85,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_agreement_needs_equal_sources_and_allows_only_answers_the_client_lost() -> None:
+    from metering.demo import TenantRun
+
+    def run(allowed: int, errors: int, r: int, c: int, q: int) -> TenantRun:
+        t = TenantRun("t", "free", 1.0, allowed=allowed, errors=errors)
+        t.redis, t.clickhouse, t.quota_db = r, c, q
+        return t
+
+    assert run(10, 0, 10, 10, 10).agrees
+    assert run(9, 1, 10, 10, 10).agrees  # one answer timed out after the server allowed it
+    assert not run(9, 0, 10, 10, 10).agrees  # allowed more than the client could have seen
+    assert not run(10, 0, 10, 9, 10).agrees  # ClickHouse lost one
+    assert not run(10, 0, 10, 10, 11).agrees  # the backfill counted one twice
