@@ -95,15 +95,12 @@ async def aredis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
 
 def clickhouse_daily_totals(client: Any, database: str, day: dt.date, meter: str) -> dict[str, int]:
     """Billable usage of ``meter`` per tenant for the UTC day (the backfill's definition)."""
-    from metering.clickhouse.schema import checked_database
+    from metering.clickhouse.totals import daily_billable_totals
 
-    result = client.query(
-        f"SELECT tenant, sum(quantity_sum) FROM {checked_database(database)}.usage_day "  # noqa: S608
-        "WHERE billable = 1 AND meter = {m:String} AND bucket = {day:DateTime('UTC')} "
-        "GROUP BY tenant",
-        parameters={"m": meter, "day": dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)},
+    rows = daily_billable_totals(
+        client, database, meter=meter, since=day, until=day + dt.timedelta(days=1)
     )
-    return {str(t): round(v) for t, v in result.result_rows}
+    return {tenant: round(total) for tenant, _day, total in rows}
 
 
 def format_report(rows: Iterable[ReconcileRow], day: dt.date) -> str:

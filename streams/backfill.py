@@ -14,26 +14,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Protocol
 
-from metering.clickhouse.schema import checked_database
+from metering.clickhouse.totals import daily_billable_totals
 
 
 class DailyUsageStore(Protocol):
     def upsert_daily_usage(self, rows: Any) -> int: ...
-
-
-def daily_billable_totals(
-    client: Any, database: str, *, meter: str, since: dt.date
-) -> list[tuple[str, dt.date, float]]:
-    """(tenant, UTC day, billable quantity of ``meter``) for every day from ``since``."""
-    checked_database(database)
-    result = client.query(
-        f"SELECT tenant, toDate(bucket) AS day, sum(quantity_sum)"  # noqa: S608
-        f" FROM {database}.usage_day"
-        f" WHERE billable = 1 AND meter = {{m:String}} AND bucket >= {{since:Date}}"
-        f" GROUP BY tenant, day ORDER BY tenant, day",
-        parameters={"m": meter, "since": since},
-    )
-    return [(tenant, day, float(total)) for tenant, day, total in result.result_rows]
 
 
 class Backfill:
