@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from metering.cli import CommandError
+from metering.commands.api import _port  # the same port argument as `metering api`
 from metering.settings import Settings, get_settings
 
 log = logging.getLogger("metering.up")
@@ -51,12 +52,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     token.add_argument("--admin", action="store_true", help="add the metering:admin scope")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     token.set_defaults(handler=_token)
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
-    return int(text)
 
 
 def dev_secret_path(settings: Settings) -> Path:
