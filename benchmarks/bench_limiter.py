@@ -60,18 +60,48 @@ def pin_one_core() -> int | None:
         return None
 
 
-def private_redis(cpu: int | None) -> tuple[str, Any]:
-    """Start a redis-server for this run (pinned away from ``cpu``); return its URL, stack."""
+def private_redis(cpu: int | None, placement: str) -> tuple[str, Any]:
+    """Start a redis-server for this run, pinned away from ``cpu`` (``placement="other"``) or
+    onto it (``"same"``); return its URL and stack."""
     from metering.localstack import LocalStack
 
     stack = LocalStack(ROOT / "var" / "bench-stack")
     url = stack.up(["redis"])["RATE_LIMIT_REDIS_URL"]
     state = stack.service("redis")
     others = set(os.sched_getaffinity(0) if cpu is None else range(os.cpu_count() or 1)) - {cpu}
-    if state is not None and others:
+    target = {cpu} if placement == "same" and cpu is not None else others
+    if state is not None and target:
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(state.pids["redis"], others)
+            os.sched_setaffinity(state.pids["redis"], target)
     return url, stack
+
+
+def transport_floor(url: str, cpu: int | None) -> str:
+    """One connection's round trip as Redis's own C client sees it (``redis-benchmark PING``,
+    pinned like this process): the floor under every sync figure, Python aside."""
+    import shutil
+    from urllib.parse import urlparse
+
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return "redis-benchmark not installed: transport floor not measured"
+    u = urlparse(url)
+    cmd = [exe, "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379), "-c", "1"]
+    cmd += ["-n", "20000", "-t", "ping_mbulk"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    lines = [ln for ln in out.replace("\r", "\n").splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "throughput summary" in line and i + 3 < len(lines):
+            rate = line.split(":")[1].split()[0]
+            _avg, _min, p50, _p95, p99, _max = lines[i + 3].split()[:6]
+            return (
+                "transport floor (redis-benchmark PING, 1 connection, C client): "
+                f"{float(rate):,.0f}/s, p50 {float(p50) * 1e3:.0f} us, "
+                f"p99 {float(p99) * 1e3:.0f} us"
+            )
+    return "redis-benchmark gave no summary: transport floor not measured"
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -300,6 +330,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=256, help="async callers")
     ap.add_argument("--skip-limits", action="store_true", help="leave out the limits library")
+    ap.add_argument(
+        "--redis-cpu",
+        choices=("other", "same"),
+        default="other",
+        help="pin the private redis-server to the other CPUs (default) or to the benchmark's "
+        "own core: on a VM whose idle CPUs halt, every cross-CPU round trip pays a wake-up",
+    )
     args = ap.parse_args()
 
     cpu = pin_one_core()
@@ -307,7 +344,9 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     stack = None
     if args.redis_url is None:
-        args.redis_url, stack = private_redis(cpu)
+        args.redis_url, stack = private_redis(cpu, args.redis_cpu)
+        where = "this core" if args.redis_cpu == "same" else "the other CPUs"
+        print(f"private redis-server pinned to {where}")
     try:
         report(args, cpu)
     finally:
@@ -320,6 +359,7 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         f"Redis {args.redis_url}; {args.rounds} rounds x {args.seconds}s each; "
         f"async concurrency {args.concurrency}"
     )
+    print(transport_floor(args.redis_url, cpu))
     results: dict[str, list[dict[str, float]]] = {}
     sync_pairs: list[float] = []
     cases = sync_cases(args.redis_url)

@@ -84,7 +84,7 @@ class AsyncRateLimiter:
                     call: Any = encoder.acquire_packed(tenant, day, cost, quota, seed)
                 else:
                     call = encoder.acquire_args(tenant, day, cost, quota, seed)
-                reply = await batcher.submit(call)
+                reply = await batcher.execute(call)
                 status = reply[0]
                 if status >= 0:
                     break
@@ -122,7 +122,7 @@ class AsyncRateLimiter:
             day = self._core.clock.today()
         args = self._core.encoder.settle_args(tenant, day, delta, quota)
         try:
-            reply = await self._batcher.submit(packed(args) if self._batcher.packed else args)
+            reply = await self._batcher.execute(packed(args) if self._batcher.packed else args)
         except REDIS_UNAVAILABLE as exc:
             self.policy.redis_failed(exc)
             return self._core.unsettled(tenant, delta)

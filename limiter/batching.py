@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from limiter import metrics
@@ -51,6 +52,13 @@ _PushNotification: Any = getattr(sys.modules.get("hiredis"), "PushNotification",
 
 
 class ScriptBatcher:
+    """Coalesces script calls into pipelined writes; see the module docstring.
+
+    ``max_batch`` bounds one write; ``max_inflight`` bounds the writes whose replies are still
+    awaited (on a single node: the depth of the pipeline on the one connection; on a Cluster:
+    the pipelines in flight at once); ``overlap_at`` (Cluster only) is the queue length at which
+    a second pipeline starts while one is in flight."""
+
     def __init__(
         self, client: Any, *, max_batch: int = 512, max_inflight: int = 2, overlap_at: int = 64
     ) -> None:
@@ -65,14 +73,35 @@ class ScriptBatcher:
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_size = metrics.rate_limiter_batch_size
+        # Single node / Sentinel: one held connection, a writer and a reader task.
+        self._conn: Any = None
+        self._inflight: deque[tuple[float | None, list[asyncio.Future[Any]]]] = deque()
+        self._slot: asyncio.Event | None = None  # set when the pipeline has room again
+        self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._loading: asyncio.Task[None] | None = None
+
+    async def execute(self, call: Any) -> Any:
+        """Send one call (packed bytes, or an argument tuple on a Cluster) and return its reply.
+
+        A ``NOSCRIPT`` reply (after ``SCRIPT FLUSH``, a restart, a failover) loads the scripts
+        once for every caller that saw it, and the call is sent again, once."""
+        try:
+            return await self.submit(call)
+        except NoScriptError:
+            await self._load_scripts()
+            return await self.submit(call)
 
     def submit(self, call: Any) -> asyncio.Future[Any]:
-        """Queue one call (packed bytes, or an argument tuple on a Cluster); await its reply."""
+        """Queue one call; the future gets its reply (an error reply as its exception)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         queue = self._queue
         queue.append((fut, call))
-        if self._running == 0 or (
+        if self.packed:
+            if self._writer is None:
+                self._writer = loop.create_task(self._write_loop())
+        elif self._running == 0 or (
             len(queue) >= self.overlap_at and self._running < self.max_inflight
         ):
             self._running += 1
@@ -80,6 +109,137 @@ class ScriptBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return fut
+
+    async def aclose(self) -> None:
+        """Return the held connection to its pool (pending callers get ``ConnectionError``)."""
+        await self._reset(RedisConnectionError("the limiter was closed"), restart=False)
+
+    async def _load_scripts(self) -> None:
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._load_all())
+        await asyncio.shield(self._loading)
+
+    async def _load_all(self) -> None:
+        for script in SCRIPTS:
+            await self.client.script_load(script.source)
+
+    # -- single node and Sentinel: auto-pipelining on one connection -----------------------
+
+    async def _write_loop(self) -> None:
+        """Write whatever is queued as one command buffer, as long as the pipeline has room.
+
+        It runs when the event loop gets to it, so every call queued in the meantime goes out
+        in the same write; and it does not wait for replies, so Redis executes one write while
+        Python encodes the next and decodes the last (the reader task matches replies to
+        callers in order)."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        batch: list[tuple[asyncio.Future[Any], Any]] = []
+        try:
+            while queue:
+                while len(self._inflight) >= self.max_inflight:
+                    self._slot = slot = asyncio.Event()
+                    await slot.wait()
+                if not queue:
+                    break
+                conn = self._conn
+                if conn is None:
+                    conn = self._conn = await self.client.connection_pool.get_connection()
+                batch = queue[: self.max_batch]
+                del queue[: self.max_batch]
+                self._batch_size.observe(len(batch))
+                timeout = conn.socket_timeout
+                deadline = None if timeout is None else loop.time() + timeout
+                self._inflight.append((deadline, [fut for fut, _ in batch]))
+                if self._reader is None:
+                    self._reader = loop.create_task(self._read_loop(conn))
+                await conn.send_packed_command((b"".join([c for _, c in batch]),), False)
+                batch = []
+        except BaseException as exc:
+            # No connection, or the write failed: every call waiting for this connection
+            # fails now (the breaker decides when to try again), including those queued.
+            waiting, self._queue[:] = [*batch, *queue], []
+            for fut, _ in waiting:
+                if not fut.done():
+                    fut.set_exception(exc)
+            await self._reset(exc, restart=False)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._writer is asyncio.current_task():
+                self._writer = None
+                if queue:  # calls queued while the last write or a reset was awaited
+                    self._writer = loop.create_task(self._write_loop())
+
+    async def _read_loop(self, conn: Any) -> None:
+        """Read the replies of the writes in flight, in order, each by its deadline."""
+        inflight = self._inflight
+        direct = hiredis_stream(conn)
+        try:
+            while inflight and self._conn is conn:
+                deadline, futures = inflight[0]
+                async with asyncio.timeout_at(deadline):
+                    if direct is not None:
+                        replies = await read_replies_hiredis(*direct, len(futures))
+                    else:
+                        replies = await read_replies(conn, len(futures))
+                inflight.popleft()
+                if self._slot is not None:
+                    self._slot.set()
+                    self._slot = None
+                readonly = False
+                for fut, reply in zip(futures, replies, strict=True):
+                    if isinstance(reply, ReadOnlyError):
+                        readonly = True
+                    if fut.done():  # the caller gave up (cancelled)
+                        continue
+                    if isinstance(reply, Exception):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
+                if readonly:  # a failover made this server a replica: find the new master
+                    raise RedisConnectionError("Redis answered READONLY: no longer the master")
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                exc = RedisTimeoutError(f"no reply within {conn.socket_timeout} s")
+            if self._reader is asyncio.current_task():
+                self._reader = None
+            await self._reset(exc, conn)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if self._reader is asyncio.current_task():
+                self._reader = None
+
+    async def _reset(self, exc: BaseException, conn: Any = None, restart: bool = True) -> None:
+        """Fail every call in flight with ``exc`` and drop the connection (its replies may be
+        half read, so it is never reused). Queued calls go out on a new connection
+        (``restart``)."""
+        held = self._conn
+        if held is None or (conn is not None and held is not conn):
+            return
+        self._conn = None
+        inflight, self._inflight = self._inflight, deque()
+        if self._slot is not None:
+            self._slot.set()
+            self._slot = None
+        error = exc if isinstance(exc, Exception) else RedisConnectionError(str(exc) or "cancelled")
+        for _, futures in inflight:
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(error)
+        reader = self._reader
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        self._reader = None
+        try:
+            await held.disconnect()
+        finally:
+            await self.client.connection_pool.release(held)
+        if restart and self._queue and self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    # -- Cluster: redis-py's cluster pipeline, grouped per node --------------------------
 
     async def _drain(self) -> None:
         try:
@@ -89,7 +249,7 @@ class ScriptBatcher:
                 del queue[: self.max_batch]
                 self._batch_size.observe(len(batch))
                 try:
-                    replies = await self._send([call for _, call in batch])
+                    replies = await self._send_pipeline([call for _, call in batch])
                 except BaseException as exc:
                     for fut, _ in batch:
                         if not fut.done():
@@ -106,38 +266,6 @@ class ScriptBatcher:
                         fut.set_result(reply)
         finally:
             self._running -= 1
-
-    async def _send(self, calls: Sequence[Any], reload: bool = True) -> list[Any]:
-        replies = await (self._send_packed(calls) if self.packed else self._send_pipeline(calls))
-        if reload:
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if missing:
-                for script in SCRIPTS:
-                    await self.client.script_load(script.source)
-                again = await self._send([calls[i] for i in missing], reload=False)
-                for i, reply in zip(missing, again, strict=True):
-                    replies[i] = reply
-        return replies
-
-    async def _send_packed(self, calls: Sequence[bytes]) -> list[Any]:
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            # One deadline for the whole batch instead of a timer per reply: the socket timeout
-            # bounds the round trip, and reading replies that are already buffered is cheap.
-            async with asyncio.timeout(conn.socket_timeout):
-                await conn.send_packed_command((b"".join(calls),))
-                direct = hiredis_stream(conn)
-                if direct is not None:
-                    return await read_replies_hiredis(*direct, len(calls))
-                return await read_replies(conn, len(calls))
-        except BaseException as exc:
-            await conn.disconnect()  # replies may be half read: never reuse this connection
-            if isinstance(exc, TimeoutError):
-                raise RedisTimeoutError(f"no reply within {conn.socket_timeout} s") from exc
-            raise
-        finally:
-            await pool.release(conn)
 
     async def _send_pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
