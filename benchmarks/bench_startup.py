@@ -45,6 +45,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 20.0
+PACKAGES = ("metering", "streams", "limiter")
 STRIPPED = (
     "RATE_LIMIT_REDIS_URL",
     "RATE_LIMIT_REDIS_CLUSTER_NODES",
@@ -207,7 +208,8 @@ def main() -> int:
     if args.warmup:
         one_run(None, args.timeout)
     print(
-        f"metering up, caches warm, its own Redis and Kafka, {args.runs} runs; target {TARGET_S:.0f} s"
+        f"metering up starting its own Redis and Kafka, caches warm, {args.runs} runs, "
+        f"target {TARGET_S:.0f} s"
     )
     now = series("now", None, args.runs, args.timeout)
     answers = summary("now", now)
