@@ -14,8 +14,10 @@ processes are alive and answering is left alone. ``down`` stops exactly the PIDs
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pwd
@@ -25,6 +27,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +44,13 @@ PREFERRED_PORTS: dict[str, list[int]] = {
     "postgres": [55432],
     "redis-cluster": [7000, 7001, 7002],
     "redis-sentinel": [6380, 6381, 26379, 26380, 26381],
+}
+MEMBERS: dict[str, list[str]] = {
+    "redis": ["redis"],
+    "kafka": ["broker", "controller"],
+    "postgres": ["postgres"],
+    "redis-cluster": ["node0", "node1", "node2"],
+    "redis-sentinel": ["master", "replica", "sentinel0", "sentinel1", "sentinel2"],
 }
 SENTINEL_MASTER = "mymaster"
 PACKAGE_HINTS = {
@@ -103,22 +113,24 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def stop_pid(pid: int, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
-    """Signal ``pid``, wait for it to exit, SIGKILL it after ``timeout``."""
+def stop_pid(pid: int, timeout: float = 15.0, sig: int = signal.SIGTERM) -> bool:
+    """Signal ``pid``, wait for it to exit, SIGKILL it after ``timeout``. True when it exited by
+    itself (or was not running), False when it had to be killed."""
     if not pid_alive(pid):
-        return
+        return True
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not pid_alive(pid):
-            return
+            return True
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return False
 
 
 def port_free(port: int) -> bool:
@@ -229,6 +241,44 @@ def ensure_kafka_jars(quiet: bool = True) -> Path:
     return libs
 
 
+def class_data_archive(java: str, libs: Path, role: str) -> Path:
+    """Where the class-data archive of Kafka's classes for ``role`` (``broker``, ``format``)
+    lives: in the cache folder, named after the JDK and the jars, so another JDK or re-resolved
+    jars get an archive of their own instead of one the JVM would refuse."""
+    real = Path(java).resolve()
+    parts = [str(real)]
+    for f in (real, real.parent.parent / "lib" / "server" / "libjvm.so", libs / ".complete"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return libs.parent / "cds" / f"{role}-{key}.jsa"
+
+
+def class_data_flags(archive: Path) -> tuple[list[str], Path | None]:
+    """JVM flags that load Kafka's classes from ``archive`` (AppCDS: the start skips most class
+    loading and verification) when it exists. Otherwise flags that make this JVM write one when
+    it exits, to a temporary name returned for :func:`adopt_class_data`. A stale or unreadable
+    archive is ignored by the JVM (``-Xshare:auto``), never an error."""
+    quiet = "-Xlog:cds*=off"
+    if archive.exists():
+        return [f"-XX:SharedArchiveFile={archive}", "-Xshare:auto", quiet], None
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    dump = archive.with_name(f"{archive.stem}.{uuid.uuid4().hex[:8]}.tmp")
+    return [f"-XX:ArchiveClassesAtExit={dump}", quiet], dump
+
+
+def adopt_class_data(dump: Path | None, archive: Path, exited_cleanly: bool) -> None:
+    """Publish the archive a JVM wrote at exit (atomically; concurrent writers each publish a
+    whole one), or drop it when the JVM was killed and it may be incomplete."""
+    if dump is None:
+        return
+    if exited_cleanly and dump.exists() and dump.stat().st_size > 0:
+        os.replace(dump, archive)
+    else:
+        dump.unlink(missing_ok=True)
+
+
 def _kafka_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
@@ -236,9 +286,14 @@ def _kafka_cluster_id() -> str:
 class LocalStack:
     """Real servers as processes under one root folder, described by ``<root>/state.json``."""
 
-    def __init__(self, root: Path | str, *, kafka_heap: str = "768m") -> None:
+    def __init__(
+        self, root: Path | str, *, kafka_heap: str = "768m", kafka_auto_create_topics: bool = True
+    ) -> None:
         self.root = Path(root).resolve()
         self.kafka_heap = kafka_heap
+        #: False: a producer cannot create a topic by naming it (the pipeline's topics are made
+        #: with their partitions by ``ensure_topics``; events for a topic not made yet wait).
+        self.kafka_auto_create_topics = kafka_auto_create_topics
         self.state_file = self.root / "state.json"
 
     # --- state ---------------------------------------------------------------------------------
@@ -271,22 +326,51 @@ class LocalStack:
     def up(
         self, services: Iterable[str] = DEFAULT_SERVICES, timeout: float = 60.0
     ) -> dict[str, str]:
-        """Start each service that is not already running and answering; return its settings."""
+        """Start each service that is not already running and answering (in parallel); wait
+        until all answer; return their settings."""
+        return self.start(services, timeout).wait()
+
+    def start(
+        self, services: Iterable[str] = DEFAULT_SERVICES, timeout: float = 60.0
+    ) -> StackStart:
+        """Begin starting each service that is not already running and answering, each in a
+        thread of its own, and return at once: the ports are chosen first, so the settings
+        (:attr:`StackStart.env`) are known before any server answers. The stack stays locked
+        until :meth:`StackStart.wait` returns."""
         wanted = list(dict.fromkeys(services))
         for name in wanted:
             if name not in SERVICES:
                 raise StackError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
-        with self._locked():
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = open(self.root / ".lock", "w")  # noqa: SIM115 - released by StackStart.wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
             state = self._load()
+            taken = {p for st in state.values() for p in st.ports.values()}
+            jobs: dict[str, tuple[ServiceState, ServiceState | None]] = {}
             for name in wanted:
                 current = state.get(name)
                 if current is not None and self._healthy(current):
                     continue
                 if current is not None:
                     self._stop(current)
-                state[name] = self._start(name, current, timeout)
-                self._save(state)
-            return self.env(state)
+                st = ServiceState(name, started_at=time.time())
+                st.ports = self._ports(name, current, MEMBERS[name], taken)
+                taken |= set(st.ports.values())
+                state[name] = st
+                jobs[name] = (st, current)
+            pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, len(jobs)), thread_name_prefix="localstack-start"
+            )
+            futures = {
+                name: pool.submit(self._start, st, previous, timeout)
+                for name, (st, previous) in jobs.items()
+            }
+            pool.shutdown(wait=False)
+        except BaseException:
+            lock.close()
+            raise
+        return StackStart(self, state, futures, lock)
 
     def down(self, services: Iterable[str] | None = None) -> list[str]:
         """Stop the processes ``up`` started (by PID); return the services stopped."""
@@ -367,23 +451,36 @@ class LocalStack:
 
     # --- per-service start ---------------------------------------------------------------------
     def _ports(
-        self, name: str, previous: ServiceState | None, members: list[str]
+        self,
+        name: str,
+        previous: ServiceState | None,
+        members: list[str],
+        taken: set[int] | None = None,
     ) -> dict[str, int]:
+        """Ports for a service's members: its previous ones, else the preferred ones, else free
+        ones; never one in ``taken`` (chosen for a service starting alongside)."""
+        taken = taken or set()
+
+        def usable(p: int) -> bool:
+            return p not in taken and port_free(p)
+
         if (
             previous is not None
             and set(previous.ports) == set(members)
-            and all(port_free(p) for p in previous.ports.values())
+            and all(usable(p) for p in previous.ports.values())
         ):
             return dict(previous.ports)
         preferred = PREFERRED_PORTS[name]
-        if all(port_free(p) for p in preferred):
+        if all(usable(p) for p in preferred):
             return dict(zip(members, preferred, strict=True))
         ports: dict[str, int] = {}
         for m in members:
             p = free_port()
             # A Cluster node also listens on port + 10000 (its bus), so it needs both free.
-            while p in ports.values() or (
-                name == "redis-cluster" and (p > 55535 or not port_free(p + 10000))
+            while (
+                p in ports.values()
+                or p in taken
+                or (name == "redis-cluster" and (p > 55535 or not port_free(p + 10000)))
             ):
                 p = free_port() if name != "redis-cluster" else random.randint(20000, 45000)
                 if not port_free(p):
@@ -391,21 +488,21 @@ class LocalStack:
             ports[m] = p
         return ports
 
-    def _start(self, name: str, previous: ServiceState | None, timeout: float) -> ServiceState:
+    def _start(self, st: ServiceState, previous: ServiceState | None, timeout: float) -> None:
+        """Start ``st`` (ports already chosen) and wait until it answers; on any failure stop
+        what was started of it and raise."""
         starter = {
             "redis": self._start_redis,
             "kafka": self._start_kafka,
             "postgres": self._start_postgres,
             "redis-cluster": self._start_cluster,
             "redis-sentinel": self._start_sentinel,
-        }[name]
-        st = ServiceState(name, started_at=time.time())
+        }[st.name]
         try:
             starter(st, previous, timeout)
         except BaseException:
             self._stop(st)  # never leave a half-started service's processes behind
             raise
-        return st
 
     def _spawn(
         self, argv: list[str], log: Path, user: str | None = None, cwd: Path | None = None
@@ -451,7 +548,6 @@ class LocalStack:
         st.pids[member] = self._spawn(argv, log)
 
     def _start_redis(self, st: ServiceState, previous: ServiceState | None, timeout: float) -> None:
-        st.ports = self._ports("redis", previous, ["redis"])
         data = self.root / "redis"
         data.mkdir(parents=True, exist_ok=True)
         self._start_redis_member(st, "redis", self._redis_argv(st.ports["redis"], data))
@@ -465,8 +561,7 @@ class LocalStack:
     def _start_cluster(
         self, st: ServiceState, previous: ServiceState | None, timeout: float
     ) -> None:
-        members = ["node0", "node1", "node2"]
-        st.ports = self._ports("redis-cluster", previous, members)
+        members = MEMBERS["redis-cluster"]
         base = self.root / "redis-cluster"
         shutil.rmtree(base, ignore_errors=True)  # a cluster is rebuilt from scratch each start
         for m in members:
@@ -506,8 +601,6 @@ class LocalStack:
     def _start_sentinel(
         self, st: ServiceState, previous: ServiceState | None, timeout: float
     ) -> None:
-        members = ["master", "replica", "sentinel0", "sentinel1", "sentinel2"]
-        st.ports = self._ports("redis-sentinel", previous, members)
         base = self.root / "redis-sentinel"
         shutil.rmtree(base, ignore_errors=True)  # sentinels rewrite their config: start clean
         for m in ("master", "replica"):
@@ -579,12 +672,17 @@ class LocalStack:
         libs = Path(st.paths["libs"])
         log4j = resources.files("metering.localstack").joinpath("log4j2.xml")
         java = find_binary("java")
+        archive = class_data_archive(java, libs, "broker")
+        cds, dump = class_data_flags(archive)
+        st.paths["cds_archive"] = str(archive)
+        st.paths["cds_dump"] = str(dump) if dump else ""
         argv = [
             java,
             "-Xms256m",
             f"-Xmx{self.kafka_heap}",
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
+            *cds,
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp",
@@ -596,7 +694,6 @@ class LocalStack:
 
     def _start_kafka(self, st: ServiceState, previous: ServiceState | None, timeout: float) -> None:
         libs = ensure_kafka_jars()
-        st.ports = self._ports("kafka", previous, ["broker", "controller"])
         base = self.root / "kafka"
         data = base / "data"
         base.mkdir(parents=True, exist_ok=True)
@@ -609,7 +706,8 @@ class LocalStack:
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{broker}\n"
             "controller.listener.names=CONTROLLER\ninter.broker.listener.name=PLAINTEXT\n"
             "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
-            f"log.dirs={data}\nnum.partitions=1\nauto.create.topics.enable=true\n"
+            f"log.dirs={data}\nnum.partitions=1\n"
+            f"auto.create.topics.enable={str(self.kafka_auto_create_topics).lower()}\n"
             "offsets.topic.replication.factor=1\noffsets.topic.num.partitions=10\n"
             "transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n"
             "share.coordinator.state.topic.replication.factor=1\n"
@@ -622,10 +720,16 @@ class LocalStack:
         )
         if not (data / "meta.properties").exists():
             java = find_binary("java")
+            archive = class_data_archive(java, libs, "format")
+            cds, dump = class_data_flags(archive)
+            # A one-shot tool: C1 only and the serial collector start sooner than the defaults.
             proc = subprocess.run(
                 [
                     java,
                     "-Xmx256m",
+                    "-XX:TieredStopAtLevel=1",
+                    "-XX:+UseSerialGC",
+                    *cds,
                     "-cp",
                     f"{libs}/*",
                     "kafka.tools.StorageTool",
@@ -640,6 +744,7 @@ class LocalStack:
                 text=True,
                 check=False,
             )
+            adopt_class_data(dump, archive, proc.returncode == 0)
             if proc.returncode != 0:
                 raise StackError(f"kafka storage format failed: {proc.stdout}{proc.stderr}")
         st.pids["broker"] = self._spawn_kafka(st)
@@ -653,7 +758,6 @@ class LocalStack:
         pg_dirs = ["/usr/lib/postgresql/*/bin"]
         initdb = find_binary("initdb", pg_dirs)
         postgres = find_binary("postgres", pg_dirs)
-        st.ports = self._ports("postgres", previous, ["postgres"])
         user = None
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as its own user
             try:
@@ -735,9 +839,87 @@ class LocalStack:
         # Sentinels first, so they do not fail over a master that is merely being stopped.
         order = sorted(st.pids.items(), key=lambda kv: not kv[0].startswith("sentinel"))
         for _member, pid in order:
-            stop_pid(pid, sig=signal.SIGINT if st.name == "postgres" else signal.SIGTERM)
+            clean = stop_pid(pid, sig=signal.SIGINT if st.name == "postgres" else signal.SIGTERM)
+            if st.name == "kafka" and st.paths.get("cds_dump"):
+                # The broker's first start writes its class-data archive as it exits.
+                adopt_class_data(Path(st.paths["cds_dump"]), Path(st.paths["cds_archive"]), clean)
         if st.name == "postgres" and st.paths.get("data"):
             shutil.rmtree(st.paths["data"], ignore_errors=True)
+
+
+class StackStart:
+    """Services being started by :meth:`LocalStack.start`. Their settings are known at once
+    (:attr:`env`); :meth:`ready` waits for one, :meth:`wait` for all, records them and unlocks
+    the stack. A service that failed is stopped and left out of the stack's state."""
+
+    def __init__(
+        self,
+        stack: LocalStack,
+        state: dict[str, ServiceState],
+        futures: dict[str, concurrent.futures.Future[None]],
+        lock: Any,
+    ) -> None:
+        self.stack = stack
+        self.started = list(futures)  #: the services this call starts (not those already up)
+        self.env = stack.env(state)
+        self._state = state
+        self._futures = futures
+        self._lock = lock
+        self._result: dict[str, str] | None = None
+        self._recorded = {name: threading.Event() for name in futures}
+        self._mutex = threading.Lock()
+        for name, future in futures.items():
+            future.add_done_callback(lambda _f, name=name: self._record(name))
+
+    def _record(self, name: str) -> None:
+        """Write the state of every service that answers so far, so ``env()`` (another process,
+        e.g. the demo) finds a service as soon as it answers, before the slower ones."""
+        with self._mutex:
+            unfinished = {
+                n for n, f in self._futures.items() if not f.done() or f.exception() is not None
+            }
+            with contextlib.suppress(OSError):
+                self.stack._save({k: v for k, v in self._state.items() if k not in unfinished})
+            self._recorded[name].set()
+
+    def ready(self, service: str, timeout: float | None = None) -> None:
+        """Wait until ``service`` answers and is recorded (at once if it was already running);
+        raise its StackError if it could not be started."""
+        future = self._futures.get(service)
+        if future is not None:
+            future.result(timeout)
+            self._recorded[service].wait(timeout)
+
+    def wait(self) -> dict[str, str]:
+        """Wait for every service, record the ones that answer, unlock; return the settings.
+        Interrupted (Ctrl-C), it still waits for the starts under way, then stops them."""
+        if self._result is not None:
+            return self._result
+        try:
+            concurrent.futures.wait(list(self._futures.values()))
+        except BaseException:
+            concurrent.futures.wait(list(self._futures.values()))
+            for name in self.started:
+                st = self._state.pop(name, None)
+                if st is not None:
+                    self.stack._stop(st)
+            self._finish()
+            raise
+        failed = [n for n, f in self._futures.items() if f.exception() is not None]
+        for name in failed:
+            self._state.pop(name, None)
+        self._finish()
+        if failed:
+            raise self._futures[failed[0]].exception()  # type: ignore[misc]
+        self._result = self.stack.env(self._state)
+        return self._result
+
+    def _finish(self) -> None:
+        try:
+            self.stack._save(self._state)
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
 
 
 def default_root() -> Path:
@@ -755,6 +937,7 @@ __all__ = [
     "SERVICES",
     "LocalStack",
     "StackError",
+    "StackStart",
     "default_root",
     "ensure_kafka_jars",
     "format_env",

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from metering.localstack import LocalStack, StackError
-from metering.localstack.stack import find_binary, pid_alive
+from metering.localstack.stack import (
+    adopt_class_data,
+    class_data_archive,
+    class_data_flags,
+    find_binary,
+    pid_alive,
+    redis_ping,
+)
 
 
 def test_up_twice_reuses_and_down_stops_exactly_what_up_started(
@@ -39,3 +48,56 @@ def test_missing_binary_names_the_package() -> None:
 def test_unknown_service_is_refused(dedicated_stack: LocalStack) -> None:
     with pytest.raises(StackError, match="unknown service"):
         dedicated_stack.up(["mongodb"])
+
+
+def test_start_names_the_settings_at_once_and_starts_services_side_by_side(
+    tmp_path: Path,
+) -> None:
+    """`start` returns before any server answers, with ports that collide with nothing; Redis
+    answers (and is recorded for other processes) while Kafka is still starting."""
+    stack = LocalStack(tmp_path / "stack", kafka_auto_create_topics=False)
+    try:
+        starting = stack.start(["redis", "kafka"])
+        assert set(starting.started) == {"redis", "kafka"}
+        env = starting.env
+        redis_port = int(env["RATE_LIMIT_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+        kafka_port = int(env["KAFKA_BOOTSTRAP_SERVERS"].rsplit(":", 1)[1])
+        assert redis_port != kafka_port
+        starting.ready("redis")
+        assert redis_ping(redis_port)
+        assert "redis" in LocalStack(tmp_path / "stack").env()["RATE_LIMIT_REDIS_URL"]
+        assert starting.wait() == env
+        assert {n for n, s in stack.status().items() if s["healthy"]} == {"redis", "kafka"}
+        config = Path(stack.service("kafka").paths["config"]).read_text()  # type: ignore[union-attr]
+        assert "auto.create.topics.enable=false" in config
+    finally:
+        assert sorted(stack.down()) == ["kafka", "redis"]
+    assert stack.status() == {}
+
+
+def test_kafka_class_data_archive_is_per_jdk_and_jars_and_only_a_whole_one_is_kept(
+    tmp_path: Path,
+) -> None:
+    libs = tmp_path / "kafka-9.9" / "libs"
+    libs.mkdir(parents=True)
+    (libs / ".complete").write_text("9.9")
+    java = find_binary("java")
+    broker = class_data_archive(java, libs, "broker")
+    assert broker.parent == libs.parent / "cds"
+    assert class_data_archive(java, libs, "format") != broker
+    (libs / ".complete").write_text("9.9 resolved again")
+    assert class_data_archive(java, libs, "broker") != broker  # new jars, new archive
+
+    flags, dump = class_data_flags(broker)
+    assert dump is not None and f"-XX:ArchiveClassesAtExit={dump}" in flags
+    dump.write_bytes(b"archive")
+    adopt_class_data(dump, broker, exited_cleanly=False)  # killed: it may be cut short
+    assert not broker.exists() and not dump.exists()
+
+    flags, dump = class_data_flags(broker)
+    assert dump is not None
+    dump.write_bytes(b"archive")
+    adopt_class_data(dump, broker, exited_cleanly=True)
+    assert broker.read_bytes() == b"archive" and not dump.exists()
+    flags, dump = class_data_flags(broker)
+    assert dump is None and f"-XX:SharedArchiveFile={broker}" in flags
