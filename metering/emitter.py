@@ -232,6 +232,7 @@ class Emitter:
         retry_backoff: tuple[float, float] = (0.2, 2.0),
         client_id: str = "metering-emitter",
         producer_overrides: dict[str, Any] | None = None,
+        kafka_client: str | None = None,
     ) -> None:
         if isinstance(settings, str):
             settings = load_settings(kafka_bootstrap_servers=settings)
@@ -244,6 +245,11 @@ class Emitter:
         self.down_after = down_after
         self.replay_batch = replay_batch
         self.retry_backoff = retry_backoff
+        self.kafka_client = kafka_client or self.settings.emitter_kafka_client
+        if self.kafka_client not in ("confluent", "kafka-python"):
+            raise ValueError(
+                f"kafka_client must be 'confluent' or 'kafka-python', not {kafka_client!r}"
+            )
         self._producer_config = producer_config(
             self.settings.kafka_bootstrap_servers,
             linger_ms=linger_ms,
@@ -394,7 +400,12 @@ class Emitter:
         await self.aclose()
 
     # --- the sender thread ---------------------------------------------------------------------
-    def _new_producer(self) -> KafkaProducer:
+    def _new_producer(self) -> Any:
+        """kafka-python's ``KafkaProducer``, or librdkafka's behind the same calls."""
+        if self.kafka_client == "confluent":
+            from metering.kafka_producer import ConfluentProducer
+
+            return ConfluentProducer(**self._producer_config)
         return KafkaProducer(**self._producer_config)
 
     def _send_loop(self) -> None:
@@ -489,6 +500,9 @@ class Emitter:
 
     def _sweep(self) -> None:
         """Retire acknowledged records (oldest first); turn to the spool when Kafka fails."""
+        poll = getattr(self._producer, "poll", None)  # librdkafka reports on the polling thread
+        if poll is not None:
+            poll(0)
         unacked = self._unacked
         delivered = 0
         while unacked and unacked[0].future.is_done:

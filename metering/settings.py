@@ -155,6 +155,11 @@ class Settings(BaseSettings):
         256 * 1024 * 1024,
         description="Disk the emitter's spool may use while Kafka is away (then: drop, count).",
     )
+    emitter_kafka_client: Literal["confluent", "kafka-python"] = Field(
+        "confluent",
+        description="The emitter's producer: librdkafka (confluent-kafka, native threads, a few "
+        "us per event) or pure-Python kafka-python (~100-200 us per event under the GIL).",
+    )
 
     # --- events --------------------------------------------------------------------------------
     event_max_future_skew: PositiveFloat = Field(
