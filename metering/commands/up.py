@@ -1,10 +1,14 @@
 """``metering up``: the whole product in one process (embedded mode), and ``metering token``.
 
 Services the settings name are used as they are; those not named (no ``RATE_LIMIT_REDIS_*``,
-no ``KAFKA_BOOTSTRAP_SERVERS`` in the environment) are started from the local stack. The API and
-the worker then run in ONE process, on one event loop, because the embedded ClickHouse engine
-allows one process per data folder. Ctrl-C (SIGINT) or SIGTERM stops both cleanly: the worker
-commits what it inserted, the API drains and flushes its emitter.
+no ``KAFKA_BOOTSTRAP_SERVERS`` in the environment) are started from the local stack, side by
+side. The API and the worker run in ONE process (the embedded ClickHouse engine allows one
+process per data folder): the API on its own thread and event loop, serving its port from the
+first second (``/healthz`` 200, everything else 503 "starting" until Redis answers and the
+stores are migrated; :mod:`metering.embedded`), the worker on the main thread once Kafka
+answers and the topics exist. ``/readyz`` does not wait for Kafka: events wait in the emitter's
+spool. Ctrl-C (SIGINT) or SIGTERM stops both cleanly: the worker commits what it inserted, the
+API drains and flushes its emitter.
 
 Without ``JWT_SECRET`` / ``JWT_PUBLIC_KEY`` a development secret is generated once under
 ``$METERING_DATA_DIR/jwt-secret`` (mode 0600); ``metering token TENANT [--admin]`` signs a token
@@ -14,12 +18,15 @@ with it, so a newcomer can call the API at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +110,11 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_missing_services(settings: Settings) -> tuple[dict[str, str], list[str]]:
-    """Start local Redis/Kafka for those the environment does not name; export their settings.
-    Returns the settings exported and the services this call started (not those already up)."""
-    from metering.localstack import StackError
+def start_missing_services(settings: Settings) -> Any:
+    """Begin starting local Redis/Kafka for those the environment does not name and export
+    their settings at once (the ports are chosen before the servers answer). Returns the
+    :class:`~metering.localstack.StackStart` (None when every service is named)."""
+    from metering.localstack import LocalStack, StackError
 
     wanted = []
     if not any(os.environ.get(v) for v in REDIS_VARS):
@@ -114,119 +122,174 @@ def start_missing_services(settings: Settings) -> tuple[dict[str, str], list[str
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         wanted.append("kafka")
     if not wanted:
-        return {}, []
-    stack = local_stack(settings)
-    running = {name for name, st in stack.status().items() if st["healthy"]}
+        return None
+    # A Kafka started here creates no topic because a client named it: events sent before the
+    # pipeline's topics exist wait in the emitter's spool, and the topics get their partitions.
+    stack = LocalStack(local_stack_root(settings), kafka_auto_create_topics=False)
     try:
-        env = stack.up(wanted)
+        starting = stack.start(wanted)
     except StackError as exc:
         raise CommandError(str(exc)) from None
+    env = dict(starting.env)
     env.pop("METERING_DATA_DIR", None)
     os.environ.update(env)
-    return env, [s for s in wanted if s not in running]
+    return starting
 
 
-def local_stack(settings: Settings) -> Any:
-    from metering.localstack import LocalStack
-
-    return LocalStack(settings.metering_data_dir.resolve() / "stack")
+def local_stack_root(settings: Settings) -> Path:
+    return settings.metering_data_dir.resolve() / "stack"
 
 
-def prepare(settings: Settings) -> None:
-    """Migrations (quota DB, ClickHouse) and topics, all idempotent."""
+def migrate(settings: Settings) -> None:
+    """The quota DB and ClickHouse migrations, side by side (both idempotent)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from metering.clickhouse.schema import migrate as migrate_clickhouse
     from metering.quota_db import migrate as migrate_quota_db
+
+    with ThreadPoolExecutor(1, thread_name_prefix="migrate-quota-db") as pool:
+        quota_db = pool.submit(migrate_quota_db, settings.quota_db_url)
+        migrate_clickhouse(settings)
+        quota_db.result()
+
+
+def ensure_pipeline_topics(settings: Settings) -> None:
+    from kafka.errors import KafkaError
+
     from metering.topics import ensure_topics, pipeline_topics
 
-    migrate_quota_db(settings.quota_db_url)
-    migrate_clickhouse(settings)
-    ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
+    try:
+        ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
+    except KafkaError as exc:
+        raise CommandError(
+            f"Kafka at {settings.kafka_bootstrap_servers} could not create the pipeline's "
+            f"topics: {exc!r}"
+        ) from None
 
 
 def _up(args: argparse.Namespace) -> int:
+    """The start-up, soonest first: the local services begin starting and the API serves its
+    port (answering "starting" for now) while the stores are migrated; the API opens once Redis
+    answers and the migrations are done; the worker starts once Kafka answers and the topics
+    exist. Ctrl-C at any point stops what was started."""
+    from metering.embedded import ApiStartError
+    from metering.localstack import LocalStack, StackError
+
     t0 = time.monotonic()
     settings = get_settings()
-    exported, started = start_missing_services(settings)
+    starting = start_missing_services(settings)
+    api = None
     try:
         secret = ensure_dev_secret(settings)
         if secret:
             os.environ["JWT_SECRET"] = secret
         get_settings.cache_clear()
         settings = get_settings()
-        prepare(settings)
-        run_together(settings, args.host, args.port, started=exported, t0=t0)
+        own_kafka = starting is not None and "kafka" in starting.started
+        api = embedded_api(settings, args.host, args.port, starting, t0)
+        api.start()
+        with _sigterm_as_interrupt():
+            migrate(settings)
+            if not own_kafka:  # Kafka is expected up: the topics before the first event
+                ensure_pipeline_topics(settings)
+            if starting is not None:
+                starting.ready("redis")
+            api.open()
+            if starting is not None:
+                starting.wait()
+            if own_kafka:
+                ensure_pipeline_topics(settings)
+            api.wait_serving()
+        run_worker(settings, api, t0)
     except SystemExit as exc:  # the worker leaves through SystemExit on a signal
         return int(exc.code or 0)
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) before the worker ran: a clean stop
+        return 0
+    except (StackError, ApiStartError) as exc:
+        raise CommandError(str(exc)) from None
     finally:
-        if started and not args.keep_services:
-            local_stack(settings).down(started)
+        if api is not None:
+            api.stop()
+        if starting is not None:
+            with contextlib.suppress(BaseException):
+                starting.wait()  # the stack stays locked until every start has finished
+            if starting.started and not args.keep_services:
+                LocalStack(local_stack_root(settings)).down(starting.started)
     return 0
 
 
-def run_together(
-    settings: Settings, host: str, port: int, *, started: dict[str, str], t0: float
-) -> None:
-    """Serve the API from inside the Faust worker's event loop, as one of its tasks."""
-    import asyncio
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Until the worker (which handles SIGTERM itself) runs, SIGTERM stops like Ctrl-C."""
 
-    import clickhouse_connect
-    import faust
-    import uvicorn
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
 
-    from metering.api.app import create_app
-    from streams.app import app as worker_app
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
-    # A connection of its own onto the same embedded engine: the worker's client is used from
-    # the worker's ClickHouse thread only.
-    api = create_app(
-        settings, clickhouse=clickhouse_connect.get_client(dsn=settings.clickhouse_url)
-    )
 
-    class EmbeddedServer(uvicorn.Server):
-        def install_signal_handlers(self) -> None:  # the worker owns SIGINT/SIGTERM
-            pass
+def embedded_api(settings: Settings, host: str, port: int, starting: Any, t0: float) -> Any:
+    """The API for this process: its own connection onto the embedded ClickHouse engine (the
+    worker's client is used from the worker's ClickHouse thread only)."""
+    from metering.embedded import EmbeddedApi
 
-        @property
-        def capture_signals(self) -> Any:  # uvicorn >= 0.29 uses this context manager
-            import contextlib
+    def preload() -> None:
+        import clickhouse_connect  # noqa: F401
 
-            return contextlib.nullcontext
+        import metering.api.app  # noqa: F401
 
-    server = EmbeddedServer(
-        uvicorn.Config(
-            api, host=host, port=port, log_level="warning", lifespan="on", access_log=False
+    def build() -> Any:
+        import clickhouse_connect
+
+        from metering.api.app import create_app
+
+        return create_app(
+            settings, clickhouse=clickhouse_connect.get_client(dsn=settings.clickhouse_url)
         )
-    )
 
-    @worker_app.task
-    async def serve_api() -> None:
-        try:
-            await server.serve()
-        except asyncio.CancelledError:
-            # The worker is stopping: drain connections and run the API's shutdown (which
-            # flushes the emitter) before letting the cancellation through.
-            server.should_exit = True
-            await server.shutdown()
-            raise
+    def announce() -> None:
+        announce_api(f"http://{host}:{port}", starting, t0)
+
+    return EmbeddedApi(host, port, build, preload=preload, on_serving=announce)
+
+
+def announce_api(base: str, starting: Any, t0: float) -> None:
+    lines = [
+        f"metering up: API on {base} (docs {base}/docs, metrics {base}/metrics); "
+        f"ready in {time.monotonic() - t0:.1f}s",
+    ]
+    if starting is not None:
+        for key, value in starting.env.items():
+            if key != "METERING_DATA_DIR":
+                lines.append(f"  started locally: {key}={value}")
+    lines.append("  a token: metering token <tenant> [--admin]   stop: Ctrl-C")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def run_worker(settings: Settings, api: Any, t0: float) -> None:
+    """The Faust worker, on the main thread's event loop (it owns SIGINT/SIGTERM), until a
+    signal stops it; the API is told to stop at the same time."""
+    import faust
+
+    from streams.app import app as worker_app
 
     @worker_app.task
     async def announce() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        base = f"http://{host}:{port}"
-        lines = [
-            f"metering up: API on {base} (docs {base}/docs, metrics {base}/metrics), "
-            f"worker consuming {settings.usage_events_topic}; "
-            f"ready in {time.monotonic() - t0:.1f}s",
-        ]
-        for key, value in started.items():
-            lines.append(f"  started locally: {key}={value}")
-        lines.append("  a token: metering token <tenant> [--admin]   stop: Ctrl-C")
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        print(
+            f"metering up: worker consuming {settings.usage_events_topic}; "
+            f"in {time.monotonic() - t0:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @worker_app.on_before_shutdown.connect  # type: ignore[misc]
     async def stop_api(app: Any, **_: Any) -> None:
-        server.should_exit = True
+        if api.server is not None:
+            api.server.should_exit = True  # drains while the worker stops
 
     logging.getLogger("faust").setLevel(logging.WARNING)
     worker = faust.Worker(worker_app, loglevel="warning", quiet=True)
