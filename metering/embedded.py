@@ -91,15 +91,17 @@ class StartupGate:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         builder = asyncio.create_task(self._open_when_told())
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        builder.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await builder
         try:
-            await self._lifespans.aclose()  # the application's shutdown: flushes the emitter
-        except Exception:
-            log.exception("the API's shutdown failed")
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+        finally:  # also when uvicorn gives up (its port in use) and cancels this
+            builder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await builder
+            try:
+                await self._lifespans.aclose()  # the application's shutdown: flushes the emitter
+            except Exception:
+                log.exception("the API's shutdown failed")
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _open_when_told(self) -> None:
@@ -156,13 +158,14 @@ class EmbeddedApi:
         """Wait until the application serves; raise what stopped it (a port in use, a build
         that failed)."""
         deadline = time.monotonic() + timeout
-        while not self.gate.built.wait(0.05):
+        while not (self.gate.built.wait(0.05) and self.server and self.server.started):
             self._raise_if_stopped()
+            if self.gate.error is not None:
+                raise ApiStartError(f"the API could not start: {self.gate.error}")
             if time.monotonic() > deadline:
                 raise ApiStartError(f"the API did not start within {timeout:.0f}s")
         if self.gate.error is not None:
             raise ApiStartError(f"the API could not start: {self.gate.error}")
-        self._raise_if_stopped()
 
     def _raise_if_stopped(self) -> None:
         if not self._thread.is_alive() and self._thread.ident is not None:
