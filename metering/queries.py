@@ -16,7 +16,7 @@ import functools
 import itertools
 import types
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -25,6 +25,7 @@ from metering.query_sql import (
     MAX_RESULT_ROWS,
     MAX_SLIDING_MINUTES,
     MAX_SLIDING_POINTS,
+    MINUTE_WINDOW_SECONDS,
     UTC,
     Aggregation,
     DecisionFilter,
@@ -37,10 +38,22 @@ from metering.query_sql import (
     build_top_tenants,
     build_usage,
     validate_database,
+    window_end_in_sql,
 )
 
 _INTEGRAL = {Aggregation.COUNT, Aggregation.UNIQUE_COUNT}
 NO_GROUP: Mapping[str, str | None] = types.MappingProxyType({})  # shared, read-only
+
+
+def _instants(
+    starts_s: list[int], ends_s: list[int], zone: zoneinfo.ZoneInfo
+) -> tuple[list[dt.datetime], list[dt.datetime]]:
+    """Window bounds (epoch seconds) as datetimes in ``zone``, each instant converted once: a
+    window's end is usually the next one's start."""
+    fromtimestamp = dt.datetime.fromtimestamp
+    starts = list(map(fromtimestamp, starts_s, itertools.repeat(zone)))
+    known = dict(zip(starts_s, starts, strict=True)).get
+    return starts, [known(e) or fromtimestamp(e, zone) for e in ends_s]
 
 
 def rfc3339(t: dt.datetime) -> str:
@@ -70,6 +83,10 @@ class UsageRow(NamedTuple):
             "value": self.value,
             "group": dict(self.group),
         }
+
+
+# ``UsageRow`` from a 4-tuple without a Python frame per row (what ``UsageRow._make`` does).
+_usage_row: Callable[[tuple[Any, ...]], UsageRow] = functools.partial(tuple.__new__, UsageRow)
 
 
 @dataclass(frozen=True)
@@ -199,37 +216,42 @@ class UsageQueries:
 
     # --- usage --------------------------------------------------------------------------------
 
+    def run_columns(self, query: SqlQuery) -> list[list[Any]]:
+        """Execute ``query``; the answer as one list per column (no tuple per row is made)."""
+        result = self.client.query(query.sql, parameters=query.parameters, column_oriented=True)
+        return list(result.result_columns)
+
     def usage(self, q: UsageQuery, *, force_raw: bool = False) -> UsageResult:
         """Usage of ``q.meter`` by window and group; rollups where they answer, raw otherwise."""
         sql = build_usage(q, self.database, force_raw=force_raw)
-        rows = self.run(sql)
-        if len(rows) > MAX_RESULT_ROWS:
+        columns = self.run_columns(sql)
+        count = len(columns[0]) if columns else 0
+        if count > MAX_RESULT_ROWS:
             raise QueryError(
                 "group_by", f"the answer has more than {MAX_RESULT_ROWS} rows; narrow the query"
             )
+        if not count:
+            return UsageResult(q, [], sql.path, sql.tables)
         zone = zoneinfo.ZoneInfo(q.tz)
-        names, ngroups = q.group_by, len(q.group_by)
         number = int if q.aggregation in _INTEGRAL else float
         if q.window is None:
-            start, end = q.start.astimezone(zone), q.end.astimezone(zone)
-            out = [
-                UsageRow(start, end, number(row[ngroups]), dict(zip(names, row, strict=False)))
-                for row in rows
-            ]
+            starts: Iterable[dt.datetime] = itertools.repeat(q.start.astimezone(zone), count)
+            ends: Iterable[dt.datetime] = itertools.repeat(q.end.astimezone(zone), count)
         else:
-            # A window's end is the next one's start: convert each instant once.
-            fromtimestamp = dt.datetime.fromtimestamp
-            epochs = {e for row in rows for e in row[:2]}
-            instants = {e: fromtimestamp(e, zone) for e in epochs}
-            out = [
-                UsageRow(
-                    instants[row[0]],
-                    instants[row[1]],
-                    number(row[2 + ngroups]),
-                    dict(zip(names, row[2:], strict=False)) if ngroups else NO_GROUP,
-                )
-                for row in rows
-            ]
+            window_starts = columns.pop(0)
+            if window_end_in_sql(q.window):
+                window_ends = columns.pop(0)
+            else:
+                window_ends = [s + MINUTE_WINDOW_SECONDS for s in window_starts]
+            starts, ends = _instants(window_starts, window_ends, zone)
+        *group_columns, values = columns
+        names = q.group_by
+        groups: Iterable[Mapping[str, str | None]] = (
+            [dict(zip(names, g, strict=True)) for g in zip(*group_columns, strict=True)]
+            if names
+            else itertools.repeat(NO_GROUP, count)
+        )
+        out = list(map(_usage_row, zip(starts, ends, map(number, values), groups, strict=True)))
         return UsageResult(q, out, sql.path, sql.tables)
 
     # --- sliding windows ------------------------------------------------------------------------

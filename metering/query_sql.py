@@ -432,9 +432,11 @@ _WINDOW_START = {
     Window.DAY: "toStartOfDay({c}, {{tz:String}})",
     Window.MONTH: "toDateTime(toStartOfMonth({c}, {{tz:String}}), {{tz:String}})",
 }
-# The next window starts within (nominal length * 1.5) of this one's start, DST or not.
+# The next window starts within (nominal length * 1.5) of this one's start, DST or not. A MINUTE
+# window ends ``ws + INTERVAL 1 MINUTE``, i.e. 60 s after its start in every zone: the caller adds
+# those seconds (see ``window_end_in_sql``), since each expression costs the engine planning time.
+MINUTE_WINDOW_SECONDS = 60
 _WINDOW_NEXT = {
-    Window.MINUTE: "ws + INTERVAL 1 MINUTE",
     Window.HOUR: "toStartOfHour(ws + INTERVAL 90 MINUTE, {tz:String})",
     Window.DAY: "toStartOfDay(ws + INTERVAL 36 HOUR, {tz:String})",
     Window.MONTH: "toDateTime(toStartOfMonth(ws + INTERVAL 45 DAY, {tz:String}), {tz:String})",
@@ -512,11 +514,23 @@ def _tables(parts: list[Segment]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(s.rollup.table if s.rollup else "usage_events" for s in parts))
 
 
+def window_end_in_sql(window: Window | None) -> bool:
+    """Whether :func:`build_usage` rows carry ``we_s``: every window but MINUTE, whose end is
+    ``ws_s + MINUTE_WINDOW_SECONDS``."""
+    return window in _WINDOW_NEXT
+
+
 def build_usage(q: UsageQuery, database: str, *, force_raw: bool = False) -> SqlQuery:
     """The SQL answering ``q``: rows ``(ws_s, we_s, g0.., value)`` ordered by window and group.
 
-    ``ws_s``/``we_s`` are the window's bounds in epoch seconds (absent without a window).
-    ``force_raw`` reads only ``usage_events`` (the reference the rollup path is checked against).
+    ``ws_s``/``we_s`` are the window's bounds in epoch seconds (absent without a window; ``we_s``
+    is absent for MINUTE windows, see :func:`window_end_in_sql`). ``force_raw`` reads only
+    ``usage_events`` (the reference the rollup path is checked against).
+
+    A question read from one segment (the common case, e.g. a day of minutes from
+    ``usage_minute``) is one flat ``SELECT ... GROUP BY``, its keys named in a ``WITH`` clause;
+    several segments merge their partial aggregates in an outer query. The embedded engine spends
+    most of a small query planning it, so the SQL is kept to the fewest expressions.
     """
     database = validate_database(database)
     raw_only = force_raw or bool(q.group_by) or bool(q.filters)
@@ -549,18 +563,27 @@ def build_usage(q: UsageQuery, database: str, *, force_raw: bool = False) -> Sql
         return [_WINDOW_START[window].format(c=col) + " AS ws", *dims]
 
     keys = (["ws"] if window else []) + groups
-    body = _segmented_select(
-        parts, database, where, params, key_columns, keys, [("value", q.aggregation)]
-    )
     bounds = []
     if window is not None:
-        bounds = ["toUnixTimestamp(ws) AS ws_s", f"toUnixTimestamp({_WINDOW_NEXT[window]}) AS we_s"]
-    order = (["ws_s"] if window else []) + groups
-    sql = (
-        f"SELECT {', '.join([*bounds, *groups, 'value'])} FROM ({body})"
-        + (f" ORDER BY {', '.join(order)}" if order else "")
-        + " LIMIT {row_limit:UInt32}"
-    )
+        bounds.append("toUnixTimestamp(ws) AS ws_s")
+        if window_end_in_sql(window):
+            bounds.append(f"toUnixTimestamp({_WINDOW_NEXT[window]}) AS we_s")
+    tail = (f" ORDER BY {', '.join(keys)}" if keys else "") + " LIMIT {row_limit:UInt32}"
+    if len(parts) == 1:
+        seg = parts[0]
+        aliases = key_columns(seg)
+        value = f"{_AGGREGATES[q.aggregation][1 if seg.rollup else 0]} AS value"
+        sql = (
+            (f"WITH {', '.join(aliases)} " if aliases else "")
+            + f"SELECT {', '.join([*bounds, *groups, value])} FROM {_table(database, seg)}"
+            + f" WHERE {where} AND {_segment_where(seg, 0, params)}"
+            + f" GROUP BY {', '.join(keys) if keys else 'tuple()'}{tail}"
+        )
+    else:
+        body = _segmented_select(
+            parts, database, where, params, key_columns, keys, [("value", q.aggregation)]
+        )
+        sql = f"SELECT {', '.join([*bounds, *groups, 'value'])} FROM ({body}){tail}"
     return SqlQuery(sql, params, path_of(parts), _tables(parts))
 
 
