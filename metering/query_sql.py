@@ -436,6 +436,8 @@ _WINDOW_START = {
 # window ends ``ws + INTERVAL 1 MINUTE``, i.e. 60 s after its start in every zone: the caller adds
 # those seconds (see ``window_end_in_sql``), since each expression costs the engine planning time.
 MINUTE_WINDOW_SECONDS = 60
+# Windows of a fixed length in UTC, when a rollup of the same bucket size may serve them.
+_WINDOW_SECONDS = {Window.MINUTE: MINUTE_S, Window.HOUR: HOUR_S, Window.DAY: DAY_S}
 _WINDOW_NEXT = {
     Window.HOUR: "toStartOfHour(ws + INTERVAL 90 MINUTE, {tz:String})",
     Window.DAY: "toStartOfDay(ws + INTERVAL 36 HOUR, {tz:String})",
@@ -466,11 +468,9 @@ def _segment_where(seg: Segment, i: int, params: dict[str, Any]) -> str:
             f"time >= fromUnixTimestamp64Milli({{lo{i}:Int64}}, 'UTC') "
             f"AND time < fromUnixTimestamp64Milli({{hi{i}:Int64}}, 'UTC')"
         )
+    # A DateTime compares with its epoch seconds as is (and still narrows the primary key).
     params[f"lo{i}"], params[f"hi{i}"] = seg.lo_ms // 1000, seg.hi_ms // 1000
-    return (
-        f"bucket >= toDateTime({{lo{i}:UInt32}}, 'UTC') "
-        f"AND bucket < toDateTime({{hi{i}:UInt32}}, 'UTC')"
-    )
+    return f"bucket >= {{lo{i}:UInt32}} AND bucket < {{hi{i}:UInt32}}"
 
 
 def _table(database: str, seg: Segment) -> str:
@@ -536,12 +536,7 @@ def build_usage(q: UsageQuery, database: str, *, force_raw: bool = False) -> Sql
     raw_only = force_raw or bool(q.group_by) or bool(q.filters)
     coarsest = None if raw_only else coarsest_rollup(q.window, q.tz, q.start, q.end)
     parts = segments(_epoch_ms(q.start), _epoch_ms(q.end), coarsest)
-    params: dict[str, Any] = {
-        "tenant": q.tenant,
-        "meter": q.meter,
-        "tz": q.tz,
-        "row_limit": MAX_RESULT_ROWS + 1,
-    }
+    params: dict[str, Any] = {"tenant": q.tenant, "meter": q.meter, "tz": q.tz}
     where = "tenant = {tenant:String} AND meter = {meter:String}" + _DECISION_SQL[q.decision]
     dims: list[str] = []
     for j, name in enumerate(q.group_by):
@@ -568,10 +563,15 @@ def build_usage(q: UsageQuery, database: str, *, force_raw: bool = False) -> Sql
         bounds.append("toUnixTimestamp(ws) AS ws_s")
         if window_end_in_sql(window):
             bounds.append(f"toUnixTimestamp({_WINDOW_NEXT[window]}) AS we_s")
-    tail = (f" ORDER BY {', '.join(keys)}" if keys else "") + " LIMIT {row_limit:UInt32}"
+    tail = f" ORDER BY {', '.join(keys)}" if keys else ""
+    if q.group_by:  # without groups there are at most MAX_WINDOWS rows
+        params["row_limit"] = MAX_RESULT_ROWS + 1
+        tail += " LIMIT {row_limit:UInt32}"
     if len(parts) == 1:
         seg = parts[0]
         aliases = key_columns(seg)
+        if window is not None and seg.rollup and seg.rollup.seconds == _WINDOW_SECONDS.get(window):
+            aliases[0] = "bucket AS ws"  # each bucket is one whole window (see coarsest_rollup)
         value = f"{_AGGREGATES[q.aggregation][1 if seg.rollup else 0]} AS value"
         sql = (
             (f"WITH {', '.join(aliases)} " if aliases else "")
@@ -584,6 +584,8 @@ def build_usage(q: UsageQuery, database: str, *, force_raw: bool = False) -> Sql
             parts, database, where, params, key_columns, keys, [("value", q.aggregation)]
         )
         sql = f"SELECT {', '.join([*bounds, *groups, 'value'])} FROM ({body}){tail}"
+    if "{tz:String}" not in sql:  # e.g. minutes read from usage_minute: bound only when used
+        del params["tz"]
     return SqlQuery(sql, params, path_of(parts), _tables(parts))
 
 
