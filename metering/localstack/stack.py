@@ -893,7 +893,9 @@ class StackStart:
     def wait(self) -> dict[str, str]:
         """Wait for every service, record the ones that answer, unlock; return the settings.
         Interrupted (Ctrl-C), it still waits for the starts under way, then stops them."""
-        if self._result is not None:
+        if self._lock.closed:  # waited for already
+            if self._result is None:
+                raise StackError("the services did not start (see the first error)")
             return self._result
         try:
             concurrent.futures.wait(list(self._futures.values()))
@@ -916,7 +918,8 @@ class StackStart:
 
     def _finish(self) -> None:
         try:
-            self.stack._save(self._state)
+            with self._mutex:
+                self.stack._save(self._state)
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
