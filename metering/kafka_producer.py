@@ -19,6 +19,7 @@ worker's per-tenant tables rely on that.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from confluent_kafka import KafkaError as RdKafkaError
@@ -63,9 +64,18 @@ _REFUSED = {
 }
 
 
+#: librdkafka's own log lines (connection failures while Kafka is away, ...) go here rather than
+#: to stderr; the emitter's warnings already say when it spools and when it is back.
+LIBRDKAFKA_LOG = logging.getLogger("metering.emitter.librdkafka")
+
+
 def librdkafka_config(config: dict[str, Any]) -> dict[str, Any]:
     """Translate kafka-python producer settings into librdkafka's."""
-    out: dict[str, Any] = {"partitioner": "murmur2_random"}
+    out: dict[str, Any] = {
+        "partitioner": "murmur2_random",
+        "logger": LIBRDKAFKA_LOG,
+        "log.connection.close": False,
+    }
     for name, value in config.items():
         if name == "bootstrap_servers":
             servers = value if isinstance(value, str) else ",".join(value)
