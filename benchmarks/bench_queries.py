@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import os
 import statistics
 import sys
 import time
@@ -164,6 +165,7 @@ def main() -> int:
         gc.collect()
         gc.freeze()
     print(f"garbage collector: {'frozen after start-up' if args.gc_freeze else 'default'}")
+    print("load average (1/5/15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     floor = measure(lambda: client.query("SELECT 1").result_rows, args.runs)
     print(f"engine floor (SELECT 1): p50 {floor[0]:.2f} ms, p99 {floor[1]:.2f} ms")
     print(
@@ -184,6 +186,7 @@ def main() -> int:
             f" {slow[0] / fast[0]:9.1f}x  {'met' if ok else 'NOT met'}"
         )
     print("\nsame answers on both paths; machine shared with other engineers (2 cores)")
+    print("load average (1/5/15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return 0 if met else 2
 
 

@@ -433,6 +433,40 @@ def test_rollups_with_raw_edges_answer_exactly_as_the_raw_events(
         assert mixed.rows, "the range holds events"
 
 
+@pytest.mark.parametrize(
+    ("window", "tz", "table"),
+    [
+        ("MINUTE", "UTC", "usage_minute"),
+        ("MINUTE", "Europe/Berlin", "usage_minute"),
+        ("MINUTE", "Asia/Kolkata", "usage_minute"),
+        ("HOUR", "Europe/Berlin", "usage_hour"),
+        ("HOUR", "Asia/Kolkata", "usage_minute"),
+        ("DAY", "UTC", "usage_day"),
+        ("DAY", "America/New_York", "usage_hour"),
+        (None, "UTC", "usage_day"),
+    ],
+)
+def test_a_range_of_whole_buckets_is_one_rollup_read_answering_as_the_raw_events(
+    dense: UsageQueries, window: str | None, tz: str, table: str
+) -> None:
+    # Whole UTC days inside the data, across Berlin's and New York's DST changes: one segment,
+    # read by one flat SELECT (a bucket the size of the window is taken as the window itself).
+    for aggregation in Aggregation:
+        q = UsageQuery(
+            "dense",
+            "requests",
+            at("2026-03-27T00:00:00Z"),
+            at("2026-04-01T00:00:00Z"),
+            window=window,
+            tz=tz,
+            aggregation=aggregation,
+        )
+        rolled, raw = dense.usage(q), dense.usage(q, force_raw=True)
+        assert (rolled.path, rolled.tables) == ("rollup", (table,))
+        assert rolled.rows == raw.rows, aggregation
+        assert rolled.rows, "the range holds events"
+
+
 def test_the_totals_over_both_paths_are_the_events_added_up(dense: UsageQueries) -> None:
     start, end = at(DENSE_FROM), at(DENSE_TO)
     billable = [
