@@ -28,7 +28,6 @@ import os
 import random
 import re
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -82,8 +81,14 @@ _event_ids = random.Random()
 os.register_at_fork(after_in_child=_event_ids.seed)
 
 
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)  # clear version, variant
+_UUID4_SET = (4 << 76) | (0x8000 << 48)  # version 4, RFC 4122 variant
+
+
 def new_decision_event_id() -> str:
-    return str(uuid.UUID(int=_event_ids.getrandbits(128), version=4))
+    """A random version-4 UUID string, formatted directly (``uuid.UUID(...)`` costs ~3x)."""
+    h = "%032x" % (_event_ids.getrandbits(128) & _UUID4_KEEP | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # --- the header fields (pure functions of a decision) -------------------------------------------

@@ -294,3 +294,12 @@ def test_decision_event_ids_differ_across_a_fork() -> None:
     parent_id = new_decision_event_id()
     assert child_id and child_id != parent_id
     assert uuid.UUID(parent_id).version == 4
+
+
+def test_decision_event_ids_are_canonical_version_4_uuids() -> None:
+    ids = [new_decision_event_id() for _ in range(2000)]
+    for event_id in ids:
+        parsed = uuid.UUID(event_id)
+        assert str(parsed) == event_id  # canonical: lower-case hex, dashes where they belong
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert len(set(ids)) == len(ids)
