@@ -212,13 +212,21 @@ class UsageQueries:
 
     def run(self, query: SqlQuery) -> list[tuple[Any, ...]]:
         """Execute ``query`` with its parameters bound server-side."""
-        return list(self.client.query(query.sql, parameters=query.parameters).result_rows)
+        result = self.client.query(
+            query.sql, parameters=query.parameters, settings=query.settings or None
+        )
+        return list(result.result_rows)
 
     # --- usage --------------------------------------------------------------------------------
 
     def run_columns(self, query: SqlQuery) -> list[list[Any]]:
         """Execute ``query``; the answer as one list per column (no tuple per row is made)."""
-        result = self.client.query(query.sql, parameters=query.parameters, column_oriented=True)
+        result = self.client.query(
+            query.sql,
+            parameters=query.parameters,
+            settings=query.settings or None,
+            column_oriented=True,
+        )
         return list(result.result_columns)
 
     def usage(self, q: UsageQuery, *, force_raw: bool = False) -> UsageResult:

@@ -460,6 +460,17 @@ class SqlQuery:
     path: Path = "raw"
     tables: tuple[str, ...] = ()
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Engine settings to send with the query (standard ClickHouse settings)."""
+        return dict(ROLLUP_READ_SETTINGS) if self.path == "rollup" else {}
+
+
+# A rollup read takes one narrow primary-key range of a few small columns: moving its conditions
+# to PREWHERE (a read step of their own) costs the engine more planning than it saves (~0.7 ms
+# of a ~8 ms day of minutes, embedded engine).
+ROLLUP_READ_SETTINGS: dict[str, Any] = {"optimize_move_to_prewhere": 0}
+
 
 def _segment_where(seg: Segment, i: int, params: dict[str, Any]) -> str:
     if seg.rollup is None:
