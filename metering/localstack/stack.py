@@ -280,7 +280,12 @@ def adopt_class_data(dump: Path | None, archive: Path, exited_cleanly: bool) -> 
 
 
 def _kafka_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random cluster id as Kafka writes them (URL-safe base64 of 16 bytes), never starting
+    with '-': kafka-storage would read that as an option and refuse to format."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 class LocalStack:

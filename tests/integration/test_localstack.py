@@ -8,6 +8,7 @@ import pytest
 
 from metering.localstack import LocalStack, StackError
 from metering.localstack.stack import (
+    _kafka_cluster_id,
     adopt_class_data,
     class_data_archive,
     class_data_flags,
@@ -101,3 +102,9 @@ def test_kafka_class_data_archive_is_per_jdk_and_jars_and_only_a_whole_one_is_ke
     assert broker.read_bytes() == b"archive" and not dump.exists()
     flags, dump = class_data_flags(broker)
     assert dump is None and f"-XX:SharedArchiveFile={broker}" in flags
+
+
+def test_kafka_cluster_ids_never_look_like_an_option() -> None:
+    ids = {_kafka_cluster_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
