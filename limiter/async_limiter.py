@@ -20,9 +20,10 @@ from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, packed
 
 class AsyncRateLimiter:
     """Async twin of :class:`limiter.RateLimiter` (same names, same decisions, same advice on
-    the client: timeouts, no retries). ``max_batch`` bounds one pipelined round trip,
-    ``max_inflight`` the round trips in flight at once. Like its redis.asyncio client, one
-    instance belongs to one event loop."""
+    the client: timeouts, no retries). ``max_batch`` bounds one pipelined write,
+    ``max_inflight`` the writes awaiting replies (see :mod:`limiter.batching`; the defaults
+    keep Redis and Python busy at once with hundreds of callers). Like its redis.asyncio
+    client, one instance belongs to one event loop."""
 
     def __init__(
         self,
@@ -33,8 +34,8 @@ class AsyncRateLimiter:
         breaker: CircuitBreaker | None = None,
         local_limiter: LocalLimiter | None = None,
         day_grace_seconds: int = DAY_GRACE_SECONDS,
-        max_batch: int = 512,
-        max_inflight: int = 2,
+        max_batch: int = 64,
+        max_inflight: int = 4,
     ) -> None:
         self.redis = redis_client
         self.policy = FailurePolicy(fail_mode, breaker=breaker, local_limiter=local_limiter)

@@ -1,19 +1,24 @@
 """Coalescing script calls into pipelined round trips (the async limiter's transport).
 
 Python's per-call cost, not Redis, bounds a limiter: one round trip per decision tops out far
-below what Redis serves. So every call waiting at the same moment goes out in ONE pipelined
+below what Redis serves. So calls waiting at the same moment go out together in one pipelined
 write (``transaction=False``: each EVALSHA is still its own atomic script call, nothing is
-wrapped in MULTI). A drain task sends whatever is queued when the event loop gets to it; calls
-that arrive while a batch is in flight form the next batch, so batches grow with the load and
-an idle limiter adds no delay. While a batch is in flight, another drain task (up to
-``max_inflight``) starts once ``overlap_at`` calls are waiting, so Redis executes one batch
-while Python encodes the next and decodes the last.
+wrapped in MULTI).
 
-Against a single node or a Sentinel master, the pre-encoded calls are written on one pooled
-connection and the replies read back in order. Against a Cluster, redis-py's cluster pipeline
-groups the calls per node. Either way a reply of ``NOSCRIPT`` (after ``SCRIPT FLUSH``, a restart,
-a failover) loads the scripts and sends those calls again; each call's own error reply goes to
-its own caller, and a connection failure goes to every caller in the batch.
+Against a single node or a Sentinel master this is auto-pipelining on one held connection, as
+ioredis and rueidis do it: a writer task sends whatever is queued when the event loop gets to
+it, without waiting for earlier replies, and a reader task matches replies to callers in order.
+A write carries at most ``max_batch`` calls and at most ``max_inflight`` writes await replies,
+so with many callers several writes are in flight: Redis executes one while Python decodes the
+replies of the last and encodes the next. (One write holding every caller would make client
+and server take turns, each idle half the time.) An idle limiter adds no delay: a lone call is
+written at once. Against a Cluster, redis-py's cluster pipeline groups the calls per node, one
+pipeline per batch.
+
+A reply of ``NOSCRIPT`` (after ``SCRIPT FLUSH``, a restart, a failover) loads the scripts once
+and that call is sent again; each call's own error reply goes to its own caller; a connection
+failure, a timeout (``socket_timeout`` from each write) or a ``READONLY`` reply (the server
+became a replica) fails the calls in flight and the next write opens a new connection.
 
 A caller cancelled after its call was queued is simply not answered: the call itself may still
 run (once it is written, Redis executes it), exactly as with any request cancelled in flight.
@@ -60,7 +65,7 @@ class ScriptBatcher:
     a second pipeline starts while one is in flight."""
 
     def __init__(
-        self, client: Any, *, max_batch: int = 512, max_inflight: int = 2, overlap_at: int = 64
+        self, client: Any, *, max_batch: int = 64, max_inflight: int = 4, overlap_at: int = 64
     ) -> None:
         if max_batch < 1 or max_inflight < 1 or overlap_at < 1:
             raise ValueError("max_batch, max_inflight and overlap_at must be >= 1")
@@ -184,9 +189,6 @@ class ScriptBatcher:
                     else:
                         replies = await read_replies(conn, len(futures))
                 inflight.popleft()
-                if self._slot is not None:
-                    self._slot.set()
-                    self._slot = None
                 readonly = False
                 for fut, reply in zip(futures, replies, strict=True):
                     if isinstance(reply, ReadOnlyError):
@@ -197,6 +199,11 @@ class ScriptBatcher:
                         fut.set_exception(reply)
                     else:
                         fut.set_result(reply)
+                # The writer resumes after the callers just answered (callbacks run in order):
+                # their next calls, queued meanwhile, then go out together in its next write.
+                if self._slot is not None:
+                    self._slot.set()
+                    self._slot = None
                 if readonly:  # a failover made this server a replica: find the new master
                     raise RedisConnectionError("Redis answered READONLY: no longer the master")
         except BaseException as exc:

@@ -30,6 +30,9 @@ from limiter.scripts import (
     SCRIPTS,
 )
 
+#: A limiter connection unused for longer than this is polled for EOF before it is written to.
+IDLE_CHECK_SECONDS = 0.05
+
 
 class RateLimiter:
     """Per-tenant token bucket + UTC-day quota (+ optional rolling window) in Redis.
@@ -60,6 +63,7 @@ class RateLimiter:
         self._pool = redis_client.connection_pool if isinstance(redis_client, redis.Redis) else None
         self._own_lock = threading.Lock()
         self._own: tuple[int, Any] | None = None  # (pid, connection) kept by this limiter
+        self._own_used = float("-inf")  # time.monotonic() of its last use
 
     @classmethod
     def from_settings(
@@ -200,11 +204,18 @@ class RateLimiter:
                 if self._own is None or self._own[0] != pid:  # first use, or a forked child
                     self._own = (pid, self._pool.get_connection())  # type: ignore[union-attr]
                 conn = self._own[1]
-                try:
-                    if conn.can_read():  # EOF (server closed it) or a stray reply: start afresh
+                now = time.monotonic()
+                if now - self._own_used > IDLE_CHECK_SECONDS:
+                    # Idle long enough for Redis to have restarted or closed it: a poll (one
+                    # system call) sees EOF or a stray reply, and the call goes out on a fresh
+                    # connection instead of failing. A busy connection needs no poll: one that
+                    # failed was dropped by _exchange, so the next call reconnects anyway.
+                    try:
+                        if conn.can_read():
+                            conn.disconnect()
+                    except (redis.exceptions.ConnectionError, OSError):
                         conn.disconnect()
-                except (redis.exceptions.ConnectionError, OSError):
-                    conn.disconnect()
+                self._own_used = now
                 return self._exchange(conn, command)
             finally:
                 self._own_lock.release()

@@ -78,6 +78,31 @@ async def async_load(
         await asyncio.sleep(0.002)
 
 
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_a_restart_while_idle_costs_no_decision(
+    dedicated_stack: LocalStack, tenant: str, flavor: str
+) -> None:
+    """Redis restarted while the limiter sat idle: its kept connection is dead, and the next
+    decision goes out on a fresh one instead of failing (no degraded answer, breaker closed)."""
+    url = dedicated_stack.up(["redis"])["RATE_LIMIT_REDIS_URL"]
+    settings = settings_for("single", url=url, rate_limit_redis_socket_timeout=TIMEOUT)
+    limiter = make_limiter(flavor, settings)
+
+    async def acquire() -> Any:
+        if flavor == "sync":
+            return await asyncio.to_thread(limiter.acquire, tenant, 1, QUOTA)
+        return await limiter.acquire(tenant, 1, QUOTA)
+
+    assert not (await acquire()).degraded
+    await asyncio.to_thread(dedicated_stack.restart_member, "redis", "redis")
+    await asyncio.sleep(0.2)  # idle for longer than the sync limiter's IDLE_CHECK_SECONDS
+    after = await acquire()
+    assert after.allowed and not after.degraded, after
+    assert limiter.breaker.state == "closed"
+    if flavor == "async":
+        await limiter.redis.aclose()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["sync", "async"])
 @pytest.mark.parametrize("fail_mode", ["open", "closed"])
