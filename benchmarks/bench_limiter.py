@@ -259,6 +259,18 @@ async def async_round(url: str, seconds: float, concurrency: int) -> dict[str, d
     }
     half = out["async limiter acquire"]["rate"] / 2
     out["async limiter at half load"] = await open_loop(acquire, seconds, half)
+    # Half load again, with arrivals driven by completions instead of a 1 ms timer (which,
+    # oversleeping on a busy machine, delivers bursts): the fewest callers whose closed-loop
+    # rate reaches half the maximum, as a load generator with that many connections would.
+    callers = 1
+    while callers < concurrency:
+        probe = await closed_loop(acquire, min(0.5, seconds), callers)
+        if probe["rate"] >= half:
+            break
+        callers *= 2
+    closed = await closed_loop(acquire, seconds, callers)
+    closed["callers"] = callers
+    out["async limiter at half load (closed)"] = closed
     await client.aclose()
     await limiter.redis.aclose()
     return out
@@ -380,17 +392,19 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
     med: dict[str, dict[str, float]] = {}
     print()
     print(
-        f"{'case':34s} {'median/s':>9s} {'best/s':>9s} {'per cpu-s':>10s} {'p50 us':>7s} "
+        f"{'case':38s} {'median/s':>9s} {'best/s':>9s} {'per cpu-s':>10s} {'p50 us':>7s} "
         f"{'p99 us':>7s}"
     )
     for name, rounds in results.items():
         med[name] = {
-            k: statistics.median(r[k] for r in rounds) for k in ("rate", "cpu_rate", "p50", "p99")
+            k: statistics.median(r[k] for r in rounds)
+            for k in ("rate", "cpu_rate", "p50", "p99", "callers")
+            if k in rounds[0]
         }
         best = max(r["rate"] for r in rounds)
         m = med[name]
         print(
-            f"{name:34s} {m['rate']:9.0f} {best:9.0f} {m['cpu_rate']:10.0f} "
+            f"{name:38s} {m['rate']:9.0f} {best:9.0f} {m['cpu_rate']:10.0f} "
             f"{m['p50'] * 1e6:7.0f} {m['p99'] * 1e6:7.0f}"
         )
 
@@ -412,9 +426,16 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         f"{'MET' if a['cpu_rate'] >= 40000 else 'NOT MET'}"
     )
     print(
-        f"  async p99 at half load < 1 ms: {h['p99'] * 1e3:.2f} ms -> "
+        f"  async p99 at half load < 1 ms: {h['p99'] * 1e3:.2f} ms (open loop, 1 ms ticks) -> "
         f"{'MET' if h['p99'] < 0.001 else 'NOT MET'}"
     )
+    hc = med.get("async limiter at half load (closed)")
+    if hc is not None:
+        print(
+            f"  async p99 at half load < 1 ms: {hc['p99'] * 1e3:.2f} ms (closed loop, "
+            f"{hc['callers']:.0f} callers, {hc['rate']:.0f}/s) -> "
+            f"{'MET' if hc['p99'] < 0.001 else 'NOT MET'}"
+        )
     pair_r = statistics.median(sync_pairs)
     print(
         f"  sync >= 0.9x no-op EVALSHA: {sync_r:.2f}x (medians of rounds); median of "
