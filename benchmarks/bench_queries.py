@@ -274,12 +274,12 @@ def main() -> int:
 
 def _plain(answer: Any) -> Any:
     """An answer as plain data, so two versions' result classes compare by value."""
+    if hasattr(answer, "to_dict"):
+        return answer.to_dict()
     if isinstance(answer, list):
         return [_plain(item) for item in answer]
     if isinstance(answer, tuple):
         return tuple(_plain(item) for item in answer)
-    if hasattr(answer, "to_dict"):
-        return answer.to_dict()
     return answer
 
 

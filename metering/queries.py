@@ -19,7 +19,9 @@ import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import Any
+
+import msgspec
 
 from metering.query_sql import (
     MAX_RESULT_ROWS,
@@ -66,10 +68,13 @@ def _value(raw: Any, aggregation: Aggregation) -> float | int:
     return int(raw) if aggregation in _INTEGRAL else float(raw)
 
 
-class UsageRow(NamedTuple):
+class UsageRow(msgspec.Struct, frozen=True, gc=False):
     """One window (or the whole range) and group: ``value`` over ``[window_start, window_end)``.
 
-    A named tuple: an answer can hold tens of thousands of rows, built in a tight loop."""
+    An answer can hold tens of thousands of rows. Rows are structs the garbage collector does not
+    track (their fields never refer back to a row): tracked rows (named tuples) set off
+    collections while an answer was being built, which promoted them, so that a full collection
+    of the process (10-40 ms) came about every hundred answers of a day of minutes."""
 
     window_start: dt.datetime
     window_end: dt.datetime
@@ -83,10 +88,6 @@ class UsageRow(NamedTuple):
             "value": self.value,
             "group": dict(self.group),
         }
-
-
-# ``UsageRow`` from a 4-tuple without a Python frame per row (what ``UsageRow._make`` does).
-_usage_row: Callable[[tuple[Any, ...]], UsageRow] = functools.partial(tuple.__new__, UsageRow)
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ class UsageQueries:
             if names
             else itertools.repeat(NO_GROUP, count)
         )
-        out = list(map(_usage_row, zip(starts, ends, map(number, values), groups, strict=True)))
+        out = list(map(UsageRow, starts, ends, map(number, values), groups))
         return UsageResult(q, out, sql.path, sql.tables)
 
     # --- sliding windows ------------------------------------------------------------------------
