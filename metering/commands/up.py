@@ -110,6 +110,22 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+class KafkaStartingFilter(logging.Filter):
+    """Drops the emitter's "connection refused" lines while the Kafka this process started is
+    still starting (the API serves before it answers: refusals are expected, not news)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and "Connection refused" in record.getMessage())
+
+
+EMITTER_KAFKA_LOGGER = "metering.emitter.librdkafka"
+KAFKA_STARTING = KafkaStartingFilter()
+
+
 def start_missing_services(settings: Settings) -> Any:
     """Begin starting local Redis/Kafka for those the environment does not name and export
     their settings at once (the ports are chosen before the servers answer). Returns the
@@ -186,6 +202,8 @@ def _up(args: argparse.Namespace) -> int:
         get_settings.cache_clear()
         settings = get_settings()
         own_kafka = starting is not None and "kafka" in starting.started
+        if own_kafka:
+            logging.getLogger(EMITTER_KAFKA_LOGGER).addFilter(KAFKA_STARTING)
         api = embedded_api(settings, args.host, args.port, starting, t0)
         api.start()
         with _sigterm_as_interrupt():
@@ -279,6 +297,7 @@ def run_worker(settings: Settings, api: Any, t0: float) -> None:
 
     @worker_app.task
     async def announce() -> None:
+        KAFKA_STARTING.active = False
         print(
             f"metering up: worker consuming {settings.usage_events_topic}; "
             f"in {time.monotonic() - t0:.1f}s",
