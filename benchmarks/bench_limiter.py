@@ -104,6 +104,44 @@ def transport_floor(url: str, cpu: int | None) -> str:
     return "redis-benchmark gave no summary: transport floor not measured"
 
 
+def script_ceiling(url: str, cpu: int | None) -> tuple[str, float | None]:
+    """What Redis itself serves of ``acquire.lua`` (``redis-benchmark``, C client, 64 calls
+    pipelined per connection, 4 connections): the ceiling under the async figures."""
+    import datetime as dt
+    import shutil
+    from urllib.parse import urlparse
+
+    from limiter.scripts import SCRIPTS
+
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return "redis-benchmark not installed: script ceiling not measured", None
+    acquire = next(sc for sc in SCRIPTS if "acquire" in sc.name)
+    client = redis.Redis.from_url(url)
+    sha = client.script_load(acquire.source)
+    tenant = f"bench-ceiling-{uuid.uuid4().hex[:8]}"
+    day = dt.datetime.now(dt.UTC).strftime("%Y%m%d")
+    keys = [f"rl:{{{tenant}}}:tb", f"rl:{{{tenant}}}:day:{day}"]
+    keys += [f"rl:{{{tenant}}}:win", f"rl:{{{tenant}}}:win:meta"]
+    args = ["1", "1000000000", str(10**12), str(10**15), "0", "0", "0", "3600"]
+    u = urlparse(url)
+    cmd = [exe, "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379), "-c", "4", "-P", "64"]
+    cmd += ["-n", "200000", "evalsha", sha, "4", *keys, *args]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    client.delete(*keys)
+    for line in out.replace("\r", "\n").splitlines():
+        if "throughput summary" in line:
+            rate = float(line.split(":")[1].split()[0])
+            text = (
+                f"script ceiling (redis-benchmark EVALSHA acquire.lua, 4 x 64 pipelined, C "
+                f"client): {rate:,.0f}/s"
+            )
+            return text, rate
+    return "redis-benchmark gave no summary: script ceiling not measured", None
+
+
 def pct(samples: list[float], p: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(p * len(s)))]
@@ -372,6 +410,8 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         f"async concurrency {args.concurrency}"
     )
     print(transport_floor(args.redis_url, cpu))
+    ceiling_text, ceiling = script_ceiling(args.redis_url, cpu)
+    print(ceiling_text)
     results: dict[str, list[dict[str, float]]] = {}
     sync_pairs: list[float] = []
     cases = sync_cases(args.redis_url)
@@ -425,6 +465,11 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         f"EVALSHA); per CPU-second of the pinned core: {a['cpu_rate']:.0f}/s -> "
         f"{'MET' if a['cpu_rate'] >= 40000 else 'NOT MET'}"
     )
+    if ceiling:
+        print(
+            f"  (async limiter: {a['rate'] / ceiling:.2f}x of what Redis itself serves of the "
+            f"script, {ceiling:,.0f}/s, measured before the rounds)"
+        )
     print(
         f"  async p99 at half load < 1 ms: {h['p99'] * 1e3:.2f} ms (open loop, 1 ms ticks) -> "
         f"{'MET' if h['p99'] < 0.001 else 'NOT MET'}"
