@@ -70,6 +70,8 @@ class StartupGate:
             await send({"type": "websocket.close", "code": 1013})  # try again later
 
     async def _starting(self, scope: Scope, send: Send) -> None:
+        body: dict[str, Any]
+        extra: list[tuple[bytes, bytes]]
         if scope["path"] == "/healthz":
             status, body, ctype, extra = 200, {"status": "ok"}, "application/json", []
         else:

@@ -305,7 +305,7 @@ def run_worker(settings: Settings, api: Any, t0: float) -> None:
             flush=True,
         )
 
-    @worker_app.on_before_shutdown.connect  # type: ignore[misc]
+    @worker_app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def stop_api(app: Any, **_: Any) -> None:
         if api.server is not None:
             api.server.should_exit = True  # drains while the worker stops

@@ -17,6 +17,7 @@ import base64
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -584,7 +585,7 @@ class LocalStack:
             )
             self._start_redis_member(st, m, argv)
         for m in members:
-            wait_until(lambda m=m: redis_ping(st.ports[m]), timeout, f"redis cluster {m}")
+            wait_until(functools.partial(redis_ping, st.ports[m]), timeout, f"redis cluster {m}")
         cli = find_binary("redis-cli")
         addrs = [f"127.0.0.1:{st.ports[m]}" for m in members]
         proc = subprocess.run(
@@ -625,7 +626,9 @@ class LocalStack:
             ),
         )
         for m in ("master", "replica"):
-            wait_until(lambda m=m: redis_ping(st.ports[m]), timeout, f"redis sentinel group {m}")
+            wait_until(
+                functools.partial(redis_ping, st.ports[m]), timeout, f"redis sentinel group {m}"
+            )
 
         def replica_synced() -> bool:
             info = redis_command(st.ports["replica"], "INFO", "replication")
@@ -874,9 +877,9 @@ class StackStart:
         self._recorded = {name: threading.Event() for name in futures}
         self._mutex = threading.Lock()
         for name, future in futures.items():
-            future.add_done_callback(lambda _f, name=name: self._record(name))
+            future.add_done_callback(functools.partial(self._record, name))
 
-    def _record(self, name: str) -> None:
+    def _record(self, name: str, _future: Any = None) -> None:
         """Write the state of every service that answers so far, so ``env()`` (another process,
         e.g. the demo) finds a service as soon as it answers, before the slower ones."""
         with self._mutex:

@@ -17,7 +17,7 @@ import httpx
 from kafka import KafkaAdminClient
 
 from metering.localstack import LocalStack
-from metering.settings import Settings
+from metering.settings import load_settings
 
 NAMED_SERVICES = (
     "RATE_LIMIT_REDIS_URL",
@@ -120,7 +120,7 @@ def test_up_starts_its_own_services_serves_early_and_stops_clean(tmp_path: Path)
             (topic,) = admin.describe_topics(["usage.events"])
         finally:
             admin.close()
-        assert len(topic["partitions"]) == Settings().usage_events_partitions
+        assert len(topic["partitions"]) == load_settings().usage_events_partitions
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=90)
