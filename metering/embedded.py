@@ -205,6 +205,8 @@ class EmbeddedApi:
             )
         )
         try:
-            asyncio.run(self.server.serve())
+            # uvicorn's own loop choice (uvloop when installed), as `metering api` gets it.
+            with asyncio.Runner(loop_factory=self.server.config.get_loop_factory()) as runner:
+                runner.run(self.server.serve())
         except BaseException as exc:  # uvicorn leaves with SystemExit when it cannot bind
             self.failure = exc
