@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import importlib
 import os
@@ -252,9 +253,12 @@ def main() -> int:
         if answer != run(True) or (old is not None and _plain(old(False)) != _plain(answer)):
             print(f"{name}: the paths give different answers", file=sys.stderr)
             return 1
-        fns = {"rollup": (lambda run=run: run(False), 1), "raw": (lambda run=run: run(True), 4)}
+        fns: dict[str, tuple[Callable[[], Any], int]] = {
+            "rollup": (functools.partial(run, False), 1),
+            "raw": (functools.partial(run, True), 4),
+        }
         if old is not None:
-            fns["baseline"] = (lambda old=old: old(False), 1)
+            fns["baseline"] = (functools.partial(old, False), 1)
         got = interleaved(fns, args.runs)
         fast, slow = got["rollup"], got["raw"]
         ok = fast[1] < TARGET_MS
