@@ -1,7 +1,8 @@
 """Cost of the API's request path: auth + rate limiting on a trivial endpoint.
 
 Two servers, the same FastAPI app with one trivial endpoint (``GET /v1/ping``), each served by
-uvicorn (one process, pinned to CPU 0) on loopback:
+uvicorn (one process, pinned to CPU 0; uvloop and httptools, from ``uvicorn[standard]``) on
+loopback:
 
 - **bare**: the app alone;
 - **full**: the app behind ``JWTAuthMiddleware`` (HS256 bearer token) and
@@ -222,6 +223,15 @@ def main() -> int:
         action="store_true",
         help="also serve 'auth' (JWT only) and 'limit' (JWT + limiter, no emitter)",
     )
+    parser.add_argument(
+        "--redis-cpu",
+        choices=("env", "same", "other"),
+        default="env",
+        help="env: the Redis RATE_LIMIT_REDIS_URL names, wherever it runs (default); same / "
+        "other: a private redis-server pinned to the server's CPU or to the load generator's. "
+        "On loopback the writer's system call does the reader's wake-up, so a Redis on another "
+        "CPU charges the server for an inter-processor wake-up per round trip",
+    )
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -234,6 +244,25 @@ def main() -> int:
         raise SystemExit("wrk is needed (Debian: apt-get install wrk)")
 
     kinds = KINDS if args.breakdown else ["bare", "full"]
+    stack = None
+    if args.redis_cpu != "env":
+        from metering.localstack import LocalStack
+
+        stack = LocalStack(ROOT / "var" / "bench-api-stack")
+        os.environ["RATE_LIMIT_REDIS_URL"] = stack.up(["redis"])["RATE_LIMIT_REDIS_URL"]
+        state = stack.service("redis")
+        assert state is not None
+        cpu = SERVER_CPU if args.redis_cpu == "same" else LOADGEN_CPU
+        os.sched_setaffinity(state.pids["redis"], {int(cpu)})
+        print(f"private redis-server pinned to CPU {cpu} (server on {SERVER_CPU})", flush=True)
+    try:
+        return run(args, kinds)
+    finally:
+        if stack is not None:
+            stack.down()
+
+
+def run(args: argparse.Namespace, kinds: list[str]) -> int:
     tenant = f"bench-{uuid.uuid4().hex[:8]}"
     token = jwt.encode(
         {"sub": tenant, "aud": AUDIENCE, "exp": int(time.time()) + 3600},
@@ -292,6 +321,7 @@ def main() -> int:
         "p50_added_ms": round(added_p50, 3),
         "p99_added_ms": round(added_p99, 3),
         "cpus": os.cpu_count(),
+        "redis_cpu": args.redis_cpu,
         "loadavg_at_end": os.getloadavg()[0],
     }
     if args.breakdown:

@@ -39,6 +39,12 @@ def _serve(args: argparse.Namespace) -> int:
     from metering.api import create_app
 
     app = create_app(load_settings())
+    # Everything built so far (modules, the app, its routes) lives as long as the process: out
+    # of the collector's way, so a full collection does not walk it in the middle of a request.
+    import gc
+
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(
         app,
         host=args.host,
