@@ -300,18 +300,28 @@ async def async_round(url: str, seconds: float, concurrency: int) -> dict[str, d
     # Half load again, with arrivals driven by completions instead of a 1 ms timer (which,
     # oversleeping on a busy machine, delivers bursts): the fewest callers whose closed-loop
     # rate reaches half the maximum, as a load generator with that many connections would.
+    probes = {}
     callers = 1
-    while callers < concurrency:
-        probe = await closed_loop(acquire, min(0.5, seconds), callers)
-        if probe["rate"] >= half:
+    while callers <= concurrency:
+        probes[callers] = (await closed_loop(acquire, min(0.3, seconds), callers))["rate"]
+        if probes[callers] >= half:
             break
         callers *= 2
+    callers = min(probes, key=lambda c: abs(probes[c] - half))
     closed = await closed_loop(acquire, seconds, callers)
     closed["callers"] = callers
     out["async limiter at half load (closed)"] = closed
     await client.aclose()
     await limiter.redis.aclose()
     return out
+
+
+def run_loop(coro: Any, loop: str) -> Any:
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 # --- the limits library (own venv, subprocess) -----------------------------------------------
@@ -387,9 +397,25 @@ def main() -> None:
         help="pin the private redis-server to the other CPUs (default) or to the benchmark's "
         "own core: on a VM whose idle CPUs halt, every cross-CPU round trip pays a wake-up",
     )
+    ap.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop of the async cases (the API serves on uvloop); both sides alike",
+    )
+    ap.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() after set-up, as `metering api` and `metering worker` do",
+    )
     args = ap.parse_args()
 
     cpu = pin_one_core()
+    if args.gc_freeze:
+        import gc
+
+        gc.collect()
+        gc.freeze()
     print(f"pinned to CPU {cpu}" if cpu is not None else "could not pin to one core")
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     stack = None
@@ -421,8 +447,8 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         sync_pairs += pairs
         for name, res in sync_res.items():
             results.setdefault(name, []).append(res)
-        for name, res in asyncio.run(
-            async_round(args.redis_url, args.seconds, args.concurrency)
+        for name, res in run_loop(
+            async_round(args.redis_url, args.seconds, args.concurrency), args.loop
         ).items():
             results.setdefault(name, []).append(res)
         if not args.skip_limits:
@@ -499,6 +525,7 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         f"{'MET' if s['p99'] < 300e-6 else 'NOT MET'}"
     )
     print(f"load average at end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"event loop: {args.loop}; gc.freeze after set-up: {args.gc_freeze}")
     print("\ncommand: python benchmarks/bench_limiter.py " + " ".join(sys.argv[1:]))
 
 
