@@ -279,10 +279,12 @@ async def open_loop(call: Callable[[int], Any], seconds: float, rate: float) -> 
     }
 
 
-async def async_round(url: str, seconds: float, concurrency: int) -> dict[str, dict[str, float]]:
+async def async_round(
+    url: str, seconds: float, concurrency: int, **limiter_options: int
+) -> dict[str, dict[str, float]]:
     client = aredis.Redis.from_url(url, max_connections=concurrency)
     sha = await client.script_load("return 1")
-    limiter = AsyncRateLimiter(aredis.Redis.from_url(url))
+    limiter = AsyncRateLimiter(aredis.Redis.from_url(url), **limiter_options)
     n = len(TENANTS)
 
     def noop(i: int) -> Any:
@@ -403,6 +405,8 @@ def main() -> None:
         default="asyncio",
         help="event loop of the async cases (the API serves on uvloop); both sides alike",
     )
+    ap.add_argument("--max-batch", type=int, help="AsyncRateLimiter(max_batch=...)")
+    ap.add_argument("--max-inflight", type=int, help="AsyncRateLimiter(max_inflight=...)")
     ap.add_argument(
         "--gc-freeze",
         action="store_true",
@@ -436,6 +440,9 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         f"async concurrency {args.concurrency}"
     )
     print(transport_floor(args.redis_url, cpu))
+    limiter_options = {
+        k: v for k, v in (("max_batch", args.max_batch), ("max_inflight", args.max_inflight)) if v
+    }
     ceiling_text, ceiling = script_ceiling(args.redis_url, cpu)
     print(ceiling_text)
     results: dict[str, list[dict[str, float]]] = {}
@@ -448,7 +455,8 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
         for name, res in sync_res.items():
             results.setdefault(name, []).append(res)
         for name, res in run_loop(
-            async_round(args.redis_url, args.seconds, args.concurrency), args.loop
+            async_round(args.redis_url, args.seconds, args.concurrency, **limiter_options),
+            args.loop,
         ).items():
             results.setdefault(name, []).append(res)
         if not args.skip_limits:
