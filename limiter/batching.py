@@ -39,7 +39,7 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from limiter import metrics
-from limiter.scripts import SCRIPTS
+from limiter.scripts import SCRIPTS, resp_command
 
 
 def _hiredis_internals() -> tuple[Any, Any]:
@@ -125,8 +125,14 @@ class ScriptBatcher:
         await asyncio.shield(self._loading)
 
     async def _load_all(self) -> None:
+        if not self.packed:  # a Cluster client loads them on every primary
+            for script in SCRIPTS:
+                await self.client.script_load(script.source)
+            return
+        # On the limiter's own connection, the one that just answered NOSCRIPT: after a restart
+        # the client's pooled connections may still be the dead ones.
         for script in SCRIPTS:
-            await self.client.script_load(script.source)
+            await self.submit(resp_command([b"SCRIPT", b"LOAD", script.source]))
 
     # -- single node and Sentinel: auto-pipelining on one connection -----------------------
 
@@ -148,6 +154,11 @@ class ScriptBatcher:
                 if not queue:
                     break
                 conn = self._conn
+                if conn is not None and not self._inflight and _closed_by_server(conn):
+                    # Redis closed it while the limiter was idle (a restart, a timeout): the
+                    # next calls go out on a fresh connection instead of failing.
+                    await self._reset(RedisConnectionError("closed by the server"), restart=False)
+                    conn = None
                 if conn is None:
                     conn = self._conn = await self.client.connection_pool.get_connection()
                 batch = queue[: self.max_batch]
@@ -279,6 +290,16 @@ class ScriptBatcher:
         for args in calls:
             pipe.execute_command(*args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+def _closed_by_server(conn: Any) -> bool:
+    """The event loop has already seen this connection's EOF (no system call needed)."""
+    stream = getattr(conn, "_reader", None)
+    if stream is None:
+        return True  # disconnected
+    if isinstance(stream, asyncio.StreamReader):
+        return stream.at_eof() or stream.exception() is not None
+    return False
 
 
 async def read_replies(conn: Any, count: int) -> list[Any]:

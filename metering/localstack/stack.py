@@ -435,10 +435,18 @@ class LocalStack:
         return pid
 
     def restart_member(self, service: str, member: str, timeout: float = 60.0) -> None:
-        """Start a member that was killed again, on the same port and data (failure tests)."""
+        """Start a member that was killed again, on the same port and data (failure tests).
+
+        A member still running is refused: a second server could not bind its port, the old one
+        would go on answering, and its PID would be forgotten (left running after ``down``)."""
         with self._locked():
             state = self._load()
             st = state[service]
+            old = st.pids.get(member)
+            if old is not None and pid_alive(old):
+                raise StackError(
+                    f"{service}/{member} (pid {old}) is still running: kill it before restarting"
+                )
             if service == "kafka":
                 st.pids[member] = self._spawn_kafka(st)
                 wait_until(

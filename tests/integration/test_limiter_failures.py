@@ -94,6 +94,7 @@ async def test_a_restart_while_idle_costs_no_decision(
         return await limiter.acquire(tenant, 1, QUOTA)
 
     assert not (await acquire()).degraded
+    await asyncio.to_thread(dedicated_stack.kill, "redis", "redis")
     await asyncio.to_thread(dedicated_stack.restart_member, "redis", "redis")
     await asyncio.sleep(0.2)  # idle for longer than the sync limiter's IDLE_CHECK_SECONDS
     after = await acquire()

@@ -41,6 +41,19 @@ def test_a_killed_service_is_restarted_by_up(dedicated_stack: LocalStack) -> Non
     assert new != old and pid_alive(new)
 
 
+def test_restarting_a_member_that_still_runs_is_refused(dedicated_stack: LocalStack) -> None:
+    """A second server could not bind the port; the first would go on answering and be lost
+    to ``down`` (it was, in a failure test, before this check)."""
+    dedicated_stack.up(["redis"])
+    running = dedicated_stack.service("redis").pids["redis"]  # type: ignore[union-attr]
+    with pytest.raises(StackError, match="still running: kill it before restarting"):
+        dedicated_stack.restart_member("redis", "redis")
+    assert dedicated_stack.service("redis").pids["redis"] == running  # type: ignore[union-attr]
+    dedicated_stack.kill("redis", "redis")
+    dedicated_stack.restart_member("redis", "redis")
+    assert pid_alive(dedicated_stack.service("redis").pids["redis"])  # type: ignore[union-attr]
+
+
 def test_missing_binary_names_the_package() -> None:
     with pytest.raises(StackError, match="install"):
         find_binary("definitely-not-a-metering-binary")
