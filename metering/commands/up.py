@@ -146,7 +146,10 @@ def start_missing_services(settings: Settings) -> Any:
         starting = stack.start(wanted)
     except StackError as exc:
         raise CommandError(str(exc)) from None
-    env = dict(starting.env)
+    # Only the services asked for: a stack that also runs PostgreSQL, a Cluster or Sentinels
+    # (`metering dev up --all`) must not switch the quota DB or the Redis mode behind the
+    # settings' back.
+    env = dict(starting.env_of(wanted))
     env.pop("METERING_DATA_DIR", None)
     os.environ.update(env)
     return starting

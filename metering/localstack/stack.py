@@ -403,9 +403,17 @@ class LocalStack:
             }
         return out
 
-    def env(self, state: dict[str, ServiceState] | None = None) -> dict[str, str]:
-        """The settings (environment variables) that point the product at this stack."""
+    def env(
+        self,
+        state: dict[str, ServiceState] | None = None,
+        services: Iterable[str] | None = None,
+    ) -> dict[str, str]:
+        """The settings (environment variables) that point the product at this stack, or at
+        only the named ``services`` of it."""
         state = self._load() if state is None else state
+        if services is not None:
+            keep = set(services)
+            state = {name: st for name, st in state.items() if name in keep}
         env: dict[str, str] = {"METERING_DATA_DIR": str(self.root.parent)}
         if "redis" in state:
             env["RATE_LIMIT_REDIS_URL"] = f"redis://127.0.0.1:{state['redis'].ports['redis']}/0"
@@ -878,6 +886,7 @@ class StackStart:
         self.stack = stack
         self.started = list(futures)  #: the services this call starts (not those already up)
         self.env = stack.env(state)
+        self.env_of = functools.partial(stack.env, state)  #: ``env_of(services)``: theirs only
         self._state = state
         self._futures = futures
         self._lock = lock

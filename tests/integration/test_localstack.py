@@ -54,6 +54,19 @@ def test_restarting_a_member_that_still_runs_is_refused(dedicated_stack: LocalSt
     assert pid_alive(dedicated_stack.service("redis").pids["redis"])  # type: ignore[union-attr]
 
 
+def test_env_can_name_only_some_services(dedicated_stack: LocalStack) -> None:
+    """`metering up` exports the settings of the services it asked for only, so a stack that
+    also runs other services cannot switch, say, the quota DB behind the settings' back."""
+    env = dedicated_stack.up(["redis"])
+    assert "RATE_LIMIT_REDIS_URL" in env
+    assert (
+        dedicated_stack.env(services=["redis"])["RATE_LIMIT_REDIS_URL"]
+        == env["RATE_LIMIT_REDIS_URL"]
+    )
+    only_kafka = dedicated_stack.env(services=["kafka"])
+    assert "RATE_LIMIT_REDIS_URL" not in only_kafka and "QUOTA_DB_URL" not in only_kafka
+
+
 def test_missing_binary_names_the_package() -> None:
     with pytest.raises(StackError, match="install"):
         find_binary("definitely-not-a-metering-binary")
