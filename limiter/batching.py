@@ -200,34 +200,27 @@ class ScriptBatcher:
                     else:
                         replies = await read_replies(conn, len(futures))
                 inflight.popleft()
-                readonly = False
-                for fut, reply in zip(futures, replies, strict=True):
-                    if isinstance(reply, ReadOnlyError):
-                        readonly = True
-                    if fut.done():  # the caller gave up (cancelled)
-                        continue
-                    if isinstance(reply, Exception):
-                        fut.set_exception(reply)
-                    else:
-                        fut.set_result(reply)
+                readonly = _answer(futures, replies)
                 # The writer resumes after the callers just answered (callbacks run in order):
                 # their next calls, queued meanwhile, then go out together in its next write.
-                if self._slot is not None:
-                    self._slot.set()
-                    self._slot = None
+                self._free_slot()
                 if readonly:  # a failover made this server a replica: find the new master
                     raise RedisConnectionError("Redis answered READONLY: no longer the master")
         except BaseException as exc:
             if isinstance(exc, TimeoutError):
                 exc = RedisTimeoutError(f"no reply within {conn.socket_timeout} s")
-            if self._reader is asyncio.current_task():
-                self._reader = None
             await self._reset(exc, conn)
             if not isinstance(exc, Exception):
                 raise
-        else:
+        finally:
             if self._reader is asyncio.current_task():
                 self._reader = None
+
+    def _free_slot(self) -> None:
+        """Wake the writer waiting for room in the pipeline, if it is waiting."""
+        if self._slot is not None:
+            self._slot.set()
+            self._slot = None
 
     async def _reset(self, exc: BaseException, conn: Any = None, restart: bool = True) -> None:
         """Fail every call in flight with ``exc`` and drop the connection (its replies may be
@@ -238,9 +231,7 @@ class ScriptBatcher:
             return
         self._conn = None
         inflight, self._inflight = self._inflight, deque()
-        if self._slot is not None:
-            self._slot.set()
-            self._slot = None
+        self._free_slot()
         error = exc if isinstance(exc, Exception) else RedisConnectionError(str(exc) or "cancelled")
         for _, futures in inflight:
             for fut in futures:
@@ -275,13 +266,7 @@ class ScriptBatcher:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (fut, _), reply in zip(batch, replies, strict=True):
-                    if fut.done():  # the caller gave up (cancelled)
-                        continue
-                    if isinstance(reply, Exception):
-                        fut.set_exception(reply)
-                    else:
-                        fut.set_result(reply)
+                _answer([fut for fut, _ in batch], replies)
         finally:
             self._running -= 1
 
@@ -290,6 +275,22 @@ class ScriptBatcher:
         for args in calls:
             pipe.execute_command(*args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+def _answer(futures: Sequence[asyncio.Future[Any]], replies: Sequence[Any]) -> bool:
+    """Give each caller its reply (an error reply as its exception); a caller that gave up
+    (cancelled) is skipped. True if a reply was ``READONLY`` (the server became a replica)."""
+    readonly = False
+    for fut, reply in zip(futures, replies, strict=True):
+        if isinstance(reply, ReadOnlyError):
+            readonly = True
+        if fut.done():
+            continue
+        if isinstance(reply, Exception):
+            fut.set_exception(reply)
+        else:
+            fut.set_result(reply)
+    return readonly
 
 
 def _closed_by_server(conn: Any) -> bool:
