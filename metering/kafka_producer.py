@@ -132,7 +132,6 @@ class ConfluentProducer:
         except KafkaException as exc:
             self.close(0)
             raise KafkaTimeoutError(f"no broker answered within {bootstrap_ms} ms: {exc}") from exc
-        self._sends = 0
 
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> DeliveryFuture:
         future = DeliveryFuture()
@@ -142,10 +141,7 @@ class ConfluentProducer:
             raise KafkaTimeoutError(f"producer queue full: {exc}") from exc
         except KafkaException as exc:
             raise as_kafka_error(exc.args[0]) from exc
-        self._sends += 1
-        if self._sends & 255 == 0:
-            self._producer.poll(0)  # serve delivery reports as we go
-        return future
+        return future  # its report comes from poll() (the emitter's sweep) or flush()
 
     def poll(self, timeout: float = 0) -> None:
         self._producer.poll(timeout)
@@ -160,8 +156,7 @@ class ConfluentProducer:
         then fail, and the emitter spools those records)."""
         if timeout == 0:
             self._producer.purge(in_queue=True, in_flight=True, blocking=False)
-            self._producer.poll(0)
-            self._producer.flush(0)
+            self._producer.flush(0)  # serves the purged records' (failed) reports
             return
         self._producer.flush(-1 if timeout is None else timeout)
 
