@@ -44,6 +44,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from metering.localstack.stack import processes_naming  # noqa: E402
+
 TARGET_S = 20.0
 PACKAGES = ("metering", "streams", "limiter")
 STRIPPED = (
@@ -74,22 +78,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def processes_naming(text: str) -> list[str]:
-    """``pid: cmdline`` of every live process whose command line contains ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(f"{proc.name}: {cmdline[:160]}")
-    return found
 
 
 def one_run(pythonpath: str | None, timeout: float) -> Run:

@@ -146,10 +146,10 @@ def start_missing_services(settings: Settings) -> Any:
         starting = stack.start(wanted)
     except StackError as exc:
         raise CommandError(str(exc)) from None
-    # Only the services asked for: a stack that also runs PostgreSQL, a Cluster or Sentinels
-    # (`metering dev up --all`) must not switch the quota DB or the Redis mode behind the
-    # settings' back.
-    env = dict(starting.env_of(wanted))
+    # Only the services asked for (StackStart.env): a stack that also runs PostgreSQL, a
+    # Cluster or Sentinels (`metering dev up --all`) must not switch the quota DB or the Redis
+    # mode behind the settings' back.
+    env = dict(starting.env)
     env.pop("METERING_DATA_DIR", None)
     os.environ.update(env)
     return starting

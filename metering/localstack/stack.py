@@ -94,6 +94,23 @@ def find_binary(name: str, extra_dirs: Iterable[str] = ()) -> str:
     raise StackError(f"'{name}' was not found on PATH: install {PACKAGE_HINTS.get(name, name)}")
 
 
+def processes_naming(text: str) -> list[str]:
+    """``pid: cmdline`` of every live process (this one aside) whose command line contains
+    ``text``: what a run that should have stopped everything it started left behind."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
@@ -376,7 +393,7 @@ class LocalStack:
         except BaseException:
             lock.close()
             raise
-        return StackStart(self, state, futures, lock)
+        return StackStart(self, state, futures, lock, wanted)
 
     def down(self, services: Iterable[str] | None = None) -> list[str]:
         """Stop the processes ``up`` started (by PID); return the services stopped."""
@@ -872,9 +889,9 @@ class LocalStack:
 
 
 class StackStart:
-    """Services being started by :meth:`LocalStack.start`. Their settings are known at once
-    (:attr:`env`); :meth:`ready` waits for one, :meth:`wait` for all, records them and unlocks
-    the stack. A service that failed is stopped and left out of the stack's state."""
+    """Services being started by :meth:`LocalStack.start`. The settings of those asked for are
+    known at once (:attr:`env`); :meth:`ready` waits for one, :meth:`wait` for all, records them
+    and unlocks the stack. A service that failed is stopped and left out of the stack's state."""
 
     def __init__(
         self,
@@ -882,11 +899,12 @@ class StackStart:
         state: dict[str, ServiceState],
         futures: dict[str, concurrent.futures.Future[None]],
         lock: Any,
+        services: Iterable[str],
     ) -> None:
         self.stack = stack
         self.started = list(futures)  #: the services this call starts (not those already up)
-        self.env = stack.env(state)
-        self.env_of = functools.partial(stack.env, state)  #: ``env_of(services)``: theirs only
+        #: the settings of the services asked for (not of others the stack may also run)
+        self.env = stack.env(state, services)
         self._state = state
         self._futures = futures
         self._lock = lock

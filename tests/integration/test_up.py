@@ -17,6 +17,7 @@ import httpx
 from kafka import KafkaAdminClient
 
 from metering.localstack import LocalStack
+from metering.localstack.stack import processes_naming
 from metering.settings import load_settings
 
 NAMED_SERVICES = (
@@ -48,21 +49,6 @@ def _until(check: object, timeout: float, what: str) -> object:
             pass
         time.sleep(0.1)
     raise AssertionError(f"{what} not within {timeout:.0f}s")
-
-
-def _processes_naming(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(f"{proc.name}: {cmdline[:120]}")
-    return found
 
 
 def test_up_starts_its_own_services_serves_early_and_stops_clean(tmp_path: Path) -> None:
@@ -125,6 +111,6 @@ def test_up_starts_its_own_services_serves_early_and_stops_clean(tmp_path: Path)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=90)
     assert code == 0, log.read_text(errors="replace")[-3000:]
-    assert _processes_naming(str(tmp_path)) == []
+    assert processes_naming(str(tmp_path)) == []
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
