@@ -8,12 +8,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from metering.emitter import Emitter, producer_config
 from metering.events import decode_event, usage_event
 from metering.kafka_producer import ConfluentProducer
 from metering.topics import TopicSpec, ensure_topics
+from tests.integration.test_emitter import consume
 
 
 @pytest.fixture
@@ -21,29 +22,6 @@ def topic(kafka_bootstrap: str) -> str:
     name = f"test.clients.{uuid.uuid4().hex[:10]}"
     ensure_topics(kafka_bootstrap, [TopicSpec(name, partitions=6, retention_ms=3_600_000)])
     return name
-
-
-def partitions_by_key(bootstrap: str, topic: str, expected: int) -> dict[bytes, set[int]]:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=2000,
-    )
-    seen: dict[bytes, set[int]] = {}
-    count = 0
-    try:
-        for _ in range(15):
-            for m in consumer:
-                seen.setdefault(m.key, set()).add(m.partition)
-                count += 1
-            if count >= expected:
-                break
-    finally:
-        consumer.close()
-    assert count == expected
-    return seen
 
 
 def test_both_clients_put_a_key_on_the_same_partition(kafka_bootstrap: str, topic: str) -> None:
@@ -58,7 +36,11 @@ def test_both_clients_put_a_key_on_the_same_partition(kafka_bootstrap: str, topi
     py.close()
     rd.close(5)
 
-    seen = partitions_by_key(kafka_bootstrap, topic, expected=2 * len(keys))
+    messages = consume(kafka_bootstrap, topic, expected=2 * len(keys))
+    assert len(messages) == 2 * len(keys)
+    seen: dict[bytes, set[int]] = {}
+    for m in messages:
+        seen.setdefault(m.key, set()).add(m.partition)
     assert set(seen) == set(keys)
     assert all(len(parts) == 1 for parts in seen.values()), seen  # one partition per key
     assert len({p for parts in seen.values() for p in parts}) > 1  # and keys spread out
@@ -74,15 +56,7 @@ def test_each_client_delivers_every_event(
         em.emit(ev)
     em.close(timeout=20)
     assert em.spool.pending_events == 0
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=3000,
-    )
-    got = {decode_event(m.value).id for m in consumer}
-    consumer.close()
+    got = {decode_event(m.value).id for m in consume(kafka_bootstrap, topic, len(sent))}
     assert got == {ev.id for ev in sent}
 
 
