@@ -76,22 +76,29 @@ def private_redis(cpu: int | None, placement: str) -> tuple[str, Any]:
     return url, stack
 
 
-def transport_floor(url: str, cpu: int | None) -> str:
-    """One connection's round trip as Redis's own C client sees it (``redis-benchmark PING``,
-    pinned like this process): the floor under every sync figure, Python aside."""
+def redis_benchmark(url: str, cpu: int | None, args: list[str]) -> list[str] | None:
+    """Run Redis's own C client, ``redis-benchmark`` (pinned like this process), against
+    ``url``; its output lines, or None when it is not installed."""
     import shutil
     from urllib.parse import urlparse
 
     exe = shutil.which("redis-benchmark")
     if exe is None:
-        return "redis-benchmark not installed: transport floor not measured"
+        return None
     u = urlparse(url)
-    cmd = [exe, "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379), "-c", "1"]
-    cmd += ["-n", "20000", "-t", "ping_mbulk"]
+    cmd = [exe, "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379), *args]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
-    lines = [ln for ln in out.replace("\r", "\n").splitlines() if ln.strip()]
+    return [ln for ln in out.replace("\r", "\n").splitlines() if ln.strip()]
+
+
+def transport_floor(url: str, cpu: int | None) -> str:
+    """One connection's round trip as Redis's own C client sees it (``redis-benchmark PING``):
+    the floor under every sync figure, Python aside."""
+    lines = redis_benchmark(url, cpu, ["-c", "1", "-n", "20000", "-t", "ping_mbulk"])
+    if lines is None:
+        return "redis-benchmark not installed: transport floor not measured"
     for i, line in enumerate(lines):
         if "throughput summary" in line and i + 3 < len(lines):
             rate = line.split(":")[1].split()[0]
@@ -108,30 +115,26 @@ def script_ceiling(url: str, cpu: int | None) -> tuple[str, float | None]:
     """What Redis itself serves of ``acquire.lua`` (``redis-benchmark``, C client, 64 calls
     pipelined per connection, 4 connections): the ceiling under the async figures."""
     import datetime as dt
-    import shutil
-    from urllib.parse import urlparse
 
+    from limiter.keys import tenant_keys
     from limiter.scripts import SCRIPTS
 
-    exe = shutil.which("redis-benchmark")
-    if exe is None:
-        return "redis-benchmark not installed: script ceiling not measured", None
     acquire = next(sc for sc in SCRIPTS if "acquire" in sc.name)
     client = redis.Redis.from_url(url)
     sha = client.script_load(acquire.source)
-    tenant = f"bench-ceiling-{uuid.uuid4().hex[:8]}"
-    day = dt.datetime.now(dt.UTC).strftime("%Y%m%d")
-    keys = [f"rl:{{{tenant}}}:tb", f"rl:{{{tenant}}}:day:{day}"]
-    keys += [f"rl:{{{tenant}}}:win", f"rl:{{{tenant}}}:win:meta"]
+    keys = [
+        k.decode()
+        for k in tenant_keys(
+            f"bench-ceiling-{uuid.uuid4().hex[:8]}", dt.datetime.now(dt.UTC).date()
+        )
+    ]
     args = ["1", "1000000000", str(10**12), str(10**15), "0", "0", "0", "3600"]
-    u = urlparse(url)
-    cmd = [exe, "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379), "-c", "4", "-P", "64"]
-    cmd += ["-n", "200000", "evalsha", sha, "4", *keys, *args]
-    if cpu is not None:
-        cmd = ["taskset", "-c", str(cpu), *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    call = ["evalsha", sha, "4", *keys, *args]
+    lines = redis_benchmark(url, cpu, ["-c", "4", "-P", "64", "-n", "200000", *call])
     client.delete(*keys)
-    for line in out.replace("\r", "\n").splitlines():
+    if lines is None:
+        return "redis-benchmark not installed: script ceiling not measured", None
+    for line in lines:
         if "throughput summary" in line:
             rate = float(line.split(":")[1].split()[0])
             text = (
