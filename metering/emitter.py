@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from kafka import KafkaProducer
 from kafka.errors import (
@@ -53,7 +53,7 @@ from kafka.errors import (
 from prometheus_client import Counter, Gauge, Histogram
 
 from metering.events import EventDecodeError, UsageEvent, encode_event
-from metering.settings import Settings, get_settings, load_settings
+from metering.settings import KafkaClient, Settings, get_settings, load_settings
 from metering.spool import Record, Spool, SpoolBatch, SpoolLocked
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,10 @@ class Emitter:
         self.replay_batch = replay_batch
         self.retry_backoff = retry_backoff
         self.kafka_client = kafka_client or self.settings.emitter_kafka_client
-        if self.kafka_client not in ("confluent", "kafka-python"):
+        if self.kafka_client not in get_args(KafkaClient):
             raise ValueError(
-                f"kafka_client must be 'confluent' or 'kafka-python', not {kafka_client!r}"
+                f"kafka_client must be one of {', '.join(get_args(KafkaClient))}, "
+                f"not {kafka_client!r}"
             )
         self._producer_config = producer_config(
             self.settings.kafka_bootstrap_servers,

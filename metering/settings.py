@@ -27,6 +27,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 HostPort = tuple[str, int]
 
 
+#: The emitter's Kafka producers (``EMITTER_KAFKA_CLIENT``).
+KafkaClient = Literal["confluent", "kafka-python"]
+
+
 class SettingsError(ValueError):
     """A setting has a value the product cannot run with; the message names the variable."""
 
@@ -155,7 +159,7 @@ class Settings(BaseSettings):
         256 * 1024 * 1024,
         description="Disk the emitter's spool may use while Kafka is away (then: drop, count).",
     )
-    emitter_kafka_client: Literal["confluent", "kafka-python"] = Field(
+    emitter_kafka_client: KafkaClient = Field(
         "confluent",
         description="The emitter's producer: librdkafka (confluent-kafka, native threads, a few "
         "us per event) or pure-Python kafka-python (~100-200 us per event under the GIL).",
