@@ -139,23 +139,9 @@ class PreparedBatch:
 
 
 def event_row(ev: FastUsageEvent, rec: Record) -> list[Any]:
-    """One ``usage_events`` row (columns :data:`EVENT_COLUMNS`)."""
-    decision = ev.data.decision or ""
-    return [
-        ev.id,
-        ev.type,
-        ev.source,
-        ev.subject,
-        ev.data.meter,
-        decision,
-        0 if decision == "rejected" else 1,
-        ev.time,
-        ev.data.quantity,
-        ev.data.dimensions,
-        rec.topic,
-        rec.partition,
-        rec.offset,
-    ]
+    """One ``usage_events`` row (columns :data:`EVENT_COLUMNS`): :meth:`PreparedBatch.rows`
+    makes them, inline, for a whole batch."""
+    return list(PreparedBatch(events=[(rec, ev)]).rows()[0])
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
