@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Protocol
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from limiter.core import check_tenant
 from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_SOURCE_LENGTH,
@@ -43,7 +44,7 @@ from metering.events import (
     UsageData,
     UsageEvent,
 )
-from metering.ids import is_valid_tenant_id, validate_meter
+from metering.ids import InvalidIdentifier, validate_meter
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,9 @@ class RateLimitMiddleware:
         if tenant is None:
             await self.app(scope, receive, send)
             return
-        if not is_valid_tenant_id(tenant):
+        try:
+            check_tenant(tenant)  # the limiter's own check: remembered once passed
+        except InvalidIdentifier:
             await send_problem(send, 400, "Bad Request", f"invalid tenant id {tenant[:80]!r}")
             return
         route, cost, meter = self.route_for(scope["method"], scope["path"])
