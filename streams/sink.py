@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Protocol
 
 from metering.clickhouse.schema import checked_database
 from metering.events import EventDecodeError
-from metering.events_fast import FastUsageEvent, decode_event_fast, future_limit
+from metering.events_fast import FastUsageEvent, batch_decoder
 from streams.dedupe import RecentIds
 
 EVENT_COLUMNS = [
@@ -79,8 +79,24 @@ ROLLUPS = {
 }
 
 
+class SinkRecord(Protocol):
+    """What the sink reads of one Kafka message: aiokafka's ``ConsumerRecord`` as fetched (the
+    consumer hands them over without copying), or a :class:`Record`."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 class Record(NamedTuple):
-    """What the sink needs of one Kafka message (a tuple: thousands are made per batch)."""
+    """A :class:`SinkRecord` made by hand (tests, tools)."""
 
     topic: str
     partition: int
@@ -91,7 +107,7 @@ class Record(NamedTuple):
 
 @dataclass(frozen=True)
 class DeadLetter:
-    record: Record
+    record: SinkRecord
     reason: str  # "invalid" or "late"
     error: str
 
@@ -109,7 +125,7 @@ class DeadLetter:
 class PreparedBatch:
     """A batch after decoding and dedupe, before anything is written."""
 
-    events: list[tuple[Record, FastUsageEvent]] = field(default_factory=list)
+    events: list[tuple[SinkRecord, FastUsageEvent]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     duplicates: int = 0
     next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
@@ -138,7 +154,7 @@ class PreparedBatch:
         ]
 
 
-def event_row(ev: FastUsageEvent, rec: Record) -> list[Any]:
+def event_row(ev: FastUsageEvent, rec: SinkRecord) -> list[Any]:
     """One ``usage_events`` row (columns :data:`EVENT_COLUMNS`): :meth:`PreparedBatch.rows`
     makes them, inline, for a whole batch."""
     return list(PreparedBatch(events=[(rec, ev)]).rows()[0])
@@ -337,48 +353,52 @@ class ClickHouseSink:
         return {p: stored[p] for p in parts if p in stored}
 
     # --- steps a, b -----------------------------------------------------------------------------
-    def prepare(self, records: Iterable[Record]) -> PreparedBatch:
+    def prepare(self, records: Iterable[SinkRecord]) -> PreparedBatch:
         """Decode and dedupe ``records`` (one partition's records in offset order)."""
         now = self.clock()
         recent = self.recent
         recent.evict(now)
-        limit = future_limit(now, self.max_future_skew)
+        decode = batch_decoder(now, self.max_future_skew)
         cutoff = recent.cutoff(now)
         batch = PreparedBatch()
         next_offsets, events, id_keys = batch.next_offsets, batch.events, batch.id_keys
+        dead_letters = batch.dead_letters
+        key_of, bucket_of, seen = recent.key, recent.bucket, recent.contains_key
         in_batch: set[str] = set()
+        duplicates = 0
         for rec in records:
-            if next_offsets.get(rec.partition, 0) <= rec.offset:
-                next_offsets[rec.partition] = rec.offset + 1
-            if rec.value is None:
-                batch.dead_letters.append(DeadLetter(rec, "invalid", "event: message has no value"))
+            partition, offset, value = rec.partition, rec.offset, rec.value
+            if next_offsets.get(partition, 0) <= offset:
+                next_offsets[partition] = offset + 1
+            if value is None:
+                dead_letters.append(DeadLetter(rec, "invalid", "event: message has no value"))
                 continue
             try:
-                ev = decode_event_fast(
-                    rec.value, now=now, max_future_skew=self.max_future_skew, limit=limit
-                )
+                ev = decode(value)
             except EventDecodeError as exc:
-                batch.dead_letters.append(DeadLetter(rec, "invalid", str(exc)))
+                dead_letters.append(DeadLetter(rec, "invalid", str(exc)))
                 continue
-            if ev.time < cutoff:  # later than the lateness (RecentIds.is_late)
-                age = (now - ev.time).total_seconds()
-                batch.dead_letters.append(
+            t = ev.time
+            if t < cutoff:  # later than the lateness (RecentIds.is_late)
+                age = (now - t).total_seconds()
+                dead_letters.append(
                     DeadLetter(
                         rec,
                         "late",
                         f"time: {age:.0f}s old, later than the accepted lateness "
-                        f"({self.recent.lateness.total_seconds():g}s)",
+                        f"({recent.lateness.total_seconds():g}s)",
                     )
                 )
                 continue
-            key = recent.key(ev.subject, ev.id)
-            bucket = recent.bucket(ev.time)
-            if key in in_batch or recent.contains_key(bucket, key):
-                batch.duplicates += 1
+            key = key_of(ev.subject, ev.id)
+            bucket = bucket_of(t)
+            if key in in_batch or seen(bucket, key):
+                duplicates += 1
                 continue
             in_batch.add(key)
             events.append((rec, ev))
             id_keys.append((bucket, key))
+        batch.duplicates = duplicates
         return batch
 
     # --- steps d, e, f (c is the caller's: it owns the producer) ----------------------------------
@@ -424,6 +444,7 @@ __all__ = [
     "DeadLetter",
     "PreparedBatch",
     "Record",
+    "SinkRecord",
     "SinkStorage",
     "dead_letter_value",
     "event_row",
