@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from streams import metrics
-from streams.sink import ClickHouseSink, PreparedBatch, Record, dead_letter_value
+from streams.sink import ClickHouseSink, PreparedBatch, SinkRecord, dead_letter_value
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class SinkConsumer:
         self._next: dict[int, int] = {}
         self._generation = 0
         self._stopping = asyncio.Event()
+        #: set when :meth:`run` has returned (its last batch written and committed)
+        self.stopped = asyncio.Event()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
 
@@ -99,11 +101,11 @@ class SinkConsumer:
         log.info("sink assigned %s: resume offsets %s", sorted(partitions), self._next)
 
     # --- loop -----------------------------------------------------------------------------------
-    async def _take(self) -> tuple[int, list[Record]]:
+    async def _take(self) -> tuple[int, list[SinkRecord]]:
         """Up to ``batch_size`` records, waiting at most ``batch_within`` s after the first."""
         assert self.consumer is not None
         generation = self._generation
-        out: list[Record] = []
+        out: list[SinkRecord] = []
         deadline: float | None = None
         while len(out) < self.batch_size and not self._stopping.is_set():
             wait = 1.0 if deadline is None else deadline - time.monotonic()
@@ -112,8 +114,8 @@ class SinkConsumer:
             got = await self.consumer.getmany(
                 timeout_ms=max(1, int(wait * 1000)), max_records=self.batch_size - len(out)
             )
-            for tp, msgs in got.items():
-                out.extend(Record(tp.topic, tp.partition, m.offset, m.key, m.value) for m in msgs)
+            for msgs in got.values():
+                out.extend(msgs)  # aiokafka's ConsumerRecords, as they are (no copy per message)
             if out and deadline is None:
                 deadline = time.monotonic() + self.batch_within
             if generation != self._generation:
@@ -126,7 +128,7 @@ class SinkConsumer:
         for p in self._assigned:
             self.consumer.seek(TopicPartition(self.topic, p), self._next[p])
 
-    def _admit(self, records: list[Record]) -> list[Record]:
+    def _admit(self, records: list[SinkRecord]) -> list[SinkRecord]:
         """Keep records of assigned partitions, contiguous from each partition's next offset."""
         kept = []
         for rec in records:
@@ -137,7 +139,7 @@ class SinkConsumer:
             kept.append(rec)
         return kept
 
-    async def _process(self, records: list[Record]) -> None:
+    async def _process(self, records: list[SinkRecord]) -> None:
         assert self.consumer is not None and self.producer is not None
         metrics.events_consumed.inc(len(records))
         metrics.sink_batch_size.observe(len(records))
@@ -203,7 +205,7 @@ class SinkConsumer:
         # releases the GIL). It is only read into memory: it is admitted, decoded and written
         # after the current batch is committed, and dropped like any batch taken across a
         # rebalance or a failed batch (generation counter), so the order of steps is unchanged.
-        ahead: asyncio.Future[tuple[int, list[Record]]] | None = None
+        ahead: asyncio.Future[tuple[int, list[SinkRecord]]] | None = None
         try:
             while not self._stopping.is_set():
                 taking, ahead = ahead or asyncio.ensure_future(self._take()), None
@@ -239,6 +241,7 @@ class SinkConsumer:
                 await self.consumer.stop()
             with contextlib.suppress(Exception):
                 await self.producer.stop()
+            self.stopped.set()
 
     def stop(self) -> None:
         self._stopping.set()
