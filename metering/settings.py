@@ -201,6 +201,14 @@ class Settings(BaseSettings):
     worker_backfill_interval: PositiveFloat = Field(
         5.0, description="Seconds between upserts of daily totals into the quota DB."
     )
+    worker_aggregate_interval: PositiveFloat = Field(
+        5.0,
+        description=(
+            "Seconds between hand-offs of the inserted events' per-minute sums to the Faust"
+            " tables (the live per-day and sliding-window view). Each hand-off updates every"
+            " (tenant, minute) touched since the last one: shorter is fresher and costs more."
+        ),
+    )
     worker_group: str = Field(
         "metering-worker",
         pattern=r"^[A-Za-z0-9._-]{1,200}$",

@@ -6,9 +6,10 @@
   app with its own consumer: exactly once into ClickHouse, offsets stored with the rows.
 - ``accepted_usage``: after each insert the sink adds per (tenant, meter, minute) sums of the rows
   it actually inserted (duplicates already dropped) to a buffer sent every
-  ``AGGREGATE_FLUSH_SECONDS``; the ``aggregate`` agent folds them into
-  ``tenant_daily_usage`` (per tenant per UTC day, billable) and ``tenant_recent_usage`` (hopping
-  windows of the event's own time, so late events land in their own window).
+  ``WORKER_AGGREGATE_INTERVAL`` s (and once more at shutdown, after the sink's last batch); the
+  ``aggregate`` agent folds them into ``tenant_daily_usage`` (per tenant per UTC day, billable)
+  and ``tenant_recent_usage`` (hopping windows of the event's own time, so late events land in
+  their own window).
 - Tables use the in-memory store backed by their changelog topics: after a restart or a rebalance
   Faust replays the changelog into memory before the agent resumes (no RocksDB needed).
 - ``backfill`` timer: every ``WORKER_BACKFILL_INTERVAL`` s upserts absolute per tenant per UTC day
@@ -37,7 +38,7 @@ settings: Settings = get_settings()
 WINDOW_SIZE = 300.0  # the last five minutes ...
 WINDOW_STEP = 60.0  # ... at one-minute resolution
 WINDOW_EXPIRES = dt.timedelta(minutes=30)
-AGGREGATE_FLUSH_SECONDS = 2.0
+AGGREGATE_FLUSH_SECONDS = settings.worker_aggregate_interval
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -100,19 +101,47 @@ async def publish_aggregates(batch: PreparedBatch) -> None:
         _pending_aggregates[key] = _pending_aggregates.get(key, 0.0) + agg["quantity"]
 
 
-@app.timer(AGGREGATE_FLUSH_SECONDS)
-async def flush_aggregates() -> None:
-    """Send the buffered sums (one message per tenant, meter, minute) to ``accepted_usage``."""
-    if not _pending_aggregates:
-        return
+def _take_aggregates() -> list[tuple[str, dict[str, Any]]]:
+    """The buffered sums as ``accepted_usage`` messages (key, value), the buffer emptied."""
     items = list(_pending_aggregates.items())
     _pending_aggregates.clear()
-    for (tenant, meter, billable, minute), quantity in items:
-        value = {
-            "tenant": tenant, "meter": meter, "billable": billable,
-            "minute": minute, "quantity": quantity,
-        }  # fmt: skip
-        accepted_usage.send_soon(key=tenant, value=value, timestamp=float(minute))
+    return [
+        (tenant, {"tenant": tenant, "meter": meter, "billable": billable,
+                  "minute": minute, "quantity": quantity})
+        for (tenant, meter, billable, minute), quantity in items
+    ]  # fmt: skip
+
+
+@app.timer(AGGREGATE_FLUSH_SECONDS)
+async def flush_aggregates() -> None:
+    """Send the buffered sums (one message per tenant, meter, minute) to ``accepted_usage``.
+
+    Each message costs the ``aggregate`` agent a daily and five window updates, each with its
+    changelog record: so the interval, not the event rate, sets this cost (per tenant and
+    minute touched), and a longer interval is cheaper."""
+    for key, value in _take_aggregates():
+        accepted_usage.send_soon(key=key, value=value, timestamp=float(value["minute"]))
+
+
+@app.on_before_shutdown.connect
+async def _last_aggregates(sender: Any, **kwargs: Any) -> None:
+    """At shutdown (Faust's consumer stopped, its producer not yet flushed): let the sink
+    finish its batch in flight, then hand the sums not yet sent to ``accepted_usage``, so the
+    live tables get them when the agent next runs instead of never."""
+    consumer = _state.get("consumer")
+    if consumer is not None:
+        consumer.stop()
+        try:
+            await asyncio.wait_for(consumer.stopped.wait(), timeout=30)
+        except TimeoutError:
+            log.warning("the sink did not stop within 30 s; its last sums may be missing")
+    messages = _take_aggregates()
+    # Sent and awaited here (the background buffer of send_soon is already winding down); the
+    # app flushes its producer right after this signal.
+    for key, value in messages:
+        await accepted_usage.send(key=key, value=value, timestamp=float(value["minute"]))
+    if messages:
+        log.info("shutdown: %d last sums sent to %s", len(messages), accepted_usage)
 
 
 # --- the sink and the backfill share one thread: the ClickHouse client is used from it only -----

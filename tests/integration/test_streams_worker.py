@@ -111,6 +111,7 @@ def pipeline(kafka_bootstrap: str, tmp_path: Path):  # type: ignore[no-untyped-d
         WORKER_BATCH_SIZE="200",
         WORKER_BATCH_WITHIN="0.1",
         WORKER_BACKFILL_INTERVAL="1",
+        WORKER_AGGREGATE_INTERVAL="1",
         EVENT_MAX_LATENESS=str(LATENESS),
     )
     workers: list[Worker] = []
@@ -179,6 +180,31 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
     table = changelog_latest(kafka_bootstrap, f"{group}-tenant_daily_usage-changelog")
     assert table[f"{tenant}|{today}"] == 600.0
     assert table[f"{other}|{today}"] == 200.0
+
+
+@pytest.mark.timeout(240)
+def test_a_graceful_stop_hands_the_last_sums_to_the_faust_tables(
+    kafka_bootstrap: str, pipeline, tenant: str
+) -> None:
+    """Sums not yet handed to the tables when the worker stops (an interval far longer than the
+    run) go to accepted_usage at shutdown, and the agent folds them in on the next start."""
+    topic, _, group, make = pipeline
+    produce(kafka_bootstrap, topic, [event_message(tenant, 3, id=f"g{i}") for i in range(50)])
+    worker = make("w1")
+    worker.env = {**worker.env, "WORKER_AGGREGATE_INTERVAL": "3600"}
+    worker.start()
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
+    worker.stop()
+    accepted = [json.loads(m.value) for m in read_all(kafka_bootstrap, f"{group}-accepted-usage")]
+    assert sum(a["quantity"] for a in accepted if a["tenant"] == tenant) == 150.0
+    today = dt.datetime.now(dt.UTC).date()
+    changelog = f"{group}-tenant_daily_usage-changelog"
+    worker.start()  # the agent resumes after its committed offset: the last sums come in now
+    deadline = time.monotonic() + 90
+    while changelog_latest(kafka_bootstrap, changelog).get(f"{tenant}|{today}") != 150.0:
+        assert time.monotonic() < deadline, "the daily table never got the last sums"
+        time.sleep(1)
+    worker.stop()
 
 
 @pytest.mark.slow
