@@ -91,7 +91,7 @@ def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untype
     from metering.settings import load_settings
     from metering.topics import ensure_topics, pipeline_topics
 
-    topic = f"bench-api-{uuid.uuid4().hex[:8]}"
+    topic = f"{tenant}-{kind}"  # the driver drops the run's topics by the tenant's prefix
     settings = load_settings(
         metering_data_dir=data_dir,
         quota_db_url=f"sqlite:///{data_dir / 'quota.db'}",
@@ -272,6 +272,21 @@ def run(args: argparse.Namespace, kinds: list[str]) -> int:
     results: dict[str, dict[str, list[float]]] = {
         k: {"rps": [], "p50": [], "p99": [], "cpu": []} for k in kinds
     }
+    try:
+        return measure(args, kinds, tenant, token, results)
+    finally:
+        from metering.topics import drop_topics
+
+        drop_topics(os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), tenant)
+
+
+def measure(
+    args: argparse.Namespace,
+    kinds: list[str],
+    tenant: str,
+    token: str,
+    results: dict[str, dict[str, list[float]]],
+) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         servers = {kind: start_server(kind, Path(tmp) / kind, tenant) for kind in kinds}
         try:

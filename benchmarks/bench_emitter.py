@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 
 from metering.emitter import Emitter, EmitterMode, producer_config
 from metering.events import UsageEvent, encode_event, usage_event
-from metering.topics import TopicSpec, ensure_topics
+from metering.topics import TopicSpec, drop_topics, ensure_topics
 
 
 def rss_mib() -> float:
@@ -152,38 +152,41 @@ def main() -> None:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     topic = f"bench.emitter.{uuid.uuid4().hex[:8]}"
     ensure_topics(bootstrap, [TopicSpec(topic, partitions=6, retention_ms=3_600_000)])
-    events = make_events(args.events)
-    print(f"{args.events} events of ~{len(encode_event(events[0]))} bytes, 50 tenants, {topic}")
-    print("(shared 2-core machine: figures are noisy)\n")
-    print("as fast as the caller can (a burst; the emitter may spool part of it):")
-    print(f"{'':22}{'events/s':>10}{'p50 µs':>9}{'p99 µs':>9}")
-    raw_rates, em_rates, em_p99s = [], [], []
-    for r in range(args.rounds):
-        rate, p50, p99 = bench_raw(bootstrap, topic, events)
-        raw_rates.append(rate)
-        print(f"raw producer send #{r + 1:<3}{rate:>10.0f}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}")
-        rate, p50, p99, spooled = bench_emitter(bootstrap, topic, events)
-        em_rates.append(rate)
-        em_p99s.append(p99)
+    try:
+        events = make_events(args.events)
+        print(f"{args.events} events of ~{len(encode_event(events[0]))} bytes, 50 tenants, {topic}")
+        print("(shared 2-core machine: figures are noisy)\n")
+        print("as fast as the caller can (a burst; the emitter may spool part of it):")
+        print(f"{'':22}{'events/s':>10}{'p50 µs':>9}{'p99 µs':>9}")
+        raw_rates, em_rates, em_p99s = [], [], []
+        for r in range(args.rounds):
+            rate, p50, p99 = bench_raw(bootstrap, topic, events)
+            raw_rates.append(rate)
+            print(f"raw producer send #{r + 1:<3}{rate:>10.0f}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}")
+            rate, p50, p99, spooled = bench_emitter(bootstrap, topic, events)
+            em_rates.append(rate)
+            em_p99s.append(p99)
+            print(
+                f"Emitter.emit      #{r + 1:<3}{rate:>10.0f}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}"
+                f"   (events spooled so far in this process: {spooled})"
+            )
+        ratio = statistics.median(em_rates) / statistics.median(raw_rates)
         print(
-            f"Emitter.emit      #{r + 1:<3}{rate:>10.0f}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}"
-            f"   (events spooled so far in this process: {spooled})"
+            f"\nemit p99 (median of rounds): {statistics.median(em_p99s) * 1e6:.1f} µs "
+            f"(target < 50 µs); delivered rate / raw rate = {ratio:.2f} (target >= 0.8)"
         )
-    ratio = statistics.median(em_rates) / statistics.median(raw_rates)
-    print(
-        f"\nemit p99 (median of rounds): {statistics.median(em_p99s) * 1e6:.1f} µs "
-        f"(target < 50 µs); delivered rate / raw rate = {ratio:.2f} (target >= 0.8)"
-    )
-    print(
-        f"\npaced at {args.paced_rate:.0f} events/s (a service's request path), "
-        f"{args.paced_events} events:"
-    )
-    paced = events[: args.paced_events]
-    for r in range(args.rounds):
-        _, p50, p99 = bench_raw(bootstrap, topic, paced, args.paced_rate)
-        print(f"raw producer send #{r + 1:<3}{'':>10}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}")
-        _, p50, p99, _ = bench_emitter(bootstrap, topic, paced, args.paced_rate)
-        print(f"Emitter.emit      #{r + 1:<3}{'':>10}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}")
+        print(
+            f"\npaced at {args.paced_rate:.0f} events/s (a service's request path), "
+            f"{args.paced_events} events:"
+        )
+        paced = events[: args.paced_events]
+        for r in range(args.rounds):
+            _, p50, p99 = bench_raw(bootstrap, topic, paced, args.paced_rate)
+            print(f"raw producer send #{r + 1:<3}{'':>10}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}")
+            _, p50, p99, _ = bench_emitter(bootstrap, topic, paced, args.paced_rate)
+            print(f"Emitter.emit      #{r + 1:<3}{'':>10}{p50 * 1e6:>9.1f}{p99 * 1e6:>9.1f}")
+    finally:
+        drop_topics(bootstrap, topic)  # a fresh topic per run: do not let them pile up
     bench_down(args.down_events)
 
 

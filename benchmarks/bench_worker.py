@@ -35,6 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
+from metering.topics import drop_topics
+
 ROOT = Path(__file__).resolve().parents[1]
 TENANTS = [f"bench-{i:03d}" for i in range(200)]
 
@@ -268,6 +270,9 @@ def main() -> int:
             worker.wait(60)
         except subprocess.TimeoutExpired:
             worker.kill()
+        # The run's topics (events, dead letters, Faust's changelogs) would pile up in a
+        # long-lived dev Kafka: every run makes fresh ones.
+        drop_topics(bootstrap, base)
     return 0
 
 

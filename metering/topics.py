@@ -61,3 +61,23 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_ms: int = 1500
         return created
     finally:
         admin.close()
+
+
+def drop_topics(bootstrap: str, prefix: str, timeout_ms: int = 30000) -> list[str]:
+    """Delete every topic whose name starts with ``prefix`` (a benchmark's or a test run's own,
+    including the internal topics Faust made for its group); return the names deleted.
+
+    For throw-away topics only: a prefix shorter than 8 characters is refused, so a slip cannot
+    take the pipeline's own topics with it."""
+    if len(prefix) < 8:
+        raise ValueError(f"prefix {prefix!r} is too short to drop topics by (8+ characters)")
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="metering-topics"
+    )
+    try:
+        doomed = sorted(t for t in admin.list_topics() if t.startswith(prefix))
+        if doomed:
+            admin.delete_topics(doomed, timeout_ms=timeout_ms)
+        return doomed
+    finally:
+        admin.close()

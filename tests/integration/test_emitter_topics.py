@@ -91,3 +91,23 @@ def test_kafka_init_partitions_flag_overrides_the_setting(
     assert main(["kafka", "init", "--partitions", "3"]) == 0
     assert partitions(admin, events) == 3
     assert partitions(admin, f"{events}.dlq") == 1
+
+
+def test_drop_topics_deletes_only_the_topics_under_its_prefix(
+    kafka_bootstrap: str, admin: KafkaAdminClient
+) -> None:
+    from metering.topics import TopicSpec, drop_topics, ensure_topics
+
+    run = f"drop-{uuid.uuid4().hex[:8]}"
+    mine = [f"{run}.events", f"{run}-changelog"]
+    other = f"keep-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_bootstrap, [TopicSpec(name, 1, 3_600_000) for name in [*mine, other]])
+    assert drop_topics(kafka_bootstrap, run) == sorted(mine)
+    deadline = time.monotonic() + 30
+    while set(mine) & set(admin.list_topics()):  # deletion completes asynchronously
+        assert time.monotonic() < deadline, "the dropped topics are still listed"
+        time.sleep(0.2)
+    assert other in admin.list_topics()
+    with pytest.raises(ValueError, match="too short"):
+        drop_topics(kafka_bootstrap, "usage")
+    drop_topics(kafka_bootstrap, other)
