@@ -52,7 +52,7 @@ from kafka.errors import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
-from metering.events import EventDecodeError, UsageEvent, encode_event
+from metering.events import MAX_EVENT_BYTES, EventDecodeError, UsageEvent, encode_event
 from metering.settings import KafkaClient, Settings, get_settings, load_settings
 from metering.spool import Record, Spool, SpoolBatch, SpoolLocked
 
@@ -332,6 +332,28 @@ class Emitter:
                 return
         # The idle sender polls every linger_ms anyway; a wake-up (a futex call on the caller's
         # time) is only worth it when a batch has built up.
+        if self._sender_idle and queued >= _WAKE_AT:
+            self._wake_sender.set()
+        EMIT_SECONDS.observe(time.perf_counter() - started)
+
+    def emit_encoded(self, key: bytes, value: bytes) -> None:
+        """:meth:`emit` for an event already encoded (``value``: the event's JSON, as
+        :func:`metering.events.encode_event` or :func:`metering.events_fast.encode_wire` write
+        it; ``key``: its subject, UTF-8). For a caller on a hot path that builds events from
+        validated parts: nothing is encoded or checked here but the size bound."""
+        started = time.perf_counter()
+        if self._closing:
+            self._drops.drop("closed")
+            return
+        if len(value) > MAX_EVENT_BYTES:
+            log.error("usage event not sent: %d bytes, at most %d", len(value), MAX_EVENT_BYTES)
+            self._drops.drop("invalid")
+            return
+        queued = len(self._queue)
+        if queued >= self.max_queue:
+            self._drops.drop("queue_full")
+            return
+        self._queue.append((key, value))
         if self._sender_idle and queued >= _WAKE_AT:
             self._wake_sender.set()
         EMIT_SECONDS.observe(time.perf_counter() - started)

@@ -110,6 +110,25 @@ class FastUsageEvent(msgspec.Struct, frozen=True, gc=False):
 
 _decoder = msgspec.json.Decoder(_WireEvent)
 
+
+class WireEvent(msgspec.Struct, gc=False, omit_defaults=True):
+    """A usage event as it goes on the wire (compact structured-mode CloudEvents JSON, what
+    :func:`metering.events.encode_event` writes), for a producer that builds events from parts
+    it has already validated: :func:`encode_wire` costs ~1 us where a pydantic model and its
+    ``model_dump_json`` cost ~14 us. ``time`` must be aware; the decoder reads it back."""
+
+    specversion: str
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: dt.datetime
+    data: FastUsageData
+    datacontenttype: str | None = None
+
+
+encode_wire = msgspec.json.Encoder().encode
+
 #: Identifiers already found valid (tenants, meters, dimension keys recur in every batch): a set
 #: lookup instead of a regex match. Bounded: cleared when it reaches _KNOWN_MAX entries.
 _KNOWN_MAX = 100_000
@@ -239,7 +258,9 @@ def _reference(
 __all__ = [
     "FastUsageData",
     "FastUsageEvent",
+    "WireEvent",
     "batch_decoder",
     "decode_event_fast",
+    "encode_wire",
     "future_limit",
 ]

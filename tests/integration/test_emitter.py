@@ -15,7 +15,14 @@ from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
 
 from metering.emitter import Emitter, EmitterMode
-from metering.events import UsageEvent, decision_event, decode_event, usage_event
+from metering.events import (
+    MAX_EVENT_BYTES,
+    UsageEvent,
+    decision_event,
+    decode_event,
+    encode_event,
+    usage_event,
+)
 from metering.spool import Spool
 from metering.topics import TopicSpec, ensure_topics
 
@@ -90,6 +97,24 @@ def test_emitted_events_are_consumed_unchanged_with_the_tenant_as_key(
         assert m.key == ev.subject.encode()
         received[ev.id] = ev
     assert received == {ev.id: ev for ev in sent}
+
+
+def test_emit_encoded_sends_the_bytes_as_given_and_drops_an_oversized_event(
+    kafka_bootstrap: str, topic: str, tmp_path: Path, emitters: list[Emitter]
+) -> None:
+    em = Emitter(kafka_bootstrap, topic=topic, spool_dir=tmp_path)
+    emitters.append(em)
+    sent = [usage_event(f"acme-{i % 3}", "api.calls", i, {"seq": str(i)}) for i in range(50)]
+    for ev in sent:
+        em.emit_encoded(ev.subject.encode(), encode_event(ev))
+    before = metric("metering_events_dropped_total", reason="invalid")
+    em.emit_encoded(b"acme-0", b"x" * (MAX_EVENT_BYTES + 1))
+    assert metric("metering_events_dropped_total", reason="invalid") - before == 1
+    em.close(timeout=20)
+    messages = consume(kafka_bootstrap, topic, expected=len(sent))
+    assert sorted((m.key, m.value) for m in messages) == sorted(
+        (ev.subject.encode(), encode_event(ev)) for ev in sent
+    )
 
 
 def test_one_tenants_events_arrive_in_emit_order_on_one_partition(

@@ -27,7 +27,7 @@ from limiter.middleware import (
     retry_after_seconds,
 )
 from limiter.quota import Quota
-from metering.events import decision_event, decode_event, encode_event
+from metering.events import UsageEvent, decision_event, decode_event, encode_event
 
 NOW = 1_800_000_000.0  # a fixed Unix time
 RESET_AT = dt.datetime.fromtimestamp(NOW + 3600, dt.UTC)  # the day ends in an hour
@@ -123,11 +123,26 @@ class ScriptedLimiter:
         return self.decisions.pop(0)
 
 
-class ListEmitter:
+class ModelListEmitter:
+    """An emitter with ``emit`` only: the middleware hands it event models."""
+
     def __init__(self) -> None:
         self.events: list[Any] = []
 
     def emit(self, event: Any) -> None:
+        self.events.append(event)
+
+
+class ListEmitter(ModelListEmitter):
+    """Like the real Emitter, it has ``emit_encoded``: the middleware hands it bytes, which are
+    kept decoded by the strict decoder (so every test below also proves them valid)."""
+
+    def emit(self, event: Any) -> None:
+        raise AssertionError("the middleware should use emit_encoded")
+
+    def emit_encoded(self, key: bytes, value: bytes) -> None:
+        event = decode_event(value)
+        assert key == event.subject.encode()
         self.events.append(event)
 
 
@@ -188,6 +203,16 @@ async def test_allowed_request_passes_with_fields_and_an_allowed_event() -> None
     assert r.text == "ok"
     assert r.headers["ratelimit"].startswith('"burst";r=7')
     assert [e.data.decision for e in emitter.events] == ["allowed"]
+
+
+async def test_an_emitter_without_emit_encoded_gets_the_event_model() -> None:
+    emitter = ModelListEmitter()
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter(decision()), emitter=emitter)
+    async with client(mw) as c:
+        assert (await c.get("/v1/things/1")).status_code == 200
+    (event,) = emitter.events
+    assert isinstance(event, UsageEvent)
+    assert decode_event(encode_event(event)) == event
 
 
 async def test_redis_down_with_fail_closed_is_503() -> None:
@@ -279,6 +304,11 @@ def test_the_fast_decision_event_is_what_decision_event_makes(d: Decision, shado
         exclude={"id", "time"}
     )
     assert fast.time.tzinfo is not None
+    encoded = decode_event(mw.decision_bytes("acme", d, 3, "requests", "/v1/things/{id}"))
+    assert encoded.model_dump(exclude={"id", "time"}) == reference.model_dump(
+        exclude={"id", "time"}
+    )
+    assert abs((encoded.time - fast.time).total_seconds()) < 5
 
 
 def test_decision_event_ids_differ_across_a_fork() -> None:
