@@ -316,6 +316,10 @@ async def async_round(
     closed = await closed_loop(acquire, seconds, callers)
     closed["callers"] = callers
     out["async limiter at half load (closed)"] = closed
+    # The latency floor of the half-load target: one caller, nothing queued, the same event
+    # loop and Redis; plain redis-py beside the limiter.
+    out["async no-op EVALSHA, 1 caller"] = await closed_loop(noop, seconds, 1)
+    out["async limiter, 1 caller"] = await closed_loop(acquire, seconds, 1)
     await client.aclose()
     await limiter.redis.aclose()
     return out
@@ -517,6 +521,12 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
             f"  async p99 at half load < 1 ms: {hc['p99'] * 1e3:.2f} ms (closed loop, "
             f"{hc['callers']:.0f} callers, {hc['rate']:.0f}/s) -> "
             f"{'MET' if hc['p99'] < 0.001 else 'NOT MET'}"
+        )
+    one_noop, one_lim = med.get("async no-op EVALSHA, 1 caller"), med.get("async limiter, 1 caller")
+    if one_noop is not None and one_lim is not None:
+        print(
+            f"  (floor: one caller alone, nothing queued: plain redis-py p99 "
+            f"{one_noop['p99'] * 1e3:.2f} ms, the limiter p99 {one_lim['p99'] * 1e3:.2f} ms)"
         )
     pair_r = statistics.median(sync_pairs)
     print(
