@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
+from metering.settings import Settings
 from metering.topics import drop_topics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,9 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=300_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--batch-size", type=int, default=20000)  # WORKER_BATCH_SIZE's default
+    ap.add_argument(
+        "--batch-size", type=int, default=Settings.model_fields["worker_batch_size"].default
+    )
     ap.add_argument("--batch-within", type=float, default=0.5)
     ap.add_argument("--lateness", type=float, default=120.0)
     ap.add_argument("--metrics-port", type=int, default=19108)

@@ -188,7 +188,7 @@ class Settings(BaseSettings):
 
     # --- streams worker ------------------------------------------------------------------------
     worker_batch_size: PositiveInt = Field(
-        20000,
+        50000,
         description=(
             "Most events the sink inserts in one batch (an insert has a fixed cost and makes"
             " parts to merge: larger batches cost less per event; WORKER_BATCH_WITHIN bounds"
