@@ -312,12 +312,8 @@ class Emitter:
         started = time.perf_counter()
         if type(event) is not UsageEvent and not isinstance(event, UsageEvent):
             raise TypeError(f"emit() takes a UsageEvent, not {type(event).__name__}")
-        if self._closing:
-            self._drops.drop("closed")
-            return
-        queued = len(self._queue)
-        if queued >= self.max_queue:
-            self._drops.drop("queue_full")
+        queued = self._room()
+        if queued is None:
             return
         if queued < self.lazy_limit:
             self._queue.append(event)  # the sender encodes it
@@ -330,11 +326,7 @@ class Emitter:
                 log.error("usage event %s not sent: %s", event.id, exc)
                 self._drops.drop("invalid")
                 return
-        # The idle sender polls every linger_ms anyway; a wake-up (a futex call on the caller's
-        # time) is only worth it when a batch has built up.
-        if self._sender_idle and queued >= _WAKE_AT:
-            self._wake_sender.set()
-        EMIT_SECONDS.observe(time.perf_counter() - started)
+        self._queued(queued, started)
 
     def emit_encoded(self, key: bytes, value: bytes) -> None:
         """:meth:`emit` for an event already encoded (``value``: the event's JSON, as
@@ -342,18 +334,30 @@ class Emitter:
         it; ``key``: its subject, UTF-8). For a caller on a hot path that builds events from
         validated parts: nothing is encoded or checked here but the size bound."""
         started = time.perf_counter()
-        if self._closing:
-            self._drops.drop("closed")
+        queued = self._room()
+        if queued is None:
             return
         if len(value) > MAX_EVENT_BYTES:
             log.error("usage event not sent: %d bytes, at most %d", len(value), MAX_EVENT_BYTES)
             self._drops.drop("invalid")
             return
+        self._queue.append((key, value))
+        self._queued(queued, started)
+
+    def _room(self) -> int | None:
+        """The queue's length if one more event may join it; None (counted) if not."""
+        if self._closing:
+            self._drops.drop("closed")
+            return None
         queued = len(self._queue)
         if queued >= self.max_queue:
             self._drops.drop("queue_full")
-            return
-        self._queue.append((key, value))
+            return None
+        return queued
+
+    def _queued(self, queued: int, started: float) -> None:
+        # The idle sender polls every linger_ms anyway; a wake-up (a futex call on the caller's
+        # time) is only worth it when a batch has built up.
         if self._sender_idle and queued >= _WAKE_AT:
             self._wake_sender.set()
         EMIT_SECONDS.observe(time.perf_counter() - started)

@@ -72,8 +72,11 @@ class _WireEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     datacontenttype: Literal["application/json"] | None = None
 
 
-class FastUsageEvent(msgspec.Struct, frozen=True, gc=False):
-    """A decoded, valid usage event with ``UsageEvent``'s read interface; ``time`` in UTC."""
+class WireEvent(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """A usage event as it goes on the wire (compact structured-mode CloudEvents JSON, what
+    :func:`metering.events.encode_event` writes), for a producer that builds events from parts
+    it has already validated: :func:`encode_wire` costs ~1 us where a pydantic model and its
+    ``model_dump_json`` cost ~14 us. ``time`` must be aware; the decoder reads it back."""
 
     specversion: str
     id: str
@@ -81,8 +84,12 @@ class FastUsageEvent(msgspec.Struct, frozen=True, gc=False):
     type: str
     subject: str
     time: dt.datetime
-    datacontenttype: str | None
     data: FastUsageData
+    datacontenttype: str | None = None
+
+
+class FastUsageEvent(WireEvent, frozen=True, gc=False):
+    """A decoded, valid usage event with ``UsageEvent``'s read interface; ``time`` in UTC."""
 
     @property
     def tenant(self) -> str:
@@ -103,28 +110,12 @@ class FastUsageEvent(msgspec.Struct, frozen=True, gc=False):
             ev.type,
             ev.subject,
             ev.time,
-            ev.datacontenttype,
             FastUsageData(d.meter, d.quantity, dict(d.dimensions), d.decision),
+            ev.datacontenttype,
         )
 
 
 _decoder = msgspec.json.Decoder(_WireEvent)
-
-
-class WireEvent(msgspec.Struct, gc=False, omit_defaults=True):
-    """A usage event as it goes on the wire (compact structured-mode CloudEvents JSON, what
-    :func:`metering.events.encode_event` writes), for a producer that builds events from parts
-    it has already validated: :func:`encode_wire` costs ~1 us where a pydantic model and its
-    ``model_dump_json`` cost ~14 us. ``time`` must be aware; the decoder reads it back."""
-
-    specversion: str
-    id: str
-    source: str
-    type: str
-    subject: str
-    time: dt.datetime
-    data: FastUsageData
-    datacontenttype: str | None = None
 
 
 encode_wire = msgspec.json.Encoder().encode
@@ -194,7 +185,7 @@ def _fast(raw: bytes, limit: dt.datetime) -> FastUsageEvent | None:
     if t > limit:
         return None
     return FastUsageEvent(
-        w.specversion, event_id, w.source, w.type, subject, t, w.datacontenttype, d
+        w.specversion, event_id, w.source, w.type, subject, t, d, w.datacontenttype
     )
 
 
