@@ -123,8 +123,8 @@ async def flush_aggregates() -> None:
         accepted_usage.send_soon(key=key, value=value, timestamp=float(value["minute"]))
 
 
-@app.on_before_shutdown.connect
-async def _last_aggregates(sender: Any, **kwargs: Any) -> None:
+@app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types the sender positional-only
+async def _last_aggregates(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
     """At shutdown (Faust's consumer stopped, its producer not yet flushed): let the sink
     finish its batch in flight, then hand the sums not yet sent to ``accepted_usage``, so the
     live tables get them when the agent next runs instead of never."""

@@ -185,6 +185,12 @@ class SinkConsumer:
                 log.exception("publishing the batch's aggregates failed")
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.stopped.set()  # also when start-up failed: nobody waits for a batch then
+
+    async def _run(self) -> None:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
@@ -241,7 +247,6 @@ class SinkConsumer:
                 await self.consumer.stop()
             with contextlib.suppress(Exception):
                 await self.producer.stop()
-            self.stopped.set()
 
     def stop(self) -> None:
         self._stopping.set()

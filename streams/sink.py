@@ -193,7 +193,7 @@ class ClickHouseStorage:
         the client a Python call per row and value.
         """
         if rows:
-            columns = list(zip(*rows, strict=True))
+            columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
             columns[_TIME_COLUMN] = [(t - _EPOCH) // _MS for t in columns[_TIME_COLUMN]]
             self.client.insert(
                 f"{self.database}.usage_events",
