@@ -37,7 +37,7 @@ consumer_lag = Gauge(
 end_to_end_delay_seconds = Histogram(
     "streams_end_to_end_delay_seconds",
     "Seconds from an event's time to its insert into ClickHouse.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 5, 10, 30, 60, 300, 3600),
 )
 backfill_rows = Counter(
     "streams_backfill_rows", "Tenant-day totals upserted into the quota DB's tenant_daily_usage."
