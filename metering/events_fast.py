@@ -201,17 +201,11 @@ def batch_decoder(
 ) -> Callable[[bytes | bytearray | memoryview | str], FastUsageEvent]:
     """:func:`decode_event_fast` for a batch decoded at one ``now``: the checks of ``now`` and
     the future limit are made once here instead of once per event."""
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError("now must be timezone-aware")
+    _check_now(now)
     limit = future_limit(now, max_future_skew)
-    fast = _fast
 
     def decode(raw: bytes | bytearray | memoryview | str) -> FastUsageEvent:
-        if type(raw) is bytes and len(raw) <= MAX_EVENT_BYTES:
-            ev = fast(raw, limit)
-            if ev is not None:
-                return ev
-        return _reference(raw, now, max_future_skew)
+        return _decode(raw, limit, now, max_future_skew)
 
     return decode
 
@@ -226,23 +220,31 @@ def decode_event_fast(
     """Decode like :func:`~metering.events.decode_event` (same acceptance, values and errors).
 
     ``limit`` (from :func:`future_limit`) may be passed instead of recomputing it from ``now``
-    and ``max_future_skew`` for every event of a batch; it must come from the same two values.
+    and ``max_future_skew``; it must come from the same two values.
     """
+    _check_now(now)
+    if limit is None:
+        limit = future_limit(now, max_future_skew)
+    return _decode(raw, limit, now, max_future_skew)
+
+
+def _check_now(now: dt.datetime | None) -> None:
     if now is not None and (now.tzinfo is None or now.utcoffset() is None):
         raise ValueError("now must be timezone-aware")
-    if type(raw) is bytes and len(raw) <= MAX_EVENT_BYTES:
-        ev = _fast(raw, limit if limit is not None else future_limit(now, max_future_skew))
-        if ev is not None:
-            return ev
-    return _reference(raw, now, max_future_skew)
 
 
-def _reference(
+def _decode(
     raw: bytes | bytearray | memoryview | str,
+    limit: dt.datetime,
     now: dt.datetime | None,
     max_future_skew: float | None,
 ) -> FastUsageEvent:
-    """The reference decides every doubtful input: it raises the error naming the field."""
+    """The fast path; the reference decides every doubtful input (it raises the error naming
+    the field)."""
+    if type(raw) is bytes and len(raw) <= MAX_EVENT_BYTES:
+        ev = _fast(raw, limit)
+        if ev is not None:
+            return ev
     return FastUsageEvent.from_model(decode_event(raw, now=now, max_future_skew=max_future_skew))
 
 
