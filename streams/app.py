@@ -29,7 +29,14 @@ import faust
 
 from metering.settings import Settings, get_settings
 from streams import metrics
-from streams.sink import ClickHouseSink, ClickHouseStorage, PreparedBatch, minute_aggregates
+from streams.sink import (
+    ClickHouseSink,
+    ClickHouseStorage,
+    MinuteKey,
+    PreparedBatch,
+    add_minute_sums,
+    minute_messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,34 +89,28 @@ def daily_key(tenant: str, day: dt.date) -> str:
 async def aggregate(stream: Any) -> None:
     """Fold the sink's per-minute sums into the per-day and windowed tables (billable only)."""
     async for agg in stream:
-        if not agg.get("billable"):
+        if not agg.get("billable"):  # sent by workers before the sink kept billable sums only
             continue
         day = dt.datetime.fromtimestamp(agg["minute"], dt.UTC).date()
         tenant_daily_usage[daily_key(agg["tenant"], day)] += agg["quantity"]
         tenant_recent_usage[agg["tenant"]] += agg["quantity"]
 
 
-#: per (tenant, meter, billable, minute) sums of inserted events not yet handed to Faust
-_pending_aggregates: dict[tuple[str, str, int, int], float] = {}
+#: billable sums of inserted events not yet handed to Faust (see streams.sink.add_minute_sums)
+_pending_aggregates: dict[MinuteKey, float] = {}
 
 
 async def publish_aggregates(batch: PreparedBatch) -> None:
     """Add the batch's sums to the buffer that ``flush_aggregates`` sends; the sink's next
     batch never waits on the live view (ClickHouse already holds the rows)."""
-    for agg in minute_aggregates(batch):
-        key = (agg["tenant"], agg["meter"], agg["billable"], agg["minute"])
-        _pending_aggregates[key] = _pending_aggregates.get(key, 0.0) + agg["quantity"]
+    add_minute_sums(batch, _pending_aggregates)
 
 
 def _take_aggregates() -> list[tuple[str, dict[str, Any]]]:
     """The buffered sums as ``accepted_usage`` messages (key, value), the buffer emptied."""
-    items = list(_pending_aggregates.items())
+    messages = minute_messages(_pending_aggregates)
     _pending_aggregates.clear()
-    return [
-        (tenant, {"tenant": tenant, "meter": meter, "billable": billable,
-                  "minute": minute, "quantity": quantity})
-        for (tenant, meter, billable, minute), quantity in items
-    ]  # fmt: skip
+    return [(m["tenant"], m) for m in messages]
 
 
 @app.timer(AGGREGATE_FLUSH_SECONDS)

@@ -42,7 +42,6 @@ Tests: ``tests/unit/test_streams_sink.py`` (order, dedupe, lateness) and
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time as _time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -418,22 +417,35 @@ def dead_letter_value(letter: DeadLetter) -> bytes:
     return letter.record.value or b""
 
 
-def minute_aggregates(batch: PreparedBatch) -> list[dict[str, Any]]:
-    """Per (tenant, meter, billable, minute) sums of the inserted events, for the Faust tables."""
-    sums: dict[tuple[str, str, int, int], float] = {}
+MinuteKey = tuple[str, str, int, int]  # (tenant, meter, billable, minute start in epoch seconds)
+
+
+def add_minute_sums(batch: PreparedBatch, sums: dict[MinuteKey, float]) -> None:
+    """Add the inserted events' billable quantities to ``sums``, per (tenant, meter, billable,
+    minute): what the Faust tables count (rejected decisions are never billed, and the
+    ``aggregate`` agent would only skip them)."""
+    get = sums.get
     for _, ev in batch.events:
         d = ev.data
-        minute = (ev.time - _EPOCH) // _MINUTE * 60
-        k = (ev.subject, d.meter, 0 if d.decision == "rejected" else 1, minute)
-        sums[k] = sums.get(k, 0.0) + d.quantity
+        if d.decision == "rejected":
+            continue
+        k = (ev.subject, d.meter, 1, (ev.time - _EPOCH) // _MINUTE * 60)
+        sums[k] = get(k, 0.0) + d.quantity
+
+
+def minute_messages(sums: dict[MinuteKey, float]) -> list[dict[str, Any]]:
+    """The sums as the values of ``accepted_usage`` messages (the ``aggregate`` agent's input)."""
     return [
         {"tenant": t, "meter": m, "billable": b, "minute": minute, "quantity": q}
         for (t, m, b, minute), q in sums.items()
     ]
 
 
-def encode_aggregate(agg: dict[str, Any]) -> bytes:
-    return json.dumps(agg, separators=(",", ":")).encode()
+def minute_aggregates(batch: PreparedBatch) -> list[dict[str, Any]]:
+    """:func:`add_minute_sums` of one batch, as :func:`minute_messages`."""
+    sums: dict[MinuteKey, float] = {}
+    add_minute_sums(batch, sums)
+    return minute_messages(sums)
 
 
 __all__ = [
@@ -442,11 +454,14 @@ __all__ = [
     "ClickHouseSink",
     "ClickHouseStorage",
     "DeadLetter",
+    "MinuteKey",
     "PreparedBatch",
     "Record",
     "SinkRecord",
     "SinkStorage",
+    "add_minute_sums",
     "dead_letter_value",
     "event_row",
     "minute_aggregates",
+    "minute_messages",
 ]
