@@ -364,9 +364,8 @@ class LocalStack:
         for name in wanted:
             if name not in SERVICES:
                 raise StackError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = open(self.root / ".lock", "w")  # noqa: SIM115 - released by StackStart.wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        held = contextlib.ExitStack()  # the stack's lock, released by StackStart.wait
+        held.enter_context(self._locked())
         try:
             state = self._load()
             taken = {p for st in state.values() for p in st.ports.values()}
@@ -391,9 +390,9 @@ class LocalStack:
             }
             pool.shutdown(wait=False)
         except BaseException:
-            lock.close()
+            held.close()
             raise
-        return StackStart(self, state, futures, lock, wanted)
+        return StackStart(self, state, futures, held, wanted)
 
     def down(self, services: Iterable[str] | None = None) -> list[str]:
         """Stop the processes ``up`` started (by PID); return the services stopped."""
@@ -898,7 +897,7 @@ class StackStart:
         stack: LocalStack,
         state: dict[str, ServiceState],
         futures: dict[str, concurrent.futures.Future[None]],
-        lock: Any,
+        lock: contextlib.ExitStack,
         services: Iterable[str],
     ) -> None:
         self.stack = stack
@@ -908,6 +907,7 @@ class StackStart:
         self._state = state
         self._futures = futures
         self._lock = lock
+        self._finished = False
         self._result: dict[str, str] | None = None
         self._recorded = {name: threading.Event() for name in futures}
         self._mutex = threading.Lock()
@@ -936,7 +936,7 @@ class StackStart:
     def wait(self) -> dict[str, str]:
         """Wait for every service, record the ones that answer, unlock; return the settings.
         Interrupted (Ctrl-C), it still waits for the starts under way, then stops them."""
-        if self._lock.closed:  # waited for already
+        if self._finished:  # waited for already
             if self._result is None:
                 raise StackError("the services did not start (see the first error)")
             return self._result
@@ -964,7 +964,7 @@ class StackStart:
             with self._mutex:
                 self.stack._save(self._state)
         finally:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._finished = True
             self._lock.close()
 
 
