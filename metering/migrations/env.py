@@ -6,6 +6,8 @@ one, the URL comes from the ``sqlalchemy.url`` option or, failing that, ``QUOTA_
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 
 from metering.quota_db import Base, make_engine
@@ -14,7 +16,7 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection: Any) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
