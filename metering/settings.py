@@ -209,6 +209,16 @@ class Settings(BaseSettings):
             " (tenant, minute) touched since the last one: shorter is fresher and costs more."
         ),
     )
+    worker_session_timeout: float = Field(
+        60.0,
+        ge=10,
+        le=300,
+        description=(
+            "Seconds Kafka waits for a silent worker before giving its partitions to the others"
+            " (Faust's broker_session_timeout and the sink consumer's session timeout): after a"
+            " crash, a restarted or surviving worker resumes after about this long."
+        ),
+    )
     worker_group: str = Field(
         "metering-worker",
         pattern=r"^[A-Za-z0-9._-]{1,200}$",

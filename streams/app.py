@@ -4,12 +4,15 @@
   malformed message reaches the dead letters with its original bytes).
 - The sink (:mod:`streams.consumer`, :class:`streams.sink.ClickHouseSink`) runs as a task of this
   app with its own consumer: exactly once into ClickHouse, offsets stored with the rows.
-- ``accepted_usage``: after each insert the sink adds per (tenant, meter, minute) sums of the rows
-  it actually inserted (duplicates already dropped) to a buffer sent every
-  ``WORKER_AGGREGATE_INTERVAL`` s (and once more at shutdown, after the sink's last batch); the
-  ``aggregate`` agent folds them into ``tenant_daily_usage`` (per tenant per UTC day, billable)
-  and ``tenant_recent_usage`` (hopping windows of the event's own time, so late events land in
-  their own window).
+- ``accepted_usage``: the sink's inserted rows are handed to the tables exactly once, also
+  across a crash (:mod:`streams.handoff`): their billable per-minute sums are kept per source
+  partition as an open offset range, and every ``WORKER_AGGREGATE_INTERVAL`` s (on a revoke, at
+  shutdown) the ranges are recorded in ClickHouse and then sent, one message per tenant and
+  range. The ``aggregate`` agent folds them into ``tenant_daily_usage`` (per tenant per UTC
+  day, billable) and ``tenant_recent_usage`` (hopping windows of the events' own minutes, so
+  late events land in their own window); each value carries, per source partition, the end of
+  the last range applied to it, so a replay or a resend is dropped. The next owner of a
+  partition resends its last recorded range and hands off the rows after it, from ClickHouse.
 - Tables use the in-memory store backed by their changelog topics: after a restart or a rebalance
   Faust replays the changelog into memory before the agent resumes (no RocksDB needed).
 - ``backfill`` timer: every ``WORKER_BACKFILL_INTERVAL`` s upserts absolute per tenant per UTC day
@@ -29,14 +32,17 @@ import faust
 
 from metering.settings import Settings, get_settings
 from streams import metrics
-from streams.sink import (
-    ClickHouseSink,
-    ClickHouseStorage,
-    MinuteKey,
-    PreparedBatch,
-    add_minute_sums,
-    minute_messages,
+from streams.handoff import (
+    Handoff,
+    HandoffLedger,
+    add_legacy,
+    flush,
+    fold_into,
+    is_handoff_message,
+    plan_recovery,
+    usage,
 )
+from streams.sink import ClickHouseSink, ClickHouseStorage, PreparedBatch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,10 @@ app = faust.App(
     value_serializer="raw",
     topic_partitions=settings.usage_events_partitions,
     web_enabled=False,
+    broker_session_timeout=settings.worker_session_timeout,
+    # Faust's default is "<app id>-data" in the working directory: keep it with the worker's
+    # other state instead of wherever the process was started (Faust creates one level).
+    datadir=str(settings.metering_data_dir / "faust-{conf.name}"),
 )
 
 usage_events = app.topic(settings.usage_events_topic, value_serializer="raw")
@@ -71,64 +81,146 @@ accepted_usage = app.topic(
     internal=True,
 )
 
-#: billable quantity per "<tenant>|<YYYY-MM-DD>" (UTC day of the event's time)
-tenant_daily_usage = app.Table("tenant_daily_usage", default=float)
-#: billable quantity per tenant in hopping windows over the events' own time
-tenant_recent_usage = (
-    app.Table("tenant_recent_usage", default=float)
-    .hopping(WINDOW_SIZE, WINDOW_STEP, expires=WINDOW_EXPIRES)
-    .relative_to_stream()
+#: per "<tenant>|<YYYY-MM-DD>" (UTC day of the event's time): ``{"q": billable quantity,
+#: "m": {source partition: end of the last range applied}}`` (read the quantity with ``usage``)
+tenant_daily_usage = app.Table("tenant_daily_usage", default=None)
+#: the same values per tenant in hopping windows over the events' own time
+tenant_recent_usage = app.Table("tenant_recent_usage", default=None).hopping(
+    WINDOW_SIZE, WINDOW_STEP, expires=WINDOW_EXPIRES
 )
+
+
+def _window_ranges(timestamp: float) -> list[Any]:
+    """The hopping windows holding ``timestamp`` (Faust's own ``WindowRange`` keys)."""
+    window = tenant_recent_usage.table.window
+    assert window is not None
+    return list(window.ranges(timestamp))
 
 
 def daily_key(tenant: str, day: dt.date) -> str:
     return f"{tenant}|{day.isoformat()}"
 
 
+def fold_handoff(handoff: Handoff) -> int:
+    """Apply one hand-off to the tables (see ``streams.handoff.fold_into``)."""
+    return fold_into(handoff, tenant_daily_usage, tenant_recent_usage.table, _window_ranges)
+
+
+def _fold_legacy(agg: dict[str, Any]) -> None:
+    """A per-minute message of the earlier format (no range, so no marks)."""
+    if not agg.get("billable"):
+        return
+    minute, q, tenant = float(agg["minute"]), float(agg["quantity"]), agg["tenant"]
+    key = daily_key(tenant, dt.datetime.fromtimestamp(minute, dt.UTC).date())
+    tenant_daily_usage[key] = add_legacy(tenant_daily_usage.get(key), q)
+    windows = tenant_recent_usage.table
+    for wr in _window_ranges(minute):
+        windows[(tenant, wr)] = add_legacy(windows.get((tenant, wr)), q)
+
+
 @app.agent(accepted_usage)
 async def aggregate(stream: Any) -> None:
-    """Fold the sink's per-minute sums into the per-day and windowed tables (billable only)."""
-    async for agg in stream:
-        if not agg.get("billable"):  # sent by workers before the sink kept billable sums only
-            continue
-        day = dt.datetime.fromtimestamp(agg["minute"], dt.UTC).date()
-        tenant_daily_usage[daily_key(agg["tenant"], day)] += agg["quantity"]
-        tenant_recent_usage[agg["tenant"]] += agg["quantity"]
+    """Fold the sink's hand-offs into the per-day and windowed tables, each once."""
+    async for value in stream:
+        try:
+            if is_handoff_message(value):
+                fold_handoff(Handoff.from_message(value))
+            else:
+                _fold_legacy(value)
+        except (ValueError, KeyError, TypeError) as exc:  # our own topic: a bug, not input
+            metrics.handoffs_malformed.inc()
+            log.error("accepted_usage: malformed message skipped (%s): %r", exc, value)
 
 
-#: billable sums of inserted events not yet handed to Faust (see streams.sink.add_minute_sums)
-_pending_aggregates: dict[MinuteKey, float] = {}
+# --- the hand-off: exactly once into the tables (streams/handoff.py) -----------------------------
+ledger = HandoffLedger(settings.usage_events_topic)
+_handoff_lock = asyncio.Lock()
 
 
 async def publish_aggregates(batch: PreparedBatch) -> None:
-    """Add the batch's sums to the buffer that ``flush_aggregates`` sends; the sink's next
-    batch never waits on the live view (ClickHouse already holds the rows)."""
-    add_minute_sums(batch, _pending_aggregates)
+    """Add an inserted batch's sums to the open ranges; ``flush_aggregates`` hands them off
+    (the sink's next batch never waits on the live view: ClickHouse already holds the rows)."""
+    ledger.add(batch)
 
 
-def _take_aggregates() -> list[tuple[str, dict[str, Any]]]:
-    """The buffered sums as ``accepted_usage`` messages (key, value), the buffer emptied."""
-    messages = minute_messages(_pending_aggregates)
-    _pending_aggregates.clear()
-    return [(m["tenant"], m) for m in messages]
+async def _send(handoffs: list[Handoff]) -> None:
+    futures = [await accepted_usage.send(key=h.tenant, value=h.message()) for h in handoffs]
+    await asyncio.gather(*futures)
+
+
+async def _record(ranges: list[tuple[int, int, int]]) -> None:
+    loop = asyncio.get_running_loop()
+    storage = _state["storage"]
+    await loop.run_in_executor(
+        _executor, storage.record_handoffs, settings.usage_events_topic, ranges
+    )
+
+
+async def hand_off(partitions: set[int] | None = None) -> int:
+    """One flush of the ledger (``streams.handoff.flush``), under the hand-off lock."""
+    async with _handoff_lock:
+        n = await flush(ledger, _record, _send, partitions)
+    metrics.handoff_messages.inc(n)
+    return n
+
+
+async def _recover(resume: dict[int, int]) -> None:
+    """On assignment: resend the partitions' last recorded ranges and open the rows after them
+    (see ``streams.handoff.plan_recovery``). Retried: without it, the rows inserted after the
+    last recorded range would be missing from the tables."""
+    loop = asyncio.get_running_loop()
+    async with _handoff_lock:
+        for attempt in range(5):
+            try:
+                plans = await loop.run_in_executor(
+                    _executor, plan_recovery, _state["storage"], settings.usage_events_topic, resume
+                )
+                break
+            except Exception:
+                if attempt == 4:
+                    log.exception("hand-off recovery failed for %s", sorted(resume))
+                    raise
+                await asyncio.sleep(1.0)
+        ledger.recover(plans)
+    resent = [p.partition for p in plans if p.resend is not None and p.resend.sums]
+    reopened = [p.partition for p in plans if p.open.sums]
+    if resent or reopened:
+        log.info(
+            "hand-off recovered: last ranges of %s queued again, rows after them in %s",
+            resent,
+            reopened,
+        )
+
+
+async def _revoked(partitions: set[int]) -> None:
+    """Before a partition moves: hand its open range off, so the next owner starts after it."""
+    try:
+        await hand_off(partitions)
+    finally:
+        ledger.close(partitions)
 
 
 @app.timer(AGGREGATE_FLUSH_SECONDS)
 async def flush_aggregates() -> None:
-    """Send the buffered sums (one message per tenant, meter, minute) to ``accepted_usage``.
+    """Hand the open ranges off to ``accepted_usage`` (one message per tenant and range).
 
-    Each message costs the ``aggregate`` agent a daily and five window updates, each with its
-    changelog record: so the interval, not the event rate, sets this cost (per tenant and
-    minute touched), and a longer interval is cheaper."""
-    for key, value in _take_aggregates():
-        accepted_usage.send_soon(key=key, value=value, timestamp=float(value["minute"]))
+    Each message costs the ``aggregate`` agent a daily and five window updates per minute it
+    holds, each with its changelog record: so the interval, not the event rate, sets this cost,
+    and a longer interval is cheaper."""
+    if "storage" not in _state:
+        return
+    try:
+        await hand_off()
+    except Exception:
+        metrics.handoff_failures.inc()
+        log.exception("hand-off to the Faust tables failed; retried at the next flush")
 
 
 @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types the sender positional-only
 async def _last_aggregates(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
     """At shutdown (Faust's consumer stopped, its producer not yet flushed): let the sink
-    finish its batch in flight, then hand the sums not yet sent to ``accepted_usage``, so the
-    live tables get them when the agent next runs instead of never."""
+    finish its batch in flight, then hand off what is still open, so the live tables get it when
+    the agent next runs instead of from the next owner's recovery."""
     consumer = _state.get("consumer")
     if consumer is not None:
         consumer.stop()
@@ -136,13 +228,15 @@ async def _last_aggregates(sender: Any, *args: Any, signal: Any, **kwargs: Any) 
             await asyncio.wait_for(consumer.stopped.wait(), timeout=30)
         except TimeoutError:
             log.warning("the sink did not stop within 30 s; its last sums may be missing")
-    messages = _take_aggregates()
-    # Sent and awaited here (the background buffer of send_soon is already winding down); the
-    # app flushes its producer right after this signal.
-    for key, value in messages:
-        await accepted_usage.send(key=key, value=value, timestamp=float(value["minute"]))
-    if messages:
-        log.info("shutdown: %d last sums sent to %s", len(messages), accepted_usage)
+    if "storage" not in _state:
+        return
+    try:
+        n = await hand_off()
+    except Exception:
+        log.exception("shutdown: the last hand-off failed; the next owner recovers it")
+        return
+    if n:
+        log.info("shutdown: %d last hand-offs sent to %s", n, accepted_usage)
 
 
 # --- the sink and the backfill share one thread: the ClickHouse client is used from it only -----
@@ -167,8 +261,10 @@ async def run_sink() -> None:
 
     loop = asyncio.get_running_loop()
     client = await loop.run_in_executor(_executor, _clickhouse)
+    storage = ClickHouseStorage(client, settings.clickhouse_database)
+    _state["storage"] = storage
     sink = ClickHouseSink(
-        ClickHouseStorage(client, settings.clickhouse_database),
+        storage,
         topic=settings.usage_events_topic,
         lateness_seconds=settings.event_max_lateness,
         max_future_skew=settings.event_max_future_skew,
@@ -182,6 +278,9 @@ async def run_sink() -> None:
         batch_within=settings.worker_batch_within,
         executor=_executor,
         on_batch_written=publish_aggregates,
+        session_timeout=settings.worker_session_timeout,
+        on_assigned=_recover,
+        on_revoked=_revoked,
     )
     _state["consumer"] = consumer
     await consumer.run()
@@ -219,5 +318,6 @@ __all__ = [
     "dead_letters",
     "tenant_daily_usage",
     "tenant_recent_usage",
+    "usage",
     "usage_events",
 ]

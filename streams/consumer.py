@@ -32,6 +32,10 @@ from streams.sink import ClickHouseSink, PreparedBatch, SinkRecord, dead_letter_
 log = logging.getLogger(__name__)
 
 AggregatePublisher = Callable[[PreparedBatch], Awaitable[None]]
+#: called under the rebalance lock with the assigned partitions' resume offsets
+AssignedHook = Callable[[dict[int, int]], Awaitable[None]]
+#: called under the rebalance lock, before revoked partitions are given up
+RevokedHook = Callable[[set[int]], Awaitable[None]]
 
 
 class SinkConsumer:
@@ -48,6 +52,9 @@ class SinkConsumer:
         batch_within: float,
         executor: ThreadPoolExecutor,
         on_batch_written: AggregatePublisher | None = None,
+        session_timeout: float = 10.0,
+        on_assigned: AssignedHook | None = None,
+        on_revoked: RevokedHook | None = None,
     ) -> None:
         self.sink = sink
         self.topic = sink.topic
@@ -58,6 +65,9 @@ class SinkConsumer:
         self.batch_within = batch_within
         self.executor = executor
         self.on_batch_written = on_batch_written
+        self.session_timeout = session_timeout
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
         self._lock = asyncio.Lock()
         self._assigned: set[int] = set()
         self._next: dict[int, int] = {}
@@ -74,6 +84,12 @@ class SinkConsumer:
     # --- rebalance ------------------------------------------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # waits for the batch in flight to be written and committed
+            mine = {tp.partition for tp in revoked if tp.topic == self.topic} & self._assigned
+            if self.on_revoked is not None and mine:
+                try:
+                    await self.on_revoked(mine)
+                except Exception:  # the next owner recovers from ClickHouse
+                    log.exception("revoke hook failed for partitions %s", sorted(mine))
             for tp in revoked:
                 self._assigned.discard(tp.partition)
                 self._next.pop(tp.partition, None)
@@ -99,6 +115,8 @@ class SinkConsumer:
             self._next[p] = resume
             self._assigned.add(p)
         log.info("sink assigned %s: resume offsets %s", sorted(partitions), self._next)
+        if self.on_assigned is not None and partitions:
+            await self.on_assigned({p: self._next[p] for p in partitions})
 
     # --- loop -----------------------------------------------------------------------------------
     async def _take(self) -> tuple[int, list[SinkRecord]]:
@@ -198,6 +216,8 @@ class SinkConsumer:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
+            session_timeout_ms=int(self.session_timeout * 1000),
+            heartbeat_interval_ms=min(3000, int(self.session_timeout * 1000) // 3),
         )
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True

@@ -43,3 +43,13 @@ backfill_rows = Counter(
     "streams_backfill_rows", "Tenant-day totals upserted into the quota DB's tenant_daily_usage."
 )
 backfill_failures = Counter("streams_backfill_failures", "Backfill rounds that failed.")
+handoff_messages = Counter(
+    "streams_handoff_messages",
+    "Hand-off messages (one tenant's sums over one source range) sent to accepted_usage.",
+)
+handoff_failures = Counter(
+    "streams_handoff_failures", "Hand-off flushes that failed (their ranges are sent again)."
+)
+handoffs_malformed = Counter(
+    "streams_handoffs_malformed", "accepted_usage messages the aggregate agent could not read."
+)

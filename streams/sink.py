@@ -161,7 +161,6 @@ def event_row(ev: FastUsageEvent, rec: SinkRecord) -> list[Any]:
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MS = dt.timedelta(milliseconds=1)
-_MINUTE = dt.timedelta(minutes=1)
 _TIME_COLUMN = EVENT_COLUMNS.index("time")
 
 
@@ -291,6 +290,45 @@ class ClickHouseStorage:
             written += self._rollup_count(table) - before
         return written
 
+    # --- the hand-off ledger's records (streams/handoff.py) -----------------------------------
+    def record_handoffs(self, topic: str, ranges: Iterable[tuple[int, int, int]]) -> None:
+        """Record (partition, start, end) ranges about to be handed to the Faust tables."""
+        rows = [[topic, int(p), int(a), int(b)] for p, a, b in ranges]
+        if rows:
+            self.client.insert(
+                f"{self.database}.aggregate_handoffs",
+                rows,
+                column_names=["topic", "partition", "start_offset", "end_offset"],
+            )
+
+    def last_handoffs(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """Each partition's last recorded range (the one with the greatest end)."""
+        parts = sorted({int(p) for p in partitions})
+        if not parts:
+            return {}
+        result = self.client.query(
+            f"SELECT partition, argMax(start_offset, end_offset), max(end_offset)"  # noqa: S608
+            f" FROM {self.database}.aggregate_handoffs"
+            f" WHERE topic = {{t:String}} AND partition IN {{ps:Array(Int32)}} GROUP BY partition",
+            parameters={"t": topic, "ps": parts},
+        )
+        return {int(p): (int(a), int(b)) for p, a, b in result.result_rows}
+
+    def billable_sums(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> list[tuple[str, str, int, float]]:
+        """(tenant, meter, minute start, quantity) of the billable rows inserted from
+        ``partition``'s offsets ``[start, end)``."""
+        result = self.client.query(
+            f"SELECT tenant, meter, toInt64(toUnixTimestamp(toStartOfMinute(time))) AS m,"  # noqa: S608
+            f" sum(quantity) FROM {self.database}.usage_events"
+            f" WHERE kafka_topic = {{t:String}} AND kafka_partition = {{p:Int32}}"
+            f" AND kafka_offset >= {{a:Int64}} AND kafka_offset < {{b:Int64}} AND billable = 1"
+            f" GROUP BY tenant, meter, m",
+            parameters={"t": topic, "p": int(partition), "a": int(start), "b": int(end)},
+        )
+        return [(t, m, int(minute), float(q)) for t, m, minute, q in result.result_rows]
+
     def _rollup_count(self, table: str) -> int:
         result = self.client.query(f"SELECT count() FROM {self.database}.{table}")  # noqa: S608
         return int(result.result_rows[0][0])
@@ -417,51 +455,16 @@ def dead_letter_value(letter: DeadLetter) -> bytes:
     return letter.record.value or b""
 
 
-MinuteKey = tuple[str, str, int, int]  # (tenant, meter, billable, minute start in epoch seconds)
-
-
-def add_minute_sums(batch: PreparedBatch, sums: dict[MinuteKey, float]) -> None:
-    """Add the inserted events' billable quantities to ``sums``, per (tenant, meter, billable,
-    minute): what the Faust tables count (rejected decisions are never billed, and the
-    ``aggregate`` agent would only skip them)."""
-    get = sums.get
-    for _, ev in batch.events:
-        d = ev.data
-        if d.decision == "rejected":
-            continue
-        k = (ev.subject, d.meter, 1, (ev.time - _EPOCH) // _MINUTE * 60)
-        sums[k] = get(k, 0.0) + d.quantity
-
-
-def minute_messages(sums: dict[MinuteKey, float]) -> list[dict[str, Any]]:
-    """The sums as the values of ``accepted_usage`` messages (the ``aggregate`` agent's input)."""
-    return [
-        {"tenant": t, "meter": m, "billable": b, "minute": minute, "quantity": q}
-        for (t, m, b, minute), q in sums.items()
-    ]
-
-
-def minute_aggregates(batch: PreparedBatch) -> list[dict[str, Any]]:
-    """:func:`add_minute_sums` of one batch, as :func:`minute_messages`."""
-    sums: dict[MinuteKey, float] = {}
-    add_minute_sums(batch, sums)
-    return minute_messages(sums)
-
-
 __all__ = [
     "EVENT_COLUMNS",
     "ROLLUPS",
     "ClickHouseSink",
     "ClickHouseStorage",
     "DeadLetter",
-    "MinuteKey",
     "PreparedBatch",
     "Record",
     "SinkRecord",
     "SinkStorage",
-    "add_minute_sums",
     "dead_letter_value",
     "event_row",
-    "minute_aggregates",
-    "minute_messages",
 ]

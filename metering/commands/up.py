@@ -296,6 +296,7 @@ def run_worker(settings: Settings, api: Any, t0: float) -> None:
     signal stops it; the API is told to stop at the same time."""
     import faust
 
+    settings.metering_data_dir.mkdir(parents=True, exist_ok=True)  # Faust's datadir goes here
     from streams.app import app as worker_app
 
     @worker_app.task

@@ -35,6 +35,7 @@ def _run(args: argparse.Namespace) -> int:
 
     ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
     migrate_quota_db(settings.quota_db_url)
+    settings.metering_data_dir.mkdir(parents=True, exist_ok=True)  # Faust's datadir goes here
 
     # The worker's heap is mostly long-lived (Faust, aiokafka, ClickHouse client): keep it out
     # of the collector, and collect the young generation every 50,000 allocations instead of

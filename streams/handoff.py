@@ -1,0 +1,399 @@
+"""The sink's sums handed to the Faust tables, each counted once, also across a crash.
+
+The sink inserts rows into ClickHouse (exactly once, see :mod:`streams.sink`); the Faust tables
+(``tenant_daily_usage``, ``tenant_recent_usage``) are fed by the ``aggregate`` agent from the
+``accepted_usage`` topic. Handing the inserted rows' sums over is a second write, after the
+insert, so a worker killed in between would lose them from the tables, and a replay of
+``accepted_usage`` (Faust is at-least-once) would count them twice. The mechanism:
+
+- **Ranges of source offsets.** The sums are kept per source partition as an open range
+  ``[start, end)`` of its offsets (``end`` = the next offset after the last inserted batch).
+  Every ``WORKER_AGGREGATE_INTERVAL`` s the open ranges are closed and handed off: one message
+  per (tenant, range) carrying the range and the tenant's per-(meter, minute) billable sums.
+- **Intent before sending.** A flush records its ranges in ClickHouse's ``aggregate_handoffs``
+  (one row per partition) *before* sending, sends, and waits for Kafka's acknowledgements. The
+  next flush starts only after that, and a failed flush is retried as a whole before any newer
+  range of its partitions: so only a partition's last recorded range can have been sent in part.
+- **Marks in the table values.** Each table value is ``{"q": quantity, "m": {source: end}}``:
+  the quantity and, per source partition, the ``end`` of the last range applied to it, written
+  together in one changelog record. The agent applies a message to a key only when the key's
+  mark for that source is below the message's ``end``; a replayed or resent message is dropped
+  key by key. Faust flushes the changelog before it commits the agent's offsets.
+- **Recovery on assignment** (a restart, a rebalance, a failed batch): the new owner of a
+  partition reads its last recorded range, resends it with sums recomputed from
+  ``usage_events`` (rows carry their source offsets; the same rows give the same sums), and
+  opens ``[that end, resume offset)`` with the sums of the rows inserted there, which no flush
+  has covered. On a revoke the current owner flushes the partition's range first.
+
+Messages of the earlier format (one per tenant, meter and minute, no range) are still folded in,
+without marks. Tests: ``tests/unit/test_streams_handoff.py`` and the worker's SIGKILL test in
+``tests/integration/test_streams_worker.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeGuard
+
+from streams.sink import PreparedBatch
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MINUTE = dt.timedelta(minutes=1)
+
+#: (tenant, meter, minute start in epoch seconds) -> billable quantity
+Sums = dict[tuple[str, str, int], float]
+
+
+def source_of(topic: str, partition: int) -> str:
+    """The mark key of a source partition in the table values."""
+    return f"{topic}:{partition:d}"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """One tenant's billable sums over the source offsets ``[start, end)`` of one partition."""
+
+    tenant: str
+    source: str
+    start: int
+    end: int
+    sums: tuple[tuple[str, int, float], ...]  # (meter, minute start, quantity), sorted
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "source": self.source,
+            "start": self.start,
+            "end": self.end,
+            "sums": [list(s) for s in self.sums],
+        }
+
+    @classmethod
+    def from_message(cls, value: Any) -> Handoff:
+        """Parse an ``accepted_usage`` value of this format; ValueError names what is wrong."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"hand-off: expected an object, got {type(value).__name__}")
+        tenant, source, start, end = (value.get(k) for k in ("tenant", "source", "start", "end"))
+        if not isinstance(tenant, str) or not tenant:
+            raise ValueError("hand-off: tenant must be a non-empty string")
+        if not isinstance(source, str) or not source:
+            raise ValueError("hand-off: source must be a non-empty string")
+        if not (_is_int(start) and _is_int(end) and 0 <= start <= end):
+            raise ValueError(f"hand-off: bad offset range [{start!r}, {end!r})")
+        raw = value.get("sums")
+        if not isinstance(raw, list):
+            raise ValueError("hand-off: sums must be a list")
+        sums = []
+        for item in raw:
+            if not (
+                isinstance(item, list)
+                and len(item) == 3
+                and isinstance(item[0], str)
+                and _is_int(item[1])
+                and isinstance(item[2], int | float)
+                and not isinstance(item[2], bool)
+                and math.isfinite(item[2])
+            ):
+                raise ValueError(f"hand-off: bad sum {item!r}")
+            sums.append((item[0], int(item[1]), float(item[2])))
+        return cls(tenant, source, start, end, tuple(sums))
+
+    def by_day(self) -> dict[dt.date, float]:
+        out: dict[dt.date, float] = {}
+        for _, minute, q in self.sums:
+            day = dt.datetime.fromtimestamp(minute, dt.UTC).date()
+            out[day] = out.get(day, 0.0) + q
+        return out
+
+    def by_window(self, ranges: Any) -> dict[Any, float]:
+        """Sums per window of ``ranges(timestamp)`` (a Faust window's ``ranges``)."""
+        out: dict[Any, float] = {}
+        for _, minute, q in self.sums:
+            for wr in ranges(float(minute)):
+                out[wr] = out.get(wr, 0.0) + q
+        return out
+
+
+def _is_int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_handoff_message(value: Any) -> bool:
+    """A message of this format (the earlier per-minute format has no ``end``)."""
+    return isinstance(value, Mapping) and "end" in value
+
+
+# --- the table values ---------------------------------------------------------------------------
+def usage(value: Any) -> float:
+    """The quantity of a table value (``{"q": ..., "m": ...}``, or a float of the old format)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, Mapping):
+        return float(value.get("q", 0.0))
+    return float(value)
+
+
+def fold(old: Any, source: str, end: int, quantity: float) -> dict[str, Any] | None:
+    """The new table value after adding ``quantity`` from ``source`` up to offset ``end``, or
+    None when the value already holds it (its mark for ``source`` is at or past ``end``)."""
+    if isinstance(old, Mapping):
+        q, marks = float(old.get("q", 0.0)), dict(old.get("m") or {})
+    else:
+        q, marks = usage(old), {}
+    if marks.get(source, -1) >= end:
+        return None
+    marks[source] = end
+    return {"q": q + quantity, "m": marks}
+
+
+def add_legacy(old: Any, quantity: float) -> dict[str, Any]:
+    """Add an old-format message's quantity (no range, so no mark)."""
+    marks = dict(old.get("m") or {}) if isinstance(old, Mapping) else {}
+    return {"q": usage(old) + quantity, "m": marks}
+
+
+# --- the sink side ------------------------------------------------------------------------------
+@dataclass
+class PartitionRange:
+    """A closed range of one source partition and the billable sums of its inserted rows."""
+
+    partition: int
+    start: int
+    end: int
+    sums: Sums = field(default_factory=dict)
+
+    def handoffs(self, topic: str) -> list[Handoff]:
+        per_tenant: dict[str, list[tuple[str, int, float]]] = {}
+        for (tenant, meter, minute), q in sorted(self.sums.items()):
+            per_tenant.setdefault(tenant, []).append((meter, minute, q))
+        source = source_of(topic, self.partition)
+        return [
+            Handoff(tenant, source, self.start, self.end, tuple(items))
+            for tenant, items in per_tenant.items()
+        ]
+
+
+class HandoffStorage(Protocol):
+    def record_handoffs(self, topic: str, ranges: Iterable[tuple[int, int, int]]) -> None: ...
+    def last_handoffs(
+        self, topic: str, partitions: Iterable[int]
+    ) -> dict[int, tuple[int, int]]: ...
+    def billable_sums(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> Iterable[tuple[str, str, int, float]]: ...
+
+
+@dataclass
+class Recovery:
+    """What a newly assigned partition's hand-off starts from (see :func:`plan_recovery`)."""
+
+    partition: int
+    resend: PartitionRange | None  # the last recorded range, maybe sent in part
+    open: PartitionRange  # inserted rows no flush has covered, and where the next range starts
+
+
+def _sums(rows: Iterable[tuple[str, str, int, float]]) -> Sums:
+    out: Sums = {}
+    for tenant, meter, minute, q in rows:
+        k = (tenant, meter, int(minute))
+        out[k] = out.get(k, 0.0) + float(q)
+    return out
+
+
+def plan_recovery(storage: HandoffStorage, topic: str, resume: Mapping[int, int]) -> list[Recovery]:
+    """For each assigned partition (``resume``: partition -> the sink's resume offset), read its
+    last recorded range and the rows after it from ClickHouse. Blocking: run in the ClickHouse
+    thread, under the hand-off lock (no flush may record a range meanwhile)."""
+    last = storage.last_handoffs(topic, resume)
+    plans = []
+    for p, resume_at in sorted(resume.items()):
+        if p not in last:
+            # Nothing handed off from this partition yet: every row inserted from it is open.
+            # (Migration 004 recorded where the earlier hand-off, without ranges, had got to.)
+            rows = storage.billable_sums(topic, p, 0, resume_at) if resume_at > 0 else []
+            plans.append(Recovery(p, None, PartitionRange(p, 0, resume_at, _sums(rows))))
+            continue
+        start, end = last[p]
+        resend = PartitionRange(p, start, end, _sums(storage.billable_sums(topic, p, start, end)))
+        if resume_at > end:
+            rows = storage.billable_sums(topic, p, end, resume_at)
+            opened = PartitionRange(p, end, resume_at, _sums(rows))
+        else:
+            opened = PartitionRange(p, end, end)
+        plans.append(Recovery(p, resend, opened))
+    return plans
+
+
+class HandoffLedger:
+    """The open ranges of the assigned partitions and the ranges recorded but not yet sent.
+
+    Used on the event loop only (the ClickHouse reads and writes are the caller's, in its
+    thread); the caller serialises :meth:`take`, :meth:`recover` and the sending (one lock).
+    """
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._open: dict[int, PartitionRange] = {}
+        #: recorded in ``aggregate_handoffs`` and not yet acknowledged: resent before any newer
+        self.unsent: list[PartitionRange] = []
+
+    def open_partitions(self) -> set[int]:
+        return set(self._open)
+
+    def pending(self) -> int:
+        """Sums not yet handed off (open ranges and unsent ones), for logs and tests."""
+        return sum(len(r.sums) for r in self._open.values()) + sum(len(r.sums) for r in self.unsent)
+
+    def recover(self, plans: Iterable[Recovery]) -> None:
+        for plan in plans:
+            # The partition's unsent ranges end at or before its last recorded one: resending
+            # that one (recomputed) covers them.
+            self.unsent = [r for r in self.unsent if r.partition != plan.partition]
+            if plan.resend is not None and plan.resend.sums:
+                self.unsent.append(plan.resend)
+            self._open[plan.partition] = plan.open
+
+    def add(self, batch: PreparedBatch) -> None:
+        """Add an inserted batch's billable sums (rejected decisions are never billed) to the
+        open ranges and move their ends past the batch."""
+        for p, nxt in batch.next_offsets.items():
+            rng = self._open.get(p)
+            if rng is None:  # not opened by recover(): starts at this batch (tests, tools)
+                first = min((r.offset for r, _ in batch.events if r.partition == p), default=nxt)
+                rng = self._open[p] = PartitionRange(p, first, first)
+            rng.end = max(rng.end, nxt)
+        current, sums = -1, None
+        for rec, ev in batch.events:
+            d = ev.data
+            if d.decision == "rejected":
+                continue
+            if rec.partition != current:
+                current = rec.partition
+                sums = self._open[current].sums
+            assert sums is not None
+            k = (ev.subject, d.meter, (ev.time - _EPOCH) // _MINUTE * 60)
+            sums[k] = sums.get(k, 0.0) + d.quantity
+
+    def take(self, partitions: Iterable[int] | None = None) -> list[PartitionRange]:
+        """Close the open ranges (of ``partitions``, default all) that hold sums; each open
+        range starts again at the end of the one taken. A range without sums is skipped: the
+        rows in it bill nothing, so no flush needs to cover it."""
+        parts = self._open.keys() if partitions is None else set(partitions) & self._open.keys()
+        taken = []
+        for p in sorted(parts):
+            rng = self._open[p]
+            if rng.end > rng.start and rng.sums:
+                taken.append(rng)
+            self._open[p] = PartitionRange(p, rng.end, rng.end)
+        return taken
+
+    def untake(self, ranges: Iterable[PartitionRange]) -> None:
+        """Put ranges taken by :meth:`take` back (recording them failed): merged with what was
+        added to their partitions since."""
+        for rng in ranges:
+            cur = self._open.get(rng.partition)
+            if cur is None:
+                continue  # revoked meanwhile: the next owner recomputes it
+            merged = dict(rng.sums)
+            for k, q in cur.sums.items():
+                merged[k] = merged.get(k, 0.0) + q
+            self._open[rng.partition] = PartitionRange(
+                rng.partition, rng.start, max(cur.end, rng.end), merged
+            )
+
+    def close(self, partitions: Iterable[int]) -> None:
+        """Forget revoked partitions (after their ranges were flushed)."""
+        for p in partitions:
+            self._open.pop(p, None)
+
+
+def messages(topic: str, ranges: Iterable[PartitionRange]) -> Iterator[Handoff]:
+    for rng in ranges:
+        yield from rng.handoffs(topic)
+
+
+RecordRanges = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
+SendHandoffs = Callable[[list[Handoff]], Awaitable[None]]
+
+
+async def flush(
+    ledger: HandoffLedger,
+    record: RecordRanges,
+    send: SendHandoffs,
+    partitions: Iterable[int] | None = None,
+) -> int:
+    """One hand-off: resend the recorded but unacknowledged ranges, then close the open ranges
+    (of ``partitions``, default all), ``record`` them (partition, start, end) and ``send`` their
+    messages; ``send`` returns once Kafka acknowledged them all. Returns the messages sent.
+
+    On failure the ranges stay queued (recorded ones in ``ledger.unsent``, unrecorded ones back
+    in the open ranges) for the next flush, and nothing newer of a partition is recorded or
+    sent while an older range of it is unsent. Callers serialise flushes and recoveries."""
+    topic = ledger.topic
+    sent = 0
+    if ledger.unsent:  # all of them, before any newer range (the marks compare ends)
+        unsent = list(ledger.unsent)
+        handoffs = list(messages(topic, unsent))
+        await send(handoffs)
+        done = {id(r) for r in unsent}
+        ledger.unsent = [r for r in ledger.unsent if id(r) not in done]
+        sent += len(handoffs)
+    taken = ledger.take(partitions)
+    if not taken:
+        return sent
+    try:
+        await record([(r.partition, r.start, r.end) for r in taken])
+    except BaseException:
+        ledger.untake(taken)
+        raise
+    ledger.unsent.extend(taken)  # recorded: from here on only ever resent whole
+    handoffs = list(messages(topic, taken))
+    await send(handoffs)
+    done = {id(r) for r in taken}
+    ledger.unsent = [r for r in ledger.unsent if id(r) not in done]
+    return sent + len(handoffs)
+
+
+def fold_into(
+    handoff: Handoff,
+    daily: MutableMapping[Any, Any],
+    windows: MutableMapping[Any, Any],
+    window_ranges: Callable[[float], Iterable[Any]],
+) -> int:
+    """Apply one hand-off to the per-day values (keys ``"<tenant>|<YYYY-MM-DD>"``) and the
+    window values (keys ``(tenant, window range)``); a key whose mark for the source is already
+    at or past the hand-off's end keeps its value (a replay or a resend). Returns the number of
+    keys changed. The ``aggregate`` agent calls it with the Faust tables."""
+    changed = 0
+    for day, q in handoff.by_day().items():
+        key = f"{handoff.tenant}|{day.isoformat()}"
+        if (new := fold(daily.get(key), handoff.source, handoff.end, q)) is not None:
+            daily[key] = new
+            changed += 1
+    for wr, q in handoff.by_window(window_ranges).items():
+        wkey = (handoff.tenant, wr)
+        if (new := fold(windows.get(wkey), handoff.source, handoff.end, q)) is not None:
+            windows[wkey] = new
+            changed += 1
+    return changed
+
+
+__all__ = [
+    "Handoff",
+    "HandoffLedger",
+    "HandoffStorage",
+    "PartitionRange",
+    "Recovery",
+    "add_legacy",
+    "flush",
+    "fold",
+    "fold_into",
+    "is_handoff_message",
+    "messages",
+    "plan_recovery",
+    "source_of",
+    "usage",
+]

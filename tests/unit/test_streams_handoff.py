@@ -1,0 +1,301 @@
+"""The hand-off to the Faust tables: every inserted event counts once in the day and window
+values, across crashes at each step of a flush and replays of ``accepted_usage``.
+
+The simulation drives the real sink (``ClickHouseSink`` over a recorded storage), the real
+ledger, ``flush``, ``plan_recovery`` and ``fold_into``; only Kafka and ClickHouse are modelled
+(the worker's SIGKILL test in ``tests/integration/test_streams_worker.py`` runs the real ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from faust.windows import HoppingWindow
+
+from metering.events import decision_event, encode_event, usage_event
+from streams.handoff import (
+    Handoff,
+    HandoffLedger,
+    flush,
+    fold,
+    fold_into,
+    plan_recovery,
+    source_of,
+    usage,
+)
+from streams.sink import ClickHouseSink, Record
+from tests.unit.test_streams_sink import RecordedStorage
+
+NOW = dt.datetime(2026, 3, 2, 0, 10, tzinfo=dt.UTC)  # events on both sides of midnight
+TOPIC = "usage.events"
+PARTITIONS = (0, 1, 2)
+WINDOWS = HoppingWindow(300, 60)
+
+
+class Storage(RecordedStorage):
+    """The recorded sink storage plus the hand-off ledger's table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handoffs: list[tuple[int, int, int]] = []
+
+    def record_handoffs(self, topic: str, ranges: Iterable[tuple[int, int, int]]) -> None:
+        self.handoffs.extend(ranges)
+
+    def last_handoffs(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        last: dict[int, tuple[int, int]] = {}
+        for p, a, b in self.handoffs:
+            if p in set(partitions) and b >= last.get(p, (0, -1))[1]:
+                last[p] = (a, b)
+        return last
+
+    def billable_sums(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> list[tuple[str, str, int, float]]:
+        return [
+            (r[3], r[4], int(r[7].timestamp()) // 60 * 60, r[8])
+            for r in self.rows
+            if r[11] == partition and start <= r[12] < end and r[6] == 1
+        ]
+
+
+class Crash(Exception):
+    """The worker process dies here."""
+
+
+class Tables:
+    """The Faust tables as the agent sees them after a crash: each changelog keeps a prefix of
+    its writes (at least those before the committed offset), and the agent replays
+    ``accepted_usage`` from its committed offset."""
+
+    def __init__(self) -> None:
+        self.log: list[dict[str, Any]] = []  # accepted_usage
+        self.processed = 0
+        self.committed = 0
+        self.writes: dict[str, list[tuple[Any, Any]]] = {"daily": [], "windows": []}
+        self.writes_at_commit = {"daily": 0, "windows": 0}
+
+    def state(self, name: str, upto: int | None = None) -> dict[Any, Any]:
+        return dict(self.writes[name][:upto])
+
+    def process(self, rng: random.Random) -> None:
+        daily, windows = self.state("daily"), self.state("windows")
+        recorder = {"daily": _Recording(daily), "windows": _Recording(windows)}
+        for value in self.log[self.processed :]:
+            fold_into(
+                Handoff.from_message(value), recorder["daily"], recorder["windows"], WINDOWS.ranges
+            )
+            self.processed += 1
+        for name, rec in recorder.items():
+            self.writes[name].extend(rec.writes)
+        if rng.random() < 0.7:  # a commit: the changelogs are flushed first (Faust does)
+            self.committed = self.processed
+            self.writes_at_commit = {k: len(v) for k, v in self.writes.items()}
+
+    def crash(self, rng: random.Random) -> None:
+        for name, writes in self.writes.items():
+            keep = rng.randint(self.writes_at_commit[name], len(writes))
+            del writes[keep:]
+        self.processed = self.committed
+
+
+class _Recording(dict):  # type: ignore[type-arg]
+    def __init__(self, data: dict[Any, Any]) -> None:
+        super().__init__(data)
+        self.writes: list[tuple[Any, Any]] = []
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.writes.append((key, value))
+
+
+def source_events(rng: random.Random, per_partition: int) -> dict[int, list[Record]]:
+    tenants = ["acme", "globex", "initech"]
+    out: dict[int, list[Record]] = {}
+    n = 0
+    for p in PARTITIONS:
+        records = []
+        for offset in range(per_partition):
+            tenant = tenants[rng.randrange(3)]
+            t = NOW - dt.timedelta(seconds=rng.randrange(0, 1500))
+            roll = rng.random()
+            if roll < 0.1 and records:  # a resend of an earlier message of this partition
+                value = records[rng.randrange(len(records))].value
+            elif roll < 0.2:
+                value = encode_event(decision_event(tenant, False, cost=3, time=t))
+            elif roll < 0.25:
+                value = b"not json"
+            else:
+                n += 1
+                qty = rng.choice([1, 2, 5, 0.5])
+                value = encode_event(usage_event(tenant, "requests", qty, time=t, id=f"e{n}"))
+            records.append(Record(TOPIC, p, offset, tenant.encode(), value))
+        out[p] = records
+    return out
+
+
+def expected(storage: Storage) -> tuple[dict[str, float], dict[Any, float]]:
+    daily: dict[str, float] = {}
+    windows: dict[Any, float] = {}
+    for r in storage.rows:
+        if r[6] != 1:
+            continue
+        key = f"{r[3]}|{r[7].date().isoformat()}"
+        daily[key] = daily.get(key, 0.0) + r[8]
+        for wr in WINDOWS.ranges(float(int(r[7].timestamp()) // 60 * 60)):
+            windows[(r[3], wr)] = windows.get((r[3], wr), 0.0) + r[8]
+    return daily, windows
+
+
+def run(seed: int) -> tuple[Storage, Tables]:
+    rng = random.Random(seed)
+    source = source_events(rng, per_partition=rng.randint(20, 60))
+    storage = Storage()
+    tables = Tables()
+
+    async def life(last: bool) -> bool:
+        """One process: recover, then batches and flushes until a crash (or, if ``last``,
+        until the source is drained and a final flush). Returns True when drained."""
+        sink = ClickHouseSink(
+            storage, topic=TOPIC, lateness_seconds=3600, max_future_skew=300, clock=lambda: NOW
+        )
+        stored = sink.on_assigned(PARTITIONS)
+        resume = {p: stored.get(p, 0) for p in PARTITIONS}
+        ledger = HandoffLedger(TOPIC)
+        ledger.recover(plan_recovery(storage, TOPIC, resume))
+        pos = dict(resume)
+        crash_at = None if last else rng.randint(1, 12)
+        step = 0
+
+        async def record(ranges: list[tuple[int, int, int]]) -> None:
+            if mode == "before_record":
+                raise Crash
+            storage.record_handoffs(TOPIC, ranges)
+            if mode == "after_record":
+                raise Crash
+
+        async def send(handoffs: list[Handoff]) -> None:
+            if mode == "mid_send" and handoffs:
+                cut = rng.randrange(len(handoffs))
+                tables.log.extend(h.message() for h in handoffs[:cut])
+                raise Crash
+            tables.log.extend(h.message() for h in handoffs)
+            if mode == "after_send":
+                raise Crash
+
+        while True:
+            step += 1
+            mode = None
+            if crash_at is not None and step >= crash_at:
+                mode = rng.choice(["before_record", "after_record", "mid_send", "after_send"])
+            p = rng.choice(PARTITIONS)
+            records = source[p][pos[p] : pos[p] + rng.randint(1, 15)]
+            if records:
+                batch = sink.prepare(records)
+                sink.write(batch)
+                ledger.add(batch)
+                pos[p] += len(records)
+            if mode is not None:  # the process dies in this flush, or right after it
+                with contextlib.suppress(Crash):
+                    await flush(ledger, record, send, rng.choice([None, {p}]))
+                return False
+            if last and all(pos[q] >= len(source[q]) for q in PARTITIONS):
+                await flush(ledger, record, send)
+                return True
+            if rng.random() < 0.4:
+                await flush(ledger, record, send, rng.choice([None, {p}]))
+            if rng.random() < 0.3:
+                tables.process(rng)
+
+    for _ in range(6):  # a few crashed lives, each also crashing the agent
+        asyncio.run(life(last=False))
+        tables.process(rng)
+        tables.crash(rng)
+    assert asyncio.run(life(last=True))
+    tables.process(rng)
+    return storage, tables
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_every_inserted_event_counts_once_in_the_tables_across_crashes_and_replays(
+    seed: int,
+) -> None:
+    storage, tables = run(seed)
+    want_daily, want_windows = expected(storage)
+    daily = {k: usage(v) for k, v in tables.state("daily").items()}
+    windows = {k: usage(v) for k, v in tables.state("windows").items()}
+    assert daily == pytest.approx(want_daily)
+    assert windows == pytest.approx(want_windows)
+    assert len({r[0] for r in storage.rows}) == len(storage.rows)  # the sink's own guarantee
+    assert sum(daily.values()) > 0
+
+
+def test_a_replayed_or_resent_hand_off_changes_nothing() -> None:
+    src = source_of(TOPIC, 3)
+    v = fold(None, src, 10, 5.0)
+    assert v == {"q": 5.0, "m": {src: 10}}
+    assert fold(v, src, 10, 5.0) is None  # the same range again
+    assert fold(v, src, 7, 1.0) is None  # an older range
+    v2 = fold(v, source_of(TOPIC, 4), 3, 2.0)  # another partition's range
+    assert v2 is not None and usage(v2) == 7.0
+    assert usage(fold(7.5, src, 1, 1.0)) == 8.5  # a value of the earlier (float) format
+
+
+def test_a_range_with_several_minutes_of_one_window_adds_them_all() -> None:
+    minute = int(NOW.timestamp()) // 60 * 60
+    h = Handoff("acme", "t:0", 0, 5, (("requests", minute - 60, 1.0), ("requests", minute, 2.0)))
+    daily: dict[Any, Any] = {}
+    windows: dict[Any, Any] = {}
+    fold_into(h, daily, windows, WINDOWS.ranges)
+    both = [wr for wr in WINDOWS.ranges(float(minute)) if wr[0] <= minute - 60]
+    assert both and all(usage(windows[("acme", wr)]) == 3.0 for wr in both)
+    assert fold_into(h, daily, windows, WINDOWS.ranges) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ([], "expected an object"),
+        ({"tenant": "", "source": "s", "start": 0, "end": 1, "sums": []}, "tenant"),
+        ({"tenant": "a", "source": "s", "start": 2, "end": 1, "sums": []}, "offset range"),
+        ({"tenant": "a", "source": "s", "start": True, "end": 1, "sums": []}, "offset range"),
+        ({"tenant": "a", "source": "s", "start": 0, "end": 1, "sums": [["m", 60]]}, "bad sum"),
+        (
+            {"tenant": "a", "source": "s", "start": 0, "end": 1, "sums": [["m", 60, "1"]]},
+            "bad sum",
+        ),
+        ({"tenant": "a", "source": "", "start": 0, "end": 1, "sums": []}, "source"),
+    ],
+)
+def test_a_malformed_hand_off_is_named(value: Any, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Handoff.from_message(value)
+
+
+def test_a_failed_record_puts_the_range_back_merged_with_what_came_since() -> None:
+    storage = Storage()
+    sink = ClickHouseSink(
+        storage, topic=TOPIC, lateness_seconds=3600, max_future_skew=300, clock=lambda: NOW
+    )
+    ledger = HandoffLedger(TOPIC)
+    ledger.recover(plan_recovery(storage, TOPIC, {0: 0}))
+    recs = [
+        Record(TOPIC, 0, i, b"k", encode_event(usage_event("acme", "r", 1, time=NOW, id=f"x{i}")))
+        for i in range(4)
+    ]
+    batch = sink.prepare(recs[:2])
+    sink.write(batch)
+    ledger.add(batch)
+    (taken,) = ledger.take()
+    batch = sink.prepare(recs[2:])
+    sink.write(batch)
+    ledger.add(batch)
+    ledger.untake([taken])
+    (again,) = ledger.take()
+    assert (again.start, again.end, sum(again.sums.values())) == (0, 4, 4.0)
