@@ -209,14 +209,15 @@ class Settings(BaseSettings):
             " (tenant, minute) touched since the last one: shorter is fresher and costs more."
         ),
     )
-    worker_session_timeout: float = Field(
-        60.0,
-        ge=10,
+    worker_session_timeout: float | None = Field(
+        None,
+        ge=6,
         le=300,
         description=(
             "Seconds Kafka waits for a silent worker before giving its partitions to the others"
-            " (Faust's broker_session_timeout and the sink consumer's session timeout): after a"
-            " crash, a restarted or surviving worker resumes after about this long."
+            " (Faust's broker_session_timeout and the sink consumer's session timeout); unset,"
+            " each keeps its client's default (Faust 60 s, the sink 10 s). After a crash, a"
+            " restarted or surviving worker resumes after about this long."
         ),
     )
     worker_group: str = Field(

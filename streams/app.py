@@ -65,7 +65,7 @@ app = faust.App(
     value_serializer="raw",
     topic_partitions=settings.usage_events_partitions,
     web_enabled=False,
-    broker_session_timeout=settings.worker_session_timeout,
+    broker_session_timeout=settings.worker_session_timeout or 60.0,  # Faust's default
     # Faust's default is "<app id>-data" in the working directory: keep it with the worker's
     # other state instead of wherever the process was started (Faust creates one level).
     datadir=str(settings.metering_data_dir / "faust-{conf.name}"),
@@ -278,7 +278,7 @@ async def run_sink() -> None:
         batch_within=settings.worker_batch_within,
         executor=_executor,
         on_batch_written=publish_aggregates,
-        session_timeout=settings.worker_session_timeout,
+        session_timeout=settings.worker_session_timeout or 10.0,  # aiokafka's default
         on_assigned=_recover,
         on_revoked=_revoked,
     )
