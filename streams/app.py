@@ -36,6 +36,7 @@ from streams.handoff import (
     Handoff,
     HandoffLedger,
     add_legacy,
+    daily_key,
     flush,
     fold_into,
     is_handoff_message,
@@ -95,10 +96,6 @@ def _window_ranges(timestamp: float) -> list[Any]:
     window = tenant_recent_usage.table.window
     assert window is not None
     return list(window.ranges(timestamp))
-
-
-def daily_key(tenant: str, day: dt.date) -> str:
-    return f"{tenant}|{day.isoformat()}"
 
 
 def fold_handoff(handoff: Handoff) -> int:

@@ -127,6 +127,11 @@ def is_handoff_message(value: Any) -> bool:
 
 
 # --- the table values ---------------------------------------------------------------------------
+def daily_key(tenant: str, day: dt.date) -> str:
+    """The key of ``tenant_daily_usage``: ``"<tenant>|<YYYY-MM-DD>"`` (UTC day)."""
+    return f"{tenant}|{day.isoformat()}"
+
+
 def usage(value: Any) -> float:
     """The quantity of a table value (``{"q": ..., "m": ...}``, or a float of the old format)."""
     if value is None:
@@ -369,7 +374,7 @@ def fold_into(
     keys changed. The ``aggregate`` agent calls it with the Faust tables."""
     changed = 0
     for day, q in handoff.by_day().items():
-        key = f"{handoff.tenant}|{day.isoformat()}"
+        key = daily_key(handoff.tenant, day)
         if (new := fold(daily.get(key), handoff.source, handoff.end, q)) is not None:
             daily[key] = new
             changed += 1
@@ -388,6 +393,7 @@ __all__ = [
     "PartitionRange",
     "Recovery",
     "add_legacy",
+    "daily_key",
     "flush",
     "fold",
     "fold_into",
