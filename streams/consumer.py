@@ -11,6 +11,11 @@ in flight finishes (written, committed) before its partitions can move. The assi
 under the same lock, asks the sink for the stored resume offsets and seeks; records fetched
 across an assignment are dropped (a generation counter) and the partitions re-sought to the next
 unprocessed offset, so they are fetched again.
+
+Failures: when a batch fails, or positioning a partition does (ClickHouse or Kafka unavailable),
+its partitions wait unpositioned, nothing of theirs is processed, and the loop tries again after
+0.5, 1, 2, ... up to 30 s; once positioned they resume from what ClickHouse stored. The task
+never ends on such a failure (it used to, when the re-read after a failed batch failed too).
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ class SinkConsumer:
         self.on_revoked = on_revoked
         self._lock = asyncio.Lock()
         self._assigned: set[int] = set()
+        #: assigned partitions not yet positioned (ClickHouse or Kafka failed the attempt):
+        #: the loop retries them with backoff and processes nothing of theirs meanwhile
+        self._unpositioned: set[int] = set()
+        self._failures = 0
         self._next: dict[int, int] = {}
         self._generation = 0
         self._stopping = asyncio.Event()
@@ -84,7 +93,9 @@ class SinkConsumer:
     # --- rebalance ------------------------------------------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # waits for the batch in flight to be written and committed
-            mine = {tp.partition for tp in revoked if tp.topic == self.topic} & self._assigned
+            mine = {tp.partition for tp in revoked if tp.topic == self.topic} & (
+                self._assigned | self._unpositioned  # unpositioned may still hold open sums
+            )
             if self.on_revoked is not None and mine:
                 try:
                     await self.on_revoked(mine)
@@ -92,31 +103,62 @@ class SinkConsumer:
                     log.exception("revoke hook failed for partitions %s", sorted(mine))
             for tp in revoked:
                 self._assigned.discard(tp.partition)
+                self._unpositioned.discard(tp.partition)
                 self._next.pop(tp.partition, None)
             self._generation += 1
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
-            await self._reposition({tp.partition for tp in assigned if tp.topic == self.topic})
+            await self._try_reposition({tp.partition for tp in assigned if tp.topic == self.topic})
+
+    async def _try_reposition(self, partitions: set[int]) -> bool:
+        """:meth:`_reposition`; on failure the partitions wait in ``_unpositioned`` for the
+        loop's next attempt (never processed unpositioned: their records are dropped and
+        re-read from the resume offset once positioned). Under the lock."""
+        if not partitions:
+            return True
+        try:
+            await self._reposition(partitions)
+        except Exception as exc:
+            self._unpositioned |= partitions
+            self._failures += 1
+            log.warning(
+                "sink: positioning partitions %s failed (%s: %s); retrying",
+                sorted(partitions),
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        self._unpositioned -= partitions
+        self._failures = 0
+        return True
+
+    def _backoff(self) -> float:
+        """Seconds before the next positioning attempt: 0.5, 1, 2, ... up to 30."""
+        return float(min(30.0, 0.5 * 2 ** max(0, self._failures - 1)))
 
     async def _reposition(self, partitions: set[int]) -> None:
-        """Seek ``partitions`` to the greater of the stored and the committed offset."""
+        """Seek ``partitions`` to the greater of the stored and the committed offset, and run
+        the assignment hook; they count as assigned only once all of it succeeded."""
         assert self.consumer is not None
         self._generation += 1
+        for p in partitions:  # nothing of theirs is processed until this completes
+            self._assigned.discard(p)
         stored = await self._blocking(self.sink.on_assigned, partitions)
+        resume: dict[int, int] = {}
         for p in sorted(partitions):
             tp = TopicPartition(self.topic, p)
             committed = await self.consumer.committed(tp)
-            resume = max(stored.get(p, 0), committed or 0)
+            resume[p] = max(stored.get(p, 0), committed or 0)
             if p in stored or committed is not None:
-                self.consumer.seek(tp, resume)
+                self.consumer.seek(tp, resume[p])
             else:
                 await self.consumer.seek_to_beginning(tp)
-            self._next[p] = resume
-            self._assigned.add(p)
+        if self.on_assigned is not None:
+            await self.on_assigned(dict(resume))
+        self._next.update(resume)
+        self._assigned |= partitions
         log.info("sink assigned %s: resume offsets %s", sorted(partitions), self._next)
-        if self.on_assigned is not None and partitions:
-            await self.on_assigned({p: self._next[p] for p in partitions})
 
     # --- loop -----------------------------------------------------------------------------------
     async def _take(self) -> tuple[int, list[SinkRecord]]:
@@ -234,6 +276,12 @@ class SinkConsumer:
         ahead: asyncio.Future[tuple[int, list[SinkRecord]]] | None = None
         try:
             while not self._stopping.is_set():
+                if self._unpositioned:  # ClickHouse (or Kafka) failed: back off, try again
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self._backoff())
+                    async with self._lock:
+                        await self._try_reposition(set(self._unpositioned))
+                    continue
                 taking, ahead = ahead or asyncio.ensure_future(self._take()), None
                 generation, records = await taking
                 async with self._lock:
@@ -256,8 +304,12 @@ class SinkConsumer:
                     except Exception:
                         metrics.sink_insert_failures.inc()
                         log.exception("sink batch failed; re-reading from stored progress")
-                        await asyncio.sleep(1.0)
-                        await self._reposition(set(self._assigned))
+                        # Every assigned partition is positioned again from ClickHouse by the
+                        # loop, with backoff while it stays unavailable.
+                        self._unpositioned |= self._assigned
+                        self._assigned.clear()
+                        self._generation += 1
+                        self._failures += 1
         finally:
             if ahead is not None:
                 ahead.cancel()

@@ -199,3 +199,62 @@ async def test_a_crash_between_usage_events_and_the_rollups_is_completed_on_rest
         f"SELECT max(quantity_max), uniqExactMerge(quantity_uniq) FROM {clickhouse_db}.usage_day"
     ).result_rows
     assert latest == [(2.0, 1)]
+
+
+class UnavailableStorage(ClickHouseStorage):
+    """The real storage, whose chosen calls fail as they would with the ClickHouse server
+    down: ``before`` fails the call's n-th invocation without writing, ``after`` lets it write
+    and then fails (the client timed out on an insert the server completed)."""
+
+    def __init__(
+        self, client, database: str, before: dict[str, set[int]], after: dict[str, set[int]]
+    ):  # type: ignore[no-untyped-def]
+        super().__init__(client, database)
+        self.before, self.after = before, after
+        self.calls: dict[str, int] = {}
+
+    def _call(self, name: str, fn, *args):  # type: ignore[no-untyped-def]
+        n = self.calls[name] = self.calls.get(name, 0) + 1
+        if n in self.before.get(name, set()):
+            raise ConnectionError(f"ClickHouse unavailable ({name} #{n})")
+        result = fn(*args)
+        if n in self.after.get(name, set()):
+            raise TimeoutError(f"ClickHouse did not answer ({name} #{n})")
+        return result
+
+    def insert_events(self, rows):  # type: ignore[no-untyped-def]
+        return self._call("insert_events", super().insert_events, rows)
+
+    def record_progress(self, topic, next_offsets):  # type: ignore[no-untyped-def]
+        return self._call("record_progress", super().record_progress, topic, next_offsets)
+
+    def repair_unfinished_batch(self, topic, partitions):  # type: ignore[no-untyped-def]
+        return self._call("repair", super().repair_unfinished_batch, topic, partitions)
+
+
+@pytest.mark.timeout(120)
+async def test_the_sink_rides_out_clickhouse_failures_and_counts_each_event_once(
+    kafka_bootstrap: str, clickhouse_client, clickhouse_db: str
+) -> None:
+    """ClickHouse refusing the first assignments, refusing inserts, and completing an insert
+    whose answer never came: the sink backs off and carries on (it used to end its task when
+    the re-read after a failed batch failed too), and every event counts once."""
+    migrate(clickhouse_client, clickhouse_db)
+    topic, dlq = unique_topics(kafka_bootstrap, partitions=2)
+    tenant = f"flaky-{uuid.uuid4().hex[:6]}"
+    messages = [event_message(tenant, 1, id=f"e{i}") for i in range(400)]
+    messages += [event_message(tenant, 1, id=f"e{i}") for i in range(0, 400, 7)]  # resends
+    produce(kafka_bootstrap, topic, messages)
+    storage = UnavailableStorage(
+        clickhouse_client,
+        clickhouse_db,
+        before={"repair": {1, 2}, "insert_events": {2, 3}, "record_progress": {5}},
+        after={"insert_events": {6}},
+    )
+    sink = ClickHouseSink(storage, topic=topic, lateness_seconds=LATENESS, max_future_skew=300)
+    await run_until_caught_up(sink, kafka_bootstrap, f"g-{topic}", dlq, timeout=90)
+    assert storage.calls["repair"] >= 4  # two refused, then every re-read after a failed batch
+    assert storage.calls["insert_events"] >= 6
+    assert totals(clickhouse_client, clickhouse_db) == {tenant: (400, 400.0)}
+    for table in ("usage_minute", "usage_day"):
+        assert rollup_totals(clickhouse_client, clickhouse_db, table) == {tenant: (400, 400.0)}
