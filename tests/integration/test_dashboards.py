@@ -15,8 +15,13 @@ from metering.clickhouse.schema import migrate_client
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
-METRIC_MODULES = ["limiter.metrics", "limiter.quotas", "metering.emitter", "streams.metrics",
-                  "metering.api.app"]
+METRIC_MODULES = [
+    "limiter.metrics",
+    "limiter.quotas",
+    "metering.emitter",
+    "streams.metrics",
+    "metering.api.app",
+]
 
 
 def _targets(kind: str) -> list[tuple[str, dict]]:
@@ -34,8 +39,12 @@ def exported_sample_names() -> set[str]:
         importlib.import_module(module)
     names: set[str] = set()
     for family in REGISTRY.collect():
-        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
-                    "gauge": [""], "summary": ["_count", "_sum", ""]}.get(family.type, [""])
+        suffixes = {
+            "counter": ["_total"],
+            "histogram": ["_bucket", "_count", "_sum"],
+            "gauge": [""],
+            "summary": ["_count", "_sum", ""],
+        }.get(family.type, [""])
         names.update(family.name + s for s in suffixes)
     return names
 
@@ -66,7 +75,9 @@ def test_every_prometheus_panel_queries_metrics_the_code_exports() -> None:
 
 def test_the_metric_name_extraction_finds_selectors_not_labels() -> None:
     assert metric_names("sum by (le) (rate(x_bucket[1m])) / sum(y_total{a='b'})") == {
-        "x_bucket", "y_total"}
+        "x_bucket",
+        "y_total",
+    }
 
 
 @pytest.fixture
@@ -78,8 +89,11 @@ def migrated_db(clickhouse_client, clickhouse_db: str) -> str:
 def grafana_macros(sql: str, database: str) -> str:
     """Expand the grafana-clickhouse-datasource macros the panels use, as the plugin does."""
     sql = re.sub(r"\$__timeInterval\((\w+)\)", r"toStartOfInterval(\1, INTERVAL 60 second)", sql)
-    sql = re.sub(r"\$__timeFilter\((\w+)\)",
-                 r"\1 >= toDateTime(now() - 3600) AND \1 <= toDateTime(now())", sql)
+    sql = re.sub(
+        r"\$__timeFilter\((\w+)\)",
+        r"\1 >= toDateTime(now() - 3600) AND \1 <= toDateTime(now())",
+        sql,
+    )
     sql = re.sub(r"\bmetering\.(?=usage_)", f"{database}.", sql)  # tables, not 'metering.usage'
     return sql.replace("${meter}", "requests")
 
@@ -103,4 +117,5 @@ def test_every_clickhouse_panel_runs_against_the_schema(
     dash = json.loads((DASHBOARDS / "usage.json").read_text())
     variable = dash["templating"]["list"][0]["query"]
     assert clickhouse_client.query(grafana_macros(variable, migrated_db)).result_rows == [
-        ("requests",)]
+        ("requests",)
+    ]

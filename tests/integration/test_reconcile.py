@@ -60,11 +60,18 @@ def pipeline(clickhouse_client, clickhouse_db, redis_url, kafka_bootstrap, tmp_p
     emitter.close()
     sink = make_sink(clickhouse_client, clickhouse_db, topic)
     asyncio.run(run_until_caught_up(sink, kafka_bootstrap, f"g-{topic}", dlq))
-    Backfill(clickhouse_client, clickhouse_db, store, meter="requests",
-             lateness_seconds=3600).run_once()
+    Backfill(
+        clickhouse_client, clickhouse_db, store, meter="requests", lateness_seconds=3600
+    ).run_once()
     day = dt.datetime.now(dt.UTC).date()
-    yield {"client": client, "store": store, "tenants": tenants, "day": day, "db_url": db_url,
-           "redis_url": redis_url}
+    yield {
+        "client": client,
+        "store": store,
+        "tenants": tenants,
+        "day": day,
+        "db_url": db_url,
+        "redis_url": redis_url,
+    }
     for t in tenants.values():
         client.delete(reconcile.day_key(t, day), f"rl:{{{t}}}:tb")
     limiter.close()
@@ -82,8 +89,9 @@ def rows_for(pipeline, clickhouse_client, clickhouse_db) -> dict[str, reconcile.
     return {r.tenant: r for r in rows if r.tenant in mine}
 
 
-def test_the_three_sources_agree_after_the_pipeline_ran(pipeline, clickhouse_client,
-                                                         clickhouse_db) -> None:
+def test_the_three_sources_agree_after_the_pipeline_ran(
+    pipeline, clickhouse_client, clickhouse_db
+) -> None:
     rows = rows_for(pipeline, clickhouse_client, clickhouse_db)
     for key, n in ALLOWED.items():
         row = rows[pipeline["tenants"][key]]
@@ -91,8 +99,9 @@ def test_the_three_sources_agree_after_the_pipeline_ran(pipeline, clickhouse_cli
         assert row.agrees and row.drift == {}
 
 
-def test_a_drift_introduced_in_redis_and_in_the_quota_db_is_found(pipeline, clickhouse_client,
-                                                                   clickhouse_db) -> None:
+def test_a_drift_introduced_in_redis_and_in_the_quota_db_is_found(
+    pipeline, clickhouse_client, clickhouse_db
+) -> None:
     a, b = pipeline["tenants"]["a"], pipeline["tenants"]["b"]
     pipeline["client"].incrby(reconcile.day_key(a, pipeline["day"]), 2)  # a counter ran ahead
     pipeline["store"].upsert_daily_usage([(b, pipeline["day"], 1)])  # a stale backfill
@@ -118,8 +127,9 @@ def test_the_cli_reports_drift_with_exit_code_1_and_none_with_0(
     try:
         assert main(["reconcile", "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert {t["tenant"]: (t["redis"], t["clickhouse"], t["quota_db"]) for t in out["tenants"]
-                } == {pipeline["tenants"][k]: (n, n, n) for k, n in ALLOWED.items()}
+        assert {
+            t["tenant"]: (t["redis"], t["clickhouse"], t["quota_db"]) for t in out["tenants"]
+        } == {pipeline["tenants"][k]: (n, n, n) for k, n in ALLOWED.items()}
         a = pipeline["tenants"]["a"]
         pipeline["client"].incrby(reconcile.day_key(a, pipeline["day"]), 1)
         assert main(["reconcile"]) == 1
@@ -134,22 +144,29 @@ async def test_the_api_route_answers_admins_with_the_same_rows_and_refuses_tenan
 ) -> None:
     from tests.integration.api_support import admin, api_client, api_settings, auth
 
-    settings = api_settings(tmp_path / "api", pipeline["redis_url"], kafka_bootstrap,
-                            quota_db_url=pipeline["db_url"], clickhouse_database=clickhouse_db)
+    settings = api_settings(
+        tmp_path / "api",
+        pipeline["redis_url"],
+        kafka_bootstrap,
+        quota_db_url=pipeline["db_url"],
+        clickhouse_database=clickhouse_db,
+    )
     async with api_client(settings, clickhouse=clickhouse_client) as client:
         # (a refused request still passes the rate limiter and counts for its tenant, so the
         # refusal is checked with a tenant outside this test's day)
         refused = await client.get("/v1/admin/reconcile", headers=auth(f"other-{uuid.uuid4().hex}"))
         assert refused.status_code == 403
         assert refused.headers["content-type"].startswith("application/problem+json")
-        bad = await client.get("/v1/admin/reconcile", params={"day": "yesterday"},
-                               headers=admin())
+        bad = await client.get("/v1/admin/reconcile", params={"day": "yesterday"}, headers=admin())
         assert bad.status_code == 422
         r = await client.get("/v1/admin/reconcile", headers=admin())
         assert r.status_code == 200
         body = r.json()
-        got = {t["tenant"]: (t["redis"], t["clickhouse"], t["quota_db"], t["agrees"])
-               for t in body["tenants"] if t["tenant"] in set(pipeline["tenants"].values())}
+        got = {
+            t["tenant"]: (t["redis"], t["clickhouse"], t["quota_db"], t["agrees"])
+            for t in body["tenants"]
+            if t["tenant"] in set(pipeline["tenants"].values())
+        }
         assert got == {pipeline["tenants"][k]: (n, n, n, True) for k, n in ALLOWED.items()}
         # The operator's own calls are not metered, so reconciling adds no drift of its own.
         again = (await client.get("/v1/admin/reconcile", headers=admin())).json()

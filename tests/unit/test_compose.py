@@ -15,8 +15,14 @@ STACK = {"redis", "kafka", "clickhouse", "postgres", "prometheus", "grafana", "a
 
 def _composecheck(path: Path) -> subprocess.CompletedProcess[str]:
     go = shutil.which("go") or "/usr/local/go/bin/go"
-    return subprocess.run([go, "run", ".", str(path)], cwd=ROOT / "tools" / "composecheck",
-                          capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [go, "run", ".", str(path)],
+        cwd=ROOT / "tools" / "composecheck",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def test_compose_file_is_valid_and_every_long_running_service_has_a_healthcheck() -> None:
@@ -42,6 +48,7 @@ def test_api_and_worker_are_built_from_the_project_dockerfile_and_scraped_by_pro
     assert compose["services"]["api"]["image"] == image == compose["services"]["worker"]["image"]
     assert (ROOT / "Dockerfile").exists()
     prom = yaml.safe_load((ROOT / "dashboards/prometheus/prometheus.yml").read_text())
-    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"]
-               for t in sc["targets"]}
+    targets = {
+        t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
     assert targets == {"api:8000", "worker:9101"}
