@@ -90,6 +90,12 @@ def operations() -> dict[str, Any]:
             prom("histogram_quantile(0.5, sum by (le) "
                  "(rate(streams_sink_batch_size_bucket[1m])))", "batch size p50", "C"),
         ], 12, 24, unit="s"),
+        _panel(9, "Sink and hand-off failures", "timeseries", [
+            prom("sum(rate(streams_sink_insert_failures_total[1m]))", "failed batches/s"),
+            prom("sum(streams_sink_unpositioned_partitions)",
+                 "partitions waiting on ClickHouse", "B"),
+            prom("sum(rate(streams_handoff_failures_total[1m]))", "failed hand-offs/s", "C"),
+        ], 0, 32),
     ]
     return _dashboard("metering-operations", "Metering: operations", p, ["metering", "ops"])
 

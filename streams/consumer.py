@@ -106,6 +106,7 @@ class SinkConsumer:
                 self._unpositioned.discard(tp.partition)
                 self._next.pop(tp.partition, None)
             self._generation += 1
+            metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
@@ -128,10 +129,13 @@ class SinkConsumer:
                 type(exc).__name__,
                 exc,
             )
-            return False
-        self._unpositioned -= partitions
-        self._failures = 0
-        return True
+            positioned = False
+        else:
+            self._unpositioned -= partitions
+            self._failures = 0
+            positioned = True
+        metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
+        return positioned
 
     def _backoff(self) -> float:
         """Seconds before the next positioning attempt: 0.5, 1, 2, ... up to 30."""
@@ -308,6 +312,7 @@ class SinkConsumer:
                         # loop, with backoff while it stays unavailable.
                         self._unpositioned |= self._assigned
                         self._assigned.clear()
+                        metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
                         self._generation += 1
                         self._failures += 1
         finally:

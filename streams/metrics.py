@@ -29,7 +29,12 @@ sink_insert_seconds = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 sink_insert_failures = Counter(
-    "streams_sink_insert_failures", "ClickHouse inserts that failed (the batch is re-read)."
+    "streams_sink_insert_failures", "Sink batches that failed (the batch is re-read)."
+)
+sink_unpositioned_partitions = Gauge(
+    "streams_sink_unpositioned_partitions",
+    "Assigned partitions the sink waits to position (ClickHouse or Kafka unavailable; retried"
+    " with backoff, nothing of theirs is processed meanwhile).",
 )
 consumer_lag = Gauge(
     "streams_consumer_lag", "Messages behind the end of usage.events, per partition.", ["partition"]

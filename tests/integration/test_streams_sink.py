@@ -12,6 +12,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client import REGISTRY
 
 from metering.clickhouse.schema import migrate
 from streams.consumer import SinkConsumer
@@ -252,7 +253,11 @@ async def test_the_sink_rides_out_clickhouse_failures_and_counts_each_event_once
         after={"insert_events": {6}},
     )
     sink = ClickHouseSink(storage, topic=topic, lateness_seconds=LATENESS, max_future_skew=300)
+    failed_before = REGISTRY.get_sample_value("streams_sink_insert_failures_total") or 0.0
     await run_until_caught_up(sink, kafka_bootstrap, f"g-{topic}", dlq, timeout=90)
+    failed = REGISTRY.get_sample_value("streams_sink_insert_failures_total") or 0.0
+    assert failed - failed_before >= 4  # two refused inserts, a progress write, a lost answer
+    assert REGISTRY.get_sample_value("streams_sink_unpositioned_partitions") == 0
     assert storage.calls["repair"] >= 4  # two refused, then every re-read after a failed batch
     assert storage.calls["insert_events"] >= 6
     assert totals(clickhouse_client, clickhouse_db) == {tenant: (400, 400.0)}
