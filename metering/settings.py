@@ -220,6 +220,16 @@ class Settings(BaseSettings):
             " restarted or surviving worker resumes after about this long."
         ),
     )
+    worker_instance_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,100}$",
+        description=(
+            "Kafka static membership (group.instance.id) for this worker: unique per worker and"
+            " stable across its restarts (a StatefulSet pod name, a host name). A worker"
+            " restarted with the same id takes its partitions back at once instead of after the"
+            " session timeout; unset, membership is dynamic."
+        ),
+    )
     worker_group: str = Field(
         "metering-worker",
         pattern=r"^[A-Za-z0-9._-]{1,200}$",

@@ -67,6 +67,7 @@ app = faust.App(
     topic_partitions=settings.usage_events_partitions,
     web_enabled=False,
     broker_session_timeout=settings.worker_session_timeout or 60.0,  # Faust's default
+    consumer_group_instance_id=settings.worker_instance_id,
     # Faust's default is "<app id>-data" in the working directory: keep it with the worker's
     # other state instead of wherever the process was started (Faust creates one level).
     datadir=str(settings.metering_data_dir / "faust-{conf.name}"),
@@ -276,6 +277,7 @@ async def run_sink() -> None:
         executor=_executor,
         on_batch_written=publish_aggregates,
         session_timeout=settings.worker_session_timeout or 10.0,  # aiokafka's default
+        instance_id=f"{settings.worker_instance_id}.sink" if settings.worker_instance_id else None,
         on_assigned=_recover,
         on_revoked=_revoked,
     )

@@ -58,6 +58,7 @@ class SinkConsumer:
         executor: ThreadPoolExecutor,
         on_batch_written: AggregatePublisher | None = None,
         session_timeout: float = 10.0,
+        instance_id: str | None = None,
         on_assigned: AssignedHook | None = None,
         on_revoked: RevokedHook | None = None,
     ) -> None:
@@ -71,6 +72,7 @@ class SinkConsumer:
         self.executor = executor
         self.on_batch_written = on_batch_written
         self.session_timeout = session_timeout
+        self.instance_id = instance_id
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
         self._lock = asyncio.Lock()
@@ -264,6 +266,7 @@ class SinkConsumer:
             fetch_max_bytes=64 * 1024 * 1024,
             session_timeout_ms=int(self.session_timeout * 1000),
             heartbeat_interval_ms=min(3000, int(self.session_timeout * 1000) // 3),
+            group_instance_id=self.instance_id,
         )
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True

@@ -297,3 +297,31 @@ def test_a_second_worker_joining_mid_stream_keeps_totals_exact(
     rows_a = a.query("SELECT count() FROM metering.usage_events")[0][0]
     rows_b = b.query("SELECT count() FROM metering.usage_events")[0][0]
     assert rows_a + rows_b == 8000  # no id twice within a folder either
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_restarted_with_its_instance_id_takes_its_partitions_back_at_once(
+    kafka_bootstrap: str, pipeline, tenant: str
+) -> None:
+    """Static membership (WORKER_INSTANCE_ID): after a SIGKILL the restarted worker replaces its
+    dead self in both consumer groups instead of waiting out the 60 s session timeout, and the
+    totals stay exact."""
+    topic, _, group, make = pipeline
+    produce(kafka_bootstrap, topic, [event_message(tenant, 1, id=f"s{i}") for i in range(3000)])
+    worker = make("w1")
+    worker.env = {**worker.env, "WORKER_INSTANCE_ID": "w1", "WORKER_SESSION_TIMEOUT": "60"}
+    worker.start()
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120, at_least=500)
+    worker.kill()
+    produce(kafka_bootstrap, topic, [event_message(tenant, 1, id=f"t{i}") for i in range(1000)])
+    worker.start()
+    # Without the instance id the group would hold the dead member's partitions for 60 s.
+    worker.wait_for_log("sink assigned", timeout=40, count=2)
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=60)
+    today = dt.datetime.now(dt.UTC).date()
+    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|{today}", 4000.0, timeout=60)
+    worker.stop()
+    assert worker.query("SELECT count(), uniqExact(id) FROM metering.usage_events") == [
+        [4000, 4000]
+    ]
