@@ -324,6 +324,18 @@ RecordRanges = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
 SendHandoffs = Callable[[list[Handoff]], Awaitable[None]]
 
 
+async def _send_unsent(ledger: HandoffLedger, send: SendHandoffs) -> int:
+    """Send the ranges recorded but not yet acknowledged; forget them once acknowledged."""
+    pending = list(ledger.unsent)
+    if not pending:
+        return 0
+    handoffs = list(messages(ledger.topic, pending))
+    await send(handoffs)
+    done = {id(r) for r in pending}
+    ledger.unsent = [r for r in ledger.unsent if id(r) not in done]
+    return len(handoffs)
+
+
 async def flush(
     ledger: HandoffLedger,
     record: RecordRanges,
@@ -337,29 +349,17 @@ async def flush(
     On failure the ranges stay queued (recorded ones in ``ledger.unsent``, unrecorded ones back
     in the open ranges) for the next flush, and nothing newer of a partition is recorded or
     sent while an older range of it is unsent. Callers serialise flushes and recoveries."""
-    topic = ledger.topic
-    sent = 0
-    if ledger.unsent:  # all of them, before any newer range (the marks compare ends)
-        unsent = list(ledger.unsent)
-        handoffs = list(messages(topic, unsent))
-        await send(handoffs)
-        done = {id(r) for r in unsent}
-        ledger.unsent = [r for r in ledger.unsent if id(r) not in done]
-        sent += len(handoffs)
+    sent = await _send_unsent(ledger, send)  # all of them first: the marks compare ends
     taken = ledger.take(partitions)
-    if not taken:
-        return sent
-    try:
-        await record([(r.partition, r.start, r.end) for r in taken])
-    except BaseException:
-        ledger.untake(taken)
-        raise
-    ledger.unsent.extend(taken)  # recorded: from here on only ever resent whole
-    handoffs = list(messages(topic, taken))
-    await send(handoffs)
-    done = {id(r) for r in taken}
-    ledger.unsent = [r for r in ledger.unsent if id(r) not in done]
-    return sent + len(handoffs)
+    if taken:
+        try:
+            await record([(r.partition, r.start, r.end) for r in taken])
+        except BaseException:
+            ledger.untake(taken)
+            raise
+        ledger.unsent.extend(taken)  # recorded: from here on only ever resent whole
+        sent += await _send_unsent(ledger, send)
+    return sent
 
 
 def fold_into(
