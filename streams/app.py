@@ -164,21 +164,13 @@ async def hand_off(partitions: set[int] | None = None) -> int:
 
 async def _recover(resume: dict[int, int]) -> None:
     """On assignment: resend the partitions' last recorded ranges and open the rows after them
-    (see ``streams.handoff.plan_recovery``). Retried: without it, the rows inserted after the
-    last recorded range would be missing from the tables."""
+    (see ``streams.handoff.plan_recovery``). A failure fails the assignment, which the sink
+    consumer retries with backoff before it processes anything of these partitions."""
     loop = asyncio.get_running_loop()
     async with _handoff_lock:
-        for attempt in range(5):
-            try:
-                plans = await loop.run_in_executor(
-                    _executor, plan_recovery, _state["storage"], settings.usage_events_topic, resume
-                )
-                break
-            except Exception:
-                if attempt == 4:
-                    log.exception("hand-off recovery failed for %s", sorted(resume))
-                    raise
-                await asyncio.sleep(1.0)
+        plans = await loop.run_in_executor(
+            _executor, plan_recovery, _state["storage"], settings.usage_events_topic, resume
+        )
         ledger.recover(plans)
     resent = [p.partition for p in plans if p.resend is not None and p.resend.sums]
     reopened = [p.partition for p in plans if p.open.sums]
