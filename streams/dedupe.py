@@ -14,6 +14,7 @@ import datetime as dt
 from collections.abc import Iterable
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MINUTE = dt.timedelta(minutes=1)
 
 
 class RecentIds:
@@ -22,14 +23,27 @@ class RecentIds:
     def __init__(self, lateness_seconds: float, bucket_seconds: int = 60) -> None:
         if lateness_seconds <= 0 or bucket_seconds <= 0:
             raise ValueError("lateness_seconds and bucket_seconds must be positive")
+        if bucket_seconds % 60:
+            raise ValueError("bucket_seconds must be a whole number of minutes")
         self.lateness = dt.timedelta(seconds=lateness_seconds)
         self.bucket_seconds = bucket_seconds
         self._bucket_span = dt.timedelta(seconds=bucket_seconds)
+        self.minutes_per_bucket = bucket_seconds // 60
         self._buckets: dict[int, set[str]] = {}
+
+    @staticmethod
+    def minute(time: dt.datetime) -> int:
+        """Whole minutes since the epoch of an event time (aware), floored: the unit buckets
+        are made of (the sink computes it once per event and also keys its sums by it)."""
+        return (time - _EPOCH) // _MINUTE
+
+    def bucket_of_minute(self, minute: int) -> int:
+        """:meth:`bucket` for a :meth:`minute` computed by the caller."""
+        return minute // self.minutes_per_bucket
 
     def bucket(self, time: dt.datetime) -> int:
         """The bucket of an event time (aware): whole bucket spans since the epoch, floored."""
-        return (time - _EPOCH) // self._bucket_span
+        return self.bucket_of_minute(self.minute(time))
 
     @staticmethod
     def key(tenant: str, event_id: str) -> str:

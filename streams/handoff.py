@@ -40,9 +40,6 @@ from typing import Any, Protocol, TypeGuard
 
 from streams.sink import PreparedBatch
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MINUTE = dt.timedelta(minutes=1)
-
 #: (tenant, meter, minute start in epoch seconds) -> billable quantity
 Sums = dict[tuple[str, str, int], float]
 
@@ -271,7 +268,7 @@ class HandoffLedger:
                 rng = self._open[p] = PartitionRange(p, first, first)
             rng.end = max(rng.end, nxt)
         current, sums = -1, None
-        for rec, ev in batch.events:
+        for (rec, ev), minute in zip(batch.events, batch.minutes, strict=True):
             d = ev.data
             if d.decision == "rejected":
                 continue
@@ -279,7 +276,7 @@ class HandoffLedger:
                 current = rec.partition
                 sums = self._open[current].sums
             assert sums is not None
-            k = (ev.subject, d.meter, (ev.time - _EPOCH) // _MINUTE * 60)
+            k = (ev.subject, d.meter, minute * 60)
             sums[k] = sums.get(k, 0.0) + d.quantity
 
     def take(self, partitions: Iterable[int] | None = None) -> list[PartitionRange]:

@@ -130,6 +130,8 @@ class PreparedBatch:
     next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
     #: the recent-id set's (bucket, key) of each event, in ``events`` order (marked at step e)
     id_keys: list[tuple[int, str]] = field(default_factory=list)
+    #: each event's minute since the epoch (``RecentIds.minute``), in ``events`` order
+    minutes: list[int] = field(default_factory=list)
 
     def rows(self) -> list[tuple[Any, ...]]:
         """The ``usage_events`` rows (columns :data:`EVENT_COLUMNS`), one tuple per event."""
@@ -399,8 +401,9 @@ class ClickHouseSink:
         cutoff = recent.cutoff(now)
         batch = PreparedBatch()
         next_offsets, events, id_keys = batch.next_offsets, batch.events, batch.id_keys
-        dead_letters = batch.dead_letters
-        key_of, bucket_of, seen = recent.key, recent.bucket, recent.contains_key
+        dead_letters, minutes = batch.dead_letters, batch.minutes
+        key_of, minute_of, seen = recent.key, recent.minute, recent.contains_key
+        per_bucket = recent.minutes_per_bucket
         in_batch: set[str] = set()
         duplicates = 0
         for rec in records:
@@ -428,13 +431,15 @@ class ClickHouseSink:
                 )
                 continue
             key = key_of(ev.subject, ev.id)
-            bucket = bucket_of(t)
+            minute = minute_of(t)
+            bucket = minute // per_bucket  # recent.bucket_of_minute, inline
             if key in in_batch or seen(bucket, key):
                 duplicates += 1
                 continue
             in_batch.add(key)
             events.append((rec, ev))
             id_keys.append((bucket, key))
+            minutes.append(minute)
         batch.duplicates = duplicates
         return batch
 
