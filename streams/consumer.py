@@ -123,21 +123,27 @@ class SinkConsumer:
         try:
             await self._reposition(partitions)
         except Exception as exc:
-            self._unpositioned |= partitions
-            self._failures += 1
             log.warning(
                 "sink: positioning partitions %s failed (%s: %s); retrying",
                 sorted(partitions),
                 type(exc).__name__,
                 exc,
             )
-            positioned = False
-        else:
-            self._unpositioned -= partitions
-            self._failures = 0
-            positioned = True
+            self._unposition(partitions)
+            return False
+        self._unpositioned -= partitions
+        self._failures = 0
         metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
-        return positioned
+        return True
+
+    def _unposition(self, partitions: set[int]) -> None:
+        """After a failure: ``partitions`` wait for the loop to position them again (from what
+        ClickHouse stored), with backoff; records fetched meanwhile are dropped."""
+        self._assigned -= partitions
+        self._unpositioned |= partitions
+        self._generation += 1
+        self._failures += 1
+        metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
 
     def _backoff(self) -> float:
         """Seconds before the next positioning attempt: 0.5, 1, 2, ... up to 30."""
@@ -148,8 +154,7 @@ class SinkConsumer:
         the assignment hook; they count as assigned only once all of it succeeded."""
         assert self.consumer is not None
         self._generation += 1
-        for p in partitions:  # nothing of theirs is processed until this completes
-            self._assigned.discard(p)
+        self._assigned -= partitions  # nothing of theirs is processed until this completes
         stored = await self._blocking(self.sink.on_assigned, partitions)
         resume: dict[int, int] = {}
         for p in sorted(partitions):
@@ -311,13 +316,7 @@ class SinkConsumer:
                     except Exception:
                         metrics.sink_insert_failures.inc()
                         log.exception("sink batch failed; re-reading from stored progress")
-                        # Every assigned partition is positioned again from ClickHouse by the
-                        # loop, with backoff while it stays unavailable.
-                        self._unpositioned |= self._assigned
-                        self._assigned.clear()
-                        metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
-                        self._generation += 1
-                        self._failures += 1
+                        self._unposition(set(self._assigned))
         finally:
             if ahead is not None:
                 ahead.cancel()
