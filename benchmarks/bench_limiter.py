@@ -249,59 +249,30 @@ async def closed_loop(
     }
 
 
-async def open_loop(call: Callable[[int], Any], seconds: float, rate: float) -> dict[str, float]:
-    """Calls arriving at a fixed ``rate`` (a batch every millisecond), latency of each."""
-    lat: list[float] = []
-    perf = time.perf_counter
-    pending: set[asyncio.Task[None]] = set()
-
-    async def one(i: int) -> None:
-        t0 = perf()
-        await call(i)
-        lat.append(perf() - t0)
-
-    tick = 0.001
-    start = perf()
-    cpu0 = time.thread_time()
-    sent = 0
-    while perf() - start < seconds:
-        due = int((perf() - start) * rate)
-        while sent < due:
-            t = asyncio.create_task(one(sent))
-            pending.add(t)
-            t.add_done_callback(pending.discard)
-            sent += 1
-        await asyncio.sleep(tick)
-    await asyncio.gather(*pending)
-    elapsed, cpu = perf() - start, time.thread_time() - cpu0
-    return {
-        "rate": len(lat) / elapsed,
-        "cpu_rate": len(lat) / cpu,
-        "p50": pct(lat, 0.5),
-        "p99": pct(lat, 0.99),
-    }
-
-
-async def paced_open_loop(
-    call: Callable[[int], Any], seconds: float, rate: float
+async def open_loop(
+    call: Callable[[int], Any], seconds: float, rate: float, *, paced: bool = False
 ) -> dict[str, float]:
-    """Calls arriving at a fixed ``rate``, each issued at its own arrival time: between
-    arrivals the generator yields to the event loop (``sleep(0)``: the loop polls its sockets
-    and runs the replies) instead of sleeping on a timer, whose ~1 ms granularity delivers
-    arrivals in bursts. Latency runs from the scheduled arrival to the answer, so a call the
-    generator issued late counts its delay too (no coordinated omission). The generator spins:
-    the CPU-time rate is not a cost figure here."""
+    """Calls arriving at a fixed ``rate``, latency of each.
+
+    Unpaced, the generator sleeps on a 1 ms timer and issues the calls that fell due meanwhile
+    (in bursts: the timer oversleeps on a busy machine), and latency runs from a call's start.
+    ``paced``: between arrivals the generator yields to the event loop (``sleep(0)``: the loop
+    polls its sockets and runs the replies), so each call is issued at its own arrival time,
+    and latency runs from the scheduled arrival, so a call issued late counts its delay too
+    (no coordinated omission). The paced generator spins: its CPU-time rate is not a cost."""
     lat: list[float] = []
     perf = time.perf_counter
     pending: set[asyncio.Task[None]] = set()
 
     async def one(i: int, due: float) -> None:
+        t0 = due if paced else perf()
         await call(i)
-        lat.append(perf() - due)
+        lat.append(perf() - t0)
 
-    interval = 1.0 / rate
-    for i in range(200):  # warm up, as the closed loops do
-        await call(i)
+    interval, tick = 1.0 / rate, 0.0 if paced else 0.001
+    if paced:
+        for i in range(200):  # warm up, as the closed loops do
+            await call(i)
     start = perf()
     cpu0 = time.thread_time()
     sent = 0
@@ -311,7 +282,7 @@ async def paced_open_loop(
             pending.add(t)
             t.add_done_callback(pending.discard)
             sent += 1
-        await asyncio.sleep(0)
+        await asyncio.sleep(tick)
     await asyncio.gather(*pending)
     elapsed, cpu = perf() - start, time.thread_time() - cpu0
     return {
@@ -342,7 +313,7 @@ async def async_round(
     }
     half = out["async limiter acquire"]["rate"] / 2
     out["async limiter at half load"] = await open_loop(acquire, seconds, half)
-    out["async limiter at half load (paced)"] = await paced_open_loop(acquire, seconds, half)
+    out["async limiter at half load (paced)"] = await open_loop(acquire, seconds, half, paced=True)
     # Half load again, with arrivals driven by completions instead of a 1 ms timer (which,
     # oversleeping on a busy machine, delivers bursts): the fewest callers whose closed-loop
     # rate reaches half the maximum, as a load generator with that many connections would.
