@@ -35,10 +35,10 @@ from streams import metrics
 from streams.handoff import (
     Handoff,
     HandoffLedger,
-    add_legacy,
     daily_key,
     flush,
     fold_into,
+    fold_legacy_into,
     is_handoff_message,
     plan_recovery,
     usage,
@@ -104,18 +104,6 @@ def fold_handoff(handoff: Handoff) -> int:
     return fold_into(handoff, tenant_daily_usage, tenant_recent_usage.table, _window_ranges)
 
 
-def _fold_legacy(agg: dict[str, Any]) -> None:
-    """A per-minute message of the earlier format (no range, so no marks)."""
-    if not agg.get("billable"):
-        return
-    minute, q, tenant = float(agg["minute"]), float(agg["quantity"]), agg["tenant"]
-    key = daily_key(tenant, dt.datetime.fromtimestamp(minute, dt.UTC).date())
-    tenant_daily_usage[key] = add_legacy(tenant_daily_usage.get(key), q)
-    windows = tenant_recent_usage.table
-    for wr in _window_ranges(minute):
-        windows[(tenant, wr)] = add_legacy(windows.get((tenant, wr)), q)
-
-
 @app.agent(accepted_usage)
 async def aggregate(stream: Any) -> None:
     """Fold the sink's hand-offs into the per-day and windowed tables, each once."""
@@ -124,7 +112,9 @@ async def aggregate(stream: Any) -> None:
             if is_handoff_message(value):
                 fold_handoff(Handoff.from_message(value))
             else:
-                _fold_legacy(value)
+                fold_legacy_into(
+                    value, tenant_daily_usage, tenant_recent_usage.table, _window_ranges
+                )
         except (ValueError, KeyError, TypeError) as exc:  # our own topic: a bug, not input
             metrics.handoffs_malformed.inc()
             log.error("accepted_usage: malformed message skipped (%s): %r", exc, value)
@@ -306,6 +296,7 @@ __all__ = [
     "accepted_usage",
     "aggregate",
     "app",
+    "daily_key",
     "dead_letters",
     "tenant_daily_usage",
     "tenant_recent_usage",

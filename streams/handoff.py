@@ -364,23 +364,47 @@ def fold_into(
     daily: MutableMapping[Any, Any],
     windows: MutableMapping[Any, Any],
     window_ranges: Callable[[float], Iterable[Any]],
+    apply: Callable[[Any, float], Any] | None = None,
 ) -> int:
     """Apply one hand-off to the per-day values (keys ``"<tenant>|<YYYY-MM-DD>"``) and the
     window values (keys ``(tenant, window range)``); a key whose mark for the source is already
     at or past the hand-off's end keeps its value (a replay or a resend). Returns the number of
-    keys changed. The ``aggregate`` agent calls it with the Faust tables."""
+    keys changed. The ``aggregate`` agent calls it with the Faust tables.
+
+    ``apply(old value, quantity)`` gives a key's new value, or None to keep it (default:
+    :func:`fold` with the hand-off's source and end)."""
+    if apply is None:
+
+        def apply(old: Any, q: float) -> Any:
+            return fold(old, handoff.source, handoff.end, q)
+
     changed = 0
     for day, q in handoff.by_day().items():
         key = daily_key(handoff.tenant, day)
-        if (new := fold(daily.get(key), handoff.source, handoff.end, q)) is not None:
+        if (new := apply(daily.get(key), q)) is not None:
             daily[key] = new
             changed += 1
     for wr, q in handoff.by_window(window_ranges).items():
         wkey = (handoff.tenant, wr)
-        if (new := fold(windows.get(wkey), handoff.source, handoff.end, q)) is not None:
+        if (new := apply(windows.get(wkey), q)) is not None:
             windows[wkey] = new
             changed += 1
     return changed
+
+
+def fold_legacy_into(
+    value: Mapping[str, Any],
+    daily: MutableMapping[Any, Any],
+    windows: MutableMapping[Any, Any],
+    window_ranges: Callable[[float], Iterable[Any]],
+) -> int:
+    """:func:`fold_into` for a message of the earlier format (one tenant, meter and minute, no
+    range, so no mark: :func:`add_legacy`); non-billable ones were never counted."""
+    if not value.get("billable"):
+        return 0
+    sums = ((str(value["meter"]), int(value["minute"]), float(value["quantity"])),)
+    legacy = Handoff(str(value["tenant"]), "", 0, 0, sums)
+    return fold_into(legacy, daily, windows, window_ranges, apply=add_legacy)
 
 
 __all__ = [
@@ -394,6 +418,7 @@ __all__ = [
     "flush",
     "fold",
     "fold_into",
+    "fold_legacy_into",
     "is_handoff_message",
     "messages",
     "plan_recovery",

@@ -25,6 +25,7 @@ from streams.handoff import (
     flush,
     fold,
     fold_into,
+    fold_legacy_into,
     plan_recovery,
     source_of,
     usage,
@@ -311,3 +312,14 @@ def test_a_failed_record_puts_the_range_back_merged_with_what_came_since() -> No
     ledger.untake([taken])
     (again,) = ledger.take()
     assert (again.start, again.end, sum(again.sums.values())) == (0, 4, 4.0)
+
+
+def test_a_message_of_the_earlier_format_is_folded_in_without_marks() -> None:
+    minute = int(NOW.timestamp()) // 60 * 60
+    old = {"tenant": "acme", "meter": "requests", "billable": 1, "minute": minute, "quantity": 2.5}
+    daily: dict[Any, Any] = {"acme|2026-03-02": 1.0}  # a float value of the earlier format
+    windows: dict[Any, Any] = {}
+    assert fold_legacy_into(old, daily, windows, WINDOWS.ranges) == 1 + len(WINDOWS.ranges(minute))
+    assert daily["acme|2026-03-02"] == {"q": 3.5, "m": {}}
+    assert all(usage(v) == 2.5 for v in windows.values())
+    assert fold_legacy_into({**old, "billable": 0}, daily, windows, WINDOWS.ranges) == 0
