@@ -262,10 +262,7 @@ class HandoffLedger:
         """Add an inserted batch's billable sums (rejected decisions are never billed) to the
         open ranges and move their ends past the batch."""
         for p, nxt in batch.next_offsets.items():
-            rng = self._open.get(p)
-            if rng is None:  # not opened by recover(): starts at this batch (tests, tools)
-                first = min((r.offset for r, _ in batch.events if r.partition == p), default=nxt)
-                rng = self._open[p] = PartitionRange(p, first, first)
+            rng = self._open[p]  # opened by recover(): the consumer positions before it processes
             rng.end = max(rng.end, nxt)
         current, sums = -1, None
         for (rec, ev), minute in zip(batch.events, batch.minutes, strict=True):

@@ -10,7 +10,7 @@ import pytest
 
 from metering.events import decision_event, encode_event, usage_event
 from streams.dedupe import RecentIds
-from streams.handoff import HandoffLedger
+from streams.handoff import HandoffLedger, PartitionRange, Recovery
 from streams.sink import ClickHouseSink, Record
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -101,6 +101,7 @@ def test_malformed_invalid_and_late_messages_become_dead_letters_with_reasons() 
     assert headers["dlq.reason"] == b"late" and headers["dlq.offset"] == b"3"
     assert [r.offset for r, _ in batch.events] == [4]
     ledger = HandoffLedger(TOPIC)
+    ledger.recover([Recovery(0, None, PartitionRange(0, 0, 0))])  # partition 0, nothing before
     ledger.add(batch)
     (taken,) = ledger.take()
     ((_, _, minute),) = taken.sums  # the late-but-accepted event counts in its own minute
