@@ -50,9 +50,10 @@ class Storage(RecordedStorage):
         self.handoffs.extend(ranges)
 
     def last_handoffs(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        wanted = set(partitions)
         last: dict[int, tuple[int, int]] = {}
         for p, a, b in self.handoffs:
-            if p in set(partitions) and b >= last.get(p, (0, -1))[1]:
+            if p in wanted and b >= last.get(p, (0, -1))[1]:
                 last[p] = (a, b)
         return last
 
@@ -110,7 +111,7 @@ class Tables:
         self.processed = self.committed
 
 
-class _Recording(dict):  # type: ignore[type-arg]
+class _Recording(dict[Any, Any]):
     def __init__(self, data: dict[Any, Any]) -> None:
         super().__init__(data)
         self.writes: list[tuple[Any, Any]] = []
@@ -125,7 +126,7 @@ def source_events(rng: random.Random, per_partition: int) -> dict[int, list[Reco
     out: dict[int, list[Record]] = {}
     n = 0
     for p in PARTITIONS:
-        records = []
+        records: list[Record] = []
         for offset in range(per_partition):
             tenant = tenants[rng.randrange(3)]
             t = NOW - dt.timedelta(seconds=rng.randrange(0, 1500))
