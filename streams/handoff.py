@@ -242,13 +242,6 @@ class HandoffLedger:
         #: recorded in ``aggregate_handoffs`` and not yet acknowledged: resent before any newer
         self.unsent: list[PartitionRange] = []
 
-    def open_partitions(self) -> set[int]:
-        return set(self._open)
-
-    def pending(self) -> int:
-        """Sums not yet handed off (open ranges and unsent ones), for logs and tests."""
-        return sum(len(r.sums) for r in self._open.values()) + sum(len(r.sums) for r in self.unsent)
-
     def recover(self, plans: Iterable[Recovery]) -> None:
         for plan in plans:
             # The partition's unsent ranges end at or before its last recorded one: resending
