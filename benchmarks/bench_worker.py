@@ -202,6 +202,9 @@ def main() -> int:
         deadline = time.monotonic() + 600
         done = 0
         while done < args.events and time.monotonic() < deadline:
+            if worker.poll() is not None:
+                print(f"worker exited with {worker.returncode}; its log: {data / 'worker.log'}")
+                return 1
             done = committed_total(bootstrap, sink_group, topic, args.partitions)
             if done and first_at is None:
                 first_at, first_n, first_cpu = time.monotonic(), done, cpu_seconds(worker.pid)
