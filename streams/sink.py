@@ -6,11 +6,13 @@ progress, as in Kafka Connect sinks:
 1. **On every partition assignment**, before reading: a batch whose insert a crash cut short
    between ``usage_events`` and the materialized views (ClickHouse does not write them
    atomically) has its rollups completed (``ClickHouseStorage.repair_unfinished_batch``); the
-   resume offset of each assigned
-   partition is the greatest of (max ``kafka_offset`` stored in ``usage_events`` + 1), the
-   partition's ``sink_progress.next_offset`` and Kafka's committed offset; the consumer seeks
-   there. The recent-id set is rebuilt from ``usage_events`` for those partitions (ids whose
-   event time is within the accepted lateness).
+   resume offset of each assigned partition is the greatest of (max ``kafka_offset`` stored in
+   ``usage_events`` + 1), the partition's ``sink_progress.next_offset`` and Kafka's committed
+   offset; the consumer seeks there. The stored part is recorded as the partition's progress
+   (its rows are complete once the repair ran), so the next assignment reads only the rows
+   past it (the ``kafka_offset`` skip index), not the whole table. The recent-id set is
+   rebuilt from ``usage_events`` for those partitions (ids whose event time is within the
+   accepted lateness).
 2. **Per batch**, in this order:
    a. decode each message; malformed or invalid ones, and events older than ``now - lateness``,
       become dead letters (original bytes, reason in headers);
@@ -171,7 +173,9 @@ class SinkStorage(Protocol):
 
     def insert_events(self, rows: Sequence[Sequence[Any]]) -> None: ...
     def record_progress(self, topic: str, next_offsets: dict[int, int]) -> None: ...
-    def stored_next_offsets(self, topic: str) -> dict[int, int]: ...
+    def stored_next_offsets(
+        self, topic: str, partitions: Iterable[int] | None = None
+    ) -> dict[int, int]: ...
     def repair_unfinished_batch(self, topic: str, partitions: Iterable[int]) -> int: ...
     def recent_ids(
         self, topic: str, partitions: Iterable[int], since: dt.datetime
@@ -210,17 +214,50 @@ class ClickHouseStorage:
                 column_names=["topic", "partition", "next_offset"],
             )
 
-    def stored_next_offsets(self, topic: str) -> dict[int, int]:
-        result = self.client.query(
-            f"SELECT p, max(n) FROM ("  # noqa: S608 - checked database name
-            f" SELECT kafka_partition AS p, max(kafka_offset) + 1 AS n"
-            f" FROM {self.database}.usage_events WHERE kafka_topic = {{t:String}} GROUP BY p"
-            f" UNION ALL"
-            f" SELECT partition AS p, max(next_offset) AS n"
-            f" FROM {self.database}.sink_progress WHERE topic = {{t:String}} GROUP BY p"
-            f") GROUP BY p",
-            parameters={"t": topic},
-        )
+    def stored_next_offsets(
+        self, topic: str, partitions: Iterable[int] | None = None
+    ) -> dict[int, int]:
+        """The resume offset of each of ``partitions`` (default: every partition) that has
+        one: the greater of its recorded progress and the end of its stored rows (max
+        ``kafka_offset`` + 1).
+
+        Rows below a partition's recorded progress cannot raise it, so for the partitions
+        asked only the rows at or past it are read (the ``kafka_offset_minmax`` index skips
+        the rest): an assignment costs the recent rows, not the table. A partition with no
+        progress recorded has all its rows read; the sink records progress on assignment, so
+        that happens once per partition."""
+        progress = self._progress(topic)
+        if partitions is None:
+            ends = self._rows_end(topic, None)
+        else:
+            asked = {int(p) for p in partitions}
+            ends = self._rows_end(topic, {p: progress.get(p) for p in asked})
+            progress = {p: n for p, n in progress.items() if p in asked}
+        return {p: max(progress.get(p, 0), ends.get(p, 0)) for p in progress.keys() | ends.keys()}
+
+    def _rows_end(self, topic: str, bounds: dict[int, int | None] | None) -> dict[int, int]:
+        """max(``kafka_offset``) + 1 per partition over its rows at or past its bound (all its
+        rows when the bound is None); ``bounds=None``: every partition, all rows."""
+        db = self.database
+        if bounds is None:
+            queries = [
+                f"SELECT kafka_partition, max(kafka_offset) + 1 FROM {db}.usage_events"  # noqa: S608
+                f" WHERE kafka_topic = {{t:String}} GROUP BY kafka_partition"
+            ]
+        else:
+            # One query per partition, so that each gets its own offset bound for the skip
+            # index. Integers (partitions asked, our own progress), formatted as integers:
+            # nothing from input reaches the SQL text.
+            queries = [
+                f"SELECT kafka_partition, max(kafka_offset) + 1 FROM {db}.usage_events"  # noqa: S608
+                f" WHERE kafka_topic = {{t:String}} AND kafka_partition = {int(p):d}"
+                + ("" if n is None else f" AND kafka_offset >= {int(n):d}")
+                + " GROUP BY kafka_partition"
+                for p, n in sorted(bounds.items())
+            ]
+        if not queries:
+            return {}
+        result = self.client.query(" UNION ALL ".join(queries), parameters={"t": topic})
         return {int(p): int(n) for p, n in result.result_rows}
 
     def _progress(self, topic: str) -> dict[int, int]:
@@ -245,16 +282,10 @@ class ClickHouseStorage:
         writes these buckets meanwhile.
         """
         progress = self._progress(topic)
-        ends = self.client.query(
-            f"SELECT kafka_partition, max(kafka_offset) + 1 FROM {self.database}.usage_events"  # noqa: S608
-            f" WHERE kafka_topic = {{t:String}} GROUP BY kafka_partition",
-            parameters={"t": topic},
-        ).result_rows
-        rows_end = {int(p): int(n) for p, n in ends}
+        asked = {int(p) for p in partitions}
+        rows_end = self._rows_end(topic, {p: progress.get(p) for p in asked})
         # Only a partition whose rows reach past its recorded progress can have a cut batch.
-        parts = sorted(
-            p for p in {int(p) for p in partitions} if rows_end.get(p, 0) > progress.get(p, 0)
-        )
+        parts = sorted(p for p in asked if rows_end.get(p, 0) > progress.get(p, 0))
         if not parts:
             return 0
         # Integers from our own tables, formatted as integers: nothing from input reaches SQL.
@@ -388,7 +419,11 @@ class ClickHouseSink:
         now = self.clock()
         self.recent.evict(now)
         self.recent.add_many(self.storage.recent_ids(self.topic, parts, self.recent.cutoff(now)))
-        stored = self.storage.stored_next_offsets(self.topic)
+        stored = self.storage.stored_next_offsets(self.topic, parts)
+        # Progress for every assigned partition (the rows below it are complete: the repair
+        # ran first), so the next assignment reads only the rows past it, even for a partition
+        # that has had no batch since.
+        self.storage.record_progress(self.topic, {p: stored.get(p, 0) for p in parts})
         return {p: stored[p] for p in parts if p in stored}
 
     # --- steps a, b -----------------------------------------------------------------------------

@@ -34,12 +34,17 @@ class RecordedStorage:
         for p, n in next_offsets.items():
             self.progress[p] = max(self.progress.get(p, 0), n)
 
-    def stored_next_offsets(self, topic: str) -> dict[int, int]:
+    def stored_next_offsets(
+        self, topic: str, partitions: Iterable[int] | None = None
+    ) -> dict[int, int]:
         stored = dict(self.progress)
         for row in self.rows:
             p, off = row[11], row[12]
             stored[p] = max(stored.get(p, 0), off + 1)
-        return stored
+        if partitions is None:
+            return stored
+        asked = set(partitions)
+        return {p: n for p, n in stored.items() if p in asked}
 
     def repair_unfinished_batch(self, topic: str, partitions: Iterable[int]) -> int:
         self.calls.append("repair_unfinished_batch")
