@@ -147,6 +147,18 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
     return float("inf")
 
 
+#: the worker's histograms watched per 10 s window in phase 2, and the bound (a bucket's) above
+#: which an observation counts as slow
+WATCHED = {"streams_end_to_end_delay_seconds": 1.5, "streams_sink_insert_seconds": 1.0}
+
+
+def over_count(buckets: list[tuple[float, float]], bound: float) -> float:
+    """How many observations of a (cumulative) histogram lie above ``bound``."""
+    total = buckets[-1][1] if buckets else 0.0
+    below = max((c for le, c in buckets if le <= bound), default=0.0)
+    return total - below
+
+
 def diff(after: list[tuple[float, float]], before: list[tuple[float, float]]):  # type: ignore[no-untyped-def]
     b = dict(before)
     return [(le, c - b.get(le, 0.0)) for le, c in after]
@@ -236,11 +248,22 @@ def main() -> int:
         before = histogram(args.metrics_port, "streams_end_to_end_delay_seconds")
         samples: list[tuple[float, float]] = []
 
+        slow: list[str] = []  # the 10 s windows with a slow delay sample or insert
+
         async def sample_rss() -> None:
             t0 = time.monotonic()
+            last = {n: histogram(args.metrics_port, n) for n in WATCHED}
             while True:
                 samples.append((time.monotonic() - t0, rss_mb(worker.pid)))
                 await asyncio.sleep(10)
+                now = {n: histogram(args.metrics_port, n) for n in WATCHED}
+                over = {n: over_count(diff(now[n], last[n]), b) for n, b in WATCHED.items()}
+                if any(over.values()):
+                    slow.append(
+                        f"{time.monotonic() - t0:.0f}s: "
+                        + ", ".join(f"{n.split('_', 1)[1]} {c:.0f}" for n, c in over.items())
+                    )
+                last = now
 
         async def phase2() -> float:
             sampler = asyncio.create_task(sample_rss())
@@ -265,6 +288,10 @@ def main() -> int:
         )
         print("delay histogram (le: count): " + ", ".join(f"{le:g}: {c:.0f}" for le, c in delay))
         print("worker RSS (s, MB): " + ", ".join(f"({t:.0f}, {m:.0f})" for t, m in samples))
+        print(
+            "10 s windows with delay samples over 1.5 s or inserts over 1 s (window end: counts): "
+            + ("; ".join(slow) or "none")
+        )
         if len(samples) >= 4:
             half = len(samples) // 2
             first_half = sum(m for _, m in samples[:half]) / half
