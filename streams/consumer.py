@@ -114,12 +114,12 @@ class SinkConsumer:
         async with self._lock:
             await self._try_reposition({tp.partition for tp in assigned if tp.topic == self.topic})
 
-    async def _try_reposition(self, partitions: set[int]) -> bool:
+    async def _try_reposition(self, partitions: set[int]) -> None:
         """:meth:`_reposition`; on failure the partitions wait in ``_unpositioned`` for the
         loop's next attempt (never processed unpositioned: their records are dropped and
         re-read from the resume offset once positioned). Under the lock."""
         if not partitions:
-            return True
+            return
         try:
             await self._reposition(partitions)
         except Exception as exc:
@@ -130,11 +130,10 @@ class SinkConsumer:
                 exc,
             )
             self._unposition(partitions)
-            return False
+            return
         self._unpositioned -= partitions
         self._failures = 0
         metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
-        return True
 
     def _unposition(self, partitions: set[int]) -> None:
         """After a failure: ``partitions`` wait for the loop to position them again (from what

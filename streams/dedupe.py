@@ -27,14 +27,13 @@ class RecentIds:
             raise ValueError("bucket_seconds must be a whole number of minutes")
         self.lateness = dt.timedelta(seconds=lateness_seconds)
         self.bucket_seconds = bucket_seconds
-        self._bucket_span = dt.timedelta(seconds=bucket_seconds)
         self.minutes_per_bucket = bucket_seconds // 60
         self._buckets: dict[int, set[str]] = {}
 
     @staticmethod
     def minute(time: dt.datetime) -> int:
         """Whole minutes since the epoch of an event time (aware), floored: the unit buckets
-        are made of (the sink computes it once per event and also keys its sums by it)."""
+        are made of (the sink derives it from each event's millisecond ticks, computed once)."""
         return (time - _EPOCH) // _MINUTE
 
     def bucket_of_minute(self, minute: int) -> int:

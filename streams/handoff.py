@@ -258,7 +258,7 @@ class HandoffLedger:
             rng = self._open[p]  # opened by recover(): the consumer positions before it processes
             rng.end = max(rng.end, nxt)
         current, sums = -1, None
-        for (rec, ev), minute in zip(batch.events, batch.minutes, strict=True):
+        for (rec, ev), ms in zip(batch.events, batch.millis, strict=True):
             d = ev.data
             if d.decision == "rejected":
                 continue
@@ -266,7 +266,7 @@ class HandoffLedger:
                 current = rec.partition
                 sums = self._open[current].sums
             assert sums is not None
-            k = (ev.subject, d.meter, minute * 60)
+            k = (ev.subject, d.meter, ms // 60_000 * 60)
             sums[k] = sums.get(k, 0.0) + d.quantity
 
     def take(self, partitions: Iterable[int] | None = None) -> list[PartitionRange]:

@@ -132,8 +132,9 @@ class PreparedBatch:
     next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
     #: the recent-id set's (bucket, key) of each event, in ``events`` order (marked at step e)
     id_keys: list[tuple[int, str]] = field(default_factory=list)
-    #: each event's minute since the epoch (``RecentIds.minute``), in ``events`` order
-    minutes: list[int] = field(default_factory=list)
+    #: each event's time in whole milliseconds since the epoch (floored), in ``events`` order:
+    #: the ``time`` column as inserted, and (``// 60_000``) the minute of its id bucket and sums
+    millis: list[int] = field(default_factory=list)
 
     def rows(self) -> list[tuple[Any, ...]]:
         """The ``usage_events`` rows (columns :data:`EVENT_COLUMNS`), one tuple per event."""
@@ -171,7 +172,9 @@ _TIME_COLUMN = EVENT_COLUMNS.index("time")
 class SinkStorage(Protocol):
     """Where the sink writes; passed in, so the sink never builds its own connection."""
 
-    def insert_events(self, rows: Sequence[Sequence[Any]]) -> None: ...
+    def insert_events(
+        self, rows: Sequence[Sequence[Any]], millis: Sequence[int] | None = None
+    ) -> None: ...
     def record_progress(self, topic: str, next_offsets: dict[int, int]) -> None: ...
     def stored_next_offsets(
         self, topic: str, partitions: Iterable[int] | None = None
@@ -189,16 +192,23 @@ class ClickHouseStorage:
         self.client = client
         self.database = checked_database(database)  # the only name put into SQL text
 
-    def insert_events(self, rows: Sequence[Sequence[Any]]) -> None:
+    def insert_events(
+        self, rows: Sequence[Sequence[Any]], millis: Sequence[int] | None = None
+    ) -> None:
         """One insert (one block) of ``rows``, sent column by column.
 
         Transposed here at C speed (``zip``), times as DateTime64(3) ticks (whole milliseconds
         since the epoch, floored: what the client would write for the datetime), which spares
-        the client a Python call per row and value.
+        the client a Python call per row and value. ``millis``: those ticks, already computed
+        by the caller (``PreparedBatch.millis``), one per row.
         """
         if rows:
             columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
-            columns[_TIME_COLUMN] = [(t - _EPOCH) // _MS for t in columns[_TIME_COLUMN]]
+            if millis is None:
+                millis = [(t - _EPOCH) // _MS for t in columns[_TIME_COLUMN]]
+            elif len(millis) != len(rows):
+                raise ValueError(f"{len(millis)} times for {len(rows)} rows")
+            columns[_TIME_COLUMN] = millis
             self.client.insert(
                 f"{self.database}.usage_events",
                 columns,
@@ -436,8 +446,8 @@ class ClickHouseSink:
         cutoff = recent.cutoff(now)
         batch = PreparedBatch()
         next_offsets, events, id_keys = batch.next_offsets, batch.events, batch.id_keys
-        dead_letters, minutes = batch.dead_letters, batch.minutes
-        key_of, minute_of, seen = recent.key, recent.minute, recent.contains_key
+        dead_letters, millis = batch.dead_letters, batch.millis
+        key_of, seen = recent.key, recent.contains_key
         per_bucket = recent.minutes_per_bucket
         in_batch: set[str] = set()
         duplicates = 0
@@ -466,15 +476,15 @@ class ClickHouseSink:
                 )
                 continue
             key = key_of(ev.subject, ev.id)
-            minute = minute_of(t)
-            bucket = minute // per_bucket  # recent.bucket_of_minute, inline
+            ms = (t - _EPOCH) // _MS  # the time column's ticks; their minute buckets the id
+            bucket = ms // 60_000 // per_bucket  # recent.bucket_of_minute(RecentIds.minute(t))
             if key in in_batch or seen(bucket, key):
                 duplicates += 1
                 continue
             in_batch.add(key)
             events.append((rec, ev))
             id_keys.append((bucket, key))
-            minutes.append(minute)
+            millis.append(ms)
         batch.duplicates = duplicates
         return batch
 
@@ -483,7 +493,7 @@ class ClickHouseSink:
         """Insert the rows, mark their ids, record progress; return the insert's seconds."""
         rows = batch.rows()
         started = _time.perf_counter()
-        self.storage.insert_events(rows)
+        self.storage.insert_events(rows, batch.millis)
         took = _time.perf_counter() - started
         self.recent.add_keys(batch.id_keys)
         self.storage.record_progress(self.topic, batch.next_offsets)

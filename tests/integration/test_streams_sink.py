@@ -223,8 +223,8 @@ class UnavailableStorage(ClickHouseStorage):
             raise TimeoutError(f"ClickHouse did not answer ({name} #{n})")
         return result
 
-    def insert_events(self, rows):  # type: ignore[no-untyped-def]
-        return self._call("insert_events", super().insert_events, rows)
+    def insert_events(self, rows, millis=None):  # type: ignore[no-untyped-def]
+        return self._call("insert_events", super().insert_events, rows, millis)
 
     def record_progress(self, topic, next_offsets):  # type: ignore[no-untyped-def]
         return self._call("record_progress", super().record_progress, topic, next_offsets)

@@ -25,7 +25,9 @@ class RecordedStorage:
         self.rows: list[Sequence[Any]] = []
         self.progress: dict[int, int] = {}
 
-    def insert_events(self, rows: Sequence[Sequence[Any]]) -> None:
+    def insert_events(
+        self, rows: Sequence[Sequence[Any]], millis: Sequence[int] | None = None
+    ) -> None:
         self.calls.append("insert_events")
         self.rows.extend(rows)
 
