@@ -33,6 +33,7 @@ Redis and Kafka come from ``RATE_LIMIT_REDIS_URL`` / ``KAFKA_BOOTSTRAP_SERVERS``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -123,10 +124,16 @@ def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untype
 
 
 def serve(kind: str, port: int, data_dir: Path, tenant: str) -> None:
+    """Serve as ``metering api`` does: its uvicorn configuration and its settled heap."""
     import uvicorn
 
+    from metering.commands.api import server_config, settle_heap
+
     app = build_app(kind, data_dir, tenant)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    config = server_config(app, "127.0.0.1", port, log_level="warning", access_log=False)
+    settle_heap()
+    with contextlib.suppress(KeyboardInterrupt):  # the driver stops it with SIGINT
+        uvicorn.Server(config).run()
 
 
 # --- the driver -----------------------------------------------------------------------------------
