@@ -226,6 +226,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument(
+        "--pairs", type=int, default=10, help="adjacent bare/full slices after the rounds (0: none)"
+    )
+    parser.add_argument("--slice", type=int, default=2, help="seconds per paired slice (whole)")
+    parser.add_argument(
         "--breakdown",
         action="store_true",
         help="also serve 'auth' (JWT only) and 'limit' (JWT + limiter, no emitter)",
@@ -287,6 +291,30 @@ def run(args: argparse.Namespace, kinds: list[str]) -> int:
         drop_topics(os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), tenant)
 
 
+def paired_slices(
+    args: argparse.Namespace,
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]],
+    token: str,
+) -> list[tuple[float, float]]:
+    """``--pairs`` short bare/full slices back to back (alternating which goes first): each
+    pair's (req/s ratio, CPU capacity ratio). On a VM whose speed drifts by tens of percent
+    within minutes, two adjacent slices see nearly the same machine; whole rounds do not."""
+    out: list[tuple[float, float]] = []
+    order = ["bare", "full"]
+    for i in range(args.pairs):
+        got = {}
+        for kind in order if i % 2 == 0 else order[::-1]:
+            proc, url = servers[kind]
+            got[kind] = wrk(url, token, args.connections, args.slice, proc.pid)
+        out.append(
+            (
+                got["full"].rps / got["bare"].rps,
+                got["bare"].cpu_us_per_request / got["full"].cpu_us_per_request,
+            )
+        )
+    return out
+
+
 def measure(
     args: argparse.Namespace,
     kinds: list[str],
@@ -314,6 +342,7 @@ def measure(
                         f"1 connection: p50 {single.p50_ms:6.2f} ms, p99 {single.p99_ms:6.2f} ms",
                         flush=True,
                     )
+            pairs = paired_slices(args, servers, token)
         finally:
             for proc, _ in servers.values():
                 proc.send_signal(signal.SIGINT)
@@ -346,6 +375,10 @@ def measure(
         "redis_cpu": args.redis_cpu,
         "loadavg_at_end": os.getloadavg()[0],
     }
+    if pairs:
+        summary["pairs"] = len(pairs)
+        summary["pair_ratio"] = round(statistics.median(r for r, _ in pairs), 3)
+        summary["pair_cpu_capacity_ratio"] = round(statistics.median(c for _, c in pairs), 3)
     if args.breakdown:
         summary["cpu_us_per_request"] = {k: round(v["cpu"]) for k, v in med.items()}
     print(json.dumps(summary))
@@ -354,6 +387,13 @@ def measure(
         f"p99 {bare['p99']:.2f} ms; with auth + rate limiting: {full['rps']:.0f} req/s, "
         f"{full['cpu']:.0f} us CPU/request, p99 {full['p99']:.2f} ms"
     )
+    if pairs:
+        print(
+            f"adjacent slice pairs ({len(pairs)} x {args.slice:g} s each): median ratio "
+            f"{summary['pair_ratio']:.2f}x req/s, {summary['pair_cpu_capacity_ratio']:.2f}x by "
+            f"server CPU per request (the VM's drift between two slices is smallest); by CPU, "
+            f"sorted: {' '.join(f'{c:.2f}' for c in sorted(c for _, c in pairs))}"
+        )
     print(
         f"ratio {ratio:.2f}x req/s, {cpu_ratio:.2f}x by server CPU per request "
         f"(target >= 0.7: {'met' if min(ratio, cpu_ratio) >= 0.7 else 'NOT met'}); "
