@@ -36,6 +36,8 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from limiter.core import check_tenant
+from limiter.decision import Decision
+from limiter.quota import Quota
 from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_SOURCE_LENGTH,
@@ -205,6 +207,8 @@ def ratelimit_headers(
     most APIs send it.
     """
     now = time.time() if now is None else now
+    if type(decision) is Decision and quota is None and type(decision.quota) is Quota:
+        return _limiter_decision_headers(decision, decision.quota, now)
     states = policy_states(decision, now=now, quota=quota)
     current = ", ".join(f'"{s.name}";r={s.remaining};t={s.reset}' for s in states)
     bind = binding_policy(decision, states)
@@ -216,6 +220,68 @@ def ratelimit_headers(
         (b"x-ratelimit-reset", str(math.ceil(now) + bind.reset).encode()),
     ]
 
+
+def _limiter_decision_headers(d: Decision, q: Quota, now: float) -> list[tuple[bytes, bytes]]:
+    """:func:`ratelimit_headers` for the limiter's own :class:`Decision` (every request's case),
+    without the generic path's duck typing and intermediate tuples: the same bytes, as
+    ``tests/unit/test_api_ratelimit_middleware`` checks over generated decisions."""
+    limit = _int(d.limit)
+    remaining = _int(d.remaining)
+    rate = q.rate_per_sec  # > 0: a Quota checks it
+    window = math.ceil(limit / rate) or 1
+    bucket_reset = math.ceil((limit - remaining) / rate) if remaining < limit else 0
+    daily_limit = _int(d.daily_limit)
+    daily_remaining = _int(d.daily_remaining)
+    daily_reset = _seconds_until(d.reset_at, now)
+    window_limit = d.window_limit
+    policy_key: tuple[Any, ...]
+    w_limit = w_remaining = w_reset = 0
+    w_seconds: int | None = None
+    if window_limit:
+        w_limit = _int(window_limit)
+        w_seconds = _int(q.window_seconds) or None
+        w_remaining = _int(d.window_remaining)
+        w_reset = w_seconds if w_seconds else retry_after_seconds(d)
+        policy_key = (limit, window, daily_limit, w_limit, w_seconds)
+        current = (
+            f'"burst";r={remaining};t={bucket_reset}, "daily";r={daily_remaining};t={daily_reset}'
+            f', "window";r={w_remaining};t={w_reset}'
+        )
+    else:
+        policy_key = (limit, window, daily_limit)
+        current = (
+            f'"burst";r={remaining};t={bucket_reset}, "daily";r={daily_remaining};t={daily_reset}'
+        )
+    policy = _FAST_POLICY_FIELDS.get(policy_key)
+    if policy is None:
+        states = [
+            PolicyState("burst", limit, window, 0, 0),
+            PolicyState("daily", daily_limit, DAY_SECONDS, 0, 0),
+        ]
+        if window_limit:
+            states.append(PolicyState("window", w_limit, w_seconds, 0, 0))
+        if len(_FAST_POLICY_FIELDS) >= 4096:
+            _FAST_POLICY_FIELDS.clear()
+        policy = _FAST_POLICY_FIELDS[policy_key] = _policy_field(states)
+    # The binding policy (binding_policy's rule): the one that rejected, else the fewest left.
+    bind_quota, bind_remaining, bind_reset = limit, remaining, bucket_reset
+    reason = _POLICY_OF_REASON.get(d.reason) if not d.allowed else None
+    if reason == "window" and not window_limit:
+        reason = None  # no such policy here: the fewest left binds
+    if reason == "daily" or (reason is None and daily_remaining < bind_remaining):
+        bind_quota, bind_remaining, bind_reset = daily_limit, daily_remaining, daily_reset
+    if window_limit and (reason == "window" or (reason is None and w_remaining < bind_remaining)):
+        bind_quota, bind_remaining, bind_reset = w_limit, w_remaining, w_reset
+    return [
+        (b"ratelimit-policy", policy),
+        (b"ratelimit", current.encode()),
+        (b"x-ratelimit-limit", b"%d" % bind_quota),
+        (b"x-ratelimit-remaining", b"%d" % bind_remaining),
+        (b"x-ratelimit-reset", b"%d" % (math.ceil(now) + bind_reset)),
+    ]
+
+
+_FAST_POLICY_FIELDS: dict[tuple[Any, ...], bytes] = {}
 
 _POLICY_FIELDS: dict[tuple[tuple[str, int, int | None], ...], bytes] = {}
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -96,6 +98,50 @@ def test_window_policy_appears_when_the_tenant_has_one() -> None:
     assert headers[b"x-ratelimit-limit"] == b"50"
     assert headers[b"x-ratelimit-remaining"] == b"0"
     assert retry_after_seconds(d) == 13
+
+
+@st.composite
+def decisions(draw: st.DrawFn) -> tuple[Decision, float]:
+    """A limiter decision of any shape (allowed or not, any reason, with or without a rolling
+    window, counts at and past their bounds) and the time it is described at."""
+    windowed = draw(st.booleans())
+    quota = Quota(
+        rate_per_sec=draw(st.floats(min_value=0.001, max_value=1e6)),
+        burst=draw(st.integers(1, 10**6)),
+        daily_limit=draw(st.integers(0, 10**9)),
+        window_limit=draw(st.integers(1, 10**6)) if windowed else None,
+        window_seconds=draw(st.integers(1, 31 * 86400)) if windowed else None,
+    )
+    now = draw(st.floats(min_value=1e9, max_value=4e9))
+    reasons = ["ok", "bucket", "daily", "window", "cost_exceeds_burst", "cost_exceeds_window"]
+    d = decision(
+        quota=quota,
+        allowed=draw(st.booleans()),
+        reason=draw(st.sampled_from([*reasons, "redis_down", "local_ceiling"])),
+        limit=quota.burst,
+        remaining=draw(st.integers(-3, quota.burst + 3)),
+        retry_after=draw(st.floats(min_value=0, max_value=1e6)),
+        daily_limit=quota.daily_limit,
+        daily_remaining=draw(st.integers(-3, quota.daily_limit + 3)),
+        reset_at=dt.datetime.fromtimestamp(now + draw(st.floats(-100, 2 * 86400)), dt.UTC),
+        window_limit=quota.window_limit,
+        window_remaining=(
+            draw(st.none() | st.integers(-3, quota.window_limit + 3)) if windowed else None
+        ),
+        degraded=draw(st.booleans()),
+    )
+    return d, now
+
+
+@settings(max_examples=2000, deadline=None)
+@given(decisions())
+def test_the_fast_path_for_limiter_decisions_writes_the_generic_fields(
+    case: tuple[Decision, float],
+) -> None:
+    """Every request takes the fast path (a limiter Decision, its own quota); passing the quota
+    explicitly takes the generic one. Both must write the same bytes."""
+    d, now = case
+    assert ratelimit_headers(d, now=now) == ratelimit_headers(d, now=now, quota=d.quota)
 
 
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
