@@ -69,6 +69,8 @@ EVENT_COLUMNS = [
     "kafka_partition",
     "kafka_offset",
 ]
+#: what an emptied insert context holds: no rows (``data = None`` would keep the last batch)
+_NO_COLUMNS: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
 
 
 #: the rollups fed by materialized views from usage_events, and each one's bucket function
@@ -191,6 +193,7 @@ class ClickHouseStorage:
     def __init__(self, client: Any, database: str) -> None:
         self.client = client
         self.database = checked_database(database)  # the only name put into SQL text
+        self._events_insert: Any = None  # clickhouse-connect's InsertContext, made once
 
     def insert_events(
         self, rows: Sequence[Sequence[Any]], millis: Sequence[int] | None = None
@@ -209,12 +212,24 @@ class ClickHouseStorage:
             elif len(millis) != len(rows):
                 raise ValueError(f"{len(millis)} times for {len(rows)} rows")
             columns[_TIME_COLUMN] = millis
-            self.client.insert(
-                f"{self.database}.usage_events",
-                columns,
-                column_names=EVENT_COLUMNS,
-                column_oriented=True,
-            )
+            ctx = self._events_insert
+            if ctx is None:
+                ctx = self._events_insert = self.client.create_insert_context(
+                    f"{self.database}.usage_events",
+                    column_names=EVENT_COLUMNS,
+                    column_oriented=True,
+                )
+            try:
+                self.client.insert(data=columns, context=ctx)
+            except BaseException:
+                self._events_insert = None  # a fresh context after a failure
+                raise
+            finally:
+                # An InsertContext refers to itself (a bound method it keeps), so a throwaway
+                # one, and the batch's columns it still holds after the insert, wait for the
+                # cycle collector: with a large young generation, several batches' worth of
+                # memory. One kept context, emptied here, lets the columns go at once.
+                ctx.data = _NO_COLUMNS
 
     def record_progress(self, topic: str, next_offsets: dict[int, int]) -> None:
         if next_offsets:
