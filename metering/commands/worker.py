@@ -38,9 +38,11 @@ def _run(args: argparse.Namespace) -> int:
     settings.metering_data_dir.mkdir(parents=True, exist_ok=True)  # Faust's datadir goes here
 
     # The worker's heap is mostly long-lived (Faust, aiokafka, ClickHouse client): keep it out
-    # of the collector, and collect the young generation every 50,000 allocations instead of
-    # 700 (a sink batch allocates ~10 containers per event; the default made every batch pay
-    # for hundreds of young and several full collections).
+    # of the collector, and collect the young generation every 1,000,000 allocations instead of
+    # 700 (a sink batch allocates ~10 containers per event, alive until its insert: each young
+    # collection walked them again; at 50,000 the collector was ~7% of the worker's CPU in
+    # perf). The sink's batches make next to no cyclic garbage (7 objects per insert), so the
+    # larger generation costs no memory: RSS after phase 1 ~730 MB either way.
     import gc
 
     import faust
@@ -49,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
 
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(1_000_000, 20, 100)
 
     level = "debug" if args.verbose else "info"
     worker = faust.Worker(app, loglevel=level, quiet=True)
