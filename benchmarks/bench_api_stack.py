@@ -119,7 +119,7 @@ async def drive(app: Any, token: str, tasks: int, seconds: float) -> float:
     return cpu / max(1, n)
 
 
-def child(variant: str, tasks: int, seconds: float) -> None:
+def child(variant: str, tasks: int, seconds: float, gc_threshold: int = 0) -> None:
     import jwt
     import uvloop
     from bench_api import AUDIENCE, SECRET, build_app
@@ -132,6 +132,13 @@ def child(variant: str, tasks: int, seconds: float) -> None:
     token = jwt.encode(
         {"sub": tenant, "aud": AUDIENCE, "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256"
     )
+    from metering.commands.api import settle_heap
+
+    settle_heap()  # as `metering api` does after start-up
+    if gc_threshold:
+        import gc
+
+        gc.set_threshold(gc_threshold, *gc.get_threshold()[1:])
     per_request = uvloop.run(drive(app, token, tasks, seconds))
     print(json.dumps({"variant": variant, "us": per_request * 1e6}), flush=True)
     if variant in ("limit", "full"):
@@ -147,10 +154,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=0,
+        help="young-generation threshold of the collector (default: the interpreter's)",
+    )
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.tasks, args.seconds)
+        child(args.child, args.tasks, args.seconds, args.gc_threshold)
         return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -162,6 +175,7 @@ def main() -> int:
         for v in variants:
             argv = [*pin, sys.executable, __file__, "--child", v]
             argv += ["--tasks", str(args.tasks), "--seconds", str(args.seconds)]
+            argv += ["--gc-threshold", str(args.gc_threshold)]
             out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if out.returncode != 0 or not lines:
