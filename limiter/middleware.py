@@ -36,8 +36,6 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from limiter.core import check_tenant
-from limiter.decision import Decision
-from limiter.quota import Quota
 from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_SOURCE_LENGTH,
@@ -106,10 +104,22 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
+#: (datetime, its timestamp) last converted: the limiter's decisions of one UTC day share one
+#: reset_at object (``limiter.clock.utc_day`` is cached). Replaced whole, so threads agree.
+_last_reset: tuple[Any, float] = (None, 0.0)
+
+
 def _seconds_until(when: Any, now: float) -> int:
+    global _last_reset
     if when is None:
         return 0
-    ts = when.timestamp() if isinstance(when, dt.datetime) else float(when)
+    if isinstance(when, dt.datetime):
+        last_when, ts = _last_reset
+        if when is not last_when:
+            ts = when.timestamp()
+            _last_reset = (when, ts)
+    else:
+        ts = float(when)
     return max(0, math.ceil(ts - now))
 
 
@@ -207,10 +217,8 @@ def ratelimit_headers(
     most APIs send it.
     """
     now = time.time() if now is None else now
-    if type(decision) is Decision and quota is None and type(decision.quota) is Quota:
-        return _limiter_decision_headers(decision, decision.quota, now)
     states = policy_states(decision, now=now, quota=quota)
-    current = ", ".join(f'"{s.name}";r={s.remaining};t={s.reset}' for s in states)
+    current = ", ".join([f'"{s.name}";r={s.remaining};t={s.reset}' for s in states])
     bind = binding_policy(decision, states)
     return [
         (b"ratelimit-policy", _policy_field(states)),
@@ -221,74 +229,12 @@ def ratelimit_headers(
     ]
 
 
-def _limiter_decision_headers(d: Decision, q: Quota, now: float) -> list[tuple[bytes, bytes]]:
-    """:func:`ratelimit_headers` for the limiter's own :class:`Decision` (every request's case),
-    without the generic path's duck typing and intermediate tuples: the same bytes, as
-    ``tests/unit/test_api_ratelimit_middleware`` checks over generated decisions."""
-    limit = _int(d.limit)
-    remaining = _int(d.remaining)
-    rate = q.rate_per_sec  # > 0: a Quota checks it
-    window = math.ceil(limit / rate) or 1
-    bucket_reset = math.ceil((limit - remaining) / rate) if remaining < limit else 0
-    daily_limit = _int(d.daily_limit)
-    daily_remaining = _int(d.daily_remaining)
-    daily_reset = _seconds_until(d.reset_at, now)
-    window_limit = d.window_limit
-    policy_key: tuple[Any, ...]
-    w_limit = w_remaining = w_reset = 0
-    w_seconds: int | None = None
-    if window_limit:
-        w_limit = _int(window_limit)
-        w_seconds = _int(q.window_seconds) or None
-        w_remaining = _int(d.window_remaining)
-        w_reset = w_seconds if w_seconds else retry_after_seconds(d)
-        policy_key = (limit, window, daily_limit, w_limit, w_seconds)
-        current = (
-            f'"burst";r={remaining};t={bucket_reset}, "daily";r={daily_remaining};t={daily_reset}'
-            f', "window";r={w_remaining};t={w_reset}'
-        )
-    else:
-        policy_key = (limit, window, daily_limit)
-        current = (
-            f'"burst";r={remaining};t={bucket_reset}, "daily";r={daily_remaining};t={daily_reset}'
-        )
-    policy = _FAST_POLICY_FIELDS.get(policy_key)
-    if policy is None:
-        states = [
-            PolicyState("burst", limit, window, 0, 0),
-            PolicyState("daily", daily_limit, DAY_SECONDS, 0, 0),
-        ]
-        if window_limit:
-            states.append(PolicyState("window", w_limit, w_seconds, 0, 0))
-        if len(_FAST_POLICY_FIELDS) >= 4096:
-            _FAST_POLICY_FIELDS.clear()
-        policy = _FAST_POLICY_FIELDS[policy_key] = _policy_field(states)
-    # The binding policy (binding_policy's rule): the one that rejected, else the fewest left.
-    bind_quota, bind_remaining, bind_reset = limit, remaining, bucket_reset
-    reason = _POLICY_OF_REASON.get(d.reason) if not d.allowed else None
-    if reason == "window" and not window_limit:
-        reason = None  # no such policy here: the fewest left binds
-    if reason == "daily" or (reason is None and daily_remaining < bind_remaining):
-        bind_quota, bind_remaining, bind_reset = daily_limit, daily_remaining, daily_reset
-    if window_limit and (reason == "window" or (reason is None and w_remaining < bind_remaining)):
-        bind_quota, bind_remaining, bind_reset = w_limit, w_remaining, w_reset
-    return [
-        (b"ratelimit-policy", policy),
-        (b"ratelimit", current.encode()),
-        (b"x-ratelimit-limit", b"%d" % bind_quota),
-        (b"x-ratelimit-remaining", b"%d" % bind_remaining),
-        (b"x-ratelimit-reset", b"%d" % (math.ceil(now) + bind_reset)),
-    ]
-
-
-_FAST_POLICY_FIELDS: dict[tuple[Any, ...], bytes] = {}
-
 _POLICY_FIELDS: dict[tuple[tuple[str, int, int | None], ...], bytes] = {}
 
 
 def _policy_field(states: list[PolicyState]) -> bytes:
     """``RateLimit-Policy``: the same for every response under one quota, so made once."""
-    key = tuple((s.name, s.quota, s.window) for s in states)
+    key = tuple([s[:3] for s in states])  # (name, quota, window) of each
     field = _POLICY_FIELDS.get(key)
     if field is None:
         if len(_POLICY_FIELDS) >= 4096:

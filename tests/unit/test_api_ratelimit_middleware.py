@@ -138,8 +138,8 @@ def decisions(draw: st.DrawFn) -> tuple[Decision, float]:
 def test_the_fast_path_for_limiter_decisions_writes_the_generic_fields(
     case: tuple[Decision, float],
 ) -> None:
-    """Every request takes the fast path (a limiter Decision, its own quota); passing the quota
-    explicitly takes the generic one. Both must write the same bytes."""
+    """The fields of a decision described with its own quota (every request's case) and with
+    that quota passed explicitly are the same bytes, over decisions of every shape."""
     d, now = case
     assert ratelimit_headers(d, now=now) == ratelimit_headers(d, now=now, quota=d.quota)
 
