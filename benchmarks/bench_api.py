@@ -127,7 +127,8 @@ def serve(kind: str, port: int, data_dir: Path, tenant: str) -> None:
     """Serve as ``metering api`` does: its uvicorn configuration and its settled heap."""
     import uvicorn
 
-    from metering.commands.api import server_config, settle_heap
+    from metering.commands import settle_heap
+    from metering.commands.api import server_config
 
     app = build_app(kind, data_dir, tenant)
     config = server_config(app, "127.0.0.1", port, log_level="warning", access_log=False)

@@ -132,13 +132,13 @@ def child(variant: str, tasks: int, seconds: float, gc_threshold: int = 0) -> No
     token = jwt.encode(
         {"sub": tenant, "aud": AUDIENCE, "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256"
     )
-    from metering.commands.api import settle_heap
+    import gc
 
-    settle_heap()  # as `metering api` does after start-up
-    if gc_threshold:
-        import gc
+    from metering.commands import settle_heap
 
-        gc.set_threshold(gc_threshold, *gc.get_threshold()[1:])
+    # As `metering api` does after start-up; --gc-threshold: another young generation.
+    young, *older = gc.get_threshold()
+    settle_heap((gc_threshold or young, *older))
     per_request = uvloop.run(drive(app, token, tasks, seconds))
     print(json.dumps({"variant": variant, "us": per_request * 1e6}), flush=True)
     if variant in ("limit", "full"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from metering.commands import settle_heap
 from metering.settings import load_settings
 
 GRACEFUL_SHUTDOWN_SECONDS = 15
@@ -32,16 +33,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="uvicorn log level",
     )
     api.set_defaults(handler=_serve)
-
-
-def settle_heap() -> None:
-    """Move everything built so far (modules, the app, its routes), which lives as long as the
-    process, out of the collector's way: a full collection then does not walk it in the middle
-    of a request."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
 
 
 def server_config(app: Any, host: str, port: int, log_level: str = "info", **extra: Any) -> Any:

@@ -43,15 +43,12 @@ def _run(args: argparse.Namespace) -> int:
     # collection walked them again; at 50,000 the collector was ~7% of the worker's CPU in
     # perf). The sink's batches make next to no cyclic garbage (7 objects per insert), so the
     # larger generation costs no memory: RSS after phase 1 ~730 MB either way.
-    import gc
-
     import faust
 
+    from metering.commands import settle_heap
     from streams.app import app
 
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(1_000_000, 20, 100)
+    settle_heap((1_000_000, 20, 100))
 
     level = "debug" if args.verbose else "info"
     worker = faust.Worker(app, loglevel=level, quiet=True)
