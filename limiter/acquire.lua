@@ -25,31 +25,37 @@
 --          for WRONG_DAY: the day the key names (days since 1970-01-01)
 --   server_day: days since 1970-01-01 (UTC) by the server clock
 
+-- Cost notes (Redis runs every decision; benchmarks/bench_script_cost.py counts the instructions
+-- Redis executes per call: ~119k for an allowed decision before these, ~108k after): each tonumber() of a string is a strtod (~1.6k instructions), a string.sub makes and
+-- interns a string, and math.floor is two table lookups and a call. So the arguments needed only
+-- on some paths (window, seed, grace) are read there, the key's date is one tonumber, and integer
+-- divisions use `%` (Lua's % is a floored modulo, so (x - x % n) / n == floor(x / n) exactly for
+-- integers). A number given to redis.call is written with %.17g by Redis itself (the shortest
+-- round-trip form from 7.2 on), so the bucket's float needs no string.format to stay exact.
 local cost = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
 local daily_limit = tonumber(ARGV[4])
 local window_limit = tonumber(ARGV[5])
-local window_us = tonumber(ARGV[6]) * 1000000
-local seed = ARGV[7]
-local grace = tonumber(ARGV[8])
+local window_us = 0
+if window_limit > 0 then window_us = tonumber(ARGV[6]) * 1000000 end
 
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now = now_s * 1000000 + tonumber(t[2])
-local server_day = math.floor(now_s / 86400)
+local server_day = (now_s - now_s % 86400) / 86400
 
 -- The day the key names, from its YYYYMMDD suffix (days_from_civil, proleptic Gregorian).
-local ymd = string.sub(KEYS[2], -8)
-local y = tonumber(string.sub(ymd, 1, 4))
-local m = tonumber(string.sub(ymd, 5, 6))
-local d = tonumber(string.sub(ymd, 7, 8))
+local ymd = tonumber(string.sub(KEYS[2], -8))
+local d = ymd % 100
+local m = ((ymd - d) / 100) % 100
+local y = (ymd - ymd % 10000) / 10000
 if m <= 2 then y = y - 1 end
-local era = math.floor(y / 400)
-local yoe = y - era * 400
+local yoe = y % 400
+local era = (y - yoe) / 400
 local mp = (m > 2) and (m - 3) or (m + 9)
-local doy = math.floor((153 * mp + 2) / 5) + d - 1
-local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+local doy = (153 * mp + 2 - (153 * mp + 2) % 5) / 5 + d - 1
+local doe = yoe * 365 + (yoe - yoe % 4) / 4 - (yoe - yoe % 100) / 100 + doy
 local key_day = era * 146097 + doe - 719468
 if key_day ~= server_day then
   return {-1, key_day, 0, 0, 0, 0, server_day, now_s}
@@ -58,11 +64,12 @@ end
 -- Daily counter (seeded when missing, expiring after the day is over plus grace).
 local used = redis.call('GET', KEYS[2])
 if not used then
+  local seed = ARGV[7]
   if seed == '' then
     return {-2, 0, 0, 0, 0, 0, server_day, now_s}
   end
   used = tonumber(seed)
-  redis.call('SET', KEYS[2], used, 'EXAT', (server_day + 1) * 86400 + grace)
+  redis.call('SET', KEYS[2], used, 'EXAT', (server_day + 1) * 86400 + tonumber(ARGV[8]))
 else
   used = tonumber(used)
 end
@@ -71,7 +78,6 @@ end
 local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'xs')
 local tokens = tonumber(tb[1])
 local ts = tonumber(tb[2])
-local xs = tonumber(tb[3]) or 0
 if tokens == nil or ts == nil then
   tokens = burst
 elseif now > ts then
@@ -154,11 +160,11 @@ tokens = tokens - cost
 -- expiry is pushed out to twice that only when half of it has run down, which saves a write on
 -- most calls while the key always outlives its refill time.
 local full_us = math.ceil(burst * 1000000 / rate) + 1000000
-if now - xs >= full_us then
-  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now, 'xs', now)
+if now - (tonumber(tb[3]) or 0) >= full_us then
+  redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now, 'xs', now)
   redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
 else
-  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now)
+  redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
 end
 if cost > 0 then
   used = redis.call('INCRBY', KEYS[2], cost)
