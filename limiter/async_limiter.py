@@ -21,9 +21,11 @@ from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, packed
 class AsyncRateLimiter:
     """Async twin of :class:`limiter.RateLimiter` (same names, same decisions, same advice on
     the client: timeouts, no retries). ``max_batch`` bounds one pipelined write,
-    ``max_inflight`` the writes awaiting replies (see :mod:`limiter.batching`; the defaults
-    keep Redis and Python busy at once with hundreds of callers). Like its redis.asyncio
-    client, one instance belongs to one event loop."""
+    ``max_inflight`` the writes awaiting replies, ``answer_chunk`` the size above which the
+    callers of a lone write are answered in halves so that their next calls overlap (see
+    :mod:`limiter.batching`; the defaults keep Redis and Python busy at once with tens to
+    hundreds of callers). Like its
+    redis.asyncio client, one instance belongs to one event loop."""
 
     def __init__(
         self,
@@ -36,12 +38,18 @@ class AsyncRateLimiter:
         day_grace_seconds: int = DAY_GRACE_SECONDS,
         max_batch: int = 64,
         max_inflight: int = 4,
+        answer_chunk: int = 8,
     ) -> None:
         self.redis = redis_client
         self.policy = FailurePolicy(fail_mode, breaker=breaker, local_limiter=local_limiter)
         self._core = LimiterCore(quotas, day_grace_seconds)
         self.clock = self._core.clock  # the estimate of the Redis server's clock
-        self._batcher = ScriptBatcher(redis_client, max_batch=max_batch, max_inflight=max_inflight)
+        self._batcher = ScriptBatcher(
+            redis_client,
+            max_batch=max_batch,
+            max_inflight=max_inflight,
+            answer_chunk=answer_chunk,
+        )
 
     @classmethod
     def from_settings(

@@ -100,6 +100,57 @@ async def test_cancelled_callers_do_not_disturb_the_rest_of_the_batch(
     assert used == sorted(used) and len(set(used)) == 5
 
 
+@pytest.mark.parametrize("answer_chunk", [8, 0])
+async def test_callers_of_a_lone_write_are_answered_in_chunks_so_their_next_calls_go_early(
+    client: aredis.Redis, tenant: str, reader: str, answer_chunk: int
+) -> None:
+    """16 callers in lockstep: with answer_chunk=8 the lone write's callers are answered in
+    halves, so the first 8 callers' next calls are written while the other 8 are still being
+    answered (from then on two writes of ~8 alternate); with 0, every wave waits for all 16
+    and goes out as one write."""
+    limiter = AsyncRateLimiter(client, answer_chunk=answer_chunk)
+    await limiter.acquire(tenant, 1, QUOTA)
+    batches_before = sample("rate_limiter_batch_size_count")
+    calls_before = sample("rate_limiter_batch_size_sum")
+    used: list[int] = []
+
+    async def caller() -> None:
+        for _ in range(10):
+            used.append((await limiter.acquire(tenant, 1, QUOTA)).daily_used)
+
+    await asyncio.gather(*(caller() for _ in range(16)))
+
+    assert sorted(used) == list(range(2, 162))  # every decision counted once, each its own
+    calls = sample("rate_limiter_batch_size_sum") - calls_before
+    per_write = calls / (sample("rate_limiter_batch_size_count") - batches_before)
+    assert calls == 160
+    if answer_chunk:
+        assert per_write <= 10, per_write
+    else:
+        assert per_write == 16
+
+
+async def test_a_reader_cancelled_between_chunks_still_answers_every_caller(
+    client: aredis.Redis,
+) -> None:
+    """The replies of a write are read before they are handed out in chunks: a cancellation
+    (or a reset) between two chunks must not leave the later callers waiting forever."""
+    batcher = batching.ScriptBatcher(client, answer_chunk=4)
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(10)]
+    replies: list[object] = [*range(9), redis.ResponseError("that call's own error")]
+
+    task = asyncio.create_task(batcher._answer_in_chunks(futures, replies, 4))
+    await asyncio.sleep(0)  # the first chunk is answered, the task waits at its yield
+    assert [f.done() for f in futures] == [True] * 4 + [False] * 6
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert [f.result() for f in futures[:9]] == list(range(9))
+    assert isinstance(futures[9].exception(), redis.ResponseError)
+
+
 def test_decisions_are_counted_in_the_seed_metrics(redis_url: str, tenant: str) -> None:
     limiter = RateLimiter(redis.Redis.from_url(redis_url))
     before = {
