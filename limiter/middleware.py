@@ -104,22 +104,10 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
-#: (datetime, its timestamp) last converted: the limiter's decisions of one UTC day share one
-#: reset_at object (``limiter.clock.utc_day`` is cached). Replaced whole, so threads agree.
-_last_reset: tuple[Any, float] = (None, 0.0)
-
-
 def _seconds_until(when: Any, now: float) -> int:
-    global _last_reset
     if when is None:
         return 0
-    if isinstance(when, dt.datetime):
-        last_when, ts = _last_reset
-        if when is not last_when:
-            ts = when.timestamp()
-            _last_reset = (when, ts)
-    else:
-        ts = float(when)
+    ts = when.timestamp() if isinstance(when, dt.datetime) else float(when)
     return max(0, math.ceil(ts - now))
 
 

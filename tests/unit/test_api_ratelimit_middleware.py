@@ -135,7 +135,7 @@ def decisions(draw: st.DrawFn) -> tuple[Decision, float]:
 
 @settings(max_examples=2000, deadline=None)
 @given(decisions())
-def test_the_fast_path_for_limiter_decisions_writes_the_generic_fields(
+def test_a_decisions_own_quota_and_the_same_quota_given_write_the_same_fields(
     case: tuple[Decision, float],
 ) -> None:
     """The fields of a decision described with its own quota (every request's case) and with
