@@ -24,8 +24,8 @@ class AsyncRateLimiter:
     ``max_inflight`` the writes awaiting replies, ``answer_chunk`` the size above which the
     callers of a lone write are answered in halves so that their next calls overlap (see
     :mod:`limiter.batching`; the defaults keep Redis and Python busy at once with tens to
-    hundreds of callers). Like its
-    redis.asyncio client, one instance belongs to one event loop."""
+    hundreds of callers). Like its redis.asyncio client, one instance belongs to one event
+    loop."""
 
     def __init__(
         self,

@@ -71,7 +71,7 @@ class ScriptBatcher:
     a second pipeline starts while one is in flight; ``answer_chunk`` (single node and Sentinel):
     a write whose replies arrive when no other write is in flight, with more than this many
     callers, has its callers answered in halves, the writer running in between (0: always all
-    at once; see :meth:`_answer_in_chunks`)."""
+    at once; see :meth:`_answer_in_halves`)."""
 
     def __init__(
         self,
@@ -218,16 +218,14 @@ class ScriptBatcher:
                     else:
                         replies = await read_replies(conn, len(futures))
                 inflight.popleft()
-                chunk = self.answer_chunk
-                if inflight or not chunk or len(futures) <= chunk:
+                if inflight or len(futures) <= self.answer_chunk or not self.answer_chunk:
                     readonly = _answer(futures, replies)
                     # The writer resumes after the callers just answered (callbacks run in
                     # order): their next calls, queued meanwhile, go out together in its next
                     # write.
                     self._free_slot()
-                else:  # in halves (the first half's next calls overlap the second's)
-                    half = max(chunk, (len(futures) + 1) // 2)
-                    readonly = await self._answer_in_chunks(futures, replies, half)
+                else:
+                    readonly = await self._answer_in_halves(futures, replies)
                 if readonly:  # a failover made this server a replica: find the new master
                     raise RedisConnectionError("Redis answered READONLY: no longer the master")
         except BaseException as exc:
@@ -240,10 +238,11 @@ class ScriptBatcher:
             if self._reader is asyncio.current_task():
                 self._reader = None
 
-    async def _answer_in_chunks(
-        self, futures: list[asyncio.Future[Any]], replies: list[Any], chunk: int
+    async def _answer_in_halves(
+        self, futures: list[asyncio.Future[Any]], replies: list[Any], first: int | None = None
     ) -> bool:
-        """Answer ``chunk`` callers at a time, letting the writer run in between.
+        """Answer the first ``first`` callers (default: half, at least ``answer_chunk``), let
+        the writer send their next calls, then answer the rest.
 
         Used for a write that was the only one in flight: Redis is idle until the next write.
         Answered all at once, every caller would run on before any of their next calls went
@@ -253,19 +252,15 @@ class ScriptBatcher:
         pipeline keeps two writes in flight and this path is rarely taken again (counted: ~20
         times in a second of 32 closed-loop callers). Every reply is given even if the reader
         is cancelled meanwhile (they were read)."""
-        readonly = False
-        done = 0
+        if first is None:
+            first = max(self.answer_chunk, (len(futures) + 1) // 2)
+        readonly = _answer(futures[:first], replies[:first])
+        self._free_slot()
         try:
-            while done < len(futures):
-                end = done + chunk
-                readonly |= _answer(futures[done:end], replies[done:end])
-                done = end
-                self._free_slot()
-                if done < len(futures):
-                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
         finally:
-            if done < len(futures):
-                readonly |= _answer(futures[done:], replies[done:])
+            readonly |= _answer(futures[first:], replies[first:])
+            self._free_slot()
         return readonly
 
     def _free_slot(self) -> None:

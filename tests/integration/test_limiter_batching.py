@@ -140,7 +140,7 @@ async def test_a_reader_cancelled_between_chunks_still_answers_every_caller(
     futures = [loop.create_future() for _ in range(10)]
     replies: list[object] = [*range(9), redis.ResponseError("that call's own error")]
 
-    task = asyncio.create_task(batcher._answer_in_chunks(futures, replies, 4))
+    task = asyncio.create_task(batcher._answer_in_halves(futures, replies, 4))
     await asyncio.sleep(0)  # the first chunk is answered, the task waits at its yield
     assert [f.done() for f in futures] == [True] * 4 + [False] * 6
     task.cancel()
