@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,15 +41,10 @@ import redis
 
 from limiter import Quota
 from limiter.scripts import ACQUIRE, CallEncoder
+from metering.localstack.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = 50
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class CallgrindRedis:
@@ -186,16 +180,16 @@ def main() -> int:
         send(c, noop_calls[:200])
         base = server.count(lambda: send(c, noop_calls)) / n
         print(f"{'no-op EVALSHA (return 1)':<34}{base:>12,.0f} instructions/call")
-        for name, sha in versions.items():
+        for v, (name, sha) in enumerate(versions.items()):
             results[name] = {}
-            for case, quota in (
-                ("allowed", plain),
-                ("rejected (daily limit)", exhausted),
-                ("allowed, rolling window", windowed),
+            for k, (case, quota) in enumerate(
+                (
+                    ("allowed", plain),
+                    ("rejected (daily limit)", exhausted),
+                    ("allowed, rolling window", windowed),
+                )
             ):
-                tenant = f"cost-{name}-{case.split()[0]}-{os.getpid()}".replace("~", "_")
-                tenant = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in tenant)
-                calls = calls_for(sha, tenant, quota, n)
+                calls = calls_for(sha, f"cost-{os.getpid()}-{v}-{k}", quota, n)
                 send(c, calls[:200])  # warm: keys exist, the daily limit is reached
                 per_call = server.count(lambda calls=calls: send(c, calls)) / n
                 results[name][case] = per_call

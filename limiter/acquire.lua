@@ -26,9 +26,10 @@
 --   server_day: days since 1970-01-01 (UTC) by the server clock
 
 -- Cost notes (Redis runs every decision; benchmarks/bench_script_cost.py counts the instructions
--- Redis executes per call: ~119k for an allowed decision before these, ~108k after): each tonumber() of a string is a strtod (~1.6k instructions), a string.sub makes and
--- interns a string, and math.floor is two table lookups and a call. So the arguments needed only
--- on some paths (window, seed, grace) are read there, the key's date is one tonumber, and integer
+-- Redis executes per call: ~119k for an allowed decision before these, ~108k after): each
+-- tonumber() of a string is a strtod (~1.6k instructions), a string.sub makes and interns a
+-- string, and math.floor is two table lookups and a call. So the arguments needed only on some
+-- paths (window, seed, grace) are read there, the key's date is one tonumber, and integer
 -- divisions use `%` (Lua's % is a floored modulo, so (x - x % n) / n == floor(x / n) exactly for
 -- integers). A number given to redis.call is written with %.17g by Redis itself (the shortest
 -- round-trip form from 7.2 on), so the bucket's float needs no string.format to stay exact.
