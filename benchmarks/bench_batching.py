@@ -1,6 +1,13 @@
-"""The async limiter's transport at tens of callers: ``answer_chunk`` on and off, alternating.
+"""The async limiter's transport: two variants in adjacent slices, alternating.
 
 Run: ``python benchmarks/bench_batching.py [--callers 8,16,32,64] [--pairs 3] [--seconds 2]``
+     ``python benchmarks/bench_batching.py --baseline-ref REV [--paced 10000,20000]``
+
+The variants: ``answer_chunk`` on and off (the default), or, with ``--baseline-ref``, the
+transport as it is now against ``limiter/batching.py`` at a git revision (loaded from git into
+this process, the rest of the limiter unchanged), e.g. the writer and reader tasks that the
+event-loop callbacks replaced. ``--paced`` adds open loops: calls arriving at those fixed rates,
+each issued at its own time and measured from it (``bench_limiter.open_loop``).
 
 N callers each await ``AsyncRateLimiter.acquire`` and call again at once (a closed loop: a
 service with N requests in flight). With tens of callers there is often one pipelined write in
@@ -10,10 +17,11 @@ the whole wave and the client then waits for Redis: the two take turns. Answered
 (``answer_chunk=8``, the default), the first callers' next calls are written while the later
 ones are still being answered.
 
-For each caller count, the two settings run in adjacent slices, alternating which goes first
-(``--pairs``); the process is pinned to one core and its private ``redis-server`` to the others,
-as in ``bench_limiter.py``. Prints each slice's decisions per second, CPU per decision, p50/p99
-latency and calls per write, and the median ratio (chunked / all at once) over the pairs.
+For each caller count (and rate), the two variants run in adjacent slices, alternating which
+goes first (``--pairs``); the process is pinned to one core and its private ``redis-server`` to
+the others, as in ``bench_limiter.py``. Prints each slice's decisions per second, CPU per
+decision, p50/p99 latency and calls per write, and the median ratio (first variant / second)
+over the pairs.
 """
 
 from __future__ import annotations
@@ -21,9 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +44,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis.asyncio as aredis
 import uvloop
-from bench_limiter import pin_one_core, private_redis
+from bench_limiter import open_loop, pin_one_core, private_redis
 from prometheus_client import REGISTRY
 
 from limiter import AsyncRateLimiter, Quota
 
 BIG = Quota(rate_per_sec=1e9, burst=10**9, daily_limit=10**12)
 TENANTS = [f"bench-batching-{i}" for i in range(64)]
+ROOT = Path(__file__).resolve().parents[1]
+
+#: A variant: makes the limiter under test on a client.
+Variant = Callable[[aredis.Redis], AsyncRateLimiter]
+
+
+def batcher_at(ref: str) -> type:
+    """``ScriptBatcher`` as ``limiter/batching.py`` defines it at git revision ``ref``."""
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{ref}:limiter/batching.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="bench-batching-")) / f"batching_at_{ref}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls: type = module.ScriptBatcher
+    return cls
+
+
+def with_batcher(cls: type) -> Variant:
+    def make(client: aredis.Redis) -> AsyncRateLimiter:
+        limiter = AsyncRateLimiter(client)
+        limiter._batcher = cls(client)
+        return limiter
+
+    return make
 
 
 def batch_totals() -> tuple[float, float]:
@@ -47,9 +90,32 @@ def batch_totals() -> tuple[float, float]:
     return count, total
 
 
-async def closed_loop(url: str, callers: int, chunk: int, seconds: float) -> dict[str, float]:
+async def measure(
+    url: str, variant: Variant, load: int, seconds: float, paced: bool
+) -> dict[str, float]:
+    """``load`` closed-loop callers, or (``paced``) an open loop at ``load`` calls/s."""
     client = aredis.Redis.from_url(url)
-    limiter = AsyncRateLimiter(client, answer_chunk=chunk)
+    limiter = variant(client)
+    if paced:
+        writes0, calls0 = batch_totals()
+        res = await open_loop(
+            lambda i: limiter.acquire(TENANTS[i % len(TENANTS)], 1, BIG), seconds, load, paced=True
+        )
+        writes1, calls1 = batch_totals()
+        await client.aclose()
+        return {
+            "rate": res["rate"],
+            "cpu_us": float("nan"),  # the paced generator spins: its CPU time is not a cost
+            "p50_us": res["p50"] * 1e6,
+            "p99_us": res["p99"] * 1e6,
+            "per_write": (calls1 - calls0) / max(1.0, writes1 - writes0),
+        }
+    return await closed_loop(client, limiter, load, seconds)
+
+
+async def closed_loop(
+    client: aredis.Redis, limiter: AsyncRateLimiter, callers: int, seconds: float
+) -> dict[str, float]:
     for i in range(300):  # connection made, scripts loaded, keys exist
         await limiter.acquire(TENANTS[i % len(TENANTS)], 1, BIG)
     lat: list[float] = []
@@ -89,17 +155,39 @@ async def closed_loop(url: str, callers: int, chunk: int, seconds: float) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--callers", default="8,16,32,64", help="comma-separated caller counts")
+    ap.add_argument("--paced", default="", help="comma-separated open-loop rates (calls/s)")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--chunk", type=int, default=8, help="the answer_chunk compared with 0")
+    ap.add_argument(
+        "--baseline-ref",
+        help="compare the transport now with limiter/batching.py at this git revision",
+    )
     ap.add_argument("--redis-url", help="measure against this Redis (default: start one)")
     args = ap.parse_args()
     try:
-        counts = [int(c) for c in args.callers.split(",")]
+        counts = [int(c) for c in args.callers.split(",") if c]
+        rates = [int(r) for r in args.paced.split(",") if r]
     except ValueError:
-        ap.error("--callers takes comma-separated integers, e.g. 8,16,32")
-    if any(c < 1 for c in counts) or args.pairs < 1 or args.seconds <= 0 or args.chunk < 1:
-        ap.error("--callers, --pairs and --chunk must be >= 1, --seconds > 0")
+        ap.error("--callers and --paced take comma-separated integers, e.g. 8,16,32")
+    if any(c < 1 for c in counts + rates) or args.pairs < 1 or args.seconds <= 0 or args.chunk < 1:
+        ap.error("--callers, --paced, --pairs and --chunk must be >= 1, --seconds > 0")
+    if not counts and not rates:
+        ap.error("nothing to measure: give --callers or --paced")
+
+    variants: dict[str, Variant]
+    if args.baseline_ref:
+        try:
+            old = batcher_at(args.baseline_ref)
+        except subprocess.CalledProcessError as exc:
+            ap.error(f"--baseline-ref {args.baseline_ref}: {exc.stderr.strip()}")
+        variants = {"now": AsyncRateLimiter, args.baseline_ref: with_batcher(old)}
+    else:
+        variants = {
+            f"answer_chunk {args.chunk}": lambda c: AsyncRateLimiter(c, answer_chunk=args.chunk),
+            "answer_chunk 0": lambda c: AsyncRateLimiter(c, answer_chunk=0),
+        }
+    first, second = variants
 
     cpu = pin_one_core()
     print(f"pinned to CPU {cpu}" if cpu is not None else "could not pin to one core")
@@ -110,37 +198,37 @@ def main() -> None:
         print("private redis-server pinned to the other CPUs")
     gc.collect()
     gc.freeze()
+    loads = [(c, False) for c in counts] + [(r, True) for r in rates]
     try:
-        for callers in counts:
+        for load, paced in loads:
+            what = f"{load}/s paced" if paced else f"{load} callers"
             ratios: dict[str, list[float]] = {"rate": [], "cpu_us": [], "p50_us": [], "p99_us": []}
             for pair in range(args.pairs):
-                order = (args.chunk, 0) if pair % 2 == 0 else (0, args.chunk)
+                order = (first, second) if pair % 2 == 0 else (second, first)
                 res = {}
-                for chunk in order:
-                    res[chunk] = uvloop.run(closed_loop(url, callers, chunk, args.seconds))
-                    r = res[chunk]
+                for name in order:
+                    res[name] = r = uvloop.run(
+                        measure(url, variants[name], load, args.seconds, paced)
+                    )
                     print(
-                        f"{callers:3d} callers, answer_chunk {chunk:2d}: {r['rate']:8,.0f}/s "
+                        f"{what:>14s}, {name:>14s}: {r['rate']:8,.0f}/s "
                         f"{r['cpu_us']:6.1f} us CPU/decision  p50 {r['p50_us']:6.0f} us  "
                         f"p99 {r['p99_us']:6.0f} us  {r['per_write']:5.1f} calls/write",
                         flush=True,
                     )
                 for k in ratios:
-                    ratios[k].append(res[args.chunk][k] / res[0][k])
+                    ratios[k].append(res[first][k] / res[second][k])
             med = {k: statistics.median(v) for k, v in ratios.items()}
             print(
-                f"{callers:3d} callers: answer_chunk {args.chunk} / 0, median of {args.pairs} "
-                f"pairs: rate {med['rate']:.2f}x, CPU per decision {med['cpu_us']:.2f}x, "
+                f"{what}: {first} / {second}, median of {args.pairs} pairs: "
+                f"rate {med['rate']:.2f}x, CPU per decision {med['cpu_us']:.2f}x, "
                 f"p50 {med['p50_us']:.2f}x, p99 {med['p99_us']:.2f}x\n",
                 flush=True,
             )
     finally:
         if stack is not None:
             stack.down()
-    print(
-        f"command: python benchmarks/bench_batching.py --callers {args.callers} "
-        f"--pairs {args.pairs} --seconds {args.seconds} --chunk {args.chunk}"
-    )
+    print("command: python benchmarks/bench_batching.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ call's error or cancellation never leaks into the others in its batch. Also: the
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +14,8 @@ from prometheus_client import REGISTRY
 
 from limiter import AsyncRateLimiter, Quota, RateLimiter, batching
 from limiter.keys import token_bucket_key
+from limiter.scripts import resp_command
+from metering.localstack import LocalStack
 
 QUOTA = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6)
 
@@ -24,30 +27,28 @@ async def client(redis_url: str) -> AsyncIterator[aredis.Redis]:
     await c.aclose()
 
 
-@pytest.fixture(params=["hiredis", "public"])
-def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Replies read straight from hiredis (the fast path), or through redis-py's public
-    ``read_response`` (the fallback when redis-py's internals differ): same results."""
-    if request.param == "public":
-        monkeypatch.setattr(batching, "hiredis_stream", lambda conn: None)
-    return str(request.param)
-
-
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_the_fast_reader_is_in_use_with_this_redis_py(client: aredis.Redis) -> None:
-    conn = await client.connection_pool.get_connection()
-    try:
-        assert batching.hiredis_stream(conn) is not None
-    finally:
-        await client.connection_pool.release(conn)
-
-
-async def test_concurrent_decisions_share_round_trips(
-    client: aredis.Redis, tenant: str, reader: str
+async def test_the_limiter_drives_the_connection_redis_py_opened(
+    client: aredis.Redis, tenant: str
 ) -> None:
+    """The pipe takes over the transport of a connection redis-py set up (so AUTH, SELECT,
+    HELLO, TLS and Sentinel stay redis-py's), and closing it hands it back to the pool."""
+    limiter = AsyncRateLimiter(client)
+    await limiter.acquire(tenant, 1, QUOTA)
+    batcher = limiter._batcher
+    pipe = batcher._pipe
+    assert pipe is not None and pipe.transport.get_protocol() is pipe
+    in_use = len(client.connection_pool._in_use_connections)
+    await batcher.aclose()
+    assert batcher._pipe is None
+    assert len(client.connection_pool._in_use_connections) == in_use - 1
+    assert (await limiter.acquire(tenant, 1, QUOTA)).daily_used == 2  # a new connection
+
+
+async def test_concurrent_decisions_share_round_trips(client: aredis.Redis, tenant: str) -> None:
     limiter = AsyncRateLimiter(client)
     await limiter.acquire(tenant, 1, QUOTA)  # scripts loaded (a NOSCRIPT reply is sent again)
     batches_before = sample("rate_limiter_batch_size_count")
@@ -62,7 +63,7 @@ async def test_concurrent_decisions_share_round_trips(
 
 
 async def test_one_calls_error_reply_goes_to_that_caller_only(
-    client: aredis.Redis, redis_url: str, tenant: str, reader: str
+    client: aredis.Redis, redis_url: str, tenant: str
 ) -> None:
     broken = f"{tenant}-broken"
     raw = redis.Redis.from_url(redis_url)
@@ -84,7 +85,7 @@ async def test_one_calls_error_reply_goes_to_that_caller_only(
 
 
 async def test_cancelled_callers_do_not_disturb_the_rest_of_the_batch(
-    client: aredis.Redis, tenant: str, reader: str
+    client: aredis.Redis, tenant: str
 ) -> None:
     limiter = AsyncRateLimiter(client)
     tasks = [asyncio.create_task(limiter.acquire(tenant, 1, QUOTA)) for _ in range(100)]
@@ -102,7 +103,7 @@ async def test_cancelled_callers_do_not_disturb_the_rest_of_the_batch(
 
 @pytest.mark.parametrize("answer_chunk", [8, 0])
 async def test_callers_of_a_lone_write_are_answered_in_chunks_so_their_next_calls_go_early(
-    client: aredis.Redis, tenant: str, reader: str, answer_chunk: int
+    client: aredis.Redis, tenant: str, answer_chunk: int
 ) -> None:
     """16 callers in lockstep: with answer_chunk=8 the lone write's callers are answered in
     halves, so the first 8 callers' next calls are written while the other 8 are still being
@@ -130,25 +131,92 @@ async def test_callers_of_a_lone_write_are_answered_in_chunks_so_their_next_call
         assert per_write == 16
 
 
-async def test_a_reader_cancelled_between_chunks_still_answers_every_caller(
+async def test_a_connection_dropped_between_the_halves_still_answers_every_caller(
     client: aredis.Redis,
 ) -> None:
-    """The replies of a write are read before they are handed out in chunks: a cancellation
-    (or a reset) between two chunks must not leave the later callers waiting forever."""
+    """The replies of a write are read before they are handed out in halves: losing the
+    connection (or closing the limiter) between the two must not leave the second half
+    waiting forever."""
     batcher = batching.ScriptBatcher(client, answer_chunk=4)
+    await batcher.submit(resp_command([b"PING"]))  # the pipe is open
     loop = asyncio.get_running_loop()
     futures = [loop.create_future() for _ in range(10)]
     replies: list[object] = [*range(9), redis.ResponseError("that call's own error")]
 
-    task = asyncio.create_task(batcher._answer_in_halves(futures, replies, 4))
-    await asyncio.sleep(0)  # the first chunk is answered, the task waits at its yield
+    assert batcher._answer_in_halves(futures, replies, 4) is False
     assert [f.done() for f in futures] == [True] * 4 + [False] * 6
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await batcher.aclose()
+    await asyncio.sleep(0)
 
     assert [f.result() for f in futures[:9]] == list(range(9))
     assert isinstance(futures[9].exception(), redis.ResponseError)
+
+
+async def test_a_write_unanswered_within_the_socket_timeout_fails_alone_and_is_not_waited_out(
+    dedicated_stack: LocalStack, tenant: str
+) -> None:
+    """Redis stops answering (``CLIENT PAUSE``): the calls in flight fail once the oldest write
+    is ``socket_timeout`` old (a degraded decision, not a hang), and the limiter carries on
+    on a new connection when Redis answers again."""
+    url = dedicated_stack.up(["redis"])["RATE_LIMIT_REDIS_URL"]
+    client = aredis.Redis.from_url(url, socket_timeout=0.3)
+    limiter = AsyncRateLimiter(client)
+    assert not (await limiter.acquire(tenant, 1, QUOTA)).degraded
+    first_pipe = limiter._batcher._pipe
+
+    raw = aredis.Redis.from_url(url)
+    await raw.execute_command("CLIENT", "PAUSE", 1200, "ALL")
+    started = time.monotonic()
+    paused = await asyncio.gather(*(limiter.acquire(tenant, 1, QUOTA) for _ in range(5)))
+    waited = time.monotonic() - started
+
+    assert all(d.degraded for d in paused)
+    assert 0.25 <= waited < 1.0, waited  # the timeout, not the pause
+    await asyncio.sleep(1.3 - waited)  # the pause is over
+    deadline = time.monotonic() + 5  # the breaker lets a probe through after its reset time
+    while (await limiter.acquire(tenant, 1, QUOTA)).degraded:
+        assert time.monotonic() < deadline, "no decision from Redis after the pause"
+        await asyncio.sleep(0.05)
+    assert limiter._batcher._pipe is not first_pipe
+    await raw.aclose()
+    await client.aclose()
+
+
+async def test_a_reply_nobody_awaits_drops_the_connection_not_the_next_callers(
+    client: aredis.Redis, tenant: str
+) -> None:
+    """A reply with no call waiting for it means the stream is out of step: the connection is
+    dropped rather than its replies handed to the wrong callers."""
+    limiter = AsyncRateLimiter(client)
+    await limiter.acquire(tenant, 1, QUOTA)
+    pipe = limiter._batcher._pipe
+    assert pipe is not None
+    pipe.transport.write(resp_command([b"PING"]))  # behind the limiter's back
+    for _ in range(100):
+        if limiter._batcher._pipe is not pipe:
+            break
+        await asyncio.sleep(0.01)
+    assert limiter._batcher._pipe is None
+    used = [(await limiter.acquire(tenant, 1, QUOTA)).daily_used for _ in range(3)]
+    assert used == [2, 3, 4]
+
+
+async def test_a_full_socket_buffer_holds_writes_until_it_drains(
+    client: aredis.Redis, tenant: str
+) -> None:
+    """Flow control: while the transport says its buffer is full (``pause_writing``), calls
+    wait in the queue; ``resume_writing`` sends them."""
+    limiter = AsyncRateLimiter(client)
+    await limiter.acquire(tenant, 1, QUOTA)
+    batcher = limiter._batcher
+    pipe = batcher._pipe
+    assert pipe is not None
+    pipe.pause_writing()
+    calls = [asyncio.create_task(limiter.acquire(tenant, 1, QUOTA)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert len(batcher._queue) == 3 and not batcher._inflight
+    pipe.resume_writing()
+    assert sorted(d.daily_used for d in await asyncio.gather(*calls)) == [2, 3, 4]
 
 
 def test_decisions_are_counted_in_the_seed_metrics(redis_url: str, tenant: str) -> None:
