@@ -1,0 +1,113 @@
+"""The async limiter over TLS (``rediss://``): its protocol takes over redis-py's TLS transport,
+on asyncio's event loop and on uvloop's (the API's), and decides exactly as over plain TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aredis
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from limiter import AsyncRateLimiter, Quota
+from metering.localstack.stack import free_port, wait_until
+
+QUOTA = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6)
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs a local redis-server built with TLS"
+)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "redis.crt", directory / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A redis-server answering TLS only, on a free loopback port; its URL and CA file."""
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+            "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: _accepts(port), 10, "redis-server (TLS)")
+        yield f"rediss://127.0.0.1:{port}/0", cert
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def decide(url: str, ca: Path) -> list[int]:
+    client = aredis.Redis.from_url(url, ssl_ca_certs=str(ca), socket_timeout=2.0)
+    limiter = AsyncRateLimiter(client)
+    try:
+        decisions = await asyncio.gather(
+            *(limiter.acquire("tls-tenant", 1, QUOTA) for _ in range(50))
+        )
+        assert not any(d.degraded for d in decisions)
+        pipe = limiter._batcher._pipe
+        assert pipe is not None and pipe.transport.get_extra_info("ssl_object") is not None
+        return sorted(d.daily_used for d in decisions)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_decisions_over_tls(tls_redis: tuple[str, Path], run: Callable[[Any], list[int]]) -> None:
+    url, ca = tls_redis
+    first = run(decide(url, ca))
+    second = run(decide(url, ca))
+    assert first == list(range(1, 51))
+    assert second == list(range(51, 101))
