@@ -1,5 +1,6 @@
-"""The async limiter over TLS (``rediss://``): its protocol takes over redis-py's TLS transport,
-on asyncio's event loop and on uvloop's (the API's), and decides exactly as over plain TCP."""
+"""The async limiter over TLS (``rediss://``) and a Unix socket (``unix://``): its protocol takes
+over the transport redis-py opened, on asyncio's event loop and on uvloop's (the API's), and
+decides exactly as over plain TCP."""
 
 from __future__ import annotations
 
@@ -89,8 +90,29 @@ def _accepts(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-async def decide(url: str, ca: Path) -> list[int]:
-    client = aredis.Redis.from_url(url, ssl_ca_certs=str(ca), socket_timeout=2.0)
+@pytest.fixture
+def unix_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server listening on a Unix socket only; its URL."""
+    path = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700",
+            "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until(path.exists, 10, "redis-server (Unix socket)")
+        yield f"unix://{path}?db=0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def decide(url: str, **options: Any) -> list[int]:
+    client = aredis.Redis.from_url(url, socket_timeout=2.0, **options)
     limiter = AsyncRateLimiter(client)
     try:
         decisions = await asyncio.gather(
@@ -98,7 +120,9 @@ async def decide(url: str, ca: Path) -> list[int]:
         )
         assert not any(d.degraded for d in decisions)
         pipe = limiter._batcher._pipe
-        assert pipe is not None and pipe.transport.get_extra_info("ssl_object") is not None
+        assert pipe is not None and pipe.transport.get_protocol() is pipe
+        if url.startswith("rediss://"):
+            assert pipe.transport.get_extra_info("ssl_object") is not None
         return sorted(d.daily_used for d in decisions)
     finally:
         await client.aclose()
@@ -107,7 +131,11 @@ async def decide(url: str, ca: Path) -> list[int]:
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 def test_decisions_over_tls(tls_redis: tuple[str, Path], run: Callable[[Any], list[int]]) -> None:
     url, ca = tls_redis
-    first = run(decide(url, ca))
-    second = run(decide(url, ca))
-    assert first == list(range(1, 51))
-    assert second == list(range(51, 101))
+    assert run(decide(url, ssl_ca_certs=str(ca))) == list(range(1, 51))
+    assert run(decide(url, ssl_ca_certs=str(ca))) == list(range(51, 101))
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_decisions_over_a_unix_socket(unix_redis: str, run: Callable[[Any], list[int]]) -> None:
+    assert run(decide(unix_redis)) == list(range(1, 51))
+    assert run(decide(unix_redis)) == list(range(51, 101))
