@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis.asyncio as aredis
 import uvloop
+from baseline import source_at
 from bench_limiter import open_loop, pin_one_core, private_redis
 from prometheus_client import REGISTRY
 
@@ -59,12 +60,7 @@ Variant = Callable[[aredis.Redis], AsyncRateLimiter]
 
 def batcher_at(ref: str) -> type:
     """``ScriptBatcher`` as ``limiter/batching.py`` defines it at git revision ``ref``."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{ref}:limiter/batching.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    source = source_at(ref, "limiter/batching.py")
     path = Path(tempfile.mkdtemp(prefix="bench-batching-")) / f"batching_at_{ref}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)

@@ -32,7 +32,6 @@ import importlib
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import clickhouse_connect  # noqa: E402
+from baseline import source_at  # noqa: E402
 
 import metering.billing as billing_module  # noqa: E402
 import metering.queries as queries_module  # noqa: E402
@@ -151,12 +151,7 @@ def load_baseline(ref: str) -> dict[str, ModuleType]:
     package.mkdir()
     (package / "__init__.py").write_text("")
     for name in BASELINE_MODULES:
-        text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{ref}:metering/{name}.py"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        text = source_at(ref, f"metering/{name}.py")
         for other in BASELINE_MODULES:
             text = text.replace(f"from metering.{other} ", f"from baseline_query_layer.{other} ")
         (package / f"{name}.py").write_text(text)

@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis
+from baseline import source_at
 
 from limiter import Quota
 from limiter.scripts import ACQUIRE, CallEncoder
@@ -126,13 +127,7 @@ def send(client: redis.Redis, calls: list[tuple[object, ...]]) -> None:
 def script_source(ref: str | None) -> str:
     if ref is None:
         return ACQUIRE.source
-    return subprocess.run(
-        ["git", "show", f"{ref}:limiter/acquire.lua"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    return source_at(ref, "limiter/acquire.lua")
 
 
 def main() -> int:
