@@ -113,7 +113,7 @@ class ScriptBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_size = metrics.rate_limiter_batch_size
         # Single node / Sentinel: one held connection, driven by callbacks (see _Pipe).
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the calls came from
         self._conn: Any = None  # redis-py's connection, held while the pipe is open
         self._pipe: _Pipe | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -196,11 +196,13 @@ class ScriptBatcher:
         inflight = self._inflight
         write = pipe.transport.write
         timeout = self._conn.socket_timeout
+        assert self._loop is not None  # set by the call that queued
+        clock = self._loop.time
         while queue and len(inflight) < self.max_inflight:
             batch = queue[: self.max_batch]
             del queue[: self.max_batch]
             self._batch_size.observe(len(batch))
-            deadline = None if timeout is None else pipe.loop.time() + timeout
+            deadline = None if timeout is None else clock() + timeout
             inflight.append((deadline, [fut for fut, _ in batch]))
             write(b"".join([call for _, call in batch]))
         if inflight and self._deadline_timer is None:
@@ -290,7 +292,7 @@ class ScriptBatcher:
         if first is None:
             first = max(self.answer_chunk, (len(futures) + 1) // 2)
         rest, rest_replies = futures[first:], replies[first:]
-        readonly = any(type(r) is ReadOnlyError for r in rest_replies)
+        readonly = any(isinstance(r, ReadOnlyError) for r in rest_replies)
         readonly |= _answer(futures[:first], replies[:first])
         asyncio.get_running_loop().call_soon(_answer, rest, rest_replies)
         return readonly
@@ -303,14 +305,15 @@ class ScriptBatcher:
         deadline = self._inflight[0][0]
         if deadline is None:
             return
-        loop = self._pipe.loop
+        loop = self._loop
+        assert loop is not None  # set by the call that queued the write
         if loop.time() >= deadline:
             timeout = self._conn.socket_timeout
             self._drop_connection(RedisTimeoutError(f"no reply within {timeout} s"))
         else:
             self._deadline_timer = loop.call_at(deadline, self._watch_deadline)
 
-    def _drop_connection(self, exc: BaseException, *, restart: bool = True) -> None:
+    def _drop_connection(self, exc: Exception, *, restart: bool = True) -> None:
         """Fail every call in flight with ``exc`` and close the connection (its replies may be
         half read, so it is never reused). Queued calls go out on a new connection
         (``restart``)."""
@@ -323,11 +326,10 @@ class ScriptBatcher:
             self._deadline_timer = None
         inflight, self._inflight = self._inflight, deque()
         self._replies = []
-        error = exc if isinstance(exc, Exception) else RedisConnectionError(str(exc) or "cancelled")
         for _, futures in inflight:
             for fut in futures:
                 if not fut.done():
-                    fut.set_exception(error)
+                    fut.set_exception(exc)
         self._spawn(self._release(conn))
         if restart:
             self._schedule_flush()
@@ -408,7 +410,6 @@ class _Pipe(asyncio.Protocol):
             raise RedisConnectionError("the connection was closed before use")
         self.batcher = batcher
         self.transport: asyncio.WriteTransport = transport
-        self.loop = asyncio.get_running_loop()
         self.parser = _reply_reader()
         self.paused = False
         self._stream_protocol = transport.get_protocol()
