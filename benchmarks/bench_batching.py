@@ -27,14 +27,13 @@ over the pairs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import importlib.util
+import math
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import redis.asyncio as aredis
 import uvloop
 from baseline import source_at
-from bench_limiter import open_loop, pin_one_core, private_redis
-from prometheus_client import REGISTRY
+from bench_limiter import closed_loop, open_loop, pin_one_core, private_redis
 
 from limiter import AsyncRateLimiter, Quota
 
@@ -80,71 +78,29 @@ def with_batcher(cls: type) -> Variant:
     return make
 
 
-def batch_totals() -> tuple[float, float]:
-    count = REGISTRY.get_sample_value("rate_limiter_batch_size_count") or 0.0
-    total = REGISTRY.get_sample_value("rate_limiter_batch_size_sum") or 0.0
-    return count, total
-
-
 async def measure(
     url: str, variant: Variant, load: int, seconds: float, paced: bool
 ) -> dict[str, float]:
     """``load`` closed-loop callers, or (``paced``) an open loop at ``load`` calls/s."""
     client = aredis.Redis.from_url(url)
     limiter = variant(client)
+
+    def acquire(i: int) -> Any:
+        return limiter.acquire(TENANTS[i % len(TENANTS)], 1, BIG)
+
     if paced:
-        writes0, calls0 = batch_totals()
-        res = await open_loop(
-            lambda i: limiter.acquire(TENANTS[i % len(TENANTS)], 1, BIG), seconds, load, paced=True
-        )
-        writes1, calls1 = batch_totals()
-        await client.aclose()
-        return {
-            "rate": res["rate"],
-            "cpu_us": float("nan"),  # the paced generator spins: its CPU time is not a cost
-            "p50_us": res["p50"] * 1e6,
-            "p99_us": res["p99"] * 1e6,
-            "per_write": (calls1 - calls0) / max(1.0, writes1 - writes0),
-        }
-    return await closed_loop(client, limiter, load, seconds)
-
-
-async def closed_loop(
-    client: aredis.Redis, limiter: AsyncRateLimiter, callers: int, seconds: float
-) -> dict[str, float]:
-    for i in range(300):  # connection made, scripts loaded, keys exist
-        await limiter.acquire(TENANTS[i % len(TENANTS)], 1, BIG)
-    lat: list[float] = []
-    stop = False
-    perf = time.perf_counter
-
-    async def caller(k: int) -> None:
-        i = k
-        while not stop:
-            t0 = perf()
-            await limiter.acquire(TENANTS[i % len(TENANTS)], 1, BIG)
-            lat.append(perf() - t0)
-            i += callers
-
-    tasks = [asyncio.create_task(caller(k)) for k in range(callers)]
-    await asyncio.sleep(0.2)  # steady state
-    lat.clear()
-    writes0, calls0 = batch_totals()
-    start, cpu0 = perf(), time.thread_time()
-    await asyncio.sleep(seconds)
-    n = len(lat)
-    elapsed, cpu = perf() - start, time.thread_time() - cpu0
-    writes1, calls1 = batch_totals()
-    stop = True
-    await asyncio.gather(*tasks)
+        res = await open_loop(acquire, seconds, load, paced=True)
+        cpu_us = math.nan  # the paced generator spins: its CPU time is not a cost
+    else:
+        res = await closed_loop(acquire, seconds, load)
+        cpu_us = 1e6 / res["cpu_rate"]
     await client.aclose()
-    done = sorted(lat[:n])
     return {
-        "rate": n / elapsed,
-        "cpu_us": cpu / n * 1e6,
-        "p50_us": done[n // 2] * 1e6,
-        "p99_us": done[int(n * 0.99)] * 1e6,
-        "per_write": (calls1 - calls0) / max(1.0, writes1 - writes0),
+        "rate": res["rate"],
+        "cpu_us": cpu_us,
+        "p50_us": res["p50"] * 1e6,
+        "p99_us": res["p99"] * 1e6,
+        "per_write": res["per_write"],
     }
 
 

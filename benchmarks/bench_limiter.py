@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 import redis.asyncio as aredis  # noqa: E402
+from prometheus_client import REGISTRY  # noqa: E402
 
 from limiter import AsyncRateLimiter, Quota, RateLimiter  # noqa: E402
 
@@ -149,6 +150,19 @@ def script_ceiling(url: str, cpu: int | None) -> tuple[str, float | None]:
 def pct(samples: list[float], p: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(p * len(s)))]
+
+
+def batch_totals() -> tuple[float, float]:
+    """The async limiter's pipelined writes so far, and the calls they carried."""
+    count = REGISTRY.get_sample_value("rate_limiter_batch_size_count") or 0.0
+    total = REGISTRY.get_sample_value("rate_limiter_batch_size_sum") or 0.0
+    return count, total
+
+
+def per_write(before: tuple[float, float]) -> float:
+    """Calls per pipelined write of the async limiter since ``before`` (nan: none written)."""
+    writes, calls = (b - a for a, b in zip(before, batch_totals(), strict=True))
+    return calls / writes if writes else math.nan
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -263,10 +277,12 @@ async def closed_loop(
     await asyncio.sleep(0.2)  # let the callers reach a steady state
     lat.clear()
     start, cpu0, count0, stolen0 = perf(), time.thread_time(), count, steal_ticks()
+    writes0 = batch_totals()
     await asyncio.sleep(seconds)
     stop = True
     done = count - count0
     elapsed, cpu = perf() - start, time.thread_time() - cpu0
+    calls_per_write = per_write(writes0)
     await asyncio.gather(*tasks)
     return {
         "rate": done / elapsed,
@@ -274,6 +290,7 @@ async def closed_loop(
         "p50": pct(lat, 0.5),
         "p99": pct(lat, 0.99),
         "steal": steal_share(stolen0, elapsed),
+        "per_write": calls_per_write,
     }
 
 
@@ -302,7 +319,7 @@ async def open_loop(
         for i in range(200):  # warm up, as the closed loops do
             await call(i)
     start = perf()
-    cpu0, stolen0 = time.thread_time(), steal_ticks()
+    cpu0, stolen0, writes0 = time.thread_time(), steal_ticks(), batch_totals()
     sent = 0
     while (now := perf()) - start < seconds:
         while (due := start + sent * interval) <= now:
@@ -319,6 +336,7 @@ async def open_loop(
         "p50": pct(lat, 0.5),
         "p99": pct(lat, 0.99),
         "steal": steal_share(stolen0, elapsed),
+        "per_write": per_write(writes0),
     }
 
 
