@@ -5,6 +5,7 @@ decides exactly as over plain TCP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import shutil
@@ -61,28 +62,36 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+@contextlib.contextmanager
+def redis_server(directory: Path, ready: Callable[[], bool], *args: str) -> Iterator[None]:
+    """A throwaway redis-server with ``args`` (no persistence), up until the block ends."""
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", *args,
+         "--save", "", "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until(ready, 10, f"redis-server {' '.join(args[:4])}")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A redis-server answering TLS only, on a free loopback port; its URL and CA file."""
     cert, key = self_signed(tmp_path)
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
-            "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: _accepts(port), 10, "redis-server (TLS)")
+    with redis_server(
+        tmp_path,
+        lambda: _accepts(port),
+        "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+    ):  # fmt: skip
         yield f"rediss://127.0.0.1:{port}/0", cert
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _accepts(port: int) -> bool:
@@ -94,21 +103,10 @@ def _accepts(port: int) -> bool:
 def unix_redis(tmp_path: Path) -> Iterator[str]:
     """A redis-server listening on a Unix socket only; its URL."""
     path = tmp_path / "redis.sock"
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        wait_until(path.exists, 10, "redis-server (Unix socket)")
+    with redis_server(
+        tmp_path, path.exists, "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700"
+    ):
         yield f"unix://{path}?db=0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def decide(url: str, **options: Any) -> list[int]:
