@@ -42,7 +42,7 @@ from baseline import source_at
 
 from limiter import Quota
 from limiter.scripts import ACQUIRE, CallEncoder
-from metering.localstack.stack import free_port
+from metering.localstack.stack import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = 50
@@ -74,15 +74,7 @@ class CallgrindRedis:
             cwd=folder,
         )
         self.client = redis.Redis(port=self.port, socket_timeout=120)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server under valgrind did not answer") from None
-                time.sleep(0.2)
+        wait_until(self.client.ping, 60, "redis-server under valgrind")
         self.dumps = 0
 
     def _control(self, flag: str) -> None:
