@@ -19,8 +19,9 @@ there are more than ``answer_chunk`` of them) they are answered in two halves, t
 turn of the loop later: the first half's next calls are written before the second half's
 callers run, and from then on two writes alternate in flight (16-64 closed-loop callers:
 1.4-1.6x the decisions per second, p50 0.6-0.7x, for 7-20% more client CPU per decision; see
-``benchmarks/bench_batching.py``). An idle limiter adds no delay: a lone call is written in the
-same turn of the loop.
+``benchmarks/bench_batching.py``). Likewise, when the replies of several writes arrive in one
+read, their callers are answered a write per turn of the loop, so their writes stay apart.
+An idle limiter adds no delay: a lone call is written in the same turn of the loop.
 
 Why callbacks and not a writer and a reader task: a task's step, redis-py's
 ``send_packed_command`` (an ``asyncio.wait_for`` task per write when a socket timeout is set),
@@ -244,7 +245,7 @@ class ScriptBatcher:
         parser.feed(data)
         inflight = self._inflight
         replies = self._replies
-        readonly = False
+        completed: list[tuple[list[asyncio.Future[Any]], list[Reply]]] = []
         try:
             while (reply := parser.gets()) is not _NOT_ENOUGH_DATA:
                 if type(reply) is _PushNotification:
@@ -256,15 +257,20 @@ class ScriptBatcher:
                 if len(replies) < len(futures):
                     continue
                 inflight.popleft()
-                done, replies = replies, []
-                self._replies = replies
-                if inflight or len(futures) <= self.answer_chunk or not self.answer_chunk:
-                    readonly |= _answer(futures, done)
-                else:
-                    readonly |= self._answer_in_halves(futures, done)
+                completed.append((futures, replies))
+                self._replies = replies = []
         except Exception as exc:  # a protocol error: the stream cannot be trusted any more
+            self._answer_in_turns(completed)  # what was read in full is still answered
             self._drop_connection(exc)
             return
+        if not self.answer_chunk:
+            readonly = False
+            for futures, done in completed:
+                readonly |= _answer(futures, done)
+        elif len(completed) == 1 and not inflight and len(completed[0][0]) > self.answer_chunk:
+            readonly = self._answer_in_halves(*completed[0])
+        else:
+            readonly = self._answer_in_turns(completed)
         if readonly:  # a failover made this server a replica: find the new master
             self._drop_connection(
                 RedisConnectionError("Redis answered READONLY: no longer the master")
@@ -273,6 +279,25 @@ class ScriptBatcher:
         # The callers just answered run before this flush (callbacks run in order), so their
         # next calls go out together in one write.
         self._schedule_flush()
+
+    def _answer_in_turns(self, groups: list[tuple[list[asyncio.Future[Any]], list[Reply]]]) -> bool:
+        """Answer the first group of callers now and each further group a turn of the loop
+        after the one before, so that every group's next calls are written before the next
+        group's callers run: the groups' writes stay apart instead of merging into one.
+
+        Used when the replies of several writes arrive in one read (answered together, their
+        callers would send their next calls as one write, and Redis would wait for all of
+        them), and for the halves of a lone write (:meth:`_answer_in_halves`). The replies are
+        already read: every group is answered whatever happens to the connection meanwhile.
+        True if a reply was ``READONLY``."""
+        if not groups:
+            return False
+        (futures, replies), *rest = groups
+        readonly = _answer(futures, replies)
+        if rest:
+            readonly |= any(isinstance(r, ReadOnlyError) for _, later in rest for r in later)
+            asyncio.get_running_loop().call_soon(self._answer_in_turns, rest)
+        return readonly
 
     def _answer_in_halves(
         self, futures: list[asyncio.Future[Any]], replies: list[Reply], first: int | None = None
@@ -286,16 +311,12 @@ class ScriptBatcher:
         in halves, the first half's next calls are written while the second half is still being
         answered. Once split, the callers stay in two groups whose writes alternate, so the
         pipeline keeps two writes in flight and this path is rarely taken again (counted: ~20
-        times in a second of 32 closed-loop callers). The replies are already read: the second
-        half is answered whatever happens to the connection meanwhile. True if a reply was
-        ``READONLY``."""
+        times in a second of 32 closed-loop callers). True if a reply was ``READONLY``."""
         if first is None:
             first = max(self.answer_chunk, (len(futures) + 1) // 2)
-        rest, rest_replies = futures[first:], replies[first:]
-        readonly = any(isinstance(r, ReadOnlyError) for r in rest_replies)
-        readonly |= _answer(futures[:first], replies[:first])
-        asyncio.get_running_loop().call_soon(_answer, rest, rest_replies)
-        return readonly
+        return self._answer_in_turns(
+            [(futures[:first], replies[:first]), (futures[first:], replies[first:])]
+        )
 
     def _watch_deadline(self) -> None:
         """Fail the pipe if the oldest write is past its deadline; else look again then."""
