@@ -1,0 +1,291 @@
+"""The API's request-path cost, with the variants interleaved inside one served process.
+
+``bench_api.py`` serves each variant (``bare``, ``auth``, ``limit``, ``full``) from its own
+uvicorn process and compares whole runs or adjacent 2 s slices. On this kind of VM the speed
+drifts by tens of percent within a minute, so those ratios spread widely (pairs 0.48-0.81 for
+the same code). Here one uvicorn process (pinned to CPU 0, ``metering api``'s configuration)
+holds every variant's app, built by ``bench_api.build_app``, behind a one-line dispatcher; a
+thread switches the variant every ``--slice`` seconds while ``wrk`` (CPU 1) keeps the same
+``--connections`` busy throughout. Each variant is charged the requests answered and the
+process's CPU time (all threads) while it was the live one, so every variant sees the same
+machine, connections and heap, slice after slice.
+
+Reported per variant: requests/s while live, CPU per request, and both as a ratio to ``bare``
+(the issue-6 target is full >= 0.7x bare). The dispatcher's frame is paid by every variant
+alike. The apps that are not live stay up: their threads (the emitter's sender polling every
+20 ms, the quota cache's refresher) run in every slice, charged to whichever variant is live.
+
+``--emit-off`` adds ``full-no-emit``: the ``full`` app with the middleware's emit skipped (same
+limiter, same emitter threads idling), so ``full`` minus ``full-no-emit`` is what emitting the
+decision event costs a served request.
+
+p99 is not split by variant here (wrk's histogram spans the run); ``bench_api.py`` measures it.
+
+Usage: ``python benchmarks/bench_api_interleaved.py [--duration 40] [--slice 0.5]
+[--variants bare,auth,limit,full] [--emit-off] [--rounds 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_api import (  # type: ignore[import-not-found]  # noqa: E402
+    AUDIENCE,
+    KINDS,
+    LOADGEN_CPU,
+    SECRET,
+    SERVER_CPU,
+    build_app,
+    free_port,
+    pinned,
+    wrk,
+)
+
+NO_EMIT = "full-no-emit"
+
+
+def _without_emit(app: Any) -> Any:
+    """``app`` (a ``full`` app) with its RateLimitMiddleware's emit skipped: the middleware
+    returns from ``_emit`` at once when it has no emitter. Starlette builds the middleware stack
+    on the first request; it is built here so the instance can be found."""
+    from limiter.middleware import RateLimitMiddleware
+
+    app.middleware_stack = app.build_middleware_stack()
+    node = app.middleware_stack
+    while node is not None and not isinstance(node, RateLimitMiddleware):
+        node = getattr(node, "app", None)
+    if node is None:
+        raise SystemExit("no RateLimitMiddleware in the full app")
+    node.emitter = None
+    return app
+
+
+class Interleaver:
+    """ASGI dispatcher to the live variant's app; counts requests and CPU per variant."""
+
+    def __init__(self, apps: dict[str, Any], slice_s: float, out: Path) -> None:
+        self.apps = apps
+        self.order = list(apps)
+        self.live = self.order[0]
+        self.app = apps[self.live]
+        self.slice_s = slice_s
+        self.out = out
+        self.done = 0
+        self.acc = {name: {"seconds": 0.0, "cpu": 0.0, "requests": 0} for name in apps}
+        self.measuring = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.apps[self.order[0]](scope, receive, send)  # lifespan: the first app
+            return
+        await self.app(scope, receive, send)
+        self.done += 1
+
+    def run(self) -> None:
+        """Switch variants every slice, in a rotating order so none always follows another."""
+        rotation = 0
+        while True:
+            k = rotation % len(self.order)
+            names = self.order[k:] + self.order[:k]
+            rotation += 1
+            for name in names:
+                self.live, self.app = name, self.apps[name]
+                t0, c0, n0 = time.perf_counter(), time.process_time(), self.done
+                time.sleep(self.slice_s)
+                t1, c1, n1 = time.perf_counter(), time.process_time(), self.done
+                if self.measuring:
+                    a = self.acc[name]
+                    a["seconds"] += t1 - t0
+                    a["cpu"] += c1 - c0
+                    a["requests"] += n1 - n0
+            self.out.write_text(json.dumps(self.acc))
+
+
+def serve(variants: list[str], port: int, data_dir: Path, tenant: str, slice_s: float) -> None:
+    import uvicorn
+
+    from metering.commands import settle_heap
+    from metering.commands.api import server_config
+
+    apps: dict[str, Any] = {}
+    for name in variants:
+        kind = "full" if name == NO_EMIT else name
+        app = build_app(kind, data_dir / name, tenant)
+        apps[name] = _without_emit(app) if name == NO_EMIT else app
+    box = Interleaver(apps, slice_s, data_dir / "acc.json")
+
+    async def control(scope: Any, receive: Any, send: Any) -> None:
+        # The driver opens the measured window (/__measure) once wrk is running and closes it
+        # (/__stop) before wrk ends, so every counted slice was under load.
+        if scope["type"] == "http" and scope["path"] in ("/__measure", "/__stop"):
+            if scope["path"] == "/__measure":
+                box.acc = {name: {"seconds": 0.0, "cpu": 0.0, "requests": 0} for name in apps}
+            box.measuring = scope["path"] == "/__measure"  # a slice ending after this is dropped
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await box(scope, receive, send)
+
+    threading.Thread(target=box.run, name="interleaver", daemon=True).start()
+    config = server_config(control, "127.0.0.1", port, log_level="warning", access_log=False)
+    settle_heap()
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()
+
+
+def one_round(args: argparse.Namespace, variants: list[str]) -> dict[str, dict[str, float]]:
+    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+    token = jwt.encode(
+        {"sub": tenant, "aud": AUDIENCE, "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-api-il-") as tmp:
+        port = free_port()
+        argv = [sys.executable, __file__, "--serve", ",".join(variants), "--port", str(port)]
+        argv += ["--data-dir", tmp, "--tenant", tenant, "--slice", str(args.slice)]
+        proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        headers = {"authorization": f"Bearer {token}"}
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the server exited with {proc.returncode}")
+                try:
+                    if httpx.get(f"{url}/v1/ping", headers=headers, timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.2)
+            warm = max(2.0, args.slice * len(variants) * 2)
+            wrk(url, token, args.connections, warm, proc.pid)  # every variant warm
+            load = subprocess.Popen(
+                pinned(
+                    LOADGEN_CPU,
+                    [
+                        *("wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 2:g}s"),
+                        *("-H", f"Authorization: Bearer {token}", f"{url}/v1/ping"),
+                    ],
+                ),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(1.0)
+            httpx.get(f"{url}/__measure", timeout=5)
+            time.sleep(args.duration)
+            httpx.get(f"{url}/__stop", timeout=5)
+            out_text, _ = load.communicate(timeout=60)
+            bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out_text)
+            if load.returncode != 0 or bad:
+                raise SystemExit(f"wrk failed or got errors:\n{out_text}")
+            time.sleep(args.slice * (len(variants) + 1))  # the last rotation's totals written
+            acc = json.loads((Path(tmp) / "acc.json").read_text())
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            from metering.topics import drop_topics
+
+            drop_topics(args.kafka, tenant)
+    out: dict[str, dict[str, float]] = {}
+    for name in variants:
+        a = acc[name]
+        out[name] = {
+            "rps": a["requests"] / a["seconds"] if a["seconds"] else 0.0,
+            "cpu_us": a["cpu"] / a["requests"] * 1e6 if a["requests"] else float("nan"),
+            "requests": a["requests"],
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds of wrk per round")
+    ap.add_argument("--slice", type=float, default=0.5, help="seconds each variant is live")
+    ap.add_argument("--variants", default="bare,auth,limit,full")
+    ap.add_argument("--emit-off", action="store_true", help=f"also run '{NO_EMIT}'")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds, each a fresh server")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--kafka", default="127.0.0.1:9092", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--tenant", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve.split(","), args.port, args.data_dir, args.tenant, args.slice)
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(KINDS)
+    if unknown or "bare" not in variants:
+        ap.error(f"--variants: known {KINDS}, and 'bare' is needed as the baseline")
+    if args.emit_off:
+        variants.append(NO_EMIT)
+    if args.slice <= 0 or args.duration <= 0 or args.rounds < 1:
+        ap.error("--slice, --duration and --rounds must be positive")
+
+    rounds = []
+    for r in range(args.rounds):
+        got = one_round(args, variants)
+        rounds.append(got)
+        base = got["bare"]
+        for name in variants:
+            g = got[name]
+            print(
+                f"round {r + 1} {name:13s} {g['rps']:7.0f} req/s ({g['rps'] / base['rps']:.2f}x) "
+                f"{g['cpu_us']:6.1f} us CPU/request ({base['cpu_us'] / g['cpu_us']:.2f}x) "
+                f"[{g['requests']} requests]",
+                flush=True,
+            )
+    summary: dict[str, Any] = {"slice": args.slice, "duration": args.duration}
+    summary["rounds"] = args.rounds
+    for name in variants:
+        summary[name] = {
+            "rps": round(statistics.median(g[name]["rps"] for g in rounds)),
+            "cpu_us": round(statistics.median(g[name]["cpu_us"] for g in rounds), 1),
+            "ratio_rps": round(
+                statistics.median(g[name]["rps"] / g["bare"]["rps"] for g in rounds), 3
+            ),
+            "ratio_cpu": round(
+                statistics.median(g["bare"]["cpu_us"] / g[name]["cpu_us"] for g in rounds), 3
+            ),
+        }
+    print(json.dumps(summary))
+    if "full" in variants:
+        f = summary["full"]
+        verdict = "met" if min(f["ratio_rps"], f["ratio_cpu"]) >= 0.7 else "NOT met"
+        print(
+            f"full / bare, interleaved: {f['ratio_rps']:.2f}x req/s, {f['ratio_cpu']:.2f}x by "
+            f"CPU per request (target >= 0.7: {verdict})"
+        )
+    if NO_EMIT in variants:
+        cost = summary["full"]["cpu_us"] - summary[NO_EMIT]["cpu_us"]
+        print(f"emitting the decision event: {cost:+.1f} us CPU per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
