@@ -25,7 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from typing import Literal
 
 import msgspec
@@ -119,6 +120,77 @@ _decoder = msgspec.json.Decoder(_WireEvent)
 
 
 encode_wire = msgspec.json.Encoder().encode
+
+# The placeholders an event is encoded with once, to find where its id and time go. Both are
+# printable ASCII that JSON writes as is.
+_ID_SLOT = "~~event-id~~"
+_TIME_SLOT = dt.datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=_UTC)
+_TIME_SLOT_TEXT = b"2000-01-01T00:00:00.000001"  # then "Z"
+_SAMPLE_ID = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
+_SAMPLE_NS = (
+    1_764_000_000_123_456_789  # a time with a non-zero fraction, and the same as a datetime:
+)
+_SAMPLE_TIME = dt.datetime.fromtimestamp(_SAMPLE_NS // 10**9, _UTC).replace(
+    microsecond=_SAMPLE_NS // 1000 % 10**6
+)
+
+#: ``(head, middle, tail)``: an encoded event is ``head + id + middle + time + tail``
+EventParts = tuple[bytes, bytes, bytes]
+
+
+class EventTemplates:
+    """Encoded events, byte for byte what ``encode_wire(event)`` writes, for a request path
+    that sends many events differing only in their id and time (the limiter middleware's
+    decision events: one per request, with the same tenant, meter, cost, route, reason and
+    outcome as many before).
+
+    :meth:`learn` encodes an event once with msgspec, with placeholders for the id and the time,
+    and keeps the JSON around them (at most ``max_entries`` keys; the caller's key names what
+    the event is made of besides its id and time). :meth:`splice` puts an id and a time in:
+    ~4x cheaper than building the structs and encoding them. The id must be printable ASCII
+    without ``"`` or ``\\`` (JSON writes it as is); the time is written as RFC 3339 UTC with
+    microseconds (``2026-11-28T21:00:00.123456Z``: msgspec leaves the fraction out when it is
+    zero; the value read back is the same). :meth:`learn` checks a splice against msgspec's own
+    encoding before it keeps anything, so a template that would differ is never used.
+    """
+
+    def __init__(self, max_entries: int = 16_384) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._parts: dict[Hashable, EventParts] = {}
+        self._stamp: tuple[int, bytes] = (-1, b"")  # (second, its text): replaced whole
+
+    def get(self, key: Hashable) -> EventParts | None:
+        return self._parts.get(key)
+
+    def learn(self, key: Hashable, event: WireEvent) -> EventParts | None:
+        """The parts of ``event`` around its id and time, kept under ``key``; ``None`` (nothing
+        kept) if splicing would not give msgspec's bytes for this event."""
+        raw = encode_wire(msgspec.structs.replace(event, id=_ID_SLOT, time=_TIME_SLOT))
+        head, sep, rest = raw.partition(_ID_SLOT.encode())
+        middle, sep2, tail = rest.partition(_TIME_SLOT_TEXT + b"Z")
+        if not sep or not sep2:
+            return None
+        parts = (head, middle, tail)
+        expected = encode_wire(msgspec.structs.replace(event, id=_SAMPLE_ID, time=_SAMPLE_TIME))
+        if self.splice(parts, _SAMPLE_ID, _SAMPLE_NS) != expected:
+            return None
+        if len(self._parts) >= self.max_entries:
+            self._parts.clear()
+        self._parts[key] = parts
+        return parts
+
+    def splice(self, parts: EventParts, event_id: str, time_ns: int) -> bytes:
+        """The event of ``parts`` with this id and time (nanoseconds since the epoch, UTC)."""
+        second, ns = divmod(time_ns, 1_000_000_000)
+        stamp = self._stamp
+        if stamp[0] != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)).encode()
+            stamp = self._stamp = (second, text)
+        head, middle, tail = parts
+        return b"".join((head, event_id.encode(), middle, stamp[1], b"%06dZ" % (ns // 1000), tail))
+
 
 #: Identifiers already found valid (tenants, meters, dimension keys recur in every batch): a set
 #: lookup instead of a regex match. Bounded: cleared when it reaches _KNOWN_MAX entries.
@@ -249,6 +321,8 @@ def _decode(
 
 
 __all__ = [
+    "EventParts",
+    "EventTemplates",
     "FastUsageData",
     "FastUsageEvent",
     "WireEvent",

@@ -379,3 +379,18 @@ def test_decision_event_ids_are_canonical_version_4_uuids() -> None:
         assert str(parsed) == event_id  # canonical: lower-case hex, dashes where they belong
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
     assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("source", ["urn:test", "2000-01-01T00:00:00.000001Z"])
+def test_each_encoded_decision_has_its_own_id_and_the_time_it_was_made(source: str) -> None:
+    """decision_bytes splices an id and a time into a kept template; a source that would move
+    the splice (it holds the template's time placeholder) is encoded whole instead."""
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter(), source=source)
+    d = decision()
+    before = dt.datetime.now(dt.UTC)
+    events = [decode_event(mw.decision_bytes("acme", d, 1, "requests", "/x")) for _ in range(3)]
+    after = dt.datetime.now(dt.UTC)
+    assert len({e.id for e in events}) == 3
+    for e in events:
+        assert e.source == source and e.subject == "acme" and e.data.decision == "allowed"
+        assert before - dt.timedelta(microseconds=1) <= e.time <= after
