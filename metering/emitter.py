@@ -77,7 +77,7 @@ PRODUCER_ERRORS = Counter(
 )
 EMIT_SECONDS = Histogram(
     "metering_emit_seconds",
-    "Time Emitter.emit() takes the caller",
+    "Time Emitter.emit() takes the caller (timed for one call in 64)",
     buckets=(1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2),
 )
 SPOOL_BYTES = Gauge("metering_emitter_spool_bytes", "Bytes waiting in the emitter's spool")
@@ -89,6 +89,10 @@ KAFKA_DIRECT = Gauge(
 
 
 _WAKE_AT = 256  # queued events that make emit() wake the idle sender early
+# emit() times one call in this many for metering_emit_seconds: timing and observing every call
+# cost about as much as the call itself (~1.2 us of ~2 on a request path of one event per
+# request). A power of two (a mask test).
+_TIME_EVERY = 64
 
 
 class EmitterMode(enum.Enum):
@@ -288,6 +292,7 @@ class Emitter:
         # None: not known yet; False: the last attempt failed (close() does not wait on Kafka)
         self._kafka_reachable: bool | None = None
         self._drops = _DropLog()
+        self._calls = 0  # emit() calls, for timing one in _TIME_EVERY
         self._update_spool_gauges()
         KAFKA_DIRECT.set(0)
 
@@ -309,7 +314,8 @@ class Emitter:
     # --- the caller's side ---------------------------------------------------------------------
     def emit(self, event: UsageEvent) -> None:
         """Hand ``event`` over for delivery and return at once (never waits on Kafka or disk)."""
-        started = time.perf_counter()
+        self._calls = calls = self._calls + 1  # a race only shifts which call is timed
+        started = time.perf_counter() if not calls & (_TIME_EVERY - 1) else 0.0
         if type(event) is not UsageEvent and not isinstance(event, UsageEvent):
             raise TypeError(f"emit() takes a UsageEvent, not {type(event).__name__}")
         queued = self._room()
@@ -333,7 +339,8 @@ class Emitter:
         :func:`metering.events.encode_event` or :func:`metering.events_fast.encode_wire` write
         it; ``key``: its subject, UTF-8). For a caller on a hot path that builds events from
         validated parts: nothing is encoded or checked here but the size bound."""
-        started = time.perf_counter()
+        self._calls = calls = self._calls + 1
+        started = time.perf_counter() if not calls & (_TIME_EVERY - 1) else 0.0
         queued = self._room()
         if queued is None:
             return
@@ -360,7 +367,8 @@ class Emitter:
         # time) is only worth it when a batch has built up.
         if self._sender_idle and queued >= _WAKE_AT:
             self._wake_sender.set()
-        EMIT_SECONDS.observe(time.perf_counter() - started)
+        if started:
+            EMIT_SECONDS.observe(time.perf_counter() - started)
 
     @property
     def mode(self) -> EmitterMode:
