@@ -15,6 +15,11 @@ Reported per variant: requests/s while live, CPU per request, and both as a rati
 alike. The apps that are not live stay up: their threads (the emitter's sender polling every
 20 ms, the quota cache's refresher) run in every slice, charged to whichever variant is live.
 
+``instant`` and ``turn`` (from ``bench_api_stack.py``) are JWT + ``RateLimitMiddleware`` with a
+limiter that answers without Redis, at once or after one event-loop turn: with ``auth`` and
+``limit`` they split the limiter path into the middleware's own work, the request's suspension and
+the Redis round trip.
+
 ``--emit-off`` adds ``full-no-emit``: the ``full`` app with the middleware's emit skipped (same
 limiter, same emitter threads idling), so ``full`` minus ``full-no-emit`` is what emitting the
 decision event costs a served request.
@@ -62,6 +67,7 @@ from bench_api import (  # type: ignore[import-not-found]  # noqa: E402
 )
 
 NO_EMIT = "full-no-emit"
+FAKE = ("instant", "turn")  # bench_api_stack's limiters that answer without Redis
 
 
 def _without_emit(app: Any) -> Any:
@@ -123,12 +129,16 @@ class Interleaver:
 
 def serve(variants: list[str], port: int, data_dir: Path, tenant: str, slice_s: float) -> None:
     import uvicorn
+    from bench_api_stack import fake_limited_app  # type: ignore[import-not-found]
 
     from metering.commands import settle_heap
     from metering.commands.api import server_config
 
     apps: dict[str, Any] = {}
     for name in variants:
+        if name in FAKE:
+            apps[name] = fake_limited_app(name == "turn", tenant)
+            continue
         kind = "full" if name == NO_EMIT else name
         app = build_app(kind, data_dir / name, tenant)
         apps[name] = _without_emit(app) if name == NO_EMIT else app
@@ -239,9 +249,9 @@ def main() -> int:
         serve(args.serve.split(","), args.port, args.data_dir, args.tenant, args.slice)
         return 0
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(KINDS)
+    unknown = set(variants) - set(KINDS) - set(FAKE)
     if unknown or "bare" not in variants:
-        ap.error(f"--variants: known {KINDS}, and 'bare' is needed as the baseline")
+        ap.error(f"--variants: known {[*KINDS, *FAKE]}, and 'bare' is needed as the baseline")
     if args.emit_off:
         variants.append(NO_EMIT)
     if args.slice <= 0 or args.duration <= 0 or args.rounds < 1:
