@@ -203,8 +203,69 @@ def ratelimit_headers(
     (``"daily";r=42;t=3600``). The de-facto ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset``
     describe the binding policy; ``X-RateLimit-Reset`` is a Unix time in seconds, as GitHub and
     most APIs send it.
+
+    An allowed decision of a bucket and a day (nearly every response) takes a direct path of a
+    few formatted numbers; every other shape, and any value that is not a plain int, takes the
+    general one (:func:`policy_states`). Both write the same bytes (tested over decisions of
+    every shape).
     """
     now = time.time() if now is None else now
+    if quota is None:
+        quota = getattr(decision, "quota", None)
+    rate = getattr(quota, "rate_per_sec", None)
+    limit, remaining = decision.limit, decision.remaining
+    day_limit, day_remaining = decision.daily_limit, decision.daily_remaining
+    reset_at = decision.reset_at
+    if (
+        decision.allowed is True
+        and rate
+        and type(limit) is int
+        and type(remaining) is int
+        and type(day_limit) is int
+        and type(day_remaining) is int
+        and type(reset_at) is dt.datetime
+        and not getattr(decision, "window_limit", None)
+    ):
+        limit = limit if limit > 0 else 0
+        remaining = remaining if remaining > 0 else 0
+        day_limit = day_limit if day_limit > 0 else 0
+        day_remaining = day_remaining if day_remaining > 0 else 0
+        window = math.ceil(limit / rate) or 1
+        bucket_reset = math.ceil((limit - remaining) / rate) if remaining < limit else 0
+        day_reset = max(0, math.ceil(reset_at.timestamp() - now))
+        policy = _BUCKET_DAY_POLICY.get((limit, window, day_limit))
+        if policy is None:
+            policy = _policy_field(
+                [
+                    PolicyState("burst", limit, window, 0, 0),
+                    PolicyState("daily", day_limit, DAY_SECONDS, 0, 0),
+                ]
+            )
+            if len(_BUCKET_DAY_POLICY) >= 4096:
+                _BUCKET_DAY_POLICY.clear()
+            _BUCKET_DAY_POLICY[(limit, window, day_limit)] = policy
+        if day_remaining < remaining:  # the binding policy: the fewest left, the bucket on a tie
+            bind_limit, bind_left, bind_reset = day_limit, day_remaining, day_reset
+        else:
+            bind_limit, bind_left, bind_reset = limit, remaining, bucket_reset
+        return [
+            (b"ratelimit-policy", policy),
+            (
+                b"ratelimit",
+                b'"burst";r=%d;t=%d, "daily";r=%d;t=%d'
+                % (remaining, bucket_reset, day_remaining, day_reset),
+            ),
+            (b"x-ratelimit-limit", b"%d" % bind_limit),
+            (b"x-ratelimit-remaining", b"%d" % bind_left),
+            (b"x-ratelimit-reset", b"%d" % (math.ceil(now) + bind_reset)),
+        ]
+    return general_ratelimit_headers(decision, now=now, quota=quota)
+
+
+def general_ratelimit_headers(
+    decision: Any, *, now: float, quota: Any = None
+) -> list[tuple[bytes, bytes]]:
+    """:func:`ratelimit_headers` for a decision of any shape, through :func:`policy_states`."""
     states = policy_states(decision, now=now, quota=quota)
     current = ", ".join([f'"{s.name}";r={s.remaining};t={s.reset}' for s in states])
     bind = binding_policy(decision, states)
@@ -217,6 +278,8 @@ def ratelimit_headers(
     ]
 
 
+#: ``RateLimit-Policy`` of a bucket and a day, by (burst, bucket window, daily limit)
+_BUCKET_DAY_POLICY: dict[tuple[int, int, int], bytes] = {}
 _POLICY_FIELDS: dict[tuple[tuple[str, int, int | None], ...], bytes] = {}
 
 

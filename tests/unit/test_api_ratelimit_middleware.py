@@ -24,6 +24,7 @@ from limiter.decision import Decision
 from limiter.middleware import (
     RateLimitMiddleware,
     build_route_rules,
+    general_ratelimit_headers,
     new_decision_event_id,
     ratelimit_headers,
     retry_after_seconds,
@@ -142,6 +143,23 @@ def test_a_decisions_own_quota_and_the_same_quota_given_write_the_same_fields(
     that quota passed explicitly are the same bytes, over decisions of every shape."""
     d, now = case
     assert ratelimit_headers(d, now=now) == ratelimit_headers(d, now=now, quota=d.quota)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(decisions(), st.booleans())
+def test_the_direct_path_writes_what_the_general_one_writes(
+    case: tuple[Decision, float], ints_as_floats: bool
+) -> None:
+    """ratelimit_headers' direct path (an allowed decision of a bucket and a day) and the
+    general path through policy_states give the same bytes for decisions of every shape,
+    including counts below zero or past their bounds and counts that are not ints."""
+    d, now = case
+    if ints_as_floats:  # not plain ints: the general path's rounding must decide
+        d = d._replace(remaining=float(d.remaining) + 0.5)
+    assert ratelimit_headers(d, now=now) == general_ratelimit_headers(d, now=now)
+    assert ratelimit_headers(d, now=now, quota=d.quota) == general_ratelimit_headers(
+        d, now=now, quota=d.quota
+    )
 
 
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
