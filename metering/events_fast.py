@@ -127,9 +127,8 @@ _ID_SLOT = "~~event-id~~"
 _TIME_SLOT = dt.datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=_UTC)
 _TIME_SLOT_TEXT = b"2000-01-01T00:00:00.000001"  # then "Z"
 _SAMPLE_ID = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
-_SAMPLE_NS = (
-    1_764_000_000_123_456_789  # a time with a non-zero fraction, and the same as a datetime:
-)
+# A time with a non-zero fraction, in nanoseconds and as a datetime:
+_SAMPLE_NS = 1_764_000_000_123_456_789
 _SAMPLE_TIME = dt.datetime.fromtimestamp(_SAMPLE_NS // 10**9, _UTC).replace(
     microsecond=_SAMPLE_NS // 1000 % 10**6
 )
@@ -146,8 +145,9 @@ class EventTemplates:
 
     :meth:`learn` encodes an event once with msgspec, with placeholders for the id and the time,
     and keeps the JSON around them (at most ``max_entries`` keys; the caller's key names what
-    the event is made of besides its id and time). :meth:`splice` puts an id and a time in:
-    ~4x cheaper than building the structs and encoding them. The id must be printable ASCII
+    the event is made of besides its id and time). :meth:`splice` puts an id and a time in,
+    cheaper than building the structs and encoding them (on a served request 15-16 us of CPU
+    instead of 19-20 for the whole event, its id included). The id must be printable ASCII
     without ``"`` or ``\\`` (JSON writes it as is); the time is written as RFC 3339 UTC with
     microseconds (``2026-11-28T21:00:00.123456Z``: msgspec leaves the fraction out when it is
     zero; the value read back is the same). :meth:`learn` checks a splice against msgspec's own
