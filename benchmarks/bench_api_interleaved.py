@@ -124,7 +124,9 @@ class Interleaver:
                     a["seconds"] += t1 - t0
                     a["cpu"] += c1 - c0
                     a["requests"] += n1 - n0
-            self.out.write_text(json.dumps(self.acc))
+            tmp = self.out.with_suffix(".tmp")  # replaced whole: the driver never reads half
+            tmp.write_text(json.dumps(self.acc))
+            tmp.replace(self.out)
 
 
 def serve(variants: list[str], port: int, data_dir: Path, tenant: str, slice_s: float) -> None:
