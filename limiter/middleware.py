@@ -24,13 +24,14 @@ import datetime as dt
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,63 +112,7 @@ def _seconds_until(when: Any, now: float) -> int:
     return max(0, math.ceil(ts - now))
 
 
-class PolicyState(NamedTuple):
-    """One quota policy as the IETF fields describe it: quota ``q`` over window ``w`` seconds,
-    ``r`` units remaining, full quota again in ``t`` seconds."""
-
-    name: str
-    quota: int
-    window: int | None
-    remaining: int
-    reset: int
-
-
-def policy_states(
-    decision: Any, *, now: float | None = None, quota: Any = None
-) -> list[PolicyState]:
-    """The decision's policies: the token bucket (``burst``), the UTC day (``daily``) and, when
-    the tenant has one, the rolling window (``window``). ``quota`` (the tenant's
-    :class:`limiter.Quota`; default: the one the decision carries) gives the bucket's refill
-    rate and the window's length."""
-    now = time.time() if now is None else now
-    if quota is None:
-        quota = getattr(decision, "quota", None)
-    limit = _int(decision.limit)
-    remaining = _int(decision.remaining)
-    rate = getattr(quota, "rate_per_sec", None)
-    if rate:
-        # The bucket's "window" is the time it takes to refill from empty; it is whole again
-        # after (limit - remaining) / rate seconds.
-        window: int | None = math.ceil(limit / rate) or 1
-        bucket_reset = math.ceil((limit - remaining) / rate) if remaining < limit else 0
-    else:
-        retry = getattr(decision, "retry_after", 0)
-        window, bucket_reset = None, math.ceil(retry) if retry and retry > 0 else 0
-    states = [
-        PolicyState("burst", limit, window, remaining, bucket_reset),
-        PolicyState(
-            "daily",
-            _int(decision.daily_limit),
-            DAY_SECONDS,
-            _int(decision.daily_remaining),
-            _seconds_until(decision.reset_at, now),
-        ),
-    ]
-    window_limit = getattr(decision, "window_limit", None)
-    if window_limit:
-        window_seconds = getattr(quota, "window_seconds", None)
-        states.append(
-            PolicyState(
-                "window",
-                _int(window_limit),
-                _int(window_seconds) or None,
-                _int(getattr(decision, "window_remaining", 0)),
-                # Whole again at the latest one window length from now.
-                _int(window_seconds) if window_seconds else retry_after_seconds(decision),
-            )
-        )
-    return states
-
+_LEFT = operator.itemgetter(2)  # of a (name, quota, remaining, reset) policy
 
 _POLICY_OF_REASON = {
     "bucket": "burst",
@@ -178,21 +123,6 @@ _POLICY_OF_REASON = {
 }
 
 
-def binding_policy(decision: Any, states: list[PolicyState]) -> PolicyState:
-    """The policy that limits the caller now: the one that rejected, else the one with the fewest
-    units left (what the single-policy ``X-RateLimit-*`` fields describe)."""
-    if not decision.allowed:
-        name = _POLICY_OF_REASON.get(str(getattr(decision, "reason", "")))
-        for state in states:
-            if state.name == name:
-                return state
-    best = states[0]
-    for state in states:
-        if state.remaining < best.remaining:
-            best = state
-    return best
-
-
 def ratelimit_headers(
     decision: Any, *, now: float | None = None, quota: Any = None
 ) -> list[tuple[bytes, bytes]]:
@@ -201,98 +131,84 @@ def ratelimit_headers(
     IETF draft-ietf-httpapi-ratelimit-headers (-11): ``RateLimit-Policy`` lists each policy as a
     Structured-Field item (``"daily";q=1000;w=86400``) and ``RateLimit`` its live state
     (``"daily";r=42;t=3600``). The de-facto ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset``
-    describe the binding policy; ``X-RateLimit-Reset`` is a Unix time in seconds, as GitHub and
-    most APIs send it.
+    describe the binding policy: the one that rejected, else the one with the fewest units left
+    (the first on a tie). ``X-RateLimit-Reset`` is a Unix time in seconds, as GitHub and most
+    APIs send it.
 
-    An allowed decision of a bucket and a day (nearly every response) takes a direct path of a
-    few formatted numbers; every other shape, and any value that is not a plain int, takes the
-    general one (:func:`policy_states`). Both write the same bytes (tested over decisions of
-    every shape).
+    The policies are the token bucket (``burst``), the UTC day (``daily``) and, when the tenant
+    has one, the rolling window (``window``). ``quota`` (the tenant's :class:`limiter.Quota`;
+    default: the one the decision carries) gives the bucket's refill rate and the window's
+    length. This runs on every limited response: plain numbers and one formatting per field.
     """
     now = time.time() if now is None else now
     if quota is None:
         quota = getattr(decision, "quota", None)
+    limit, left = _int(decision.limit), _int(decision.remaining)
     rate = getattr(quota, "rate_per_sec", None)
-    limit, remaining = decision.limit, decision.remaining
-    day_limit, day_remaining = decision.daily_limit, decision.daily_remaining
-    reset_at = decision.reset_at
-    if (
-        decision.allowed is True
-        and rate
-        and type(limit) is int
-        and type(remaining) is int
-        and type(day_limit) is int
-        and type(day_remaining) is int
-        and type(reset_at) is dt.datetime
-        and not getattr(decision, "window_limit", None)
-    ):
-        limit = limit if limit > 0 else 0
-        remaining = remaining if remaining > 0 else 0
-        day_limit = day_limit if day_limit > 0 else 0
-        day_remaining = day_remaining if day_remaining > 0 else 0
-        window = math.ceil(limit / rate) or 1
-        bucket_reset = math.ceil((limit - remaining) / rate) if remaining < limit else 0
-        day_reset = max(0, math.ceil(reset_at.timestamp() - now))
-        policy = _BUCKET_DAY_POLICY.get((limit, window, day_limit))
-        if policy is None:
-            policy = _policy_field(
-                [
-                    PolicyState("burst", limit, window, 0, 0),
-                    PolicyState("daily", day_limit, DAY_SECONDS, 0, 0),
-                ]
-            )
-            if len(_BUCKET_DAY_POLICY) >= 4096:
-                _BUCKET_DAY_POLICY.clear()
-            _BUCKET_DAY_POLICY[(limit, window, day_limit)] = policy
-        if day_remaining < remaining:  # the binding policy: the fewest left, the bucket on a tie
-            bind_limit, bind_left, bind_reset = day_limit, day_remaining, day_reset
-        else:
-            bind_limit, bind_left, bind_reset = limit, remaining, bucket_reset
-        return [
-            (b"ratelimit-policy", policy),
-            (
-                b"ratelimit",
-                b'"burst";r=%d;t=%d, "daily";r=%d;t=%d'
-                % (remaining, bucket_reset, day_remaining, day_reset),
-            ),
-            (b"x-ratelimit-limit", b"%d" % bind_limit),
-            (b"x-ratelimit-remaining", b"%d" % bind_left),
-            (b"x-ratelimit-reset", b"%d" % (math.ceil(now) + bind_reset)),
-        ]
-    return general_ratelimit_headers(decision, now=now, quota=quota)
+    if rate:
+        # The bucket's "window" is the time it takes to refill from empty; it is whole again
+        # after (limit - left) / rate seconds.
+        window: int | None = math.ceil(limit / rate) or 1
+        reset = math.ceil((limit - left) / rate) if left < limit else 0
+    else:
+        retry = getattr(decision, "retry_after", 0)
+        window, reset = None, math.ceil(retry) if retry and retry > 0 else 0
+    day_limit, day_left = _int(decision.daily_limit), _int(decision.daily_remaining)
+    day_reset = _seconds_until(decision.reset_at, now)
+    window_limit = getattr(decision, "window_limit", None)
+    if window_limit:
+        length = getattr(quota, "window_seconds", None)
+        seconds = _int(length)
+        win = (
+            _int(window_limit),
+            seconds or None,
+            _int(getattr(decision, "window_remaining", 0)),
+            # Whole again at the latest one window length from now.
+            seconds if length else retry_after_seconds(decision),
+        )
+    else:
+        win = None
 
+    # The binding policy: the one that rejected, else the first of the fewest left.
+    policies = [("burst", limit, left, reset), ("daily", day_limit, day_left, day_reset)]
+    if win is not None:
+        policies.append(("window", win[0], win[2], win[3]))
+    bind = None
+    if not decision.allowed:
+        name = _POLICY_OF_REASON.get(str(getattr(decision, "reason", "")))
+        bind = next((p for p in policies if p[0] == name), None)
+    if bind is None:
+        bind = min(policies, key=_LEFT)
 
-def general_ratelimit_headers(
-    decision: Any, *, now: float, quota: Any = None
-) -> list[tuple[bytes, bytes]]:
-    """:func:`ratelimit_headers` for a decision of any shape, through :func:`policy_states`."""
-    states = policy_states(decision, now=now, quota=quota)
-    current = ", ".join([f'"{s.name}";r={s.remaining};t={s.reset}' for s in states])
-    bind = binding_policy(decision, states)
+    current = b'"burst";r=%d;t=%d, "daily";r=%d;t=%d' % (left, reset, day_left, day_reset)
+    if win is not None:
+        current += b', "window";r=%d;t=%d' % (win[2], win[3])
     return [
-        (b"ratelimit-policy", _policy_field(states)),
-        (b"ratelimit", current.encode()),
-        (b"x-ratelimit-limit", str(bind.quota).encode()),
-        (b"x-ratelimit-remaining", str(bind.remaining).encode()),
-        (b"x-ratelimit-reset", str(math.ceil(now) + bind.reset).encode()),
+        (b"ratelimit-policy", _policy_field(limit, window, day_limit, win)),
+        (b"ratelimit", current),
+        (b"x-ratelimit-limit", b"%d" % bind[1]),
+        (b"x-ratelimit-remaining", b"%d" % bind[2]),
+        (b"x-ratelimit-reset", b"%d" % (math.ceil(now) + bind[3])),
     ]
 
 
-#: ``RateLimit-Policy`` of a bucket and a day, by (burst, bucket window, daily limit)
-_BUCKET_DAY_POLICY: dict[tuple[int, int, int], bytes] = {}
-_POLICY_FIELDS: dict[tuple[tuple[str, int, int | None], ...], bytes] = {}
+_POLICY_FIELDS: dict[tuple[int, int | None, int, int | None, int | None], bytes] = {}
 
 
-def _policy_field(states: list[PolicyState]) -> bytes:
+def _policy_field(
+    limit: int, window: int | None, day_limit: int, win: tuple[int, int | None, int, int] | None
+) -> bytes:
     """``RateLimit-Policy``: the same for every response under one quota, so made once."""
-    key = tuple([s[:3] for s in states])  # (name, quota, window) of each
+    key = (limit, window, day_limit, *((win[0], win[1]) if win is not None else (None, None)))
     field = _POLICY_FIELDS.get(key)
     if field is None:
         if len(_POLICY_FIELDS) >= 4096:
             _POLICY_FIELDS.clear()
+        items = [("burst", limit, window), ("daily", day_limit, DAY_SECONDS)]
+        if win is not None:
+            items.append(("window", win[0], win[1]))
         field = ", ".join(
-            f'"{name}";q={quota}' + (f";w={window}" if window else "")
-            for name, quota, window in key
+            f'"{name}";q={q}' + (f";w={w}" if w else "") for name, q, w in items
         ).encode()
         _POLICY_FIELDS[key] = field
     return field

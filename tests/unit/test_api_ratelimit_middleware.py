@@ -6,6 +6,7 @@ when a request is answered 429/503, shadow mode, exemptions and per-route cost a
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import uuid
 from typing import Any
@@ -22,9 +23,11 @@ from starlette.types import Receive, Scope, Send
 
 from limiter.decision import Decision
 from limiter.middleware import (
+    DAY_SECONDS,
     RateLimitMiddleware,
+    _int,
+    _seconds_until,
     build_route_rules,
-    general_ratelimit_headers,
     new_decision_event_id,
     ratelimit_headers,
     retry_after_seconds,
@@ -145,14 +148,75 @@ def test_a_decisions_own_quota_and_the_same_quota_given_write_the_same_fields(
     assert ratelimit_headers(d, now=now) == ratelimit_headers(d, now=now, quota=d.quota)
 
 
+def general_ratelimit_headers(
+    d: Decision, *, now: float, quota: Quota | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The fields as the middleware wrote them before they became plain numbers: a list of
+    policies (name, quota, window, remaining, reset), the binding one chosen from it, each
+    field formatted from the list. The reference the product's single path is held to."""
+    quota = quota if quota is not None else d.quota
+    limit, left = _int(d.limit), _int(d.remaining)
+    rate = getattr(quota, "rate_per_sec", None)
+    if rate:
+        window: int | None = math.ceil(limit / rate) or 1
+        reset = math.ceil((limit - left) / rate) if left < limit else 0
+    else:
+        window, reset = None, math.ceil(d.retry_after) if d.retry_after > 0 else 0
+    states = [
+        ("burst", limit, window, left, reset),
+        (
+            "daily",
+            _int(d.daily_limit),
+            DAY_SECONDS,
+            _int(d.daily_remaining),
+            _seconds_until(d.reset_at, now),
+        ),
+    ]
+    if d.window_limit:
+        length = getattr(quota, "window_seconds", None)
+        states.append(
+            (
+                "window",
+                _int(d.window_limit),
+                _int(length) or None,
+                _int(d.window_remaining),
+                _int(length) if length else retry_after_seconds(d),
+            )
+        )
+    of_reason = {
+        "bucket": "burst",
+        "cost_exceeds_burst": "burst",
+        "daily": "daily",
+        "window": "window",
+        "cost_exceeds_window": "window",
+    }
+    named = [s for s in states if not d.allowed and s[0] == of_reason.get(d.reason)]
+    bind = named[0] if named else states[0]
+    for s in states if not named else ():
+        if s[3] < bind[3]:
+            bind = s
+    return [
+        (
+            b"ratelimit-policy",
+            ", ".join(
+                f'"{n}";q={q}' + (f";w={w}" if w else "") for n, q, w, _, _ in states
+            ).encode(),
+        ),
+        (b"ratelimit", ", ".join(f'"{n}";r={r};t={t}' for n, _, _, r, t in states).encode()),
+        (b"x-ratelimit-limit", str(bind[1]).encode()),
+        (b"x-ratelimit-remaining", str(bind[3]).encode()),
+        (b"x-ratelimit-reset", str(math.ceil(now) + bind[4]).encode()),
+    ]
+
+
 @settings(max_examples=3000, deadline=None)
 @given(decisions(), st.booleans())
-def test_the_direct_path_writes_what_the_general_one_writes(
+def test_the_fields_are_what_the_general_path_writes(
     case: tuple[Decision, float], ints_as_floats: bool
 ) -> None:
-    """ratelimit_headers' direct path (an allowed decision of a bucket and a day) and the
-    general path through policy_states give the same bytes for decisions of every shape,
-    including counts below zero or past their bounds and counts that are not ints."""
+    """ratelimit_headers (plain numbers, one formatting per field) and the general path through
+    a list of policies give the same bytes for decisions of every shape, including counts below
+    zero or past their bounds and counts that are not ints."""
     d, now = case
     if ints_as_floats:  # not plain ints: the general path's rounding must decide
         d = d._replace(remaining=float(d.remaining) + 0.5)
