@@ -142,17 +142,14 @@ class ScriptBatcher:
         queue = self._queue
         queue.append((fut, call))
         if self.packed:
-            if not self._flush_due:
-                self._flush_due = True
+            if not self._flush_due:  # the first call of this turn of the loop
                 self._loop = loop
-                loop.call_soon(self._flush)
+                self._schedule_flush()
         elif self._running == 0 or (
             len(queue) >= self.overlap_at and self._running < self.max_inflight
         ):
             self._running += 1
-            task = loop.create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._drain())
         return fut
 
     async def aclose(self) -> None:
@@ -210,6 +207,7 @@ class ScriptBatcher:
             self._watch_deadline()
 
     def _schedule_flush(self) -> None:
+        """One flush in this turn of the loop, if calls wait and none is due yet."""
         if not self._flush_due and self._queue and self._loop is not None:
             self._flush_due = True
             self._loop.call_soon(self._flush)
@@ -227,9 +225,7 @@ class ScriptBatcher:
             self._conn = conn
         except BaseException as exc:
             waiting, self._queue[:] = list(self._queue), []
-            for fut, _ in waiting:
-                if not fut.done():
-                    fut.set_exception(exc)
+            _fail([fut for fut, _ in waiting], exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -348,9 +344,7 @@ class ScriptBatcher:
         inflight, self._inflight = self._inflight, deque()
         self._replies = []
         for _, futures in inflight:
-            for fut in futures:
-                if not fut.done():
-                    fut.set_exception(exc)
+            _fail(futures, exc)
         self._spawn(self._release(conn))
         if restart:
             self._schedule_flush()
@@ -379,9 +373,7 @@ class ScriptBatcher:
                 try:
                     replies = await self._send_pipeline([call for _, call in batch])
                 except BaseException as exc:
-                    for fut, _ in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
+                    _fail([fut for fut, _ in batch], exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
@@ -394,6 +386,13 @@ class ScriptBatcher:
         for args in calls:
             pipe.execute_command(*args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+def _fail(futures: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
+    """Fail every caller still waiting with ``exc`` (one that gave up is skipped)."""
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 def _answer(futures: Sequence[asyncio.Future[Any]], replies: Sequence[Any]) -> bool:
