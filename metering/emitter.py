@@ -314,8 +314,7 @@ class Emitter:
     # --- the caller's side ---------------------------------------------------------------------
     def emit(self, event: UsageEvent) -> None:
         """Hand ``event`` over for delivery and return at once (never waits on Kafka or disk)."""
-        self._calls = calls = self._calls + 1  # a race only shifts which call is timed
-        started = time.perf_counter() if not calls & (_TIME_EVERY - 1) else 0.0
+        started = self._timed()
         if type(event) is not UsageEvent and not isinstance(event, UsageEvent):
             raise TypeError(f"emit() takes a UsageEvent, not {type(event).__name__}")
         queued = self._room()
@@ -339,8 +338,7 @@ class Emitter:
         :func:`metering.events.encode_event` or :func:`metering.events_fast.encode_wire` write
         it; ``key``: its subject, UTF-8). For a caller on a hot path that builds events from
         validated parts: nothing is encoded or checked here but the size bound."""
-        self._calls = calls = self._calls + 1
-        started = time.perf_counter() if not calls & (_TIME_EVERY - 1) else 0.0
+        started = self._timed()
         queued = self._room()
         if queued is None:
             return
@@ -350,6 +348,12 @@ class Emitter:
             return
         self._queue.append((key, value))
         self._queued(queued, started)
+
+    def _timed(self) -> float:
+        """The start time of a call timed for metering_emit_seconds (one in _TIME_EVERY), else
+        0. A race between threads only shifts which call is timed."""
+        self._calls = calls = self._calls + 1
+        return time.perf_counter() if not calls & (_TIME_EVERY - 1) else 0.0
 
     def _room(self) -> int | None:
         """The queue's length if one more event may join it; None (counted) if not."""
