@@ -154,16 +154,30 @@ def start_server(kind: str, data_dir: Path, tenant: str) -> tuple[subprocess.Pop
     argv += ["--data-dir", str(data_dir), "--tenant", tenant]
     proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    wait_serving(proc, url, f"{kind} server")
+    return proc, url
+
+
+def wait_serving(proc: subprocess.Popen[bytes], url: str, what: str, timeout: float = 60) -> None:
+    """Return once the server at ``url`` answers HTTP at all (an error status too)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{kind} server exited with {proc.returncode}")
+            raise SystemExit(f"{what} exited with {proc.returncode}")
         try:
             httpx.get(f"{url}/v1/ping", timeout=1)
-            return proc, url
+            return
         except httpx.HTTPError:
             time.sleep(0.2)
-    raise SystemExit(f"{kind} server did not start")
+    raise SystemExit(f"{what} did not start")
+
+
+def wait_or_kill(proc: subprocess.Popen[bytes]) -> None:
+    """After SIGINT (uvicorn's graceful stop): wait 30 s for the server to end, then kill it."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -189,10 +203,9 @@ class Run:
     cpu_us_per_request: float
 
 
-def wrk(url: str, token: str, connections: int, duration: float, pid: int) -> Run:
-    """One wrk run; also the server's CPU time per request (less sensitive to other load on a
-    shared machine than wall-clock rates: it is what the server itself spent)."""
-    argv = pinned(
+def wrk_argv(url: str, token: str, connections: int, duration: float) -> list[str]:
+    """``wrk`` on the load generator's CPU: one thread, ``connections``, GET /v1/ping."""
+    return pinned(
         LOADGEN_CPU,
         [
             "wrk",
@@ -205,12 +218,23 @@ def wrk(url: str, token: str, connections: int, duration: float, pid: int) -> Ru
             f"{url}/v1/ping",
         ],
     )
-    cpu_before = cpu_seconds(pid)
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    cpu = cpu_seconds(pid) - cpu_before
+
+
+def check_answers(url: str, out: str) -> None:
+    """Stop the benchmark if ``wrk`` saw any answer other than 2xx (a measured error path)."""
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if bad:
         raise SystemExit(f"{url}: {bad.group(1)} non-2xx responses")
+
+
+def wrk(url: str, token: str, connections: int, duration: float, pid: int) -> Run:
+    """One wrk run; also the server's CPU time per request (less sensitive to other load on a
+    shared machine than wall-clock rates: it is what the server itself spent)."""
+    argv = wrk_argv(url, token, connections, duration)
+    cpu_before = cpu_seconds(pid)
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu_before
+    check_answers(url, out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     return Run(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
@@ -348,10 +372,7 @@ def measure(
             for proc, _ in servers.values():
                 proc.send_signal(signal.SIGINT)
             for proc, _ in servers.values():
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                wait_or_kill(proc)
 
     med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in results.items()}
     bare, full = med["bare"], med["full"]
