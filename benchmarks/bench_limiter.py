@@ -189,6 +189,52 @@ def steal_share(before: list[int], seconds: float) -> float:
     return max(b - a for a, b in zip(before, after, strict=True)) / _TICK / seconds
 
 
+class RedisStalls:
+    """What Redis itself saw while a case ran: the commands that took it longer than
+    ``threshold_us`` to execute (its SLOWLOG, which times each command inside the server).
+
+    A command of this benchmark takes Redis ~1-10 us; one that took over 0.5 ms means the server
+    was held up mid-command (on a VM: the host ran something else on its CPU), and every call
+    arriving meanwhile waits for it, whatever the client. The server's settings are put back
+    afterwards; a Redis that refuses CONFIG (a managed one) is simply not watched."""
+
+    def __init__(self, url: str, threshold_us: int = 500) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.threshold_us = threshold_us
+        self._saved: dict[str, str] | None = None
+
+    def begin(self) -> None:
+        try:
+            saved = self.client.config_get("slowlog-*")
+            self.client.config_set("slowlog-log-slower-than", self.threshold_us)
+            self.client.config_set("slowlog-max-len", 4096)
+            self.client.slowlog_reset()
+            self._saved = {k: saved[k] for k in ("slowlog-log-slower-than", "slowlog-max-len")}
+        except redis.RedisError:
+            self._saved = None
+
+    def end(self) -> dict[str, float]:
+        """``redis_stalls`` (count) and ``redis_stall_max`` (seconds); empty if not watched."""
+        if self._saved is None:
+            return {}
+        try:
+            entries = self.client.slowlog_get(4096)
+            for name, value in self._saved.items():
+                self.client.config_set(name, value)
+        except redis.RedisError:
+            return {}
+        durations = [e["duration"] / 1e6 for e in entries]
+        return {"redis_stalls": len(durations), "redis_stall_max": max(durations, default=0.0)}
+
+
+async def watched(stalls: RedisStalls, case: Any) -> dict[str, float]:
+    """Run the awaitable ``case`` (an open or closed loop) with ``stalls`` watching Redis."""
+    stalls.begin()
+    out = await case
+    out.update(stalls.end())
+    return out
+
+
 # --- sync ------------------------------------------------------------------------------------
 def run_sync_interleaved(
     cases: dict[str, Callable[[int], Any]], seconds: float, slice_s: float = 0.1
@@ -359,13 +405,18 @@ async def async_round(
         "async limiter acquire": await closed_loop(acquire, seconds, concurrency),
     }
     half = out["async limiter acquire"]["rate"] / 2
-    out["async limiter at half load"] = await open_loop(acquire, seconds, half)
-    out["async limiter at half load (paced)"] = await open_loop(acquire, seconds, half, paced=True)
+    stalls = RedisStalls(url)
+    out["async limiter at half load"] = await watched(stalls, open_loop(acquire, seconds, half))
+    out["async limiter at half load (paced)"] = await watched(
+        stalls, open_loop(acquire, seconds, half, paced=True)
+    )
     if target_half:
         # "half that load" read as half the 40,000/s target: a fixed rate, the same in every
         # round whatever the maximum of the moment (on a fast spell half the measured maximum
         # is ~30,000/s, well above what the target asks).
-        out[TARGET_HALF_CASE] = await open_loop(acquire, seconds, target_half, paced=True)
+        out[TARGET_HALF_CASE] = await watched(
+            stalls, open_loop(acquire, seconds, target_half, paced=True)
+        )
     # Half load again, with arrivals driven by completions instead of a 1 ms timer (which,
     # oversleeping on a busy machine, delivers bursts): the fewest callers whose closed-loop
     # rate reaches half the maximum, as a load generator with that many connections would.
@@ -377,7 +428,7 @@ async def async_round(
             break
         callers *= 2
     callers = min(probes, key=lambda c: abs(probes[c] - half))
-    closed = await closed_loop(acquire, seconds, callers)
+    closed = await watched(stalls, closed_loop(acquire, seconds, callers))
     closed["callers"] = callers
     out["async limiter at half load (closed)"] = closed
     # The latency floor of the half-load target: one caller, nothing queued, the same event
@@ -386,6 +437,7 @@ async def async_round(
     out["async limiter, 1 caller"] = await closed_loop(acquire, seconds, 1)
     await client.aclose()
     await limiter.redis.aclose()
+    stalls.client.close()
     return out
 
 
@@ -570,6 +622,21 @@ def report(args: argparse.Namespace, cpu: int | None) -> None:
             f"{name:38s} {m['rate']:9.0f} {best:9.0f} {m['cpu_rate']:10.0f} "
             f"{m['p50'] * 1e6:7.0f} {m['p99'] * 1e6:7.0f} {m.get('steal', math.nan) * 100:7.1f}"
         )
+
+    watched_cases = {n: r for n, r in results.items() if "redis_stalls" in r[0]}
+    if watched_cases:
+        print()
+        print(
+            "Redis's own view of the latency cases, per round: the commands it took over 0.5 ms "
+            "to execute (SLOWLOG; ~1-10 us is normal), against the case's p99"
+        )
+        for name, rounds in watched_cases.items():
+            cells = [
+                f"p99 {r['p99'] * 1e3:.2f} ms, {r['redis_stalls']:.0f} held up"
+                + (f" (longest {r['redis_stall_max'] * 1e3:.2f} ms)" if r["redis_stalls"] else "")
+                for r in rounds
+            ]
+            print(f"  {name}: " + "; ".join(cells))
 
     def ratio(a: str, b: str) -> float | None:
         return med[a]["rate"] / med[b]["rate"] if a in med and b in med else None
