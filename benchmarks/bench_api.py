@@ -194,6 +194,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """The process's CPU time so far by kind of thread: ``loop`` (the main thread: uvicorn's event
+    loop), ``emitter`` (the emitter's threads), ``librdkafka`` (its producer's threads, named
+    ``rdk:*``) and ``other``. The project names its threads in the OS (metering/threads.py)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(("loop", "emitter", "librdkafka", "other"), 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        if task.name == str(pid):
+            kind = "loop"
+        elif name.startswith("emitter-"):
+            kind = "emitter"
+        elif name.startswith("rdk:"):
+            kind = "librdkafka"
+        else:
+            kind = "other"
+        out[kind] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 @dataclass
 class Run:
     rps: float
@@ -201,6 +226,14 @@ class Run:
     p99_ms: float
     requests: int
     cpu_us_per_request: float
+    #: the same, by kind of thread (see :func:`thread_cpu_seconds`)
+    cpu_us_by_thread: dict[str, float]
+
+    def threads_text(self) -> str:
+        """``loop 190 / emitter 5 / librdkafka 3 / other 1 us``, or ``""`` with the loop alone."""
+        if sum(v for k, v in self.cpu_us_by_thread.items() if k != "loop") < 0.5:
+            return ""
+        return " / ".join(f"{k} {v:.0f}" for k, v in self.cpu_us_by_thread.items()) + " us"
 
 
 def wrk_argv(url: str, token: str, connections: int, duration: float) -> list[str]:
@@ -231,17 +264,20 @@ def wrk(url: str, token: str, connections: int, duration: float, pid: int) -> Ru
     """One wrk run; also the server's CPU time per request (less sensitive to other load on a
     shared machine than wall-clock rates: it is what the server itself spent)."""
     argv = wrk_argv(url, token, connections, duration)
-    cpu_before = cpu_seconds(pid)
+    cpu_before, threads_before = cpu_seconds(pid), thread_cpu_seconds(pid)
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     cpu = cpu_seconds(pid) - cpu_before
+    threads = thread_cpu_seconds(pid)
     check_answers(url, out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    per = 1e6 / max(1, requests)
     return Run(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         p50_ms=_ms(re.search(r"\s50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
         p99_ms=_ms(re.search(r"\s99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
         requests=requests,
-        cpu_us_per_request=cpu / max(1, requests) * 1e6,
+        cpu_us_per_request=cpu * per,
+        cpu_us_by_thread={k: (v - threads_before[k]) * per for k, v in threads.items()},
     )
 
 
@@ -367,6 +403,8 @@ def measure(
                         f"1 connection: p50 {single.p50_ms:6.2f} ms, p99 {single.p99_ms:6.2f} ms",
                         flush=True,
                     )
+                    if load.threads_text():
+                        print(f"        {kind} CPU/request by thread: {load.threads_text()}")
             pairs = paired_slices(args, servers, token)
         finally:
             for proc, _ in servers.values():

@@ -58,6 +58,7 @@ from limiter.quota_provider import UnknownTenant
 from metering.ids import InvalidIdentifier, validate_tenant_id
 from metering.plans import Limits, QuotaError, check_limits, plan_limits
 from metering.quota_db import QuotaStore, TenantRecord
+from metering.threads import NamedThread
 
 if TYPE_CHECKING:
     import redis
@@ -409,7 +410,7 @@ class QuotaCache:
         if self._refresher is None or not self._refresher.is_alive():
             with self._lock:
                 if self._refresher is None or not self._refresher.is_alive():
-                    self._refresher = threading.Thread(
+                    self._refresher = NamedThread(
                         target=self._refresh_loop, name="quota-refresh", daemon=True
                     )
                     self._refresher.start()
@@ -505,7 +506,7 @@ class QuotaCache:
             raise QuotaError("the invalidation listener needs a Redis client")
         if self._listener is None:
             self._stop.clear()
-            self._listener = threading.Thread(
+            self._listener = NamedThread(
                 target=self._listen, name="quota-invalidation", daemon=True
             )
             self._listener.start()

@@ -28,6 +28,8 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from metering.threads import NamedThread
+
 log = logging.getLogger("metering.up")
 
 # The API's problem helpers (metering.api.problems, limiter.middleware) import FastAPI or the
@@ -143,7 +145,7 @@ class EmbeddedApi:
         self.gate = StartupGate(build, self._opened, preload, on_serving)
         self.server: Any = None
         self.failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="metering-api", daemon=True)
+        self._thread = NamedThread(target=self._run, name="metering-api", daemon=True)
 
     @property
     def base_url(self) -> str:

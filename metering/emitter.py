@@ -55,6 +55,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from metering.events import MAX_EVENT_BYTES, EventDecodeError, UsageEvent, encode_event
 from metering.settings import KafkaClient, Settings, get_settings, load_settings
 from metering.spool import Record, Spool, SpoolBatch, SpoolLocked
+from metering.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +297,8 @@ class Emitter:
         self._update_spool_gauges()
         KAFKA_DIRECT.set(0)
 
-        self._sender = threading.Thread(target=self._send_loop, name="emitter-sender", daemon=True)
-        self._replayer = threading.Thread(
-            target=self._replay_loop, name="emitter-replayer", daemon=True
-        )
+        self._sender = NamedThread(target=self._send_loop, name="emitter-sender", daemon=True)
+        self._replayer = NamedThread(target=self._replay_loop, name="emitter-replayer", daemon=True)
         self._sender.start()
         self._replayer.start()
         ref = weakref.ref(self)
