@@ -188,17 +188,21 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
+def _stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU time in a /proc ``stat`` line (of a process or one of its threads)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time the process (all its threads) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """The process's CPU time so far by kind of thread: ``loop`` (the main thread: uvicorn's event
     loop), ``emitter`` (the emitter's threads), ``librdkafka`` (its producer's threads, named
     ``rdk:*``) and ``other``. The project names its threads in the OS (metering/threads.py)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = dict.fromkeys(("loop", "emitter", "librdkafka", "other"), 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -206,7 +210,6 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         except OSError:  # the thread ended meanwhile
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
         if task.name == str(pid):
             kind = "loop"
         elif name.startswith("emitter-"):
@@ -215,7 +218,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             kind = "librdkafka"
         else:
             kind = "other"
-        out[kind] += (int(fields[11]) + int(fields[12])) / tick
+        out[kind] += _stat_cpu_seconds(stat)
     return out
 
 
@@ -403,8 +406,8 @@ def measure(
                         f"1 connection: p50 {single.p50_ms:6.2f} ms, p99 {single.p99_ms:6.2f} ms",
                         flush=True,
                     )
-                    if load.threads_text():
-                        print(f"        {kind} CPU/request by thread: {load.threads_text()}")
+                    if by_thread := load.threads_text():
+                        print(f"        {kind} CPU/request by thread: {by_thread}")
             pairs = paired_slices(args, servers, token)
         finally:
             for proc, _ in servers.values():
