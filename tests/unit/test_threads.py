@@ -19,6 +19,18 @@ def os_name_of(thread: threading.Thread) -> str:
     return Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
 
 
+def os_names_once_set(threads: dict[str, threading.Thread]) -> dict[str, str]:
+    """The OS names of ``threads``, once none shows the process's own any more (a thread names
+    itself as it starts running), or as they are after 5 s."""
+    process = Path("/proc/self/comm").read_text().strip()
+    for _ in range(500):
+        seen = {key: os_name_of(t) for key, t in threads.items()}
+        if process not in seen.values():
+            break
+        threading.Event().wait(0.01)
+    return seen
+
+
 def test_the_os_sees_the_threads_name_cut_to_the_kernels_15_bytes() -> None:
     release = threading.Event()
     threads = {
@@ -28,13 +40,7 @@ def test_the_os_sees_the_threads_name_cut_to_the_kernels_15_bytes() -> None:
     for t in threads.values():
         t.start()
     try:
-        # Each thread names itself as it starts running: give it a moment to get there.
-        process = Path("/proc/self/comm").read_text().strip()
-        for _ in range(500):
-            seen = {name: os_name_of(t) for name, t in threads.items()}
-            if process not in seen.values():
-                break
-            release.wait(0.01)
+        seen = os_names_once_set(threads)
         assert seen == {"emitter-sender": "emitter-sender", "quota-invalidation": "quota-invalidat"}
     finally:
         release.set()
@@ -68,12 +74,7 @@ def test_the_emitters_threads_are_named(tmp_path: Path) -> None:
     # No broker answers on port 1: the replayer backs off, and nothing here needs Kafka.
     emitter = Emitter("127.0.0.1:1", spool_dir=tmp_path, spool_fsync=False)
     try:
-        names = {os_name_of(t) for t in (emitter._sender, emitter._replayer)}
-        for _ in range(500):
-            if names == {"emitter-sender", "emitter-replaye"}:
-                break
-            threading.Event().wait(0.01)
-            names = {os_name_of(t) for t in (emitter._sender, emitter._replayer)}
+        names = set(os_names_once_set({"s": emitter._sender, "r": emitter._replayer}).values())
         assert names == {"emitter-sender", "emitter-replaye"}
     finally:
         emitter.close(timeout=0)
