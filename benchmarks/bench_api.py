@@ -239,15 +239,18 @@ class Run:
         return " / ".join(f"{k} {v:.0f}" for k, v in self.cpu_us_by_thread.items()) + " us"
 
 
-def wrk_argv(url: str, token: str, connections: int, duration: float) -> list[str]:
-    """``wrk`` on the load generator's CPU: one thread, ``connections``, GET /v1/ping."""
+def wrk_argv(url: str, token: str, connections: int, duration: int) -> list[str]:
+    """``wrk`` on the load generator's CPU: one thread, ``connections``, GET /v1/ping, for
+    ``duration`` whole seconds (``wrk -d`` takes an integer: ``-d1.5s`` makes it exit 1)."""
+    if type(duration) is not int or duration < 1:
+        raise ValueError(f"wrk runs whole seconds (>= 1), not {duration!r}")
     return pinned(
         LOADGEN_CPU,
         [
             "wrk",
             "-t1",
             f"-c{connections}",
-            f"-d{duration:g}s",
+            f"-d{duration}s",
             "--latency",
             "-H",
             f"Authorization: Bearer {token}",
@@ -263,7 +266,7 @@ def check_answers(url: str, out: str) -> None:
         raise SystemExit(f"{url}: {bad.group(1)} non-2xx responses")
 
 
-def wrk(url: str, token: str, connections: int, duration: float, pid: int) -> Run:
+def wrk(url: str, token: str, connections: int, duration: int, pid: int) -> Run:
     """One wrk run; also the server's CPU time per request (less sensitive to other load on a
     shared machine than wall-clock rates: it is what the server itself spent)."""
     argv = wrk_argv(url, token, connections, duration)
@@ -284,15 +287,34 @@ def wrk(url: str, token: str, connections: int, duration: float, pid: int) -> Ru
     )
 
 
+def _whole_seconds(text: str) -> int:
+    """``--duration``: a whole number of seconds >= 1 (what ``wrk -d`` accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"whole seconds expected, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 second, not {value}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument(
+        "--duration",
+        type=_whole_seconds,
+        default=10,
+        help="whole seconds per wrk run at --connections (the one-connection run takes half, "
+        "rounded up)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument(
         "--pairs", type=int, default=10, help="adjacent bare/full slices after the rounds (0: none)"
     )
-    parser.add_argument("--slice", type=int, default=2, help="seconds per paired slice (whole)")
+    parser.add_argument(
+        "--slice", type=_whole_seconds, default=2, help="whole seconds per paired slice"
+    )
     parser.add_argument(
         "--breakdown",
         action="store_true",
@@ -394,7 +416,7 @@ def measure(
             for n in range(args.rounds):
                 for kind, (proc, url) in servers.items():
                     load = wrk(url, token, args.connections, args.duration, proc.pid)
-                    single = wrk(url, token, 1, args.duration / 2, proc.pid)
+                    single = wrk(url, token, 1, -(-args.duration // 2), proc.pid)
                     r = results[kind]
                     r["rps"].append(load.rps)
                     r["cpu"].append(load.cpu_us_per_request)

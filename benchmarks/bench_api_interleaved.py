@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import statistics
 import subprocess
@@ -58,6 +59,7 @@ from bench_api import (  # type: ignore[import-not-found]  # noqa: E402
     KINDS,
     SECRET,
     SERVER_CPU,
+    _whole_seconds,
     build_app,
     check_answers,
     free_port,
@@ -180,7 +182,7 @@ def one_round(args: argparse.Namespace, variants: list[str]) -> dict[str, dict[s
         url = f"http://127.0.0.1:{port}"
         try:
             wait_serving(proc, url, "the server", timeout=90)
-            warm = max(2.0, args.slice * len(variants) * 2)
+            warm = max(2, math.ceil(args.slice * len(variants) * 2))
             wrk(url, token, args.connections, warm, proc.pid)  # every variant warm
             load = subprocess.Popen(
                 wrk_argv(url, token, args.connections, args.duration + 2),
@@ -216,7 +218,9 @@ def one_round(args: argparse.Namespace, variants: list[str]) -> dict[str, dict[s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=40.0, help="seconds of wrk per round")
+    ap.add_argument(
+        "--duration", type=_whole_seconds, default=40, help="whole seconds of wrk per round"
+    )
     ap.add_argument("--slice", type=float, default=0.5, help="seconds each variant is live")
     ap.add_argument("--variants", default="bare,auth,limit,full")
     ap.add_argument("--emit-off", action="store_true", help=f"also run '{NO_EMIT}'")
