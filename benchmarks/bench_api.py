@@ -51,6 +51,7 @@ from pathlib import Path
 
 import httpx
 import jwt
+from procstat import cpu_seconds, stat_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -188,17 +189,6 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def _stat_cpu_seconds(stat: str) -> float:
-    """User + system CPU time in a /proc ``stat`` line (of a process or one of its threads)."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process (all its threads) has used so far."""
-    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
-
-
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """The process's CPU time so far by kind of thread: ``loop`` (the main thread: uvicorn's event
     loop), ``emitter`` (the emitter's threads), ``librdkafka`` (its producer's threads, named
@@ -218,7 +208,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             kind = "librdkafka"
         else:
             kind = "other"
-        out[kind] += _stat_cpu_seconds(stat)
+        out[kind] += stat_cpu_seconds(stat)
     return out
 
 

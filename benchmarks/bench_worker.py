@@ -34,6 +34,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
+from procstat import cpu_seconds, rss_mb
 
 from metering.settings import Settings
 from metering.topics import drop_topics
@@ -116,19 +117,6 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> 
         return sum(c.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
     finally:
         c.close(autocommit=False)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def histogram(port: int, name: str) -> list[tuple[float, float]]:
