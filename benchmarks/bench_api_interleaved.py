@@ -22,7 +22,10 @@ the Redis round trip.
 
 ``--emit-off`` adds ``full-no-emit``: the ``full`` app with the middleware's emit skipped (same
 limiter, same emitter threads idling), so ``full`` minus ``full-no-emit`` is what emitting the
-decision event costs a served request.
+decision event costs a served request. ``full-null-emit`` (a variant to name in ``--variants``)
+hands the event over as ``full`` does, to a queue nobody reads: ``full-null-emit`` minus
+``full-no-emit`` is the event's cost on the request's own thread, and ``full`` minus
+``full-null-emit`` the emitter's threads' share (the sender, librdkafka).
 
 p99 is not split by variant here (wrk's histogram spans the run); ``bench_api.py`` measures it.
 
@@ -71,13 +74,26 @@ from bench_api import (  # type: ignore[import-not-found]  # noqa: E402
 )
 
 NO_EMIT = "full-no-emit"
+NULL_EMIT = "full-null-emit"
+DIAGNOSTIC = {NULL_EMIT}  # variants of ``full`` named only in --variants
 FAKE = ("instant", "turn")  # bench_api_stack's limiters that answer without Redis
 
 
-def _without_emit(app: Any) -> Any:
-    """``app`` (a ``full`` app) with its RateLimitMiddleware's emit skipped: the middleware
-    returns from ``_emit`` at once when it has no emitter. Starlette builds the middleware stack
-    on the first request; it is built here so the instance can be found."""
+def _null_emit(app: Any) -> Any:
+    """``app`` (a ``full`` app) whose middleware encodes each decision event as ``full`` does
+    but hands the bytes to a bounded deque nobody reads instead of the Emitter: the event's
+    cost on the request's own thread, without the emitter's threads (which send it) at work."""
+    import collections
+
+    node = _middleware(app)
+    sink: collections.deque[tuple[bytes, bytes]] = collections.deque(maxlen=1024)
+    node._emit_encoded = lambda key, value: sink.append((key, value))
+    return app
+
+
+def _middleware(app: Any) -> Any:
+    """The ``RateLimitMiddleware`` instance in ``app``. Starlette builds the middleware stack on
+    the first request; it is built here so the instance can be found."""
     from limiter.middleware import RateLimitMiddleware
 
     app.middleware_stack = app.build_middleware_stack()
@@ -86,7 +102,13 @@ def _without_emit(app: Any) -> Any:
         node = getattr(node, "app", None)
     if node is None:
         raise SystemExit("no RateLimitMiddleware in the full app")
-    node.emitter = None
+    return node
+
+
+def _without_emit(app: Any) -> Any:
+    """``app`` (a ``full`` app) with its RateLimitMiddleware's emit skipped: the middleware
+    returns from ``_emit`` at once when it has no emitter."""
+    _middleware(app).emitter = None
     return app
 
 
@@ -145,9 +167,13 @@ def serve(variants: list[str], port: int, data_dir: Path, tenant: str, slice_s: 
         if name in FAKE:
             apps[name] = fake_limited_app(name == "turn", tenant)
             continue
-        kind = "full" if name == NO_EMIT else name
+        kind = "full" if name == NO_EMIT or name in DIAGNOSTIC else name
         app = build_app(kind, data_dir / name, tenant)
-        apps[name] = _without_emit(app) if name == NO_EMIT else app
+        if name == NO_EMIT:
+            app = _without_emit(app)
+        elif name == NULL_EMIT:
+            app = _null_emit(app)
+        apps[name] = app
     box = Interleaver(apps, slice_s, data_dir / "acc.json")
 
     async def control(scope: Any, receive: Any, send: Any) -> None:
@@ -236,9 +262,12 @@ def main() -> int:
         serve(args.serve.split(","), args.port, args.data_dir, args.tenant, args.slice)
         return 0
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(KINDS) - set(FAKE)
+    unknown = set(variants) - set(KINDS) - set(FAKE) - DIAGNOSTIC
     if unknown or "bare" not in variants:
-        ap.error(f"--variants: known {[*KINDS, *FAKE]}, and 'bare' is needed as the baseline")
+        ap.error(
+            f"--variants: known {[*KINDS, *FAKE, *sorted(DIAGNOSTIC)]}, "
+            "and 'bare' is needed as the baseline"
+        )
     if args.emit_off:
         variants.append(NO_EMIT)
     if args.slice <= 0 or args.duration <= 0 or args.rounds < 1:
