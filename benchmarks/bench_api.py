@@ -1,8 +1,8 @@
 """Cost of the API's request path: auth + rate limiting on a trivial endpoint.
 
-Two servers, the same FastAPI app with one trivial endpoint (``GET /v1/ping``), each served by
-uvicorn (one process, pinned to CPU 0; uvloop and httptools, from ``uvicorn[standard]``) on
-loopback:
+Two servers, the same FastAPI app with one trivial endpoint (``GET /v1/ping``; FastAPI's native
+OpenTelemetry off, as ``metering api`` runs by default), each served by uvicorn (one process,
+pinned to CPU 0; uvloop and httptools, from ``uvicorn[standard]``) on loopback:
 
 - **bare**: the app alone;
 - **full**: the app behind ``JWTAuthMiddleware`` (HS256 bearer token) and
@@ -67,7 +67,9 @@ LOADGEN_CPU = "1"
 def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untyped-def]
     from fastapi import FastAPI
 
-    app = FastAPI()
+    from metering.api.app import telemetry_argument
+
+    app = FastAPI(**telemetry_argument(False))  # as `metering api` builds it by default
 
     @app.get("/v1/ping")
     async def ping() -> dict[str, bool]:
