@@ -53,6 +53,8 @@ import httpx
 import jwt
 from procstat import cpu_seconds, stat_cpu_seconds
 
+from metering.commands.argtypes import positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -279,22 +281,11 @@ def wrk(url: str, token: str, connections: int, duration: int, pid: int) -> Run:
     )
 
 
-def _whole_seconds(text: str) -> int:
-    """``--duration``: a whole number of seconds >= 1 (what ``wrk -d`` accepts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"whole seconds expected, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 second, not {value}")
-    return value
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--duration",
-        type=_whole_seconds,
+        type=positive_int,
         default=10,
         help="whole seconds per wrk run at --connections (the one-connection run takes half, "
         "rounded up)",
@@ -305,7 +296,7 @@ def main() -> int:
         "--pairs", type=int, default=10, help="adjacent bare/full slices after the rounds (0: none)"
     )
     parser.add_argument(
-        "--slice", type=_whole_seconds, default=2, help="whole seconds per paired slice"
+        "--slice", type=positive_int, default=2, help="whole seconds per paired slice"
     )
     parser.add_argument(
         "--breakdown",

@@ -62,7 +62,6 @@ from bench_api import (  # type: ignore[import-not-found]  # noqa: E402
     KINDS,
     SECRET,
     SERVER_CPU,
-    _whole_seconds,
     build_app,
     check_answers,
     free_port,
@@ -72,6 +71,8 @@ from bench_api import (  # type: ignore[import-not-found]  # noqa: E402
     wrk,
     wrk_argv,
 )
+
+from metering.commands.argtypes import positive_int  # noqa: E402
 
 NO_EMIT = "full-no-emit"
 NULL_EMIT = "full-null-emit"
@@ -245,7 +246,7 @@ def one_round(args: argparse.Namespace, variants: list[str]) -> dict[str, dict[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--duration", type=_whole_seconds, default=40, help="whole seconds of wrk per round"
+        "--duration", type=positive_int, default=40, help="whole seconds of wrk per round"
     )
     ap.add_argument("--slice", type=float, default=0.5, help="seconds each variant is live")
     ap.add_argument("--variants", default="bare,auth,limit,full")

@@ -9,21 +9,16 @@ import sys
 import time
 
 from metering.cli import CommandError
+from metering.commands.argtypes import positive_int
 from metering.settings import get_settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="run the product with synthetic tenants and report")
-    demo.add_argument("--tenants", type=_positive, default=30, help="how many tenants (30)")
-    demo.add_argument("--seconds", type=_positive, default=60, help="traffic duration (60)")
-    demo.add_argument("--port", type=_positive, default=8000, help="API port (8000)")
+    demo.add_argument("--tenants", type=positive_int, default=30, help="how many tenants (30)")
+    demo.add_argument("--seconds", type=positive_int, default=60, help="traffic duration (60)")
+    demo.add_argument("--port", type=positive_int, default=8000, help="API port (8000)")
     demo.set_defaults(handler=_demo)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
 
 
 def _demo(args: argparse.Namespace) -> int:

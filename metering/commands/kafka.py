@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from metering.commands.argtypes import positive_int
 from metering.settings import load_settings
 from metering.topics import ensure_topics, pipeline_topics
 
@@ -13,20 +14,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ksub = kafka.add_subparsers(dest="kafka_command", metavar="ACTION", required=True)
     init = ksub.add_parser("init", help="create usage.events and usage.events.dlq (idempotent)")
     init.add_argument(
-        "--partitions", type=_positive_int, default=None, help="partitions of usage.events"
+        "--partitions", type=positive_int, default=None, help="partitions of usage.events"
     )
     init.set_defaults(handler=_init)
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (argparse prints the message and exits 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from metering.commands.argtypes import positive
 from metering.ids import InvalidIdentifier, validate_tenant_id
 from metering.plans import PLANS, QuotaError, plan_limits
 from metering.quota_db import QuotaStore, TenantRecord
@@ -23,21 +24,6 @@ def _tenant(text: str) -> str:
         return validate_tenant_id(text)
     except InvalidIdentifier as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
-            ) from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,11 +38,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--rate, --burst and --daily.",
     )
     set_.add_argument("tenant", type=_tenant)
-    set_.add_argument("--rate", type=_positive(float), help="tokens per second")
-    set_.add_argument("--burst", type=_positive(int), help="bucket size (largest burst)")
-    set_.add_argument("--daily", type=_positive(int), help="units per UTC day")
-    set_.add_argument("--window-limit", type=_positive(int), help="units per rolling window")
-    set_.add_argument("--window-seconds", type=_positive(int), help="rolling window length")
+    set_.add_argument("--rate", type=positive(float), help="tokens per second")
+    set_.add_argument("--burst", type=positive(int), help="bucket size (largest burst)")
+    set_.add_argument("--daily", type=positive(int), help="units per UTC day")
+    set_.add_argument("--window-limit", type=positive(int), help="units per rolling window")
+    set_.add_argument("--window-seconds", type=positive(int), help="rolling window length")
     set_.add_argument("--no-window", action="store_true", help="remove the rolling window")
     set_.add_argument("--plan", choices=list(PLANS), help="plan (its limits are the defaults)")
     set_.add_argument("--json", action="store_true", help="print the stored row as JSON")
