@@ -76,7 +76,6 @@ from metering.commands.argtypes import positive_int  # noqa: E402
 
 NO_EMIT = "full-no-emit"
 NULL_EMIT = "full-null-emit"
-DIAGNOSTIC = {NULL_EMIT}  # variants of ``full`` named only in --variants
 FAKE = ("instant", "turn")  # bench_api_stack's limiters that answer without Redis
 
 
@@ -111,6 +110,11 @@ def _without_emit(app: Any) -> Any:
     returns from ``_emit`` at once when it has no emitter."""
     _middleware(app).emitter = None
     return app
+
+
+#: the variants made from a ``full`` app, and how; ``full-null-emit`` is named only in --variants
+FULL_VARIANTS = {NO_EMIT: _without_emit, NULL_EMIT: _null_emit}
+DIAGNOSTIC = {NULL_EMIT}
 
 
 class Interleaver:
@@ -168,13 +172,9 @@ def serve(variants: list[str], port: int, data_dir: Path, tenant: str, slice_s: 
         if name in FAKE:
             apps[name] = fake_limited_app(name == "turn", tenant)
             continue
-        kind = "full" if name == NO_EMIT or name in DIAGNOSTIC else name
-        app = build_app(kind, data_dir / name, tenant)
-        if name == NO_EMIT:
-            app = _without_emit(app)
-        elif name == NULL_EMIT:
-            app = _null_emit(app)
-        apps[name] = app
+        derive = FULL_VARIANTS.get(name)
+        app = build_app("full" if derive else name, data_dir / name, tenant)
+        apps[name] = derive(app) if derive else app
     box = Interleaver(apps, slice_s, data_dir / "acc.json")
 
     async def control(scope: Any, receive: Any, send: Any) -> None:

@@ -25,6 +25,9 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
+_positive_int = positive(int)
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1 (counts, seconds, ports)."""
-    return int(positive(int)(text))
+    return int(_positive_int(text))
