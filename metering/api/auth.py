@@ -82,6 +82,16 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     return Principal(tenant, scopes, dict(claims))
 
 
+def _key_serves(alg: str, key: Any) -> bool:
+    """Whether PyJWT accepts ``key`` for ``alg`` (RSA keys for RS/PS, an EC key for the ES
+    algorithm of its curve)."""
+    try:
+        jwt.get_algorithm_by_name(alg).prepare_key(key)
+    except (TypeError, ValueError, jwt.PyJWTError):
+        return False
+    return True
+
+
 class TokenVerifier:
     """Verifies JWTs with PyJWT; see the module docstring for the rules."""
 
@@ -102,12 +112,15 @@ class TokenVerifier:
         if self._secret:
             usable |= _SECRET_ALGS
         if self._public_key is not None:
-            usable |= _PUBLIC_ALGS
+            # Only the algorithms this key's type (and curve) serves: PyJWT raises TypeError,
+            # not a token error, when a token names an RSA algorithm and the key is an EC one.
+            usable |= {a for a in _PUBLIC_ALGS if _key_serves(a, self._public_key)}
         self.algorithms = frozenset(allowed & usable)
         if not self.algorithms:
+            served = f" (this key serves {', '.join(sorted(usable))})" if usable else ""
             raise ValueError(
                 "no JWT algorithm is usable: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY "
-                "(RS256/ES256) and list its algorithm in JWT_ALGORITHMS"
+                f"(RS256/ES256) and list its algorithm in JWT_ALGORITHMS{served}"
             )
         self.audience = audience or None
         self.leeway = leeway
@@ -170,6 +183,8 @@ class TokenVerifier:
         except jwt.InvalidSignatureError:
             raise AuthError("token signature does not verify") from None
         except jwt.InvalidTokenError as exc:
+            raise AuthError(f"token is invalid: {exc}") from None
+        except (TypeError, ValueError) as exc:  # a token PyJWT could not even read as one
             raise AuthError(f"token is invalid: {exc}") from None
         principal = principal_from_claims(claims)
         exp = float(claims["exp"])

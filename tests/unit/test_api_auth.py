@@ -124,6 +124,45 @@ def test_public_key_algorithms_verify(alg: str, make_key) -> None:  # type: igno
         v.verify(token({"sub": "acme"}, other, alg))
 
 
+def _forged(alg: str) -> str:
+    """A token whose header names ``alg``, with a signature nobody made."""
+    header = jwt.utils.base64url_encode(b'{"alg":"%s","typ":"JWT"}' % alg.encode()).decode()
+    claims = jwt.utils.base64url_encode(b'{"sub":"x","exp":9999999999}').decode()
+    return f"{header}.{claims}.AAAA"
+
+
+@pytest.mark.parametrize(
+    ("make_key", "alg", "accepted"),
+    [
+        (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), "ES256", "RS256"),
+        (lambda: ec.generate_private_key(ec.SECP256R1()), "RS256", "ES256"),
+        (lambda: ec.generate_private_key(ec.SECP256R1()), "PS256", "ES256"),
+        (lambda: ec.generate_private_key(ec.SECP384R1()), "ES256", "ES384"),
+    ],
+)
+async def test_an_algorithm_the_key_cannot_serve_is_401_not_500(  # type: ignore[no-untyped-def]
+    make_key, alg: str, accepted: str
+) -> None:
+    """A token naming an algorithm of another key type (an RSA one against an EC key, or the
+    wrong curve) is refused as a token, not raised from inside PyJWT as a TypeError."""
+    private = make_key()
+    v = TokenVerifier(public_key=pem_public(private), audience=AUD, algorithms=(alg, accepted))
+    assert v.algorithms == {accepted}
+    with pytest.raises(AuthError, match=f"{alg!r} is not accepted"):
+        v.verify(_forged(alg))
+    async with client(v) as c:
+        r = await c.get("/whoami", headers={"Authorization": f"Bearer {_forged(alg)}"})
+    assert r.status_code == 401
+    assert r.headers["content-type"] == "application/problem+json"
+    assert v.verify(token({"sub": "acme"}, private, accepted)).tenant_id == "acme"
+
+
+def test_a_key_serving_none_of_the_listed_algorithms_fails_at_start() -> None:
+    public = pem_public(ec.generate_private_key(ec.SECP384R1()))
+    with pytest.raises(ValueError, match=r"this key serves ES384\)"):
+        TokenVerifier(public_key=public, algorithms=("RS256", "ES256"))
+
+
 def test_hs256_is_refused_when_only_a_public_key_is_configured() -> None:
     """No algorithm confusion: the public key is never used as an HMAC secret."""
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
