@@ -462,7 +462,7 @@ class ClickHouseSink:
         batch = PreparedBatch()
         next_offsets, events, id_keys = batch.next_offsets, batch.events, batch.id_keys
         dead_letters, millis = batch.dead_letters, batch.millis
-        key_of, seen = recent.key, recent.contains_key
+        key_of, seen = recent.key, recent.seen
         per_bucket = recent.minutes_per_bucket
         in_batch: set[str] = set()
         duplicates = 0
@@ -491,11 +491,11 @@ class ClickHouseSink:
                 )
                 continue
             key = key_of(ev.subject, ev.id)
-            ms = (t - _EPOCH) // _MS  # the time column's ticks; their minute buckets the id
-            bucket = ms // 60_000 // per_bucket  # recent.bucket_of_minute(RecentIds.minute(t))
-            if key in in_batch or seen(bucket, key):
+            if key in in_batch or seen(key):  # by (tenant, id), whatever time a resend has
                 duplicates += 1
                 continue
+            ms = (t - _EPOCH) // _MS  # the time column's ticks; their minute buckets the id
+            bucket = ms // 60_000 // per_bucket  # recent.bucket_of_minute(RecentIds.minute(t))
             in_batch.add(key)
             events.append((rec, ev))
             id_keys.append((bucket, key))

@@ -89,6 +89,29 @@ def test_a_resent_event_id_counts_once_within_a_batch_and_across_batches() -> No
     assert len(other.events) == 1
 
 
+def test_a_resend_with_another_time_still_counts_once() -> None:
+    """The id is the idempotency key: a client that rebuilds the event on retry (a fresh
+    ``time``, here in another minute and bucket) is still a resend, in the next batch, after a
+    restart (the set rebuilt from storage), and for another tenant's id the same string is not."""
+    storage = RecordedStorage()
+    sink = make_sink(storage)
+    sink.write(sink.prepare([rec(0, ev("acme", 5, minutes_ago=30, id="order-123"))]))
+    again = sink.prepare(
+        [
+            rec(1, ev("acme", 5, minutes_ago=2, id="order-123")),
+            rec(2, ev("acme", 5, minutes_ago=0, id="order-123")),
+            rec(3, ev("globex", 7, minutes_ago=2, id="order-123")),
+        ]
+    )
+    assert again.duplicates == 2
+    sink.write(again)
+    restarted = make_sink(storage)
+    restarted.on_assigned([0])
+    replay = restarted.prepare([rec(4, ev("acme", 5, minutes_ago=1, id="order-123"))])
+    assert replay.duplicates == 1 and not replay.events
+    assert sorted((r[3], r[8]) for r in storage.rows) == [("acme", 5.0), ("globex", 7.0)]
+
+
 def test_malformed_invalid_and_late_messages_become_dead_letters_with_reasons() -> None:
     sink = make_sink(RecordedStorage(), lateness=3600)
     batch = sink.prepare(
@@ -159,6 +182,21 @@ def test_recent_ids_forget_only_buckets_older_than_the_lateness() -> None:
     assert not ids.contains("acme", "e20", NOW - dt.timedelta(minutes=20))
     assert ids.is_late(NOW - dt.timedelta(minutes=11), NOW)
     assert not ids.is_late(NOW - dt.timedelta(minutes=9), NOW)
+
+
+def test_an_id_held_by_two_buckets_stays_until_the_later_one_goes() -> None:
+    """Rebuilt from rows an older version stored twice (two times, one id), the id is kept
+    as long as its later time is within the lateness."""
+    ids = RecentIds(lateness_seconds=600, bucket_seconds=60)
+    ids.add("acme", "e", NOW - dt.timedelta(minutes=20))
+    ids.add("acme", "e", NOW - dt.timedelta(minutes=5))
+    ids.add("acme", "f", NOW - dt.timedelta(minutes=5))
+    ids.add("acme", "f", NOW - dt.timedelta(minutes=20))
+    assert len(ids) == 2
+    assert ids.evict(NOW) == 0
+    assert ids.contains("acme", "e") and ids.contains("acme", "f")
+    assert ids.evict(NOW + dt.timedelta(minutes=6)) == 2
+    assert len(ids) == 0
 
 
 def test_recent_ids_refuse_a_nonsense_window() -> None:
