@@ -3,7 +3,7 @@
 An event is what the pipeline counts. Its invariants, enforced here and nowhere else:
 
 - ``subject`` is a valid tenant id and ``data.meter`` a valid meter name (:mod:`metering.ids`);
-- ``data.quantity`` is finite and ``>= 0``;
+- ``data.quantity`` is finite, ``>= 0`` and at most :data:`MAX_QUANTITY` (1e15);
 - ``data.dimensions`` is a flat map of at most :data:`MAX_DIMENSIONS` string pairs, keys of
   1-64 characters ``[A-Za-z0-9._:-]``, values of at most :data:`MAX_DIMENSION_VALUE` characters;
 - ``type`` is ``metering.usage`` (``data.decision`` absent) or ``metering.ratelimit``
@@ -15,13 +15,12 @@ An event is what the pipeline counts. Its invariants, enforced here and nowhere 
 - the encoded event is at most :data:`MAX_EVENT_BYTES` bytes.
 
 Everything that fails raises :class:`EventDecodeError`, whose message names the field
-(``data.quantity: must be finite and >= 0``). Tests: ``tests/unit/test_events*.py``.
+(``data.quantity: must be finite, >= 0 and <= 1e+15``). Tests: ``tests/unit/test_events*.py``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import re
 import uuid
 from typing import Annotated, Any, Final, Literal
@@ -51,6 +50,10 @@ MAX_DIMENSIONS = 16
 MAX_DIMENSION_VALUE = 256
 MAX_ID_LENGTH = 128
 MAX_SOURCE_LENGTH = 256
+#: The largest quantity one event may carry. Far above any real unit count (a petabyte in bytes
+#: is 1e15), and low enough that no number of events can sum to infinity in ClickHouse's Float64
+#: rollups, the quota DB's totals or a JSON answer (an event at 1.7e308 could, and stalled them).
+MAX_QUANTITY = 1e15
 DEFAULT_MAX_FUTURE_SKEW = 300.0
 
 _DIMENSION_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}")
@@ -114,8 +117,8 @@ class UsageData(BaseModel):
     @field_validator("quantity")
     @classmethod
     def _finite_non_negative(cls, v: float) -> float:
-        if not math.isfinite(v) or v < 0:
-            raise ValueError("must be finite and >= 0")
+        if not 0 <= v <= MAX_QUANTITY:  # NaN fails too
+            raise ValueError(f"must be finite, >= 0 and <= {MAX_QUANTITY:g}")
         return float(v)
 
     @field_validator("dimensions")

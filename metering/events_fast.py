@@ -15,15 +15,15 @@ Rules mirrored (see :mod:`metering.events`): required ``id``, ``subject``, ``tim
 (``meter``, ``quantity``); defaults ``specversion`` "1.0", ``source`` ``urn:metering``, ``type``
 ``metering.usage``; unknown fields refused at both levels; strict JSON types (no bool as a
 number, no number as a string); id, tenant and meter patterns; source 1-256 characters; quantity
-finite and >= 0; at most 16 dimensions, key pattern, values of at most 256 characters; decision
-present iff type is ``metering.ratelimit``; time RFC 3339 with an offset, held in UTC, at most
-``max_future_skew`` s ahead of ``now``; at most :data:`MAX_EVENT_BYTES` encoded bytes.
+finite, >= 0 and at most ``MAX_QUANTITY``; at most 16 dimensions, key pattern, values of at most
+256 characters; decision present iff type is ``metering.ratelimit``; time RFC 3339 with an
+offset, held in UTC, at most ``max_future_skew`` s ahead of ``now``; at most
+:data:`MAX_EVENT_BYTES` encoded bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import re
 import time
 from collections.abc import Callable, Hashable
@@ -38,6 +38,7 @@ from metering.events import (
     MAX_DIMENSIONS,
     MAX_EVENT_BYTES,
     MAX_ID_LENGTH,
+    MAX_QUANTITY,
     MAX_SOURCE_LENGTH,
     TYPE_USAGE,
     UsageEvent,
@@ -48,7 +49,6 @@ from metering.events import (
 from metering.ids import _METER_RE, _TENANT_RE
 
 _UTC = dt.UTC
-_INF = math.inf
 
 
 class FastUsageData(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -242,7 +242,7 @@ def _fast(raw: bytes, limit: dt.datetime) -> FastUsageEvent | None:
         and (subject in _known_tenants or _known(subject, _known_tenants, _TENANT_RE))
         and (meter in _known_meters or _known(meter, _known_meters, _METER_RE))
         and 0 < len(w.source) <= MAX_SOURCE_LENGTH
-        and 0 <= q < _INF  # finite and >= 0 (NaN fails both comparisons)
+        and 0 <= q <= MAX_QUANTITY  # finite, >= 0, bounded (NaN fails both comparisons)
         and (d.decision is None) == (w.type == TYPE_USAGE)
         and (not d.dimensions or _valid_dimensions(d.dimensions))
     ):

@@ -95,17 +95,19 @@ async def test_bad_events_are_reported_by_index_and_nothing_is_sent(settings, te
         {**event(tenant), "data": {"meter": "tokens", "quantity": "lots"}},
         "not an object",
         {k: v for k, v in event(tenant).items() if k != "id"},
+        event(tenant, quantity=1.7e308),  # two of these would sum to infinity downstream
     ]
     async with api_client(settings) as client:
         r = await client.post("/v1/events", json=batch, headers=auth(tenant))
     body = problem(r)
     assert r.status_code == 422
     by_index = {e["index"]: e["message"] for e in body["errors"]}
-    assert sorted(by_index) == [1, 2, 3, 4]
+    assert sorted(by_index) == [1, 2, 3, 4, 5]
     assert "time" in by_index[1] and "future" in by_index[1]
     assert "data.quantity" in by_index[2]
     assert "JSON object" in by_index[3]
     assert "id" in by_index[4] and "required" in by_index[4]
+    assert by_index[5] == "data.quantity: must be finite, >= 0 and <= 1e+15"
     assert read_events(settings, expected=1, subject=tenant, timeout=2) == []
 
 

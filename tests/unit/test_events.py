@@ -158,7 +158,9 @@ def test_a_missing_required_field_is_named(field: str) -> None:
     [
         ({"data_quantity": "3"}, "data.quantity", "valid number"),
         ({"data_quantity": True}, "data.quantity", "valid number"),
-        ({"data_quantity": -1}, "data.quantity", "must be finite and >= 0"),
+        ({"data_quantity": -1}, "data.quantity", "must be finite, >= 0"),
+        ({"data_quantity": 1.7e308}, "data.quantity", "<= 1e+15"),
+        ({"data_quantity": 1e15 + 1}, "data.quantity", "<= 1e+15"),
         ({"data_meter": 7}, "data.meter", "valid string"),
         ({"data_dimensions": ["a"]}, "data.dimensions", "an object"),
         ({"data_dimensions": {"k": 1}}, "data.dimensions.k", "valid string"),
@@ -184,7 +186,7 @@ def test_a_wrong_type_or_value_is_named(change: dict[str, Any], field: str, frag
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
 def test_a_non_finite_quantity_is_refused(literal: bytes) -> None:
     raw = json.dumps(valid_doc(data_quantity=12345)).encode().replace(b"12345", literal)
-    with pytest.raises(EventDecodeError, match=r"data\.quantity: must be finite and >= 0"):
+    with pytest.raises(EventDecodeError, match=r"data\.quantity: must be finite, >= 0"):
         decode_event(raw, now=NOW)
 
 
@@ -283,3 +285,7 @@ def test_the_helpers_refuse_a_time_beyond_the_future_skew_too() -> None:
     ahead = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
     with pytest.raises(EventDecodeError, match="time: is 86400s in the future"):
         usage_event("t1", "m", 1, time=ahead)
+
+
+def test_the_largest_quantity_is_accepted() -> None:
+    assert decode_event(json.dumps(valid_doc(data_quantity=1e15)).encode(), now=NOW)

@@ -27,6 +27,7 @@ from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_DIMENSIONS,
     MAX_EVENT_BYTES,
+    MAX_QUANTITY,
     EventDecodeError,
     decode_event,
 )
@@ -88,8 +89,8 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     data: dict[str, Any] = {
         "meter": draw(IDENT),
         "quantity": draw(
-            st.floats(min_value=0, allow_nan=False, allow_infinity=False)
-            | st.integers(min_value=0, max_value=10**30)
+            st.floats(min_value=0, max_value=MAX_QUANTITY)
+            | st.integers(min_value=0, max_value=int(MAX_QUANTITY))
         ),
     }
     if draw(st.booleans()):
@@ -167,6 +168,10 @@ EDGES: dict[str, list[Any]] = {
         -1,
         -1e-300,
         Raw("-1e-400"),
+        1e15,
+        Raw("1000000000000000.0"),
+        Raw("1000000000000001"),
+        10**30,
         1e308,
         Raw("1e400"),
         Raw("1E2"),
@@ -367,7 +372,9 @@ def test_a_refusal_is_the_reference_error_naming_the_field() -> None:
         {"id": "e", "subject": "acme", "time": "2026-03-01T11:00:00Z",
          "data": {"meter": "m", "quantity": -1}}
     ).encode()  # fmt: skip
-    with pytest.raises(EventDecodeError, match=r"^data\.quantity: must be finite and >= 0$"):
+    with pytest.raises(
+        EventDecodeError, match=r"^data\.quantity: must be finite, >= 0 and <= 1e\+15$"
+    ):
         decode_event_fast(raw, now=NOW, max_future_skew=SKEW)
 
 

@@ -19,6 +19,7 @@ from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_DIMENSIONS,
     MAX_EVENT_BYTES,
+    MAX_QUANTITY,
     EventDecodeError,
     UsageEvent,
     decode_event,
@@ -48,7 +49,7 @@ valid_events = st.builds(
         timezones=st.just(dt.UTC),
     ),
     meter=IDENT,
-    qty=st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+    qty=st.floats(min_value=0, max_value=MAX_QUANTITY),
     dims=st.dictionaries(DIM_KEY, st.text(max_size=MAX_DIMENSION_VALUE), max_size=MAX_DIMENSIONS),
     decision=st.sampled_from([None, "allowed", "rejected"]),
 )
@@ -64,7 +65,7 @@ json_values = st.recursive(
 
 def assert_invariants(ev: UsageEvent) -> None:
     assert is_valid_tenant_id(ev.subject)
-    assert math.isfinite(ev.data.quantity) and ev.data.quantity >= 0
+    assert math.isfinite(ev.data.quantity) and 0 <= ev.data.quantity <= MAX_QUANTITY
     assert len(ev.data.dimensions) <= MAX_DIMENSIONS
     assert ev.time.utcoffset() == dt.timedelta(0)
     assert ev.time <= NOW + dt.timedelta(seconds=300)
