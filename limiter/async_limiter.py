@@ -11,7 +11,7 @@ from limiter.breaker import CircuitBreaker
 from limiter.clock import utc_day
 from limiter.core import LimiterCore, NoQuota, check_cost, check_tenant, settle_inputs
 from limiter.decision import Decision, Settlement
-from limiter.failure_policy import REDIS_UNAVAILABLE, FailMode, FailurePolicy
+from limiter.failure_policy import REDIS_ERRORS, FailMode, FailurePolicy, redis_unavailable
 from limiter.local_limiter import LocalLimiter
 from limiter.quota import Quota
 from limiter.quota_provider import QuotaProvider
@@ -103,7 +103,9 @@ class AsyncRateLimiter:
                     seed = b"%d" % await self._seed(tenant, day)
             else:
                 raise RuntimeError(f"acquire.lua kept answering status {status}")
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_ERRORS as exc:
+            if not redis_unavailable(exc):
+                raise
             policy.redis_failed(exc)
             return policy.decide(tenant, cost, quota, core.clock.today())
         policy.breaker.record_success()
@@ -132,7 +134,9 @@ class AsyncRateLimiter:
         args = self._core.encoder.settle_args(tenant, day, delta, quota)
         try:
             reply = await self._batcher.execute(packed(args) if self._batcher.packed else args)
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_ERRORS as exc:
+            if not redis_unavailable(exc):
+                raise
             self.policy.redis_failed(exc)
             return self._core.unsettled(tenant, delta)
         self.policy.breaker.record_success()

@@ -39,7 +39,29 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     rexc.SlotNotCoveredError,
     OSError,
     asyncio.TimeoutError,
+    rexc.OutOfMemoryError,  # OOM: maxmemory reached with noeviction, no write is taken
 )
+
+#: Error replies by which a reachable Redis refuses every write for a while: the limiter cannot
+#: count, exactly as when Redis is down (redis-py maps OOM and READONLY to classes of their own;
+#: these arrive as plain ResponseError).
+REFUSING_WRITES = frozenset({"MISCONF", "BUSY", "NOREPLICAS", "OOM", "READONLY", "MASTERDOWN"})
+
+#: What an ``except`` around a Redis call catches; :func:`redis_unavailable` then tells a
+#: refusal (the failure policy answers) from a bug (re-raised).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, rexc.ResponseError)
+
+
+def redis_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means Redis cannot serve the limiter now: down, unreachable, or
+    refusing writes (``MISCONF`` after a failed save, ``BUSY`` running a slow script, ``OOM``,
+    ``NOREPLICAS``). Anything else (a script error, a wrong type) is a bug and propagates."""
+    if isinstance(exc, REDIS_UNAVAILABLE):
+        return True
+    if isinstance(exc, rexc.ResponseError):
+        code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+        return code in REFUSING_WRITES
+    return False
 
 
 def log_breaker_change(old: BreakerState, new: BreakerState) -> None:

@@ -20,7 +20,7 @@ from limiter.breaker import CircuitBreaker
 from limiter.clock import utc_day
 from limiter.core import LimiterCore, NoQuota, check_cost, check_tenant, settle_inputs
 from limiter.decision import Decision, Settlement
-from limiter.failure_policy import REDIS_UNAVAILABLE, FailMode, FailurePolicy
+from limiter.failure_policy import REDIS_ERRORS, FailMode, FailurePolicy, redis_unavailable
 from limiter.local_limiter import LocalLimiter
 from limiter.quota import Quota
 from limiter.quota_provider import QuotaProvider
@@ -119,7 +119,9 @@ class RateLimiter:
                 # WRONG_DAY: the loop goes again with the server's day.
             else:
                 raise RuntimeError(f"acquire.lua kept answering status {status}")
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_ERRORS as exc:
+            if not redis_unavailable(exc):
+                raise
             policy.redis_failed(exc)
             return policy.decide(tenant, cost, quota, core.clock.today())
         policy.breaker.record_success()
@@ -151,7 +153,9 @@ class RateLimiter:
             day = self._core.clock.today()
         try:
             reply = self._call(self._core.encoder.settle_args(tenant, day, delta, quota))
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_ERRORS as exc:
+            if not redis_unavailable(exc):
+                raise
             self.policy.redis_failed(exc)
             return self._core.unsettled(tenant, delta)
         self.policy.breaker.record_success()

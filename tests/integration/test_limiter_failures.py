@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 
 from limiter import AsyncRateLimiter, Quota, RateLimiter
 from limiter.breaker import BreakerState, CircuitBreaker
@@ -244,3 +245,63 @@ async def test_scripts_are_reloaded_after_script_flush(
     assert not any(d.degraded for d in batch)
     assert int(raw.get(daily_counter_key(tenant, day))) == 53
     await async_client.aclose()
+
+
+async def _acquire(limiter: Any, tenant: str) -> Any:
+    if isinstance(limiter, RateLimiter):
+        return await asyncio.to_thread(limiter.acquire, tenant, 1, QUOTA)
+    return await limiter.acquire(tenant, 1, QUOTA)
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+@pytest.mark.parametrize("refusal", ["OOM", "BUSY"])
+async def test_a_redis_that_refuses_writes_gets_the_fail_mode_not_an_error(
+    dedicated_stack: LocalStack, tenant: str, fail_mode: str, flavor: str, refusal: str
+) -> None:
+    """Reachable but refusing every write (maxmemory reached with noeviction: ``OOM``; a slow
+    script running: ``BUSY``), Redis cannot count: the limiter answers by its fail mode, as when
+    Redis is down, instead of raising the error reply into the request (a 500)."""
+    url = dedicated_stack.up(["redis"])["RATE_LIMIT_REDIS_URL"]
+    settings = settings_for(
+        "single",
+        url=url,
+        rate_limit_fail_mode=fail_mode,
+        rate_limit_breaker_failures=100,  # every call reaches Redis and gets the refusal
+        rate_limit_local_ceiling_per_sec=CEILING,
+    )
+    limiter = make_limiter(flavor, settings)
+    admin = redis.Redis.from_url(url)
+    assert (await _acquire(limiter, tenant)).allowed  # scripts loaded, counters made
+    busy: threading.Thread | None = None
+    if refusal == "OOM":
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+    else:
+        admin.config_set("busy-reply-threshold", 50)
+        killed: list[BaseException] = []
+
+        def run_a_slow_script() -> None:
+            try:
+                redis.Redis.from_url(url).eval("while true do end", 0)
+            except redis.ResponseError as exc:  # ended by SCRIPT KILL below
+                killed.append(exc)
+
+        busy = threading.Thread(target=run_a_slow_script, daemon=True)
+        busy.start()
+        await asyncio.sleep(0.3)
+    try:
+        refused = await _acquire(limiter, tenant)
+    finally:
+        if busy is not None:
+            admin.script_kill()
+            busy.join(5)
+            assert killed, "the slow script was not running"
+        admin.config_set("maxmemory", 0)
+    assert refused.degraded and refused.reason in {"redis_down", "local_ceiling"}, refused
+    assert refused.allowed is (fail_mode == "open")
+    after = await _acquire(limiter, tenant)
+    assert after.allowed and not after.degraded, after
+    if flavor == "async":
+        await limiter.redis.aclose()
+    admin.close()

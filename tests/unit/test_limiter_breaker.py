@@ -1,10 +1,12 @@
-"""The circuit breaker and the local limiter (pure logic, a hand-driven clock)."""
+"""The circuit breaker, the local limiter and which Redis errors mean "unavailable" (pure logic)."""
 
 from __future__ import annotations
 
 import pytest
+from redis._parsers.base import BaseParser
 
 from limiter import CircuitBreaker, LocalLimiter
+from limiter.failure_policy import REDIS_ERRORS, redis_unavailable
 
 
 class Clock:
@@ -81,3 +83,31 @@ def test_local_limiter_memory_is_bounded() -> None:
     for i in range(1000):
         lim.try_acquire(f"t{i}", 1)
     assert len(lim._buckets) == 100
+
+
+@pytest.mark.parametrize(
+    ("reply", "unavailable"),
+    [
+        ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable", True),
+        ("BUSY Redis is busy running a script. You can only call SCRIPT KILL", True),
+        ("NOREPLICAS Not enough good replicas to write.", True),
+        ("OOM command not allowed when used memory > 'maxmemory'.", True),
+        ("READONLY You can't write against a read only replica.", True),
+        ("ERR Error running script (call to f_0123): user_script:1: bad argument", False),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+        ("NOPERM this user has no permissions to run the 'evalsha' command", False),
+    ],
+)
+def test_error_replies_that_refuse_writes_count_as_redis_unavailable(
+    reply: str, unavailable: bool
+) -> None:
+    """Parsed as redis-py parses them: a refusal gets the fail mode, a bug propagates."""
+    exc = BaseParser.parse_error(reply)
+    assert redis_unavailable(exc) is unavailable
+    assert isinstance(exc, REDIS_ERRORS)
+
+
+def test_a_lost_connection_is_unavailable_and_a_plain_error_is_not() -> None:
+    assert redis_unavailable(ConnectionError("gone"))
+    assert redis_unavailable(TimeoutError())
+    assert not redis_unavailable(ValueError("bug"))
