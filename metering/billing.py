@@ -24,7 +24,7 @@ from metering.queries import UsageQueries, rfc3339
 from metering.query_sql import QueryError, validate_tz
 
 QUANTITY_DECIMALS = 9
-_MONTH_RE = re.compile(r"(\d{4})-(\d{2})")
+_MONTH_RE = re.compile(r"([0-9]{4})-([0-9]{2})")  # ASCII digits: \d takes any script's
 CSV_COLUMNS = ("tenant", "month", "tz", "period_start", "period_end", "meter", "quantity", "events")
 
 

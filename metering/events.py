@@ -59,7 +59,7 @@ DEFAULT_MAX_FUTURE_SKEW = 300.0
 _DIMENSION_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}")
 _ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}")
 _RFC3339_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
 
 EventType = Literal["metering.usage", "metering.ratelimit"]

@@ -171,9 +171,13 @@ def _instant(value: object, param: str) -> dt.datetime:
         raise QueryError(param, "must carry a UTC offset (RFC 3339, e.g. 2026-03-01T00:00:00Z)")
     if value.microsecond % 1000:
         raise QueryError(param, "has sub-millisecond precision; times are stored in milliseconds")
-    value = value.astimezone(UTC)
+    bounds = f"must lie between {EARLIEST:%Y-%m-%d} and {LATEST_TIME:%Y-%m-%d}"
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
+        raise QueryError(param, bounds) from None
     if not EARLIEST <= value <= LATEST_TIME:
-        raise QueryError(param, f"must lie between {EARLIEST:%Y-%m-%d} and {LATEST_TIME:%Y-%m-%d}")
+        raise QueryError(param, bounds)
     return value
 
 

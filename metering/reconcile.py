@@ -22,7 +22,7 @@ from typing import Any
 
 from metering.ids import is_valid_tenant_id
 
-_DAY_KEY_RE = re.compile(r"^rl:\{(?P<tenant>[^{}]+)\}:day:(?P<day>\d{8})$")
+_DAY_KEY_RE = re.compile(r"^rl:\{(?P<tenant>[^{}]+)\}:day:(?P<day>\d{8})$", re.ASCII)
 
 
 @dataclass(frozen=True)

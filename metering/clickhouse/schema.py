@@ -16,7 +16,7 @@ from typing import Any
 
 from metering.settings import Settings
 
-_FILE_RE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+_FILE_RE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$", re.ASCII)
 _DATABASE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 

@@ -109,7 +109,28 @@ BAD_REQUESTS = [
         422,
         "minutes",
     ),
+    (
+        "GET",
+        "/v1/usage",
+        {
+            "params": {
+                "meter": "requests",
+                "from": "0001-01-01T00:00:00+01:00",
+                "to": "2026-01-01T00:00:00Z",
+            }
+        },
+        422,
+        "from",
+    ),
     ("GET", "/v1/billing/{t}/2026-13", {}, 422, "month"),
+    ("GET", "/v1/billing/{t}/\uff12\uff10\uff12\uff16-\uff10\uff13", {}, 422, "month"),
+    (
+        "GET",
+        "/v1/billing/{t}/\uff12\uff10\uff12\uff16-\uff10\uff13",
+        {"headers": {"accept": "text/csv"}},
+        422,
+        "month",
+    ),
     ("POST", "/v1/events", {"json": {"not": "a batch"}}, 422, "JSON array"),
     ("GET", "/v1/nothing-here", {}, 404, "Not Found"),
     ("DELETE", "/v1/events", {}, 405, "Method Not Allowed"),

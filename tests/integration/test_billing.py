@@ -136,7 +136,19 @@ def test_a_partial_month_counts_what_exists(billing: UsageQueries) -> None:
     ]
 
 
-@pytest.mark.parametrize("month", ["2026-3", "2026-00", "2026-13", "26-03", "2026-03-01", ""])
+@pytest.mark.parametrize(
+    "month",
+    # the last: 2026-03 in full-width digits, which \d matches and a latin-1 header cannot carry
+    [
+        "2026-3",
+        "2026-00",
+        "2026-13",
+        "26-03",
+        "2026-03-01",
+        "",
+        "\uff12\uff10\uff12\uff16-\uff10\uff13",
+    ],
+)
 def test_a_month_that_is_not_yyyy_mm_is_refused(month: str) -> None:
     with pytest.raises(QueryError) as err:
         month_period(month, "UTC")

@@ -52,6 +52,9 @@ def q(**kw: Any) -> UsageQuery:
         ({"start": A + dt.timedelta(microseconds=1)}, "from"),
         ({"start": dt.datetime(1900, 1, 1, tzinfo=UTC)}, "from"),
         ({"end": dt.datetime(2200, 1, 1, tzinfo=UTC)}, "to"),
+        # Before year 1 once in UTC, and after year 9999: out of range, not an OverflowError.
+        ({"start": dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1)))}, "from"),
+        ({"end": dt.datetime(9999, 12, 31, 23, tzinfo=dt.timezone(dt.timedelta(hours=-2)))}, "to"),
         ({"end": A}, "to"),
         ({"start": dt.datetime(2010, 1, 1, tzinfo=UTC)}, "to"),  # more than ten years
         ({"window": "WEEK"}, "window"),
