@@ -348,6 +348,18 @@ class Emitter:
         self._queue.append((key, value))
         self._queued(queued, started)
 
+    def has_room(self, events: int, nbytes: int = 0) -> bool:
+        """Whether ``events`` more (about ``nbytes`` encoded) would be taken now and none of
+        them dropped: the emitter is open, its queue has room for all of them, and while Kafka
+        is away (spooling) the spool has room for their bytes beside what waits in it. A caller
+        that must not lose what it accepted (the HTTP ingest) asks before it accepts; on one
+        event loop nothing else emits between the question and its :meth:`emit` calls."""
+        if self._closing or len(self._queue) + events > self.max_queue:
+            return False
+        if self._mode is EmitterMode.SPOOLING:
+            return self.spool.pending_bytes + nbytes <= self.spool.max_bytes
+        return True
+
     def _timed(self) -> float:
         """The start time of a call timed for metering_emit_seconds (one in _TIME_EVERY), else
         0. A race between threads only shifts which call is timed."""

@@ -109,6 +109,7 @@ def _check_event(item: Any, principal: Principal, max_future_skew: float) -> Usa
         413: {"description": "body or batch too large"},
         415: {"description": "unsupported content type"},
         422: {"description": "invalid events, reported by index"},
+        503: {"description": "the pipeline cannot take the events now; none accepted, retry"},
     },
 )
 async def ingest_events(request: Request, principal: CurrentPrincipal) -> IngestAccepted:
@@ -121,7 +122,8 @@ async def ingest_events(request: Request, principal: CurrentPrincipal) -> Ingest
             + ", ".join(sorted(BATCH_TYPES | SINGLE_TYPES)),
             slug="unsupported-media-type",
         )
-    items = _parse_body(await request.body(), media_type, ctx.settings.api_max_batch)
+    body = await request.body()
+    items = _parse_body(body, media_type, ctx.settings.api_max_batch)
     events: list[UsageEvent] = []
     errors: list[dict[str, Any]] = []
     forbidden = False
@@ -141,6 +143,16 @@ async def ingest_events(request: Request, principal: CurrentPrincipal) -> Ingest
             f"{len(errors)} of {len(items)} events refused, none accepted: {shown}{more}",
             slug="forbidden-events" if forbidden else "invalid-events",
             errors=errors,
+        )
+    has_room = getattr(ctx.emitter, "has_room", None)
+    if has_room is not None and not has_room(len(events), len(body)):
+        # Accepting would mean dropping: the caller keeps the events and retries.
+        raise Problem(
+            503,
+            f"the event pipeline cannot take {len(events)} events now (its queue or, while "
+            "Kafka is away, its disk spool is full); none accepted, send them again",
+            slug="ingest-backpressure",
+            headers={"Retry-After": "1"},
         )
     for event in events:
         ctx.emitter.emit(event)

@@ -3,14 +3,18 @@ with any bad event is refused whole, with errors by index, and nothing of it is 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from metering.emitter import Emitter
 from tests.integration.api_support import (
     admin,
     api_client,
@@ -175,3 +179,60 @@ async def test_a_chunked_body_over_the_limit_gets_413(settings, tenant: str) -> 
         )
     assert r.status_code == 413
     assert "larger than 65536 bytes" in problem(r)["detail"]
+
+
+async def test_a_batch_the_emitter_cannot_take_is_503_and_none_of_it_is_sent(
+    settings, tenant: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Accepting what the emitter would drop (a full queue) would lose events the caller was
+    told are accepted: the batch is refused whole, with Retry-After, and a smaller one passes."""
+    emitter = Emitter(settings, max_queue=3, spool_dir=tmp_path / "spool")
+    too_many = [event(tenant) for _ in range(4)]
+    fits = [event(tenant) for _ in range(3)]
+    async with api_client(settings, emitter=emitter) as client:
+        r = await client.post("/v1/events", json=too_many, headers=auth(tenant))
+        body = problem(r)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        assert "cannot take 4 events" in body["detail"] and "none accepted" in body["detail"]
+        r = await client.post("/v1/events", json=fits, headers=auth(tenant))
+        assert r.status_code == 202, r.text
+    arrived = read_events(settings, expected=3, subject=tenant)
+    assert sorted(e.id for e in arrived) == sorted(e["id"] for e in fits)
+
+
+async def test_with_kafka_away_a_batch_the_spool_cannot_hold_is_503(
+    settings, tenant: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """While Kafka is unreachable, accepted events wait in the disk spool; a batch larger than
+    the room left in it is refused (the spool would drop it), one that fits is accepted."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        away = f"127.0.0.1:{s.getsockname()[1]}"
+    emitter = Emitter(
+        settings.model_copy(update={"kafka_bootstrap_servers": away}),
+        spool_dir=tmp_path / "spool",
+        spool_max_bytes=8192,
+        down_after=0.3,
+    )
+    wide = {"meter": "tokens", "quantity": 1, "dimensions": {f"d{i}": "v" * 200 for i in range(16)}}
+    try:
+        async with api_client(settings, emitter=emitter) as client:
+            first = await client.post("/v1/events", json=[event(tenant)], headers=auth(tenant))
+            assert first.status_code == 202, first.text
+            deadline = time.monotonic() + 20
+            while emitter.spool.pending_events < 1 or emitter.mode.name != "SPOOLING":
+                assert time.monotonic() < deadline, "the emitter never turned to its spool"
+                await asyncio.sleep(0.05)
+            big = [event(tenant, data=wide) for _ in range(3)]  # ~11 KiB: more than the room
+            refused = await client.post("/v1/events", json=big, headers=auth(tenant))
+            assert refused.status_code == 503, refused.text
+            assert "spool is full" in problem(refused)["detail"]
+            fits = await client.post("/v1/events", json=[event(tenant)], headers=auth(tenant))
+            assert fits.status_code == 202, fits.text
+            while emitter.spool.pending_events < 2:
+                assert time.monotonic() < deadline, "the accepted event never reached the spool"
+                await asyncio.sleep(0.05)
+        assert emitter.spool.pending_events == 2  # both accepted events wait; none dropped
+    finally:
+        emitter.close(timeout=0.5)
