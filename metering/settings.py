@@ -10,21 +10,26 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
-    PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 HostPort = tuple[str, int]
+
+#: A number of seconds, a rate: > 0 and finite (pydantic's PositiveFloat takes ``inf``, with
+#: which a breaker would never half-open and a ceiling would not limit).
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 #: The emitter's Kafka producers (``EMITTER_KAFKA_CLIENT``).
@@ -50,7 +55,7 @@ def parse_host_ports(value: str | list[Any] | None) -> list[HostPort]:
             if not sep or not host:
                 raise ValueError(f"{text!r} is not host:port")
             host = host.strip("[]")
-        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
             raise ValueError(f"{item!r} has no valid port (1-65535)")
         out.append((host, int(port_s)))
     return out
@@ -297,26 +302,63 @@ class Settings(BaseSettings):
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _bootstrap(cls, v: str) -> str:
-        parse_host_ports(v)
-        if not v.strip():
-            raise ValueError("is empty")
+        if not parse_host_ports(v):
+            raise ValueError("names no host:port")
         return v
 
     @field_validator("quota_db_url")
     @classmethod
     def _quota_db(cls, v: str) -> str:
-        if v and v.split(":", 1)[0].split("+", 1)[0] not in {"sqlite", "postgresql", "postgres"}:
+        if not v:
+            return v
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            raise ValueError("is not a URL; use sqlite:///path or postgresql://host/db") from None
+        if url.get_backend_name() not in {"sqlite", "postgresql", "postgres"}:
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        if url.get_backend_name() != "sqlite" and not url.host:
+            raise ValueError("has no host")
         return v
 
     @field_validator("clickhouse_url")
     @classmethod
     def _clickhouse(cls, v: str) -> str:
         if v:
-            scheme = urlsplit(v).scheme
-            if scheme not in {"chdb", "http", "https", "clickhouse", "clickhouses"}:
+            parts = urlsplit(v)
+            if parts.scheme not in {"chdb", "http", "https", "clickhouse", "clickhouses"}:
                 raise ValueError("must be chdb:///path or an http(s):// ClickHouse URL")
+            if parts.scheme == "chdb" and not (parts.netloc + parts.path).strip("/"):
+                raise ValueError("chdb:// names no folder (chdb:///path)")
+            if parts.scheme != "chdb" and not parts.hostname:
+                raise ValueError("has no host")
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError as exc:
+                raise ValueError(f"has a bad port ({exc})") from None
         return v
+
+    @field_validator("quota_default_plan")
+    @classmethod
+    def _plan(cls, v: str) -> str:
+        from metering.plans import PLANS
+
+        if v not in PLANS:
+            raise ValueError(f"unknown plan {v!r}; choose one of: {', '.join(PLANS)}")
+        return v
+
+    @field_validator("worker_backfill_meter")
+    @classmethod
+    def _meter(cls, v: str) -> str:
+        from metering.ids import InvalidIdentifier, validate_meter
+
+        try:
+            return validate_meter(v)
+        except InvalidIdentifier as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _derived(self) -> Settings:
@@ -375,6 +417,12 @@ def load_settings(**overrides: Any) -> Settings:
         env = {k.upper(): v for k, v in os.environ.items()}
         env.update({k.upper(): str(v) for k, v in overrides.items()})
         raise SettingsError(_describe(exc, env)) from None
+    except PydanticSettingsError as exc:  # a value pydantic-settings cannot even parse (JSON)
+        named = re.search(r'field "(\w+)"', str(exc))
+        var = named[1].upper() if named else "a setting"
+        raise SettingsError(
+            f"invalid setting(s): {var}: not valid JSON ({exc.__cause__})"
+        ) from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -47,6 +47,16 @@ def test_seed_names_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
         ("KAFKA_BOOTSTRAP_SERVERS", "broker", "not host:port"),
         ("QUOTA_DB_URL", "mysql://x/y", "sqlite"),
         ("CLICKHOUSE_URL", "ftp://x", "chdb"),
+        ("CLICKHOUSE_URL", "http://", "no host"),
+        ("CLICKHOUSE_URL", "chdb://", "no folder"),
+        ("QUOTA_DB_URL", "sqlite", "not a URL"),
+        ("QUOTA_DB_URL", "postgresql://", "no host"),
+        ("KAFKA_BOOTSTRAP_SERVERS", ",", "no host:port"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "broker:\uff19\uff10\uff19\uff12", "no valid port"),
+        ("RATE_LIMIT_BREAKER_RESET", "inf", "finite"),  # the breaker would never half-open
+        ("RATE_LIMIT_LOCAL_CEILING_PER_SEC", "nan", "finite"),
+        ("QUOTA_DEFAULT_PLAN", "bogus", "unknown plan"),
+        ("WORKER_BACKFILL_METER", "a b", "invalid meter"),
     ],
 )
 def test_bad_value_names_the_variable_and_value(
@@ -70,6 +80,14 @@ def test_bad_setting_stops_the_cli_with_exit_2_and_a_message() -> None:
     assert proc.returncode == 2
     assert "TENANT_QUOTA_CACHE_TTL='-1'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_json_setting_that_does_not_parse_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RATE_LIMIT_ROUTE_COSTS", "{bad")
+    with pytest.raises(SettingsError, match="RATE_LIMIT_ROUTE_COSTS: not valid JSON"):
+        load_settings()
 
 
 def test_host_port_parsing() -> None:
