@@ -15,7 +15,7 @@ from limiter.failure_policy import REDIS_ERRORS, FailMode, FailurePolicy, redis_
 from limiter.local_limiter import LocalLimiter
 from limiter.quota import Quota
 from limiter.quota_provider import QuotaProvider
-from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, packed
+from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, SETTLE_WRONG_DAY, packed
 
 
 class AsyncRateLimiter:
@@ -129,11 +129,20 @@ class AsyncRateLimiter:
             quota = await self._quota(tenant)
         if not self.policy.breaker.allow():
             return self._core.unsettled(tenant, delta)
+        today = day is None
+        core = self._core
         if day is None:
-            day = self._core.clock.today()
-        args = self._core.encoder.settle_args(tenant, day, delta, quota)
+            day = core.clock.today()
         try:
-            reply = await self._batcher.execute(packed(args) if self._batcher.packed else args)
+            for _ in range(4):
+                args = core.encoder.settle_args(tenant, day, delta, quota, today=today)
+                reply = await self._batcher.execute(packed(args) if self._batcher.packed else args)
+                if reply[0] != SETTLE_WRONG_DAY:
+                    break
+                day = reply[1]  # midnight passed, or the clock estimate was off: the server's
+                core.clock.observe(reply[2])
+            else:
+                raise RuntimeError("settle.lua kept answering WRONG_DAY")
         except REDIS_ERRORS as exc:
             if not redis_unavailable(exc):
                 raise

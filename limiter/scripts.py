@@ -40,6 +40,8 @@ class LuaScript:
 
 ACQUIRE = LuaScript.from_package("acquire.lua")
 SETTLE = LuaScript.from_package("settle.lua")
+#: settle.lua's first reply element when the day it was given is not the server's
+SETTLE_WRONG_DAY = -2
 SCRIPTS = (ACQUIRE, SETTLE)
 
 # Reply statuses of acquire.lua.
@@ -124,11 +126,16 @@ class CallEncoder:
         return b"".join((head, cost_bulk, self._quota(quota)[1], resp_bulk(seed), self._grace_bulk))
 
     def settle_args(
-        self, tenant: str, day: int, delta: int, quota: Quota
+        self, tenant: str, day: int, delta: int, quota: Quota, *, today: bool = False
     ) -> tuple[bytes | str | int, ...]:
+        """One settle.lua call into ``day``; ``today``: ``day`` is the client's estimate of the
+        server's day, which the script checks (WRONG_DAY, :data:`SETTLE_WRONG_DAY`)."""
         keys, _ = self.keys(tenant, day)
         q = self._quota(quota)[0]
-        return ("EVALSHA", SETTLE.sha, NUM_KEYS, *keys, b"%d" % delta, q[0], q[1], q[3], q[4])
+        check = b"%d" % day if today else b""
+        return (
+            "EVALSHA", SETTLE.sha, NUM_KEYS, *keys, b"%d" % delta, q[0], q[1], q[3], q[4], check
+        )  # fmt: skip
 
 
 def packed(args: Sequence[bytes | str | int]) -> bytes:

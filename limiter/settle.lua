@@ -8,10 +8,16 @@
 --
 -- KEYS: as acquire.lua (rl:{t}:tb, rl:{t}:day:YYYYMMDD of the decision's day, rl:{t}:win,
 --       rl:{t}:win:meta)
--- ARGV: delta, rate_per_sec, burst, window_limit (0 = none), window_seconds
+-- ARGV: delta, rate_per_sec, burst, window_limit (0 = none), window_seconds,
+--       today ("" = none: the day of a decision, which may be over; else days since 1970-01-01
+--       of the day KEYS[2] names, which must be the server's UTC day)
 --
 -- A missing day counter is left missing (it expired, or Redis lost it and it will be seeded
 -- from the quota DB, which already holds the real usage): reply daily_used = -1.
+--
+-- A settle for "today" names the day by the client's estimate of the server clock. As in
+-- acquire.lua, a day that is not the server's changes nothing: the reply is WRONG_DAY,
+-- {-2, server_day, server_time_s}, and the client settles again into the server's day.
 --
 -- Reply: {daily_used, tokens_milli, window_used}
 
@@ -23,6 +29,14 @@ local window_us = tonumber(ARGV[5]) * 1000000
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+if ARGV[6] and ARGV[6] ~= '' then
+  local now_s = tonumber(t[1])
+  local server_day = (now_s - now_s % 86400) / 86400
+  if tonumber(ARGV[6]) ~= server_day then
+    return {-2, server_day, now_s}
+  end
+end
 
 local used = redis.call('GET', KEYS[2])
 if used then

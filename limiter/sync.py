@@ -28,6 +28,7 @@ from limiter.scripts import (
     DAY_GRACE_SECONDS,
     NEED_SEED,
     SCRIPTS,
+    SETTLE_WRONG_DAY,
 )
 
 #: A limiter connection unused for longer than this is polled for EOF before it is written to.
@@ -149,10 +150,19 @@ class RateLimiter:
             quota = self._quota(tenant)
         if not self.policy.breaker.allow():
             return self._core.unsettled(tenant, delta)
+        today = day is None
+        core = self._core
         if day is None:
-            day = self._core.clock.today()
+            day = core.clock.today()
         try:
-            reply = self._call(self._core.encoder.settle_args(tenant, day, delta, quota))
+            for _ in range(4):
+                reply = self._call(core.encoder.settle_args(tenant, day, delta, quota, today=today))
+                if reply[0] != SETTLE_WRONG_DAY:
+                    break
+                day = reply[1]  # midnight passed, or the clock estimate was off: the server's
+                core.clock.observe(reply[2])
+            else:
+                raise RuntimeError("settle.lua kept answering WRONG_DAY")
         except REDIS_ERRORS as exc:
             if not redis_unavailable(exc):
                 raise

@@ -181,6 +181,25 @@ async def test_a_client_clock_on_the_wrong_day_never_counts_into_that_day(
     assert d.counter(tenant, today - dt.timedelta(days=3)) is None
 
 
+async def test_a_settle_for_today_by_a_skewed_clock_goes_to_the_servers_day(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    """A settle given a reserved cost (not a decision) means "today": the client's idea of the
+    day is checked against the server's, so near midnight or with a skewed clock the correction
+    never lands in yesterday's counter (alive for its grace hour) or a day that is not counted."""
+    d = make()
+    q = Quota(**SLOW)
+    assert (await d.acquire(tenant, 1, q)).allowed
+    today = server_day(d.raw, token_bucket_key(tenant))
+    yesterday = today - dt.timedelta(days=1)
+    d.raw.set(daily_counter_key(tenant, yesterday), 5, ex=600)  # in its grace hour
+    d.limiter.clock.offset = -86400.0  # the client believes it is yesterday
+    settled = await d.settle(tenant, 1, 4, q)  # 3 more than reserved
+    assert settled.applied and settled.daily_used == 4
+    assert d.counter(tenant, today) == 4
+    assert d.counter(tenant, yesterday) == 5
+
+
 async def test_a_missing_day_counter_is_seeded_from_the_quota_provider(
     make: Callable[..., Driver], tenant: str
 ) -> None:

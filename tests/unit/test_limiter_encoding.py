@@ -41,8 +41,15 @@ def test_settle_call_names_the_decision_day() -> None:
     q = Quota(rate_per_sec=1, burst=5, daily_limit=10)
     args = enc.settle_args("acme", epoch_day(dt.date(2026, 1, 2)), -3, q)
     assert args[1] == SETTLE.sha and args[4] == b"rl:{acme}:day:20260102"
-    assert args[7:] == (b"-3", b"1.0", b"5", b"0", b"0")
+    assert args[7:] == (b"-3", b"1.0", b"5", b"0", b"0", b"")  # "": the day is not checked
     assert packed(args) == redis_py_bytes(*args)
+
+
+def test_a_settle_for_today_asks_the_script_to_check_the_day() -> None:
+    day = epoch_day(dt.date(2026, 1, 2))
+    q = Quota(rate_per_sec=1, burst=5, daily_limit=10)
+    args = CallEncoder().settle_args("acme", day, 2, q, today=True)
+    assert args[4] == b"rl:{acme}:day:20260102" and args[-1] == b"%d" % day
 
 
 def test_keys_share_the_tenant_hash_tag() -> None:
