@@ -189,14 +189,17 @@ async def test_a_batch_the_emitter_cannot_take_is_503_and_none_of_it_is_sent(
     emitter = Emitter(settings, max_queue=3, spool_dir=tmp_path / "spool")
     too_many = [event(tenant) for _ in range(4)]
     fits = [event(tenant) for _ in range(3)]
-    async with api_client(settings, emitter=emitter) as client:
-        r = await client.post("/v1/events", json=too_many, headers=auth(tenant))
-        body = problem(r)
-        assert r.status_code == 503, r.text
-        assert r.headers["retry-after"] == "1"
-        assert "cannot take 4 events" in body["detail"] and "none accepted" in body["detail"]
-        r = await client.post("/v1/events", json=fits, headers=auth(tenant))
-        assert r.status_code == 202, r.text
+    try:
+        async with api_client(settings, emitter=emitter) as client:
+            r = await client.post("/v1/events", json=too_many, headers=auth(tenant))
+            body = problem(r)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert "cannot take 4 events" in body["detail"] and "none accepted" in body["detail"]
+            r = await client.post("/v1/events", json=fits, headers=auth(tenant))
+            assert r.status_code == 202, r.text
+    finally:
+        emitter.close(timeout=5)  # the app closes only what it made
     arrived = read_events(settings, expected=3, subject=tenant)
     assert sorted(e.id for e in arrived) == sorted(e["id"] for e in fits)
 
