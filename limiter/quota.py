@@ -15,6 +15,20 @@ class InvalidQuota(ValueError):
 
 
 MAX_UNITS = 2**53  # Lua numbers are doubles: integers above this lose precision in the script
+#: The longest a bucket may take to refill from empty (burst / rate_per_sec): ten years. The
+#: bucket's key expires after twice that, and the rate-limit fields state it in whole seconds;
+#: a rate of 1e-308 made both infinite (every request of the tenant failed).
+MAX_REFILL_SECONDS = 10 * 366 * 86400
+
+
+def check_refill(rate_per_sec: float, burst: int) -> str | None:
+    """Why ``burst`` at ``rate_per_sec`` is not a usable bucket, or None."""
+    if burst / rate_per_sec > MAX_REFILL_SECONDS:
+        return (
+            f"rate_per_sec {rate_per_sec!r} is too low for burst {burst}: the bucket would take "
+            f"{burst / rate_per_sec:.3g}s to refill, at most {MAX_REFILL_SECONDS}s (10 years)"
+        )
+    return None
 
 
 def _whole(name: str, value: object, minimum: int) -> int:
@@ -44,6 +58,8 @@ class Quota:
             raise InvalidQuota(f"rate_per_sec must be a number > 0 and <= 2**53, not {rate!r}")
         _whole("burst", self.burst, 1)
         _whole("daily_limit", self.daily_limit, 0)
+        if (why := check_refill(rate, self.burst)) is not None:
+            raise InvalidQuota(why)
         if (self.window_limit is None) != (self.window_seconds is None):
             raise InvalidQuota("window_limit and window_seconds must be given together")
         if self.window_limit is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from limiter.quota import check_refill
+
 #: The longest rolling window a tenant may have (one day); the daily limit covers longer spans.
 MAX_WINDOW_SECONDS = 86_400
 #: A bound that keeps every limit inside a signed 64-bit column and a Lua number.
@@ -95,6 +97,8 @@ def check_limits(
     for name, value in (("burst", burst), ("daily_limit", daily_limit)):
         if not _is_int(value) or not 1 <= value <= MAX_LIMIT:  # type: ignore[operator]
             raise QuotaError(f"{name} must be an integer from 1 to {MAX_LIMIT}, got {value!r}")
+    if (why := check_refill(rate_per_sec, burst)) is not None:  # type: ignore[arg-type]
+        raise QuotaError(why)
     if (window_limit is None) != (window_seconds is None):
         raise QuotaError("window_limit and window_seconds must be given together")
     if window_limit is not None:

@@ -75,6 +75,13 @@ BAD_REQUESTS = [
     ("PUT", "/v1/tenants/{t}/quota", {"json": {"burst": 5, "daily_limit": 5}}, 422, "rate_per_sec"),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {**UNLIMITED, "burst": -1}}, 422, "burst"),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {**UNLIMITED, "burst": 1.5}}, 422, "burst"),
+    (
+        "PUT",
+        "/v1/tenants/{t}/quota",
+        {"json": {"rate_per_sec": 1e-308, "burst": 100, "daily_limit": 1000}},
+        422,
+        "too low for burst",
+    ),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {**UNLIMITED, "window_limit": 5}}, 422, "window"),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {**UNLIMITED, "plan": "gold"}}, 422, "unknown plan"),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {**UNLIMITED, "extra": 1}}, 422, "extra"),

@@ -43,6 +43,7 @@ def test_an_unknown_plan_is_refused_naming_the_known_ones() -> None:
         ((5, 0, 100), "burst must be an integer from 1"),
         ((5, -3, 100), "burst must be an integer from 1"),
         ((5, 2.5, 100), "burst must be an integer from 1"),
+        ((1e-308, 100, 1000), "too low for burst 100"),
         ((5, 10, -1), "daily_limit must be an integer from 1"),
         ((5, 10, 10**16), "daily_limit must be an integer from 1"),
         ((5, 10, 100, 50, None), "must be given together"),
@@ -54,6 +55,10 @@ def test_an_unknown_plan_is_refused_naming_the_known_ones() -> None:
 def test_nonsense_limits_are_refused_naming_the_field(args: tuple, message: str) -> None:
     with pytest.raises(QuotaError, match=message):
         check_limits(*args)
+
+
+def test_the_slowest_refill_allowed_is_ten_years() -> None:
+    assert check_limits(100 / (10 * 366 * 86400), 100, 1000).burst == 100
 
 
 def test_valid_limits_come_back_normalized() -> None:
