@@ -257,6 +257,10 @@ def _filters(value: object) -> dict[str, tuple[str, ...]]:
                 raise QueryError(
                     "filter", f"{name}: values are strings of at most {MAX_FILTER_VALUE_LENGTH}"
                 )
+            try:
+                v.encode()
+            except UnicodeEncodeError:  # a lone surrogate: undecodable bytes of a command line
+                raise QueryError("filter", f"{name}: value {v!r} is not valid UTF-8") from None
         out[name] = vals
     return out
 

@@ -78,6 +78,9 @@ def ensure_dev_secret(settings: Settings) -> str | None:
     return path.read_text().strip()
 
 
+MAX_TOKEN_TTL = 10 * 365 * 86400
+
+
 def sign_token(settings: Settings, tenant: str, *, admin: bool = False, ttl: int = 3600) -> str:
     import jwt
 
@@ -86,6 +89,8 @@ def sign_token(settings: Settings, tenant: str, *, admin: bool = False, ttl: int
     secret = settings.jwt_secret or ensure_dev_secret(settings)
     if not secret:
         raise CommandError("JWT_PUBLIC_KEY is set: tokens are signed by your identity provider")
+    if not 0 < ttl <= MAX_TOKEN_TTL:
+        raise ValueError(f"ttl must be 1-{MAX_TOKEN_TTL} seconds (ten years), got {ttl}")
     now = dt.datetime.now(dt.UTC)
     claims: dict[str, Any] = {
         "sub": validate_tenant_id(tenant),

@@ -71,6 +71,7 @@ def q(**kw: Any) -> UsageQuery:
         ({"filters": {"route]": ["x"]}}, "filter"),
         ({"filters": {"route": []}}, "filter"),
         ({"filters": {"route": ["x" * 257]}}, "filter"),
+        ({"filters": {"route": ["\udcff"]}}, "filter"),  # undecodable bytes of a command line
         ({"filters": {f"d{i}": ["x"] for i in range(11)}}, "filter"),
         ({"decision": "maybe"}, "decision"),
     ],
