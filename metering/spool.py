@@ -140,8 +140,8 @@ class Spool:
         self._head = (head_seg, head_off)
         self._write_seg = segments[-1] if segments else head_seg
         self._ends.setdefault(self._write_seg, 0)
-        self._writer = open(self.directory / _segment_name(self._write_seg), "ab")  # noqa: SIM115
-        self._writer.truncate(self._ends[self._write_seg])
+        self._writer = self._open_segment(self._write_seg)
+        os.ftruncate(self._writer, self._ends[self._write_seg])
         if self._pending_events:
             log.info(
                 "spool %s holds %d events (%d bytes) from an earlier run",
@@ -218,14 +218,20 @@ class Spool:
                 return 0
             end = self._ends[self._write_seg]
             try:
-                self._writer.write(buf)
-                self._writer.flush()
+                # Unbuffered, at the segment's known end: a write that fails (a full disk)
+                # leaves no bytes in a buffer to be written ahead of the next append, and
+                # whatever part of it reached the file lies past ``end``, where the next
+                # append writes over it and no read goes.
+                view = memoryview(buf)
+                while view:
+                    written = os.pwrite(self._writer, view, end + len(buf) - len(view))
+                    view = view[written:]
                 if self.fsync:
-                    os.fsync(self._writer.fileno())
+                    os.fsync(self._writer)
             except OSError:
                 log.exception("spool %s: append failed", self.directory)
                 with contextlib.suppress(OSError):
-                    self._writer.truncate(end)
+                    os.ftruncate(self._writer, end)
                 return 0
             self._ends[self._write_seg] = end + len(buf)
             self._pending_events += accepted
@@ -234,11 +240,16 @@ class Spool:
                 self._roll()
             return accepted
 
+    def _open_segment(self, seg: int) -> int:
+        """A raw descriptor to write ``seg`` at explicit offsets (no O_APPEND: on Linux it
+        makes ``pwrite`` ignore the offset)."""
+        return os.open(self.directory / _segment_name(seg), os.O_WRONLY | os.O_CREAT, 0o644)
+
     def _roll(self) -> None:
-        self._writer.close()
+        os.close(self._writer)
         self._write_seg += 1
         self._ends[self._write_seg] = 0
-        self._writer = open(self.directory / _segment_name(self._write_seg), "ab")  # noqa: SIM115
+        self._writer = self._open_segment(self._write_seg)
         if self.fsync:
             _fsync_dir(self.directory)
 
@@ -324,10 +335,9 @@ class Spool:
             if self._closed:
                 return
             self._closed = True
-            self._writer.flush()
             if self.fsync:
-                os.fsync(self._writer.fileno())
-            self._writer.close()
+                os.fsync(self._writer)
+            os.close(self._writer)
             for fd in self._readers.values():
                 os.close(fd)
             self._readers.clear()

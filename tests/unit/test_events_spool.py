@@ -160,3 +160,54 @@ def test_the_spool_behaves_like_a_bounded_fifo_through_any_sequence_of_operation
                 assert spool.pending_bytes == model_bytes <= bound
         finally:
             spool.close()
+
+
+_DISK_FULL_CHILD = r"""
+import json, resource, signal, sys
+from pathlib import Path
+from metering.spool import Spool
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+root = Path(sys.argv[1])
+rec = lambda tag, i: (b"k", f"{tag}{i}".encode().ljust(400, b"."))
+spool = Spool(root, max_bytes=1 << 20, fsync=False)
+out = {"a": spool.append([rec("A", i) for i in range(3)])}
+seg = next(root.glob("*.seg"))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (seg.stat().st_size + 600, hard))  # the disk fills
+out["b"] = spool.append([rec("B", i) for i in range(2)])
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again
+out["c"] = spool.append([rec("C", i) for i in range(2)])
+batch = spool.read(max_records=100)
+out["read"] = [v[:2].decode() for _, v in batch.records]
+spool.commit(batch)
+out["d"] = spool.append([rec("D", 0)])
+spool.close()
+again = Spool(root, max_bytes=1 << 20, fsync=False)
+out["after_reopen"] = [v[:2].decode() for _, v in again.read(max_records=100).records]
+again.close()
+print(json.dumps(out))
+"""
+
+
+def test_an_append_the_full_disk_refused_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The disk fills during an append (RLIMIT_FSIZE stands in for it, in a child process):
+    that batch is refused whole, and the next append, once there is space, is read back as
+    written. A buffered writer used to keep the refused bytes and write them ahead of the next
+    batch, so the reader got the refused batch and the accepted one was deleted unread."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert (out["a"], out["b"], out["c"]) == (3, 0, 2)
+    assert out["read"] == ["A0", "A1", "A2", "C0", "C1"]
+    assert out["after_reopen"] == ["D0"]
