@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 
 from streams import metrics
-from streams.sink import ClickHouseSink, PreparedBatch, SinkRecord, dead_letter_value
+from streams.sink import ClickHouseSink, DeadLetter, PreparedBatch, SinkRecord, dead_letter_value
 
 log = logging.getLogger(__name__)
 
@@ -209,22 +209,46 @@ class SinkConsumer:
             kept.append(rec)
         return kept
 
+    async def _send_dead_letter(self, d: DeadLetter, *, omit_value: bool = False) -> Any:
+        """Send one dead letter; the future of its acknowledgement.
+
+        The dead letter carries the original bytes plus its ``dlq.*`` headers, so a message
+        just under Kafka's size limit can be too large as a dead letter. Refusing it would stop
+        the whole batch, and every later one, for good (the batch is read again and again). So
+        such a dead letter goes without its value, with ``dlq.value_omitted`` (the value's
+        size); its headers name the source offset, where the original stays for the topic's
+        retention."""
+        assert self.producer is not None
+        value = dead_letter_value(d)
+        headers = d.headers()
+        if not omit_value:
+            try:
+                return await self.producer.send(
+                    self.dlq_topic, value=value, key=d.record.key, headers=headers
+                )
+            except MessageSizeTooLargeError:
+                pass
+        log.warning(
+            "dead letter of %s/%d@%d sent without its %d-byte value: too large for Kafka",
+            d.record.topic, d.record.partition, d.record.offset, len(value),
+        )  # fmt: skip
+        headers.append(("dlq.value_omitted", str(len(value)).encode()))
+        return await self.producer.send(
+            self.dlq_topic, value=b"", key=d.record.key, headers=headers
+        )
+
     async def _process(self, records: list[SinkRecord]) -> None:
         assert self.consumer is not None and self.producer is not None
         metrics.events_consumed.inc(len(records))
         metrics.sink_batch_size.observe(len(records))
         batch: PreparedBatch = await self._blocking(self.sink.prepare, records)
         if batch.dead_letters:
-            sends = [
-                await self.producer.send(
-                    self.dlq_topic,
-                    value=dead_letter_value(d),
-                    key=d.record.key,
-                    headers=d.headers(),
-                )
-                for d in batch.dead_letters
-            ]
-            await asyncio.gather(*sends)
+            sends = [await self._send_dead_letter(d) for d in batch.dead_letters]
+            for d, sent in zip(batch.dead_letters, sends, strict=True):
+                try:
+                    await sent
+                except MessageSizeTooLargeError:  # the broker's limit, below the producer's
+                    await (await self._send_dead_letter(d, omit_value=True))
             for d in batch.dead_letters:
                 metrics.events_dead_lettered.labels(d.reason).inc()
         took = await self._blocking(self.sink.write, batch)

@@ -120,6 +120,30 @@ async def test_known_totals_with_duplicates_late_and_malformed_messages(
 
 
 @pytest.mark.timeout(120)
+async def test_a_message_too_large_to_dead_letter_whole_does_not_stop_the_sink(
+    kafka_bootstrap: str, clickhouse_client, clickhouse_db: str
+) -> None:
+    """A message just under Kafka's size limit is still too large once the dead letter's
+    headers are added. It goes to the dead letters without its value (its headers name the
+    source offset and the size), and the events after it are inserted: before, the producer
+    refused it and the batch, then every later one, failed for good."""
+    migrate(clickhouse_client, clickhouse_db)
+    topic, dlq = unique_topics(kafka_bootstrap, partitions=1)
+    tenant = f"big-{uuid.uuid4().hex[:6]}"
+    huge = b"x" * 1_048_450  # fits as a message, not with the dlq.* headers
+    produce(kafka_bootstrap, topic, [event_message(tenant, 1, id="before"), (b"k", huge)])
+    produce(kafka_bootstrap, topic, [event_message(tenant, 2, id="after")])
+    sink = make_sink(clickhouse_client, clickhouse_db, topic)
+    await run_until_caught_up(sink, kafka_bootstrap, f"g-{topic}", dlq)
+    assert totals(clickhouse_client, clickhouse_db)[tenant] == (2, 3.0)
+    (letter,) = read_all(kafka_bootstrap, dlq)
+    headers = dict(letter.headers)
+    assert letter.value in (b"", None)
+    assert headers["dlq.reason"] == b"invalid" and headers["dlq.offset"] == b"1"
+    assert headers["dlq.value_omitted"] == str(len(huge)).encode()
+
+
+@pytest.mark.timeout(120)
 async def test_a_crash_after_the_insert_and_before_the_commit_adds_nothing_on_restart(
     kafka_bootstrap: str, clickhouse_client, clickhouse_db: str
 ) -> None:
