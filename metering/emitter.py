@@ -349,15 +349,22 @@ class Emitter:
         self._queued(queued, started)
 
     def has_room(self, events: int, nbytes: int = 0) -> bool:
-        """Whether ``events`` more (about ``nbytes`` encoded) would be taken now and none of
-        them dropped: the emitter is open, its queue has room for all of them, and while Kafka
-        is away (spooling) the spool has room for their bytes beside what waits in it. A caller
-        that must not lose what it accepted (the HTTP ingest) asks before it accepts; on one
-        event loop nothing else emits between the question and its :meth:`emit` calls."""
-        if self._closing or len(self._queue) + events > self.max_queue:
+        """Whether ``events`` more (``nbytes`` of JSON as the caller got them) would be taken
+        now and none of them dropped: the emitter is open, its queue has room for all of them,
+        and while Kafka is away (spooling) the spool has room for them and for what the queue
+        still holds (an estimate, with a margin: see below). A caller that must not lose what
+        it accepted (the HTTP ingest) asks before it accepts; on one event loop nothing else
+        emits between the question and its :meth:`emit` calls."""
+        queued = len(self._queue)
+        if self._closing or queued + events > self.max_queue:
             return False
-        if self._mode is EmitterMode.SPOOLING:
-            return self.spool.pending_bytes + nbytes <= self.spool.max_bytes
+        if self._mode is EmitterMode.SPOOLING and events:
+            # What the queue holds goes to the spool too. A spooled record is the event as the
+            # emitter encodes it (defaults written out) plus key and header: counted as twice
+            # the caller's share of ``nbytes`` plus 64 bytes, for queued events as well.
+            per_event = 2 * nbytes / events + 64
+            needed = (queued + events) * per_event
+            return self.spool.pending_bytes + needed <= self.spool.max_bytes
         return True
 
     def _timed(self) -> float:

@@ -239,3 +239,43 @@ async def test_with_kafka_away_a_batch_the_spool_cannot_hold_is_503(
         assert emitter.spool.pending_events == 2  # both accepted events wait; none dropped
     finally:
         emitter.close(timeout=0.5)
+
+
+def test_back_to_back_batches_while_spooling_are_accepted_only_as_the_spool_can_hold_them(
+    settings, tenant: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """What has_room answers yes to is never dropped afterwards: the events still queued count
+    against the spool too, and an encoded event is larger than the client's JSON of it."""
+    from metering.emitter import EVENTS_DROPPED
+    from metering.events import UsageEvent
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        away = f"127.0.0.1:{s.getsockname()[1]}"
+    emitter = Emitter(
+        settings.model_copy(update={"kafka_bootstrap_servers": away}),
+        spool_dir=tmp_path / "spool",
+        spool_max_bytes=3000,
+        down_after=0.3,
+    )
+    try:
+        emitter.emit(UsageEvent.model_validate(event(tenant)))
+        deadline = time.monotonic() + 20
+        while emitter.spool.pending_events < 1 or emitter.mode.name != "SPOOLING":
+            assert time.monotonic() < deadline, "the emitter never turned to its spool"
+            time.sleep(0.05)
+        dropped = EVENTS_DROPPED.labels("spool_full")._value.get()
+        accepted = 0
+        for _ in range(20):  # back to back: the sender has no time to spool in between
+            doc = event(tenant)
+            body = json.dumps([doc], separators=(",", ":")).encode()
+            if emitter.has_room(1, len(body)):
+                emitter.emit(UsageEvent.model_validate(doc))
+                accepted += 1
+        assert 0 < accepted < 20
+        while emitter.spool.pending_events < 1 + accepted:
+            assert time.monotonic() < deadline, "the accepted events never reached the spool"
+            time.sleep(0.05)
+        assert EVENTS_DROPPED.labels("spool_full")._value.get() == dropped
+    finally:
+        emitter.close(timeout=0.5)
