@@ -2,16 +2,21 @@
 
 An id is looked up by (tenant, id) alone, whatever time the resend carries: a client that
 rebuilds an event on retry (a new ``time``, the same ``id``) is still a resend. Each id is held
-until the time of the event first inserted with it leaves the accepted lateness: its bucket
-(``bucket_seconds`` of that event time, a minute by default) is then dropped, and the id with it.
-An event older than ``now - lateness`` is dead-lettered before it is looked up. Memory is
-bounded by the ids of ``lateness + bucket_seconds`` worth of events. After a restart, or when a
-partition is assigned, the set is rebuilt from ClickHouse (``usage_events``), the exact record
-of what was inserted.
+for the accepted lateness from when it was inserted (the sink's clock), in buckets of
+``bucket_seconds`` (a minute by default); a resend found in the set renews the hold. So a
+resend is dropped when it arrives within the lateness of its original's arrival, whatever time
+either carries (an event stamped close to the lateness and resent a few minutes later included).
+Older resends are dead-lettered as late when their time is old, and counted again only when
+they carry a fresh time more than the lateness (3 h by default) after the original arrived:
+no bounded set can remember every id for ever. Memory is bounded by the ids of
+``lateness + bucket_seconds`` worth of events.
 
-The bound, stated: a resend whose original's time has already left the lateness window, but
-which itself carries a time inside it, is not recognised (no bounded set can remember every id
-for ever). With the default lateness (3 h) that is a retry hours after the first attempt.
+After a restart, or when a partition is assigned, the set is rebuilt from ClickHouse
+(``usage_events``, the exact record of what was inserted), which stores event times, not
+arrival times. An event arrives at most the lateness after its time (later ones are dead
+letters), so every id inserted within the lateness has a time within twice the lateness: those
+rows are read, and each is held as if it arrived at its time plus the lateness, or now if that
+is sooner. Until those holds run out the set may hold up to twice its usual ids.
 Tests: ``tests/unit/test_streams_sink.py``.
 """
 
@@ -35,8 +40,8 @@ class _Bucket(list[str]):
 
 
 class RecentIds:
-    """Event ids inserted recently, keyed by (tenant, id); each is held until the time of its
-    first event leaves the lateness (its bucket of event time is evicted)."""
+    """Event ids inserted recently, keyed by (tenant, id); each is held for the lateness from
+    when it was inserted (or last resent)."""
 
     def __init__(self, lateness_seconds: float, bucket_seconds: int = 60) -> None:
         if lateness_seconds <= 0 or bucket_seconds <= 0:
@@ -81,6 +86,7 @@ class RecentIds:
         return key in self._where
 
     def add(self, tenant: str, event_id: str, time: dt.datetime) -> None:
+        """Hold (tenant, id) for the lateness from ``time``, when it was inserted."""
         self.add_keys(((self.bucket(time), self.key(tenant, event_id)),))
 
     def add_keys(self, entries: Iterable[tuple[int, str]]) -> None:
@@ -104,6 +110,20 @@ class RecentIds:
             n += 1
         return n
 
+    def rebuild_since(self, now: dt.datetime) -> dt.datetime:
+        """The earliest event time a row must have to be read back on a rebuild."""
+        return now - 2 * self.lateness
+
+    def add_rebuilt(self, entries: Iterable[tuple[str, str, dt.datetime]], now: dt.datetime) -> int:
+        """Hold ids read back from storage (tenant, id, event time): each as if inserted at its
+        time plus the lateness, or ``now`` if that is sooner (see the module docstring)."""
+        n = 0
+        lateness = self.lateness
+        for tenant, event_id, time in entries:
+            self.add(tenant, event_id, min(time + lateness, now))
+            n += 1
+        return n
+
     def cutoff(self, now: dt.datetime) -> dt.datetime:
         """Events with a time before this are too late to count (they go to the dead letters)."""
         return now - self.lateness
@@ -112,8 +132,8 @@ class RecentIds:
         return time < self.cutoff(now)
 
     def evict(self, now: dt.datetime) -> int:
-        """Drop the buckets that end before the lateness cutoff, and the ids they hold (not
-        those a later bucket holds too); return how many ids went."""
+        """Drop the buckets of insert times older than the lateness, and the ids they hold
+        (not those a later bucket holds too); return how many ids went."""
         oldest_kept = self.bucket(self.cutoff(now))
         where = self._where
         dropped = 0

@@ -11,12 +11,13 @@ progress, as in Kafka Connect sinks:
    offset; the consumer seeks there. The stored part is recorded as the partition's progress
    (its rows are complete once the repair ran), so the next assignment reads only the rows
    past it (the ``kafka_offset`` skip index), not the whole table. The recent-id set is
-   rebuilt from ``usage_events`` for those partitions (ids whose event time is within the
-   accepted lateness).
+   rebuilt from ``usage_events`` for those partitions (ids whose event time is within twice
+   the accepted lateness: every id inserted within the lateness; ``streams/dedupe.py``).
 2. **Per batch**, in this order:
    a. decode each message; malformed or invalid ones, and events older than ``now - lateness``,
       become dead letters (original bytes, reason in headers);
-   b. drop events whose (tenant, id) is in the recent-id set or earlier in the same batch
+   b. drop events whose (tenant, id) is in the recent-id set (ids inserted within the
+      lateness, whatever time the resend carries) or earlier in the same batch
       (a producer or client resend);
    c. send the dead letters and wait for Kafka's acknowledgement;
    d. insert the remaining rows into ``usage_events``, each carrying its topic, partition and
@@ -34,8 +35,9 @@ insert (c before d) because the insert moves the resume point past them: after a
 be dead-lettered twice (their headers carry the source offset), never lost. Since no duplicate
 row is ever inserted, the materialized rollups are exact too.
 
-Events later than the lateness are dead-lettered rather than looked up, which is what lets the
-id set forget older buckets: no resend can slip past it.
+Events later than the lateness are dead-lettered rather than looked up, and each id is held
+for the lateness from its arrival, which is what lets the id set forget: a resend slips past
+it only when it carries a fresh time and arrives more than the lateness after its original.
 
 Tests: ``tests/unit/test_streams_sink.py`` (order, dedupe, lateness) and
 ``tests/integration/test_streams_worker.py`` (totals, SIGKILL crash, two-worker rebalance).
@@ -134,8 +136,10 @@ class PreparedBatch:
     next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
     #: the recent-id set's (bucket, key) of each event, in ``events`` order (marked at step e)
     id_keys: list[tuple[int, str]] = field(default_factory=list)
+    #: (bucket, key) of each resend found: its id's hold is renewed from this arrival
+    renewed: list[tuple[int, str]] = field(default_factory=list)
     #: each event's time in whole milliseconds since the epoch (floored), in ``events`` order:
-    #: the ``time`` column as inserted, and (``// 60_000``) the minute of its id bucket and sums
+    #: the ``time`` column as inserted, and (``// 60_000``) the minute of its sums
     millis: list[int] = field(default_factory=list)
 
     def rows(self) -> list[tuple[Any, ...]]:
@@ -442,8 +446,10 @@ class ClickHouseSink:
         parts = sorted(set(partitions))
         self.storage.repair_unfinished_batch(self.topic, parts)
         now = self.clock()
-        self.recent.evict(now)
-        self.recent.add_many(self.storage.recent_ids(self.topic, parts, self.recent.cutoff(now)))
+        recent = self.recent
+        recent.evict(now)
+        rows = self.storage.recent_ids(self.topic, parts, recent.rebuild_since(now))
+        recent.add_rebuilt(rows, now)
         stored = self.storage.stored_next_offsets(self.topic, parts)
         # Progress for every assigned partition (the rows below it are complete: the repair
         # ran first), so the next assignment reads only the rows past it, even for a partition
@@ -463,7 +469,8 @@ class ClickHouseSink:
         next_offsets, events, id_keys = batch.next_offsets, batch.events, batch.id_keys
         dead_letters, millis = batch.dead_letters, batch.millis
         key_of, seen = recent.key, recent.seen
-        per_bucket = recent.minutes_per_bucket
+        held_from = recent.bucket(now)  # each id is held for the lateness from its arrival
+        renewed = batch.renewed
         in_batch: set[str] = set()
         duplicates = 0
         for rec in records:
@@ -493,13 +500,12 @@ class ClickHouseSink:
             key = key_of(ev.subject, ev.id)
             if key in in_batch or seen(key):  # by (tenant, id), whatever time a resend has
                 duplicates += 1
+                renewed.append((held_from, key))
                 continue
-            ms = (t - _EPOCH) // _MS  # the time column's ticks; their minute buckets the id
-            bucket = ms // 60_000 // per_bucket  # recent.bucket_of_minute(RecentIds.minute(t))
             in_batch.add(key)
             events.append((rec, ev))
-            id_keys.append((bucket, key))
-            millis.append(ms)
+            id_keys.append((held_from, key))
+            millis.append((t - _EPOCH) // _MS)  # the time column's ticks
         batch.duplicates = duplicates
         return batch
 
@@ -511,6 +517,7 @@ class ClickHouseSink:
         self.storage.insert_events(rows, batch.millis)
         took = _time.perf_counter() - started
         self.recent.add_keys(batch.id_keys)
+        self.recent.add_keys(batch.renewed)
         self.storage.record_progress(self.topic, batch.next_offsets)
         return took
 

@@ -112,6 +112,36 @@ def test_a_resend_with_another_time_still_counts_once() -> None:
     assert sorted((r[3], r[8]) for r in storage.rows) == [("acme", 5.0), ("globex", 7.0)]
 
 
+def test_an_id_is_held_for_the_lateness_from_its_arrival_not_from_its_time() -> None:
+    """An event stamped 59 minutes ago (lateness 60) arrives now; its resend, rebuilt with a
+    fresh time, comes 2 minutes later, once after a restart: both times dropped. Only a resend
+    arriving more than the lateness after the original counts again (the stated bound)."""
+    storage = RecordedStorage()
+    clock = [NOW]
+
+    def sink_at() -> ClickHouseSink:
+        return ClickHouseSink(
+            storage, topic=TOPIC, lateness_seconds=3600, max_future_skew=300,
+            clock=lambda: clock[0],
+        )  # fmt: skip
+
+    sink = sink_at()
+    sink.write(sink.prepare([rec(0, ev("acme", 5, minutes_ago=59, id="order-1"))]))
+    clock[0] = NOW + dt.timedelta(minutes=2)
+    resend = sink.prepare([rec(1, ev("acme", 5, minutes_ago=-2, id="order-1"))])
+    assert resend.duplicates == 1
+    sink.write(resend)
+    restarted = sink_at()
+    restarted.on_assigned([0])
+    again = restarted.prepare([rec(2, ev("acme", 5, minutes_ago=-2, id="order-1"))])
+    assert again.duplicates == 1
+    restarted.write(again)
+    clock[0] = NOW + dt.timedelta(minutes=125)  # over an hour after the last resend arrived
+    late = restarted.prepare([rec(3, ev("acme", 5, minutes_ago=-125, id="order-1"))])
+    assert late.duplicates == 0 and len(late.events) == 1
+    assert [r[8] for r in storage.rows] == [5.0]
+
+
 def test_malformed_invalid_and_late_messages_become_dead_letters_with_reasons() -> None:
     sink = make_sink(RecordedStorage(), lateness=3600)
     batch = sink.prepare(
