@@ -3,7 +3,7 @@
 An id is looked up by (tenant, id) alone, whatever time the resend carries: a client that
 rebuilds an event on retry (a new ``time``, the same ``id``) is still a resend. Each id is held
 for the accepted lateness from when it was inserted (the sink's clock), in buckets of
-``bucket_seconds`` (a minute by default); a resend found in the set renews the hold. So a
+``bucket_seconds`` (10 s by default); a resend found in the set renews the hold. So a
 resend is dropped when it arrives within the lateness of its original's arrival, whatever time
 either carries (an event stamped close to the lateness and resent a few minutes later included).
 Older resends are dead-lettered as late when their time is old, and counted again only when
@@ -26,49 +26,28 @@ import datetime as dt
 from collections.abc import Iterable
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MINUTE = dt.timedelta(minutes=1)
-
-
-class _Bucket(list[str]):
-    """The keys added to one bucket (for eviction), and its number."""
-
-    __slots__ = ("number",)
-
-    def __init__(self, number: int) -> None:
-        super().__init__()
-        self.number = number
 
 
 class RecentIds:
     """Event ids inserted recently, keyed by (tenant, id); each is held for the lateness from
     when it was inserted (or last resent)."""
 
-    def __init__(self, lateness_seconds: float, bucket_seconds: int = 60) -> None:
+    def __init__(self, lateness_seconds: float, bucket_seconds: int = 10) -> None:
         if lateness_seconds <= 0 or bucket_seconds <= 0:
             raise ValueError("lateness_seconds and bucket_seconds must be positive")
-        if bucket_seconds % 60:
-            raise ValueError("bucket_seconds must be a whole number of minutes")
         self.lateness = dt.timedelta(seconds=lateness_seconds)
-        self.bucket_seconds = bucket_seconds
-        self.minutes_per_bucket = bucket_seconds // 60
-        #: key -> the bucket that holds it (the one evicted last, if added to several): one
-        #: shared object per bucket, not an int per id
-        self._where: dict[str, _Bucket] = {}
-        self._buckets: dict[int, _Bucket] = {}
-
-    @staticmethod
-    def minute(time: dt.datetime) -> int:
-        """Whole minutes since the epoch of an event time (aware), floored: the unit buckets
-        are made of (the sink derives it from each event's millisecond ticks, computed once)."""
-        return (time - _EPOCH) // _MINUTE
-
-    def bucket_of_minute(self, minute: int) -> int:
-        """:meth:`bucket` for a :meth:`minute` computed by the caller."""
-        return minute // self.minutes_per_bucket
+        self.bucket_seconds = int(bucket_seconds)
+        self._bucket_span = dt.timedelta(seconds=self.bucket_seconds)
+        #: every key held (the lookup), and the keys of each bucket (the eviction), each key
+        #: in exactly one bucket: evicting a bucket is a set difference at C speed, not a loop
+        #: over its keys (2 M keys took 0.55 s of the GIL that way, a stall of the worker).
+        #: Small buckets (10 s) keep each eviction short: ~0.26 s per 2 M keys even so.
+        self._all: set[str] = set()
+        self._buckets: dict[int, set[str]] = {}
 
     def bucket(self, time: dt.datetime) -> int:
-        """The bucket of an event time (aware): whole bucket spans since the epoch, floored."""
-        return self.bucket_of_minute(self.minute(time))
+        """The bucket of an insert time (aware): whole bucket spans since the epoch, floored."""
+        return (time - _EPOCH) // self._bucket_span
 
     @staticmethod
     def key(tenant: str, event_id: str) -> str:
@@ -79,11 +58,11 @@ class RecentIds:
     def contains(self, tenant: str, event_id: str, time: dt.datetime | None = None) -> bool:
         """Whether (tenant, id) was inserted within the lateness. ``time`` is not needed (an
         id is found whatever time a resend carries); it is accepted for older callers."""
-        return self.key(tenant, event_id) in self._where
+        return self.key(tenant, event_id) in self._all
 
     def seen(self, key: str) -> bool:
         """:meth:`contains` for a :meth:`key` computed by the caller."""
-        return key in self._where
+        return key in self._all
 
     def add(self, tenant: str, event_id: str, time: dt.datetime) -> None:
         """Hold (tenant, id) for the lateness from ``time``, when it was inserted."""
@@ -91,17 +70,23 @@ class RecentIds:
 
     def add_keys(self, entries: Iterable[tuple[int, str]]) -> None:
         """:meth:`add` for (:meth:`bucket`, :meth:`key`) pairs computed by the caller. A key
-        already held stays until the later of its buckets is evicted."""
-        where, buckets = self._where, self._buckets
+        already held moves to the later of its buckets (a renewal: rare, so the search for its
+        bucket is affordable)."""
+        held, buckets = self._all, self._buckets
         for bucket, key in entries:
-            held = where.get(key)
-            if held is not None and held.number >= bucket:
-                continue
             keys = buckets.get(bucket)
             if keys is None:
-                keys = buckets[bucket] = _Bucket(bucket)
-            where[key] = keys
-            keys.append(key)
+                keys = buckets[bucket] = set()
+            if key in held:
+                if key in keys:
+                    continue
+                older = next(b for b, ks in buckets.items() if key in ks)
+                if older > bucket:
+                    continue
+                buckets[older].discard(key)
+            else:
+                held.add(key)
+            keys.add(key)
 
     def add_many(self, entries: Iterable[tuple[str, str, dt.datetime]]) -> int:
         n = 0
@@ -132,21 +117,18 @@ class RecentIds:
         return time < self.cutoff(now)
 
     def evict(self, now: dt.datetime) -> int:
-        """Drop the buckets of insert times older than the lateness, and the ids they hold
-        (not those a later bucket holds too); return how many ids went."""
+        """Drop the buckets of insert times older than the lateness, and the ids they hold;
+        return how many ids went."""
         oldest_kept = self.bucket(self.cutoff(now))
-        where = self._where
         dropped = 0
         for bucket in [b for b in self._buckets if b < oldest_kept]:
             keys = self._buckets.pop(bucket)
-            for key in keys:
-                if where.get(key) is keys:
-                    del where[key]
-                    dropped += 1
+            self._all.difference_update(keys)
+            dropped += len(keys)
         return dropped
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._all)
 
 
 __all__ = ["RecentIds"]

@@ -430,7 +430,7 @@ class ClickHouseSink:
         topic: str,
         lateness_seconds: float,
         max_future_skew: float,
-        bucket_seconds: int = 60,
+        bucket_seconds: int = 10,
         clock: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self.storage = storage
