@@ -36,6 +36,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from procstat import cpu_seconds, rss_mb
 
+from metering.commands.argtypes import positive
 from metering.settings import Settings
 from metering.topics import drop_topics
 
@@ -163,6 +164,13 @@ def main() -> int:
     ap.add_argument("--batch-within", type=float, default=0.5)
     ap.add_argument("--lateness", type=float, default=120.0)
     ap.add_argument("--metrics-port", type=int, default=19108)
+    ap.add_argument(
+        "--phase2-rate",
+        type=positive(float),
+        default=None,
+        help="events/s of phase 2 (default: half the worker's phase-1 rate, as issue 7 asks);"
+        " a fixed rate compares code at the same load",
+    )
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     base = f"bench-{uuid.uuid4().hex[:8]}"
@@ -229,7 +237,7 @@ def main() -> int:
         )
         print(f"worker RSS after phase 1: {rss_mb(worker.pid):.0f} MB")
 
-        rate = worker_rate / 2
+        rate = args.phase2_rate or worker_rate / 2
         seconds = args.minutes * 60
         n2 = int(rate * seconds)
         print(f"phase 2: {n2} events at {rate:,.0f}/s for {seconds:.0f}s")
