@@ -15,10 +15,13 @@ class InvalidQuota(ValueError):
 
 
 MAX_UNITS = 2**53  # Lua numbers are doubles: integers above this lose precision in the script
-#: The longest a bucket may take to refill from empty (burst / rate_per_sec): ten years. The
-#: bucket's key expires after twice that, and the rate-limit fields state it in whole seconds;
-#: a rate of 1e-308 made both infinite (every request of the tenant failed).
-MAX_REFILL_SECONDS = 10 * 366 * 86400
+#: The longest a bucket may take to refill from empty (burst / rate_per_sec): 1e9 s, about 31
+#: years (a bucket that in practice never refills, as tests and one-off grants use, fits).
+#: acquire.lua gives a bucket's key its expiry (twice the refill time) on the first write only
+#: when the refill time is shorter than the time since 1970, so a longer one would never
+#: expire; and the rate-limit fields state it in whole seconds. A rate of 1e-308 made both
+#: infinite: every request of the tenant failed.
+MAX_REFILL_SECONDS = 10**9
 
 
 def check_refill(rate_per_sec: float, burst: int) -> str | None:
@@ -26,7 +29,7 @@ def check_refill(rate_per_sec: float, burst: int) -> str | None:
     if burst / rate_per_sec > MAX_REFILL_SECONDS:
         return (
             f"rate_per_sec {rate_per_sec!r} is too low for burst {burst}: the bucket would take "
-            f"{burst / rate_per_sec:.3g}s to refill, at most {MAX_REFILL_SECONDS}s (10 years)"
+            f"{burst / rate_per_sec:.3g}s to refill, at most {MAX_REFILL_SECONDS:.0e}s"
         )
     return None
 

@@ -181,6 +181,20 @@ async def test_a_client_clock_on_the_wrong_day_never_counts_into_that_day(
     assert d.counter(tenant, today - dt.timedelta(days=3)) is None
 
 
+async def test_the_slowest_bucket_allowed_still_expires(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    """At MAX_REFILL_SECONDS a bucket's key still gets its expiry (twice the refill time) on
+    the first write; beyond it, acquire.lua would never set one."""
+    from limiter.quota import MAX_REFILL_SECONDS
+
+    d = make()
+    q = Quota(rate_per_sec=1, burst=MAX_REFILL_SECONDS, daily_limit=10)
+    assert (await d.acquire(tenant, 1, q)).allowed
+    ttl_ms = d.raw.pttl(token_bucket_key(tenant))
+    assert 2 * MAX_REFILL_SECONDS * 1000 <= ttl_ms <= 2 * (MAX_REFILL_SECONDS + 1) * 1000
+
+
 async def test_a_settle_for_today_by_a_skewed_clock_goes_to_the_servers_day(
     make: Callable[..., Driver], tenant: str
 ) -> None:

@@ -24,9 +24,9 @@ from metering.ids import InvalidIdentifier
         (dict(rate_per_sec=1, burst=0, daily_limit=1), "burst"),
         (dict(rate_per_sec=1, burst=2**60, daily_limit=1), "burst"),
         (dict(rate_per_sec=1e300, burst=1, daily_limit=1), "rate_per_sec"),
-        # A bucket refilling in more than ten years: 1e-308 made its expiry and fields infinite.
+        # A bucket refilling in more than 1e9 s: 1e-308 made its expiry and fields infinite.
         (dict(rate_per_sec=1e-308, burst=100, daily_limit=1), "too low for burst 100"),
-        (dict(rate_per_sec=1e-7, burst=100, daily_limit=1), "too low for burst 100"),
+        (dict(rate_per_sec=1e-9, burst=100, daily_limit=1), "too low for burst 100"),
         (dict(rate_per_sec=1, burst=2.5, daily_limit=1), "burst"),
         (dict(rate_per_sec=1, burst=1, daily_limit=-1), "daily_limit"),
         (dict(rate_per_sec=1, burst=1, daily_limit=1.0), "daily_limit"),
