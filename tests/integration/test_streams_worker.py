@@ -176,7 +176,10 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and store.daily_usage(other, today) == 0:
         time.sleep(0.5)  # the backfill timer runs every second
-    time.sleep(1.5)
+    # The Faust table's changelog is written on the agent's own schedule: wait for it rather
+    # than for a fixed time (1.5 s was once not enough on a loaded machine).
+    for key, total in ((f"{tenant}|{today}", 600.0), (f"{other}|{today}", 200.0)):
+        wait_for_daily_total(kafka_bootstrap, group, key, total, timeout=60)
     worker.stop()
 
     assert store.daily_usage(tenant, today) == 600
