@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     Field,
@@ -34,6 +34,16 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 #: The emitter's Kafka producers (``EMITTER_KAFKA_CLIENT``).
 KafkaClient = Literal["confluent", "kafka-python"]
+
+
+def _check_host_port(parts: SplitResult) -> None:
+    """A network URL names a host, and its port (if any) is a valid one."""
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"has a bad port ({exc})") from None
 
 
 class SettingsError(ValueError):
@@ -291,12 +301,8 @@ class Settings(BaseSettings):
         parts = urlsplit(v)
         if parts.scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("has no host")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as exc:
-            raise ValueError(f"has a bad port ({exc})") from None
+        if parts.scheme != "unix":
+            _check_host_port(parts)
         return v
 
     @field_validator("kafka_bootstrap_servers")
@@ -333,12 +339,8 @@ class Settings(BaseSettings):
                 raise ValueError("must be chdb:///path or an http(s):// ClickHouse URL")
             if parts.scheme == "chdb" and not (parts.netloc + parts.path).strip("/"):
                 raise ValueError("chdb:// names no folder (chdb:///path)")
-            if parts.scheme != "chdb" and not parts.hostname:
-                raise ValueError("has no host")
-            try:
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError as exc:
-                raise ValueError(f"has a bad port ({exc})") from None
+            if parts.scheme != "chdb":
+                _check_host_port(parts)
         return v
 
     @field_validator("quota_default_plan")

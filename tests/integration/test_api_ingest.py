@@ -39,6 +39,13 @@ def settings(tmp_path: Path, redis_url: str, kafka_bootstrap: str):  # type: ign
     )
 
 
+def unreachable_bootstrap() -> str:
+    """A loopback host:port nothing listens on (Kafka away)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
 def event(tenant: str, quantity: float = 1.0, **over: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "specversion": "1.0",
@@ -209,9 +216,7 @@ async def test_with_kafka_away_a_batch_the_spool_cannot_hold_is_503(
 ) -> None:  # type: ignore[no-untyped-def]
     """While Kafka is unreachable, accepted events wait in the disk spool; a batch larger than
     the room left in it is refused (the spool would drop it), one that fits is accepted."""
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        away = f"127.0.0.1:{s.getsockname()[1]}"
+    away = unreachable_bootstrap()
     emitter = Emitter(
         settings.model_copy(update={"kafka_bootstrap_servers": away}),
         spool_dir=tmp_path / "spool",
@@ -249,9 +254,7 @@ def test_back_to_back_batches_while_spooling_are_accepted_only_as_the_spool_can_
     from metering.emitter import EVENTS_DROPPED
     from metering.events import UsageEvent
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        away = f"127.0.0.1:{s.getsockname()[1]}"
+    away = unreachable_bootstrap()
     emitter = Emitter(
         settings.model_copy(update={"kafka_bootstrap_servers": away}),
         spool_dir=tmp_path / "spool",
