@@ -4,17 +4,20 @@ with any bad event is refused whole, with errors by index, and nothing of it is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from metering.emitter import Emitter
+from metering.emitter import EVENTS_DROPPED, Emitter
+from metering.events import UsageEvent
 from tests.integration.api_support import (
     admin,
     api_client,
@@ -44,6 +47,30 @@ def unreachable_bootstrap() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def spooling_emitter(settings, tenant: str, spool: Path, max_bytes: int) -> Iterator[Emitter]:  # type: ignore[no-untyped-def]
+    """An Emitter whose Kafka is away, once it has turned to its spool (one event in it)."""
+    emitter = Emitter(
+        settings.model_copy(update={"kafka_bootstrap_servers": unreachable_bootstrap()}),
+        spool_dir=spool,
+        spool_max_bytes=max_bytes,
+        down_after=0.3,
+    )
+    try:
+        emitter.emit(UsageEvent.model_validate(event(tenant)))
+        wait_for(lambda: emitter.spool.pending_events >= 1 and emitter.mode.name == "SPOOLING")
+        yield emitter
+    finally:
+        emitter.close(timeout=0.5)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
 
 
 def event(tenant: str, quantity: float = 1.0, **over: Any) -> dict[str, Any]:
@@ -216,34 +243,17 @@ async def test_with_kafka_away_a_batch_the_spool_cannot_hold_is_503(
 ) -> None:  # type: ignore[no-untyped-def]
     """While Kafka is unreachable, accepted events wait in the disk spool; a batch larger than
     the room left in it is refused (the spool would drop it), one that fits is accepted."""
-    away = unreachable_bootstrap()
-    emitter = Emitter(
-        settings.model_copy(update={"kafka_bootstrap_servers": away}),
-        spool_dir=tmp_path / "spool",
-        spool_max_bytes=8192,
-        down_after=0.3,
-    )
     wide = {"meter": "tokens", "quantity": 1, "dimensions": {f"d{i}": "v" * 200 for i in range(16)}}
-    try:
+    with spooling_emitter(settings, tenant, tmp_path / "spool", 8192) as emitter:
         async with api_client(settings, emitter=emitter) as client:
-            first = await client.post("/v1/events", json=[event(tenant)], headers=auth(tenant))
-            assert first.status_code == 202, first.text
-            deadline = time.monotonic() + 20
-            while emitter.spool.pending_events < 1 or emitter.mode.name != "SPOOLING":
-                assert time.monotonic() < deadline, "the emitter never turned to its spool"
-                await asyncio.sleep(0.05)
             big = [event(tenant, data=wide) for _ in range(3)]  # ~11 KiB: more than the room
             refused = await client.post("/v1/events", json=big, headers=auth(tenant))
             assert refused.status_code == 503, refused.text
             assert "spool is full" in problem(refused)["detail"]
             fits = await client.post("/v1/events", json=[event(tenant)], headers=auth(tenant))
             assert fits.status_code == 202, fits.text
-            while emitter.spool.pending_events < 2:
-                assert time.monotonic() < deadline, "the accepted event never reached the spool"
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(wait_for, lambda: emitter.spool.pending_events >= 2)
         assert emitter.spool.pending_events == 2  # both accepted events wait; none dropped
-    finally:
-        emitter.close(timeout=0.5)
 
 
 def test_back_to_back_batches_while_spooling_are_accepted_only_as_the_spool_can_hold_them(
@@ -251,22 +261,7 @@ def test_back_to_back_batches_while_spooling_are_accepted_only_as_the_spool_can_
 ) -> None:  # type: ignore[no-untyped-def]
     """What has_room answers yes to is never dropped afterwards: the events still queued count
     against the spool too, and an encoded event is larger than the client's JSON of it."""
-    from metering.emitter import EVENTS_DROPPED
-    from metering.events import UsageEvent
-
-    away = unreachable_bootstrap()
-    emitter = Emitter(
-        settings.model_copy(update={"kafka_bootstrap_servers": away}),
-        spool_dir=tmp_path / "spool",
-        spool_max_bytes=3000,
-        down_after=0.3,
-    )
-    try:
-        emitter.emit(UsageEvent.model_validate(event(tenant)))
-        deadline = time.monotonic() + 20
-        while emitter.spool.pending_events < 1 or emitter.mode.name != "SPOOLING":
-            assert time.monotonic() < deadline, "the emitter never turned to its spool"
-            time.sleep(0.05)
+    with spooling_emitter(settings, tenant, tmp_path / "spool", 3000) as emitter:
         dropped = EVENTS_DROPPED.labels("spool_full")._value.get()
         accepted = 0
         for _ in range(20):  # back to back: the sender has no time to spool in between
@@ -276,9 +271,5 @@ def test_back_to_back_batches_while_spooling_are_accepted_only_as_the_spool_can_
                 emitter.emit(UsageEvent.model_validate(doc))
                 accepted += 1
         assert 0 < accepted < 20
-        while emitter.spool.pending_events < 1 + accepted:
-            assert time.monotonic() < deadline, "the accepted events never reached the spool"
-            time.sleep(0.05)
+        wait_for(lambda: emitter.spool.pending_events >= 1 + accepted)
         assert EVENTS_DROPPED.labels("spool_full")._value.get() == dropped
-    finally:
-        emitter.close(timeout=0.5)
