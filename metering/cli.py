@@ -57,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"metering: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path given that cannot be read or made (--root, --data-dir, ...)
+        if args.verbose:
+            raise
+        print(f"metering: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -69,6 +69,19 @@ def test_bad_value_names_the_variable_and_value(
     assert fragment in str(err.value)
 
 
+def test_a_path_the_cli_cannot_use_is_a_message_not_a_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "metering.cli", "dev", "up", "--only", "redis",
+         "--root", "/etc/passwd/x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Not a directory: '/etc/passwd/x'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_setting_stops_the_cli_with_exit_2_and_a_message() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "metering.cli", "kafka", "init"],
