@@ -15,7 +15,7 @@ from limiter.failure_policy import REDIS_ERRORS, FailMode, FailurePolicy, redis_
 from limiter.local_limiter import LocalLimiter
 from limiter.quota import Quota
 from limiter.quota_provider import QuotaProvider
-from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, SETTLE_WRONG_DAY, packed
+from limiter.scripts import DAY_GRACE_SECONDS, NEED_SEED, packed
 
 
 class AsyncRateLimiter:
@@ -137,10 +137,9 @@ class AsyncRateLimiter:
             for _ in range(4):
                 args = core.encoder.settle_args(tenant, day, delta, quota, today=today)
                 reply = await self._batcher.execute(packed(args) if self._batcher.packed else args)
-                if reply[0] != SETTLE_WRONG_DAY:
+                if (retry := core.settle_retry_day(reply)) is None:
                     break
-                day = reply[1]  # midnight passed, or the clock estimate was off: the server's
-                core.clock.observe(reply[2])
+                day = retry
             else:
                 raise RuntimeError("settle.lua kept answering WRONG_DAY")
         except REDIS_ERRORS as exc:

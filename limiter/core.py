@@ -23,7 +23,7 @@ from limiter.decision import (
 )
 from limiter.quota import Quota
 from limiter.quota_provider import QuotaProvider
-from limiter.scripts import ALLOWED, CallEncoder
+from limiter.scripts import ALLOWED, SETTLE_WRONG_DAY, CallEncoder
 from metering.ids import validate_tenant_id
 
 REASONS = (OK, BUCKET, DAILY, WINDOW, COST_EXCEEDS_BURST, COST_EXCEEDS_WINDOW)
@@ -101,6 +101,14 @@ class LimiterCore:
         else:
             self._metrics.rejected(reason, time.perf_counter() - started, reason == DAILY)
         return decision
+
+    def settle_retry_day(self, reply: Sequence[int]) -> int | None:
+        """None if settle.lua applied the call; else (WRONG_DAY: midnight passed, or the clock
+        estimate was off) the server's day to settle into, its clock observed."""
+        if reply[0] != SETTLE_WRONG_DAY:
+            return None
+        self.clock.observe(reply[2])
+        return int(reply[1])
 
     def settlement(self, reply: Sequence[int], tenant: str, delta: int) -> Settlement:
         used, tokens_milli, _win_used = reply

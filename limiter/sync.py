@@ -28,7 +28,6 @@ from limiter.scripts import (
     DAY_GRACE_SECONDS,
     NEED_SEED,
     SCRIPTS,
-    SETTLE_WRONG_DAY,
 )
 
 #: A limiter connection unused for longer than this is polled for EOF before it is written to.
@@ -157,10 +156,9 @@ class RateLimiter:
         try:
             for _ in range(4):
                 reply = self._call(core.encoder.settle_args(tenant, day, delta, quota, today=today))
-                if reply[0] != SETTLE_WRONG_DAY:
+                if (retry := core.settle_retry_day(reply)) is None:
                     break
-                day = reply[1]  # midnight passed, or the clock estimate was off: the server's
-                core.clock.observe(reply[2])
+                day = retry
             else:
                 raise RuntimeError("settle.lua kept answering WRONG_DAY")
         except REDIS_ERRORS as exc:
