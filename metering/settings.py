@@ -346,10 +346,9 @@ class Settings(BaseSettings):
     @field_validator("quota_default_plan")
     @classmethod
     def _plan(cls, v: str) -> str:
-        from metering.plans import PLANS
+        from metering.plans import get_plan
 
-        if v not in PLANS:
-            raise ValueError(f"unknown plan {v!r}; choose one of: {', '.join(PLANS)}")
+        get_plan(v)  # QuotaError (a ValueError) naming the known plans
         return v
 
     @field_validator("worker_backfill_meter")
