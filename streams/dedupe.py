@@ -88,13 +88,6 @@ class RecentIds:
                 held.add(key)
             keys.add(key)
 
-    def add_many(self, entries: Iterable[tuple[str, str, dt.datetime]]) -> int:
-        n = 0
-        for tenant, event_id, time in entries:
-            self.add(tenant, event_id, time)
-            n += 1
-        return n
-
     def rebuild_since(self, now: dt.datetime) -> dt.datetime:
         """The earliest event time a row must have to be read back on a rebuild."""
         return now - 2 * self.lateness
