@@ -15,6 +15,7 @@ edges, sync for the CLI and async for the API route.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -94,13 +95,15 @@ async def aredis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
 
 
 def clickhouse_daily_totals(client: Any, database: str, day: dt.date, meter: str) -> dict[str, int]:
-    """Billable usage of ``meter`` per tenant for the UTC day (the backfill's definition)."""
+    """Billable usage of ``meter`` per tenant for the UTC day (the backfill's definition),
+    rounded up as the quota DB's day totals are read (``QuotaStore.daily_usage_for_day``), so
+    a fractional total copied exactly is not reported as drift."""
     from metering.clickhouse.totals import daily_billable_totals
 
     rows = daily_billable_totals(
         client, database, meter=meter, since=day, until=day + dt.timedelta(days=1)
     )
-    return {tenant: round(total) for tenant, _day, total in rows}
+    return {tenant: math.ceil(total) for tenant, _day, total in rows}
 
 
 def format_report(rows: Iterable[ReconcileRow], day: dt.date) -> str:

@@ -172,3 +172,33 @@ async def test_the_api_route_answers_admins_with_the_same_rows_and_refuses_tenan
         again = (await client.get("/v1/admin/reconcile", headers=admin())).json()
         assert again["tenants"] == body["tenants"]
         assert "ratelimit" not in {k.lower() for k in r.headers}
+
+
+def test_a_fractional_total_copied_exactly_is_not_drift(
+    clickhouse_client, clickhouse_db, tmp_path: Path
+) -> None:
+    """ClickHouse's total and the quota DB's are rounded the same way (up), so 2.5 and 2.5
+    agree (ClickHouse's used to be rounded to even: 2 against 3)."""
+    from streams.sink import EVENT_COLUMNS
+
+    migrate(clickhouse_client, clickhouse_db)
+    db_url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate_quota_db(db_url)
+    store = QuotaStore(db_url)
+    tenant = f"rec-frac-{uuid.uuid4().hex[:8]}"
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    row = [uuid.uuid4().hex, "metering.usage", "urn:t", tenant, "requests", "", 1, now, 2.5, {}]
+    clickhouse_client.insert(
+        f"{clickhouse_db}.usage_events", [[*row, "t", 0, 0]], column_names=EVENT_COLUMNS
+    )
+    Backfill(
+        clickhouse_client, clickhouse_db, store, meter="requests", lateness_seconds=3600
+    ).run_once(now)
+    rows = reconcile.compare(
+        {tenant: 3},  # the day counter in Redis counts whole units
+        reconcile.clickhouse_daily_totals(clickhouse_client, clickhouse_db, now.date(), "requests"),
+        store.daily_usage_for_day(now.date()),
+    )
+    (mine,) = [r for r in rows if r.tenant == tenant]
+    assert (mine.clickhouse, mine.quota_db) == (3, 3)
+    assert mine.drift == {}
