@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -30,6 +31,16 @@ HostPort = tuple[str, int]
 #: A number of seconds, a rate: > 0 and finite (pydantic's PositiveFloat takes ``inf``, with
 #: which a breaker would never half-open and a ceiling would not limit).
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+HOUR = 3600
+DAY = 86_400
+#: The most ``EVENT_MAX_LATENESS`` may be: a batch's rows span this many daily partitions of
+#: ``usage_events`` at most (ClickHouse refuses an insert into more than 100), and the recent-id
+#: set holds every id for this long.
+MAX_LATENESS_SECONDS = 31 * DAY
+#: Costs are Lua doubles in the limiter's scripts (``limiter.core.MAX_COST``).
+MAX_ROUTE_COST = 2**53
+RouteCost = Annotated[int, Field(ge=1, le=MAX_ROUTE_COST, strict=True)]
 
 
 #: The emitter's Kafka producers (``EMITTER_KAFKA_CLIENT``).
@@ -87,7 +98,9 @@ class Settings(BaseSettings):
     )
 
     # --- limiter / Redis (names from the seed note) ---------------------------------------------
-    tenant_quota_cache_ttl: PositiveInt = Field(30, description="Seconds a quota stays in Redis.")
+    tenant_quota_cache_ttl: PositiveInt = Field(
+        30, le=DAY, description="Seconds a quota stays in Redis (at most a day)."
+    )
     rate_limit_redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Single Redis node: redis://, rediss:// (TLS) or unix://.",
@@ -107,10 +120,10 @@ class Settings(BaseSettings):
         None, description="Password for Redis (Sentinel and Cluster modes; a URL carries its own)."
     )
     rate_limit_redis_socket_timeout: PositiveFloat = Field(
-        0.25, description="Seconds a Redis call may take before it counts as a failure."
+        0.25, le=HOUR, description="Seconds a Redis call may take before it counts as a failure."
     )
     rate_limit_redis_connect_timeout: PositiveFloat = Field(
-        0.5, description="Seconds to connect to Redis before it counts as a failure."
+        0.5, le=HOUR, description="Seconds to connect to Redis before it counts as a failure."
     )
     rate_limit_fail_mode: Literal["open", "closed"] = Field(
         "open",
@@ -120,7 +133,7 @@ class Settings(BaseSettings):
         3, description="Consecutive Redis failures that open the circuit breaker."
     )
     rate_limit_breaker_reset: PositiveFloat = Field(
-        1.0, description="Seconds the breaker stays open before a half-open probe."
+        1.0, le=HOUR, description="Seconds the breaker stays open before a half-open probe."
     )
     rate_limit_local_ceiling_per_sec: PositiveFloat = Field(
         100.0, description="Per-process, per-tenant ceiling while Redis is down."
@@ -137,7 +150,7 @@ class Settings(BaseSettings):
         "", description="sqlite:///… (default under the data dir) or postgresql://…"
     )
     quota_local_ttl: PositiveFloat = Field(
-        5.0, description="Seconds a quota lives in process memory."
+        5.0, le=DAY, description="Seconds a quota lives in process memory."
     )
     quota_unknown_tenant: Literal["default", "reject"] = Field(
         "default",
@@ -182,10 +195,15 @@ class Settings(BaseSettings):
 
     # --- events --------------------------------------------------------------------------------
     event_max_future_skew: PositiveFloat = Field(
-        300.0, description="Seconds an event may be ahead."
+        300.0, le=DAY, description="Seconds an event may be ahead (at most a day)."
     )
     event_max_lateness: PositiveFloat = Field(
-        3 * 3600.0, description="Seconds after which an event is too late to count (dead letter)."
+        3 * 3600.0,
+        le=MAX_LATENESS_SECONDS,
+        description=(
+            "Seconds after which an event is too late to count (dead letter); at most 31 days"
+            " and less than CLICKHOUSE_RETENTION_DAYS."
+        ),
     )
 
     # --- ClickHouse ----------------------------------------------------------------------------
@@ -211,13 +229,14 @@ class Settings(BaseSettings):
         ),
     )
     worker_batch_within: PositiveFloat = Field(
-        0.5, description="Seconds the sink waits to fill a batch."
+        0.5, le=60, description="Seconds the sink waits to fill a batch."
     )
     worker_backfill_interval: PositiveFloat = Field(
-        5.0, description="Seconds between upserts of daily totals into the quota DB."
+        5.0, le=HOUR, description="Seconds between upserts of daily totals into the quota DB."
     )
     worker_aggregate_interval: PositiveFloat = Field(
         5.0,
+        le=HOUR,
         description=(
             "Seconds between hand-offs of the inserted events' per-minute sums to the Faust"
             " tables (the live per-day and sliding-window view). Each hand-off updates every"
@@ -269,7 +288,13 @@ class Settings(BaseSettings):
         None, description="Required aud claim of API tokens, when set."
     )
     jwt_algorithms: str = Field("HS256,RS256,ES256", description="Token algorithms accepted.")
-    jwt_leeway: float = Field(10.0, ge=0, description="Seconds of clock leeway for exp and nbf.")
+    jwt_leeway: float = Field(
+        10.0,
+        ge=0,
+        le=300,
+        allow_inf_nan=False,
+        description="Seconds of clock leeway for exp and nbf (0-300).",
+    )
     api_max_batch: PositiveInt = Field(1000, description="Most events in one POST /v1/events.")
     api_max_body_bytes: PositiveInt = Field(
         4 * 1024 * 1024, description="Largest request body (413 beyond)."
@@ -280,7 +305,7 @@ class Settings(BaseSettings):
         "providers you configure (opentelemetry-instrument, an SDK). Off, no request pays for "
         "looking them up (~4 us).",
     )
-    rate_limit_route_costs: dict[str, PositiveInt] = Field(
+    rate_limit_route_costs: dict[str, RouteCost] = Field(
         default_factory=dict,
         description='JSON: cost per route, e.g. {"POST /v1/events": 5, "/v1/usage": 2}; else 1.',
     )
@@ -303,6 +328,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         if parts.scheme != "unix":
             _check_host_port(parts)
+        database = parts.path.strip("/")
+        if parts.scheme != "unix" and database and not (database.isascii() and database.isdigit()):
+            raise ValueError(f"names database {database!r}; a Redis database is a number (/0)")
+        from redis.connection import parse_url
+
+        try:
+            parse_url(v)  # redis-py's own reading of the query options (?socket_timeout=...)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("kafka_bootstrap_servers")
@@ -346,9 +380,11 @@ class Settings(BaseSettings):
     @field_validator("quota_default_plan")
     @classmethod
     def _plan(cls, v: str) -> str:
-        from metering.plans import get_plan
+        from metering.plans import plan_limits
 
-        get_plan(v)  # QuotaError (a ValueError) naming the known plans
+        # QuotaError (a ValueError) naming the known plans, or saying that this one (custom)
+        # has no limits to give an unknown tenant.
+        plan_limits(v)
         return v
 
     @field_validator("worker_backfill_meter")
@@ -360,6 +396,28 @@ class Settings(BaseSettings):
             return validate_meter(v)
         except InvalidIdentifier as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("rate_limit_route_costs", "rate_limit_route_meters")
+    @classmethod
+    def _routes(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Route keys and meters, checked as ``RateLimitMiddleware`` will use them."""
+        from limiter.middleware import build_route_rules
+
+        if info.field_name == "rate_limit_route_costs":
+            build_route_rules(costs=v)  # a ValueError naming the route
+        else:
+            build_route_rules(meters=v)
+        return v
+
+    @model_validator(mode="after")
+    def _lateness_within_retention(self) -> Settings:
+        if self.event_max_lateness >= self.clickhouse_retention_days * DAY:
+            raise ValueError(
+                f"EVENT_MAX_LATENESS={self.event_max_lateness:g}: must be less than"
+                f" CLICKHOUSE_RETENTION_DAYS={self.clickhouse_retention_days} days (the table"
+                " would delete rows as soon as it stored them)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _derived(self) -> Settings:
@@ -402,10 +460,13 @@ class Settings(BaseSettings):
 def _describe(exc: ValidationError, env: dict[str, str]) -> str:
     lines = []
     for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across settings: its message names them
+            lines.append(msg)
+            continue
+        field = str(err["loc"][0])
         var = field.upper()
         raw = env.get(var, env.get(field, "<default>"))
-        msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{var}={raw!r}: {msg}")
     return "invalid setting(s): " + "; ".join(lines)
 

@@ -57,6 +57,21 @@ def test_seed_names_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
         ("RATE_LIMIT_LOCAL_CEILING_PER_SEC", "nan", "finite"),
         ("QUOTA_DEFAULT_PLAN", "bogus", "unknown plan"),
         ("WORKER_BACKFILL_METER", "a b", "invalid meter"),
+        # Accepted once, then failing later or never applied:
+        ("QUOTA_DEFAULT_PLAN", "custom", "no default limits"),  # create_app raised at start
+        ("JWT_LEEWAY", "inf", "finite"),  # no token would ever expire
+        ("JWT_LEEWAY", "3600", "less than or equal to 300"),
+        ("EVENT_MAX_LATENESS", "1e11", "less than or equal to 2678400"),  # dates overflowed
+        ("EVENT_MAX_FUTURE_SKEW", "6307200000", "less than or equal to 86400"),
+        ("TENANT_QUOTA_CACHE_TTL", "10000000000000000", "less than or equal to 86400"),
+        ("RATE_LIMIT_REDIS_SOCKET_TIMEOUT", "1e300", "less than or equal to 3600"),
+        ("RATE_LIMIT_REDIS_CONNECT_TIMEOUT", "1e300", "less than or equal to 3600"),
+        ("RATE_LIMIT_REDIS_URL", "redis://localhost:6379/abc", "a Redis database is a number"),
+        ("RATE_LIMIT_REDIS_URL", "redis://localhost/0?socket_timeout=abc", "socket_timeout"),
+        ("RATE_LIMIT_ROUTE_COSTS", '{"/v1/usage": 9007199254740993}', "less than or equal"),
+        ("RATE_LIMIT_ROUTE_COSTS", '{"/v1/usage": true}', "valid integer"),
+        ("RATE_LIMIT_ROUTE_COSTS", '{"v1/usage": 2}', "must be a path starting with '/'"),
+        ("RATE_LIMIT_ROUTE_METERS", '{"/v1/usage": "bad meter"}', "invalid meter"),
     ],
 )
 def test_bad_value_names_the_variable_and_value(
@@ -108,3 +123,26 @@ def test_host_port_parsing() -> None:
     assert parse_host_ports("a:1,b:2") == [("a", 1), ("b", 2)]
     with pytest.raises(ValueError, match="no valid port"):
         parse_host_ports("a:0")
+
+
+def test_lateness_must_be_less_than_the_retention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows later than the table's TTL would be deleted as soon as they were stored."""
+    monkeypatch.setenv("EVENT_MAX_LATENESS", str(10 * 86400))
+    monkeypatch.setenv("CLICKHOUSE_RETENTION_DAYS", "5")
+    with pytest.raises(
+        SettingsError,
+        match="EVENT_MAX_LATENESS=864000: must be less than CLICKHOUSE_RETENTION_DAYS=5 days",
+    ):
+        load_settings()
+    monkeypatch.setenv("CLICKHOUSE_RETENTION_DAYS", "11")
+    assert load_settings().event_max_lateness == 10 * 86400
+
+
+def test_route_costs_and_meters_from_the_environment_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RATE_LIMIT_ROUTE_COSTS", '{"POST /v1/events": 5, "/v1/usage": 2}')
+    monkeypatch.setenv("RATE_LIMIT_ROUTE_METERS", '{"/v1/usage": "queries"}')
+    s = load_settings()
+    assert s.rate_limit_route_costs == {"POST /v1/events": 5, "/v1/usage": 2}
+    assert s.rate_limit_route_meters == {"/v1/usage": "queries"}
