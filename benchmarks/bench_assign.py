@@ -2,9 +2,10 @@
 
 Run: ``python benchmarks/bench_assign.py [--rows 20000000] [--partitions 4] [--rounds 5]``
 
-On every assignment the sink asks ClickHouse where each partition's stored rows end past its
-recorded progress (a crash between an insert and its progress row) and whether the rollups of
-such rows are complete (``ClickHouseStorage.stored_next_offsets``, ``repair_unfinished_batch``).
+On every assignment the sink asks ClickHouse whether the rollups of rows stored past a
+partition's recorded progress (a crash between an insert and its progress row) are complete, and
+for its resume offsets (``ClickHouseStorage.repair_unfinished_batch``, ``stored_next_offsets``:
+the progress itself; the rows' end only for a partition that has none).
 Before migration 005 both read ``max(kafka_offset)`` over every row of the topic; now each
 partition's query is bounded by its progress and the ``kafka_offset_minmax`` skip index leaves
 out the parts below it.

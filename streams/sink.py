@@ -6,13 +6,12 @@ progress, as in Kafka Connect sinks:
 1. **On every partition assignment**, before reading: a batch whose insert a crash cut short
    between ``usage_events`` and the materialized views (ClickHouse does not write them
    atomically) has its rollups completed (``ClickHouseStorage.repair_unfinished_batch``); the
-   resume offset of each assigned partition is the greatest of (max ``kafka_offset`` stored in
-   ``usage_events`` + 1), the partition's ``sink_progress.next_offset`` and Kafka's committed
-   offset; the consumer seeks there. The stored part is recorded as the partition's progress
-   (its rows are complete once the repair ran), so the next assignment reads only the rows
-   past it (the ``kafka_offset`` skip index), not the whole table. The recent-id set is
-   rebuilt from ``usage_events`` for those partitions (ids whose event time is within twice
-   the accepted lateness: every id inserted within the lateness; ``streams/dedupe.py``).
+   recent-id set is rebuilt from ``usage_events`` for those partitions (ids whose event time
+   is within twice the accepted lateness: every id inserted within the lateness;
+   ``streams/dedupe.py``); the resume offset of each assigned partition is the greater of its
+   ``sink_progress.next_offset`` and Kafka's committed offset, and the consumer seeks there.
+   A partition with no progress yet (tables from before progress was recorded) resumes after
+   its stored rows (max ``kafka_offset`` + 1), and its resume offset is recorded as progress.
 2. **Per batch**, in this order:
    a. decode each message; malformed or invalid ones, and events older than ``now - lateness``,
       become dead letters (original bytes, reason in headers);
@@ -27,13 +26,18 @@ progress, as in Kafka Connect sinks:
    g. commit the same offsets to Kafka (a hint for the next owner; never required for safety).
 
 Why this order holds: a crash before (d) leaves nothing stored and the batch is read again. A
-crash after (d) and before (f)/(g) leaves the rows stored with their offsets, so step 1 resumes
-after them, and replayed duplicates of them are in the rebuilt id set. Committing first (g before
-d) would lose the batch; marking ids after the commit would double count a replay; a dedup token
-made from batch offsets would miss a replay cut at other offsets. Dead letters go out before the
-insert (c before d) because the insert moves the resume point past them: after a crash they may
-be dead-lettered twice (their headers carry the source offset), never lost. Since no duplicate
-row is ever inserted, the materialized rollups are exact too.
+crash during or after (d) and before (f) leaves all, some or none of the batch's rows stored
+(``usage_events`` is partitioned by day, and ClickHouse commits an insert's parts one after
+another, so a batch holding yesterday's late events and today's can be cut between them): step
+1 resumes from the recorded progress, reads the whole batch again, and drops the rows that were
+stored, whose ids are in the rebuilt set (they were on time when inserted, so within the
+rebuild's reach; a replayed one that is no longer on time is a "late" dead letter). Resuming
+after the highest stored offset instead would skip the rows of a part that was not committed.
+Committing first (g before d) would lose the batch; marking ids after the commit would double
+count a replay; a dedup token made from batch offsets would miss a replay cut at other offsets.
+Dead letters go out before progress is recorded (c before f), so after a crash they may be
+dead-lettered twice (their headers carry the source offset), never lost. Since no duplicate row
+is ever inserted, the materialized rollups are exact too.
 
 Events later than the lateness are dead-lettered rather than looked up, and each id is held
 for the lateness from its arrival, which is what lets the id set forget: a resend slips past
@@ -247,22 +251,30 @@ class ClickHouseStorage:
         self, topic: str, partitions: Iterable[int] | None = None
     ) -> dict[int, int]:
         """The resume offset of each of ``partitions`` (default: every partition) that has
-        one: the greater of its recorded progress and the end of its stored rows (max
+        one: its recorded progress; for a partition with no progress recorded (tables written
+        before the sink recorded progress on assignment), the end of its stored rows (max
         ``kafka_offset`` + 1).
 
-        Rows below a partition's recorded progress cannot raise it, so for the partitions
-        asked only the rows at or past it are read (the ``kafka_offset_minmax`` index skips
-        the rest): an assignment costs the recent rows, not the table. A partition with no
-        progress recorded has all its rows read; the sink records progress on assignment, so
-        that happens once per partition."""
+        Not the end of the rows when progress is recorded: rows past the progress are a batch
+        whose insert was cut short, and such a batch may lack rows at lower offsets than the
+        ones stored (``usage_events`` is partitioned by day and ClickHouse commits an
+        insert's parts one after another: yesterday's late events can be missing while
+        today's are stored). The batch is read again from the progress, and the rebuilt
+        recent-id set drops the rows that were stored (``ClickHouseSink.on_assigned``).
+        Only partitions with no progress have their rows read, once: the assignment records
+        progress for each."""
         progress = self._progress(topic)
-        if partitions is None:
+        if partitions is not None:
+            asked = {int(p) for p in partitions}
+            progress = {p: n for p, n in progress.items() if p in asked}
+            missing: set[int] | None = asked - progress.keys()
+        else:
+            missing = None
+        if missing is None:
             ends = self._rows_end(topic, None)
         else:
-            asked = {int(p) for p in partitions}
-            ends = self._rows_end(topic, {p: progress.get(p) for p in asked})
-            progress = {p: n for p, n in progress.items() if p in asked}
-        return {p: max(progress.get(p, 0), ends.get(p, 0)) for p in progress.keys() | ends.keys()}
+            ends = self._rows_end(topic, dict.fromkeys(missing)) if missing else {}
+        return {p: progress[p] if p in progress else ends[p] for p in progress.keys() | ends.keys()}
 
     def _rows_end(self, topic: str, bounds: dict[int, int | None] | None) -> dict[int, int]:
         """max(``kafka_offset``) + 1 per partition over its rows at or past its bound (all its

@@ -8,6 +8,7 @@ a crash between the ClickHouse insert and the offset commit adds nothing on rest
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,11 +30,11 @@ from tests.integration.streams_support import (
 LATENESS = 3600.0
 
 
-def make_sink(client, database: str, topic: str) -> ClickHouseSink:  # type: ignore[no-untyped-def]
+def make_sink(client, database: str, topic: str, lateness: float = LATENESS) -> ClickHouseSink:  # type: ignore[no-untyped-def]
     return ClickHouseSink(
         ClickHouseStorage(client, database),
         topic=topic,
-        lateness_seconds=LATENESS,
+        lateness_seconds=lateness,
         max_future_skew=300,
     )
 
@@ -167,6 +168,52 @@ async def test_a_crash_after_the_insert_and_before_the_commit_adds_nothing_on_re
     await run_until_caught_up(second, kafka_bootstrap, f"g-{topic}", dlq)
     assert totals(clickhouse_client, clickhouse_db) == {tenant: (300, 300.0)}
     assert rollup_totals(clickhouse_client, clickhouse_db, "usage_day") == {tenant: (300, 300.0)}
+
+
+@pytest.mark.timeout(120)
+async def test_an_insert_cut_between_two_days_partitions_loses_nothing_on_restart(
+    kafka_bootstrap: str, clickhouse_client, clickhouse_db: str
+) -> None:
+    """``usage_events`` is partitioned by day, and ClickHouse commits one part per partition of
+    an insert, one after another: a batch holding late events of yesterday and events of today
+    can be cut (a kill, an error) with today's part stored and yesterday's not. The stored part
+    holds the higher offsets, so resuming after the highest stored offset skipped yesterday's
+    events for good; the sink resumes from its recorded progress, and the rebuilt id set drops
+    what was stored."""
+    migrate(clickhouse_client, clickhouse_db)
+    topic, dlq = unique_topics(kafka_bootstrap, partitions=1)
+    tenant = f"cut-{uuid.uuid4().hex[:6]}"
+    now = dt.datetime.now(dt.UTC)
+    since_midnight = (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
+    lateness = since_midnight + 3600  # yesterday's last hour is still on time
+    produce(
+        kafka_bootstrap,
+        topic,
+        [
+            event_message(tenant, 1, id="yesterday-a", age_seconds=since_midnight + 60),
+            event_message(tenant, 2, id="yesterday-b", age_seconds=since_midnight + 30),
+            event_message(tenant, 10, id="today-a"),
+            event_message(tenant, 20, id="today-b"),
+        ],
+    )
+    first = make_sink(clickhouse_client, clickhouse_db, topic, lateness)
+    first.on_assigned([0])
+    batch = first.prepare(
+        [
+            Record(m.topic, m.partition, m.offset, m.key, m.value)
+            for m in read_all(kafka_bootstrap, topic)
+        ]
+    )
+    assert [ev.id for _, ev in batch.events] == ["yesterday-a", "yesterday-b", "today-a", "today-b"]
+    # The cut: today's part (offsets 2, 3) committed, yesterday's (0, 1) not; then the kill.
+    today = [i for i, (_, ev) in enumerate(batch.events) if ev.time.date() == now.date()]
+    first.storage.insert_events([batch.rows()[i] for i in today], [batch.millis[i] for i in today])
+
+    second = make_sink(clickhouse_client, clickhouse_db, topic, lateness)
+    await run_until_caught_up(second, kafka_bootstrap, f"g-{topic}", dlq)
+    assert totals(clickhouse_client, clickhouse_db) == {tenant: (4, 33.0)}
+    assert rollup_totals(clickhouse_client, clickhouse_db, "usage_day") == {tenant: (4, 33.0)}
+    assert rollup_totals(clickhouse_client, clickhouse_db, "usage_minute") == {tenant: (4, 33.0)}
 
 
 @pytest.mark.timeout(120)

@@ -39,10 +39,11 @@ class RecordedStorage:
     def stored_next_offsets(
         self, topic: str, partitions: Iterable[int] | None = None
     ) -> dict[int, int]:
-        stored = dict(self.progress)
+        stored = dict(self.progress)  # as ClickHouseStorage: progress, else the rows' end
         for row in self.rows:
             p, off = row[11], row[12]
-            stored[p] = max(stored.get(p, 0), off + 1)
+            if p not in self.progress:
+                stored[p] = max(stored.get(p, 0), off + 1)
         if partitions is None:
             return stored
         asked = set(partitions)
