@@ -13,8 +13,9 @@ progress, as in Kafka Connect sinks:
    A partition with no progress yet (tables from before progress was recorded) resumes after
    its stored rows (max ``kafka_offset`` + 1), and its resume offset is recorded as progress.
 2. **Per batch**, in this order:
-   a. decode each message; malformed or invalid ones, and events older than ``now - lateness``,
-      become dead letters (original bytes, reason in headers);
+   a. decode each message; malformed or invalid ones (a key other than the event's subject
+      among them), and events older than ``now - lateness``, become dead letters (original
+      bytes, reason in headers);
    b. drop events whose (tenant, id) is in the recent-id set (ids inserted within the
       lateness, whatever time the resend carries) or earlier in the same batch
       (a producer or client resend);
@@ -497,6 +498,13 @@ class ClickHouseSink:
             except EventDecodeError as exc:
                 dead_letters.append(DeadLetter(rec, "invalid", str(exc)))
                 continue
+            if rec.key != ev.subject.encode():
+                # The key is the tenant (DESIGN.md): one tenant's events, and their resends,
+                # share a partition, so one worker's id set and rollup repair see them all. A
+                # resend with another key could land on another worker's partition and count
+                # twice.
+                dead_letters.append(DeadLetter(rec, "invalid", _key_error(rec.key)))
+                continue
             t = ev.time
             if t < cutoff:  # later than the lateness (RecentIds.is_late)
                 age = (now - t).total_seconds()
@@ -532,6 +540,11 @@ class ClickHouseSink:
         self.recent.add_keys(batch.renewed)
         self.storage.record_progress(self.topic, batch.next_offsets)
         return took
+
+
+def _key_error(key: bytes | None) -> str:
+    shown = "none" if key is None else repr(key[:80])
+    return f"key: must be the event's subject (the tenant id), got {shown}"
 
 
 def dead_letter_value(letter: DeadLetter) -> bytes:

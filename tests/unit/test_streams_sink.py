@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -66,8 +67,14 @@ def make_sink(storage: RecordedStorage, lateness: float = 3600) -> ClickHouseSin
     )
 
 
-def rec(offset: int, value: bytes | None, partition: int = 0) -> Record:
-    return Record(TOPIC, partition, offset, b"k", value)
+def rec(offset: int, value: bytes | None, partition: int = 0, key: bytes | None = None) -> Record:
+    """A record keyed by its event's subject (the tenant), as producers send them."""
+    if key is None:
+        try:
+            key = json.loads(value or b"")["subject"].encode()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            key = b"k"
+    return Record(TOPIC, partition, offset, key, value)
 
 
 def ev(tenant: str, qty: float, *, minutes_ago: float = 1, id: str | None = None) -> bytes:
@@ -167,6 +174,31 @@ def test_malformed_invalid_and_late_messages_become_dead_letters_with_reasons() 
     (taken,) = ledger.take()
     ((_, _, minute),) = taken.sums  # the late-but-accepted event counts in its own minute
     assert minute == int((NOW - dt.timedelta(minutes=59)).timestamp()) // 60 * 60
+
+
+def test_a_message_keyed_other_than_by_its_subject_is_a_dead_letter() -> None:
+    """A resend keyed otherwise (no key, another tenant) could land on a partition another
+    worker owns, beyond this worker's id set: it would count twice."""
+    sink = make_sink(RecordedStorage())
+    batch = sink.prepare(
+        [
+            rec(0, ev("acme", 1, id="a")),
+            rec(1, ev("acme", 2, id="b"), key=b"globex"),
+            rec(2, ev("acme", 3, id="c"), key=b""),
+            Record(TOPIC, 0, 3, None, ev("acme", 4, id="d")),
+        ]
+    )
+    assert [r.offset for r, _ in batch.events] == [0]
+    assert [(d.record.offset, d.reason) for d in batch.dead_letters] == [
+        (1, "invalid"),
+        (2, "invalid"),
+        (3, "invalid"),
+    ]
+    assert batch.dead_letters[0].error == (
+        "key: must be the event's subject (the tenant id), got b'globex'"
+    )
+    assert batch.dead_letters[2].error.endswith("got none")
+    assert batch.next_offsets == {0: 4}
 
 
 def test_progress_covers_offsets_that_left_no_row() -> None:
