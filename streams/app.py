@@ -290,6 +290,7 @@ async def backfill() -> None:
                 QuotaStore(settings.quota_db_url),
                 meter=settings.worker_backfill_meter,
                 lateness_seconds=settings.event_max_lateness,
+                margin_seconds=300 + 2 * settings.worker_backfill_interval,
             )
         n = await loop.run_in_executor(_executor, _state["backfill"].run_once)
         metrics.backfill_rows.inc(n)

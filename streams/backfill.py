@@ -5,7 +5,12 @@ rather than from the Faust table: ClickHouse is the one place where each event c
 once (the Faust tables are fed after the insert and can replay or miss a batch around a crash;
 they serve the live view). Each round upserts ABSOLUTE totals (``QuotaStore.upsert_daily_usage``),
 so a repeated or overlapping round changes nothing. Only days an event can still arrive for
-(today, and the days within the accepted lateness) are re-read. Tests:
+(today, and the days within the accepted lateness) are re-read, and each of them for a margin
+after that: an event the sink accepted at the last moment of its day's lateness is inserted a
+batch later, and the next round must still read its day. A round that failed leaves its days
+to the next one, which reads from the earlier of its own first day and the failed one's (a
+quota DB down across the moment a day closed would otherwise leave that day's total stale for
+good). Tests: ``tests/integration/test_streams_backfill.py``,
 ``tests/integration/test_streams_worker.py``.
 """
 
@@ -32,24 +37,37 @@ class Backfill:
         *,
         meter: str,
         lateness_seconds: float,
+        margin_seconds: float = 300.0,
     ) -> None:
         self.client = client
         self.database = database
         self.store = store
         self.meter = meter
         self.lateness = dt.timedelta(seconds=lateness_seconds)
+        #: how long after its lateness ran out a day is still read: the sink's batch wait and
+        #: insert, and the rounds' interval, with room to spare
+        self.margin = dt.timedelta(seconds=margin_seconds)
+        #: the first day of the last round that failed (None after a round that succeeded)
+        self._unfinished_since: dt.date | None = None
 
     def open_since(self, now: dt.datetime) -> dt.date:
-        """The first UTC day that can still change (an event as late as allowed lands there)."""
-        return (now.astimezone(dt.UTC) - self.lateness).date()
+        """The first UTC day that can still change (an event as late as allowed lands there,
+        and is inserted within the margin)."""
+        return (now.astimezone(dt.UTC) - self.lateness - self.margin).date()
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         now = now or dt.datetime.now(dt.UTC)
-        rows = daily_billable_totals(
-            self.client, self.database, meter=self.meter, since=self.open_since(now)
-        )
-        if rows:
-            self.store.upsert_daily_usage(rows)
+        since = self.open_since(now)
+        if self._unfinished_since is not None:
+            since = min(since, self._unfinished_since)
+        try:
+            rows = daily_billable_totals(self.client, self.database, meter=self.meter, since=since)
+            if rows:
+                self.store.upsert_daily_usage(rows)
+        except BaseException:
+            self._unfinished_since = since
+            raise
+        self._unfinished_since = None
         return len(rows)
 
 

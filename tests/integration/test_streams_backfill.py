@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
+
 from metering.clickhouse.schema import migrate
 from metering.quota_db import QuotaStore
 from metering.quota_db import migrate as migrate_quota_db
@@ -41,3 +43,73 @@ def test_backfill_upserts_billable_request_totals_of_open_days_and_repeats_idemp
     assert backfill.run_once(NOW) == 1
     assert store.daily_usage(tenant, NOW.date()) == 20
     assert store.daily_usage(tenant, (NOW - dt.timedelta(days=3)).date()) == 0
+
+
+def _day_end(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+
+
+def test_an_event_accepted_as_its_day_closes_still_reaches_the_quota_db(
+    clickhouse_client, clickhouse_db: str, tenant: str, tmp_path: Path
+) -> None:
+    """The sink accepts an event at 23:59:59 until the lateness has passed; it is inserted a
+    batch later, and the round after that reads its day though the lateness ran out."""
+    migrate(clickhouse_client, clickhouse_db)
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate_quota_db(url)
+    store = QuotaStore(url)
+    lateness = 3600.0
+    day = (NOW - dt.timedelta(days=5)).date()
+    late = row(1, tenant, "requests", 7)
+    late[EVENT_COLUMNS.index("time")] = _day_end(day) - dt.timedelta(seconds=1)
+    clickhouse_client.insert(f"{clickhouse_db}.usage_events", [late], column_names=EVENT_COLUMNS)
+    backfill = Backfill(
+        clickhouse_client, clickhouse_db, store, meter="requests", lateness_seconds=lateness
+    )
+    # Accepted at the last second of its lateness, inserted and read 5 s later.
+    now = _day_end(day) + dt.timedelta(seconds=lateness + 5)
+    assert backfill.run_once(now) == 1
+    assert store.daily_usage(tenant, day) == 7
+    # Once the margin has passed too, the day is no longer read.
+    later = now + backfill.margin
+    assert backfill.run_once(later) == 0
+
+
+class FailingOnce:
+    """The real quota store, whose next upsert fails (the database unreachable for a round)."""
+
+    def __init__(self, store: QuotaStore) -> None:
+        self.store = store
+        self.fail = True
+
+    def upsert_daily_usage(self, rows):  # type: ignore[no-untyped-def]
+        if self.fail:
+            self.fail = False
+            raise ConnectionError("quota DB unreachable")
+        return self.store.upsert_daily_usage(rows)
+
+
+def test_a_day_whose_last_round_failed_is_read_by_the_next_round(
+    clickhouse_client, clickhouse_db: str, tenant: str, tmp_path: Path
+) -> None:
+    migrate(clickhouse_client, clickhouse_db)
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate_quota_db(url)
+    store = QuotaStore(url)
+    day = (NOW - dt.timedelta(days=5)).date()
+    event = row(1, tenant, "requests", 9)
+    event[EVENT_COLUMNS.index("time")] = _day_end(day) - dt.timedelta(minutes=1)
+    clickhouse_client.insert(f"{clickhouse_db}.usage_events", [event], column_names=EVENT_COLUMNS)
+    failing = FailingOnce(store)
+    backfill = Backfill(
+        clickhouse_client, clickhouse_db, failing, meter="requests", lateness_seconds=3600
+    )
+    closes = _day_end(day) + backfill.lateness + backfill.margin
+    with pytest.raises(ConnectionError):
+        backfill.run_once(closes - dt.timedelta(seconds=1))  # the day's last round fails
+    assert store.daily_usage(tenant, day) == 0
+    # The next round, after the day closed, still reads it (alone, it would not).
+    assert backfill.open_since(closes + dt.timedelta(seconds=4)) > day
+    assert backfill.run_once(closes + dt.timedelta(seconds=4)) == 1
+    assert store.daily_usage(tenant, day) == 9
+    assert backfill.run_once(closes + dt.timedelta(seconds=9)) == 0
