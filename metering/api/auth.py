@@ -14,6 +14,11 @@ and ``principal``. Invariants:
 
 A verified token is remembered (bounded, until its ``exp``) so a client reusing its token does not
 pay for signature verification on every request; time claims are re-checked on every use.
+
+A refusal's ``WWW-Authenticate`` challenge carries a fixed description per kind of failure, never
+text from the token (an ``alg``, a ``crit`` entry, a tenant), which could hold CR/LF, quotes or
+characters a header cannot carry; the problem body's ``detail`` says more, bounded and with
+control characters escaped. Tests: ``tests/unit/test_api_auth.py`` (the challenge tests).
 """
 
 from __future__ import annotations
@@ -47,7 +52,39 @@ bearer_scheme = HTTPBearer(auto_error=False, description="JWT with tenant_id/sub
 
 
 class AuthError(Exception):
-    """A credential was missing or did not verify; the message says why (safe to show)."""
+    """A credential was missing or did not verify; the message says why (safe to show, for the
+    problem body). ``description`` is the fixed text for the ``WWW-Authenticate`` challenge; it
+    defaults to the message, so a message quoting the token must pass one."""
+
+    def __init__(self, detail: str, *, description: str | None = None) -> None:
+        super().__init__(detail)
+        self.description = detail if description is None else description
+
+
+#: The challenge's description for a token that is not a valid JWT.
+_INVALID = "token is invalid"
+#: How much of a text taken from a token a message quotes.
+_QUOTED_MAX = 160
+#: RFC 6750 section 3: an ``error_description`` is %x20-21 / %x23-5B / %x5D-7E (visible ASCII
+#: and space, no ``"`` or ``\``), which is also an RFC 9110 quoted-string needing no escapes.
+_DESCRIPTION_MAX = 200
+
+
+def _shown(text: str, limit: int = _QUOTED_MAX, *, quoted: bool = False) -> str:
+    """``text`` from a token, bounded and with control characters escaped, for a message
+    (``quoted``: as its ``repr``)."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if quoted:
+        return repr(text)
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def challenge_description(text: str) -> str:
+    """``text`` as a Bearer ``error_description`` value (RFC 6750): ``"`` becomes ``'``, any
+    other character outside the allowed set ``?``, at most 200 characters."""
+    text = text[:_DESCRIPTION_MAX].replace('"', "'")
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
 
 
 @dataclass(frozen=True)
@@ -71,7 +108,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     try:
         tenant = validate_tenant_id(raw_tenant)
     except InvalidIdentifier as exc:
-        raise AuthError(f"token tenant: {exc}") from None
+        raise AuthError(f"token tenant: {exc}", description="token tenant is invalid") from None
     raw_scope = claims.get("scope", "")
     if isinstance(raw_scope, str):
         scopes = frozenset(raw_scope.split())
@@ -90,6 +127,17 @@ def _key_serves(alg: str, key: Any) -> bool:
     except (TypeError, ValueError, jwt.PyJWTError):
         return False
     return True
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> float:
+    """A time claim PyJWT accepted, as seconds (0 when absent); PyJWT compares it as an integer
+    of any size, so one beyond a float's range is refused here."""
+    try:
+        return float(claims.get(name, 0) or 0)
+    except (OverflowError, TypeError, ValueError):
+        raise AuthError(
+            f"token is invalid: claim {name!r} is not a time in range", description=_INVALID
+        ) from None
 
 
 class TokenVerifier:
@@ -150,7 +198,10 @@ class TokenVerifier:
 
     def _key_for(self, alg: str) -> Any:
         if alg not in self.algorithms:
-            raise AuthError(f"token algorithm {alg!r} is not accepted")
+            raise AuthError(
+                f"token algorithm {_shown(alg, 40, quoted=True)} is not accepted",
+                description="token algorithm is not accepted",
+            )
         return self._secret if alg in _SECRET_ALGS else self._public_key
 
     def verify(self, token: str) -> Principal:
@@ -174,21 +225,26 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token has expired") from None
-        except jwt.ImmatureSignatureError:
+        except jwt.ImmatureSignatureError as exc:
+            # PyJWT raises this for a future "iat" too; its message names the claim.
+            if "(iat)" in str(exc):
+                raise AuthError("token is not valid yet (iat: issued in the future)") from None
             raise AuthError("token is not valid yet (nbf)") from None
         except jwt.InvalidAudienceError:
-            raise AuthError(f"token audience is not {self.audience!r}") from None
+            raise AuthError(
+                f"token audience is not {self.audience!r}", description="token audience is wrong"
+            ) from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"token lacks the {exc.claim!r} claim") from None
         except jwt.InvalidSignatureError:
             raise AuthError("token signature does not verify") from None
         except jwt.InvalidTokenError as exc:
-            raise AuthError(f"token is invalid: {exc}") from None
+            raise AuthError(f"token is invalid: {_shown(str(exc))}", description=_INVALID) from None
         except (TypeError, ValueError) as exc:  # a token PyJWT could not even read as one
-            raise AuthError(f"token is invalid: {exc}") from None
+            raise AuthError(f"token is invalid: {_shown(str(exc))}", description=_INVALID) from None
         principal = principal_from_claims(claims)
-        exp = float(claims["exp"])
-        nbf = float(claims.get("nbf", 0) or 0)
+        exp = _time_claim(claims, "exp")
+        nbf = _time_claim(claims, "nbf")
         self._cache[token] = (principal, exp, nbf)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -205,11 +261,13 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
-def _unauthorized(detail: str, *, error: bool) -> Problem:
+def _unauthorized(detail: str, *, description: str | None) -> Problem:
+    """A 401 with a Bearer challenge; with ``description``, an ``invalid_token`` one."""
     challenge = 'Bearer realm="metering"'
-    if error:
-        safe = detail.replace('"', "'")
-        challenge += f', error="invalid_token", error_description="{safe}"'
+    if description is not None:
+        challenge += (
+            f', error="invalid_token", error_description="{challenge_description(description)}"'
+        )
     return Problem(401, detail, slug="unauthorized", headers={"WWW-Authenticate": challenge})
 
 
@@ -234,12 +292,12 @@ class JWTAuthMiddleware:
         token = bearer_token(scope)
         if token is None:
             detail = "missing credentials: send 'Authorization: Bearer <JWT>'"
-            await send_problem(send, _unauthorized(detail, error=False))
+            await send_problem(send, _unauthorized(detail, description=None))
             return
         try:
             principal = self.verifier.verify(token)
         except AuthError as exc:
-            await send_problem(send, _unauthorized(str(exc), error=True))
+            await send_problem(send, _unauthorized(str(exc), description=exc.description))
             return
         state = scope.setdefault("state", {})
         state["principal"] = principal

@@ -4,6 +4,10 @@ sends: raised :class:`Problem`\\ s, validation errors, 404/405/413 from routing,
 
 Pure-ASGI middlewares (auth, rate limit, body limit) run outside FastAPI's exception handling, so
 they answer with :func:`send_problem`, which writes the same body directly.
+
+A problem's header values pass through :func:`header_value` on both paths: an error answer must
+never itself fail (a value the server cannot encode) or break the response (a CR/LF, which the
+server refuses by dropping the connection), whatever text reached it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import http
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +29,11 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:metering:problem:"
 
 log = logging.getLogger(__name__)
+
+#: RFC 9110 ``token``: what a header name may be.
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: The longest header value a problem sends (more is cut off).
+HEADER_VALUE_MAX = 1024
 
 
 def problem_type(slug: str) -> str:
@@ -84,12 +94,32 @@ def problem_body(
     return body
 
 
+def header_value(value: object) -> str:
+    """``value`` as a header value that encodes and cannot split the header: visible ASCII and
+    spaces only (any other character becomes ``?``), at most :data:`HEADER_VALUE_MAX`
+    characters."""
+    text = str(value)[:HEADER_VALUE_MAX]
+    return "".join(c if " " <= c <= "~" else "?" for c in text).strip()
+
+
+def safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` with every value made safe by :func:`header_value`; a header whose name is
+    not an RFC 9110 token is left out (and logged: names come from code, not from input)."""
+    out = {}
+    for name, value in headers.items():
+        if not _FIELD_NAME.fullmatch(name):
+            log.error("dropped a problem header with an invalid name: %r", name)
+            continue
+        out[name] = header_value(value)
+    return out
+
+
 def problem_response(problem: Problem) -> Response:
     return Response(
         json.dumps(problem.body(), default=str),
         status_code=problem.status,
         media_type=PROBLEM_JSON,
-        headers=problem.headers,
+        headers=safe_headers(problem.headers),
     )
 
 
@@ -104,7 +134,10 @@ async def send_problem(
         (b"content-type", PROBLEM_JSON.encode()),
         (b"content-length", str(len(payload)).encode()),
     ]
-    headers.extend((k.lower().encode(), v.encode("latin-1")) for k, v in problem.headers.items())
+    headers.extend(
+        (k.lower().encode("ascii"), v.encode("ascii"))
+        for k, v in safe_headers(problem.headers).items()
+    )
     headers.extend(extra_headers)
     await send({"type": "http.response.start", "status": problem.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
@@ -144,6 +177,11 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's "There was an error parsing the body" when a JSON body is not UTF-8.
+            return problem_response(
+                Problem(400, f"request body is not UTF-8 JSON: {exc.__cause__}", slug="bad-json")
+            )
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return problem_response(Problem(exc.status_code, detail, headers=exc.headers))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import httpx
@@ -80,6 +82,29 @@ def test_bad_tokens_are_refused_with_the_reason(
     claims = {k: now + v if k in {"exp", "nbf"} else v for k, v in claims.items()}
     with pytest.raises(AuthError, match=reason):
         verifier.verify(token(claims, key))
+
+
+def test_a_future_iat_is_refused_naming_iat_not_nbf(verifier: TokenVerifier) -> None:
+    """PyJWT raises the same error for a future ``iat`` as for a future ``nbf``."""
+    issued_later = int(time.time()) + 600
+    with pytest.raises(AuthError, match=r"^token is not valid yet \(iat: issued in the future\)$"):
+        verifier.verify(token({"sub": "a", "iat": issued_later}))
+    with pytest.raises(AuthError, match=r"^token is not valid yet \(nbf\)$"):
+        verifier.verify(token({"sub": "a", "nbf": issued_later}))
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [("exp", 10**400), ("exp", int("9" * 400)), ("nbf", -(10**400))],
+    ids=["exp=10**400", "exp=400 nines", "nbf=-10**400"],
+)
+def test_a_time_claim_beyond_a_float_is_refused_naming_it(
+    verifier: TokenVerifier, claim: str, value: int
+) -> None:
+    """PyJWT compares time claims as integers of any size, so such a token passes its checks;
+    turning the claim into seconds must refuse it, not raise OverflowError (a 500)."""
+    with pytest.raises(AuthError, match=f"^token is invalid: claim '{claim}' is not a time"):
+        verifier.verify(token({"sub": "a", claim: value}))
 
 
 def test_a_token_without_exp_is_refused(verifier: TokenVerifier) -> None:
@@ -229,3 +254,86 @@ async def test_a_tenant_header_never_overrides_the_token(verifier: TokenVerifier
         )
     assert r.status_code == 200
     assert r.json() == {"tenant": "acme", "scopes": ["a", "b"]}
+
+
+# --- the challenge: never text from the token ---------------------------------------------------
+#: RFC 6750 section 3 and RFC 9110 quoted-string: visible ASCII and space, no '"' or '\\'.
+CHALLENGE = re.compile(
+    rb'Bearer realm="metering", error="invalid_token", '
+    rb'error_description="[\x20\x21\x23-\x5b\x5d-\x7e]{1,200}"'
+)
+
+
+def _unsigned(header: dict, claims: dict) -> str:
+    """A token with any header, and a signature nobody made."""
+    parts = (json.dumps(header).encode(), json.dumps(claims).encode())
+    return ".".join(jwt.utils.base64url_encode(p).decode() for p in parts) + ".c2ln"
+
+
+async def _refusal(verifier: TokenVerifier, raw: str) -> httpx.Response:
+    async with client(verifier) as c:
+        r = await c.get("/whoami", headers={"Authorization": f"Bearer {raw}"})
+    assert r.status_code == 401
+    assert r.headers["content-type"] == "application/problem+json"
+    (challenge,) = [v for k, v in r.headers.raw if k.lower() == b"www-authenticate"]
+    assert CHALLENGE.fullmatch(challenge), challenge
+    return r
+
+
+@pytest.mark.parametrize(
+    ("header", "description", "detail"),
+    [
+        ({"alg": "\u0410"}, "token algorithm is not accepted", "token algorithm '\u0410' is"),
+        ({"alg": "x\r\nX-Injected: yes"}, "token algorithm is not accepted", "'x\\r\\nX-Inj"),
+        ({"alg": 'x"y\\'}, "token algorithm is not accepted", "token algorithm"),
+        ({"alg": "A" * 5000}, "token algorithm is not accepted", "A" * 37 + "..."),
+        ({"alg": "HS256", "crit": ["\u0410"]}, "token is invalid", "extension: \u0410"),
+        (
+            {"alg": "HS256", "crit": ["a\r\nX-Injected: yes"]},
+            "token is invalid",
+            "extension: a\\r\\nX-Injected: yes",
+        ),
+        ({"alg": "HS256", "crit": ["a\\"]}, "token is invalid", "extension: a\\"),
+        ({"alg": "HS256", "crit": ["c" * 5000]}, "token is invalid", "c" * 100),
+    ],
+    ids=[
+        "alg-cyrillic",
+        "alg-crlf",
+        "alg-quote-backslash",
+        "alg-5000-chars",
+        "crit-cyrillic",
+        "crit-crlf",
+        "crit-backslash",
+        "crit-5000-chars",
+    ],
+)
+async def test_the_challenge_carries_a_fixed_description_never_the_tokens_text(
+    verifier: TokenVerifier, header: dict, description: str, detail: str
+) -> None:
+    """An ``alg`` or a ``crit`` entry could hold CR/LF (the server drops the connection), a
+    character latin-1 cannot encode (a 500) or a quote/backslash (a broken quoted-string): the
+    challenge names the kind of failure, the body says more, bounded and escaped."""
+    r = await _refusal(verifier, _unsigned(header, {"sub": "a", "exp": 9999999999}))
+    assert r.headers["www-authenticate"].endswith(f'error_description="{description}"')
+    assert "x-injected" not in r.headers
+    assert detail in r.json()["detail"]
+    assert len(r.json()["detail"]) <= 200
+
+
+async def test_a_signed_token_with_a_non_ascii_tenant_is_401_invalid_tenant(
+    verifier: TokenVerifier,
+) -> None:
+    r = await _refusal(verifier, token({"sub": "\u0430bc"}))
+    assert r.headers["www-authenticate"].endswith('error_description="token tenant is invalid"')
+    assert r.json()["detail"].startswith("token tenant: invalid tenant id '\u0430bc'")
+
+
+async def test_a_huge_exp_is_401_token_is_invalid(verifier: TokenVerifier) -> None:
+    r = await _refusal(verifier, token({"sub": "a", "exp": 10**400}))
+    assert r.json()["detail"] == "token is invalid: claim 'exp' is not a time in range"
+    assert r.headers["www-authenticate"].endswith('error_description="token is invalid"')
+
+
+async def test_a_future_iat_is_401_naming_iat(verifier: TokenVerifier) -> None:
+    r = await _refusal(verifier, token({"sub": "a", "iat": int(time.time()) + 600}))
+    assert r.json()["detail"] == "token is not valid yet (iat: issued in the future)"
