@@ -8,11 +8,16 @@ the emitter. Errors are reported per event by index. Invariants:
 
 - a tenant may only send events whose ``subject`` is itself, of type ``metering.usage`` (limiter
   decisions come from the limiter); an admin may send any tenant's events of either type;
-- at most ``API_MAX_BATCH`` events and ``API_MAX_BODY_BYTES`` bytes (413 beyond).
+- at most ``API_MAX_BATCH`` events and ``API_MAX_BODY_BYTES`` bytes (413 beyond);
+- no event is accepted that the worker would not count (202 means every event counts): one
+  older than ``EVENT_MAX_LATENESS`` (the worker dead-letters it as late), or one repeating the
+  (subject, id) of an earlier event of the batch (the worker keeps the first of an id only).
+  Tests: ``tests/integration/test_api_ingest.py``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
@@ -63,11 +68,23 @@ def _parse_body(raw: bytes, media_type: str, max_batch: int) -> list[Any]:
     return body
 
 
-def _check_event(item: Any, principal: Principal, max_future_skew: float) -> UsageEvent:
+def _check_event(
+    item: Any,
+    principal: Principal,
+    max_future_skew: float,
+    max_lateness: float,
+    now: dt.datetime,
+) -> UsageEvent:
     """The validated event, or :class:`EventDecodeError` / :class:`PermissionError`."""
     if not isinstance(item, dict):
         raise EventDecodeError("event: must be a JSON object")
-    event = decode_event(json.dumps(item), max_future_skew=max_future_skew)
+    event = decode_event(json.dumps(item), now=now, max_future_skew=max_future_skew)
+    if event.time < now - dt.timedelta(seconds=max_lateness):  # the worker's cutoff, exactly
+        age = (now - event.time).total_seconds()
+        raise EventDecodeError(
+            f"time: is {age:.0f}s old, later than the accepted lateness "
+            f"({max_lateness:g}s, EVENT_MAX_LATENESS)"
+        )
     if not principal.is_admin:
         if event.subject != principal.tenant_id:
             raise PermissionError(
@@ -122,19 +139,31 @@ async def ingest_events(request: Request, principal: CurrentPrincipal) -> Ingest
             + ", ".join(sorted(BATCH_TYPES | SINGLE_TYPES)),
             slug="unsupported-media-type",
         )
+    settings = ctx.settings
     body = await request.body()
-    items = _parse_body(body, media_type, ctx.settings.api_max_batch)
+    items = _parse_body(body, media_type, settings.api_max_batch)
+    now = dt.datetime.now(dt.UTC)
     events: list[UsageEvent] = []
     errors: list[dict[str, Any]] = []
+    first_of: dict[tuple[str, str], int] = {}  # (subject, id) -> index of its first event
     forbidden = False
     for index, item in enumerate(items):
         try:
-            events.append(_check_event(item, principal, ctx.settings.event_max_future_skew))
+            event = _check_event(
+                item, principal, settings.event_max_future_skew, settings.event_max_lateness, now
+            )
         except EventDecodeError as exc:
             errors.append({"index": index, "message": str(exc)})
+            continue
         except PermissionError as exc:
             forbidden = True
             errors.append({"index": index, "message": str(exc)})
+            continue
+        first = first_of.setdefault((event.subject, event.id), index)
+        if first != index:
+            errors.append({"index": index, "message": f"id: repeats the id of event {first}"})
+            continue
+        events.append(event)
     if errors:
         shown = "; ".join(f"[{e['index']}] {e['message']}" for e in errors[:3])
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""

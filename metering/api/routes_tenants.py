@@ -15,7 +15,7 @@ import inspect
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from limiter.keys import daily_counter_key, token_bucket_key, window_meta_key
 from metering.api.auth import (
@@ -43,11 +43,12 @@ TenantPath = Annotated[
 
 
 class QuotaIn(BaseModel):
-    """A tenant's limits, replaced as a whole (omit the window pair to have no window)."""
+    """A tenant's limits, replaced as a whole (omit the window pair to have no window). The
+    limits are strict: JSON numbers, never a string or a boolean coerced into one."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rate_per_sec: float = Field(gt=0, le=MAX_LIMIT, allow_inf_nan=False)
+    rate_per_sec: StrictFloat = Field(gt=0, le=MAX_LIMIT, allow_inf_nan=False)
     burst: StrictInt = Field(ge=1, le=MAX_LIMIT)
     daily_limit: StrictInt = Field(ge=1, le=MAX_LIMIT)
     window_limit: StrictInt | None = Field(None, ge=1, le=MAX_LIMIT)

@@ -4,11 +4,17 @@ requests from the app's own OpenAPI schema against the app served by uvicorn."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +23,8 @@ from schemathesis import GenerationMode
 
 from tests.integration.api_support import (
     ADMIN_SCOPE,
+    AUDIENCE,
+    SECRET,
     api_settings,
     auth,
     problem,
@@ -73,6 +81,28 @@ BAD_REQUESTS = [
         "rate_per_sec",
     ),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {"burst": 5, "daily_limit": 5}}, 422, "rate_per_sec"),
+    # rate_per_sec is strict like the other limits: no boolean or string coerced to a number
+    (
+        "PUT",
+        "/v1/tenants/{t}/quota",
+        {"json": {**UNLIMITED, "rate_per_sec": True}},
+        422,
+        "rate_per_sec: Input should be a valid number",
+    ),
+    (
+        "PUT",
+        "/v1/tenants/{t}/quota",
+        {"json": {**UNLIMITED, "rate_per_sec": "2"}},
+        422,
+        "rate_per_sec: Input should be a valid number",
+    ),
+    (
+        "PUT",
+        "/v1/tenants/{t}/quota",
+        {"json": {**UNLIMITED, "rate_per_sec": "  3 "}},
+        422,
+        "rate_per_sec: Input should be a valid number",
+    ),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {**UNLIMITED, "burst": -1}}, 422, "burst"),
     ("PUT", "/v1/tenants/{t}/quota", {"json": {**UNLIMITED, "burst": 1.5}}, 422, "burst"),
     (
@@ -91,6 +121,16 @@ BAD_REQUESTS = [
         {"content": b"{oops", "headers": {"content-type": "application/json"}},
         422,
         "JSON",
+    ),
+    (
+        "PUT",
+        "/v1/tenants/{t}/quota",
+        {
+            "content": b'{"rate_per_sec": 1, "burst": 1, "daily_limit": 1, "plan": "\xff"}',
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+        "body is not UTF-8 JSON",
     ),
     (
         "PUT",
@@ -165,6 +205,46 @@ def test_405_names_the_allowed_methods(server: str, caller: dict[str, str]) -> N
     r = httpx.delete(f"{server}/v1/events", headers=caller)
     assert r.status_code == 405
     assert r.headers["allow"] == "POST"
+
+
+def _signed(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """A token with any header and claims, signed with the server's secret."""
+    signing_input = ".".join(
+        jwt.utils.base64url_encode(json.dumps(part).encode()).decode() for part in (header, claims)
+    )
+    mac = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{jwt.utils.base64url_encode(mac).decode()}"
+
+
+@pytest.mark.parametrize(
+    ("header", "claims", "words"),
+    [
+        ({"alg": "\u0410"}, {}, "token algorithm '\u0410' is not accepted"),
+        ({"alg": "HS256", "crit": ["a\r\nX-Injected: yes"]}, {}, "critical extension"),
+        ({"alg": "HS256", "crit": ["a\\"]}, {}, "critical extension"),
+        ({"alg": "HS256"}, {"sub": "\u0430bc"}, "token tenant: invalid tenant id"),
+        ({"alg": "HS256"}, {"exp": 10**400}, "claim 'exp' is not a time"),
+        ({"alg": "HS256"}, {"nbf": -(10**400)}, "claim 'nbf' is not a time"),
+    ],
+    ids=["alg-cyrillic", "crit-crlf", "crit-backslash", "tenant-cyrillic", "exp-huge", "nbf-huge"],
+)
+def test_a_hostile_token_gets_a_401_with_a_well_formed_challenge(
+    server: str, header: dict[str, Any], claims: dict[str, Any], words: str
+) -> None:
+    """Through uvicorn: text from the token never reaches the header (a CR/LF made the server
+    drop the connection, a non-latin-1 character made a 500), nor does a huge time claim 500."""
+    body = {"sub": "t1", "aud": AUDIENCE, "exp": int(time.time()) + 600, **claims}
+    r = httpx.get(
+        f"{server}/v1/limits/t1", headers={"Authorization": f"Bearer {_signed(header, body)}"}
+    )
+    assert r.status_code == 401, r.text[:300]
+    assert words in problem(r)["detail"]
+    assert "x-injected" not in r.headers
+    assert re.fullmatch(
+        r'Bearer realm="metering", error="invalid_token", '
+        r'error_description="[\x20\x21\x23-\x5b\x5d-\x7e]+"',
+        r.headers["www-authenticate"],
+    )
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

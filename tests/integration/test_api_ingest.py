@@ -149,6 +149,54 @@ async def test_bad_events_are_reported_by_index_and_nothing_is_sent(settings, te
     assert read_events(settings, expected=1, subject=tenant, timeout=2) == []
 
 
+async def test_a_batch_repeating_an_id_is_refused_naming_the_first_occurrence(
+    settings, tenant: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The worker keeps only the first event of a (tenant, id): accepting the batch would tell
+    the client that events count which never will. The same id under another subject is
+    another event."""
+    first = event(tenant, 1)
+    again = {**event(tenant, 100), "id": first["id"]}
+    other = f"{tenant}-b"
+    batch = [first, event(tenant), again, {**event(other), "id": first["id"]}, dict(again)]
+    async with api_client(settings) as client:
+        r = await client.post("/v1/events", json=batch, headers=admin())
+    body = problem(r)
+    assert r.status_code == 422
+    assert body["type"] == "urn:metering:problem:invalid-events"
+    assert body["errors"] == [
+        {"index": 2, "message": "id: repeats the id of event 0"},
+        {"index": 4, "message": "id: repeats the id of event 0"},
+    ]
+    assert body["detail"].startswith("2 of 5 events refused, none accepted: [2] id: repeats")
+    assert read_events(settings, expected=1, subject=tenant, timeout=2) == []
+
+
+async def test_an_event_older_than_the_lateness_is_refused_by_index(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    """The worker dead-letters an event older than EVENT_MAX_LATENESS as late: it is refused at
+    ingest like one too far in the future, and one just inside the lateness passes."""
+    now = dt.datetime.now(dt.UTC)
+    lateness = dt.timedelta(seconds=settings.event_max_lateness)
+    inside = event(tenant, time=(now - lateness + dt.timedelta(minutes=5)).isoformat())
+    async with api_client(settings) as client:
+        r = await client.post(
+            "/v1/events",
+            json=[event(tenant), event(tenant, time="2000-01-01T00:00:00Z")],
+            headers=auth(tenant),
+        )
+        body = problem(r)
+        assert r.status_code == 422
+        ((index, message),) = [(e["index"], e["message"]) for e in body["errors"]]
+        assert index == 1
+        assert message.startswith("time: is ") and message.endswith(
+            f"s old, later than the accepted lateness ({settings.event_max_lateness:g}s, "
+            "EVENT_MAX_LATENESS)"
+        )
+        r = await client.post("/v1/events", json=[inside], headers=auth(tenant))
+        assert r.status_code == 202, r.text
+    assert [e.id for e in read_events(settings, expected=1, subject=tenant)] == [inside["id"]]
+
+
 async def test_a_tenant_cannot_send_another_tenants_events(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
     other = f"{tenant}-b"
     async with api_client(settings) as client:
