@@ -62,9 +62,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"metering: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a store unreachable, not migrated, or held by another process
+        from metering.commands.store_errors import store_failure
+
+        message = store_failure(exc)
+        if message is None or args.verbose:
+            raise
+        print(f"metering: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m metering.cli`` this file is ``__main__``, a module apart from the
+    # ``metering.cli`` whose CommandError the commands raise: run that module's main.
+    from metering.cli import main as cli_main
+
+    sys.exit(cli_main())

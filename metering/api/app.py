@@ -88,13 +88,16 @@ def _build_defaults(settings: Settings, given: dict[str, Any]) -> tuple[dict[str
         )
     if out["limiter"] is None:
         from limiter import AsyncRateLimiter, CircuitBreaker, LocalLimiter
+        from limiter.failure_policy import log_breaker_change
 
         out["limiter"] = AsyncRateLimiter(
             out["redis"],
             out["quotas"],
             fail_mode=settings.rate_limit_fail_mode,
             breaker=CircuitBreaker(
-                settings.rate_limit_breaker_failures, settings.rate_limit_breaker_reset
+                settings.rate_limit_breaker_failures,
+                settings.rate_limit_breaker_reset,
+                on_change=log_breaker_change,
             ),
             local_limiter=LocalLimiter(settings.rate_limit_local_ceiling_per_sec),
         )

@@ -1,15 +1,25 @@
 """``metering config``: the effective settings (secrets redacted), or ``--reference``: every
-setting with its default and meaning, as the Markdown table the README carries."""
+setting with its default and meaning, as the Markdown table the README carries.
+
+Redacted: the secret settings themselves, and the password a URL-valued setting carries
+(``redis://:pw@host``, ``postgresql://user:pw@host/db``, ``?password=pw``, a ``user:pw@host:port``
+item of a node list); the rest of the URL stays readable."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from metering.settings import Settings, get_settings
 
 SECRET_FIELDS = {"jwt_secret", "rate_limit_redis_password"}
+MASK = "***"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: a query parameter that carries a credential (redis-py, libpq and clickhouse-connect read them)
+_SECRET_PARAM = re.compile(r"(?i)((?:^|&)[^=&]*(?:pass|pwd|secret|token)[^=&]*=)[^&]*")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,10 +46,33 @@ def reference() -> str:
     return "\n".join(lines)
 
 
+def _masked_userinfo(netloc: str) -> str:
+    """``user:pw@host`` -> ``user:***@host`` (the last ``@`` ends the userinfo, as in urlsplit)."""
+    userinfo, at, host = netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:{MASK}@{host}" if at and colon else netloc
+
+
+def redact(value: str) -> str:
+    """``value`` with the password of its URL, or of each ``user:pw@host:port`` item of a
+    comma-separated list, masked; anything else unchanged."""
+    if scheme := _URL.match(value):
+        # Spliced by hand: urlunsplit would rewrite chdb:///path as chdb:/path.
+        netloc = urlsplit(value).netloc
+        rest = value[scheme.end() + len(netloc) :]
+        path, question, query = rest.partition("?")
+        query, hash_, fragment = query.partition("#")
+        query = _SECRET_PARAM.sub(rf"\g<1>{MASK}", query)
+        return f"{scheme[0]}{_masked_userinfo(netloc)}{path}{question}{query}{hash_}{fragment}"
+    if "@" in value and not value.startswith(("{", "[")):  # not a JSON setting
+        return ",".join(_masked_userinfo(item) for item in value.split(","))
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.reference:
         print(reference())
         return 0
     for key, value in get_settings().as_env().items():
-        print(f"{key}={'***' if key.lower() in SECRET_FIELDS else value}")
+        print(f"{key}={MASK if key.lower() in SECRET_FIELDS else redact(value)}")
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from metering import reconcile
 from metering.cli import CommandError
+from metering.commands.store_errors import embedded_engine_held
 from metering.settings import Settings, get_settings
 
 
@@ -87,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             rows = direct(settings, day)
         except Exception as exc:  # the embedded engine is held by a running `metering up`
-            if not (settings.clickhouse_embedded and "lock" in str(exc).lower()):
+            if not embedded_engine_held(settings, exc):
                 raise
             print(
                 "metering reconcile: the embedded ClickHouse is in use by a running "

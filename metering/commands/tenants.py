@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -17,6 +18,8 @@ from metering.ids import InvalidIdentifier, validate_tenant_id
 from metering.plans import PLANS, QuotaError, plan_limits
 from metering.quota_db import QuotaStore, TenantRecord
 from metering.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 
 def _tenant(text: str) -> str:
@@ -63,9 +66,19 @@ def _store(settings: Settings) -> QuotaStore:
 
 
 def _redis(settings: Settings) -> Any:
-    from limiter.redis_factory import redis_from_settings
+    """The client that tells Redis of a change, or None when none can be made now (a Cluster
+    client asks the nodes for the slot map as it is made): the change is stored all the same,
+    as when a single node is down, and the caches take it up after their TTLs."""
+    from redis.exceptions import RedisClusterException, RedisError
 
-    return redis_from_settings(settings)
+    from limiter.redis_factory import redis_from_settings
+    from metering.commands.store_errors import redis_setting
+
+    try:
+        return redis_from_settings(settings)
+    except (RedisError, RedisClusterException) as exc:
+        log.warning("Redis (%s) cannot be reached: %s", redis_setting(settings), exc)
+        return None
 
 
 def _row(rec: TenantRecord) -> str:

@@ -81,6 +81,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _queries() -> UsageQueries:
     from metering.cli import CommandError
     from metering.clickhouse.client import clickhouse_client
+    from metering.commands.store_errors import embedded_engine_held
 
     settings = load_settings()
     try:
@@ -88,11 +89,11 @@ def _queries() -> UsageQueries:
     except Exception as exc:
         # The embedded engine allows one process per data folder: a running `metering up`
         # owns it, and answers the same questions over HTTP.
-        if settings.clickhouse_embedded and "lock" in str(exc).lower():
+        if embedded_engine_held(settings, exc):
             raise CommandError(
                 f"the embedded ClickHouse ({settings.clickhouse_url}) is in use by a running "
-                "`metering up`; ask it over HTTP instead, e.g. curl -H \"Authorization: Bearer "
-                "$(metering token <tenant>)\" http://127.0.0.1:8000/v1/billing/<tenant>/<yyyy-mm>"
+                '`metering up`; ask it over HTTP instead, e.g. curl -H "Authorization: Bearer '
+                '$(metering token <tenant>)" http://127.0.0.1:8000/v1/billing/<tenant>/<yyyy-mm>'
                 " (or /v1/usage, /v1/usage/sliding)"
             ) from None
         raise

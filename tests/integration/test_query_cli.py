@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,3 +100,39 @@ def test_bad_input_exits_2_naming_the_parameter(
     assert "tz:" in capsys.readouterr().err
     assert main(["billing", "acme", "2026-13"]) == 2
     assert "month:" in capsys.readouterr().err
+
+
+def test_usage_on_an_unmigrated_database_is_one_line_saying_to_migrate(
+    cli_db: str,
+    clickhouse_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("CLICKHOUSE_URL", clickhouse_url)
+    monkeypatch.setenv("CLICKHOUSE_DATABASE", "never_migrated")
+    assert main(["usage", "top", "--meter", "requests"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"metering: ClickHouse (CLICKHOUSE_URL={clickhouse_url}): Code: 81.")
+    assert err.endswith("(UNKNOWN_DATABASE); run `metering db migrate`\n")
+    assert err.count("\n") == 1
+
+
+def test_usage_while_another_process_holds_the_embedded_engine_points_at_the_api(
+    clickhouse_url: str, clickhouse_client: Any
+) -> None:
+    if not clickhouse_url.startswith("chdb:"):
+        pytest.skip("needs the embedded engine")
+    # This process runs the engine on the session's folder: a second process cannot open it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "metering.cli", "usage", "top", "--meter", "requests"],
+        env={**os.environ, "CLICKHOUSE_URL": clickhouse_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert (
+        f"metering: the embedded ClickHouse ({clickhouse_url}) is in use by a running "
+        "`metering up`; ask it over HTTP instead" in proc.stderr
+    )

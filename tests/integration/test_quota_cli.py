@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -136,5 +137,107 @@ def test_a_change_is_stored_even_when_redis_cannot_be_told(
     code, _, err = run(["tenants", "set", tenant, "--plan", "free"], capsys)
     assert code == 0
     assert "stored, but Redis could not be told; processes apply the change within 35s" in err
+    code, out, _ = run(["tenants", "show", tenant, "--json"], capsys)
+    assert json.loads(out)["plan"] == "free"
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["tenants", "list"], ["tenants", "show", "x"], ["tenants", "set", "x", "--plan", "pro"]],
+)
+def test_an_unmigrated_quota_db_is_one_line_naming_it_and_the_fix(
+    args: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = f"sqlite:///{tmp_path / 'quota.db'}"
+    monkeypatch.setenv("QUOTA_DB_URL", db)
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", f"redis://127.0.0.1:{dead_port()}/0")
+    code, _, err = run(args, capsys)
+    assert code == 1
+    assert err == (
+        f"metering: the quota DB (QUOTA_DB_URL={db}): no such table: tenants; "
+        "run `metering db migrate`\n"
+    )
+
+
+@pytest.mark.parametrize("args", [["tenants", "list"], ["db", "migrate", "--only", "quota"]])
+def test_an_unreachable_quota_db_is_one_line_naming_it_without_its_password(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = dead_port()
+    monkeypatch.setenv("QUOTA_DB_URL", f"postgresql://app:dbpass@127.0.0.1:{port}/quota")
+    code, _, err = run(args, capsys)
+    assert code == 1
+    assert err.startswith(
+        f"metering: the quota DB (QUOTA_DB_URL=postgresql://app:***@127.0.0.1:{port}/quota): "
+    )
+    assert "Connection refused" in err
+    assert "dbpass" not in err and err.count("\n") == 1
+
+
+def test_an_unreachable_clickhouse_server_is_one_line_naming_it_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = dead_port()
+    monkeypatch.setenv("CLICKHOUSE_URL", f"http://metering:chpass@127.0.0.1:{port}")
+    code, _, err = run(["db", "migrate", "--only", "clickhouse"], capsys)
+    assert code == 1
+    line = err.splitlines()[-1]  # urllib3 and clickhouse-connect log their retry first
+    assert line.startswith(
+        f"metering: ClickHouse (CLICKHOUSE_URL=http://metering:***@127.0.0.1:{port}): "
+    )
+    assert "Connection refused" in line and "chpass" not in err
+
+
+def test_db_migrate_while_another_process_holds_the_embedded_clickhouse_says_so(
+    clickhouse_url: str, clickhouse_client: object, tmp_path: Path
+) -> None:
+    if not clickhouse_url.startswith("chdb:"):
+        pytest.skip("needs the embedded engine")
+    # This process runs the engine on the session's folder: a second process cannot open it.
+    environ = {
+        **os.environ,
+        "QUOTA_DB_URL": f"sqlite:///{tmp_path / 'quota.db'}",
+        "CLICKHOUSE_URL": clickhouse_url,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "metering.cli", "db", "migrate", "--only", "clickhouse"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"metering: ClickHouse (CLICKHOUSE_URL={clickhouse_url}): cannot open the embedded "
+        "engine: the folder is in use by another process (a running `metering up` or worker)"
+    )
+
+
+def test_a_change_is_stored_even_when_the_redis_cluster_is_down_at_start(
+    env: str,
+    tenant: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Cluster client asks the nodes for the slot map as it is made: none answers here.
+    nodes = f"127.0.0.1:{dead_port()}"
+    monkeypatch.setenv("RATE_LIMIT_REDIS_CLUSTER_NODES", nodes)
+    capsys.readouterr()
+    code, _, err = run(["tenants", "set", tenant, "--plan", "free"], capsys)
+    assert code == 0
+    assert "stored, but Redis could not be told; processes apply the change within 35s" in err
+    assert f"Redis (RATE_LIMIT_REDIS_CLUSTER_NODES={nodes}) cannot be reached" in caplog.text
     code, out, _ = run(["tenants", "show", tenant, "--json"], capsys)
     assert json.loads(out)["plan"] == "free"

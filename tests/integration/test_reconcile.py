@@ -202,3 +202,81 @@ def test_a_fractional_total_copied_exactly_is_not_drift(
     (mine,) = [r for r in rows if r.tenant == tenant]
     assert (mine.clickhouse, mine.quota_db) == (3, 3)
     assert mine.drift == {}
+
+
+@pytest.fixture
+def cli_env(clickhouse_client, clickhouse_url, tmp_path: Path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The reconcile command's settings on the session's engine and a fresh quota DB."""
+    from metering.settings import get_settings
+
+    adopt_embedded_client(clickhouse_url, clickhouse_client)
+    monkeypatch.setenv("CLICKHOUSE_URL", clickhouse_url)
+    monkeypatch.setenv("QUOTA_DB_URL", f"sqlite:///{tmp_path / 'quota.db'}")
+    for var in ("RATE_LIMIT_REDIS_CLUSTER_NODES", "RATE_LIMIT_REDIS_SENTINELS"):
+        monkeypatch.delenv(var, raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_the_cli_with_redis_down_says_so_in_one_line_without_the_password(
+    cli_env, clickhouse_db, monkeypatch, capsys
+) -> None:
+    import socket
+
+    from metering.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("CLICKHOUSE_DATABASE", clickhouse_db)
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", f"redis://:s3cretpw@127.0.0.1:{port}/0")
+    assert main(["reconcile"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"metering: Redis (RATE_LIMIT_REDIS_URL=redis://:***@127.0.0.1:{port}/0): "
+    )
+    assert "Connection refused" in err
+    assert "s3cretpw" not in err and err.count("\n") == 1
+
+
+def test_the_cli_on_an_unmigrated_clickhouse_says_to_migrate(
+    cli_env, redis_url, clickhouse_url, monkeypatch, capsys
+) -> None:
+    from metering.cli import main
+
+    monkeypatch.setenv("CLICKHOUSE_DATABASE", "never_migrated")
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", own_database(redis_url))
+    assert main(["reconcile"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"metering: ClickHouse (CLICKHOUSE_URL={clickhouse_url}): Code: 81.")
+    assert err.endswith("(UNKNOWN_DATABASE); run `metering db migrate`\n")
+
+
+def test_the_cli_asks_the_running_api_when_another_process_holds_the_engine(
+    clickhouse_client, clickhouse_url, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if not clickhouse_url.startswith("chdb:"):
+        pytest.skip("needs the embedded engine")
+    # This process runs the engine on the session's folder: a second process cannot open it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "metering.cli", "reconcile"],
+        env={
+            **os.environ,
+            "CLICKHOUSE_URL": clickhouse_url,
+            "QUOTA_DB_URL": f"sqlite:///{tmp_path / 'quota.db'}",
+            "METERING_DATA_DIR": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr
+    assert (
+        "metering reconcile: the embedded ClickHouse is in use by a running `metering up`; "
+        "asking it at http://127.0.0.1:8000" in proc.stderr
+    )

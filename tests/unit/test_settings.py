@@ -146,3 +146,66 @@ def test_route_costs_and_meters_from_the_environment_are_kept(
     s = load_settings()
     assert s.rate_limit_route_costs == {"POST /v1/events": 5, "/v1/usage": 2}
     assert s.rate_limit_route_meters == {"/v1/usage": "queries"}
+
+
+def test_a_command_error_run_as_a_module_is_a_message_not_a_traceback() -> None:
+    """As ``python -m metering.cli`` the CLI is ``__main__``; the commands raise
+    ``metering.cli.CommandError``, which must still be the one it catches."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "metering.cli", "token", "acme", "--ttl", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "metering: --ttl must be positive\n"
+
+
+def test_config_masks_the_password_of_every_url_and_keeps_the_rest(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metering.cli import main
+    from metering.settings import get_settings
+
+    given = {
+        "RATE_LIMIT_REDIS_URL": "redis://:s3cretpw@cache:6379/0",
+        "QUOTA_DB_URL": "postgresql://app:dbpass@db:5432/quota?sslmode=require",
+        "CLICKHOUSE_URL": "https://metering:chpass@ch:8443/?secure=1",
+        "RATE_LIMIT_REDIS_SENTINELS": "admin:sentinelpw@s1:26379,s2:26379",
+        "RATE_LIMIT_REDIS_PASSWORD": "redispw",
+        "JWT_SECRET": "jwtsecret-0123456789abcdef0123456789",
+    }
+    for var, value in given.items():
+        monkeypatch.setenv(var, value)
+    get_settings.cache_clear()
+    try:
+        assert main(["config"]) == 0
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr().out
+    shown = dict(line.split("=", 1) for line in out.splitlines())
+    assert shown["RATE_LIMIT_REDIS_URL"] == "redis://:***@cache:6379/0"
+    assert shown["QUOTA_DB_URL"] == "postgresql://app:***@db:5432/quota?sslmode=require"
+    assert shown["CLICKHOUSE_URL"] == "https://metering:***@ch:8443/?secure=1"
+    assert shown["RATE_LIMIT_REDIS_SENTINELS"] == "admin:***@s1:26379,s2:26379"
+    assert shown["RATE_LIMIT_REDIS_PASSWORD"] == shown["JWT_SECRET"] == "***"
+    for secret in ("s3cretpw", "dbpass", "chpass", "sentinelpw", "redispw", "jwtsecret"):
+        assert secret not in out
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("redis://cache:6379/0?password=pw&db=1", "redis://cache:6379/0?password=***&db=1"),
+        ("unix://:pw@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
+        ("postgresql://u:p%40w@h1:5432,h2:5432/q", "postgresql://u:***@h1:5432,h2:5432/q"),
+        ("chdb:///var/clickhouse", "chdb:///var/clickhouse"),
+        ("sqlite:////var/quota.db", "sqlite:////var/quota.db"),
+        ("127.0.0.1:9092,127.0.0.1:9093", "127.0.0.1:9092,127.0.0.1:9093"),
+        ('{"POST /v1/events": 5}', '{"POST /v1/events": 5}'),
+    ],
+)
+def test_redaction_masks_only_the_password(value: str, shown: str) -> None:
+    from metering.commands.config import redact
+
+    assert redact(value) == shown

@@ -1,0 +1,193 @@
+"""What the CLI says when a store fails a command: the quota DB, ClickHouse, Kafka or Redis
+unreachable, not migrated, or (the embedded engine) held by another process. One line naming the
+store and the setting that names it (its password masked), with a hint where one helps;
+:func:`metering.cli.main` prints it instead of the traceback, which ``--verbose`` shows.
+
+The libraries' exception classes are looked up among the modules already imported: an error of
+a library this process never imported cannot have been raised, and importing one (chdb, Kafka)
+only to compare would cost more than the command did.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from metering.commands.config import MASK, redact
+from metering.settings import Settings, load_settings
+
+MIGRATE_HINT = "run `metering db migrate`"
+FOLDER_IN_USE = "the folder is in use by another process (a running `metering up` or worker)"
+MAX_DETAIL = 300
+
+# A table or database the migrations make is missing (SQLite, PostgreSQL, ClickHouse).
+_UNMIGRATED = re.compile(
+    r"no such table|relation \S+ does not exist|UNKNOWN_DATABASE|UNKNOWN_TABLE"
+)
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>]+")
+
+
+def _classes(*names: str) -> tuple[type[BaseException], ...]:
+    """The exception classes ``module.Name`` of the modules imported so far."""
+    found = []
+    for name in names:
+        module, _, cls = name.rpartition(".")
+        value = getattr(sys.modules.get(module), cls, None)
+        if isinstance(value, type) and issubclass(value, BaseException):
+            found.append(value)
+    return tuple(found)
+
+
+def _folder(clickhouse_url: str) -> Path | None:
+    """The embedded engine's folder of a ``chdb://`` URL, read as clickhouse-connect reads it."""
+    parts = urlsplit(clickhouse_url)
+    if parts.scheme != "chdb":
+        return None
+    location = parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
+    return Path(unquote(location)) if location else None
+
+
+def embedded_folder_in_use(clickhouse_url: str) -> bool:
+    """Whether a process runs the embedded engine on this ``chdb://`` folder: while it runs, the
+    engine holds a lock (``flock``) on ``<folder>/status``. chdb's own error on opening a held
+    folder does not say so ("Error initializing EmbeddedServer")."""
+    folder = _folder(clickhouse_url)
+    if folder is None:
+        return False
+    try:
+        fd = os.open(folder / "status", os.O_RDONLY)
+    except OSError:  # no status file: no engine ever ran there, or it stopped cleanly
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got one
+    return False
+
+
+def embedded_engine_held(settings: Settings, exc: BaseException) -> bool:
+    """Whether ``exc`` is the embedded engine refusing to open a folder another process holds
+    (this process may hold it itself once it opened it, so only an open failure is asked about)."""
+    if not settings.clickhouse_embedded:
+        return False
+    text = str(exc).lower()
+    if "cannot lock file" in text:  # what chdb said before "Error initializing EmbeddedServer"
+        return True
+    return "unable to open" in text and embedded_folder_in_use(settings.clickhouse_url)
+
+
+def _detail(exc: BaseException) -> str:
+    """The first line of the error: the driver's own for a SQLAlchemy error (the rest is the
+    statement and a link)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if isinstance(orig, BaseException) else exc).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return line or type(exc).__name__
+
+
+def _passwords(settings: Settings) -> set[str]:
+    found = {settings.rate_limit_redis_password or ""}
+    for url in (settings.rate_limit_redis_url, settings.quota_db_url, settings.clickhouse_url):
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            continue
+        if password:
+            found |= {password, unquote(password)}
+    return found - {""}
+
+
+def _scrubbed(text: str, settings: Settings | None) -> str:
+    """``text`` with any URL password in it masked, and the settings' passwords wherever they
+    appear (a driver may echo a connection string)."""
+    text = _URL_IN_TEXT.sub(lambda m: redact(m[0]), text)
+    if settings is not None:
+        for password in sorted(_passwords(settings), key=len, reverse=True):
+            # As a word of its own: a password "p" must not turn "port" into "***ort".
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(password)}(?![A-Za-z0-9])", MASK, text)
+    return text
+
+
+def redis_setting(settings: Settings | None) -> str:
+    """The setting(s) naming the Redis the CLI talks to, with the value (password masked)."""
+    if settings is None:
+        return "RATE_LIMIT_REDIS_URL"
+    if settings.redis_mode == "cluster":
+        nodes = ",".join(f"{h}:{p}" for h, p in settings.rate_limit_redis_cluster_nodes)
+        return f"RATE_LIMIT_REDIS_CLUSTER_NODES={redact(nodes)}"
+    if settings.redis_mode == "sentinel":
+        sentinels = ",".join(f"{h}:{p}" for h, p in settings.rate_limit_redis_sentinels)
+        return (
+            f"RATE_LIMIT_REDIS_SENTINELS={redact(sentinels)}, "
+            f"RATE_LIMIT_REDIS_SENTINEL_MASTER={settings.rate_limit_redis_sentinel_master}"
+        )
+    return f"RATE_LIMIT_REDIS_URL={redact(settings.rate_limit_redis_url)}"
+
+
+#: the stores and the exception classes their clients raise
+_STORE_ERRORS: dict[str, tuple[str, ...]] = {
+    "the quota DB": ("sqlalchemy.exc.SQLAlchemyError",),
+    "Kafka": ("kafka.errors.KafkaError", "aiokafka.errors.KafkaError"),
+    "ClickHouse": (
+        "clickhouse_connect.driver.exceptions.Error",
+        "chdb.ChdbError",
+        "chdb._exceptions.ChdbError",
+    ),
+    "Redis": ("redis.exceptions.RedisError", "redis.exceptions.RedisClusterException"),
+}
+#: the setting naming each store (Redis: :func:`redis_setting`)
+_SETTING = {
+    "the quota DB": "QUOTA_DB_URL",
+    "Kafka": "KAFKA_BOOTSTRAP_SERVERS",
+    "ClickHouse": "CLICKHOUSE_URL",
+}
+
+
+def _setting(store: str, settings: Settings | None) -> str:
+    if store == "Redis":
+        return redis_setting(settings)
+    name = _SETTING[store]
+    if settings is None:  # the settings themselves do not load: name the variable only
+        return name
+    return f"{name}={redact(str(getattr(settings, name.lower())))}"
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """The one-line message for ``exc`` if a store's client raised it, else None."""
+    store = next(
+        (s for s, names in _STORE_ERRORS.items() if isinstance(exc, _classes(*names))), None
+    )
+    if store is None:
+        return None
+    try:
+        settings: Settings | None = load_settings()
+    except Exception:
+        settings = None
+    where = f"{store} ({_setting(store, settings)})"
+    if store == "ClickHouse" and settings is not None and embedded_engine_held(settings, exc):
+        return f"{where}: cannot open the embedded engine: {FOLDER_IN_USE}"
+    detail = _detail(exc)
+    hint = f"; {MIGRATE_HINT}" if _UNMIGRATED.search(detail) else ""
+    detail = _scrubbed(detail, settings)  # before it is cut: no password cut in half
+    if len(detail) > MAX_DETAIL:
+        detail = detail[: MAX_DETAIL - 1] + "…"
+    return f"{where}: {detail}{hint}"
+
+
+__all__ = [
+    "FOLDER_IN_USE",
+    "MIGRATE_HINT",
+    "embedded_engine_held",
+    "embedded_folder_in_use",
+    "redis_setting",
+    "store_failure",
+]
