@@ -3,11 +3,11 @@
 -- Refills the token bucket from the server clock (TIME, the clock of record), then consumes
 -- `cost` from the bucket, from the UTC day's counter and (optionally) from the rolling window
 -- only if all of them have room: all or nothing. A rejection consumes nothing: it leaves the
--- bucket and the day's counter as they were (it may still seed a missing counter and drop
--- window entries that have expired, which changes no limit).
+-- bucket and the day's counter as they were (it may still seed a missing counter, drop
+-- window entries that have expired and push out the bucket's expiry, which changes no limit).
 --
 -- KEYS[1] rl:{t}:tb             hash  tokens (float, %.17g), ts (server time, microseconds),
---                                     xs (when its expiry was last pushed out, microseconds)
+--                                     xe (when the key expires, server time, microseconds)
 -- KEYS[2] rl:{t}:day:YYYYMMDD   int   units used on that UTC day
 -- KEYS[3] rl:{t}:win            zset  rolling-window log: member "<seq>:<cost>", score = ts (us)
 -- KEYS[4] rl:{t}:win:meta       hash  sum (units in the log), seq (last member number)
@@ -76,7 +76,7 @@ else
 end
 
 -- Token bucket, refilled by elapsed server time, capped at burst.
-local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'xs')
+local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'xe')
 local tokens = tonumber(tb[1])
 local ts = tonumber(tb[2])
 if tokens == nil or ts == nil then
@@ -150,19 +150,29 @@ if tokens < cost then
   if wait > retry_us then retry_us = wait end
 end
 
+-- The bucket may vanish once it would be full again: at most full_us after a write under the
+-- current quota. Its expiry is pushed out to twice that (and xe with it) only when less than
+-- full_us of it is left, which saves a write on most calls while the key always outlives its
+-- refill time. Measuring what is left against the current quota matters once the rate was
+-- lowered: the expiry set under the faster rate is pushed out by the next call, even a rejected
+-- one, instead of letting the key vanish and come back as a full bucket.
 if reason ~= 0 then
+  if tokens < burst then
+    local full_us = math.ceil(burst * 1000000 / rate) + 1000000
+    if (tonumber(tb[3]) or 0) - now <= full_us then
+      redis.call('HSET', KEYS[1], 'xe', now + 2 * full_us)
+      redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
+    end
+  end
   return {0, reason, math.floor(tokens * 1000), math.ceil(retry_us / 1000), used, win_used,
           server_day, now_s}
 end
 
 -- Consume from all of them.
 tokens = tokens - cost
--- The bucket may vanish once it would be full again (after at most burst / rate seconds). Its
--- expiry is pushed out to twice that only when half of it has run down, which saves a write on
--- most calls while the key always outlives its refill time.
 local full_us = math.ceil(burst * 1000000 / rate) + 1000000
-if now - (tonumber(tb[3]) or 0) >= full_us then
-  redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now, 'xs', now)
+if (tonumber(tb[3]) or 0) - now <= full_us then
+  redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now, 'xe', now + 2 * full_us)
   redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
 else
   redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
@@ -172,7 +182,8 @@ if cost > 0 then
 end
 if window_limit > 0 and cost > 0 then
   local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
-  redis.call('ZADD', KEYS[3], now, seq .. ':' .. cost)
+  -- ARGV[1], the cost as the client wrote it: a number would be written with %.14g.
+  redis.call('ZADD', KEYS[3], now, seq .. ':' .. ARGV[1])
   win_used = win_used + cost
   redis.call('HSET', KEYS[4], 'sum', win_used)
   local ttl = math.ceil(window_us / 1000) + 1000

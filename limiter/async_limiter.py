@@ -99,8 +99,12 @@ class AsyncRateLimiter:
                     break
                 day = reply[6]
                 core.clock.observe(reply[7])
+                # NEED_SEED: that day's seed. WRONG_DAY: again with the server's day and no seed,
+                # as one fetched while midnight passed is the ended day's.
                 if status == NEED_SEED:
                     seed = b"%d" % await self._seed(tenant, day)
+                else:
+                    seed = core.first_seed
             else:
                 raise RuntimeError(f"acquire.lua kept answering status {status}")
         except REDIS_ERRORS as exc:

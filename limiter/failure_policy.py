@@ -37,6 +37,10 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     rexc.MasterDownError,
     rexc.ClusterError,
     rexc.SlotNotCoveredError,
+    # A Cluster whose topology refresh reached no node: both cluster clients raise it for the
+    # connection errors that follow. A RedisClusterException, not a RedisError; its other
+    # RedisClusterExceptions (cross-slot keys, cluster mode off) are bugs and propagate.
+    rexc.RedisClusterUnreachableError,
     OSError,
     asyncio.TimeoutError,
     rexc.OutOfMemoryError,  # OOM: maxmemory reached with noeviction, no write is taken
@@ -132,7 +136,8 @@ class FailurePolicy:
         return Decision(
             allowed=allowed,
             limit=quota.burst,
-            remaining=int(tokens),
+            # The local ceiling's tokens, reported against the burst: never more than it.
+            remaining=min(int(tokens), quota.burst),
             retry_after=retry,
             daily_limit=quota.daily_limit,
             daily_used=0,

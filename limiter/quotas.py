@@ -29,6 +29,11 @@ counted as stale, or :class:`UnknownTenant`) until a source answers; background 
 the answer as soon as one does, and so does a concurrent lookup that got one. That placeholder never
 replaces an answer a concurrent lookup installed. No other exception reaches the caller, except
 :class:`metering.ids.InvalidIdentifier` for a malformed tenant id.
+
+A DB row the limiter cannot use (the DB's constraints are looser than
+:func:`metering.plans.check_limits`, and a row written by SQL may pass them) counts as a DB that
+failed: it is logged with the tenant and the problem, neither cached nor written back to Redis,
+and the lookup gets the last known quota or, for a tenant not seen yet, the unknown-tenant policy.
 """
 
 from __future__ import annotations
@@ -365,6 +370,17 @@ class QuotaCache:
             self._local.clear()
 
     # --- fetching (sync) -------------------------------------------------------------------------
+    def _db_payload(self, tenant: str, record: TenantRecord | None) -> str:
+        """The DB's answer as cached; a row the limiter cannot use raises :class:`_SourceDown`."""
+        payload = encode_quota(record)
+        if record is not None:
+            try:
+                self._entry(json.loads(payload), 0.0)  # validates
+            except ValueError as exc:  # QuotaError, InvalidQuota
+                log.error("the quota DB row of tenant %s cannot be used: %s", tenant, exc)
+                raise _SourceDown(f"invalid quota DB row: {exc}") from exc
+        return payload
+
     def _fetch(self, tenant: str) -> dict[str, Any] | None:
         """Redis, then the DB (written back to Redis). Raises :class:`_SourceDown`."""
         key = quota_cache_key(tenant)
@@ -385,7 +401,7 @@ class QuotaCache:
         except _SOURCE_ERRORS as exc:
             raise _SourceDown(str(exc)) from exc
         (self._hit if record else self._miss)["db"].inc()
-        payload = encode_quota(record)
+        payload = self._db_payload(tenant, record)
         if redis_ok and self.redis is not None:
             try:
                 self.redis.set(key, payload, ex=self.redis_ttl, nx=True)
@@ -447,7 +463,7 @@ class QuotaCache:
         except _SOURCE_ERRORS as exc:
             raise _SourceDown(str(exc)) from exc
         (self._hit if record else self._miss)["db"].inc()
-        payload = encode_quota(record)
+        payload = self._db_payload(tenant, record)
         if redis_ok:
             try:
                 await self.aredis.set(key, payload, ex=self.redis_ttl, nx=True)

@@ -8,10 +8,17 @@ default retries with exponential backoff stretching an outage into every request
 connection that the server closed is replaced by the pool before use, and a Sentinel-managed
 connection asks the sentinels for the current master when it (re)connects, so a failover needs
 no retry here either.
+
+The sync ``RedisCluster`` asks the nodes for the slot map in its constructor; ``lazy=True``
+defers that to the first call (:class:`LazyRedisCluster`), so a limiter built while the cluster
+is down decides by its fail mode instead of failing at start-up. The asyncio client connects on
+first use by itself.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -32,16 +39,59 @@ def _common(settings: Settings) -> dict[str, Any]:
     }
 
 
-def redis_from_settings(settings: Settings | None = None) -> Any:
-    """A sync client: ``redis.Redis`` (single node or Sentinel master) or ``RedisCluster``."""
+class LazyRedisCluster:
+    """A ``redis.RedisCluster`` made on its first use, with the client's attributes.
+
+    While the cluster cannot be reached, every use raises what the constructor raised
+    (``RedisClusterUnreachableError``, which the limiter's failure policy answers) and the next
+    use tries again. Once made, the client's methods are bound on this object, so a call costs
+    what it costs on the client itself."""
+
+    def __init__(self, make: Callable[[], redis.RedisCluster]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._client: redis.RedisCluster | None = None
+
+    @property
+    def client(self) -> redis.RedisCluster:
+        """The cluster client, made now if it was not yet."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make()
+                client = self._client
+        return client
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # only the client's public attributes (not copy's, pickle's)
+            raise AttributeError(name)
+        value = getattr(self.client, name)
+        if callable(value):
+            self.__dict__[name] = value  # a bound method: later lookups skip __getattr__
+        return value
+
+    def close(self) -> None:
+        """Close the client if it was made (a client never made has nothing to close)."""
+        if self._client is not None:
+            self._client.close()
+
+
+def redis_from_settings(settings: Settings | None = None, *, lazy: bool = False) -> Any:
+    """A sync client: ``redis.Redis`` (single node or Sentinel master) or ``RedisCluster``
+    (``lazy``: a :class:`LazyRedisCluster`, which reaches the cluster on first use)."""
     s = settings or get_settings()
     common = _common(s)
     if s.redis_mode == "cluster":
-        return redis.RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in s.rate_limit_redis_cluster_nodes],
-            retry=Retry(NoBackoff(), 0),
-            **common,
-        )
+
+        def make() -> redis.RedisCluster:  # new node objects each time: a failed try used them
+            return redis.RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in s.rate_limit_redis_cluster_nodes],
+                retry=Retry(NoBackoff(), 0),
+                **common,
+            )
+
+        return LazyRedisCluster(make) if lazy else make()
     if s.redis_mode == "sentinel":
         from redis.sentinel import Sentinel
 

@@ -47,7 +47,7 @@ else
   used = -1
 end
 
-local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tb = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'xe')
 local tokens = tonumber(tb[1])
 local ts = tonumber(tb[2])
 if tokens == nil or ts == nil then
@@ -58,17 +58,24 @@ end
 tokens = tokens - delta
 if tokens < 0 then tokens = 0 end
 if tokens > burst then tokens = burst end
--- The same expiry rule as acquire.lua: pushed out to twice the full-refill time.
+-- The same expiry rule as acquire.lua: pushed out to twice the full-refill time when less than
+-- that time is left, never brought in (a decision made under a faster, older quota would).
 local full_us = math.ceil(burst * 1000000 / rate) + 1000000
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now, 'xs', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
+if (tonumber(tb[3]) or 0) - now <= full_us then
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now,
+             'xe', now + 2 * full_us)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
+else
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', now)
+end
 
 local win_used = 0
 if window_limit > 0 then
   win_used = tonumber(redis.call('HGET', KEYS[4], 'sum') or '0')
   if delta > 0 then
     local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
-    redis.call('ZADD', KEYS[3], now, seq .. ':' .. delta)
+    -- ARGV[1], the delta as the client wrote it: a number would be written with %.14g.
+    redis.call('ZADD', KEYS[3], now, seq .. ':' .. ARGV[1])
     win_used = win_used + delta
     redis.call('HSET', KEYS[4], 'sum', win_used)
     local ttl = math.ceil(window_us / 1000) + 1000

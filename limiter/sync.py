@@ -69,14 +69,16 @@ class RateLimiter:
     def from_settings(
         cls, settings: Any = None, quotas: QuotaProvider | None = None
     ) -> RateLimiter:
-        """A limiter wired from :class:`metering.settings.Settings` (Redis, fail mode, breaker)."""
+        """A limiter wired from :class:`metering.settings.Settings` (Redis, fail mode, breaker).
+        A Cluster client reaches the cluster on first use, so the limiter is built while the
+        cluster is down and decides by its fail mode meanwhile."""
         from limiter.redis_factory import redis_from_settings
         from metering.settings import get_settings
 
         s = settings or get_settings()
         policy = FailurePolicy.from_settings(s)
         return cls(
-            redis_from_settings(s),
+            redis_from_settings(s, lazy=True),
             quotas,
             fail_mode=policy.fail_mode,
             breaker=policy.breaker,
@@ -114,9 +116,9 @@ class RateLimiter:
                     break
                 day = reply[6]
                 core.clock.observe(reply[7])
-                if status == NEED_SEED:
-                    seed = b"%d" % self._seed(tenant, day)
-                # WRONG_DAY: the loop goes again with the server's day.
+                # NEED_SEED: that day's seed. WRONG_DAY: again with the server's day and no seed,
+                # as one fetched while midnight passed is the ended day's.
+                seed = b"%d" % self._seed(tenant, day) if status == NEED_SEED else core.first_seed
             else:
                 raise RuntimeError(f"acquire.lua kept answering status {status}")
         except REDIS_ERRORS as exc:

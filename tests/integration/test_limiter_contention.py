@@ -156,7 +156,7 @@ def test_allowed_matches_the_refill_arithmetic_over_server_time(
             int(
                 raw.eval(
                     "local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] "
-                    "redis.call('HSET', KEYS[1], 'tokens', '0', 'ts', now, 'xs', '0') return now",
+                    "redis.call('HSET', KEYS[1], 'tokens', '0', 'ts', now, 'xe', '0') return now",
                     1,
                     key,
                 )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from limiter import AsyncRateLimiter, NoQuota, Quota, RateLimiter, UnknownTenant
-from limiter.keys import daily_counter_key, token_bucket_key, window_log_key
+from limiter.keys import daily_counter_key, token_bucket_key, window_log_key, window_meta_key
 from tests.integration.limiter_support import KINDS, StaticQuotas, Targets, server_day, server_time
 
 
@@ -195,6 +195,35 @@ async def test_the_slowest_bucket_allowed_still_expires(
     assert 2 * MAX_REFILL_SECONDS * 1000 <= ttl_ms <= 2 * (MAX_REFILL_SECONDS + 1) * 1000
 
 
+async def test_a_lowered_rate_keeps_the_bucket_until_it_would_refill_at_the_new_rate(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    """A bucket's key may expire once the bucket would be full again. After the tenant's rate
+    was lowered, the expiry set under the faster rate is pushed out by the next call, allowed
+    or rejected, and a settle of a decision made under the old quota does not bring it back
+    in: otherwise the key would vanish within seconds and the next call find a full burst."""
+    d = make()
+    fast = Quota(rate_per_sec=1000, burst=10, daily_limit=10**6)  # full in 0.01 s: kept ~2 s
+    slow = Quota(rate_per_sec=0.5, burst=10, daily_limit=10**6)  # full in 20 s
+    slow_refill_ms = 20_000
+
+    emptied, key = tenant, token_bucket_key(tenant)
+    assert (await d.acquire(emptied, 10, fast)).remaining == 0
+    assert d.raw.pttl(key) < 3_000
+    rejected = await d.acquire(emptied, 1, slow)
+    assert (rejected.allowed, rejected.reason) == (False, "bucket")
+    assert d.raw.pttl(key) > slow_refill_ms
+
+    halved = f"{tenant}-b"
+    key = token_bucket_key(halved)
+    before = await d.acquire(halved, 5, fast)
+    assert before.remaining == 5 and d.raw.pttl(key) < 3_000
+    assert (await d.acquire(halved, 1, slow)).allowed
+    assert d.raw.pttl(key) > slow_refill_ms
+    assert (await d.settle(halved, before, 6)).applied  # under the fast quota it was made with
+    assert d.raw.pttl(key) > slow_refill_ms
+
+
 async def test_a_settle_for_today_by_a_skewed_clock_goes_to_the_servers_day(
     make: Callable[..., Driver], tenant: str
 ) -> None:
@@ -277,6 +306,33 @@ async def test_rolling_window_admits_no_more_than_its_limit_in_any_window(
     for i in range(len(allowed) - 5):
         assert allowed[i + 5][1] - allowed[i][0] > 1.0
     assert d.raw.zcard(window_log_key(tenant)) <= 5
+
+
+async def test_a_large_cost_leaves_the_window_exactly_as_it_entered(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    """Each window entry keeps its cost as the integer it is (a Lua number would be written
+    with 14 significant digits), so an entry of a 15-digit cost, acquired or settled, takes out
+    of the window's sum exactly what it put in when it leaves the window."""
+    d = make()
+    limit = 10**15
+    q = Quota(
+        rate_per_sec=10.0**12,
+        burst=limit,
+        daily_limit=limit,
+        window_limit=limit,
+        window_seconds=1,
+    )
+    cost, more = 123_456_789_012_345, 234_567_890_123_457
+    reserved = await d.acquire(tenant, cost, q)
+    assert reserved.window_remaining == limit - cost
+    assert (await d.settle(tenant, reserved, cost + more)).applied
+    assert d.raw.zrange(window_log_key(tenant), 0, -1) == [b"1:%d" % cost, b"2:%d" % more]
+
+    await asyncio.sleep(1.2)  # both entries leave the window
+    after = await d.acquire(tenant, 0, q)
+    assert after.window_remaining == limit
+    assert d.raw.hget(window_meta_key(tenant), "sum") == b"0"
 
 
 async def test_concurrent_callers_in_one_process_are_exact(

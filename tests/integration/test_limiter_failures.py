@@ -305,3 +305,70 @@ async def test_a_redis_that_refuses_writes_gets_the_fail_mode_not_an_error(
     if flavor == "async":
         await limiter.redis.aclose()
     admin.close()
+
+
+async def test_a_cluster_that_cannot_be_reached_gets_the_fail_mode_not_an_error(
+    dedicated_stack: LocalStack, tenant: str
+) -> None:
+    """Every node of a Redis Cluster down: once redis-py's topology refresh reaches no node it
+    gives up with ``RedisClusterUnreachableError``, a ``RedisClusterException`` and not a
+    ``RedisError``. Both limiters answer by their fail mode and count the failure towards the
+    breaker, a settle reports nothing applied; limiters built from the settings while the
+    cluster is down are built all the same, decide by their fail mode, and decide from Redis
+    again once the cluster is back. (One cluster for every case: it takes seconds to form.)"""
+    nodes = dedicated_stack.up(["redis-cluster"])["RATE_LIMIT_REDIS_CLUSTER_NODES"]
+
+    def settings(fail_mode: str, **extra: Any) -> Any:
+        return settings_for(
+            "cluster",
+            cluster=nodes,
+            rate_limit_fail_mode=fail_mode,
+            rate_limit_redis_socket_timeout=TIMEOUT,
+            rate_limit_redis_connect_timeout=TIMEOUT,
+            rate_limit_local_ceiling_per_sec=CEILING,
+            **extra,
+        )
+
+    async def settle(limiter: Any) -> Any:
+        result = limiter.settle(tenant, 1, 2, QUOTA)
+        return await result if isinstance(limiter, AsyncRateLimiter) else result
+
+    limiters = {
+        (flavor, mode): make_limiter(flavor, settings(mode, rate_limit_breaker_failures=5))
+        for flavor in ("sync", "async")
+        for mode in ("open", "closed")
+    }
+    for limiter in limiters.values():
+        assert not (await _acquire(limiter, tenant)).degraded
+    for member in ("node0", "node1", "node2"):
+        await asyncio.to_thread(dedicated_stack.kill, "redis-cluster", member)
+    # redis-py refreshes the topology at most once a second; the refresh that reaches no node
+    # turns the connection errors after it into RedisClusterUnreachableError.
+    await asyncio.sleep(1.1)
+
+    for (flavor, mode), limiter in limiters.items():
+        decisions = [await _acquire(limiter, tenant) for _ in range(4)]
+        assert all(d.degraded and d.reason == "redis_down" for d in decisions), (flavor, mode)
+        assert all(d.allowed is (mode == "open") for d in decisions), (flavor, mode)
+        assert not (await settle(limiter)).applied
+        assert limiter.breaker.state == "open", (flavor, mode)  # the 5th failure: the settle
+
+    # Built while every node is down (the sync cluster client connects on first use).
+    lazy_settings = settings("closed", rate_limit_breaker_reset=RESET)
+    lazy = [RateLimiter.from_settings(lazy_settings), AsyncRateLimiter.from_settings(lazy_settings)]
+    for limiter in lazy:
+        refused = await _acquire(limiter, tenant)
+        assert refused.degraded and not refused.allowed and refused.reason == "redis_down"
+
+    for member in ("node0", "node1", "node2"):
+        await asyncio.to_thread(dedicated_stack.restart_member, "redis-cluster", member)
+    for limiter in lazy:
+        deadline = time.monotonic() + 15
+        decision = await _acquire(limiter, tenant)
+        while decision.degraded and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            decision = await _acquire(limiter, tenant)
+        assert decision.allowed and not decision.degraded, decision
+    for limiter in [*limiters.values(), *lazy]:
+        if isinstance(limiter, AsyncRateLimiter):
+            await limiter.redis.aclose()

@@ -13,11 +13,14 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
+from sqlalchemy import text
 
+from limiter.quota import Quota
 from limiter.quota_provider import UnknownTenant
 from limiter.quotas import (
     INVALIDATION_CHANNEL,
@@ -116,6 +119,61 @@ def test_a_corrupt_redis_entry_is_ignored_and_the_db_answers(
     before = counts()
     assert QuotaCache(store, r).get(tenant).burst == 9
     assert delta(before) == {"misses.local": 1, "misses.redis": 1, "hits.db": 1}
+
+
+def set_limits_around_the_code(store: QuotaStore, tenant: str, window_seconds: int) -> None:
+    """Give a tenant's row a window length the DB's constraints accept and the limiter does not
+    (longer than a day), by SQL, as an operator might."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE tenants SET window_limit = 100, window_seconds = :w WHERE id = :t"),
+            {"w": window_seconds, "t": tenant},
+        )
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_a_db_row_the_limiter_cannot_use_is_a_failed_source_and_never_cached(
+    store: QuotaStore,
+    r: redis.Redis,
+    redis_url: str,
+    tenant: str,
+    cleanup: list[str],
+    caplog: pytest.LogCaptureFixture,
+    flavor: str,
+) -> None:
+    """A row that the DB accepts but the limiter cannot use is logged, naming the tenant and
+    the problem, and treated as a source that failed: it is not written to Redis, a tenant seen
+    before keeps its last quota, a newcomer gets the unknown-tenant policy (the default plan, or
+    UnknownTenant with reject), and the lookup never raises the row's QuotaError."""
+    import redis.asyncio as aioredis
+
+    ar = aioredis.Redis.from_url(redis_url)
+
+    def cache(**options: Any) -> QuotaCache:
+        if flavor == "sync":
+            return QuotaCache(store, r, **options)
+        return QuotaCache(store, aredis=ar, **options)
+
+    async def get(c: QuotaCache) -> Quota:
+        return c.get(tenant) if flavor == "sync" else await c.aget(tenant)
+
+    cleanup.append(tenant)
+    store.set_quota(tenant, rate_per_sec=3.0, burst=6, daily_limit=600)
+    seen_before = cache(local_ttl=0.1)
+    assert (await get(seen_before)).burst == 6
+    set_limits_around_the_code(store, tenant, 2 * 86400)
+    r.delete(quota_cache_key(tenant))
+    await asyncio.sleep(0.15)  # its local entry expired: the next lookup reads the DB
+    caplog.clear()
+    assert (await get(seen_before)).burst == 6
+    assert (await get(cache(default_plan="pro"))).burst == 100
+    with pytest.raises(UnknownTenant):
+        await get(cache(unknown_tenant="reject"))
+
+    assert r.get(quota_cache_key(tenant)) is None
+    problems = [m for m in caplog.messages if tenant in m and "window_seconds" in m]
+    assert len(problems) == 3, caplog.messages
+    await ar.aclose()
 
 
 def test_a_change_replaces_the_redis_entry_and_reaches_listening_caches(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 from redis._parsers.base import BaseParser
+from redis.exceptions import RedisClusterException, RedisClusterUnreachableError
 
-from limiter import CircuitBreaker, LocalLimiter
-from limiter.failure_policy import REDIS_ERRORS, redis_unavailable
+from limiter import CircuitBreaker, LocalLimiter, Quota
+from limiter.failure_policy import REDIS_ERRORS, FailurePolicy, redis_unavailable
+from limiter.middleware import ratelimit_headers
 
 
 class Clock:
@@ -111,3 +113,29 @@ def test_a_lost_connection_is_unavailable_and_a_plain_error_is_not() -> None:
     assert redis_unavailable(ConnectionError("gone"))
     assert redis_unavailable(TimeoutError())
     assert not redis_unavailable(ValueError("bug"))
+
+
+def test_an_unreachable_cluster_is_unavailable_and_a_cluster_usage_error_is_not() -> None:
+    """redis-py's cluster clients give up on a cluster none of whose nodes answers with
+    RedisClusterUnreachableError, a RedisClusterException that is no RedisError: the fail mode
+    answers it. Their other RedisClusterExceptions are bugs (keys in two slots, a missing key)."""
+    unreachable = RedisClusterUnreachableError("Redis Cluster cannot be connected")
+    assert isinstance(unreachable, REDIS_ERRORS) and redis_unavailable(unreachable)
+    misuse = RedisClusterException("EVALSHA - all keys must map to the same key slot")
+    assert not isinstance(misuse, REDIS_ERRORS) and not redis_unavailable(misuse)
+
+
+@pytest.mark.parametrize("ceiling", [100.0, 3.0])
+def test_a_fail_open_decision_never_says_more_remain_than_its_limit(ceiling: float) -> None:
+    """Without Redis the local ceiling decides; its tokens (up to ``ceiling``) are reported
+    against the tenant's burst, so they are capped at it: never 99 left of a limit of 10."""
+    policy = FailurePolicy("open", local_limiter=LocalLimiter(ceiling))
+    quota = Quota(rate_per_sec=5.0, burst=10, daily_limit=1000)
+    decisions = [policy.decide("acme", 1, quota, 20_000) for _ in range(4)]
+    assert all(d.degraded and d.limit == 10 for d in decisions)
+    assert [d.remaining for d in decisions] == (
+        [10, 10, 10, 10] if ceiling == 100.0 else [2, 1, 0, 0]
+    )
+    for d in decisions:
+        fields = dict(ratelimit_headers(d, now=20_000 * 86400.0))
+        assert 0 <= int(fields[b"x-ratelimit-remaining"]) <= int(fields[b"x-ratelimit-limit"])
