@@ -16,6 +16,8 @@ COST_EXCEEDS_BURST = "cost_exceeds_burst"  # can never pass: cost > burst (retry
 COST_EXCEEDS_WINDOW = "cost_exceeds_window"  # can never pass: cost > window_limit
 REDIS_DOWN = "redis_down"  # decided without Redis (fail mode), see ``degraded``
 LOCAL_CEILING = "local_ceiling"  # Redis is down and the per-process ceiling is reached
+#: Not the limiter's: the middleware's event for a tenant the quota provider refused (shadow mode)
+UNKNOWN_TENANT = "unknown_tenant"
 
 
 class Decision(NamedTuple):

@@ -12,10 +12,15 @@ Pure ASGI (no framework needed). For each HTTP request outside the exempt paths 
    blocking: the emitter only enqueues;
 3. answers a rejection with ``429`` (``503`` when the limiter failed closed because Redis is
    down), ``application/problem+json`` and ``Retry-After``, or passes the request on; either way
-   the response carries the rate-limit fields (:func:`ratelimit_headers`).
+   the response carries the rate-limit fields (:func:`ratelimit_headers`). A request that costs
+   more than the tenant's burst or rolling window can never pass: its ``429`` has no
+   ``Retry-After`` and says so.
 
 Shadow mode decides, counts and emits exactly as above but never blocks and adds no fields, so a
-limit can be tried on live traffic first; its decision events carry ``shadow=true``.
+limit can be tried on live traffic first; its decision events carry ``shadow=true``. A tenant the
+quota provider refuses (``QUOTA_UNKNOWN_TENANT=reject``) is answered ``403``, except in shadow
+mode: then it is logged (once per tenant) and emitted as a rejected decision with reason
+``unknown_tenant``, and the request is passed on.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from limiter.core import check_tenant
+from limiter.core import MAX_COST, check_tenant
+from limiter.decision import COST_EXCEEDS_BURST, COST_EXCEEDS_WINDOW, UNKNOWN_TENANT
 from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_SOURCE_LENGTH,
@@ -66,6 +72,17 @@ DEFAULT_EXEMPT_PATHS = frozenset(
 #: Reason the limiter gives when it decided without Redis and refused (fail mode ``closed``).
 REASON_REDIS_DOWN = "redis_down"
 DAY_SECONDS = 86_400
+
+
+class _RefusedTenant(NamedTuple):
+    """The decision event's view of a tenant the quota provider refused (shadow mode)."""
+
+    allowed: bool = False
+    reason: str = UNKNOWN_TENANT
+    degraded: bool = False
+
+
+_REFUSED_TENANT = _RefusedTenant()
 
 
 class AsyncLimiter(Protocol):
@@ -219,6 +236,19 @@ def retry_after_seconds(decision: Any) -> int:
     return max(1, math.ceil(float(getattr(decision, "retry_after", 0) or 0)))
 
 
+#: Rejections no wait can turn into an allowance: the cost is more than the policy holds.
+_NEVER_FITS = {COST_EXCEEDS_BURST: "burst", COST_EXCEEDS_WINDOW: "rolling window"}
+
+
+def _never_fits(tenant: str, cost: int, reason: str, decision: Any) -> str:
+    """The detail of a rejection whose cost exceeds the tenant's burst or rolling window."""
+    limit = decision.limit if reason == COST_EXCEEDS_BURST else getattr(decision, "window_limit", 0)
+    return (
+        f"this request costs {cost}, more than the {_NEVER_FITS[reason]} of {_int(limit)} of "
+        f"tenant {tenant!r}: it can never fit the tenant's limit, whenever it is retried"
+    )
+
+
 async def send_problem(
     send: Send,
     status: int,
@@ -269,6 +299,12 @@ def _parse_route_key(key: str) -> tuple[str | None, str]:
     return None, method
 
 
+def _check_route_cost(name: str, cost: object) -> int:
+    if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= MAX_COST:
+        raise ValueError(f"{name} must be an integer >= 1 and <= 2**53, got {cost!r}")
+    return cost
+
+
 def build_route_rules(
     routes: Iterable[str] = (),
     costs: Mapping[str, int] | None = None,
@@ -278,7 +314,10 @@ def build_route_rules(
     default_meter: str = DEFAULT_METER,
 ) -> list[RouteRule]:
     """Rules from route templates plus per-route ``costs`` / ``meters`` (keys ``"/path"`` or
-    ``"METHOD /path"``). More specific keys (with a method) are tried first."""
+    ``"METHOD /path"``). More specific keys (with a method) are tried first. A cost is an
+    integer from 1 to the limiter's ``MAX_COST`` (2**53), checked here: past it every request on
+    the route would fail."""
+    _check_route_cost("default cost", default_cost)
     costs, meters = dict(costs or {}), dict(meters or {})
     keys = list(dict.fromkeys([*costs, *meters, *routes]))
     rules = []
@@ -289,9 +328,9 @@ def build_route_rules(
                 f"route {key!r} must be a path starting with '/', "
                 f"at most {MAX_DIMENSION_VALUE} characters"
             )
-        cost = costs.get(key, costs.get(path, default_cost))
-        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
-            raise ValueError(f"cost of route {key!r} must be an integer >= 1, got {cost!r}")
+        cost = _check_route_cost(
+            f"cost of route {key!r}", costs.get(key, costs.get(path, default_cost))
+        )
         meter = validate_meter(meters.get(key, meters.get(path, default_meter)))
         regex, _, _ = compile_path(path)
         rules.append(RouteRule(path, method, regex, cost, meter))
@@ -362,6 +401,7 @@ class RateLimitMiddleware:
         self.source = source
         self.clock = clock
         self._event_templates = EventTemplates()
+        self._refusals_logged: set[str] = set()  # shadow mode: unknown tenants logged once
 
     def route_for(self, method: str, path: str) -> tuple[str, int, str]:
         """(route name, cost, meter) for a request; unmatched paths use the defaults."""
@@ -387,6 +427,11 @@ class RateLimitMiddleware:
         try:
             decision = await self.limiter.acquire(tenant, cost=cost)
         except LookupError as exc:  # limiter.quota_provider.UnknownTenant with reject policy
+            if self.shadow:  # never blocks: what would have been refused is recorded instead
+                self._shadow_refusal(tenant, exc)
+                self._emit(tenant, _REFUSED_TENANT, cost=cost, meter=meter, route=route)
+                await self.app(scope, receive, send)
+                return
             await send_problem(send, 403, "Forbidden", f"unknown tenant: {exc}", "unknown-tenant")
             return
         self._emit(tenant, decision, cost=cost, meter=meter, route=route)
@@ -396,9 +441,19 @@ class RateLimitMiddleware:
             return
         headers = ratelimit_headers(decision, now=self.clock())
         if not decision.allowed:
+            reason = str(getattr(decision, "reason", ""))
+            if reason in _NEVER_FITS:  # no wait helps: no Retry-After
+                await send_problem(
+                    send,
+                    429,
+                    "Too Many Requests",
+                    _never_fits(tenant, cost, reason, decision),
+                    "cost-exceeds-limit",
+                    headers,
+                )
+                return
             retry = retry_after_seconds(decision)
             headers.append((b"retry-after", str(retry).encode()))
-            reason = str(getattr(decision, "reason", ""))
             if reason == REASON_REDIS_DOWN:
                 detail = "rate limiter unavailable (Redis down, fail mode closed)"
                 await send_problem(
@@ -417,6 +472,15 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _shadow_refusal(self, tenant: str, exc: LookupError) -> None:
+        logged = self._refusals_logged
+        if tenant in logged:
+            return
+        if len(logged) >= 10_000:
+            logged.clear()
+        logged.add(tenant)
+        log.warning("shadow mode: passing on tenant %s, which would get 403 (%s)", tenant, exc)
 
     def _emit(self, tenant: str, decision: Any, *, cost: int, meter: str, route: str) -> None:
         if self.emitter is None:

@@ -4,6 +4,7 @@ exemptions, and quota changes taking effect at once."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from pathlib import Path
 
@@ -148,6 +149,32 @@ async def test_shadow_mode_never_blocks_but_counts(
     assert all(e.data.dimensions["shadow"] == "true" for e in events)
 
 
+async def test_shadow_mode_passes_an_unknown_tenant_on_and_records_the_refusal(
+    tmp_path: Path, redis_url, kafka_bootstrap, tenant: str
+) -> None:  # type: ignore[no-untyped-def]
+    """With QUOTA_UNKNOWN_TENANT=reject a tenant the quota DB does not know gets 403; shadow
+    mode never blocks, so its requests reach the API and the refusal is a rejected decision
+    event with reason ``unknown_tenant``."""
+    settings = api_settings(
+        tmp_path,
+        redis_url,
+        kafka_bootstrap,
+        topics=True,
+        rate_limit_shadow_mode=True,
+        quota_unknown_tenant="reject",
+    )
+    async with api_client(settings) as client:
+        responses = [
+            await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant)) for _ in range(2)
+        ]
+    assert [r.status_code for r in responses] == [200] * 2, responses[0].text
+    events = read_events(settings, expected=2, subject=tenant)
+    assert [(e.data.decision, e.data.dimensions["reason"]) for e in events] == [
+        ("rejected", "unknown_tenant")
+    ] * 2
+    assert all(e.data.dimensions["shadow"] == "true" for e in events)
+
+
 async def test_exempt_paths_are_never_limited(settings, tenant: str) -> None:  # type: ignore[no-untyped-def]
     async with api_client(settings) as client:
         await put_quota(client, tenant, rate_per_sec=0.01, burst=1, daily_limit=1)
@@ -188,6 +215,32 @@ async def test_route_costs_come_from_the_settings(
         r = await client.get(f"/v1/limits/{tenant}", headers=auth(tenant))
     assert r.headers["x-ratelimit-remaining"] == "6"
     assert r.json()["daily"]["used"] == 4
+
+
+async def test_a_route_costing_more_than_the_burst_is_429_without_retry_after(
+    tmp_path: Path, redis_url, kafka_bootstrap, tenant: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A request costing more than the tenant's burst can never be allowed: no Retry-After
+    (waiting never helps), and the detail says the cost can never fit the tenant's limit."""
+    settings = api_settings(
+        tmp_path,
+        redis_url,
+        kafka_bootstrap,
+        rate_limit_route_costs={"GET /v1/limits/{tenant}": 5},
+    )
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=10, burst=3, daily_limit=1000)
+        responses = [
+            await client.get(f"/v1/limits/{tenant}", headers=auth(tenant)) for _ in range(2)
+        ]
+    for r in responses:
+        assert r.status_code == 429
+        assert "retry-after" not in r.headers
+        body = problem(r)
+        assert body["type"] == "urn:metering:problem:cost-exceeds-limit"
+        assert "costs 5" in body["detail"] and "burst of 3" in body["detail"]
+        assert "can never" in body["detail"]
+        assert r.headers["x-ratelimit-limit"] == "3"
 
 
 # --- quotas --------------------------------------------------------------------------------------
@@ -257,3 +310,48 @@ async def test_with_redis_unreachable_the_fail_mode_decides(
         assert responses[0].headers["retry-after"].isdigit()
     assert ready.status_code == 503
     assert "redis" in problem(ready)["detail"]
+
+
+async def test_without_redis_the_fields_never_say_more_remain_than_the_limit(
+    tmp_path: Path, kafka_bootstrap: str, tenant: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Fail-open: the local ceiling (100 per second) lets the requests through and the fields
+    describe the tenant's burst (the free plan's 10): what remains is at most those 10, in
+    ``X-RateLimit-*`` and in ``RateLimit`` alike."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    settings = api_settings(
+        tmp_path, dead, kafka_bootstrap, rate_limit_fail_mode="open", quota_default_plan="free"
+    )
+    async with api_client(settings) as client:
+        responses = [
+            await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant)) for _ in range(3)
+        ]
+    for r in responses:
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-limit"] == "10"
+        assert r.headers["x-ratelimit-remaining"] == "10"
+        assert '"burst";q=10;' in r.headers["ratelimit-policy"]
+        assert r.headers["ratelimit"].startswith('"burst";r=10;')
+
+
+async def test_the_api_logs_its_circuit_breaker_opening_once(
+    tmp_path: Path, kafka_bootstrap: str, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    settings = api_settings(
+        tmp_path, dead, kafka_bootstrap, rate_limit_breaker_failures=2, rate_limit_breaker_reset=60
+    )
+    caplog.set_level(logging.WARNING, logger="limiter.failure_policy")
+    async with api_client(settings) as client:
+        for _ in range(4):
+            await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))
+    opened = [r.getMessage() for r in caplog.records if "circuit breaker open" in r.getMessage()]
+    assert opened == ["Redis unavailable: circuit breaker open (was closed)"]

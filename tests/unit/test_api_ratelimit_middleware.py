@@ -21,6 +21,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from limiter.core import MAX_COST
 from limiter.decision import Decision
 from limiter.middleware import (
     DAY_SECONDS,
@@ -33,6 +34,7 @@ from limiter.middleware import (
     retry_after_seconds,
 )
 from limiter.quota import Quota
+from limiter.quota_provider import UnknownTenant
 from metering.events import UsageEvent, decision_event, decode_event, encode_event
 
 NOW = 1_800_000_000.0  # a fixed Unix time
@@ -238,6 +240,16 @@ def test_route_rules_refuse_nonsense_costs() -> None:
         build_route_rules(costs={"v1/x": 2})
 
 
+def test_route_rules_refuse_costs_the_limiter_cannot_take() -> None:
+    """Past the limiter's MAX_COST (2**53) every request on the route would fail with
+    InvalidCost (a 500): such a cost is refused when the rules are made, naming the route."""
+    assert build_route_rules(costs={"/v1/x": MAX_COST})[0].cost == MAX_COST
+    with pytest.raises(ValueError, match=r"cost of route 'POST /v1/x' must be .* <= 2\*\*53"):
+        build_route_rules(costs={"POST /v1/x": MAX_COST + 1})
+    with pytest.raises(ValueError, match=r"default cost must be .* <= 2\*\*53"):
+        RateLimitMiddleware(inner(), ScriptedLimiter(), default_cost=MAX_COST + 1)
+
+
 # --- the middleware against a scripted limiter -------------------------------------------------
 class ScriptedLimiter:
     """Answers from a list of decisions and records what it was asked."""
@@ -322,6 +334,35 @@ async def test_rejection_is_429_problem_with_retry_after_and_fields() -> None:
     assert event.data.meter == "requests"
 
 
+@pytest.mark.parametrize(
+    ("reason", "limit", "field"),
+    [
+        ("cost_exceeds_burst", "burst of 10", "10"),
+        ("cost_exceeds_window", "rolling window of 4", "4"),
+    ],
+)
+async def test_a_cost_that_can_never_fit_is_429_without_retry_after(
+    reason: str, limit: str, field: str
+) -> None:
+    """The limiter answers a cost above the burst (or the window's limit) with retry_after 0:
+    no wait ever lets it pass, so no Retry-After, and the detail says so."""
+    quota = Quota(rate_per_sec=5.0, burst=10, daily_limit=1000, window_limit=4, window_seconds=60)
+    rejected = decision(
+        allowed=False, reason=reason, cost=12, retry_after=0.0, quota=quota, window_limit=4
+    )
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter(rejected), costs={"/v1/things/{id}": 12})
+    async with client(mw) as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 429 and "retry-after" not in r.headers
+    body = r.json()
+    assert body["type"] == "urn:metering:problem:cost-exceeds-limit"
+    assert body["detail"] == (
+        f"this request costs 12, more than the {limit} of tenant 'acme': it can never fit the"
+        " tenant's limit, whenever it is retried"
+    )
+    assert r.headers["x-ratelimit-limit"] == field  # the policy that refused
+
+
 async def test_allowed_request_passes_with_fields_and_an_allowed_event() -> None:
     emitter = ListEmitter()
     mw = RateLimitMiddleware(inner(), ScriptedLimiter(decision()), emitter=emitter)
@@ -363,6 +404,42 @@ async def test_shadow_mode_never_blocks_but_emits_the_rejection() -> None:
     assert len(limiter.calls) == 3
     assert [e.data.decision for e in emitter.events] == ["rejected"] * 3
     assert all(e.data.dimensions["shadow"] == "true" for e in emitter.events)
+
+
+class RefusingLimiter(ScriptedLimiter):
+    """Knows no tenant (a quota provider with QUOTA_UNKNOWN_TENANT=reject)."""
+
+    async def acquire(self, tenant: str, cost: int = 1, quota: Any = None) -> Decision:
+        self.calls.append((tenant, cost))
+        raise UnknownTenant(f"unknown tenant {tenant!r}")
+
+
+async def test_an_unknown_tenant_is_403_but_shadow_mode_passes_it_on_with_an_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With unknown tenants rejected, a tenant the quota DB does not know gets 403; in shadow
+    mode, which never blocks, the request is passed on, the would-be refusal logged and emitted
+    as a rejected decision (reason ``unknown_tenant``)."""
+    emitter = ListEmitter()
+    mw = RateLimitMiddleware(inner(), RefusingLimiter(), emitter=emitter)
+    async with client(mw, tenant="stranger") as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 403 and r.json()["type"] == "urn:metering:problem:unknown-tenant"
+    assert emitter.events == []
+
+    limiter = RefusingLimiter()
+    mw = RateLimitMiddleware(inner(), limiter, emitter=emitter, shadow=True)
+    async with client(mw, tenant="stranger") as c:
+        statuses = [(await c.get("/v1/things/1")).status_code for _ in range(2)]
+    assert statuses == [200, 200] and len(limiter.calls) == 2
+    assert [(e.subject, e.data.decision, e.data.quantity) for e in emitter.events] == [
+        ("stranger", "rejected", 1.0)
+    ] * 2
+    assert all(
+        e.data.dimensions == {"route": "/v1/things/1", "reason": "unknown_tenant", "shadow": "true"}
+        for e in emitter.events
+    )
+    assert any("stranger" in m and "unknown" in m for m in caplog.messages)
 
 
 async def test_exempt_paths_and_anonymous_requests_never_reach_the_limiter() -> None:
