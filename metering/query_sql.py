@@ -566,7 +566,11 @@ def build_usage(q: UsageQuery, database: str, *, force_raw: bool = False) -> Sql
         )
     for j, (name, values) in enumerate(q.filters.items()):
         params[f"fk{j}"], params[f"fv{j}"] = name, list(values)
-        where += f" AND dimensions[{{fk{j}:String}}] IN {{fv{j}:Array(String)}}"
+        # dimensions[k] is '' for an event without k: only events that carry k match
+        where += (
+            f" AND mapContains(dimensions, {{fk{j}:String}})"
+            f" AND dimensions[{{fk{j}:String}}] IN {{fv{j}:Array(String)}}"
+        )
     groups = [f"g{j}" for j in range(len(q.group_by))]
     window = q.window
 

@@ -355,6 +355,10 @@ def test_group_by_two_dimensions_in_day_windows(shop: UsageQueries) -> None:
         ({"method": ["GET"]}, 5.0),
         ({"nope": ["x"]}, None),
         ({"route": ["/a' OR '1'='1"]}, None),
+        # An empty value matches events that carry the dimension empty, not those without it
+        # (dimensions['route'] reads '' for an event that has no route).
+        ({"route": [""]}, None),
+        ({"nope": [""]}, None),
     ],
 )
 def test_filters_or_values_of_a_dimension_and_and_dimensions(
