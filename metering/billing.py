@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metering.queries import UsageQueries, rfc3339
-from metering.query_sql import QueryError, validate_tz
+from metering.query_sql import EARLIEST, LATEST_TIME, QueryError, validate_tz
 
 QUANTITY_DECIMALS = 9
 _MONTH_RE = re.compile(r"([0-9]{4})-([0-9]{2})")  # ASCII digits: \d takes any script's
@@ -39,9 +39,15 @@ def month_period(month: str, tz: str = "UTC") -> tuple[dt.datetime, dt.datetime]
     nxt = (year + 1, 1) if mon == 12 else (year, mon + 1)
     # A local midnight that does not exist (DST starting at 00:00) resolves to the first instant
     # of the day: zoneinfo reads it with the offset in force before the change.
-    start = dt.datetime(year, mon, 1, tzinfo=zone)
-    end = dt.datetime(*nxt, 1, tzinfo=zone)
-    return _normalized(start, zone), _normalized(end, zone)
+    start = _normalized(dt.datetime(year, mon, 1, tzinfo=zone), zone)
+    end = _normalized(dt.datetime(*nxt, 1, tzinfo=zone), zone)
+    if start < EARLIEST or end > LATEST_TIME:  # e.g. 1970-01 in Asia/Tokyo starts in 1969
+        raise QueryError(
+            "month",
+            f"{month} in {tz} runs from {start.isoformat()} to {end.isoformat()}, outside the "
+            f"times stored ({EARLIEST:%Y-%m-%d} to {LATEST_TIME:%Y-%m-%d} UTC)",
+        )
+    return start, end
 
 
 def _normalized(t: dt.datetime, zone: zoneinfo.ZoneInfo) -> dt.datetime:

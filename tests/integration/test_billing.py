@@ -162,3 +162,18 @@ def test_the_period_is_local_midnight_to_local_midnight() -> None:
         "2026-11-01T00:00:00+01:00",
     )
     assert end.astimezone(dt.UTC) - start.astimezone(dt.UTC) == dt.timedelta(days=31, hours=1)
+
+
+@pytest.mark.parametrize(
+    ("month", "tz"), [("1970-01", "Asia/Tokyo"), ("2099-12", "America/New_York")]
+)
+def test_a_month_reaching_outside_the_stored_times_is_refused_naming_the_month(
+    month: str, tz: str
+) -> None:
+    """1970-01 in Tokyo starts in 1969 UTC: the error names ``month`` (it named ``from``, a
+    parameter the billing route does not have)."""
+    with pytest.raises(QueryError) as err:
+        month_period(month, tz)
+    assert err.value.param == "month"
+    assert "outside the times stored" in str(err.value)
+    month_period(month, "UTC")  # the same month in UTC is within them
