@@ -22,7 +22,14 @@ def admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
 
 
 def partitions(admin: KafkaAdminClient, topic: str) -> int:
-    return len(admin.describe_topics([topic])[0]["partitions"])
+    """The topic's partition count (a just-created topic may show none for a moment: the
+    broker answers CreateTopics before its metadata has every partition)."""
+    for _ in range(50):
+        found = len(admin.describe_topics([topic])[0]["partitions"])
+        if found:
+            return found
+        time.sleep(0.1)
+    return 0
 
 
 def retention_ms(admin: KafkaAdminClient, topic: str) -> int:
