@@ -272,7 +272,9 @@ class SinkConsumer:
             high = self.consumer.highwater(tp)
             if high is not None:
                 metrics.consumer_lag.labels(str(p)).set(max(0, high - batch.next_offsets[p]))
-        if self.on_batch_written is not None and batch.events:
+        # A batch may hold no new row and still rows ClickHouse had stored (a cut batch read
+        # again): those are handed off with its range too.
+        if self.on_batch_written is not None and (batch.events or batch.stored):
             try:
                 await self.on_batch_written(batch)
             except Exception:  # the live tables are a view; ClickHouse already holds the rows

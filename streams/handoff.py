@@ -253,7 +253,9 @@ class HandoffLedger:
 
     def add(self, batch: PreparedBatch) -> None:
         """Add an inserted batch's billable sums (rejected decisions are never billed) to the
-        open ranges and move their ends past the batch."""
+        open ranges and move their ends past the batch. The rows a cut batch had stored at
+        these offsets (``batch.stored``, read again after a crash) count too: a range's sums
+        are those of every row stored at its offsets, as :func:`plan_recovery` reads them."""
         for p, nxt in batch.next_offsets.items():
             rng = self._open[p]  # opened by recover(): the consumer positions before it processes
             rng.end = max(rng.end, nxt)
@@ -268,6 +270,13 @@ class HandoffLedger:
             assert sums is not None
             k = (ev.subject, d.meter, ms // 60_000 * 60)
             sums[k] = sums.get(k, 0.0) + d.quantity
+        for rec, ev, ms in batch.stored:  # rows stored before a crash, at offsets of this range
+            d = ev.data
+            if d.decision == "rejected":
+                continue
+            rng_sums = self._open[rec.partition].sums
+            k = (ev.subject, d.meter, ms // 60_000 * 60)
+            rng_sums[k] = rng_sums.get(k, 0.0) + d.quantity
 
     def take(self, partitions: Iterable[int] | None = None) -> list[PartitionRange]:
         """Close the open ranges (of ``partitions``, default all) that hold sums; each open

@@ -9,9 +9,10 @@ progress, as in Kafka Connect sinks:
    recent-id set is rebuilt from ``usage_events`` for those partitions (ids whose event time
    is within twice the accepted lateness: every id inserted within the lateness;
    ``streams/dedupe.py``); the resume offset of each assigned partition is the greater of its
-   ``sink_progress.next_offset`` and Kafka's committed offset, and the consumer seeks there.
-   A partition with no progress yet (tables from before progress was recorded) resumes after
-   its stored rows (max ``kafka_offset`` + 1), and its resume offset is recorded as progress.
+   ``sink_progress.next_offset`` and Kafka's committed offset, and the consumer seeks there;
+   the offsets of rows stored past it (a batch cut short) are read. A partition with no
+   progress yet (tables from before progress was recorded) resumes after its stored rows (max
+   ``kafka_offset`` + 1), and its resume offset is recorded as progress.
 2. **Per batch**, in this order:
    a. decode each message; malformed or invalid ones (a key other than the event's subject
       among them), and events older than ``now - lateness``, become dead letters (original
@@ -30,10 +31,11 @@ Why this order holds: a crash before (d) leaves nothing stored and the batch is 
 crash during or after (d) and before (f) leaves all, some or none of the batch's rows stored
 (``usage_events`` is partitioned by day, and ClickHouse commits an insert's parts one after
 another, so a batch holding yesterday's late events and today's can be cut between them): step
-1 resumes from the recorded progress, reads the whole batch again, and drops the rows that were
-stored, whose ids are in the rebuilt set (they were on time when inserted, so within the
-rebuild's reach; a replayed one that is no longer on time is a "late" dead letter). Resuming
-after the highest stored offset instead would skip the rows of a part that was not committed.
+1 resumes from the recorded progress and reads the whole batch again: a message whose row
+ClickHouse holds at its very offset is recognised (step 1 reads the offsets stored past the
+resume point) and neither inserted again nor dead-lettered, though still handed to the Faust
+tables with its batch's range (``PreparedBatch.stored``); the rest are inserted. Resuming after
+the highest stored offset instead would skip the rows of a part that was not committed.
 Committing first (g before d) would lose the batch; marking ids after the commit would double
 count a replay; a dedup token made from batch offsets would miss a replay cut at other offsets.
 Dead letters go out before progress is recorded (c before f), so after a crash they may be
@@ -146,6 +148,10 @@ class PreparedBatch:
     #: each event's time in whole milliseconds since the epoch (floored), in ``events`` order:
     #: the ``time`` column as inserted, and (``// 60_000``) the minute of its sums
     millis: list[int] = field(default_factory=list)
+    #: events whose rows ClickHouse already holds at these very offsets (a batch whose insert
+    #: was cut short, read again): not inserted again, but part of the batch's offset range,
+    #: so the hand-off to the Faust tables counts them (rec, event, time in ms)
+    stored: list[tuple[SinkRecord, FastUsageEvent, int]] = field(default_factory=list)
 
     def rows(self) -> list[tuple[Any, ...]]:
         """The ``usage_events`` rows (columns :data:`EVENT_COLUMNS`), one tuple per event."""
@@ -194,6 +200,7 @@ class SinkStorage(Protocol):
     def recent_ids(
         self, topic: str, partitions: Iterable[int], since: dt.datetime
     ) -> Iterable[tuple[str, str, dt.datetime]]: ...
+    def stored_offsets(self, topic: str, since: dict[int, int]) -> dict[int, set[int]]: ...
 
 
 class ClickHouseStorage:
@@ -301,6 +308,25 @@ class ClickHouseStorage:
             return {}
         result = self.client.query(" UNION ALL ".join(queries), parameters={"t": topic})
         return {int(p): int(n) for p, n in result.result_rows}
+
+    def stored_offsets(self, topic: str, since: dict[int, int]) -> dict[int, set[int]]:
+        """The offsets of the rows stored at or past ``since[p]`` for each partition ``p``:
+        a batch whose insert was cut short (normally none; at most a batch). The skip index
+        leaves out the parts below the bound."""
+        if not since:
+            return {}
+        # Integers (partitions asked, offsets from our own progress): nothing from input.
+        queries = [
+            f"SELECT kafka_partition, kafka_offset FROM {self.database}.usage_events"  # noqa: S608
+            f" WHERE kafka_topic = {{t:String}} AND kafka_partition = {int(p):d}"
+            f" AND kafka_offset >= {int(n):d}"
+            for p, n in sorted(since.items())
+        ]
+        result = self.client.query(" UNION ALL ".join(queries), parameters={"t": topic})
+        out: dict[int, set[int]] = {}
+        for p, offset in result.result_rows:
+            out.setdefault(int(p), set()).add(int(offset))
+        return out
 
     def _progress(self, topic: str) -> dict[int, int]:
         result = self.client.query(
@@ -451,6 +477,9 @@ class ClickHouseSink:
         self.max_future_skew = max_future_skew
         self.recent = RecentIds(lateness_seconds, bucket_seconds)
         self.clock = clock
+        #: per partition, the offsets past its resume offset that ClickHouse holds rows for (a
+        #: batch cut short, read again): empty but after such a crash
+        self._stored_past: dict[int, set[int]] = {}
 
     # --- step 1: assignment ---------------------------------------------------------------------
     def on_assigned(self, partitions: Iterable[int]) -> dict[int, int]:
@@ -464,10 +493,19 @@ class ClickHouseSink:
         rows = self.storage.recent_ids(self.topic, parts, recent.rebuild_since(now))
         recent.add_rebuilt(rows, now)
         stored = self.storage.stored_next_offsets(self.topic, parts)
+        resume = {p: stored.get(p, 0) for p in parts}
+        # The rows of a batch cut short, read again from the resume offset: recognised by
+        # their offsets as the batch comes by (PreparedBatch.stored).
+        past = self.storage.stored_offsets(self.topic, resume)
+        for p in parts:
+            if past.get(p):
+                self._stored_past[p] = past[p]
+            else:
+                self._stored_past.pop(p, None)
         # Progress for every assigned partition (the rows below it are complete: the repair
         # ran first), so the next assignment reads only the rows past it, even for a partition
         # that has had no batch since.
-        self.storage.record_progress(self.topic, {p: stored.get(p, 0) for p in parts})
+        self.storage.record_progress(self.topic, resume)
         return {p: stored[p] for p in parts if p in stored}
 
     # --- steps a, b -----------------------------------------------------------------------------
@@ -486,6 +524,7 @@ class ClickHouseSink:
         renewed = batch.renewed
         in_batch: set[str] = set()
         duplicates = 0
+        stored_past, stored = self._stored_past, batch.stored
         for rec in records:
             partition, offset, value = rec.partition, rec.offset, rec.value
             if next_offsets.get(partition, 0) <= offset:
@@ -497,6 +536,11 @@ class ClickHouseSink:
                 ev = decode(value)
             except EventDecodeError as exc:
                 dead_letters.append(DeadLetter(rec, "invalid", str(exc)))
+                continue
+            if stored_past and offset in stored_past.get(partition, ()):
+                # Its row is in ClickHouse at this offset (it passed every check when it was
+                # inserted, however late it is now): neither inserted again nor a dead letter.
+                stored.append((rec, ev, (ev.time - _EPOCH) // _MS))
                 continue
             if rec.key != ev.subject.encode():
                 # The key is the tenant (DESIGN.md): one tenant's events, and their resends,
@@ -539,6 +583,13 @@ class ClickHouseSink:
         self.recent.add_keys(batch.id_keys)
         self.recent.add_keys(batch.renewed)
         self.storage.record_progress(self.topic, batch.next_offsets)
+        if self._stored_past:
+            for p, nxt in batch.next_offsets.items():
+                left = {o for o in self._stored_past.get(p, ()) if o >= nxt}
+                if left:
+                    self._stored_past[p] = left
+                else:
+                    self._stored_past.pop(p, None)
         return took
 
 

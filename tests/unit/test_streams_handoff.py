@@ -300,7 +300,9 @@ def test_a_failed_record_puts_the_range_back_merged_with_what_came_since() -> No
     ledger = HandoffLedger(TOPIC)
     ledger.recover(plan_recovery(storage, TOPIC, {0: 0}))
     recs = [
-        Record(TOPIC, 0, i, b"k", encode_event(usage_event("acme", "r", 1, time=NOW, id=f"x{i}")))
+        Record(
+            TOPIC, 0, i, b"acme", encode_event(usage_event("acme", "r", 1, time=NOW, id=f"x{i}"))
+        )
         for i in range(4)
     ]
     batch = sink.prepare(recs[:2])
@@ -324,3 +326,52 @@ def test_a_message_of_the_earlier_format_is_folded_in_without_marks() -> None:
     assert daily["acme|2026-03-02"] == {"q": 3.5, "m": {}}
     assert all(usage(v) == 2.5 for v in windows.values())
     assert fold_legacy_into({**old, "billable": 0}, daily, windows, WINDOWS.ranges) == 0
+
+
+def test_a_batch_cut_short_is_read_again_and_handed_off_whole() -> None:
+    """A crash in the middle of an insert (ClickHouse commits an insert's day partitions one
+    after another) leaves some of the batch's rows stored past the progress. The next owner
+    reads the batch again from the progress: the stored rows are recognised by their offsets,
+    not inserted again, and still handed off with the range, so the tables get every row once."""
+    storage = Storage()
+    first = ClickHouseSink(
+        storage, topic=TOPIC, lateness_seconds=3600, max_future_skew=300, clock=lambda: NOW
+    )
+    recs = [
+        Record(
+            TOPIC,
+            0,
+            i,
+            b"acme",
+            encode_event(usage_event("acme", "r", i + 1, time=NOW, id=f"c{i}")),
+        )
+        for i in range(6)
+    ]
+    ledger = HandoffLedger(TOPIC)
+    ledger.recover(plan_recovery(storage, TOPIC, {0: first.on_assigned([0]).get(0, 0)}))
+    batch = first.prepare(recs[:2])
+    first.write(batch)
+    ledger.add(batch)
+    (taken,) = ledger.take()
+    storage.record_handoffs(TOPIC, [(0, taken.start, taken.end)])
+    cut = first.prepare(recs[2:])  # offsets 2-5; only the rows of 4 and 5 are committed
+    storage.insert_events([r for r in cut.rows() if r[12] >= 4])
+
+    second = ClickHouseSink(
+        storage, topic=TOPIC, lateness_seconds=3600, max_future_skew=300, clock=lambda: NOW
+    )
+    resume = second.on_assigned([0])
+    assert resume == {0: 2}  # the progress, not after the stored offsets 4 and 5
+    ledger = HandoffLedger(TOPIC)
+    ledger.recover(plan_recovery(storage, TOPIC, resume))
+    again = second.prepare(recs[2:])
+    assert [r.offset for r, _ in again.events] == [2, 3]
+    assert [r.offset for r, _, _ in again.stored] == [4, 5]
+    assert (again.duplicates, again.dead_letters) == (0, [])
+    second.write(again)
+    ledger.add(again)
+    (taken,) = ledger.take()
+    assert (taken.start, taken.end, sum(taken.sums.values())) == (2, 6, 3 + 4 + 5 + 6)
+    assert sorted(r[12] for r in storage.rows) == [0, 1, 2, 3, 4, 5]  # each row once
+    # Past the cut batch, nothing is taken for stored any more.
+    assert second.prepare([Record(TOPIC, 0, 4, b"acme", recs[4].value)]).stored == []

@@ -54,6 +54,14 @@ class RecordedStorage:
         self.calls.append("repair_unfinished_batch")
         return 0
 
+    def stored_offsets(self, topic: str, since: dict[int, int]) -> dict[int, set[int]]:
+        out: dict[int, set[int]] = {}
+        for row in self.rows:
+            p, off = row[11], row[12]
+            if p in since and off >= since[p]:
+                out.setdefault(p, set()).add(off)
+        return out
+
     def recent_ids(
         self, topic: str, partitions: Iterable[int], since: dt.datetime
     ) -> list[tuple[str, str, dt.datetime]]:
