@@ -163,7 +163,8 @@ async def test_a_crash_after_the_insert_and_before_the_commit_adds_nothing_on_re
     first.storage.insert_events(first.prepare(records[:120]).rows())
     assert committed_offsets(kafka_bootstrap, f"g-{topic}", topic) == {}
 
-    # The second life resumes after the highest stored offset, not from Kafka's (absent) commit.
+    # The second life reads from its progress (no progress row: from the start), recognises the
+    # 120 stored rows by their offsets and inserts the other 180, whatever Kafka's (absent) commit.
     second = make_sink(clickhouse_client, clickhouse_db, topic)
     await run_until_caught_up(second, kafka_bootstrap, f"g-{topic}", dlq)
     assert totals(clickhouse_client, clickhouse_db) == {tenant: (300, 300.0)}
