@@ -156,6 +156,7 @@ async def test_a_crash_after_the_insert_and_before_the_commit_adds_nothing_on_re
     # The first life: the first 120 messages are inserted (with their offsets), then the
     # process dies before writing progress or committing anything to Kafka.
     first = make_sink(clickhouse_client, clickhouse_db, topic)
+    assert first.on_assigned([0]) == {0: 0}  # records progress 0, as every assignment does
     records = [
         Record(m.topic, m.partition, m.offset, m.key, m.value)
         for m in read_all(kafka_bootstrap, topic)
@@ -163,8 +164,8 @@ async def test_a_crash_after_the_insert_and_before_the_commit_adds_nothing_on_re
     first.storage.insert_events(first.prepare(records[:120]).rows())
     assert committed_offsets(kafka_bootstrap, f"g-{topic}", topic) == {}
 
-    # The second life reads from its progress (no progress row: from the start), recognises the
-    # 120 stored rows by their offsets and inserts the other 180, whatever Kafka's (absent) commit.
+    # The second life reads from its progress (0), recognises the 120 stored rows by their
+    # offsets and inserts the other 180, whatever Kafka's (absent) commit says.
     second = make_sink(clickhouse_client, clickhouse_db, topic)
     await run_until_caught_up(second, kafka_bootstrap, f"g-{topic}", dlq)
     assert totals(clickhouse_client, clickhouse_db) == {tenant: (300, 300.0)}
