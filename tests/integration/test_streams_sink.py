@@ -156,7 +156,7 @@ async def test_a_crash_after_the_insert_and_before_the_commit_adds_nothing_on_re
     # The first life: the first 120 messages are inserted (with their offsets), then the
     # process dies before writing progress or committing anything to Kafka.
     first = make_sink(clickhouse_client, clickhouse_db, topic)
-    assert first.on_assigned([0]) == {0: 0}  # records progress 0, as every assignment does
+    first.on_assigned([0])  # records progress 0, as every assignment does
     records = [
         Record(m.topic, m.partition, m.offset, m.key, m.value)
         for m in read_all(kafka_bootstrap, topic)
