@@ -21,6 +21,15 @@ How an event travels::
   producer goes to the sender. So per tenant, events reach Kafka in emit order: nothing is sent
   directly while anything older waits on disk.
 - A start is ``SPOOLING`` too: the replayer first sends what an earlier run left in the spool.
+- A record Kafka refuses for itself (too large for the topic, invalid) can never be sent: the
+  replayer drops it, counted and logged as the sender does, and goes on with the records behind
+  it; only an error that may pass (Kafka away, a timeout) keeps the batch for another try.
+- Processes sharing a data dir each hold a spool slot (``spool/0``, ``spool/1``, ...). While
+  ``DIRECT``, every ``orphan_scan_every`` seconds the replayer also looks for a slot no live
+  process holds that still has records (a process killed during an outage left it), locks it,
+  and sends it oldest first, as its own: what a dead process spooled does not wait for the
+  next process that happens to take its slot. The lock (``flock``) keeps any slot to one
+  process at a time.
 - A record may be delivered twice (an acknowledgement lost in the outage, a crash between
   delivery and spool commit); it carries the same event id, which is how the pipeline drops it.
 - ``close(timeout)`` sends what it can in ``timeout`` and spools the rest; the spool is durable.
@@ -36,6 +45,7 @@ import collections
 import contextlib
 import enum
 import logging
+import os
 import threading
 import time
 import weakref
@@ -47,6 +57,7 @@ from kafka.errors import (
     CorruptRecordError,
     InvalidRecordError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
 )
@@ -70,7 +81,9 @@ EVENTS_REPLAYED = Counter(
 )
 EVENTS_DROPPED = Counter(
     "metering_events_dropped",
-    "Events lost: queue_full, spool_full, closed, refused (by Kafka), invalid, error",
+    "Events lost: queue_full, spool_full, closed, refused (by Kafka), invalid, error, "
+    "spool_corrupt (records cut from a damaged spool segment), spool_cut (a torn or damaged "
+    "spool tail whose record count cannot be told: one per cut, its bytes logged)",
     ["reason"],
 )
 PRODUCER_ERRORS = Counter(
@@ -117,9 +130,14 @@ class _DropLog:
         self.every = every
         self._last: dict[str, float] = {}
         self._count: collections.Counter[str] = collections.Counter()
+        #: events this emitter dropped before Kafka acknowledged or the spool kept them (what
+        #: flush() reports); a record lost from the spool was already reported kept
+        self.not_kept = 0
 
-    def drop(self, reason: str, n: int = 1) -> None:
+    def drop(self, reason: str, n: int = 1, *, from_spool: bool = False) -> None:
         EVENTS_DROPPED.labels(reason).inc(n)
+        if not from_spool:
+            self.not_kept += n
         self._count[reason] += n
         now = time.monotonic()
         if now - self._last.get(reason, -self.every) >= self.every:
@@ -199,6 +217,14 @@ def producer_config(
     }
 
 
+def _holds_records(slot: Path) -> bool:
+    """Whether a spool slot's directory has a non-empty segment: a spool emptied (or never
+    used) has none, so the replayer's scan for orphaned slots locks none of those."""
+    with contextlib.suppress(OSError), os.scandir(slot) as entries:
+        return any(e.name.endswith(".seg") and e.stat().st_size > 0 for e in entries)
+    return False
+
+
 def _spool_slot(root: Path, max_bytes: int, fsync: bool) -> Spool:
     """The first spool slot under ``root`` no other live process holds (``root/0``, ``root/1``,
     ...), so several processes sharing a data dir each get one, and a restarted process takes
@@ -238,6 +264,7 @@ class Emitter:
         client_id: str = "metering-emitter",
         producer_overrides: dict[str, Any] | None = None,
         kafka_client: str | None = None,
+        orphan_scan_every: float = 10.0,
     ) -> None:
         if isinstance(settings, str):
             settings = load_settings(kafka_bootstrap_servers=settings)
@@ -250,6 +277,7 @@ class Emitter:
         self.down_after = down_after
         self.replay_batch = replay_batch
         self.retry_backoff = retry_backoff
+        self.orphan_scan_every = orphan_scan_every
         self.kafka_client = kafka_client or self.settings.emitter_kafka_client
         if self.kafka_client not in get_args(KafkaClient):
             raise ValueError(
@@ -293,6 +321,8 @@ class Emitter:
         # None: not known yet; False: the last attempt failed (close() does not wait on Kafka)
         self._kafka_reachable: bool | None = None
         self._drops = _DropLog()
+        self._count_cuts(self.spool)
+        self._not_kept_at_flush = 0  # _drops.not_kept when flush() last returned
         self._calls = 0  # emit() calls, for timing one in _TIME_EVERY
         self._update_spool_gauges()
         KAFKA_DIRECT.set(0)
@@ -364,7 +394,7 @@ class Emitter:
             # the caller's share of ``nbytes`` plus 64 bytes, for queued events as well.
             per_event = 2 * nbytes / events + 64
             needed = (queued + events) * per_event
-            return self.spool.pending_bytes + needed <= self.spool.max_bytes
+            return self.spool.used_bytes + needed <= self.spool.max_bytes
         return True
 
     def _timed(self) -> float:
@@ -399,14 +429,21 @@ class Emitter:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event emitted so far is acknowledged by Kafka or durably spooled.
 
-        Returns False if that did not happen within ``timeout`` seconds."""
+        Returns False if that did not happen within ``timeout`` seconds, or if any event was
+        dropped instead (counted in ``metering_events_dropped``: a full queue or spool, refused
+        by Kafka, invalid, emitted after close) since the last flush that did not time out, or
+        since the start. It says that something was lost, not what; the drop is counted once
+        (a concurrent flush may report it instead). A spooled record lost later (refused on
+        replay, cut from a damaged spool) is counted, not reported here: a flush already
+        reported it kept."""
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         while self._queue or self._sender_busy or self._unacked:
             if time.monotonic() >= deadline:
                 return False
             self._wake_sender.set()
             time.sleep(0.002)
-        return True
+        before, self._not_kept_at_flush = self._not_kept_at_flush, self._drops.not_kept
+        return self._not_kept_at_flush == before
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop accepting events; deliver what can be delivered within ``timeout`` seconds
@@ -643,16 +680,19 @@ class Emitter:
     def _replay_loop(self) -> None:
         backoff = self.retry_backoff[0]
         producer: KafkaProducer | None = None
+        next_orphan_scan = 0.0  # at once when DIRECT: a start's own slot first, then the others
         while not self._stop_replayer:
             if self._mode is EmitterMode.DIRECT:
+                if time.monotonic() >= next_orphan_scan:
+                    self._replay_orphans()
+                    next_orphan_scan = time.monotonic() + self.orphan_scan_every
                 self._wake_replayer.wait(0.5)
                 self._wake_replayer.clear()
                 continue
             try:
                 producer = producer or self._handover or self._new_producer()
                 self._handover = None
-                if self._replay_once(producer):
-                    producer = None  # handed to the sender
+                producer = self._replay_once(producer)  # None: handed to the sender
                 backoff = self.retry_backoff[0]
             except Exception as exc:
                 PRODUCER_ERRORS.labels(type(exc).__name__).inc()
@@ -666,8 +706,9 @@ class Emitter:
                 backoff = min(backoff * 2, self.retry_backoff[1])
         _close_producer_now(producer)
 
-    def _replay_once(self, producer: KafkaProducer) -> bool:
-        """Send one spool batch; return True when the spool was empty and DIRECT resumed."""
+    def _replay_once(self, producer: KafkaProducer) -> KafkaProducer | None:
+        """Send one spool batch; return the producer to go on with, or None when the spool was
+        empty, DIRECT resumed and the producer went to the sender."""
         batch: SpoolBatch = self.spool.read(max_records=self.replay_batch)
         if not batch.records:
             with self._mode_lock:
@@ -677,29 +718,166 @@ class Emitter:
                     KAFKA_DIRECT.set(1)
                     self._kafka_reachable = True
                     log.info("emitter sending directly to Kafka topic %s", self.topic)
-                    return True
-            return False
-        futures = []
-        refused = 0
-        for key, value in batch.records:
-            try:
-                futures.append(producer.send(self.topic, value=value, key=key))
-            except _RECORD_REFUSED as exc:
-                log.error("Kafka refused a spooled usage event: %s", exc)
-                refused += 1
-        left = self._close_deadline - time.monotonic()
-        producer.flush(timeout=max(0.1, min(30.0, left)))
-        for future in futures:
-            if not future.succeeded():
-                raise future.exception or KafkaError("replay not acknowledged")
-        self.spool.commit(batch)
-        if refused:
-            self._drops.drop("refused", refused)
-        EVENTS_REPLAYED.inc(len(futures))
-        EVENTS_DELIVERED.inc(len(futures))
+                    return None
+            return producer
+        producer = self._replay_batch(producer, self.spool, batch)
         self._kafka_reachable = True
         self._update_spool_gauges()
-        return False
+        return producer
+
+    def _replay_batch(
+        self, producer: KafkaProducer, spool: Spool, batch: SpoolBatch
+    ) -> KafkaProducer:
+        """Send ``batch`` and remove it from ``spool`` once every record is acknowledged or
+        refused for itself (dropped, counted); raise, keeping it, on an error that may pass.
+        Returns the producer to go on with (a new one after a refusal: see :meth:`_trusted`)."""
+        futures = []
+        refused: list[BaseException] = []  # refused by the client: the record alone is at fault
+        for record in batch.records:
+            try:
+                futures.append((record, producer.send(self.topic, value=record[1], key=record[0])))
+            except _RECORD_REFUSED as exc:
+                refused.append(exc)
+        self._flush(producer, self._close_deadline - time.monotonic())
+        delivered = 0
+        suspects: list[Record] = []  # refused by the broker
+        for record, future in futures:
+            if future.succeeded():
+                delivered += 1
+                continue
+            error = future.exception
+            if _is_retriable(error):
+                raise error or KafkaError("replay not acknowledged")
+            suspects.append(record)
+        if suspects:
+            # The broker refuses a whole record batch for one record (too large for the topic,
+            # say): the others refused with it are sent again, one per request.
+            producer, passed, errors = self._send_alone(producer, suspects)
+            delivered += passed
+            refused += errors
+        spool.commit(batch)
+        if refused:
+            for error in refused:
+                PRODUCER_ERRORS.labels(type(error).__name__).inc()
+            log.error(
+                "Kafka refused %d spooled usage events (%s); dropped, the replay goes on",
+                len(refused),
+                refused[0],
+            )
+            self._drops.drop("refused", len(refused), from_spool=True)
+        EVENTS_REPLAYED.inc(delivered)
+        EVENTS_DELIVERED.inc(delivered)
+        return producer
+
+    def _send_alone(
+        self, producer: KafkaProducer, records: list[Record]
+    ) -> tuple[KafkaProducer, int, list[BaseException]]:
+        """Send each record in a request of its own, in order, on a producer no refusal has
+        touched; return that producer, how many records were delivered and the errors of those
+        Kafka refused. Raise on an error that may pass, or at close."""
+        delivered = 0
+        refused: list[BaseException] = []
+        producer = self._trusted(producer)
+        try:
+            for key, value in records:
+                left = self._close_deadline - time.monotonic()
+                if left <= 0:
+                    raise KafkaError("closing: refused records not sent again")
+                try:
+                    future = producer.send(self.topic, value=value, key=key)
+                except _RECORD_REFUSED as exc:
+                    refused.append(exc)
+                    continue
+                self._flush(producer, left)
+                if future.succeeded():
+                    delivered += 1
+                elif _is_retriable(future.exception):
+                    raise future.exception or KafkaError("replay not acknowledged")
+                else:
+                    refused.append(future.exception)
+                    producer = self._trusted(producer)
+        except BaseException:
+            _close_producer_now(producer)
+            raise
+        return producer, delivered, refused
+
+    def _trusted(self, producer: KafkaProducer) -> KafkaProducer:
+        """A producer to send with after the broker refused a record: kafka-python's idempotent
+        producer then fails every later record with that refusal (a fatal state), so it is
+        replaced; librdkafka's goes on."""
+        if not isinstance(producer, KafkaProducer):
+            return producer
+        _close_producer_now(producer)
+        return self._new_producer()
+
+    @staticmethod
+    def _flush(producer: KafkaProducer, left: float) -> None:
+        """Flush within ``left`` seconds (0.1 at least, 30 at most). kafka-python's flush
+        raises "Future not done" when it split a batch the broker refused as too large, before
+        the split parts are answered: it is flushed again."""
+        deadline = time.monotonic() + max(0.1, min(30.0, left))
+        for _ in range(32):  # a batch is split in halves: 32 levels are more than it has
+            try:
+                producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+                return
+            except KafkaTimeoutError:
+                raise
+            except KafkaError:
+                if time.monotonic() >= deadline:
+                    raise
+        producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _replay_orphans(self) -> None:
+        """Send what stopped processes left in the other spool slots (module docstring). Runs
+        on the replayer thread while DIRECT; stops when Kafka fails, the emitter leaves DIRECT
+        or closes, and what it did not send stays in the slot for the next scan."""
+        root = self.spool.directory.parent
+        try:
+            slots = sorted(
+                p for p in root.iterdir() if p.name.isdigit() and p != self.spool.directory
+            )
+        except OSError:
+            return
+        producer: KafkaProducer | None = None
+        try:
+            for slot in slots:
+                if self._stop_replayer or self._mode is not EmitterMode.DIRECT:
+                    return
+                if not _holds_records(slot):
+                    continue
+                try:
+                    orphan = Spool(slot, max_bytes=self.spool.max_bytes, fsync=self.spool.fsync)
+                except SpoolLocked:
+                    continue  # a live process holds it and replays it itself
+                try:
+                    self._count_cuts(orphan)
+                    if orphan.pending_events:
+                        log.warning(
+                            "emitter sending %d events a stopped process left in %s",
+                            orphan.pending_events,
+                            orphan.directory,
+                        )
+                    while not self._stop_replayer and self._mode is EmitterMode.DIRECT:
+                        batch = orphan.read(max_records=self.replay_batch)
+                        if not batch.records:
+                            break
+                        producer = producer or self._new_producer()
+                        producer = self._replay_batch(producer, orphan, batch)
+                finally:
+                    orphan.close()
+        except Exception as exc:
+            PRODUCER_ERRORS.labels(type(exc).__name__).inc()
+            log.warning("emitter could not send an orphaned spool slot (%r); retrying later", exc)
+        finally:
+            _close_producer_now(producer)
+
+    def _count_cuts(self, spool: Spool) -> None:
+        """Count as dropped what ``spool`` cut when it was opened (torn or corrupt records)."""
+        for cut in spool.cuts:
+            if cut.records is None:
+                self._drops.drop("spool_cut", from_spool=True)
+            else:
+                self._drops.drop("spool_corrupt", cut.records, from_spool=True)
 
     def _update_spool_gauges(self) -> None:
         SPOOL_BYTES.set(self.spool.pending_bytes)

@@ -8,15 +8,21 @@ first, when Kafka is back. Invariants (tests: ``tests/unit/test_events_spool.py`
   between delivery and commit resends it (the same event id: a duplicate the pipeline drops).
 - **Durable**: :meth:`Spool.append` writes the whole batch and fsyncs before it returns; the read
   cursor is replaced atomically (write, fsync, rename). Records survive a process restart.
-- **Bounded**: pending bytes never exceed ``max_bytes``; ``append`` accepts the longest prefix
-  that fits and returns its length, and the caller counts the rest as dropped.
-- **Recoverable**: a record torn by a crash mid-append fails its length/CRC check on open and is
-  cut off, with a log line saying how many bytes were lost.
+- **Bounded**: an append never takes the segment files past ``max_bytes`` on disk; they hold
+  the pending records and the spent head of the oldest segment, which stays until the reader is
+  past its end (:attr:`Spool.used_bytes`). ``append`` accepts the longest prefix that fits and
+  returns its length, and the caller counts the rest as dropped. Segments roll at an eighth of
+  ``max_bytes`` at most, so spent records take about that share of the room at most.
+- **Recoverable**: a record torn by a crash mid-append, or corrupted, fails its length/CRC check
+  on open and is cut off with every record after it in its segment. Each cut is logged and kept
+  in :attr:`Spool.cuts` (with the number of records cut when the intact records after the
+  damaged one tell it), for the owner to count as dropped.
 - **One owner**: a directory is locked (``flock``) by one process at a time.
 
 Layout: ``<dir>/LOCK``, ``<dir>/cursor`` (``segment offset``), ``<dir>/<segment:020d>.seg``.
 A record is a header (value length u32, key length u16, CRC-32 of key+value u32), the key, the
-value. Segments roll at ``segment_bytes``; fully read segments are deleted on commit.
+value. Segments roll at ``segment_bytes`` (at most ``max_bytes // 8``); fully read segments are
+deleted on commit.
 
 Why not ``persist-queue``: its file queue is bounded by item count only (and blocks or raises
 when full), has no read-then-acknowledge (an item handed out is gone from the queue's point of
@@ -52,6 +58,18 @@ class SpoolLocked(RuntimeError):
 
 
 @dataclass(frozen=True)
+class SpoolCut:
+    """A damaged stretch cut from the end of a segment on open: ``nbytes`` bytes from
+    ``offset``; ``records`` is how many records they held (the damaged one and the intact ones
+    after it), or None when that cannot be told (a torn tail, or a damaged record length)."""
+
+    segment: int
+    offset: int
+    nbytes: int
+    records: int | None
+
+
+@dataclass(frozen=True)
 class SpoolBatch:
     """Records read from the head of the spool; pass it to :meth:`Spool.commit` once delivered."""
 
@@ -66,6 +84,23 @@ class SpoolBatch:
 
 def _segment_name(segment: int) -> str:
     return f"{segment:020d}.seg"
+
+
+def _records_in_cut(data: bytes, pos: int) -> int | None:
+    """How many records the damaged stretch ``data[pos:]`` holds, or None if it cannot be told.
+
+    The damaged record's CRC failed, so its length fields are trusted only if they lead to
+    records whose CRCs hold, chained exactly to the end of the data."""
+    count = 0
+    while pos + _HEADER.size <= len(data):
+        vlen, klen, crc = _HEADER.unpack_from(data, pos)
+        body_end = pos + _HEADER.size + klen + vlen
+        if body_end > len(data):
+            return None
+        if count and zlib.crc32(data[pos + _HEADER.size : body_end]) != crc:
+            return None
+        pos, count = body_end, count + 1
+    return count if count and pos == len(data) else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,7 +126,9 @@ class Spool:
             raise ValueError("max_bytes and segment_bytes must be positive")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
+        # Spent records stay on disk in the head segment until the reader is past its end, and
+        # count against max_bytes: a segment larger than the bound would leave no room.
+        self.segment_bytes = min(segment_bytes, max(1, max_bytes // 8))
         self.fsync = fsync
         self._lock = threading.Lock()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -106,6 +143,8 @@ class Spool:
         self._pending_events = 0
         self._pending_bytes = 0
         self._closed = False
+        #: what recovery cut on open (torn or corrupt records): the owner counts them as dropped
+        self.cuts: list[SpoolCut] = []
         self._recover()
 
     # --- state ----------------------------------------------------------------------------------
@@ -116,6 +155,12 @@ class Spool:
     @property
     def pending_bytes(self) -> int:
         return self._pending_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes the segment files hold: the pending records and the spent part of the head
+        segment (the segments before it are deleted). What counts against ``max_bytes``."""
+        return self._head[1] + self._pending_bytes
 
     def __len__(self) -> int:
         return self._pending_events
@@ -142,6 +187,8 @@ class Spool:
         self._ends.setdefault(self._write_seg, 0)
         self._writer = self._open_segment(self._write_seg)
         os.ftruncate(self._writer, self._ends[self._write_seg])
+        if self._pending_events == 0 and head_off > 0:
+            self._release_spent()  # nothing left to read (a cut took it): start afresh
         if self._pending_events:
             log.info(
                 "spool %s holds %d events (%d bytes) from an earlier run",
@@ -164,10 +211,15 @@ class Spool:
                 break
             pos, count = body_end, count + 1
         if pos < len(data):
+            cut = SpoolCut(seg, pos, len(data) - pos, _records_in_cut(data, pos))
+            self.cuts.append(cut)
             log.warning(
-                "spool %s: cut %d bytes of a torn or corrupt record at the end of %s",
+                "spool %s: cut %d bytes (%s records) of a torn or corrupt record and what "
+                "follows it at offset %d of %s",
                 self.directory,
-                len(data) - pos,
+                cut.nbytes,
+                "an unknown number of" if cut.records is None else cut.records,
+                pos,
                 path.name,
             )
             with open(path, "r+b") as fh:
@@ -198,47 +250,68 @@ class Spool:
 
     # --- writing --------------------------------------------------------------------------------
     def append(self, records: Sequence[Record]) -> int:
-        """Append the longest prefix of ``records`` that fits; return how many were written."""
+        """Append the longest prefix of ``records`` that fits; return how many were written.
+
+        The records fill the write segment up to ``segment_bytes`` and go on in fresh ones, so a
+        segment never holds more than that plus one record (the spent head's share of the
+        bound). A write that fails keeps what earlier segments took (written and synced)."""
         with self._lock:
             self._check_open()
-            buf = bytearray()
-            accepted = 0
-            room = self.max_bytes - self._pending_bytes
+            room = self.max_bytes - self.used_bytes
+            chunks: list[tuple[bytearray, int]] = []  # one per segment: (bytes, records)
+            buf, count, total = bytearray(), 0, 0
+            fill = self._ends[self._write_seg]
             for key, value in records:
                 if len(key) > MAX_KEY_BYTES:
                     raise ValueError(f"spool key is {len(key)} bytes, at most {MAX_KEY_BYTES}")
                 size = _HEADER.size + len(key) + len(value)
-                if len(buf) + size > room:
+                if total + size > room:
                     break
                 buf += _HEADER.pack(len(value), len(key), zlib.crc32(value, zlib.crc32(key)))
                 buf += key
                 buf += value
-                accepted += 1
-            if not buf:
-                return 0
-            end = self._ends[self._write_seg]
-            try:
-                # Unbuffered, at the segment's known end: a write that fails (a full disk)
-                # leaves no bytes in a buffer to be written ahead of the next append, and
-                # whatever part of it reached the file lies past ``end``, where the next
-                # append writes over it and no read goes.
-                view = memoryview(buf)
-                while view:
-                    written = os.pwrite(self._writer, view, end + len(buf) - len(view))
-                    view = view[written:]
-                if self.fsync:
-                    os.fsync(self._writer)
-            except OSError:
-                log.exception("spool %s: append failed", self.directory)
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._writer, end)
-                return 0
-            self._ends[self._write_seg] = end + len(buf)
-            self._pending_events += accepted
-            self._pending_bytes += len(buf)
-            if self._ends[self._write_seg] >= self.segment_bytes:
-                self._roll()
+                count, total, fill = count + 1, total + size, fill + size
+                if fill >= self.segment_bytes:
+                    chunks.append((buf, count))
+                    buf, count, fill = bytearray(), 0, 0
+            if count:
+                chunks.append((buf, count))
+            accepted = 0
+            for chunk, n in chunks:
+                if not self._write(chunk):
+                    break
+                self._pending_events += n
+                self._pending_bytes += len(chunk)
+                accepted += n
+                if self._ends[self._write_seg] >= self.segment_bytes:
+                    try:
+                        self._roll()
+                    except OSError:
+                        log.exception("spool %s: cannot start a segment", self.directory)
+                        break
             return accepted
+
+    def _write(self, buf: bytearray) -> bool:
+        """Write ``buf`` at the write segment's end and sync it; False (logged) if that failed."""
+        end = self._ends[self._write_seg]
+        try:
+            # Unbuffered, at the segment's known end: a write that fails (a full disk) leaves no
+            # bytes in a buffer to be written ahead of the next append, and whatever part of it
+            # reached the file lies past ``end``, where the next append writes over it and no
+            # read goes.
+            view = memoryview(buf)
+            while view:
+                written = os.pwrite(self._writer, view, end + len(buf) - len(view))
+                view = view[written:]
+            if self.fsync:
+                os.fsync(self._writer)
+        except OSError:
+            log.exception("spool %s: append failed", self.directory)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._writer, end)
+            return False
+        self._ends[self._write_seg] = end + len(buf)
+        return True
 
     def _open_segment(self, seg: int) -> int:
         """A raw descriptor to write ``seg`` at explicit offsets (no O_APPEND: on Linux it
@@ -246,10 +319,11 @@ class Spool:
         return os.open(self.directory / _segment_name(seg), os.O_WRONLY | os.O_CREAT, 0o644)
 
     def _roll(self) -> None:
+        writer = self._open_segment(self._write_seg + 1)  # first: a failure changes nothing
         os.close(self._writer)
         self._write_seg += 1
         self._ends[self._write_seg] = 0
-        self._writer = self._open_segment(self._write_seg)
+        self._writer = writer
         if self.fsync:
             _fsync_dir(self.directory)
 
@@ -312,18 +386,26 @@ class Spool:
             self._head = batch.end
             self._pending_events -= len(batch.records)
             self._pending_bytes -= batch.nbytes
-            if self._pending_events == 0 and self._head[1] > 0:
-                # empty: start a fresh segment so the spent one can be deleted
-                if self._head[0] == self._write_seg:
-                    self._roll()
-                self._head = (self._write_seg, 0)
-            self._write_cursor(self._head)
-            for seg in [s for s in self._ends if s < self._head[0]]:
-                del self._ends[seg]
-                fd = self._readers.pop(seg, None)
-                if fd is not None:
-                    os.close(fd)
-                (self.directory / _segment_name(seg)).unlink(missing_ok=True)
+            self._release_spent()
+
+    def _release_spent(self) -> None:
+        """Store the head and delete the segments before it; an empty spool, or a head at the
+        end of a segment, moves on to the next segment first, so the spent one goes now (its
+        bytes count against ``max_bytes`` until then). Caller holds ``_lock``."""
+        seg, off = self._head
+        if self._pending_events == 0 and off > 0:
+            if seg == self._write_seg:
+                self._roll()
+            self._head = (self._write_seg, 0)
+        elif seg < self._write_seg and off >= self._ends[seg]:
+            self._head = (min(s for s in self._ends if s > seg), 0)
+        self._write_cursor(self._head)
+        for spent in [s for s in self._ends if s < self._head[0]]:
+            del self._ends[spent]
+            fd = self._readers.pop(spent, None)
+            if fd is not None:
+                os.close(fd)
+            (self.directory / _segment_name(spent)).unlink(missing_ok=True)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -351,4 +433,4 @@ class Spool:
         self.close()
 
 
-__all__ = ["DEFAULT_SEGMENT_BYTES", "Record", "Spool", "SpoolBatch", "SpoolLocked"]
+__all__ = ["DEFAULT_SEGMENT_BYTES", "Record", "Spool", "SpoolBatch", "SpoolCut", "SpoolLocked"]

@@ -192,7 +192,7 @@ def test_a_full_spool_counts_and_logs_what_it_drops(
     em = Emitter(dead_address(), topic=topic, spool_dir=tmp_path, spool_max_bytes=20_000)
     for i in range(200):  # ~250 bytes each: about 80 fit
         em.emit(usage_event("t-full", "api.calls", 1, {"seq": str(i)}))
-    assert em.flush(timeout=30)
+    assert not em.flush(timeout=30)  # not everything emitted was kept
     em.close(timeout=2)
     kept = em.spool.pending_events
     assert 0 < kept < 200
@@ -200,6 +200,27 @@ def test_a_full_spool_counts_and_logs_what_it_drops(
         200 - kept
     )
     assert "usage events dropped (spool_full)" in caplog.text
+
+
+def test_flush_is_false_when_an_event_emitted_before_it_was_dropped_since_the_last_flush(
+    topic: str, tmp_path: Path
+) -> None:
+    """flush() promises every event emitted before it was acknowledged or spooled: a drop (here
+    the spool is full) makes it False, once; a flush with no new drop is True again."""
+    em = Emitter(dead_address(), topic=topic, spool_dir=tmp_path, spool_max_bytes=5_000)
+    try:
+        for i in range(10):  # ~250 bytes each: all fit
+            em.emit(usage_event("t-flush", "api.calls", 1, {"seq": str(i)}))
+        assert em.flush(timeout=10)
+        for i in range(10, 40):  # about 10 more fit
+            em.emit(usage_event("t-flush", "api.calls", 1, {"seq": str(i)}))
+        assert not em.flush(timeout=10)
+        assert em.flush(timeout=10)  # nothing dropped since
+        em.emit(usage_event("t-flush", "api.calls", 1, {"seq": "40"}))  # the spool is full
+        assert not em.flush(timeout=10)
+        assert 10 < em.spool.pending_events < 40
+    finally:
+        em.close(timeout=1)
 
 
 def test_emit_after_close_is_counted_as_dropped_not_raised(topic: str, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The emitter's on-disk spool: FIFO, durable across reopen, bounded, recovers a torn tail."""
+"""The emitter's on-disk spool: FIFO, durable across reopen, bounded on disk, recovers a torn
+tail and tells what it cut."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metering.spool import Spool, SpoolLocked
+from metering.spool import Spool, SpoolCut, SpoolLocked
 
 
 def recs(n: int, start: int = 0, size: int = 20) -> list[tuple[bytes, bytes]]:
@@ -18,6 +19,11 @@ def recs(n: int, start: int = 0, size: int = 20) -> list[tuple[bytes, bytes]]:
         (f"t{i % 3}".encode(), f"{i:08d}".encode().ljust(size, b"."))
         for i in range(start, start + n)
     ]
+
+
+def disk_bytes(directory: Path | str) -> int:
+    """What the spool's segment files take on disk, measured, not as the spool counts it."""
+    return sum(p.stat().st_size for p in Path(directory).glob("*.seg"))
 
 
 def drain(spool: Spool) -> list[tuple[bytes, bytes]]:
@@ -102,6 +108,53 @@ def test_a_corrupted_record_and_what_follows_it_are_cut_on_reopen(tmp_path: Path
         assert drain(spool) == recs(2)
 
 
+def test_a_cut_in_the_middle_of_a_segment_tells_how_many_records_it_took(tmp_path: Path) -> None:
+    """A damaged record takes every record after it in its segment; the spool says how many
+    (the damaged one and the intact ones after it), for the emitter to count as dropped."""
+    one = 10 + 2 + 20
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        spool.append(recs(10))
+    seg = next(tmp_path.glob("*.seg"))
+    data = bytearray(seg.read_bytes())
+    data[3 * one + 15] ^= 0xFF  # a byte of the 4th record's value
+    seg.write_bytes(bytes(data))
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        assert spool.cuts == [SpoolCut(0, 3 * one, 7 * one, records=7)]
+        assert drain(spool) == recs(3)
+
+
+def test_a_cut_whose_record_count_cannot_be_told_says_so(tmp_path: Path) -> None:
+    """A damaged length field (or a torn tail) leaves the records after it unknowable."""
+    one = 10 + 2 + 20
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        spool.append(recs(10))
+    seg = next(tmp_path.glob("*.seg"))
+    data = bytearray(seg.read_bytes())
+    data[5 * one] ^= 0x7F  # the high byte of the 6th record's value length
+    seg.write_bytes(bytes(data))
+    with Spool(tmp_path, max_bytes=1 << 20) as spool:
+        assert spool.cuts == [SpoolCut(0, 5 * one, 5 * one, records=None)]
+        assert drain(spool) == recs(5)
+
+
+def test_spent_records_never_take_the_disk_past_the_bound(tmp_path: Path) -> None:
+    """A backlog the replayer never quite catches up with (one record replayed, one more
+    spooled, over and over): the spent records of the head segment used to stay on disk until
+    it reached its 16 MiB, with a bound of 64 KiB. They count against the bound now, and the
+    spool still takes every record, since it only ever holds ten."""
+    bound = 64 * 1024
+    rec = (b"tenant", b"x" * 400)
+    with Spool(tmp_path, max_bytes=bound, fsync=False) as spool:
+        assert spool.append([rec] * 10) == 10
+        most = 0
+        for _ in range(2000):
+            assert spool.append([rec]) == 1
+            spool.commit(spool.read(max_records=1))
+            most = max(most, disk_bytes(tmp_path))
+        assert spool.pending_events == 10
+    assert most <= bound
+
+
 def test_a_spool_directory_has_one_owner_at_a_time(tmp_path: Path) -> None:
     with Spool(tmp_path, max_bytes=1024), pytest.raises(SpoolLocked, match="in use"):
         Spool(tmp_path, max_bytes=1024)
@@ -135,14 +188,16 @@ def test_the_spool_behaves_like_a_bounded_fifo_through_any_sequence_of_operation
                 if op == "append":
                     batch = recs(n, start=counter, size=5 + counter % 17)
                     counter += n
+                    used = disk_bytes(d)  # spent records still on disk count too
                     accepted = spool.append(batch)
                     fits = 0
                     for key, value in batch:
                         size = 10 + len(key) + len(value)
-                        if model_bytes + size > bound:
+                        if used + size > bound:
                             break
                         model.append((key, value))
                         model_bytes += size
+                        used += size
                         fits += 1
                     assert accepted == fits
                 elif op in ("read_commit", "read_only"):
@@ -157,7 +212,8 @@ def test_the_spool_behaves_like_a_bounded_fifo_through_any_sequence_of_operation
                     spool.close()
                     spool = Spool(d, max_bytes=bound, segment_bytes=150)
                 assert spool.pending_events == len(model)
-                assert spool.pending_bytes == model_bytes <= bound
+                assert spool.pending_bytes == model_bytes
+                assert spool.used_bytes == disk_bytes(d) <= bound
         finally:
             spool.close()
 
