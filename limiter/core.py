@@ -14,6 +14,7 @@ from limiter.clock import ServerClock, epoch_day, utc_day
 from limiter.decision import (
     BUCKET,
     COST_EXCEEDS_BURST,
+    COST_EXCEEDS_DAILY,
     COST_EXCEEDS_WINDOW,
     DAILY,
     OK,
@@ -77,12 +78,16 @@ class LimiterCore:
         allowed = status == ALLOWED
         reason = REASONS[reason_code]
         daily_limit = quota.daily_limit
+        retry_after = retry_ms / 1000
+        if reason is DAILY and cost > daily_limit:
+            # The script says "daily" with a wait until midnight; no day would ever take it.
+            reason, retry_after = COST_EXCEEDS_DAILY, 0.0
         window_limit = quota.window_limit
         decision = Decision(
             allowed,
             quota.burst,
             tokens_milli // 1000,
-            retry_ms / 1000,
+            retry_after,
             daily_limit,
             used,
             daily_limit - used if used < daily_limit else 0,

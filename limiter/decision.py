@@ -14,6 +14,7 @@ DAILY = "daily"  # the UTC day's quota is used up; retry_after runs to reset_at
 WINDOW = "window"  # the rolling window is full
 COST_EXCEEDS_BURST = "cost_exceeds_burst"  # can never pass: cost > burst (retry_after 0)
 COST_EXCEEDS_WINDOW = "cost_exceeds_window"  # can never pass: cost > window_limit
+COST_EXCEEDS_DAILY = "cost_exceeds_daily"  # can never pass: cost > daily_limit (retry_after 0)
 REDIS_DOWN = "redis_down"  # decided without Redis (fail mode), see ``degraded``
 LOCAL_CEILING = "local_ceiling"  # Redis is down and the per-process ceiling is reached
 #: Not the limiter's: the middleware's event for a tenant the quota provider refused (shadow mode)

@@ -13,7 +13,7 @@ Pure ASGI (no framework needed). For each HTTP request outside the exempt paths 
 3. answers a rejection with ``429`` (``503`` when the limiter failed closed because Redis is
    down), ``application/problem+json`` and ``Retry-After``, or passes the request on; either way
    the response carries the rate-limit fields (:func:`ratelimit_headers`). A request that costs
-   more than the tenant's burst or rolling window can never pass: its ``429`` has no
+   more than the tenant's burst, rolling window or daily limit can never pass: its ``429`` has no
    ``Retry-After`` and says so.
 
 Shadow mode decides, counts and emits exactly as above but never blocks and adds no fields, so a
@@ -42,7 +42,12 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from limiter.core import MAX_COST, check_tenant
-from limiter.decision import COST_EXCEEDS_BURST, COST_EXCEEDS_WINDOW, UNKNOWN_TENANT
+from limiter.decision import (
+    COST_EXCEEDS_BURST,
+    COST_EXCEEDS_DAILY,
+    COST_EXCEEDS_WINDOW,
+    UNKNOWN_TENANT,
+)
 from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_SOURCE_LENGTH,
@@ -137,6 +142,7 @@ _POLICY_OF_REASON = {
     "daily": "daily",
     "window": "window",
     "cost_exceeds_window": "window",
+    "cost_exceeds_daily": "daily",
 }
 
 
@@ -237,12 +243,22 @@ def retry_after_seconds(decision: Any) -> int:
 
 
 #: Rejections no wait can turn into an allowance: the cost is more than the policy holds.
-_NEVER_FITS = {COST_EXCEEDS_BURST: "burst", COST_EXCEEDS_WINDOW: "rolling window"}
+_NEVER_FITS = {
+    COST_EXCEEDS_BURST: "burst",
+    COST_EXCEEDS_WINDOW: "rolling window",
+    COST_EXCEEDS_DAILY: "daily limit",
+}
 
 
 def _never_fits(tenant: str, cost: int, reason: str, decision: Any) -> str:
-    """The detail of a rejection whose cost exceeds the tenant's burst or rolling window."""
-    limit = decision.limit if reason == COST_EXCEEDS_BURST else getattr(decision, "window_limit", 0)
+    """The detail of a rejection whose cost exceeds the tenant's burst, rolling window or daily
+    limit."""
+    if reason == COST_EXCEEDS_BURST:
+        limit = decision.limit
+    elif reason == COST_EXCEEDS_DAILY:
+        limit = decision.daily_limit
+    else:
+        limit = getattr(decision, "window_limit", 0)
     return (
         f"this request costs {cost}, more than the {_NEVER_FITS[reason]} of {_int(limit)} of "
         f"tenant {tenant!r}: it can never fit the tenant's limit, whenever it is retried"

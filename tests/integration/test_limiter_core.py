@@ -109,6 +109,26 @@ async def test_daily_limit_is_exact_and_resets_at_next_utc_midnight(
     assert d.counter(tenant) == 7
 
 
+async def test_a_cost_above_the_daily_limit_is_refused_for_good_without_a_wait(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    """No day can take a cost above the daily limit: not "daily" with a wait until midnight
+    (a client would retry then, and be refused again), but cost_exceeds_daily, retry_after 0,
+    nothing taken; a cost that fits a fresh day is still "daily" with the wait."""
+    d = make()
+    q = Quota(rate_per_sec=1000, burst=1000, daily_limit=10)
+    assert (await d.acquire(tenant, 4, q)).allowed
+    too_big = await d.acquire(tenant, 11, q)
+    assert (too_big.allowed, too_big.reason, too_big.retry_after) == (
+        False,
+        "cost_exceeds_daily",
+        0.0,
+    )
+    assert too_big.daily_used == 4 and d.counter(tenant) == 4
+    not_today = await d.acquire(tenant, 7, q)  # 4 + 7 > 10, but 7 fits a day
+    assert (not_today.reason, not_today.retry_after > 0) == ("daily", True)
+
+
 async def test_a_cost_is_taken_whole_or_not_at_all(
     make: Callable[..., Driver], tenant: str
 ) -> None:

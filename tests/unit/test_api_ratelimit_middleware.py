@@ -119,7 +119,15 @@ def decisions(draw: st.DrawFn) -> tuple[Decision, float]:
         window_seconds=draw(st.integers(1, 31 * 86400)) if windowed else None,
     )
     now = draw(st.floats(min_value=1e9, max_value=4e9))
-    reasons = ["ok", "bucket", "daily", "window", "cost_exceeds_burst", "cost_exceeds_window"]
+    reasons = [
+        "ok",
+        "bucket",
+        "daily",
+        "window",
+        "cost_exceeds_burst",
+        "cost_exceeds_window",
+        "cost_exceeds_daily",
+    ]
     d = decision(
         quota=quota,
         allowed=draw(st.booleans()),
@@ -191,6 +199,7 @@ def general_ratelimit_headers(
         "daily": "daily",
         "window": "window",
         "cost_exceeds_window": "window",
+        "cost_exceeds_daily": "daily",
     }
     named = [s for s in states if not d.allowed and s[0] == of_reason.get(d.reason)]
     bind = named[0] if named else states[0]
@@ -339,6 +348,7 @@ async def test_rejection_is_429_problem_with_retry_after_and_fields() -> None:
     [
         ("cost_exceeds_burst", "burst of 10", "10"),
         ("cost_exceeds_window", "rolling window of 4", "4"),
+        ("cost_exceeds_daily", "daily limit of 1000", "1000"),
     ],
 )
 async def test_a_cost_that_can_never_fit_is_429_without_retry_after(
