@@ -21,7 +21,8 @@
 --
 -- Reply: {status, reason, tokens_milli, retry_ms, daily_used, window_used, server_day, now_s}
 --   status 1 allowed, 0 rejected, -1 WRONG_DAY, -2 NEED_SEED
---   reason 0 ok, 1 bucket, 2 daily, 3 window, 4 cost exceeds burst, 5 cost exceeds window;
+--   reason 0 ok, 1 bucket, 2 daily, 3 window, 4 cost exceeds burst, 5 cost exceeds window,
+--   6 cost exceeds the daily limit;
 --          for WRONG_DAY: the day the key names (days since 1970-01-01)
 --   server_day: days since 1970-01-01 (UTC) by the server clock
 
@@ -106,8 +107,12 @@ end
 local reason = 0
 local retry_us = 0
 if used + cost > daily_limit then
-  reason = 2
-  retry_us = ((server_day + 1) * 86400) * 1000000 - now
+  if cost > daily_limit then
+    reason = 6  -- no day can take it: no wait
+  else
+    reason = 2
+    retry_us = ((server_day + 1) * 86400) * 1000000 - now
+  end
 end
 if window_limit > 0 and win_used + cost > window_limit then
   if cost > window_limit then

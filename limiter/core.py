@@ -27,7 +27,7 @@ from limiter.quota_provider import QuotaProvider
 from limiter.scripts import ALLOWED, SETTLE_WRONG_DAY, CallEncoder
 from metering.ids import validate_tenant_id
 
-REASONS = (OK, BUCKET, DAILY, WINDOW, COST_EXCEEDS_BURST, COST_EXCEEDS_WINDOW)
+REASONS = (OK, BUCKET, DAILY, WINDOW, COST_EXCEEDS_BURST, COST_EXCEEDS_WINDOW, COST_EXCEEDS_DAILY)
 MAX_COST = 2**53  # Lua numbers are doubles: larger integers lose precision
 
 
@@ -78,16 +78,12 @@ class LimiterCore:
         allowed = status == ALLOWED
         reason = REASONS[reason_code]
         daily_limit = quota.daily_limit
-        retry_after = retry_ms / 1000
-        if reason is DAILY and cost > daily_limit:
-            # The script says "daily" with a wait until midnight; no day would ever take it.
-            reason, retry_after = COST_EXCEEDS_DAILY, 0.0
         window_limit = quota.window_limit
         decision = Decision(
             allowed,
             quota.burst,
             tokens_milli // 1000,
-            retry_after,
+            retry_ms / 1000,
             daily_limit,
             used,
             daily_limit - used if used < daily_limit else 0,
