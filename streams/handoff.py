@@ -33,6 +33,7 @@ without marks. Tests: ``tests/unit/test_streams_handoff.py`` and the worker's SI
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -259,8 +260,9 @@ class HandoffLedger:
         for p, nxt in batch.next_offsets.items():
             rng = self._open[p]  # opened by recover(): the consumer positions before it processes
             rng.end = max(rng.end, nxt)
+        inserted = ((rec, ev, ms) for (rec, ev), ms in zip(batch.events, batch.millis, strict=True))
         current, sums = -1, None
-        for (rec, ev), ms in zip(batch.events, batch.millis, strict=True):
+        for rec, ev, ms in itertools.chain(inserted, batch.stored):
             d = ev.data
             if d.decision == "rejected":
                 continue
@@ -270,13 +272,6 @@ class HandoffLedger:
             assert sums is not None
             k = (ev.subject, d.meter, ms // 60_000 * 60)
             sums[k] = sums.get(k, 0.0) + d.quantity
-        for rec, ev, ms in batch.stored:  # rows stored before a crash, at offsets of this range
-            d = ev.data
-            if d.decision == "rejected":
-                continue
-            rng_sums = self._open[rec.partition].sums
-            k = (ev.subject, d.meter, ms // 60_000 * 60)
-            rng_sums[k] = rng_sums.get(k, 0.0) + d.quantity
 
     def take(self, partitions: Iterable[int] | None = None) -> list[PartitionRange]:
         """Close the open ranges (of ``partitions``, default all) that hold sums; each open
