@@ -22,8 +22,11 @@ How an event travels::
   directly while anything older waits on disk.
 - A start is ``SPOOLING`` too: the replayer first sends what an earlier run left in the spool.
 - A record Kafka refuses for itself (too large for the topic, invalid) can never be sent: the
-  replayer drops it, counted and logged as the sender does, and goes on with the records behind
-  it; only an error that may pass (Kafka away, a timeout) keeps the batch for another try.
+  replayer drops it, counted and logged, and goes on with the records behind it; only an error
+  that may pass (Kafka away, a timeout) keeps the batch for another try. The broker refuses a
+  whole record batch for one such record, so records refused at delivery are never dropped by
+  the sender: it spools them, and the replayer sends each again in a request of its own. Only
+  a record the client refuses at ``send`` (larger than a request may be) is dropped at once.
 - Processes sharing a data dir each hold a spool slot (``spool/0``, ``spool/1``, ...). While
   ``DIRECT``, every ``orphan_scan_every`` seconds the replayer also looks for a slot no live
   process holds that still has records (a process killed during an outage left it), locks it,
@@ -603,6 +606,8 @@ class Emitter:
             poll(0)
         unacked = self._unacked
         delivered = 0
+        refused: list[Record] = []
+        first_refusal: BaseException | None = None
         while unacked and unacked[0].future.is_done:
             rec = unacked[0]
             if rec.future.succeeded():
@@ -613,12 +618,29 @@ class Emitter:
             PRODUCER_ERRORS.labels(type(exc).__name__).inc()
             if _is_retriable(exc):
                 EVENTS_DELIVERED.inc(delivered)
-                self._to_spool(f"delivery failed: {exc!r}", [], abort=True)
+                self._to_spool(f"delivery failed: {exc!r}", refused, abort=True)
                 return
             unacked.popleft()
-            log.error("Kafka refused a usage event: %s", exc)
-            self._drops.drop("refused")
+            refused.append((rec.key, rec.value))
+            first_refusal = first_refusal or exc
         EVENTS_DELIVERED.inc(delivered)
+        if refused:
+            # The broker refuses a whole record batch for one record in it (too large for the
+            # topic, say): the good records refused with it must not be dropped. The replayer
+            # sends them again, one per request, and drops only a record refused on its own
+            # (see _replay_batch). kafka-python's idempotent producer fails every later record
+            # after a refusal, so it is not handed over.
+            log.warning(
+                "Kafka refused a batch of %d usage events (%s); sending them again one by one",
+                len(refused),
+                first_refusal,
+            )
+            self._to_spool(
+                "Kafka refused a record batch",
+                refused,
+                abort=isinstance(self._producer, KafkaProducer),
+            )
+            return
         if unacked and time.monotonic() - unacked[0].sent_at > self.down_after:
             self._to_spool(f"no acknowledgement for {self.down_after:g}s", [], abort=True)
 

@@ -103,6 +103,43 @@ def test_a_spooled_record_kafka_refuses_is_dropped_and_the_records_behind_it_arr
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_good_records_refused_with_a_large_one_in_the_direct_path_are_sent_again(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, client: str
+) -> None:
+    """Kafka is up and the emitter sends directly. One burst holds 20 small records and, among
+    them, one larger than the topic takes: they travel in one record batch, which the broker
+    refuses whole. The sender used to drop every record of that batch as refused; the good ones
+    are now spooled and sent again one by one, and only the large one is dropped."""
+    topic = make_topic(**{"max.message.bytes": "1500"})
+    refused_before = metric("metering_events_dropped_total", reason="refused")
+    em = Emitter(
+        kafka_bootstrap,
+        topic=topic,
+        spool_dir=tmp_path,
+        retry_backoff=(0.2, 0.5),
+        kafka_client=client,
+        linger_ms=200,  # the whole burst in one record batch
+    )
+    try:
+        assert wait_for(lambda: em.mode is EmitterMode.DIRECT, 20)
+        for seq in range(21):
+            em.emit_encoded(*record("acme", seq, pad=12 if seq == 10 else 0))
+        assert wait_for(
+            lambda: metric("metering_events_dropped_total", reason="refused") > refused_before,
+            20,
+        ), "the large record was never refused"
+        assert wait_for(lambda: em.mode is EmitterMode.DIRECT and em.flush(timeout=5), 20)
+        assert em.spool.pending_events == 0
+    finally:
+        em.close(timeout=5)
+
+    assert metric("metering_events_dropped_total", reason="refused") - refused_before == 1
+    got = seqs_in_order(consume(kafka_bootstrap, topic, expected=20, timeout_s=10))
+    assert sorted(got["acme"]) == [s for s in range(21) if s != 10]
+
+
+@pytest.mark.timeout(60)
 def test_a_slot_a_dead_process_left_is_replayed_while_another_process_runs(
     kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
 ) -> None:
