@@ -56,15 +56,23 @@ REFUSING_WRITES = frozenset({"MISCONF", "BUSY", "NOREPLICAS", "OOM", "READONLY",
 REDIS_ERRORS: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, rexc.ResponseError)
 
 
+#: Error replies to a new connection's own setup, which redis-py raises from the command that
+#: needed the connection: the server takes no command on this connection at all. Start-up
+#: refuses such a setting (:func:`limiter.redis_factory.check_redis_setup`); a server changed
+#: under a running process (restarted with fewer ``databases``) is then answered as down.
+SETUP_REFUSALS = ("DB index is out of range",)
+
+
 def redis_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means Redis cannot serve the limiter now: down, unreachable, or
-    refusing writes (``MISCONF`` after a failed save, ``BUSY`` running a slow script, ``OOM``,
-    ``NOREPLICAS``). Anything else (a script error, a wrong type) is a bug and propagates."""
+    """Whether ``exc`` means Redis cannot serve the limiter now: down, unreachable, refusing
+    writes (``MISCONF`` after a failed save, ``BUSY`` running a slow script, ``OOM``,
+    ``NOREPLICAS``) or refusing the connection's setup (``SETUP_REFUSALS``). Anything else (a
+    script error, a wrong type) is a bug and propagates."""
     if isinstance(exc, REDIS_UNAVAILABLE):
         return True
     if isinstance(exc, rexc.ResponseError):
         code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
-        return code in REFUSING_WRITES
+        return code in REFUSING_WRITES or str(exc).startswith(SETUP_REFUSALS)
     return False
 
 

@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
 from redis.retry import Retry
 
-from metering.settings import Settings, get_settings
+from metering.settings import Settings, SettingsError, get_settings
 
 
 def _common(settings: Settings) -> dict[str, Any]:
@@ -134,3 +134,54 @@ def async_redis_from_settings(settings: Settings | None = None) -> Any:
     return redis.asyncio.Redis.from_url(
         s.rate_limit_redis_url, retry=AsyncRetry(NoBackoff(), 0), **overrides
     )
+
+
+def _redis_setting(settings: Settings) -> str:
+    """The variable that names the Redis the limiter uses (the Cluster wins over Sentinel over
+    the URL, as in :func:`redis_from_settings`)."""
+    if settings.redis_mode == "cluster":
+        return "RATE_LIMIT_REDIS_CLUSTER_NODES"
+    if settings.redis_mode == "sentinel":
+        return "RATE_LIMIT_REDIS_SENTINELS"
+    return "RATE_LIMIT_REDIS_URL"
+
+
+def check_redis_setup(settings: Settings | None = None, *, timeout: float = 2.0) -> str | None:
+    """Ask the limiter's Redis once, at start-up, whether it takes the configured connection.
+
+    A Redis that answers but refuses the connection's own setup (a database index the server
+    does not have, a wrong password or user) is a setting no request can succeed with: raise
+    :class:`SettingsError` naming the variable, rather than serve a failure on every request. A
+    Redis that does not answer (down, unreachable, busy) is not a setting's fault: the limiter
+    decides by its fail mode until it answers, and the warning line to log is returned. ``None``:
+    Redis answered. Waits at most ``timeout`` seconds (or the configured timeouts if shorter).
+    """
+    from limiter.failure_policy import SETUP_REFUSALS, redis_unavailable
+
+    s = settings or get_settings()
+    limit = {
+        "rate_limit_redis_socket_timeout": min(timeout, s.rate_limit_redis_socket_timeout),
+        "rate_limit_redis_connect_timeout": min(timeout, s.rate_limit_redis_connect_timeout),
+    }
+    client = redis_from_settings(s.model_copy(update=limit), lazy=True)
+    name = _redis_setting(s)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        raise SettingsError(
+            f"{name}: Redis refused the limiter's credentials ({exc}); "
+            "check RATE_LIMIT_REDIS_PASSWORD or the URL's user and password"
+        ) from None
+    except redis.ResponseError as exc:
+        if redis_unavailable(exc) and not str(exc).startswith(SETUP_REFUSALS):
+            # MISCONF, BUSY, OOM, ...: a state that passes
+            return f"{name}: Redis refuses commands for now ({exc}); deciding by the fail mode"
+        raise SettingsError(f"{name}: Redis refused the limiter's connection: {exc}") from None
+    except Exception as exc:  # down or unreachable: the failure policy's case, not a setting's
+        return (
+            f"{name}: Redis not reachable at start ({type(exc).__name__}: {exc}); "
+            "deciding by the fail mode until it is"
+        )
+    finally:
+        client.close()
+    return None

@@ -16,11 +16,13 @@ import http
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Send
@@ -158,6 +160,57 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
             message = f"body is not valid JSON: {ctx['error']}"
         out.append({"location": _location(err.get("loc", ())), "message": message})
     return out
+
+
+#: What a 503 for a failing store tells the client to wait before trying again, in seconds.
+STORE_RETRY_AFTER = 5
+#: At most one log line per store per this many seconds: an outage fails every request.
+STORE_LOG_EVERY = 5.0
+_store_logged_at: dict[str, float] = {}
+
+
+def store_problem(exc: BaseException) -> Problem | None:
+    """A 503 naming the store if a store's client (the quota DB, ClickHouse, Redis, Kafka)
+    raised ``exc``, else None. The client is told which store failed and when to try again,
+    never the store's address or error text; the operator's log gets the store's one-line
+    message (:func:`metering.commands.store_errors.store_failure`: the setting, password masked,
+    and a hint such as "run `metering db migrate`")."""
+    from metering.commands.store_errors import failing_store, store_failure
+
+    store = failing_store(exc)
+    if store is None:
+        return None
+    now = time.monotonic()
+    if now - _store_logged_at.get(store, -1e18) >= STORE_LOG_EVERY:
+        _store_logged_at[store] = now
+        log.warning("answering 503: %s", store_failure(exc), exc_info=exc)
+    return Problem(
+        503,
+        f"{store} is unavailable; try again later",
+        slug="store-unavailable",
+        headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        store=store,
+    )
+
+
+class StoreFailureRoute(APIRoute):
+    """A route whose store fails (down, unreachable, not migrated) answers 503 with a problem
+    naming the store and a Retry-After, instead of the last-resort 500: the request was fine,
+    the service cannot serve it now. Every router of the API uses this route class."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                problem = store_problem(exc)
+                if problem is None:
+                    raise
+                raise problem from exc
+
+        return handle
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -13,9 +13,9 @@ from fastapi import APIRouter, Query, Request
 from metering import reconcile
 from metering.api.auth import CurrentPrincipal, require_admin
 from metering.api.context import api_context
-from metering.api.problems import Problem
+from metering.api.problems import Problem, StoreFailureRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=StoreFailureRoute)
 
 #: Authenticated and admin-only, but never rate limited or metered (see create_app).
 UNMETERED_ADMIN_PATHS = frozenset({"/v1/admin/reconcile"})

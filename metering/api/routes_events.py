@@ -26,10 +26,10 @@ from pydantic import BaseModel
 
 from metering.api.auth import CurrentPrincipal, Principal, bearer_scheme
 from metering.api.context import api_context
-from metering.api.problems import Problem
+from metering.api.problems import Problem, StoreFailureRoute
 from metering.events import TYPE_USAGE, EventDecodeError, UsageEvent, decode_event
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=StoreFailureRoute)
 
 BATCH_TYPES = {"application/json", "application/cloudevents-batch+json"}
 SINGLE_TYPES = {"application/cloudevents+json"}

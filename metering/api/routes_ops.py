@@ -13,9 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 
 from metering.api.context import api_context
-from metering.api.problems import PROBLEM_JSON, problem_body
+from metering.api.problems import PROBLEM_JSON, StoreFailureRoute, problem_body
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=StoreFailureRoute)
 
 READY_TIMEOUT = 2.0
 

@@ -25,11 +25,13 @@ from metering.api.auth import (
     require_admin,
 )
 from metering.api.context import api_context
-from metering.api.problems import Problem
+from metering.api.problems import Problem, StoreFailureRoute
 from metering.ids import TENANT_ID_MAX
 from metering.plans import MAX_LIMIT, MAX_WINDOW_SECONDS, PLANS, QuotaError, plan_limits
 
-router = APIRouter(tags=["tenants"], dependencies=[Depends(bearer_scheme)])
+router = APIRouter(
+    tags=["tenants"], dependencies=[Depends(bearer_scheme)], route_class=StoreFailureRoute
+)
 
 TenantPath = Annotated[
     str,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from metering.api.auth import CurrentPrincipal, Principal, authorize_tenant, require_admin
 from metering.api.context import api_context
-from metering.api.problems import Problem
+from metering.api.problems import Problem, StoreFailureRoute
 from metering.billing import billing_statement
 from metering.queries import UsageQueries
 from metering.query_sql import (
@@ -34,7 +34,7 @@ from metering.query_sql import (
     Window,
 )
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], route_class=StoreFailureRoute)
 
 _RFC3339_RE = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII

@@ -57,8 +57,11 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from metering.api import create_app
+    from metering.commands.up import warn_or_refuse_redis
 
-    app = create_app(load_settings())
+    settings = load_settings()
+    warn_or_refuse_redis(settings)
+    app = create_app(settings)
     settle_heap()
     server = uvicorn.Server(server_config(app, args.host, args.port, args.log_level))
     server.run()

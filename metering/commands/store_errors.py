@@ -6,6 +6,9 @@ store and the setting that names it (its password masked), with a hint where one
 The libraries' exception classes are looked up among the modules already imported: an error of
 a library this process never imported cannot have been raised, and importing one (chdb, Kafka)
 only to compare would cost more than the command did.
+
+The API answers a store's failure on a route with a 503 that names the store
+(:class:`metering.api.problems.StoreFailureRoute`) and logs this module's line for the operator.
 """
 
 from __future__ import annotations
@@ -161,11 +164,17 @@ def _setting(store: str, settings: Settings | None) -> str:
     return f"{name}={redact(str(getattr(settings, name.lower())))}"
 
 
-def store_failure(exc: BaseException) -> str | None:
-    """The one-line message for ``exc`` if a store's client raised it, else None."""
-    store = next(
+def failing_store(exc: BaseException) -> str | None:
+    """The store whose client raised ``exc`` ("the quota DB", "Kafka", "ClickHouse", "Redis"),
+    or None when no store's client did."""
+    return next(
         (s for s, names in _STORE_ERRORS.items() if isinstance(exc, _classes(*names))), None
     )
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """The one-line message for ``exc`` if a store's client raised it, else None."""
+    store = failing_store(exc)
     if store is None:
         return None
     try:
@@ -188,6 +197,7 @@ __all__ = [
     "MIGRATE_HINT",
     "embedded_engine_held",
     "embedded_folder_in_use",
+    "failing_store",
     "redis_setting",
     "store_failure",
 ]

@@ -191,6 +191,17 @@ def ensure_pipeline_topics(settings: Settings) -> None:
         ) from None
 
 
+def warn_or_refuse_redis(settings: Settings) -> None:
+    """Refuse to start (SettingsError) when the limiter's Redis answers but refuses the
+    configured connection (a database it lacks, wrong credentials); log a warning when it does
+    not answer: the limiter decides by its fail mode until it does."""
+    from limiter.redis_factory import check_redis_setup
+
+    warning = check_redis_setup(settings)
+    if warning:
+        logging.getLogger("metering").warning(warning)
+
+
 def _up(args: argparse.Namespace) -> int:
     """The start-up, soonest first: the local services begin starting and the API serves its
     port (answering "starting" for now) while the stores are migrated; the API opens once Redis
@@ -220,6 +231,7 @@ def _up(args: argparse.Namespace) -> int:
                 ensure_pipeline_topics(settings)
             if starting is not None:
                 starting.ready("redis")
+            warn_or_refuse_redis(settings)
             api.open()
             if starting is not None:
                 starting.wait()

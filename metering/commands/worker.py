@@ -13,7 +13,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "worker", help="consume usage.events into ClickHouse and backfill the quota DB"
     )
     worker.add_argument(
-        "--metrics-port", type=int, default=None, metavar="PORT",
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
         help="serve Prometheus /metrics on this port (default: WORKER_METRICS_PORT, 0 = off)",
     )
     worker.set_defaults(handler=_run)

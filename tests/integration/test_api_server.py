@@ -103,3 +103,29 @@ def test_serves_without_kafka_and_flushes_to_the_spool_on_sigterm(
         assert emitter.flush(timeout=30)
     arrived = read_events(settings, expected=3, subject=tenant)
     assert [e.id for e in arrived if e.type == "metering.usage"] == ids
+
+
+def test_a_redis_database_the_server_lacks_stops_the_start_naming_the_variable(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """``RATE_LIMIT_REDIS_URL=redis://host/99`` on a server with 16 databases: Redis answers and
+    refuses every connection's SELECT, so no request could ever reach it. ``metering api``
+    refuses to start, naming the variable, instead of serving a degraded answer forever."""
+    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    env = {
+        **os.environ,
+        "METERING_DATA_DIR": str(tmp_path),
+        "RATE_LIMIT_REDIS_URL": f"{base}/99",
+        "JWT_SECRET": SECRET,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "metering.cli", "api", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "RATE_LIMIT_REDIS_URL" in done.stderr
+    assert "DB index is out of range" in done.stderr
+    assert "Traceback" not in done.stderr
