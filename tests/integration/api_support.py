@@ -49,9 +49,16 @@ def admin() -> dict[str, str]:
 
 
 def api_settings(
-    tmp_path: Path, redis_url: str, kafka_bootstrap: str, *, topics: bool = False, **over: Any
+    tmp_path: Path,
+    redis_url: str,
+    kafka_bootstrap: str,
+    *,
+    topics: bool = False,
+    migrate_quota_db: bool = True,
+    **over: Any,
 ) -> Settings:
-    """Settings on the shared services; with ``topics``, a fresh one-partition topic pair."""
+    """Settings on the shared services; with ``topics``, a fresh one-partition topic pair;
+    the quota DB migrated unless ``migrate_quota_db`` is false (a test of a DB that is down)."""
     topic = f"api-test-{uuid.uuid4().hex[:10]}"
     values: dict[str, Any] = {
         "metering_data_dir": tmp_path,
@@ -69,7 +76,8 @@ def api_settings(
     }
     values.update(over)
     settings = load_settings(**values)
-    migrate(settings.quota_db_url)
+    if migrate_quota_db:
+        migrate(settings.quota_db_url)
     if topics:
         ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
     return settings

@@ -18,8 +18,7 @@ import pytest
 
 from limiter.redis_factory import check_redis_setup
 from metering.settings import SettingsError, load_settings
-from metering.topics import ensure_topics, pipeline_topics
-from tests.integration.api_support import SECRET, admin, api_client, auth, problem
+from tests.integration.api_support import admin, api_client, api_settings, auth, problem
 from tests.integration.test_api_isolation import requests_on
 
 NOW = dt.datetime.now(dt.UTC)
@@ -32,22 +31,11 @@ def dead_port() -> int:
 
 
 def settings_for(tmp_path: Path, redis_url: str, kafka_bootstrap: str, **over: Any) -> Any:
-    """The API's settings on the real Redis and Kafka, the stores as ``over`` names them (nothing
-    is migrated here: a store may be down)."""
-    topic = f"api-store-down-{uuid.uuid4().hex[:10]}"
-    values: dict[str, Any] = {
-        "metering_data_dir": tmp_path,
-        "rate_limit_redis_url": redis_url,
-        "kafka_bootstrap_servers": kafka_bootstrap,
-        "usage_events_topic": topic,
-        "usage_events_dlq_topic": f"{topic}.dlq",
-        "usage_events_partitions": 1,
-        "jwt_secret": SECRET,
-        "jwt_audience": "metering-api",
-    } | over
-    settings = load_settings(**values)
-    ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
-    return settings
+    """The API's settings on the real Redis and Kafka, the stores as ``over`` names them (the
+    quota DB is not migrated here: it may be down)."""
+    return api_settings(
+        tmp_path, redis_url, kafka_bootstrap, topics=True, migrate_quota_db=False, **over
+    )
 
 
 def reconcile_call() -> tuple[str, str, dict[str, Any]]:
