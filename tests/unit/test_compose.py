@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,8 +14,21 @@ ROOT = Path(__file__).resolve().parents[2]
 STACK = {"redis", "kafka", "clickhouse", "postgres", "prometheus", "grafana", "api", "worker"}
 
 
+def _go() -> str:
+    """Go >= 1.24: on PATH, this kind's /usr/local/go, or the toolchain `scripts/bootstrap`
+    fetched into var/go where neither is that new."""
+    for go in (shutil.which("go"), "/usr/local/go/bin/go", str(ROOT / "var" / "go" / "bin" / "go")):
+        if go and Path(go).exists():
+            version = subprocess.run(
+                [go, "env", "GOVERSION"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            if re.fullmatch(r"go1\.(2[4-9]|[3-9]\d)(\.\d+)?.*", version):
+                return go
+    raise AssertionError("no Go >= 1.24 (run scripts/bootstrap, which fetches one into var/go)")
+
+
 def _composecheck(path: Path) -> subprocess.CompletedProcess[str]:
-    go = shutil.which("go") or "/usr/local/go/bin/go"
+    go = _go()
     return subprocess.run(
         [go, "run", ".", str(path)],
         cwd=ROOT / "tools" / "composecheck",
