@@ -52,10 +52,73 @@ def checked_database(database: str) -> str:
     return database
 
 
-def migrate_client(client: Any, database: str, *, retention_days: int = 400) -> list[str]:
-    """Apply the pending migrations to ``database`` through ``client``; return their names."""
+#: The retention a table is made with when no setting gives one (``CLICKHOUSE_RETENTION_DAYS``'s
+#: default).
+DEFAULT_RETENTION_DAYS = 400
+#: The tables whose rows expire after the retention, each with its TTL's time expression (as in
+#: the migrations that make them).
+RETENTION_TABLES = {
+    "usage_events": "toDateTime(time)",
+    "usage_minute": "bucket",
+    "usage_hour": "bucket",
+    "usage_day": "bucket",
+    "usage_minute_by_time": "bucket",
+}
+_TTL_DAYS = re.compile(r"\bTTL .*?\+ toIntervalDay\((\d+)\)")
+
+
+class Applied(list[str]):
+    """The names of the migrations applied, and ``retention``: the tables whose TTL was changed
+    to the configured retention, as ``(table, days before, days now)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retention: list[tuple[str, int | None, int]] = []
+
+
+def retention_in_force(client: Any, database: str) -> dict[str, int | None]:
+    """Each retention table of ``database`` that exists, with the days its TTL keeps rows for
+    (None: no TTL of that form)."""
+    rows = client.query(
+        "SELECT name, engine_full FROM system.tables"
+        " WHERE database = {d:String} AND name IN {names:Array(String)}",
+        parameters={"d": checked_database(database), "names": list(RETENTION_TABLES)},
+    ).result_rows
+    found: dict[str, int | None] = {}
+    for name, engine in rows:
+        m = _TTL_DAYS.search(engine or "")
+        found[name] = int(m.group(1)) if m else None
+    return found
+
+
+def apply_retention(
+    client: Any, database: str, retention_days: int
+) -> list[tuple[str, int | None, int]]:
+    """Make every retention table keep rows for ``retention_days`` (``ALTER TABLE ... MODIFY
+    TTL``: ClickHouse then drops the rows a shorter retention expires, in the background).
+    A table made by migration 001/002 got the retention in force at that first migration;
+    ``CLICKHOUSE_RETENTION_DAYS`` changed later must still apply, or late events that the
+    lateness check lets through would be deleted by the old TTL (or rows kept past a shorter
+    one). Returns the tables changed."""
+    changed = []
+    for table, days in sorted(retention_in_force(client, database).items()):
+        if days == retention_days:
+            continue
+        client.command(
+            f"ALTER TABLE {database}.{table} MODIFY TTL "
+            f"{RETENTION_TABLES[table]} + INTERVAL {int(retention_days)} DAY"
+        )
+        changed.append((table, days, retention_days))
+    return changed
+
+
+def migrate_client(client: Any, database: str, *, retention_days: int | None = None) -> Applied:
+    """Apply the pending migrations to ``database`` through ``client``; return their names.
+    With ``retention_days`` (from settings), the retention tables' TTL is brought to it too
+    (:func:`apply_retention`); without, new tables get :data:`DEFAULT_RETENTION_DAYS` and an
+    existing TTL is left as it is."""
     checked_database(database)
-    if retention_days < 1:
+    if retention_days is not None and retention_days < 1:
         raise ValueError(f"retention_days must be at least 1, got {retention_days}")
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
     client.command(
@@ -65,11 +128,11 @@ def migrate_client(client: Any, database: str, *, retention_days: int = 400) -> 
     )
     versions = client.query(f"SELECT version FROM {database}.schema_migrations")  # noqa: S608
     done = {row[0] for row in versions.result_rows}
-    applied = []
+    applied = Applied()
     for mig in migrations():
         if mig.version in done:
             continue
-        for statement in mig.statements(database, retention_days):
+        for statement in mig.statements(database, retention_days or DEFAULT_RETENTION_DAYS):
             client.command(statement)
         client.insert(
             f"{database}.schema_migrations",
@@ -77,10 +140,12 @@ def migrate_client(client: Any, database: str, *, retention_days: int = 400) -> 
             column_names=["version", "name"],
         )
         applied.append(f"{mig.version:03d}_{mig.name}")
+    if retention_days is not None:
+        applied.retention = apply_retention(client, database, retention_days)
     return applied
 
 
-def migrate(settings_or_client: Settings | Any, database: str | None = None) -> list[str]:
+def migrate(settings_or_client: Settings | Any, database: str | None = None) -> Applied:
     """Migrate ClickHouse: ``migrate(settings)`` (what ``metering db migrate`` calls) or
     ``migrate(client, database)``. Returns the names of the migrations applied now."""
     if isinstance(settings_or_client, Settings):
@@ -97,4 +162,15 @@ def migrate(settings_or_client: Settings | Any, database: str | None = None) -> 
     return migrate_client(settings_or_client, database)
 
 
-__all__ = ["Migration", "checked_database", "migrate", "migrate_client", "migrations"]
+__all__ = [
+    "DEFAULT_RETENTION_DAYS",
+    "RETENTION_TABLES",
+    "Applied",
+    "Migration",
+    "apply_retention",
+    "checked_database",
+    "migrate",
+    "migrate_client",
+    "migrations",
+    "retention_in_force",
+]

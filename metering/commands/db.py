@@ -33,4 +33,9 @@ def _migrate(args: argparse.Namespace) -> int:
 
         applied = migrate_clickhouse(settings)
         print(f"ClickHouse: applied {', '.join(map(str, applied)) if applied else 'nothing new'}")
+        for table, before, now in applied.retention:
+            was = f"{before} days" if before is not None else "no TTL"
+            print(
+                f"ClickHouse: {table} keeps rows {now} days (was {was}; CLICKHOUSE_RETENTION_DAYS)"
+            )
     return 0

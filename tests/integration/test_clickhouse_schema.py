@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 
@@ -84,3 +85,48 @@ def test_rollups_hold_sum_count_max_unique_and_latest_per_bucket(
 def test_migrate_refuses_a_database_name_that_is_not_an_identifier(clickhouse_client) -> None:
     with pytest.raises(ValueError, match="not a plain identifier"):
         migrate(clickhouse_client, "x; DROP DATABASE y")
+
+
+def test_a_changed_retention_setting_reaches_the_tables_already_made(
+    clickhouse_client, clickhouse_db: str
+) -> None:
+    """The tables were made at the first migration with 400 days; CLICKHOUSE_RETENTION_DAYS is
+    30 now. It used to be substituted into migration 001/002 only, so the tables kept 400 days
+    for good (and a longer setting let late events in that the old TTL then deleted). Each
+    migration now brings every retention table's TTL to the setting, and the rows the shorter
+    retention expires are dropped."""
+    from metering.clickhouse.schema import RETENTION_TABLES, migrate_client, retention_in_force
+
+    assert migrate_client(clickhouse_client, clickhouse_db, retention_days=400).retention == []
+    old = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=60)
+    row = ["old", "acme", "requests", "", 1, old, 1.0, {}, "usage.events", 0, 0]
+    clickhouse_client.insert(f"{clickhouse_db}.usage_events", [row], column_names=COLUMNS)
+
+    again = migrate_client(clickhouse_client, clickhouse_db, retention_days=30)
+    assert list(again) == []  # no migration to apply, but the retention changed
+    assert sorted(again.retention) == sorted((t, 400, 30) for t in RETENTION_TABLES)
+    assert retention_in_force(clickhouse_client, clickhouse_db) == dict.fromkeys(
+        RETENTION_TABLES, 30
+    )
+    assert migrate_client(clickhouse_client, clickhouse_db, retention_days=30).retention == []
+
+    def rows_left() -> int:
+        clickhouse_client.command(f"OPTIMIZE TABLE {clickhouse_db}.usage_events FINAL")
+        return int(clickhouse_client.command(f"SELECT count() FROM {clickhouse_db}.usage_events"))
+
+    deadline = time.monotonic() + 30
+    while rows_left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rows_left() == 0  # 60 days old: past the 30 days now in force
+
+
+def test_a_migration_without_a_retention_leaves_the_tables_ttl_alone(
+    clickhouse_client, clickhouse_db: str
+) -> None:
+    from metering.clickhouse.schema import RETENTION_TABLES, migrate_client, retention_in_force
+
+    migrate_client(clickhouse_client, clickhouse_db, retention_days=90)
+    assert migrate(clickhouse_client, clickhouse_db).retention == []
+    assert retention_in_force(clickhouse_client, clickhouse_db) == dict.fromkeys(
+        RETENTION_TABLES, 90
+    )
