@@ -41,6 +41,7 @@ from sqlalchemy.pool import StaticPool
 
 from metering.ids import TENANT_ID_MAX, validate_tenant_id
 from metering.plans import Limits, QuotaError, check_limits, get_plan
+from metering.settings import SettingsError
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 #: Seconds a PostgreSQL connect or statement may take: a slow database fails fast, and callers
@@ -147,7 +148,16 @@ def make_engine(url: str | URL, *, timeouts: bool = True) -> Engine:
     if u.drivername.startswith("sqlite"):
         if u.database in (None, "", ":memory:"):
             return create_engine(u, connect_args={"check_same_thread": False}, poolclass=StaticPool)
-        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(u.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            shown = url if isinstance(url, str) else u.render_as_string(hide_password=True)
+            why = "not a folder" if isinstance(exc, FileExistsError) else exc.strerror or exc
+            raise SettingsError(
+                f"invalid setting(s): QUOTA_DB_URL={shown!r}: cannot make the folder of the"
+                f" SQLite file, {folder} ({why})"
+            ) from None
         engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 5})
 
         @event.listens_for(engine, "connect")

@@ -57,6 +57,31 @@ def _check_host_port(parts: SplitResult) -> None:
         raise ValueError(f"has a bad port ({exc})") from None
 
 
+def _check_data_dir(path: Path) -> None:
+    """``path`` is a folder, or can be made one: it is not something else (a file, a dangling
+    link), and its nearest existing ancestor is a folder this process may write in. Nothing is
+    made here."""
+    where = Path(os.path.abspath(path))  # relative to the working folder, as mkdir would read it
+    try:
+        if where.is_dir():
+            return
+        if os.path.lexists(where):
+            raise ValueError(f"must be a folder: {where} exists and is not one")
+        ancestor = where.parent
+        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ValueError(
+                f"must be a folder or a path where one can be made: {ancestor} is not a folder"
+            )
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"must be a folder or a path where one can be made: {ancestor} is not writable"
+            )
+    except OSError as exc:  # a parent that may not be searched, a name too long, ...
+        raise ValueError(f"cannot be used as a folder ({exc})") from None
+
+
 class SettingsError(ValueError):
     """A setting has a value the product cannot run with; the message names the variable."""
 
@@ -315,6 +340,13 @@ class Settings(BaseSettings):
     )
 
     # ----------------------------------------------------------------------------------------
+    @field_validator("metering_data_dir")
+    @classmethod
+    def _data_dir(cls, v: Path) -> Path:
+        """A folder, or a path where one can be made; checked here, made by whoever needs it."""
+        _check_data_dir(v)
+        return v
+
     @field_validator("rate_limit_redis_cluster_nodes", "rate_limit_redis_sentinels", mode="before")
     @classmethod
     def _host_ports(cls, v: Any) -> list[HostPort]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -209,3 +210,119 @@ def test_redaction_masks_only_the_password(value: str, shown: str) -> None:
     from metering.commands.config import redact
 
     assert redact(value) == shown
+
+
+def test_a_data_dir_that_is_a_file_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    monkeypatch.setenv("METERING_DATA_DIR", str(a_file))
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert f"METERING_DATA_DIR={str(a_file)!r}: must be a folder" in str(err.value)
+    assert "exists and is not one" in str(err.value)
+
+
+def test_a_data_dir_under_a_file_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    below = a_file / "data" / "more"
+    monkeypatch.setenv("METERING_DATA_DIR", str(below))
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert f"METERING_DATA_DIR={str(below)!r}" in str(err.value)
+    assert f"{a_file} is not a folder" in str(err.value)
+
+
+def test_a_data_dir_that_is_a_dangling_link_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    monkeypatch.setenv("METERING_DATA_DIR", str(link))
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert f"METERING_DATA_DIR={str(link)!r}: must be a folder" in str(err.value)
+
+
+def test_a_data_dir_under_a_read_only_folder_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root may write anywhere: let the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: os.fspath(p) != str(locked) and real_access(p, mode)
+        )
+    monkeypatch.setenv("METERING_DATA_DIR", str(locked / "data"))
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert f"METERING_DATA_DIR={str(locked / 'data')!r}" in str(err.value)
+    assert f"{locked} is not writable" in str(err.value)
+
+
+def test_a_data_dir_that_can_be_made_is_accepted_and_not_made(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    later = tmp_path / "a" / "b" / "c"
+    monkeypatch.setenv("METERING_DATA_DIR", str(later))
+    assert load_settings().metering_data_dir == later
+    assert not (tmp_path / "a").exists()  # made by whoever needs it, not by the settings
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METERING_DATA_DIR", "relative/var")
+    assert load_settings().quota_db_url == f"sqlite:///{tmp_path.resolve()}/relative/var/quota.db"
+
+
+@pytest.mark.parametrize("below", ["q.db", "sub/q.db"])
+def test_a_sqlite_quota_db_whose_folder_cannot_be_made_names_the_variable(
+    tmp_path, below: str
+) -> None:
+    from metering.quota_db import make_engine
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    url = f"sqlite:///{a_file / below}"
+    with pytest.raises(SettingsError) as err:
+        make_engine(url)
+    assert f"QUOTA_DB_URL={url!r}" in str(err.value)
+    assert str((a_file / below).parent) in str(err.value)
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "metering.cli", *args],
+        env={"PATH": "/usr/bin:/bin", **env},  # no other setting from this process
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_db_migrate_with_a_data_dir_that_is_a_file_exits_with_a_message(tmp_path) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    proc = _cli("db", "migrate", METERING_DATA_DIR=str(a_file))
+    assert proc.returncode == 2, proc.stderr
+    assert f"METERING_DATA_DIR={str(a_file)!r}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert a_file.read_text() == "x"
+
+
+def test_db_migrate_with_a_quota_db_folder_that_cannot_be_made_exits_with_a_message(
+    tmp_path,
+) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    url = f"sqlite:///{a_file / 'quota' / 'q.db'}"
+    proc = _cli(
+        "db", "migrate", "--only", "quota",
+        METERING_DATA_DIR=str(tmp_path / "data"), QUOTA_DB_URL=url,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"QUOTA_DB_URL={url!r}" in proc.stderr
+    assert str(a_file / "quota") in proc.stderr
+    assert "Traceback" not in proc.stderr
