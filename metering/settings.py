@@ -241,7 +241,9 @@ class Settings(BaseSettings):
         description="ClickHouse database of the tables.",
     )
     clickhouse_retention_days: PositiveInt = Field(
-        400, description="Days usage_events rows are kept (table TTL)."
+        400,
+        description="Days usage_events and its rollups keep rows (table TTL, applied by every"
+        " migration, so a change reaches existing tables).",
     )
 
     # --- streams worker ------------------------------------------------------------------------
