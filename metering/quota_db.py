@@ -30,6 +30,7 @@ from sqlalchemy import (
     Engine,
     Integer,
     String,
+    case,
     create_engine,
     event,
     select,
@@ -327,8 +328,12 @@ class QuotaStore:
     def upsert_daily_usage(self, rows: Iterable[tuple[str, dt.date, int | float]]) -> int:
         """Store absolute totals per (tenant, day); idempotent. Returns the number of rows.
 
-        A total replaces the stored one (the worker's tables hold the truth), so a replayed
-        batch writes the same values again and changes nothing.
+        A total replaces a smaller stored one (the worker's tables hold the truth), so a
+        replayed batch writes the same values again and changes nothing. A smaller total never
+        replaces a larger one: a day's usage only grows (the events are an append-only log),
+        and each worker's backfill writes every tenant, so two workers' rounds can interleave
+        (A reads 10, B reads and writes 15, A writes 10): the stored total must not move back,
+        since it is what a lost Redis day counter is seeded from.
         """
         now = _utcnow()
         values: dict[tuple[str, dt.date], float] = {}
@@ -354,7 +359,13 @@ class QuotaStore:
         stmt = insert(DailyUsageRow)
         stmt = stmt.on_conflict_do_update(
             index_elements=[DailyUsageRow.tenant, DailyUsageRow.day],
-            set_={"used": stmt.excluded.used, "updated_at": stmt.excluded.updated_at},
+            set_={
+                "used": case(
+                    (stmt.excluded.used > DailyUsageRow.used, stmt.excluded.used),
+                    else_=DailyUsageRow.used,
+                ),
+                "updated_at": stmt.excluded.updated_at,
+            },
         )
         with self._session() as s:
             s.execute(stmt, payload)

@@ -95,6 +95,18 @@ def test_daily_usage_upserts_absolute_totals_idempotently(store: QuotaStore) -> 
     assert store.upsert_daily_usage([]) == 0
 
 
+def test_a_smaller_total_from_an_older_round_never_moves_a_day_back(store: QuotaStore) -> None:
+    """Two workers back-fill every tenant. Worker A reads a day's total of 10; 5 more arrive;
+    worker B reads 15 and writes it; then A's write of 10 lands. The stored total used to drop
+    to 10 (what a lost Redis day counter would then be seeded from) until the next round."""
+    store.upsert_daily_usage([("acme", DAY, 15)])  # B
+    store.upsert_daily_usage([("acme", DAY, 10), ("beta", DAY, 3)])  # A, late
+    assert store.daily_usage("acme", DAY) == 15
+    assert store.daily_usage("beta", DAY) == 3
+    store.upsert_daily_usage([("acme", DAY, 16.5)])
+    assert store.daily_usage("acme", DAY) == 17
+
+
 @pytest.mark.parametrize(
     ("tenant", "changes", "error", "message"),
     [

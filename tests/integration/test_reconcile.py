@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import update
 
 from limiter import Quota, RateLimiter
 from metering import reconcile
@@ -20,7 +21,7 @@ from metering.clickhouse.client import adopt_embedded_client
 from metering.clickhouse.schema import migrate
 from metering.emitter import Emitter
 from metering.events import decision_event
-from metering.quota_db import QuotaStore
+from metering.quota_db import DailyUsageRow, QuotaStore
 from metering.quota_db import migrate as migrate_quota_db
 from streams.backfill import Backfill
 from tests.integration.streams_support import unique_topics
@@ -104,7 +105,12 @@ def test_a_drift_introduced_in_redis_and_in_the_quota_db_is_found(
 ) -> None:
     a, b = pipeline["tenants"]["a"], pipeline["tenants"]["b"]
     pipeline["client"].incrby(reconcile.day_key(a, pipeline["day"]), 2)  # a counter ran ahead
-    pipeline["store"].upsert_daily_usage([(b, pipeline["day"], 1)])  # a stale backfill
+    with pipeline["store"].engine.begin() as db:  # a backfill that fell behind
+        db.execute(
+            update(DailyUsageRow)
+            .where(DailyUsageRow.tenant == b, DailyUsageRow.day == pipeline["day"])
+            .values(used=1)
+        )
     rows = rows_for(pipeline, clickhouse_client, clickhouse_db)
     assert rows[a].drift == {"redis": 2}
     assert rows[b].drift == {"quota_db": -2}
