@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from metering.settings import Settings
@@ -59,6 +60,62 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_ms: int = 1500
             except TopicAlreadyExistsError:
                 pass
         return created
+    finally:
+        admin.close()
+
+
+@dataclass(frozen=True)
+class TopicState:
+    """What Kafka says an existing topic has (``None``: it did not say)."""
+
+    name: str
+    partitions: int | None
+    retention_ms: int | None
+
+    def differences(self, spec: TopicSpec) -> dict[str, int]:
+        """The values ``spec`` asks for where they differ from the topic's (known) ones."""
+        asked = {}
+        if self.partitions is not None and self.partitions != spec.partitions:
+            asked["partitions"] = spec.partitions
+        if self.retention_ms is not None and self.retention_ms != spec.retention_ms:
+            asked["retention.ms"] = spec.retention_ms
+        return asked
+
+
+def describe_topics(
+    bootstrap: str, names: list[str], timeout_ms: int = 15000
+) -> dict[str, TopicState]:
+    """The partition count (cluster metadata) and ``retention.ms`` (the topic's effective
+    config, a default included) of each named topic, as Kafka has them now."""
+    if not names:
+        return {}
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="metering-topics"
+    )
+    try:
+        partitions: dict[str, int | None] = dict.fromkeys(names)
+        retention: dict[str, int | None] = dict.fromkeys(names)
+        resources = [
+            ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": None})
+            for name in names
+        ]
+        # A topic made a moment ago (by another process) may show no partitions or configs yet.
+        deadline = time.monotonic() + 2
+        while True:
+            for topic in admin.describe_topics(names):
+                name = topic.get("name") or topic.get("topic")
+                if name in partitions and not topic.get("error_code") and topic["partitions"]:
+                    partitions[name] = len(topic["partitions"])
+            configs = admin.describe_configs(resources, config_filter="all").get("topic", {})
+            for name in names:
+                value = (configs.get(name, {}).get("retention.ms") or {}).get("value")
+                if value is not None and value.lstrip("-").isdigit():
+                    retention[name] = int(value)
+            known = all(partitions.values()) and all(v is not None for v in retention.values())
+            if known or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return {name: TopicState(name, partitions[name], retention[name]) for name in names}
     finally:
         admin.close()
 

@@ -6,7 +6,7 @@ import argparse
 
 from metering.commands.argtypes import positive_int
 from metering.settings import load_settings
-from metering.topics import ensure_topics, pipeline_topics
+from metering.topics import TopicSpec, TopicState, describe_topics, ensure_topics, pipeline_topics
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,9 +26,29 @@ def _init(args: argparse.Namespace) -> int:
     settings = load_settings(**overrides)
     specs = pipeline_topics(settings)
     created = ensure_topics(settings.kafka_bootstrap_servers, specs)
+    existing = describe_topics(
+        settings.kafka_bootstrap_servers, [s.name for s in specs if s.name not in created]
+    )
     for spec in specs:
-        state = "created" if spec.name in created else "exists"
-        print(
-            f"{spec.name}: {state} (partitions={spec.partitions}, retention.ms={spec.retention_ms})"
-        )
+        if spec.name in created:
+            print(
+                f"{spec.name}: created"
+                f" (partitions={spec.partitions}, retention.ms={spec.retention_ms})"
+            )
+        else:
+            print(f"{spec.name}: exists ({_existing(existing[spec.name], spec)})")
     return 0
+
+
+def _existing(state: TopicState, spec: TopicSpec) -> str:
+    """The topic's own partitions and retention, and where the settings ask for others."""
+
+    def shown(value: int | None) -> str:
+        return "unknown" if value is None else str(value)
+
+    text = f"partitions={shown(state.partitions)}, retention.ms={shown(state.retention_ms)}"
+    asked = state.differences(spec)
+    if asked:
+        wanted = ", ".join(f"{key}={value}" for key, value in asked.items())
+        text += f"; settings ask {wanted}: existing topics are left as they are"
+    return text

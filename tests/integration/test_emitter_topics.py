@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from kafka import KafkaAdminClient
-from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
 from metering.cli import main
 
@@ -68,6 +68,85 @@ def test_kafka_init_creates_both_topics_as_configured_and_is_idempotent(
     second = capsys.readouterr().out
     assert f"{events}: exists" in second and f"{dlq}: exists" in second
     assert partitions(admin, events) == 4
+
+
+def delete_topics(admin: KafkaAdminClient, names: list[str]) -> None:
+    present = [name for name in names if name in admin.list_topics()]
+    if present:
+        admin.delete_topics(present)
+
+
+def test_kafka_init_reports_an_existing_topics_own_partitions_and_retention(
+    kafka_bootstrap: str,
+    admin: KafkaAdminClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On a topic that exists, ``kafka init`` prints what Kafka has (not what the settings ask
+    for), says where the settings differ, and changes nothing."""
+    run = uuid.uuid4().hex[:8]
+    events, dlq = f"init-report.{run}.events", f"init-report.{run}.dlq"
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("USAGE_EVENTS_TOPIC", events)
+    monkeypatch.setenv("USAGE_EVENTS_DLQ_TOPIC", dlq)
+    monkeypatch.setenv("USAGE_EVENTS_PARTITIONS", "4")
+    monkeypatch.setenv("USAGE_EVENTS_RETENTION_MS", "86400000")
+    monkeypatch.setenv("USAGE_EVENTS_DLQ_RETENTION_MS", "172800000")
+    try:
+        assert main(["kafka", "init"]) == 0
+        assert f"{events}: created (partitions=4, retention.ms=86400000)" in capsys.readouterr().out
+        assert (partitions(admin, events), retention_ms(admin, events)) == (4, 86_400_000)
+        assert (partitions(admin, dlq), retention_ms(admin, dlq)) == (2, 172_800_000)
+
+        monkeypatch.setenv("USAGE_EVENTS_RETENTION_MS", "1000000")
+        assert main(["kafka", "init", "--partitions", "9"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"{events}: exists (partitions=4, retention.ms=86400000; settings ask partitions=9,"
+            " retention.ms=1000000: existing topics are left as they are)",
+            f"{dlq}: exists (partitions=2, retention.ms=172800000; settings ask partitions=4:"
+            " existing topics are left as they are)",
+        ]
+        assert (partitions(admin, events), retention_ms(admin, events)) == (4, 86_400_000)
+        assert (partitions(admin, dlq), retention_ms(admin, dlq)) == (2, 172_800_000)
+
+        monkeypatch.setenv("USAGE_EVENTS_RETENTION_MS", "86400000")
+        assert main(["kafka", "init"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"{events}: exists (partitions=4, retention.ms=86400000)",
+            f"{dlq}: exists (partitions=2, retention.ms=172800000)",
+        ]
+    finally:
+        delete_topics(admin, [events, dlq])
+
+
+def test_kafka_init_reports_the_retention_a_topic_has_by_default(
+    kafka_bootstrap: str,
+    admin: KafkaAdminClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A topic made elsewhere with no retention.ms of its own shows the broker's default."""
+    run = uuid.uuid4().hex[:8]
+    events, dlq = f"init-report.{run}.events", f"init-report.{run}.dlq"
+    admin.create_topics([NewTopic(events, num_partitions=1, replication_factor=1)])
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("USAGE_EVENTS_TOPIC", events)
+    monkeypatch.setenv("USAGE_EVENTS_DLQ_TOPIC", dlq)
+    monkeypatch.setenv("USAGE_EVENTS_PARTITIONS", "2")
+    try:
+        assert partitions(admin, events) == 1
+        assert main(["kafka", "init"]) == 0
+        line = next(
+            line for line in capsys.readouterr().out.splitlines() if line.startswith(events)
+        )
+        configs = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, events)], config_filter="all"
+        )
+        default = int(configs["topic"][events]["retention.ms"]["value"])
+        assert line.startswith(f"{events}: exists (partitions=1, retention.ms={default}; ")
+        assert "settings ask partitions=2" in line
+    finally:
+        delete_topics(admin, [events, dlq])
 
 
 def test_kafka_init_refuses_zero_partitions_naming_the_variable(
