@@ -42,12 +42,15 @@ _RFC3339_RE = re.compile(
 MAX_FILTER_PARAMS = 200
 
 
-def _invalid(exc: QueryError) -> Problem:
+def _invalid(exc: QueryError, path_params: frozenset[str] = frozenset()) -> Problem:
+    """A 422 naming the parameter, located as FastAPI locates its own: ``path.<name>`` for the
+    route's ``path_params``, ``query.<name>`` for the rest."""
+    where = "path" if exc.param in path_params else "query"
     return Problem(
         422,
         str(exc),
         slug="invalid-query",
-        errors=[{"location": f"query.{exc.param}", "message": exc.message}],
+        errors=[{"location": f"{where}.{exc.param}", "message": exc.message}],
     )
 
 
@@ -269,6 +272,10 @@ def _wants_csv(accept: str) -> bool:
     return csv_q > 0 and csv_q > json_q
 
 
+#: The billing route's path parameters: a bad one is reported at ``path.<name>``.
+BILLING_PATH_PARAMS = frozenset({"tenant", "month"})
+
+
 @router.get(
     "/v1/billing/{tenant}/{month}",
     response_model=StatementOut,
@@ -286,7 +293,7 @@ def get_billing_statement(
     try:
         statement = billing_statement(usage_queries(request), who, month, tz)
     except QueryError as exc:
-        raise _invalid(exc) from None
+        raise _invalid(exc, BILLING_PATH_PARAMS) from None
     if _wants_csv(request.headers.get("accept", "")):
         return Response(
             statement.to_csv(),

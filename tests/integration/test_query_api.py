@@ -304,3 +304,23 @@ def test_bad_parameters_are_refused_before_any_sql_runs(
     assert ("usage_events",) in tables and ("usage_day",) in tables
     count = recording.query(f"SELECT count() FROM {db}.usage_events").result_rows[0][0]
     assert count == 7
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "headers", "location"),
+    [
+        ("/v1/billing/acme/2026-13", {}, ACME, "path.month"),  # the month is in the path
+        ("/v1/billing/acme/2026-03'--", {}, ACME, "path.month"),
+        ("/v1/billing/acme/1970-01", {"tz": "Asia/Tokyo"}, ACME, "path.month"),
+        ("/v1/billing/acme/2026-03", {"tz": "Mars/Olympus_Mons"}, ACME, "query.tz"),
+        ("/v1/usage", {**MARCH_END, "from": "2026-03-29"}, ACME, "query.from"),
+        ("/v1/usage", {**MARCH_END, "tz": "Mars/Olympus_Mons"}, ACME, "query.tz"),
+        ("/v1/usage/top", {"meter": "requests/*"}, ADMIN, "query.meter"),
+    ],
+)
+def test_a_refused_parameter_is_located_where_the_client_sent_it(
+    http: TestClient, path: str, params: dict[str, Any], headers: dict[str, str], location: str
+) -> None:
+    r = http.get(path, params=params, headers=headers)
+    assert r.status_code == 422, r.text
+    assert [e["location"] for e in r.json()["errors"]] == [location]
