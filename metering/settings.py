@@ -240,6 +240,12 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
         description="ClickHouse database of the tables.",
     )
+    clickhouse_query_timeout: PositiveFloat = Field(
+        30.0,
+        le=HOUR,
+        description="Seconds an API or CLI query to a ClickHouse server may wait for its answer"
+        " (then 503 / a one-line error); the worker's inserts keep the client's 300.",
+    )
     clickhouse_retention_days: PositiveInt = Field(
         400,
         description="Days usage_events and its rollups keep rows (table TTL, applied by every"

@@ -31,7 +31,9 @@ class ApiContext:
         if self.clickhouse is None:
             from metering.clickhouse.client import clickhouse_client
 
-            self.clickhouse = clickhouse_client(self.settings.clickhouse_url)
+            self.clickhouse = clickhouse_client(
+                self.settings.clickhouse_url, timeout=self.settings.clickhouse_query_timeout
+            )
         return self.clickhouse
 
 

@@ -21,8 +21,18 @@ class ClickHouseConfigError(ValueError):
     """A ClickHouse URL cannot be used (bad scheme, or a second embedded data folder)."""
 
 
-def clickhouse_client(url: str) -> Any:
-    """A clickhouse-connect client for ``url`` (``chdb:///path``, ``http(s)://``, ``clickhouse://``)."""
+#: The most seconds a connection to a ClickHouse server may take to open (within ``timeout``).
+CONNECT_TIMEOUT = 10.0
+
+
+def clickhouse_client(url: str, *, timeout: float | None = None) -> Any:
+    """A clickhouse-connect client for ``url`` (``chdb:///path``, ``http(s)://``, ``clickhouse://``).
+
+    ``timeout``: the seconds a call to a ClickHouse server may wait for its answer (and at most
+    :data:`CONNECT_TIMEOUT` of them to connect), so a hung server fails a query in that time
+    rather than after clickhouse-connect's default of 300 s. None keeps that default (the
+    worker's inserts and migrations). The embedded engine runs in-process: no network, no
+    timeout."""
     scheme = urlsplit(url).scheme
     if scheme == "chdb":
         with _lock:
@@ -38,7 +48,13 @@ def clickhouse_client(url: str) -> Any:
             _embedded[url] = client
             return client
     if scheme in {"http", "https", "clickhouse", "clickhouses"}:
-        return clickhouse_connect.get_client(dsn=url)
+        if timeout is None:
+            return clickhouse_connect.get_client(dsn=url)
+        return clickhouse_connect.get_client(
+            dsn=url,
+            connect_timeout=min(CONNECT_TIMEOUT, timeout),
+            send_receive_timeout=timeout,
+        )
     raise ClickHouseConfigError(f"CLICKHOUSE_URL={url!r}: must be chdb:///path or http(s)://…")
 
 

@@ -43,7 +43,7 @@ def direct(settings: Settings, day: dt.date) -> list[reconcile.ReconcileRow]:
     from metering.clickhouse.client import clickhouse_client
     from metering.quota_db import QuotaStore
 
-    ch = clickhouse_client(settings.clickhouse_url)
+    ch = clickhouse_client(settings.clickhouse_url, timeout=settings.clickhouse_query_timeout)
     redis = redis_from_settings(settings)
     try:
         counters = reconcile.redis_daily_counters(redis, day)

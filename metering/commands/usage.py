@@ -85,7 +85,9 @@ def _queries() -> UsageQueries:
 
     settings = load_settings()
     try:
-        client = clickhouse_client(settings.clickhouse_url)
+        client = clickhouse_client(
+            settings.clickhouse_url, timeout=settings.clickhouse_query_timeout
+        )
     except Exception as exc:
         # The embedded engine allows one process per data folder: a running `metering up`
         # owns it, and answers the same questions over HTTP.
