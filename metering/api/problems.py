@@ -169,28 +169,48 @@ STORE_LOG_EVERY = 5.0
 _store_logged_at: dict[str, float] = {}
 
 
-def store_problem(exc: BaseException) -> Problem | None:
+def store_problem(
+    exc: BaseException,
+    settings: Any = None,
+    *,
+    detail: str | None = None,
+    slug: str = "store-unavailable",
+) -> Problem | None:
     """A 503 naming the store if a store's client (the quota DB, ClickHouse, Redis, Kafka)
     raised ``exc``, else None. The client is told which store failed and when to try again,
     never the store's address or error text; the operator's log gets the store's one-line
-    message (:func:`metering.commands.store_errors.store_failure`: the setting, password masked,
-    and a hint such as "run `metering db migrate`")."""
-    from metering.commands.store_errors import failing_store, store_failure
+    message (:func:`metering.commands.store_errors.store_failure` for ``settings``, the app's:
+    the setting, password masked, and a hint such as "run `metering db migrate`"), at most once
+    per :data:`STORE_LOG_EVERY` seconds per store."""
+    from metering.commands.store_errors import failing_store
 
     store = failing_store(exc)
     if store is None:
         return None
-    now = time.monotonic()
-    if now - _store_logged_at.get(store, -1e18) >= STORE_LOG_EVERY:
-        _store_logged_at[store] = now
-        log.warning("answering 503: %s", store_failure(exc), exc_info=exc)
+    log_store_failure(store, exc, settings)
     return Problem(
         503,
-        f"{store} is unavailable; try again later",
-        slug="store-unavailable",
+        detail or f"{store} is unavailable; try again later",
+        slug=slug,
         headers={"Retry-After": str(STORE_RETRY_AFTER)},
         store=store,
     )
+
+
+def log_store_failure(store: str, exc: BaseException, settings: Any = None) -> None:
+    """Log a store's failure for the operator (throttled per store; see :func:`store_problem`)."""
+    from metering.commands.store_errors import store_failure
+
+    now = time.monotonic()
+    if now - _store_logged_at.get(store, -1e18) >= STORE_LOG_EVERY:
+        _store_logged_at[store] = now
+        line = store_failure(exc, settings) or f"{store}: {type(exc).__name__}"
+        log.warning("answering 503: %s", line, exc_info=exc)
+
+
+def _app_settings(request: Request) -> Any:
+    context = getattr(request.app.state, "context", None)
+    return getattr(context, "settings", None)
 
 
 class StoreFailureRoute(APIRoute):
@@ -205,7 +225,7 @@ class StoreFailureRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                problem = store_problem(exc)
+                problem = store_problem(exc, _app_settings(request))
                 if problem is None:
                     raise
                 raise problem from exc

@@ -13,11 +13,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 
 from metering.api.context import api_context
-from metering.api.problems import PROBLEM_JSON, StoreFailureRoute, problem_body
+from metering.api.problems import (
+    PROBLEM_JSON,
+    StoreFailureRoute,
+    log_store_failure,
+    problem_body,
+)
 
 router = APIRouter(tags=["operations"], route_class=StoreFailureRoute)
 
 READY_TIMEOUT = 2.0
+#: each readiness check's store, as the operator's log names it
+STORE_NAMES = {"redis": "Redis", "quota_db": "the quota DB"}
 
 
 @router.get("/healthz", summary="Liveness")
@@ -49,7 +56,10 @@ async def readyz(request: Request) -> Response:
             await probe()
             checks[name] = "ok"
         except Exception as exc:  # any failure means "not ready", reported by name
-            checks[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # Anyone may ask: the answer names the check and the kind of failure, never the
+            # store's address or error text, which go to the log (throttled).
+            checks[name] = f"failed: {type(exc).__name__}"
+            log_store_failure(STORE_NAMES[name], exc, ctx.settings)
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     failed = ", ".join(k for k, v in checks.items() if v != "ok")

@@ -25,7 +25,13 @@ from metering.api.auth import (
     require_admin,
 )
 from metering.api.context import api_context
-from metering.api.problems import Problem, StoreFailureRoute
+from metering.api.problems import (
+    STORE_RETRY_AFTER,
+    Problem,
+    StoreFailureRoute,
+    log_store_failure,
+    store_problem,
+)
 from metering.ids import TENANT_ID_MAX
 from metering.plans import MAX_LIMIT, MAX_WINDOW_SECONDS, PLANS, QuotaError, plan_limits
 
@@ -205,7 +211,22 @@ async def get_limits(
         used_raw = await ctx.redis.get(daily_counter_key(tenant, day))
         window_raw = await ctx.redis.hget(window_meta_key(tenant), "sum") if window_limit else None
     except Exception as exc:  # redis.RedisError, OSError: report, do not 500
-        raise Problem(503, f"live limits unavailable: Redis: {exc}", slug="redis-down") from None
+        problem = store_problem(
+            exc,
+            ctx.settings,
+            detail="live limits unavailable: Redis is unavailable; try again later",
+            slug="redis-down",
+        )
+        if problem is None:  # OSError and the like, outside redis-py's classes
+            log_store_failure("Redis", exc, ctx.settings)
+            problem = Problem(
+                503,
+                "live limits unavailable: Redis is unavailable; try again later",
+                slug="redis-down",
+                headers={"Retry-After": str(STORE_RETRY_AFTER)},
+                store="Redis",
+            )
+        raise problem from None
     if tokens_raw is None or ts_raw is None:
         tokens = float(burst)
     else:

@@ -172,15 +172,17 @@ def failing_store(exc: BaseException) -> str | None:
     )
 
 
-def store_failure(exc: BaseException) -> str | None:
-    """The one-line message for ``exc`` if a store's client raised it, else None."""
+def store_failure(exc: BaseException, settings: Settings | None = None) -> str | None:
+    """The one-line message for ``exc`` if a store's client raised it, else None. ``settings``:
+    those the failing code ran with (an app built with its own); default: the environment's."""
     store = failing_store(exc)
     if store is None:
         return None
-    try:
-        settings: Settings | None = load_settings()
-    except Exception:
-        settings = None
+    if settings is None:
+        try:
+            settings = load_settings()
+        except Exception:
+            settings = None
     where = f"{store} ({_setting(store, settings)})"
     if store == "ClickHouse" and settings is not None and embedded_engine_held(settings, exc):
         return f"{where}: cannot open the embedded engine: {FOLDER_IN_USE}"

@@ -8,8 +8,10 @@ configured database is answered by the limiter's fail mode, and refused at start
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from limiter.redis_factory import check_redis_setup
+from metering.api import problems
 from metering.settings import SettingsError, load_settings
 from tests.integration.api_support import admin, api_client, api_settings, auth, problem
 from tests.integration.test_api_isolation import requests_on
@@ -155,3 +158,70 @@ def test_the_start_up_check_passes_a_good_redis_and_only_warns_of_an_absent_one(
     warning = check_redis_setup(absent, timeout=0.5)
     assert warning is not None
     assert warning.startswith("RATE_LIMIT_REDIS_URL: Redis not reachable at start")
+
+
+async def test_a_hung_clickhouse_server_is_a_503_within_the_query_timeout(
+    tmp_path: Path, redis_url: str, kafka_bootstrap: str
+) -> None:
+    """A ClickHouse server that takes the connection and never answers (a listening socket no
+    one reads). clickhouse-connect waits 300 s by default; an API request held that long, with
+    a thread of the pool. CLICKHOUSE_QUERY_TIMEOUT bounds it: a 503 naming ClickHouse."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        port = hung.getsockname()[1]
+        settings = settings_for(
+            tmp_path,
+            redis_url,
+            kafka_bootstrap,
+            quota_db_url=f"sqlite:///{tmp_path / 'quota.db'}",
+            clickhouse_url=f"http://127.0.0.1:{port}",
+            clickhouse_query_timeout=1,
+        )
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        params = {"meter": "tokens", "minutes": 5}
+        async with api_client(settings) as client:
+            started = time.monotonic()
+            r = await asyncio.wait_for(
+                client.get("/v1/usage/sliding", params=params, headers=auth(tenant)), 60
+            )
+            took = time.monotonic() - started
+    check_store_down(r, "ClickHouse", str(port))
+    assert took < 30  # the 1 s timeout (clickhouse-connect's own default is 300 s)
+
+
+async def test_readiness_and_live_limits_name_the_failed_store_but_never_its_address(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/readyz needs no credentials: it names each failed check and the kind of failure, not the
+    address or the driver's text. /v1/limits with Redis down is a 503 with Retry-After, likewise
+    without the address. The operator's log names the setting of the app's own settings (not
+    the environment's), password masked."""
+    redis_port, db_port = dead_port(), dead_port()
+    settings = settings_for(
+        tmp_path,
+        f"redis://:sesame@127.0.0.1:{redis_port}/0",
+        kafka_bootstrap,
+        quota_db_url=f"postgresql://metering:hunter2@127.0.0.1:{db_port}/metering",
+    )
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(problems, "_store_logged_at", {})  # no line held back by the throttle
+    caplog.set_level("WARNING", logger="metering.api.problems")
+    async with api_client(settings) as client:
+        ready = await client.get("/readyz")
+        limits = await client.get(f"/v1/limits/{tenant}", headers=auth(tenant))
+    assert ready.status_code == 503
+    checks = problem(ready)["checks"]
+    assert checks["redis"].startswith("failed: ") and checks["quota_db"].startswith("failed: ")
+    assert limits.status_code == 503, limits.text[:300]
+    assert problem(limits)["type"] == "urn:metering:problem:redis-down"
+    assert limits.headers["retry-after"] == "5"
+    for r in (ready, limits):
+        for secret in (str(redis_port), str(db_port), "sesame", "hunter2", "127.0.0.1"):
+            assert secret not in r.text, (r.request.url, secret, r.text[:300])
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert f"RATE_LIMIT_REDIS_URL=redis://:***@127.0.0.1:{redis_port}/0" in logged
+    assert "sesame" not in logged and "hunter2" not in logged
