@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("kafka", "aiokafka", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if not args.verbose:  # a Kafka outage: one line per client logger a minute, not hundreds
+        from metering.logthrottle import throttle_kafka_repeats
+
+        throttle_kafka_repeats()
     handler: Callable[[argparse.Namespace], int | None] = args.handler
     try:
         return int(handler(args) or 0)
