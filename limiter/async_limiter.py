@@ -11,7 +11,13 @@ from limiter.breaker import CircuitBreaker
 from limiter.clock import utc_day
 from limiter.core import LimiterCore, NoQuota, check_cost, check_tenant, settle_inputs
 from limiter.decision import Decision, Settlement
-from limiter.failure_policy import REDIS_ERRORS, FailMode, FailurePolicy, redis_unavailable
+from limiter.failure_policy import (
+    REDIS_ERRORS,
+    FailMode,
+    FailurePolicy,
+    redis_unavailable,
+    shared_breaker,
+)
 from limiter.local_limiter import LocalLimiter
 from limiter.quota import Quota
 from limiter.quota_provider import QuotaProvider
@@ -41,7 +47,10 @@ class AsyncRateLimiter:
         answer_chunk: int = 8,
     ) -> None:
         self.redis = redis_client
-        self.policy = FailurePolicy(fail_mode, breaker=breaker, local_limiter=local_limiter)
+        # A quota provider that reads Redis (the QuotaCache) shares the breaker: see acquire.
+        self.policy = FailurePolicy(
+            fail_mode, breaker=shared_breaker(quotas, breaker), local_limiter=local_limiter
+        )
         self._core = LimiterCore(quotas, day_grace_seconds)
         self.clock = self._core.clock  # the estimate of the Redis server's clock
         self._batcher = ScriptBatcher(
@@ -79,6 +88,8 @@ class AsyncRateLimiter:
         check_tenant(tenant)
         check_cost(cost)
         if quota is None:
+            # A QuotaCache shares the breaker: while it is open, the lookup reads no Redis; a
+            # failed read counts, so that the check below answers without a second wait.
             quota = await self._quota(tenant)
         policy = self.policy
         if not policy.breaker.allow():

@@ -84,6 +84,26 @@ def log_breaker_change(old: BreakerState, new: BreakerState) -> None:
         log.warning("Redis reachable again: circuit breaker %s", new)
 
 
+def shared_breaker(quotas: object, breaker: CircuitBreaker | None) -> CircuitBreaker | None:
+    """The breaker of a limiter given ``breaker`` (``None``: the policy's default) and the quota
+    provider ``quotas``, shared with the provider when it reads Redis itself (it has
+    ``use_breaker``, as :class:`limiter.quotas.QuotaCache`): the quota read before a decision
+    then skips Redis while the breaker is open, and its failures count toward opening it.
+
+    A limiter given no breaker takes the provider's, if it has one; a provider without one
+    takes the limiter's. A provider that already has another keeps it."""
+    use = getattr(quotas, "use_breaker", None)
+    if not callable(use):
+        return breaker
+    if breaker is None:
+        own = getattr(quotas, "breaker", None)
+        breaker = (
+            own if isinstance(own, CircuitBreaker) else CircuitBreaker(on_change=log_breaker_change)
+        )
+    use(breaker)
+    return breaker
+
+
 class FailurePolicy:
     @classmethod
     def from_settings(cls, settings: Any) -> FailurePolicy:

@@ -20,6 +20,12 @@ orders changes: an older quota never replaces a newer one, and a refresh that st
 change was applied is discarded. After the listener reconnects (messages may have been missed),
 every local entry is refreshed.
 
+The Redis layer goes through the limiter's :class:`limiter.breaker.CircuitBreaker` (the limiter
+shares its breaker with the cache it is given, see :meth:`QuotaCache.use_breaker`): while the
+breaker is open (Redis known to be down) a lookup does not touch Redis and goes straight to the DB,
+as when the Redis read fails; a Redis read or write-back that fails for want of Redis counts as a
+breaker failure, one that Redis answered as a success (it may be the half-open trial call).
+
 When Redis and the DB fail, the last known quota is served (stale) and counted in
 ``tenant_quota_stale_served``; retries run in the background at most once per
 ``retry_interval``. A tenant the DB does not know gets ``QUOTA_DEFAULT_PLAN``'s limits, or
@@ -50,9 +56,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
+from limiter.failure_policy import redis_unavailable
 from limiter.metrics import (
     tenant_quota_cache_hits,
     tenant_quota_cache_misses,
@@ -69,6 +76,7 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
+    from limiter.breaker import CircuitBreaker
     from metering.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,7 +142,8 @@ class QuotaCache:
 
     ``redis`` serves :meth:`get` and the listener thread, ``aredis`` serves :meth:`aget` and the
     listener task; either may be ``None`` (that path then skips the Redis layer, or, for
-    :meth:`aget`, runs the sync client in a thread).
+    :meth:`aget`, runs the sync client in a thread). ``breaker`` guards the lookups' Redis calls
+    (not the listener's); without one, a limiter given this cache shares its own.
     """
 
     def __init__(
@@ -149,6 +158,7 @@ class QuotaCache:
         default_plan: str = "free",
         retry_interval: float = 1.0,
         max_entries: int = 100_000,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if local_ttl <= 0 or redis_ttl <= 0 or retry_interval <= 0 or max_entries < 1:
             raise QuotaError("local_ttl, redis_ttl, retry_interval and max_entries must be > 0")
@@ -166,6 +176,7 @@ class QuotaCache:
         self.default_quota = to_quota(plan_limits(default_plan))
         self.retry_interval = float(retry_interval)
         self.max_entries = max_entries
+        self.breaker = breaker
         self._local: dict[str, _Entry] = {}
         self._changes = 0  # invalidations applied; a cold fetch that overlaps one is discarded
         self._lock = threading.Lock()
@@ -369,6 +380,37 @@ class QuotaCache:
             self._changes += 1
             self._local.clear()
 
+    # --- the breaker around the Redis layer ------------------------------------------------------
+    def use_breaker(self, breaker: CircuitBreaker) -> CircuitBreaker:
+        """Guard the Redis layer of lookups with ``breaker`` (the limiter's, so that a quota read
+        that fails opens the breaker its decisions use, and an open breaker spares the read),
+        unless the cache already has one: the breaker in use is returned."""
+        if self.breaker is None:
+            self.breaker = breaker
+        return self.breaker
+
+    def _redis_allowed(self) -> bool:
+        """May this lookup call Redis? No while the breaker is open (Redis known to be down), nor
+        while another caller makes the half-open trial call; yes otherwise (the trial call
+        included: its outcome is reported like any other)."""
+        breaker = self.breaker
+        return breaker is None or breaker.allow()
+
+    def _redis_answered(self) -> None:
+        if self.breaker is not None:
+            self.breaker.record_success()
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        """A Redis call of a lookup failed: a failure of the breaker if Redis is unavailable; an
+        error reply (Redis is up) reports back like a success."""
+        breaker = self.breaker
+        if breaker is None:
+            return
+        if redis_unavailable(exc):
+            breaker.record_failure()
+        elif isinstance(exc, ResponseError):
+            breaker.record_success()
+
     # --- fetching (sync) -------------------------------------------------------------------------
     def _db_payload(self, tenant: str, record: TenantRecord | None) -> str:
         """The DB's answer as cached; a row the limiter cannot use raises :class:`_SourceDown`."""
@@ -382,15 +424,24 @@ class QuotaCache:
         return payload
 
     def _fetch(self, tenant: str) -> dict[str, Any] | None:
-        """Redis, then the DB (written back to Redis). Raises :class:`_SourceDown`."""
+        """Redis, then the DB (written back to Redis). Raises :class:`_SourceDown`.
+
+        While the breaker keeps Redis out, the Redis layer is passed over as if it had failed."""
         key = quota_cache_key(tenant)
         redis_ok = self.redis is not None
         if self.redis is not None:
-            try:
-                raw = self.redis.get(key)
-            except _SOURCE_ERRORS as exc:
-                log.debug("quota cache read failed for %s: %s", tenant, exc)
-                raw, redis_ok = None, False
+            raw = None
+            if not self._redis_allowed():
+                redis_ok = False  # known to be down: not waited for
+            else:
+                try:
+                    raw = self.redis.get(key)
+                except _SOURCE_ERRORS as exc:
+                    self._redis_failed(exc)
+                    log.debug("quota cache read failed for %s: %s", tenant, exc)
+                    redis_ok = False
+                else:
+                    self._redis_answered()
             data = self._decode(raw) if raw is not None else None
             if data is not None:
                 self._hit["redis"].inc()
@@ -402,11 +453,14 @@ class QuotaCache:
             raise _SourceDown(str(exc)) from exc
         (self._hit if record else self._miss)["db"].inc()
         payload = self._db_payload(tenant, record)
-        if redis_ok and self.redis is not None:
+        if redis_ok and self.redis is not None and self._redis_allowed():
             try:
                 self.redis.set(key, payload, ex=self.redis_ttl, nx=True)
             except _SOURCE_ERRORS as exc:
+                self._redis_failed(exc)
                 log.debug("quota cache write-back failed for %s: %s", tenant, exc)
+            else:
+                self._redis_answered()
         return json.loads(payload) if record else None
 
     def _load_now(self, tenant: str, previous: _Entry | None) -> _Entry:
@@ -447,12 +501,18 @@ class QuotaCache:
         if self.aredis is None:
             return await asyncio.to_thread(self._fetch, tenant)
         key = quota_cache_key(tenant)
-        redis_ok = True
-        try:
-            raw = await self.aredis.get(key)
-        except _SOURCE_ERRORS as exc:
-            log.debug("quota cache read failed for %s: %s", tenant, exc)
-            raw, redis_ok = None, False
+        redis_ok, raw = True, None
+        if not self._redis_allowed():
+            redis_ok = False  # known to be down: not waited for
+        else:
+            try:
+                raw = await self.aredis.get(key)
+            except _SOURCE_ERRORS as exc:
+                self._redis_failed(exc)
+                log.debug("quota cache read failed for %s: %s", tenant, exc)
+                redis_ok = False
+            else:
+                self._redis_answered()
         data = self._decode(raw) if raw is not None else None
         if data is not None:
             self._hit["redis"].inc()
@@ -464,11 +524,14 @@ class QuotaCache:
             raise _SourceDown(str(exc)) from exc
         (self._hit if record else self._miss)["db"].inc()
         payload = self._db_payload(tenant, record)
-        if redis_ok:
+        if redis_ok and self._redis_allowed():
             try:
                 await self.aredis.set(key, payload, ex=self.redis_ttl, nx=True)
             except _SOURCE_ERRORS as exc:
+                self._redis_failed(exc)
                 log.debug("quota cache write-back failed for %s: %s", tenant, exc)
+            else:
+                self._redis_answered()
         return json.loads(payload) if record else None
 
     async def _aload_now(self, tenant: str, previous: _Entry | None) -> _Entry:

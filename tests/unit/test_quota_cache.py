@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
 from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
+from limiter import CircuitBreaker, RateLimiter
 from limiter.quota_provider import QuotaProvider, UnknownTenant
 from limiter.quotas import QuotaCache
 from metering.ids import InvalidIdentifier
@@ -249,3 +251,23 @@ def test_a_misconfigured_cache_is_refused_at_construction(
 ) -> None:
     with pytest.raises(QuotaError, match=message):
         make_cache(store, **kw)
+
+
+def test_a_limiter_shares_its_breaker_with_the_quota_cache_it_is_given(
+    store: MemoryStore,
+) -> None:
+    """The cache's Redis read goes through the breaker of the limiter it serves: given one, the
+    cache takes the limiter's; a limiter given none takes the cache's; a cache keeps its own."""
+    client = redis.Redis(port=1)  # never connected: construction only
+    mine = CircuitBreaker()
+    cache = make_cache(store)
+    assert RateLimiter(client, cache, breaker=mine).breaker is mine
+    assert cache.breaker is mine
+    assert RateLimiter(client, cache).breaker is mine  # a second limiter: the cache's breaker
+    other = CircuitBreaker()
+    assert RateLimiter(client, cache, breaker=other).breaker is other
+    assert cache.breaker is mine  # it keeps the one it had
+    fresh = make_cache(store)
+    limiter = RateLimiter(client, fresh)
+    assert fresh.breaker is limiter.breaker is not None
+    client.close()

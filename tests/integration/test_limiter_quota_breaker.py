@@ -1,0 +1,306 @@
+"""The quota lookup and the circuit breaker, on a hung Redis (a private ``redis-server`` paused
+with SIGSTOP: connections are accepted, nothing is answered).
+
+Before a decision the limiter looks the tenant's quota up; for a tenant not in the process-local
+cache that is a Redis read (``tenant_quota_cache:<tenant>``). That read shares the limiter's
+breaker: while the breaker is open it is not made (the quota DB answers, as when the read fails),
+and when it fails it counts toward opening the breaker. So no decision waits out the socket
+timeout while Redis is known to be down, whether or not its tenant was seen before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from limiter import AsyncRateLimiter, CircuitBreaker, LocalLimiter, RateLimiter
+from limiter.decision import Decision
+from limiter.quotas import QuotaCache
+from limiter.redis_factory import async_redis_from_settings, redis_from_settings
+from metering.localstack.stack import free_port, wait_until
+from metering.quota_db import QuotaStore, migrate
+from tests.integration.limiter_support import settings_for
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+TIMEOUT = 2.0  # RATE_LIMIT_REDIS_SOCKET_TIMEOUT (and connect timeout): large, so never confused
+FAST = 0.5  # a decision that did not wait for Redis takes far less than this (< TIMEOUT / 4)
+BURST, DAILY = 7, 777  # the quota DB's limits for every tenant of these tests
+
+
+class PrivateRedis:
+    """A throwaway redis-server on a free loopback port, which the test can hang and resume."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.paused = False
+
+    def ping(self) -> bool:
+        with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+            return bool(client.ping())
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.paused = False
+
+    def stop(self) -> None:
+        self.resume()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    try:
+        wait_until(server.ping, 10, f"redis-server on port {server.port}")
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Rig:
+    """A limiter wired as the API wires it: one Redis client for the limiter and the quota
+    cache, the cache given to the limiter, a breaker built from the settings."""
+
+    flavor: str
+    limiter: Any
+    cache: QuotaCache
+    store: QuotaStore
+
+    async def acquire(self, tenant: str) -> tuple[Decision, float]:
+        """A decision for ``tenant`` (its quota looked up) and how long it took."""
+        if self.flavor == "sync":
+            return await asyncio.to_thread(timed, self.limiter.acquire, tenant)
+        t0 = time.monotonic()
+        decision = await self.limiter.acquire(tenant)
+        return decision, time.monotonic() - t0
+
+    async def quota_burst(self, tenant: str) -> int:
+        """A quota lookup alone (no decision): the burst it answered."""
+        if self.flavor == "sync":
+            return (await asyncio.to_thread(self.cache.get, tenant)).burst
+        return (await self.cache.aget(tenant)).burst
+
+    async def close(self) -> None:
+        if self.flavor == "sync":
+            self.cache.close()
+            self.limiter.close()
+            self.limiter.redis.close()
+        else:
+            await self.cache.aclose()
+            await self.limiter.redis.aclose()
+        self.store.close()
+
+
+def timed(call: Callable[[str], Decision], tenant: str) -> tuple[Decision, float]:
+    t0 = time.monotonic()
+    decision = call(tenant)
+    return decision, time.monotonic() - t0
+
+
+def make_rig(flavor: str, url: str, tmp_path: Path, tenants: list[str], **settings: Any) -> Rig:
+    s = settings_for(
+        "single",
+        url=url,
+        rate_limit_redis_socket_timeout=TIMEOUT,
+        rate_limit_redis_connect_timeout=TIMEOUT,
+        **settings,
+    )
+    db_url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate(db_url)
+    store = QuotaStore(db_url)
+    for t in tenants:
+        store.set_quota(t, rate_per_sec=5.0, burst=BURST, daily_limit=DAILY)
+    kwargs: dict[str, Any] = dict(
+        fail_mode=s.rate_limit_fail_mode,
+        breaker=CircuitBreaker(s.rate_limit_breaker_failures, s.rate_limit_breaker_reset),
+        local_limiter=LocalLimiter(s.rate_limit_local_ceiling_per_sec),
+    )
+    if flavor == "sync":
+        client: Any = redis_from_settings(s)
+        cache = QuotaCache.from_settings(s, store=store, redis=client)
+        return Rig(flavor, RateLimiter(client, cache, **kwargs), cache, store)
+    client = async_redis_from_settings(s)
+    cache = QuotaCache.from_settings(s, store=store, aredis=client)
+    return Rig(flavor, AsyncRateLimiter(client, cache, **kwargs), cache, store)
+
+
+def assert_degraded_from_the_db(decision: Decision, fail_mode: str = "open") -> None:
+    assert decision.degraded, decision
+    assert decision.allowed == (fail_mode == "open"), decision
+    # The quota DB answered (the default plan would mean no source did).
+    assert (decision.limit, decision.daily_limit) == (BURST, DAILY), decision
+
+
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_with_the_breaker_open_new_tenants_never_wait_for_the_quota_read(
+    private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str, fail_mode: str
+) -> None:
+    """Redis hung, breaker open: tenants not in the local quota cache, one after another and
+    twenty at once, are each answered (degraded, with the DB's quota) in a fraction of the
+    socket timeout: the quota read in Redis is not made."""
+    newcomers = [f"{tenant}-n{i}" for i in range(25)]
+    rig = make_rig(
+        flavor,
+        private_redis.url,
+        tmp_path,
+        [tenant, *newcomers],
+        rate_limit_fail_mode=fail_mode,
+        rate_limit_breaker_failures=1,
+        rate_limit_breaker_reset=60.0,
+    )
+    try:
+        first, _ = await rig.acquire(tenant)
+        assert first.allowed and not first.degraded, first  # quota now in the local cache
+
+        private_redis.pause()
+        opening, took = await rig.acquire(tenant)  # a cached quota: only the decision waits
+        assert opening.degraded and took >= TIMEOUT * 0.9, (opening, took)
+        assert rig.limiter.breaker.state == "open"
+
+        for newcomer in newcomers[:5]:
+            decision, took = await rig.acquire(newcomer)
+            assert took < FAST, f"{newcomer} waited {took:.2f}s with the breaker open"
+            assert_degraded_from_the_db(decision, fail_mode)
+
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(rig.acquire(t) for t in newcomers[5:]))
+        wall = time.monotonic() - t0
+        assert wall < FAST, f"20 concurrent new tenants took {wall:.2f}s with the breaker open"
+        for decision, took in results:
+            assert took < FAST, (decision, took)
+            assert_degraded_from_the_db(decision, fail_mode)
+        assert rig.limiter.breaker.state == "open"
+    finally:
+        private_redis.resume()
+        await rig.close()
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_failed_quota_reads_open_the_breaker_the_decisions_use(
+    private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str
+) -> None:
+    """Redis hung: quota lookups alone (no decision yet) that fail open the limiter's breaker;
+    the next new tenant's decision then waits for nothing."""
+    newcomers = [f"{tenant}-n{i}" for i in range(3)]
+    rig = make_rig(
+        flavor,
+        private_redis.url,
+        tmp_path,
+        newcomers,
+        rate_limit_breaker_failures=2,
+        rate_limit_breaker_reset=60.0,
+    )
+    try:
+        private_redis.pause()
+        for newcomer in newcomers[:2]:
+            assert rig.limiter.breaker.state == "closed"
+            assert await rig.quota_burst(newcomer) == BURST  # the DB answered after the read
+        assert rig.limiter.breaker.state == "open"
+
+        decision, took = await rig.acquire(newcomers[2])
+        assert took < FAST, f"waited {took:.2f}s with the breaker open"
+        assert_degraded_from_the_db(decision)
+    finally:
+        private_redis.resume()
+        await rig.close()
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_a_hung_redis_opens_the_breaker_when_every_request_is_for_a_new_tenant(
+    private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str
+) -> None:
+    """Every request for a tenant not seen yet: the quota read's failure counts as much as the
+    decision's, so two failures (threshold 2) are reached by the first request, and the second
+    waits for nothing."""
+    newcomers = [f"{tenant}-n{i}" for i in range(2)]
+    rig = make_rig(
+        flavor,
+        private_redis.url,
+        tmp_path,
+        newcomers,
+        rate_limit_breaker_failures=2,
+        rate_limit_breaker_reset=60.0,
+    )
+    try:
+        private_redis.pause()
+        first, _ = await rig.acquire(newcomers[0])
+        assert_degraded_from_the_db(first)
+        assert rig.limiter.breaker.state == "open"
+        second, took = await rig.acquire(newcomers[1])
+        assert took < FAST, f"waited {took:.2f}s with the breaker open"
+        assert_degraded_from_the_db(second)
+    finally:
+        private_redis.resume()
+        await rig.close()
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_half_open_makes_one_trial_call_and_a_recovered_redis_closes_the_breaker(
+    private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str
+) -> None:
+    """Redis hung: once the reset time has passed, of eight new tenants at once exactly one
+    waits (the trial call, the quota read); its failure opens the breaker again. Redis back:
+    after the reset a new tenant's quota read is the trial, succeeds and closes the breaker,
+    and its decision is made in Redis."""
+    reset = 1.0
+    newcomers = [f"{tenant}-n{i}" for i in range(9)]
+    rig = make_rig(
+        flavor,
+        private_redis.url,
+        tmp_path,
+        [tenant, *newcomers],
+        rate_limit_breaker_failures=1,
+        rate_limit_breaker_reset=reset,
+    )
+    try:
+        assert not (await rig.acquire(tenant))[0].degraded
+        private_redis.pause()
+        assert (await rig.acquire(tenant))[0].degraded  # waits, opens the breaker
+        assert rig.limiter.breaker.state == "open"
+
+        await asyncio.sleep(reset + 0.1)
+        assert rig.limiter.breaker.state == "half_open"
+        results = await asyncio.gather(*(rig.acquire(t) for t in newcomers[:8]))
+        waited = sorted(took for _, took in results)
+        assert waited[-1] >= TIMEOUT * 0.9, waited  # the trial call
+        assert waited[-2] < FAST, f"more than one caller waited: {waited}"
+        for decision, _ in results:
+            assert_degraded_from_the_db(decision)
+        assert rig.limiter.breaker.state == "open"
+
+        private_redis.resume()
+        await asyncio.sleep(reset + 0.1)
+        decision, _ = await rig.acquire(newcomers[8])
+        assert not decision.degraded and decision.allowed, decision
+        assert (decision.limit, decision.daily_limit) == (BURST, DAILY)
+        assert rig.limiter.breaker.state == "closed"
+    finally:
+        private_redis.resume()
+        await rig.close()
