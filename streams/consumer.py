@@ -16,6 +16,19 @@ Failures: when a batch fails, or positioning a partition does (ClickHouse or Kaf
 its partitions wait unpositioned, nothing of theirs is processed, and the loop tries again after
 0.5, 1, 2, ... up to 30 s; once positioned they resume from what ClickHouse stored. The task
 never ends on such a failure (it used to, when the re-read after a failed batch failed too).
+The wait grows over the whole outage: a successful positioning does not end it (when only the
+insert fails, the re-read after each failure succeeds); a written batch does, as does a fetch
+that finds nothing to write once every partition is positioned. The first failure of an outage
+is logged with its traceback, the following ones as one line each (the attempt, the next wait).
+
+Dead letters: a batch read again after a failed insert holds the same dead letters. Those this
+process has already sent (acknowledged) are not sent again: per source partition, the consumer
+keeps the offsets it dead-lettered and forgets them once a batch past them is written (progress
+then starts after them) or the partition is revoked or assigned anew. So within one assignment
+each malformed or late message is dead-lettered once however often its batch is retried; after
+a crash or a rebalance the next owner, which cannot know what was sent, sends them again: at
+least once for dead letters (their ``dlq.offset`` header tells the copies apart), exactly once
+for usage rows, which this does not touch.
 """
 
 from __future__ import annotations
@@ -80,7 +93,11 @@ class SinkConsumer:
         #: assigned partitions not yet positioned (ClickHouse or Kafka failed the attempt):
         #: the loop retries them with backoff and processes nothing of theirs meanwhile
         self._unpositioned: set[int] = set()
+        #: consecutive failed attempts (batches, positionings) of the outage in progress
         self._failures = 0
+        #: per assigned partition, the source offsets whose dead letters this process has sent,
+        #: kept until a batch past them is written: a batch read again skips them
+        self._dead_lettered: dict[int, set[int]] = {}
         self._next: dict[int, int] = {}
         self._generation = 0
         self._stopping = asyncio.Event()
@@ -107,12 +124,17 @@ class SinkConsumer:
                 self._assigned.discard(tp.partition)
                 self._unpositioned.discard(tp.partition)
                 self._next.pop(tp.partition, None)
+                if tp.topic == self.topic:
+                    self._dead_lettered.pop(tp.partition, None)  # the next owner may send them
             self._generation += 1
             metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
-            await self._try_reposition({tp.partition for tp in assigned if tp.topic == self.topic})
+            partitions = {tp.partition for tp in assigned if tp.topic == self.topic}
+            for p in partitions:  # a new assignment: another worker may have had them meanwhile
+                self._dead_lettered.pop(p, None)
+            await self._try_reposition(partitions)
 
     async def _try_reposition(self, partitions: set[int]) -> None:
         """:meth:`_reposition`; on failure the partitions wait in ``_unpositioned`` for the
@@ -123,16 +145,12 @@ class SinkConsumer:
         try:
             await self._reposition(partitions)
         except Exception as exc:
-            log.warning(
-                "sink: positioning partitions %s failed (%s: %s); retrying",
-                sorted(partitions),
-                type(exc).__name__,
-                exc,
-            )
             self._unposition(partitions)
+            self._failed(f"positioning partitions {sorted(partitions)}", exc, logging.WARNING)
             return
+        # Not the end of an outage: when only the insert fails, this re-read succeeds after
+        # every failed batch (and reset here, the wait never grew). A written batch ends it.
         self._unpositioned -= partitions
-        self._failures = 0
         metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
 
     def _unposition(self, partitions: set[int]) -> None:
@@ -141,11 +159,37 @@ class SinkConsumer:
         self._assigned -= partitions
         self._unpositioned |= partitions
         self._generation += 1
-        self._failures += 1
         metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
 
+    def _failed(self, what: str, exc: BaseException, level: int) -> None:
+        """Count a failed attempt of the outage in progress and log it: the first with its
+        traceback (at ``level``), each later one as a one-line warning with its attempt number
+        and the wait before the next (a traceback a second flooded the log, 16 in 15 s)."""
+        self._failures += 1
+        wait = self._backoff()
+        if self._failures == 1:
+            log.log(
+                level,
+                "sink: %s failed; retrying from the stored progress in %.1f s",
+                what,
+                wait,
+                exc_info=exc,
+            )
+        else:
+            log.warning(
+                "sink: %s failed again (attempt %d, %s: %s); retrying in %.1f s",
+                what, self._failures, type(exc).__name__, _one_line(exc), wait,
+            )  # fmt: skip
+
+    def _recovered(self, how: str) -> None:
+        """The outage in progress, if any, is over: the next failure waits 0.5 s again."""
+        if self._failures:
+            log.info("sink: recovered after %d failed attempts (%s)", self._failures, how)
+            self._failures = 0
+
     def _backoff(self) -> float:
-        """Seconds before the next positioning attempt: 0.5, 1, 2, ... up to 30."""
+        """Seconds before the next attempt: 0.5, 1, 2, ... up to 30, by the failed attempts
+        of the outage in progress."""
         return float(min(30.0, 0.5 * 2 ** max(0, self._failures - 1)))
 
     async def _reposition(self, partitions: set[int]) -> None:
@@ -237,21 +281,53 @@ class SinkConsumer:
             self.dlq_topic, value=b"", key=d.record.key, headers=headers
         )
 
+    async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Send ``letters`` and wait for Kafka's acknowledgements, all but those this process
+        sent already: a batch read again after a failed insert holds the same dead letters, and
+        each retry sent them all again (3 malformed messages became 16 dead letters each in a
+        15 s outage). An offset counts as sent once acknowledged. The offsets sent are kept
+        one by one, not as the highest one sent: a message on time at the first try can be
+        late at the next (the clock moved on) and must be dead-lettered then, below offsets
+        sent before."""
+        sent_already = self._dead_lettered
+        fresh = [
+            d for d in letters if d.record.offset not in sent_already.get(d.record.partition, ())
+        ]
+        if len(fresh) < len(letters):
+            log.debug(
+                "%d dead letters of a batch read again were sent already", len(letters) - len(fresh)
+            )
+        sends = [await self._send_dead_letter(d) for d in fresh]
+        for d, sent in zip(fresh, sends, strict=True):
+            try:
+                await sent
+            except MessageSizeTooLargeError:  # the broker's limit, below the producer's
+                await (await self._send_dead_letter(d, omit_value=True))
+            sent_already.setdefault(d.record.partition, set()).add(d.record.offset)
+            metrics.events_dead_lettered.labels(d.reason).inc()
+
+    def _forget_dead_letters(self, next_offsets: dict[int, int]) -> None:
+        """A batch is written: its partitions resume at ``next_offsets`` or later from now on,
+        so the offsets below are never read again in this assignment."""
+        for p, n in next_offsets.items():
+            sent = self._dead_lettered.get(p)
+            if sent:
+                left = {o for o in sent if o >= n}
+                if left:
+                    self._dead_lettered[p] = left
+                else:
+                    del self._dead_lettered[p]
+
     async def _process(self, records: list[SinkRecord]) -> None:
         assert self.consumer is not None and self.producer is not None
         metrics.events_consumed.inc(len(records))
         metrics.sink_batch_size.observe(len(records))
         batch: PreparedBatch = await self._blocking(self.sink.prepare, records)
         if batch.dead_letters:
-            sends = [await self._send_dead_letter(d) for d in batch.dead_letters]
-            for d, sent in zip(batch.dead_letters, sends, strict=True):
-                try:
-                    await sent
-                except MessageSizeTooLargeError:  # the broker's limit, below the producer's
-                    await (await self._send_dead_letter(d, omit_value=True))
-            for d in batch.dead_letters:
-                metrics.events_dead_lettered.labels(d.reason).inc()
+            await self._send_dead_letters(batch.dead_letters)
         took = await self._blocking(self.sink.write, batch)
+        self._recovered("a batch was written")
+        self._forget_dead_letters(batch.next_offsets)
         metrics.sink_insert_seconds.observe(took)
         metrics.events_inserted.inc(len(batch.events))
         metrics.events_duplicate.inc(batch.duplicates)
@@ -325,6 +401,10 @@ class SinkConsumer:
                     if generation != self._generation:
                         self._rewind()  # fetched across a rebalance: drop, read again
                         continue
+                    if not records and not self._unpositioned:
+                        # Every partition positioned and nothing to write: no outage goes on
+                        # (a batch failing again is fetched again, not an empty take).
+                        self._recovered("every partition positioned, nothing to write")
                     admitted = self._admit(records)
                     if not admitted:
                         continue
@@ -338,10 +418,10 @@ class SinkConsumer:
                         with contextlib.suppress(Exception):
                             await work
                         raise
-                    except Exception:
+                    except Exception as exc:
                         metrics.sink_insert_failures.inc()
-                        log.exception("sink batch failed; re-reading from stored progress")
                         self._unposition(set(self._assigned))
+                        self._failed("batch", exc, logging.ERROR)
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -354,6 +434,13 @@ class SinkConsumer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class _Listener(ConsumerRebalanceListener):

@@ -20,7 +20,8 @@ progress, as in Kafka Connect sinks:
    b. drop events whose (tenant, id) is in the recent-id set (ids inserted within the
       lateness, whatever time the resend carries) or earlier in the same batch
       (a producer or client resend);
-   c. send the dead letters and wait for Kafka's acknowledgement;
+   c. send the dead letters and wait for Kafka's acknowledgement (the consumer's step: it
+      skips those it sent already for the same offsets, see below);
    d. insert the remaining rows into ``usage_events``, each carrying its topic, partition and
       offset (one insert = one block; the rollups follow by materialized views);
    e. add the inserted ids to the recent-id set;
@@ -39,8 +40,15 @@ the highest stored offset instead would skip the rows of a part that was not com
 Committing first (g before d) would lose the batch; marking ids after the commit would double
 count a replay; a dedup token made from batch offsets would miss a replay cut at other offsets.
 Dead letters go out before progress is recorded (c before f), so after a crash they may be
-dead-lettered twice (their headers carry the source offset), never lost. Since no duplicate row
-is ever inserted, the materialized rollups are exact too.
+dead-lettered twice (their headers carry the source offset), never lost. A batch read again in
+the same process after a failed (d) or (f) holds the same dead letters: the consumer
+(``streams/consumer.py``) keeps, per partition it is assigned, the offsets it dead-lettered
+since its last written batch and does not send them again, however often ClickHouse refuses
+the insert. That memory is the process's and the assignment's: after a crash or a rebalance the
+next owner reads the batch from the recorded progress and sends its dead letters again. So dead
+letters are at least once; usage rows stay exactly once (nothing of the above depends on what
+was dead-lettered). Since no duplicate row is ever inserted, the materialized rollups are exact
+too.
 
 Events later than the lateness are dead-lettered rather than looked up, and each id is held
 for the lateness from its arrival, which is what lets the id set forget: a resend slips past

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
+import logging
+import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -286,9 +290,12 @@ class UnavailableStorage(ClickHouseStorage):
         super().__init__(client, database)
         self.before, self.after = before, after
         self.calls: dict[str, int] = {}
+        #: when each call came (time.monotonic()), per call name
+        self.times: dict[str, list[float]] = {}
 
     def _call(self, name: str, fn, *args):  # type: ignore[no-untyped-def]
         n = self.calls[name] = self.calls.get(name, 0) + 1
+        self.times.setdefault(name, []).append(time.monotonic())
         if n in self.before.get(name, set()):
             raise ConnectionError(f"ClickHouse unavailable ({name} #{n})")
         result = fn(*args)
@@ -336,6 +343,101 @@ async def test_the_sink_rides_out_clickhouse_failures_and_counts_each_event_once
     assert totals(clickhouse_client, clickhouse_db) == {tenant: (400, 400.0)}
     for table in ("usage_minute", "usage_day"):
         assert rollup_totals(clickhouse_client, clickhouse_db, table) == {tenant: (400, 400.0)}
+
+
+def sink_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The consumer's records of failed attempts, in order."""
+    return [
+        r
+        for r in caplog.records
+        if r.name == "streams.consumer" and r.levelno >= logging.WARNING and "failed" in r.msg
+    ]
+
+
+@pytest.mark.timeout(120)
+async def test_the_retry_wait_grows_while_clickhouse_refuses_inserts_with_one_traceback(
+    kafka_bootstrap: str, clickhouse_client, clickhouse_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ClickHouse refusing every insert while the reads of the re-positioning succeed: each
+    retry waits twice as long as the one before (0.5, 1, 2, 4 s), the first failure is logged
+    with its traceback and the next ones as one line with the attempt and the wait; a written
+    batch ends the outage, so the next failure starts at 0.5 s with a traceback again. (The
+    successful re-positioning reset the count: every retry waited 0.5 s and logged a
+    traceback, 16 in 15 s.)"""
+    migrate(clickhouse_client, clickhouse_db)
+    topic, dlq = unique_topics(kafka_bootstrap, partitions=1)
+    tenant = f"refused-{uuid.uuid4().hex[:6]}"
+    produce(kafka_bootstrap, topic, [event_message(tenant, 1, id=f"e{i}") for i in range(120)])
+    # Calls 1-4: one batch refused four times, then written (5); the next batch is written (6);
+    # the one after (7) is refused once: a new outage.
+    storage = UnavailableStorage(
+        clickhouse_client, clickhouse_db, before={"insert_events": {1, 2, 3, 4, 7}}, after={}
+    )
+    sink = ClickHouseSink(storage, topic=topic, lateness_seconds=LATENESS, max_future_skew=300)
+    caplog.set_level(logging.INFO, logger="streams.consumer")
+    await run_until_caught_up(sink, kafka_bootstrap, f"g-{topic}", dlq, timeout=90)
+
+    assert totals(clickhouse_client, clickhouse_db) == {tenant: (120, 120.0)}
+    times = storage.times["insert_events"]
+    assert len(times) >= 8
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    for i, wait in enumerate([0.5, 1.0, 2.0, 4.0]):  # before attempts 2, 3, 4, 5
+        assert gaps[i] >= wait, f"attempt {i + 2} came {gaps[i]:.2f} s after, not {wait} s"
+    assert gaps[6] >= 0.5  # attempt 8 (after the new outage's first failure)
+    failures = sink_failures(caplog)
+    assert len(failures) == 5, [r.getMessage() for r in failures]
+    first, *again, new_outage = failures
+    assert first.exc_info is not None and first.levelno == logging.ERROR
+    assert "retrying from the stored progress in 0.5 s" in first.getMessage()
+    for n, (record, wait) in enumerate(zip(again, [1.0, 2.0, 4.0], strict=True), start=2):
+        message = record.getMessage()
+        assert record.exc_info is None and record.levelno == logging.WARNING
+        assert f"attempt {n}," in message and f"retrying in {wait:.1f} s" in message, message
+        assert "\n" not in message and "ClickHouse unavailable (insert_events" in message
+    assert new_outage.exc_info is not None  # the count was reset by the written batch
+    assert "retrying from the stored progress in 0.5 s" in new_outage.getMessage()
+    assert any("after 4 failed attempts" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(120)
+async def test_dead_letters_of_a_batch_retried_after_failed_inserts_are_sent_once(
+    kafka_bootstrap: str, clickhouse_client, clickhouse_db: str
+) -> None:
+    """A batch whose insert ClickHouse refuses is read and prepared again; its dead letters
+    were sent again at every retry (3 malformed messages became 16 dead letters each in a 15 s
+    outage). Each source offset is dead-lettered once; an event on time at the first try and
+    late at a retry (the clock moved on) is dead-lettered then, though offsets above it were
+    dead-lettered before; the usage rows still count once."""
+    migrate(clickhouse_client, clickhouse_db)
+    topic, dlq = unique_topics(kafka_bootstrap, partitions=1)
+    tenant = f"dlq-{uuid.uuid4().hex[:6]}"
+    messages = [event_message(tenant, 1, id=f"a{i}") for i in range(10)]  # offsets 0-9
+    messages += [(tenant.encode(), b'{"not": "an event"}')]  # 10
+    messages += [event_message(tenant, 7, id="late-later", age_seconds=LATENESS - 60)]  # 11
+    messages += [event_message(tenant, 1, id=f"b{i}") for i in range(10)]  # 12-21
+    messages += [(tenant.encode(), b"{not json")]  # 22
+    messages += [(b"someone-else", event_message(tenant, 1, id="wrong-key")[1])]  # 23
+    produce(kafka_bootstrap, topic, messages)
+    storage = UnavailableStorage(
+        clickhouse_client, clickhouse_db, before={"insert_events": {1, 2, 3}}, after={}
+    )
+
+    def clock() -> dt.datetime:  # two minutes on once the first insert failed
+        shift = dt.timedelta(seconds=120 if storage.calls.get("insert_events") else 0)
+        return dt.datetime.now(dt.UTC) + shift
+
+    sink = ClickHouseSink(
+        storage, topic=topic, lateness_seconds=LATENESS, max_future_skew=300, clock=clock
+    )
+    await run_until_caught_up(sink, kafka_bootstrap, f"g-{topic}", dlq, timeout=90)
+
+    assert storage.calls["insert_events"] >= 4  # three refused, then written
+    assert totals(clickhouse_client, clickhouse_db) == {tenant: (20, 20.0)}
+    letters = read_all(kafka_bootstrap, dlq)
+    per_offset = Counter(int(dict(m.headers)["dlq.offset"]) for m in letters)
+    assert per_offset == {10: 1, 11: 1, 22: 1, 23: 1}, per_offset
+    reasons = {int(dict(m.headers)["dlq.offset"]): dict(m.headers)["dlq.reason"] for m in letters}
+    assert reasons == {10: b"invalid", 11: b"late", 22: b"invalid", 23: b"invalid"}
 
 
 def test_an_insert_leaves_no_batch_column_for_the_cycle_collector(
