@@ -33,11 +33,20 @@ def _run(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(port)
+    from metering.clickhouse.schema import migrate as migrate_clickhouse
     from metering.quota_db import migrate as migrate_quota_db
     from metering.topics import ensure_topics, pipeline_topics
 
+    # Every store is reached (and migrated) here, before Faust starts: a store that fails now
+    # raises out of this command, and metering.cli prints its one line (store_errors.py);
+    # inside Faust the same error was a crash with a 100-line traceback.
     ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
     migrate_quota_db(settings.quota_db_url)
+    # ClickHouse: opened through clickhouse_client, which keeps one client per embedded
+    # (chdb://) folder in this process, so the worker's own _clickhouse() (streams/app.py, in
+    # its ClickHouse thread) gets this very client back rather than opening the folder twice; a
+    # server's client is made again there. Its migrate() then finds nothing left to apply.
+    migrate_clickhouse(settings)
     settings.metering_data_dir.mkdir(parents=True, exist_ok=True)  # Faust's datadir goes here
 
     # The worker's heap is mostly long-lived (Faust, aiokafka, ClickHouse client): keep it out

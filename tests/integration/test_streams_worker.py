@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -203,6 +204,91 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
     table = changelog_latest(kafka_bootstrap, f"{group}-tenant_daily_usage-changelog")
     assert table[f"{tenant}|{today}"] == 600.0
     assert table[f"{other}|{today}"] == 200.0
+
+
+def run_worker_expecting_failure(
+    env: dict[str, str], data_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    """``metering worker`` run to its end (``timeout`` stops it after 120 s: exit code 124)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        ["timeout", "120", sys.executable, "-m", "metering.cli", "worker"],
+        cwd=ROOT,
+        env={
+            **env,
+            "METERING_DATA_DIR": str(data_dir),
+            "QUOTA_DB_URL": f"sqlite:///{data_dir / 'quota.db'}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+
+
+def assert_one_line_store_error(run: subprocess.CompletedProcess[str], message: str) -> None:
+    """Exit code 1 and, as the last line of stderr, ``message`` (the CLI's line for a store
+    failure): no Faust crash, no traceback."""
+    tail = "\n".join(run.stderr.splitlines()[-30:])
+    assert run.returncode == 1, f"exit code {run.returncode}:\n{tail}"
+    assert "Traceback" not in run.stderr, tail
+    assert "We experienced a crash" not in run.stderr, tail
+    assert run.stderr.splitlines()[-1].startswith(message), tail
+
+
+@pytest.mark.timeout(180)
+def test_the_worker_with_clickhouse_unreachable_at_start_fails_with_the_one_line_store_error(
+    pipeline, tmp_path: Path
+) -> None:
+    """ClickHouse is reached and migrated before Faust starts, like the quota DB and Kafka: an
+    unreachable server is the CLI's one line naming CLICKHOUSE_URL (password masked), not a
+    crash inside Faust's task with a 118-line traceback."""
+    _, _, _, make = pipeline
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    env = {**make("w").env, "CLICKHOUSE_URL": f"http://default:hunter2@127.0.0.1:{port}"}
+    run = run_worker_expecting_failure(env, tmp_path / "dead-port")
+    assert_one_line_store_error(
+        run, f"metering: ClickHouse (CLICKHOUSE_URL=http://default:***@127.0.0.1:{port}): "
+    )
+    assert "hunter2" not in run.stderr
+
+
+@pytest.mark.timeout(180)
+def test_the_worker_on_an_embedded_folder_another_process_holds_fails_with_one_line(
+    pipeline, tmp_path: Path
+) -> None:
+    """The embedded engine allows one process per data folder: a worker started on a folder
+    another process holds says so in one line (it crashed inside Faust's task)."""
+    _, _, _, make = pipeline
+    folder = tmp_path / "held" / "clickhouse"
+    folder.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, clickhouse_connect\n"
+            "client = clickhouse_connect.get_client(dsn='chdb://' + sys.argv[1])\n"
+            "client.command('SELECT 1')\n"
+            "print('holding', flush=True)\n"
+            "sys.stdin.read()\n",
+            str(folder),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        env = {**make("w").env, "CLICKHOUSE_URL": f"chdb://{folder}"}
+        run = run_worker_expecting_failure(env, tmp_path / "held")
+    finally:
+        holder.communicate(timeout=30)  # stdin closed: it lets the folder go
+    assert_one_line_store_error(
+        run,
+        f"metering: ClickHouse (CLICKHOUSE_URL=chdb://{folder}): cannot open the embedded"
+        " engine: the folder is in use by another process",
+    )
 
 
 @pytest.mark.timeout(240)
