@@ -8,13 +8,20 @@
   across a crash (:mod:`streams.handoff`): their billable per-minute sums are kept per source
   partition as an open offset range, and every ``WORKER_AGGREGATE_INTERVAL`` s (on a revoke, at
   shutdown) the ranges are recorded in ClickHouse and then sent, one message per tenant and
-  range. The ``aggregate`` agent folds them into ``tenant_daily_usage`` (per tenant per UTC
-  day, billable) and ``tenant_recent_usage`` (hopping windows of the events' own minutes, so
-  late events land in their own window); each value carries, per source partition, the end of
-  the last range applied to it, so a replay or a resend is dropped. The next owner of a
-  partition resends its last recorded range and hands off the rows after it, from ClickHouse.
+  range. The ``aggregate`` agent folds them into ``tenant_daily_usage`` (billable, per tenant,
+  meter and UTC day: key ``"<tenant>|<meter>|<YYYY-MM-DD>"``) and ``tenant_recent_usage``
+  (hopping windows of the events' own minutes, so late events land in their own window, per
+  ``"<tenant>|<meter>"``); meters are never added up. Each value carries, per source partition,
+  the end of the last range applied to it, so a replay or a resend is dropped. The next owner
+  of a partition resends its last recorded range and hands off the rows after it, from
+  ClickHouse.
 - Tables use the in-memory store backed by their changelog topics: after a restart or a rebalance
   Faust replays the changelog into memory before the agent resumes (no RocksDB needed).
+- ``sweep`` timer: every ``SWEEP_INTERVAL`` s deletes, with a changelog tombstone, the daily
+  values of closed days (older than ``EVENT_MAX_LATENESS`` plus a day) and the windows ended
+  more than ``WINDOW_EXPIRES`` ago, also those the changelog brought back after a restart; the
+  agent does not write them. Faust's own window expiry (set later, a backstop) drops keys from
+  memory without a tombstone and never expires recovered ones.
 - ``backfill`` timer: every ``WORKER_BACKFILL_INTERVAL`` s upserts absolute per tenant per UTC day
   billable totals into the quota DB, read from ClickHouse (the exact source, see
   :mod:`streams.backfill`).
@@ -25,23 +32,32 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import faust
+from aiokafka.partitioner import DefaultPartitioner
+from faust.types.transports import PartitionerT
 
 from metering.settings import Settings, get_settings
 from streams import metrics
 from streams.handoff import (
     Handoff,
     HandoffLedger,
+    closed_daily_keys,
     daily_key,
+    expired_window_keys,
+    first_open_day,
     flush,
     fold_into,
     fold_legacy_into,
     is_handoff_message,
     plan_recovery,
+    tenant_of,
     usage,
+    window_key,
 )
 from streams.sink import ClickHouseSink, ClickHouseStorage, PreparedBatch
 
@@ -53,6 +69,8 @@ WINDOW_SIZE = 300.0  # the last five minutes ...
 WINDOW_STEP = 60.0  # ... at one-minute resolution
 WINDOW_EXPIRES = dt.timedelta(minutes=30)
 AGGREGATE_FLUSH_SECONDS = settings.worker_aggregate_interval
+SWEEP_INTERVAL = 60.0  # the tables' sweep (closed days, expired windows)
+SWEEP_LIMIT = 10_000  # deletions per table and sweep: a backlog goes in a few rounds
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -89,12 +107,17 @@ accepted_usage = app.topic(
     internal=True,
 )
 
-#: per "<tenant>|<YYYY-MM-DD>" (UTC day of the event's time): ``{"q": billable quantity,
-#: "m": {source partition: end of the last range applied}}`` (read the quantity with ``usage``)
+#: per "<tenant>|<meter>|<YYYY-MM-DD>" (``daily_key``; UTC day of the event's time):
+#: ``{"q": billable quantity, "m": {source partition: end of the last range applied}}`` (read
+#: the quantity with ``usage``). Closed days are swept (``sweep``).
 tenant_daily_usage = app.Table("tenant_daily_usage", default=None)
-#: the same values per tenant in hopping windows over the events' own time
+#: the same values per "<tenant>|<meter>" (``window_key``) in hopping windows over the events'
+#: own time; Faust's key is ``(that, (window start, window end))``. The ``sweep`` expires them
+#: (with a tombstone) ``WINDOW_EXPIRES`` after their end. Faust's own expiry, kept two sweeps
+#: later as a backstop, pops keys from memory without a tombstone (so they came back at the
+#: next restart) and never expires the keys recovered from the changelog.
 tenant_recent_usage = app.Table("tenant_recent_usage", default=None).hopping(
-    WINDOW_SIZE, WINDOW_STEP, expires=WINDOW_EXPIRES
+    WINDOW_SIZE, WINDOW_STEP, expires=WINDOW_EXPIRES + dt.timedelta(seconds=2 * SWEEP_INTERVAL)
 )
 
 
@@ -105,9 +128,23 @@ def _window_ranges(timestamp: float) -> list[Any]:
     return list(window.ranges(timestamp))
 
 
-def fold_handoff(handoff: Handoff) -> int:
+def _open_from(now: float) -> dict[str, Any]:
+    """What the tables still take at ``now``: the sweep deletes the rest."""
+    return {
+        "days_from": first_open_day(now, settings.event_max_lateness),
+        "windows_after": now - WINDOW_EXPIRES.total_seconds(),
+    }
+
+
+def fold_handoff(handoff: Handoff, now: float | None = None) -> int:
     """Apply one hand-off to the tables (see ``streams.handoff.fold_into``)."""
-    return fold_into(handoff, tenant_daily_usage, tenant_recent_usage.table, _window_ranges)
+    return fold_into(
+        handoff,
+        tenant_daily_usage,
+        tenant_recent_usage.table,
+        _window_ranges,
+        **_open_from(time.time() if now is None else now),
+    )
 
 
 @app.agent(accepted_usage)
@@ -119,11 +156,87 @@ async def aggregate(stream: Any) -> None:
                 fold_handoff(Handoff.from_message(value))
             else:
                 fold_legacy_into(
-                    value, tenant_daily_usage, tenant_recent_usage.table, _window_ranges
+                    value,
+                    tenant_daily_usage,
+                    tenant_recent_usage.table,
+                    _window_ranges,
+                    **_open_from(time.time()),
                 )
         except (ValueError, KeyError, TypeError) as exc:  # our own topic: a bug, not input
             metrics.handoffs_malformed.inc()
             log.error("accepted_usage: malformed message skipped (%s): %r", exc, value)
+
+
+# --- the sweep: closed days and expired windows leave the tables, with a tombstone ---------------
+_partitioner = cast(PartitionerT, app.conf.producer_partitioner or DefaultPartitioner())
+
+
+def tenant_partition(tenant: str, partitions: int) -> int:
+    """The ``accepted_usage`` partition of ``tenant``'s hand-offs (keyed by tenant), picked the
+    way the producer picks it. It is the changelog partition of every key of the tenant: the
+    agent writes a key while it processes one of those hand-offs, and Faust sends the changelog
+    record to the partition of the event being processed."""
+    # The topic's own key serializer, as ``accepted_usage.send(key=...)`` serializes the key.
+    key, _ = accepted_usage.prepare_key(tenant, None)
+    ids = list(range(partitions))
+    return int(_partitioner(key, ids, ids))
+
+
+def _delete(table: Any, keys: list[Any], partitions: int, owned: Collection[int]) -> int:
+    """``del table[key]`` for each key, with the key's own changelog partition (Faust's
+    ``on_key_del`` takes it from the current event, and a timer has none). Keys of partitions
+    this worker does not own (standby copies, leftovers of a rebalance) only leave its memory:
+    their owner's sweep tombstones them. Returns the tombstones sent."""
+    sent = 0
+    of_tenant: dict[str, int] = {}
+    for key in keys:
+        tenant = tenant_of(key)
+        if (partition := of_tenant.get(tenant)) is None:
+            partition = of_tenant[tenant] = tenant_partition(tenant, partitions)
+        if partition in owned:
+            table.send_changelog(partition, key, None, value_serializer="raw")
+            sent += 1
+        table.data.pop(key, None)
+    return sent
+
+
+def sweep_tables(now: float, partitions: int, owned: Collection[int]) -> tuple[int, int]:
+    """Delete the daily values of closed days (``first_open_day``) and the windows that ended
+    more than ``WINDOW_EXPIRES`` before ``now``: at most ``SWEEP_LIMIT`` of each. Synchronous
+    (nothing of the agent runs in between). Returns the (daily, window) keys deleted."""
+    daily = closed_daily_keys(
+        tenant_daily_usage.data.keys(),
+        first_open_day(now, settings.event_max_lateness),
+        SWEEP_LIMIT,
+    )
+    windows = expired_window_keys(
+        tenant_recent_usage.table.data.keys(),
+        now - WINDOW_EXPIRES.total_seconds(),
+        SWEEP_LIMIT,
+    )
+    _delete(tenant_daily_usage, daily, partitions, owned)
+    _delete(tenant_recent_usage.table, windows, partitions, owned)
+    return len(daily), len(windows)
+
+
+@app.timer(SWEEP_INTERVAL)
+async def sweep() -> None:
+    """Keep the tables bounded: see ``sweep_tables``. Skipped until the consumer knows
+    ``accepted_usage``'s partitions (a tombstone must reach the key's own partition)."""
+    topic = accepted_usage.get_topic_name()
+    try:
+        partitions = app.consumer.topic_partitions(topic)
+        if not partitions:
+            return
+        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+        days, windows = sweep_tables(time.time(), partitions, owned)
+    except Exception:
+        log.exception("table sweep failed; retried at the next one")
+        return
+    if days or windows:
+        log.info(
+            "table sweep: %d closed daily values and %d expired windows deleted", days, windows
+        )
 
 
 # --- the hand-off: exactly once into the tables (streams/handoff.py) -----------------------------
@@ -305,8 +418,11 @@ __all__ = [
     "app",
     "daily_key",
     "dead_letters",
+    "sweep",
+    "sweep_tables",
     "tenant_daily_usage",
     "tenant_recent_usage",
     "usage",
     "usage_events",
+    "window_key",
 ]

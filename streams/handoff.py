@@ -14,6 +14,9 @@ insert, so a worker killed in between would lose them from the tables, and a rep
   (one row per partition) *before* sending, sends, and waits for Kafka's acknowledgements. The
   next flush starts only after that, and a failed flush is retried as a whole before any newer
   range of its partitions: so only a partition's last recorded range can have been sent in part.
+- **Keys.** Quantities of different meters are never added up: ``tenant_daily_usage`` is keyed
+  ``"<tenant>|<meter>|<YYYY-MM-DD>"`` (:func:`daily_key`, UTC day of the event) and
+  ``tenant_recent_usage`` ``("<tenant>|<meter>", window range)`` (:func:`window_key`).
 - **Marks in the table values.** Each table value is ``{"q": quantity, "m": {source: end}}``:
   the quantity and, per source partition, the ``end`` of the last range applied to it, written
   together in one changelog record. The agent applies a message to a key only when the key's
@@ -26,7 +29,15 @@ insert, so a worker killed in between would lose them from the tables, and a rep
   has covered. On a revoke the current owner flushes the partition's range first.
 
 Messages of the earlier format (one per tenant, meter and minute, no range) are still folded in,
-without marks. Tests: ``tests/unit/test_streams_handoff.py`` and the worker's SIGKILL test in
+without marks, under the same per-meter keys.
+
+**Bounded tables.** A day no event can reach any more (:func:`first_open_day`: older than the
+lateness, with a day's margin) and a window past its expiry are neither written
+(:func:`fold_into`'s ``days_from`` / ``windows_after``) nor kept: the worker's sweep deletes
+them with a changelog tombstone (:func:`closed_daily_keys`, :func:`expired_window_keys`), also
+those recovered from the changelog after a restart.
+
+Tests: ``tests/unit/test_streams_handoff.py`` and the worker's tests (SIGKILL, the sweep) in
 ``tests/integration/test_streams_worker.py``.
 """
 
@@ -99,19 +110,21 @@ class Handoff:
             sums.append((item[0], int(item[1]), float(item[2])))
         return cls(tenant, source, start, end, tuple(sums))
 
-    def by_day(self) -> dict[dt.date, float]:
-        out: dict[dt.date, float] = {}
-        for _, minute, q in self.sums:
-            day = dt.datetime.fromtimestamp(minute, dt.UTC).date()
-            out[day] = out.get(day, 0.0) + q
+    def by_day(self) -> dict[tuple[str, dt.date], float]:
+        """Sums per (meter, UTC day): a meter's quantities are never added to another's."""
+        out: dict[tuple[str, dt.date], float] = {}
+        for meter, minute, q in self.sums:
+            k = (meter, dt.datetime.fromtimestamp(minute, dt.UTC).date())
+            out[k] = out.get(k, 0.0) + q
         return out
 
-    def by_window(self, ranges: Any) -> dict[Any, float]:
-        """Sums per window of ``ranges(timestamp)`` (a Faust window's ``ranges``)."""
-        out: dict[Any, float] = {}
-        for _, minute, q in self.sums:
+    def by_window(self, ranges: Any) -> dict[tuple[str, Any], float]:
+        """Sums per (meter, window of ``ranges(timestamp)``) (a Faust window's ``ranges``)."""
+        out: dict[tuple[str, Any], float] = {}
+        for meter, minute, q in self.sums:
             for wr in ranges(float(minute)):
-                out[wr] = out.get(wr, 0.0) + q
+                k = (meter, wr)
+                out[k] = out.get(k, 0.0) + q
         return out
 
 
@@ -125,9 +138,66 @@ def is_handoff_message(value: Any) -> bool:
 
 
 # --- the table values ---------------------------------------------------------------------------
-def daily_key(tenant: str, day: dt.date) -> str:
-    """The key of ``tenant_daily_usage``: ``"<tenant>|<YYYY-MM-DD>"`` (UTC day)."""
-    return f"{tenant}|{day.isoformat()}"
+def daily_key(tenant: str, meter: str, day: dt.date) -> str:
+    """The key of ``tenant_daily_usage``: ``"<tenant>|<meter>|<YYYY-MM-DD>"`` (UTC day). Tenant
+    ids and meter names never hold ``|`` (:mod:`metering.ids`); the day is the last 10
+    characters (the sweep reads it there, see :func:`closed_daily_keys`)."""
+    return f"{tenant}|{meter}|{day.isoformat()}"
+
+
+def window_key(tenant: str, meter: str) -> str:
+    """The value key of ``tenant_recent_usage`` (Faust's table key is ``(it, window range)``):
+    ``"<tenant>|<meter>"``."""
+    return f"{tenant}|{meter}"
+
+
+def tenant_of(key: Any) -> str:
+    """The tenant of a key of either table (also of the earlier ``"<tenant>|<day>"`` and
+    ``(tenant, window range)`` keys): the agent writes a key while it processes a hand-off of
+    that tenant, so the key lives in the tenant's partition."""
+    text = key[0] if isinstance(key, tuple) else key
+    return str(text).partition("|")[0]
+
+
+def first_open_day(now: float, lateness_seconds: float) -> dt.date:
+    """The first UTC day whose daily values can still change at ``now`` (epoch seconds).
+
+    The sink dead-letters events older than ``lateness_seconds``, so a day that ended before
+    ``now - lateness_seconds`` gets no more of them; one more day of margin covers a hand-off
+    sent well after its rows were inserted. Earlier days are closed: not written, and swept."""
+    return dt.datetime.fromtimestamp(now - lateness_seconds, dt.UTC).date() - dt.timedelta(days=1)
+
+
+def closed_daily_keys(keys: Iterable[Any], first_open: dt.date, limit: int) -> list[Any]:
+    """Up to ``limit`` keys of ``tenant_daily_usage`` whose day (the key's last 10 characters,
+    also in the earlier ``"<tenant>|<day>"`` keys) is before ``first_open``.
+
+    Runs on the event loop over every key: one slice per key (ISO dates compare as strings);
+    only a key found old is checked to end in a real date."""
+    before = first_open.isoformat()
+    found: list[Any] = []
+    for key in keys:
+        if isinstance(key, str) and key[-11:-10] == "|" and key[-10:] < before:
+            try:
+                dt.date.fromisoformat(key[-10:])
+            except ValueError:
+                continue  # not a key of ours: left alone
+            found.append(key)
+            if len(found) >= limit:
+                break
+    return found
+
+
+def expired_window_keys(keys: Iterable[Any], before: float, limit: int) -> list[Any]:
+    """Up to ``limit`` keys of the windowed table (Faust's ``(key, (start, end))``) whose window
+    ended before ``before`` (epoch seconds). No allocation per key."""
+    found: list[Any] = []
+    for key in keys:
+        if isinstance(key, tuple) and len(key) == 2 and key[1][1] < before:
+            found.append(key)
+            if len(found) >= limit:
+                break
+    return found
 
 
 def usage(value: Any) -> float:
@@ -359,27 +429,37 @@ def fold_into(
     windows: MutableMapping[Any, Any],
     window_ranges: Callable[[float], Iterable[Any]],
     apply: Callable[[Any, float], Any] | None = None,
+    *,
+    days_from: dt.date | None = None,
+    windows_after: float | None = None,
 ) -> int:
-    """Apply one hand-off to the per-day values (keys ``"<tenant>|<YYYY-MM-DD>"``) and the
-    window values (keys ``(tenant, window range)``); a key whose mark for the source is already
-    at or past the hand-off's end keeps its value (a replay or a resend). Returns the number of
-    keys changed. The ``aggregate`` agent calls it with the Faust tables.
+    """Apply one hand-off to the per-day values (keys ``"<tenant>|<meter>|<YYYY-MM-DD>"``) and
+    the window values (keys ``("<tenant>|<meter>", window range)``), each meter on its own; a
+    key whose mark for the source is already at or past the hand-off's end keeps its value (a
+    replay or a resend). Returns the number of keys changed. The ``aggregate`` agent calls it
+    with the Faust tables.
 
     ``apply(old value, quantity)`` gives a key's new value, or None to keep it (default:
-    :func:`fold` with the hand-off's source and end)."""
+    :func:`fold` with the hand-off's source and end). Days before ``days_from`` (closed, see
+    :func:`first_open_day`) and windows ending before ``windows_after`` (expired) are not
+    written: the sweep deletes them, and a write would bring them back without their marks."""
     if apply is None:
 
         def apply(old: Any, q: float) -> Any:
             return fold(old, handoff.source, handoff.end, q)
 
     changed = 0
-    for day, q in handoff.by_day().items():
-        key = daily_key(handoff.tenant, day)
+    for (meter, day), q in handoff.by_day().items():
+        if days_from is not None and day < days_from:
+            continue
+        key = daily_key(handoff.tenant, meter, day)
         if (new := apply(daily.get(key), q)) is not None:
             daily[key] = new
             changed += 1
-    for wr, q in handoff.by_window(window_ranges).items():
-        wkey = (handoff.tenant, wr)
+    for (meter, wr), q in handoff.by_window(window_ranges).items():
+        if windows_after is not None and wr[1] < windows_after:
+            continue
+        wkey = (window_key(handoff.tenant, meter), wr)
         if (new := apply(windows.get(wkey), q)) is not None:
             windows[wkey] = new
             changed += 1
@@ -391,14 +471,26 @@ def fold_legacy_into(
     daily: MutableMapping[Any, Any],
     windows: MutableMapping[Any, Any],
     window_ranges: Callable[[float], Iterable[Any]],
+    *,
+    days_from: dt.date | None = None,
+    windows_after: float | None = None,
 ) -> int:
     """:func:`fold_into` for a message of the earlier format (one tenant, meter and minute, no
-    range, so no mark: :func:`add_legacy`); non-billable ones were never counted."""
+    range, so no mark: :func:`add_legacy`), under its meter's keys; non-billable ones were
+    never counted."""
     if not value.get("billable"):
         return 0
     sums = ((str(value["meter"]), int(value["minute"]), float(value["quantity"])),)
     legacy = Handoff(str(value["tenant"]), "", 0, 0, sums)
-    return fold_into(legacy, daily, windows, window_ranges, apply=add_legacy)
+    return fold_into(
+        legacy,
+        daily,
+        windows,
+        window_ranges,
+        apply=add_legacy,
+        days_from=days_from,
+        windows_after=windows_after,
+    )
 
 
 __all__ = [
@@ -408,7 +500,10 @@ __all__ = [
     "PartitionRange",
     "Recovery",
     "add_legacy",
+    "closed_daily_keys",
     "daily_key",
+    "expired_window_keys",
+    "first_open_day",
     "flush",
     "fold",
     "fold_into",
@@ -417,5 +512,7 @@ __all__ = [
     "messages",
     "plan_recovery",
     "source_of",
+    "tenant_of",
     "usage",
+    "window_key",
 ]

@@ -19,14 +19,19 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from faust.serializers import codecs
+from kafka import KafkaProducer
 
+from metering.events import encode_event, usage_event
 from metering.quota_db import QuotaStore
 from streams.handoff import usage
 from tests.integration.streams_support import (
     committed_offsets,
     event_message,
+    partition_of,
     produce,
     read_all,
     tenants_covering,
@@ -142,9 +147,24 @@ def sink_group(group: str) -> str:
     return f"{group}.sink"
 
 
-def changelog_latest(bootstrap: str, topic: str) -> dict[str, float]:
-    """The latest quantity per key of a table's changelog (values ``{"q": ..., "m": ...}``)."""
-    return {json.loads(m.key): usage(json.loads(m.value)) for m in read_all(bootstrap, topic)}
+def table_key(raw: bytes) -> Any:
+    """A changelog key as the table holds it (a window key ``[key, [start, end]]`` is a tuple)."""
+    key = json.loads(raw)
+    if isinstance(key, list):
+        return tuple(tuple(k) if isinstance(k, list) else k for k in key)
+    return key
+
+
+def changelog_latest(bootstrap: str, topic: str) -> dict[Any, float]:
+    """The latest quantity per key of a table's changelog (values ``{"q": ..., "m": ...}``); a
+    key whose latest record is a tombstone is not there."""
+    latest: dict[Any, float] = {}
+    for m in read_all(bootstrap, topic):
+        if m.value is None:
+            latest.pop(table_key(m.key), None)
+        else:
+            latest[table_key(m.key)] = usage(json.loads(m.value))
+    return latest
 
 
 def wait_for_daily_total(
@@ -179,7 +199,7 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
         time.sleep(0.5)  # the backfill timer runs every second
     # The Faust table's changelog is written on the agent's own schedule: wait for it rather
     # than for a fixed time (1.5 s was once not enough on a loaded machine).
-    for key, total in ((f"{tenant}|{today}", 600.0), (f"{other}|{today}", 200.0)):
+    for key, total in ((f"{tenant}|requests|{today}", 600.0), (f"{other}|requests|{today}", 200.0)):
         wait_for_daily_total(kafka_bootstrap, group, key, total, timeout=60)
     worker.stop()
 
@@ -202,8 +222,8 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
         b"late",
     ]
     table = changelog_latest(kafka_bootstrap, f"{group}-tenant_daily_usage-changelog")
-    assert table[f"{tenant}|{today}"] == 600.0
-    assert table[f"{other}|{today}"] == 200.0
+    assert table[f"{tenant}|requests|{today}"] == 600.0
+    assert table[f"{other}|requests|{today}"] == 200.0
 
 
 def run_worker_expecting_failure(
@@ -308,8 +328,138 @@ def test_a_graceful_stop_hands_the_last_sums_to_the_faust_tables(
     assert sum(q for a in accepted if a["tenant"] == tenant for _, _, q in a["sums"]) == 150.0
     today = dt.datetime.now(dt.UTC).date()
     worker.start()  # the agent resumes after its committed offset: the last sums come in now
-    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|{today}", 150.0, timeout=90)
+    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 150.0, timeout=90)
     worker.stop()
+
+
+@pytest.mark.timeout(240)
+def test_each_meter_has_its_own_values_in_the_faust_tables(
+    kafka_bootstrap: str, pipeline, tenant: str
+) -> None:
+    """Quantities of different meters (units) are never added up: 14 ``requests`` and 64
+    ``tokens`` of one tenant were one daily value of 78, and its windows likewise."""
+    topic, _, group, make = pipeline
+    now = dt.datetime.now(dt.UTC)
+    events = [usage_event(tenant, "requests", 1, time=now, id=f"r{i}") for i in range(14)]
+    events += [usage_event(tenant, "tokens", 32, time=now, id=f"t{i}") for i in range(2)]
+    produce(kafka_bootstrap, topic, [(tenant.encode(), encode_event(ev)) for ev in events])
+    worker = make("w1").start()
+    # Faust creates the changelog topics at start: read them only after (reading a topic that
+    # does not exist yet creates it, with one partition).
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
+    today = now.date()
+    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 14.0, timeout=90)
+    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|tokens|{today}", 64.0, timeout=30)
+    worker.stop()
+    daily = changelog_latest(kafka_bootstrap, f"{group}-tenant_daily_usage-changelog")
+    assert daily == {f"{tenant}|requests|{today}": 14.0, f"{tenant}|tokens|{today}": 64.0}
+    windows = changelog_latest(kafka_bootstrap, f"{group}-tenant_recent_usage-changelog")
+    per_key: dict[str, list[float]] = {}
+    for (key, _), q in windows.items():
+        per_key.setdefault(key, []).append(q)
+    assert set(per_key) == {f"{tenant}|requests", f"{tenant}|tokens"}
+    assert max(per_key[f"{tenant}|requests"]) == 14.0  # every event in the window of its minute
+    assert max(per_key[f"{tenant}|tokens"]) == 64.0
+
+
+def inject(bootstrap: str, topic: str, partition: int, records: list[tuple[Any, Any]]) -> None:
+    """Write table records into a changelog as the worker writes them (Faust's JSON codec)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for key, value in records:
+            producer.send(
+                topic,
+                key=codecs.dumps("json", key),
+                value=codecs.dumps("json", value),
+                partition=partition,
+            )
+        producer.flush(30)
+    finally:
+        producer.close()
+
+
+def changelog_records(bootstrap: str, topic: str) -> dict[Any, list[tuple[int, bool]]]:
+    """Per key, its records in order: (partition, is a tombstone)."""
+    out: dict[Any, list[tuple[int, bool]]] = {}
+    for m in read_all(bootstrap, topic):
+        out.setdefault(table_key(m.key), []).append((m.partition, m.value is None))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_the_sweep_deletes_recovered_closed_days_and_expired_windows(
+    kafka_bootstrap: str, pipeline, tenant: str
+) -> None:
+    """Daily values of days no event can reach any more and windows past their expiry, in the
+    changelogs from an earlier life (the audit saw hours-old windows come back at every restart
+    and stay, and every tenant-day ever written), are deleted after a restart: a tombstone in
+    the key's own partition, so they do not come back. Current values stay."""
+    topic, _, group, make = pipeline
+    produce(kafka_bootstrap, topic, [event_message(tenant, 1, id=f"s{i}") for i in range(5)])
+    worker = make("w1").start()
+    wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)  # see above
+    daily_topic = f"{group}-tenant_daily_usage-changelog"
+    windows_topic = f"{group}-tenant_recent_usage-changelog"
+    deadline = time.monotonic() + 90
+    while not any(
+        str(k).startswith(tenant) for k in changelog_latest(kafka_bootstrap, daily_topic)
+    ):
+        assert time.monotonic() < deadline, "the worker wrote nothing to the daily table"
+        time.sleep(1)
+    worker.stop()
+    # The agent writes a tenant's keys to the partition of its hand-offs (keyed by tenant).
+    partition = partition_of(tenant, 4)
+    written = changelog_records(kafka_bootstrap, windows_topic)
+    written.update(changelog_records(kafka_bootstrap, daily_topic))
+    assert {p for recs in written.values() for p, _ in recs} == {partition}
+    current_windows = [k for k in written if isinstance(k, tuple)]
+
+    # What an earlier life left in the changelogs (the earlier key formats too).
+    now = time.time()
+    today = dt.datetime.now(dt.UTC).date()
+    closed = today - dt.timedelta(days=3)  # LATENESS is an hour: closed for two days already
+    kept = today - dt.timedelta(days=1)  # still open (the day's margin)
+    start = (now - 7200) // 60 * 60
+    old = (start, start + 299.9)  # a window two hours old (expiry: 30 minutes)
+    old_days = [f"{tenant}|requests|{closed}", f"{tenant}|{closed}"]
+    old_windows = [(f"{tenant}|requests", old), (tenant, (start - 60, start + 239.9))]
+    value = {"q": 5.0, "m": {}}
+    inject(
+        kafka_bootstrap,
+        daily_topic,
+        partition,
+        [*((k, value) for k in old_days), (f"{tenant}|requests|{kept}", value)],
+    )
+    inject(
+        kafka_bootstrap, windows_topic, partition, [([k, list(w)], value) for k, w in old_windows]
+    )
+
+    worker.start()  # recovers them from the changelogs; the sweep runs every minute
+    deadline = time.monotonic() + 180
+    while True:
+        days = changelog_latest(kafka_bootstrap, daily_topic)
+        windows = changelog_latest(kafka_bootstrap, windows_topic)
+        if not any(k in days for k in old_days) and not any(k in windows for k in old_windows):
+            break
+        assert time.monotonic() < deadline, (
+            f"still there: {[k for k in old_days if k in days]},"
+            f" {[k for k in old_windows if k in windows]}\n" + worker.log_tail()
+        )
+        time.sleep(2)
+    worker.stop()
+    worker.wait_for_log("table sweep: ", timeout=1)
+
+    days = changelog_latest(kafka_bootstrap, daily_topic)
+    assert days == {f"{tenant}|requests|{today}": 5.0, f"{tenant}|requests|{kept}": 5.0}
+    windows = changelog_latest(kafka_bootstrap, windows_topic)
+    assert sorted(windows) == sorted(current_windows)
+    # Each tombstone is in the partition of its key's records: compaction and the next
+    # recovery drop the key.
+    records = changelog_records(kafka_bootstrap, daily_topic)
+    records.update(changelog_records(kafka_bootstrap, windows_topic))
+    for key in [*old_days, *old_windows]:
+        assert records[key] == [(partition, False), (partition, True)], key
 
 
 @pytest.mark.slow
@@ -337,7 +487,7 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     worker.start()
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
     today = dt.datetime.now(dt.UTC).date()
-    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|{today}", 6000.0, timeout=60)
+    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 6000.0, timeout=60)
     time.sleep(2)  # a second flush after the total: it must not add anything more
     worker.kill()  # and a replay of accepted_usage after this kill must not either
     worker.start()
@@ -347,7 +497,7 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     time.sleep(5)
     worker.stop()
     assert changelog_latest(kafka_bootstrap, f"{group}-tenant_daily_usage-changelog") == {
-        f"{tenant}|{today}": 6000.0
+        f"{tenant}|requests|{today}": 6000.0
     }
     assert worker.query(
         "SELECT count(), uniqExact(id), sum(quantity) FROM metering.usage_events"
@@ -381,7 +531,7 @@ def test_a_second_worker_joining_mid_stream_keeps_totals_exact(
     # and by b after, with nothing counted twice or left out.
     today = dt.datetime.now(dt.UTC).date()
     for t in tenants:
-        wait_for_daily_total(kafka_bootstrap, group, f"{t}|{today}", 1000.0, timeout=60)
+        wait_for_daily_total(kafka_bootstrap, group, f"{t}|requests|{today}", 1000.0, timeout=60)
     a.stop()
     b.stop()
     ids_a = {r[0] for r in a.query("SELECT id FROM metering.usage_events")}
@@ -415,7 +565,7 @@ def test_a_worker_restarted_with_its_instance_id_takes_its_partitions_back_at_on
     worker.wait_for_log("sink assigned", timeout=40, count=2)
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=60)
     today = dt.datetime.now(dt.UTC).date()
-    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|{today}", 4000.0, timeout=60)
+    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 4000.0, timeout=60)
     worker.stop()
     assert worker.query("SELECT count(), uniqExact(id) FROM metering.usage_events") == [
         [4000, 4000]

@@ -22,13 +22,19 @@ from metering.events import decision_event, encode_event, usage_event
 from streams.handoff import (
     Handoff,
     HandoffLedger,
+    closed_daily_keys,
+    daily_key,
+    expired_window_keys,
+    first_open_day,
     flush,
     fold,
     fold_into,
     fold_legacy_into,
     plan_recovery,
     source_of,
+    tenant_of,
     usage,
+    window_key,
 )
 from streams.sink import ClickHouseSink, Record
 from tests.unit.test_streams_sink import RecordedStorage
@@ -140,7 +146,8 @@ def source_events(rng: random.Random, per_partition: int) -> dict[int, list[Reco
             else:
                 n += 1
                 qty = rng.choice([1, 2, 5, 0.5])
-                value = encode_event(usage_event(tenant, "requests", qty, time=t, id=f"e{n}"))
+                meter = rng.choice(["requests", "requests", "tokens"])  # kept apart in the tables
+                value = encode_event(usage_event(tenant, meter, qty, time=t, id=f"e{n}"))
             records.append(Record(TOPIC, p, offset, tenant.encode(), value))
         out[p] = records
     return out
@@ -152,10 +159,11 @@ def expected(storage: Storage) -> tuple[dict[str, float], dict[Any, float]]:
     for r in storage.rows:
         if r[6] != 1:
             continue
-        key = f"{r[3]}|{r[7].date().isoformat()}"
+        key = f"{r[3]}|{r[4]}|{r[7].date().isoformat()}"  # tenant, meter, UTC day
         daily[key] = daily.get(key, 0.0) + r[8]
         for wr in WINDOWS.ranges(float(int(r[7].timestamp()) // 60 * 60)):
-            windows[(r[3], wr)] = windows.get((r[3], wr), 0.0) + r[8]
+            wkey = (f"{r[3]}|{r[4]}", wr)
+            windows[wkey] = windows.get(wkey, 0.0) + r[8]
     return daily, windows
 
 
@@ -268,7 +276,7 @@ def test_a_range_with_several_minutes_of_one_window_adds_them_all() -> None:
     windows: dict[Any, Any] = {}
     fold_into(h, daily, windows, WINDOWS.ranges)
     both = [wr for wr in WINDOWS.ranges(float(minute)) if wr[0] <= minute - 60]
-    assert both and all(usage(windows[("acme", wr)]) == 3.0 for wr in both)
+    assert both and all(usage(windows[("acme|requests", wr)]) == 3.0 for wr in both)
     assert fold_into(h, daily, windows, WINDOWS.ranges) == 0
 
 
@@ -320,12 +328,100 @@ def test_a_failed_record_puts_the_range_back_merged_with_what_came_since() -> No
 def test_a_message_of_the_earlier_format_is_folded_in_without_marks() -> None:
     minute = int(NOW.timestamp()) // 60 * 60
     old = {"tenant": "acme", "meter": "requests", "billable": 1, "minute": minute, "quantity": 2.5}
-    daily: dict[Any, Any] = {"acme|2026-03-02": 1.0}  # a float value of the earlier format
+    daily: dict[Any, Any] = {"acme|requests|2026-03-02": 1.0}  # a float value (earlier format)
     windows: dict[Any, Any] = {}
     assert fold_legacy_into(old, daily, windows, WINDOWS.ranges) == 1 + len(WINDOWS.ranges(minute))
-    assert daily["acme|2026-03-02"] == {"q": 3.5, "m": {}}
+    assert daily["acme|requests|2026-03-02"] == {"q": 3.5, "m": {}}
     assert all(usage(v) == 2.5 for v in windows.values())
+    assert {k for k, _ in windows} == {"acme|requests"}
     assert fold_legacy_into({**old, "billable": 0}, daily, windows, WINDOWS.ranges) == 0
+
+
+def test_a_message_of_the_earlier_format_counts_under_its_own_meter() -> None:
+    minute = int(NOW.timestamp()) // 60 * 60
+    daily: dict[Any, Any] = {}
+    windows: dict[Any, Any] = {}
+    for meter, q in (("requests", 14.0), ("tokens", 64.0)):
+        old = {"tenant": "acme", "meter": meter, "billable": 1, "minute": minute, "quantity": q}
+        fold_legacy_into(old, daily, windows, WINDOWS.ranges)
+    assert {k: usage(v) for k, v in daily.items()} == {
+        "acme|requests|2026-03-02": 14.0,
+        "acme|tokens|2026-03-02": 64.0,
+    }
+    for wr in WINDOWS.ranges(float(minute)):
+        assert usage(windows[("acme|requests", wr)]) == 14.0
+        assert usage(windows[("acme|tokens", wr)]) == 64.0
+
+
+def test_each_meter_has_its_own_daily_and_window_values() -> None:
+    """The audit's case: 14 ``requests`` and 64 ``tokens`` of one tenant were one daily value of
+    78 (and windows likewise), adding up quantities of different units."""
+    minute = int(NOW.timestamp()) // 60 * 60
+    src = source_of(TOPIC, 0)
+    h = Handoff(
+        "acme",
+        src,
+        0,
+        9,
+        (("requests", minute - 60, 4.0), ("requests", minute, 10.0), ("tokens", minute, 64.0)),
+    )
+    daily: dict[Any, Any] = {}
+    windows: dict[Any, Any] = {}
+    fold_into(h, daily, windows, WINDOWS.ranges)
+    assert {k: usage(v) for k, v in daily.items()} == {
+        daily_key("acme", "requests", NOW.date()): 14.0,
+        daily_key("acme", "tokens", NOW.date()): 64.0,
+    }
+    assert daily_key("acme", "tokens", NOW.date()) == "acme|tokens|2026-03-02"
+    assert window_key("acme", "tokens") == "acme|tokens"
+    for wr in WINDOWS.ranges(float(minute)):
+        both_minutes = wr[0] <= minute - 60
+        assert usage(windows[("acme|requests", wr)]) == (14.0 if both_minutes else 10.0)
+        assert usage(windows[("acme|tokens", wr)]) == 64.0
+    assert {k for k, _ in windows} == {"acme|requests", "acme|tokens"}
+    # Each key keeps its own mark: the same range again changes none of them.
+    assert all(v["m"] == {src: 9} for v in [*daily.values(), *windows.values()])
+    assert fold_into(h, daily, windows, WINDOWS.ranges) == 0
+
+
+def test_the_first_open_day_is_the_day_before_the_lateness_reaches() -> None:
+    lateness = 3600
+    at = dt.datetime(2026, 3, 5, 0, 30, tzinfo=dt.UTC).timestamp()  # now - lateness: 4 March
+    assert first_open_day(at, lateness) == dt.date(2026, 3, 3)
+    at = dt.datetime(2026, 3, 5, 1, 0, tzinfo=dt.UTC).timestamp()  # now - lateness: 5 March
+    assert first_open_day(at, lateness) == dt.date(2026, 3, 4)
+    assert first_open_day(at, 3 * 86400) == dt.date(2026, 3, 1)
+
+
+def test_closed_days_and_expired_windows_are_found_and_not_written_again() -> None:
+    first_open = dt.date(2026, 3, 1)
+    keys = [
+        "acme|requests|2026-02-28",  # closed
+        "acme|2026-02-27",  # the earlier key format, closed
+        "acme|requests|2026-03-01",  # open
+        "acme|tokens|2026-03-02",  # open
+        "acme|requests|notadate!!",  # not a key of ours: left alone
+        "x",
+    ]
+    assert closed_daily_keys(keys, first_open, limit=10) == keys[:2]
+    assert closed_daily_keys(keys, first_open, limit=1) == keys[:1]  # bounded
+    before = NOW.timestamp() - 1800
+    old, fresh = (before - 360, before - 60.1), (before - 299.9, before + 0.1)
+    wkeys = [("acme|requests", old), ("acme", old), ("acme|tokens", fresh)]
+    assert expired_window_keys(wkeys, before, limit=10) == wkeys[:2]
+    assert expired_window_keys(wkeys, before, limit=1) == wkeys[:1]
+    assert [tenant_of(k) for k in (*keys[:3], *wkeys)] == ["acme"] * 6
+
+    # The agent does not write what the sweep deletes: a late resend of a closed day or an
+    # expired window would come back without its marks (and count again on a replay).
+    minute = int(NOW.timestamp()) // 60 * 60
+    h = Handoff("acme", "t:0", 0, 5, (("requests", minute, 1.0), ("requests", minute - 86400, 2.0)))
+    daily: dict[Any, Any] = {}
+    windows: dict[Any, Any] = {}
+    fold_into(h, daily, windows, WINDOWS.ranges, days_from=NOW.date(), windows_after=minute + 60)
+    assert list(daily) == [daily_key("acme", "requests", NOW.date())]
+    assert windows and all(wr[1] >= minute + 60 for _, wr in windows)
+    assert len(windows) < len(WINDOWS.ranges(float(minute)))
 
 
 def test_a_batch_cut_short_is_read_again_and_handed_off_whole() -> None:
