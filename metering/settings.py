@@ -267,6 +267,12 @@ class Settings(BaseSettings):
     worker_backfill_interval: PositiveFloat = Field(
         5.0, le=HOUR, description="Seconds between upserts of daily totals into the quota DB."
     )
+    worker_table_sweep_interval: PositiveFloat = Field(
+        60.0,
+        le=HOUR,
+        description="Seconds between sweeps of the Faust tables: closed days and expired"
+        " windows leave them, with a changelog tombstone.",
+    )
     worker_aggregate_interval: PositiveFloat = Field(
         5.0,
         le=HOUR,

@@ -69,7 +69,7 @@ WINDOW_SIZE = 300.0  # the last five minutes ...
 WINDOW_STEP = 60.0  # ... at one-minute resolution
 WINDOW_EXPIRES = dt.timedelta(minutes=30)
 AGGREGATE_FLUSH_SECONDS = settings.worker_aggregate_interval
-SWEEP_INTERVAL = 60.0  # the tables' sweep (closed days, expired windows)
+SWEEP_INTERVAL = settings.worker_table_sweep_interval  # the tables' sweep (closed days, ...)
 SWEEP_LIMIT = 10_000  # deletions per table and sweep: a backlog goes in a few rounds
 
 

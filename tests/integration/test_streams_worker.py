@@ -435,7 +435,9 @@ def test_the_sweep_deletes_recovered_closed_days_and_expired_windows(
         kafka_bootstrap, windows_topic, partition, [([k, list(w)], value) for k, w in old_windows]
     )
 
-    worker.start()  # recovers them from the changelogs; the sweep runs every minute
+    # It recovers them from the changelogs; the sweep runs every minute, here every 3 s.
+    worker.env = {**worker.env, "WORKER_TABLE_SWEEP_INTERVAL": "3"}
+    worker.start()
     deadline = time.monotonic() + 180
     while True:
         days = changelog_latest(kafka_bootstrap, daily_topic)
