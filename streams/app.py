@@ -388,7 +388,14 @@ async def run_sink() -> None:
 
 @app.timer(settings.worker_backfill_interval)
 async def backfill() -> None:
-    """Upsert the open days' billable totals (from ClickHouse) into tenant_daily_usage."""
+    """Every ``WORKER_BACKFILL_INTERVAL`` s: :func:`backfill_round`."""
+    await backfill_round()
+
+
+async def backfill_round() -> None:
+    """Upsert the open days' billable totals (from ClickHouse) into tenant_daily_usage. A
+    failed round is logged (the first of an outage with its traceback, the next ones as one
+    line each: a round runs every few seconds) and the next round reads the open days again."""
     from streams.backfill import Backfill
 
     loop = asyncio.get_running_loop()
@@ -407,15 +414,31 @@ async def backfill() -> None:
             )
         n = await loop.run_in_executor(_executor, _state["backfill"].run_once)
         metrics.backfill_rows.inc(n)
-    except Exception:
+    except Exception as exc:
         metrics.backfill_failures.inc()
-        log.exception("backfill round failed")
+        failed = _state.get("backfill_failed", 0) + 1
+        _state["backfill_failed"] = failed
+        if failed == 1:  # the first failure of an outage with its traceback, then one line each
+            log.exception("backfill round failed; the next round reads the open days again")
+        else:
+            line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            log.warning(
+                "backfill round failed again (%d in a row, %s: %s)",
+                failed,
+                type(exc).__name__,
+                line,
+            )
+        return
+    if _state.pop("backfill_failed", 0):
+        log.info("backfill rounds succeed again")
 
 
 __all__ = [
     "accepted_usage",
     "aggregate",
     "app",
+    "backfill",
+    "backfill_round",
     "daily_key",
     "dead_letters",
     "sweep",
