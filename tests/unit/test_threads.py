@@ -77,4 +77,7 @@ def test_the_emitters_threads_are_named(tmp_path: Path) -> None:
         names = set(os_names_once_set({"s": emitter._sender, "r": emitter._replayer}).values())
         assert names == {"emitter-sender", "emitter-replaye"}
     finally:
-        emitter.close(timeout=0)
+        # Time for the replayer to give up its connect attempt (3 s) and stop: with 0 it kept
+        # trying, and logging, while pytest's interpreter exited after the whole suite.
+        emitter.close(timeout=5)
+    assert not emitter._replayer.is_alive()
