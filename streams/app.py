@@ -344,13 +344,12 @@ _state: dict[str, Any] = {}
 
 
 def _clickhouse() -> Any:
+    """The worker's ClickHouse client; the schema was migrated before Faust started (``metering
+    worker`` and ``metering up`` both migrate first, so a failure is their one-line error)."""
     if "client" not in _state:
         from metering.clickhouse.client import clickhouse_client
-        from metering.clickhouse.schema import migrate
 
-        client = clickhouse_client(settings.clickhouse_url)
-        migrate(settings)
-        _state["client"] = client
+        _state["client"] = clickhouse_client(settings.clickhouse_url)
     return _state["client"]
 
 

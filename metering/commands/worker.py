@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     # ClickHouse: opened through clickhouse_client, which keeps one client per embedded
     # (chdb://) folder in this process, so the worker's own _clickhouse() (streams/app.py, in
     # its ClickHouse thread) gets this very client back rather than opening the folder twice; a
-    # server's client is made again there. Its migrate() then finds nothing left to apply.
+    # server's client is made again there.
     migrate_clickhouse(settings)
     settings.metering_data_dir.mkdir(parents=True, exist_ok=True)  # Faust's datadir goes here
 
