@@ -175,16 +175,19 @@ def store_problem(
     *,
     detail: str | None = None,
     slug: str = "store-unavailable",
+    store: str | None = None,
 ) -> Problem | None:
     """A 503 naming the store if a store's client (the quota DB, ClickHouse, Redis, Kafka)
     raised ``exc``, else None. The client is told which store failed and when to try again,
     never the store's address or error text; the operator's log gets the store's one-line
     message (:func:`metering.commands.store_errors.store_failure` for ``settings``, the app's:
     the setting, password masked, and a hint such as "run `metering db migrate`"), at most once
-    per :data:`STORE_LOG_EVERY` seconds per store."""
+    per :data:`STORE_LOG_EVERY` seconds per store. ``store``: the store the caller knows it
+    called, for errors outside its client's classes (an ``OSError``); the answer is then never
+    None."""
     from metering.commands.store_errors import failing_store
 
-    store = failing_store(exc)
+    store = failing_store(exc) or store
     if store is None:
         return None
     log_store_failure(store, exc, settings)

@@ -25,13 +25,7 @@ from metering.api.auth import (
     require_admin,
 )
 from metering.api.context import api_context
-from metering.api.problems import (
-    STORE_RETRY_AFTER,
-    Problem,
-    StoreFailureRoute,
-    log_store_failure,
-    store_problem,
-)
+from metering.api.problems import Problem, StoreFailureRoute, store_problem
 from metering.ids import TENANT_ID_MAX
 from metering.plans import MAX_LIMIT, MAX_WINDOW_SECONDS, PLANS, QuotaError, plan_limits
 
@@ -216,16 +210,9 @@ async def get_limits(
             ctx.settings,
             detail="live limits unavailable: Redis is unavailable; try again later",
             slug="redis-down",
+            store="Redis",
         )
-        if problem is None:  # OSError and the like, outside redis-py's classes
-            log_store_failure("Redis", exc, ctx.settings)
-            problem = Problem(
-                503,
-                "live limits unavailable: Redis is unavailable; try again later",
-                slug="redis-down",
-                headers={"Retry-After": str(STORE_RETRY_AFTER)},
-                store="Redis",
-            )
+        assert problem is not None  # a store is named
         raise problem from None
     if tokens_raw is None or ts_raw is None:
         tokens = float(burst)
