@@ -32,8 +32,6 @@ from metering.localstack.stack import free_port, wait_until
 from metering.quota_db import QuotaStore, migrate
 from tests.integration.limiter_support import settings_for
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-
 TIMEOUT = 2.0  # RATE_LIMIT_REDIS_SOCKET_TIMEOUT (and connect timeout): large, so never confused
 FAST = 0.5  # a decision that did not wait for Redis takes far less than this (< TIMEOUT / 4)
 BURST, DAILY = 7, 777  # the quota DB's limits for every tenant of these tests
