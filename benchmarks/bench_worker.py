@@ -4,7 +4,9 @@ Run: ``python benchmarks/bench_worker.py [--events 300000] [--partitions 4] [--m
 (Kafka from KAFKA_BOOTSTRAP_SERVERS, default 127.0.0.1:9092; a fresh topic per run.)
 
 Phase 1, throughput: ``--events`` usage events are written to a fresh topic first; then
-(a) a raw aiokafka consumer reads them all (the ceiling: fetch + no processing), and
+(a) a raw aiokafka consumer reads them all (the ceiling: fetch + no processing; its CPU per
+event too), then ``bench_engine_ceiling.py`` stores as many prepared rows through the sink's
+insert path alone (the other ceiling: store, no fetch; ``--no-engine`` skips it), and
 (b) the worker (a subprocess, exactly as deployed) consumes the same topic from the beginning:
 decode + validate + dedupe + ClickHouse insert + progress + commit. Its rate is measured
 from its first committed offset to the last (start-up excluded), by polling the group's
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import re
 import signal
@@ -112,6 +115,17 @@ async def raw_consume(bootstrap: str, topic: str, n: int) -> float:
         await consumer.stop()
 
 
+def engine_ceiling(events: int, batch_size: int, partitions: int) -> dict[str, float]:
+    """``bench_engine_ceiling.py``'s figures for the same number of events, in its own process."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("bench_engine_ceiling.py")),
+         "--events", str(events), "--batch-size", str(batch_size),
+         "--partitions", str(partitions)],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
@@ -171,6 +185,12 @@ def main() -> int:
         help="events/s of phase 2 (default: half the worker's phase-1 rate, as issue 7 asks);"
         " a fixed rate compares code at the same load",
     )
+    ap.add_argument(
+        "--no-engine",
+        dest="engine",
+        action="store_false",
+        help="skip the engine-alone measurement (bench_engine_ceiling.py) after the raw consumer",
+    )
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     base = f"bench-{uuid.uuid4().hex[:8]}"
@@ -181,8 +201,23 @@ def main() -> int:
 
     took = asyncio.run(produce(bootstrap, topic, args.events, args.partitions))
     print(f"produced {args.events} events in {took:.1f}s ({args.events / took:,.0f}/s)")
+    raw_cpu0 = time.process_time()
     raw_rate = asyncio.run(raw_consume(bootstrap, topic, args.events))
-    print(f"raw aiokafka consumer (ceiling): {raw_rate:,.0f} events/s")
+    raw_cpu = (time.process_time() - raw_cpu0) / args.events  # all of this process's threads
+    print(
+        f"raw aiokafka consumer (ceiling): {raw_rate:,.0f} events/s, "
+        f"{raw_cpu * 1e6:.1f} us CPU per event"
+    )
+    engine = engine_ceiling(args.events, args.batch_size, args.partitions) if args.engine else None
+    if engine is not None:
+        bound = (os.cpu_count() or 1) / (raw_cpu + engine["cpu_us_per_row"] / 1e6)
+        print(
+            f"engine alone (bench_engine_ceiling.py: the sink's insert of prepared rows, "
+            f"rollups included): {engine['rows_per_s']:,.0f} rows/s, "
+            f"{engine['cpu_us_per_row']:.1f} us CPU per row; fetch + store bound any worker at "
+            f"{bound:,.0f} events/s on {os.cpu_count()} CPUs ({bound / raw_rate:.2f}x the raw "
+            "consumer) with no Python work per event"
+        )
 
     data = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "QUOTA_DB"))}
@@ -227,6 +262,11 @@ def main() -> int:
             f"worker: {worker_rate:,.0f} events/s (batch_size={args.batch_size}, "
             f"batch_within={args.batch_within}s, {args.partitions} partitions); "
             f"ratio to raw consumer {worker_rate / raw_rate:.2f}"
+            + (
+                f", to the engine alone {worker_rate / engine['rows_per_s']:.2f}"
+                if engine is not None
+                else ""
+            )
         )
         # On a shared machine the wall-clock rate is the share of the CPUs the worker got; the
         # CPU time it used per event is the cost of an event (ClickHouse's threads included).
