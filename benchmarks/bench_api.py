@@ -21,8 +21,10 @@ turn, alternating bare/full for ``--rounds`` rounds; the medians are reported:
 On a shared machine wall-clock rates mostly measure how much CPU the scheduler gave each server
 (a server with more threads gets more), so the script also reports the server's own CPU time per
 request (all its threads, from /proc): bare / full of that is the capacity ratio of one core.
-``--breakdown`` adds two servers, ``auth`` (JWT only) and ``limit`` (JWT + limiter, no emitter),
-to show where the time goes.
+``--breakdown`` adds three servers to show where the time goes: ``auth`` (JWT only), ``redis``
+(the bare app behind one raw redis-py ``INCR`` per request, no JWT: the floor of any limiter
+that asks Redis on every request, as the seed's Lua limiter does) and ``limit`` (JWT + limiter,
+no emitter).
 
 Usage: ``python benchmarks/bench_api.py [--duration 10] [--rounds 3] [--connections 32]
 [--breakdown]``.
@@ -60,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 SECRET = "bench-secret-0123456789abcdef0123456789"
 AUDIENCE = "metering-bench"
-KINDS = ["bare", "auth", "limit", "full"]
+KINDS = ["bare", "auth", "redis", "limit", "full"]
 SERVER_CPU = "0"
 LOADGEN_CPU = "1"
 
@@ -79,6 +81,8 @@ def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untype
 
     if kind == "bare":
         return app
+    if kind == "redis":
+        return OneRedisCall(app, tenant)
     if kind == "auth":
         from metering.api.auth import JWTAuthMiddleware, TokenVerifier
         from metering.settings import load_settings
@@ -126,6 +130,29 @@ def build_app(kind: str, data_dir: Path, tenant: str):  # type: ignore[no-untype
     app.add_middleware(RateLimitMiddleware, limiter=limiter, emitter=emitter, routes=["/v1/ping"])
     app.add_middleware(JWTAuthMiddleware, verifier=TokenVerifier.from_settings(settings))
     return app
+
+
+class OneRedisCall:
+    """The ``redis`` variant: the bare app behind one raw redis-py round trip per request (an
+    ``INCR``, redis.asyncio's own connection pool), and nothing else: no token, no decision, no
+    headers, no event. Any limiter that asks Redis on every request pays at least this."""
+
+    def __init__(self, app, tenant: str) -> None:  # type: ignore[no-untyped-def]
+        import redis.asyncio
+
+        self.app = app
+        self.key = f"bench-raw:{tenant}"
+        url = os.environ.get("RATE_LIMIT_REDIS_URL", "redis://127.0.0.1:6379/0")
+        self.redis = redis.asyncio.Redis.from_url(url, max_connections=64)
+        self.expiry_set = False
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] == "http":
+            if not self.expiry_set:
+                self.expiry_set = True
+                await self.redis.set(self.key, 0, ex=3600)
+            await self.redis.incr(self.key)
+        await self.app(scope, receive, send)
 
 
 def serve(kind: str, port: int, data_dir: Path, tenant: str) -> None:
@@ -301,7 +328,8 @@ def main() -> int:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also serve 'auth' (JWT only) and 'limit' (JWT + limiter, no emitter)",
+        help="also serve 'auth' (JWT only), 'redis' (one raw redis-py round trip per request) "
+        "and 'limit' (JWT + limiter, no emitter)",
     )
     parser.add_argument(
         "--redis-cpu",
@@ -406,7 +434,7 @@ def measure(
                     r["p50"].append(single.p50_ms)
                     r["p99"].append(single.p99_ms)
                     print(
-                        f"round {n + 1} {kind:4s}: {load.rps:7.0f} req/s at {args.connections} "
+                        f"round {n + 1} {kind:5s}: {load.rps:7.0f} req/s at {args.connections} "
                         f"connections ({load.cpu_us_per_request:5.0f} us server CPU/request); "
                         f"1 connection: p50 {single.p50_ms:6.2f} ms, p99 {single.p99_ms:6.2f} ms",
                         flush=True,
@@ -449,6 +477,8 @@ def measure(
         summary["pair_cpu_capacity_ratio"] = round(statistics.median(c for _, c in pairs), 3)
     if args.breakdown:
         summary["cpu_us_per_request"] = {k: round(v["cpu"]) for k, v in med.items()}
+        summary["raw_redis_ratio"] = round(med["redis"]["rps"] / bare["rps"], 3)
+        summary["raw_redis_cpu_capacity_ratio"] = round(bare["cpu"] / med["redis"]["cpu"], 3)
     print(json.dumps(summary))
     print(
         f"baseline (bare app): {bare['rps']:.0f} req/s, {bare['cpu']:.0f} us CPU/request, "
@@ -461,6 +491,12 @@ def measure(
             f"{summary['pair_ratio']:.2f}x req/s, {summary['pair_cpu_capacity_ratio']:.2f}x by "
             f"server CPU per request (the VM's drift between two slices is smallest); by CPU, "
             f"sorted: {' '.join(f'{c:.2f}' for c in sorted(c for _, c in pairs))}"
+        )
+    if args.breakdown:
+        print(
+            f"one raw redis-py round trip per request (no auth, no limiter): "
+            f"{summary['raw_redis_ratio']:.2f}x req/s, "
+            f"{summary['raw_redis_cpu_capacity_ratio']:.2f}x by server CPU per request"
         )
     print(
         f"ratio {ratio:.2f}x req/s, {cpu_ratio:.2f}x by server CPU per request "
