@@ -49,9 +49,11 @@ import contextlib
 import enum
 import logging
 import os
+import shutil
 import threading
 import time
 import weakref
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, get_args
 
@@ -124,6 +126,17 @@ class _Unacked:
 
     def __init__(self, key: bytes, value: bytes, future: Any, sent_at: float) -> None:
         self.key, self.value, self.future, self.sent_at = key, value, future, sent_at
+
+
+class _Mark:
+    """A place in the hand-off queue (:meth:`Emitter.durable_mark`): its future completes when
+    every event queued before it is acknowledged by Kafka or in the spool."""
+
+    __slots__ = ("drops_before", "future")
+
+    def __init__(self, drops_before: int) -> None:
+        self.drops_before = drops_before
+        self.future: Future[bool] = Future()
 
 
 class _DropLog:
@@ -301,13 +314,19 @@ class Emitter:
 
         # Events (~2 KiB each) while the queue is short, encoded records (~0.4 KiB) beyond
         # ``lazy_limit``: at most ~16 MiB + ~17 MiB with the defaults.
-        self._queue: collections.deque[UsageEvent | Record] = collections.deque()
+        self._queue: collections.deque[UsageEvent | Record | _Mark] = collections.deque()
         self.lazy_limit = min(lazy_limit, max_queue)
         self._mode = EmitterMode.SPOOLING  # the replayer decides when Kafka takes events directly
         self._mode_lock = threading.Lock()  # held while appending to the spool or leaving SPOOLING
         self._producer: KafkaProducer | None = None  # the sender's, while DIRECT
         self._handover: KafkaProducer | None = None  # the sender's, passed on to the replayer
         self._unacked: collections.deque[_Unacked] = collections.deque()
+        # Records ever handed to the producer: those still in _unacked are its last ones, so
+        # everything up to ``_sent_total - len(_unacked)`` is retired (acknowledged, spooled,
+        # or dropped). Marks wait on that number (durable_mark).
+        self._sent_total = 0
+        self._marks: collections.deque[tuple[int, _Mark]] = collections.deque()
+        self._taken_marks: list[_Mark] = []
         self._sender_busy = False
         self._sender_idle = False
         # Queued events wait at most ~linger. Each wake-up of the sender costs about as much as
@@ -397,8 +416,48 @@ class Emitter:
             # the caller's share of ``nbytes`` plus 64 bytes, for queued events as well.
             per_event = 2 * nbytes / events + 64
             needed = (queued + events) * per_event
-            return self.spool.used_bytes + needed <= self.spool.max_bytes
+            if self.spool.used_bytes + needed > self.spool.max_bytes:
+                return False
+            # The spool's own bound is not the disk's: a full file system refuses the append
+            # (and the events would be dropped) long before. So: no room while the last append
+            # failed, nor while the disk has less free than this needs.
+            if self.spool.write_failed:
+                return False
+            try:
+                return shutil.disk_usage(self.spool.directory).free >= needed
+            except OSError:
+                return False
         return True
+
+    @property
+    def dropped_total(self) -> int:
+        """Events not kept so far (queue or spool full, refused, invalid, emitted after close)."""
+        return self._drops.not_kept
+
+    def durable_mark(self, dropped_before: int | None = None) -> Future[bool]:
+        """A future that completes once every event emitted before this call (by any thread)
+        is acknowledged by Kafka or written to the spool (synced, unless the spool was made
+        with ``spool_fsync=False``): True, or False if the emitter is closed or some event was
+        dropped since ``dropped_before`` (:attr:`dropped_total` read before the caller's own
+        emits; default: now). Not only the caller's: a drop is not traced to its caller, so a
+        False may be another's. A caller that must not answer before its events are safe (the
+        HTTP ingest) waits on it; it costs about one linger and one acknowledgement while Kafka
+        answers, one spool write while it does not."""
+        mark = _Mark(self._drops.not_kept if dropped_before is None else dropped_before)
+        if self._closing:
+            mark.future.set_result(False)
+            return mark.future
+        self._queue.append(mark)
+        self._wake_sender.set()
+        return mark.future
+
+    async def wait_durable(self, timeout: float, dropped_before: int | None = None) -> bool:
+        """:meth:`durable_mark`, awaited at most ``timeout`` seconds (False after that)."""
+        mark = self.durable_mark(dropped_before)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(mark), timeout)
+        except TimeoutError:
+            return False
 
     def _timed(self) -> float:
         """The start time of a call timed for metering_emit_seconds (one in _TIME_EVERY), else
@@ -517,6 +576,8 @@ class Emitter:
                 if batch:
                     self._dispatch(batch)
                 self._sweep()
+                if self._taken_marks or self._marks:
+                    self._complete_marks()
             except Exception:  # never let the thread die: spool what it held
                 log.exception("emitter sender failed; spooling")
                 try:  # part of the batch may be in Kafka already: a resend, never a loss
@@ -540,7 +601,7 @@ class Emitter:
 
     def _take(self, n: int) -> list[Record]:
         q = self._queue
-        items: list[UsageEvent | Record] = []
+        items: list[UsageEvent | Record | _Mark] = []
         with contextlib.suppress(IndexError):
             for _ in range(n):
                 items.append(q.popleft())
@@ -548,6 +609,9 @@ class Emitter:
         for item in items:
             if type(item) is tuple:
                 records.append(item)
+                continue
+            if type(item) is _Mark:
+                self._taken_marks.append(item)
                 continue
             assert isinstance(item, UsageEvent)
             try:
@@ -578,18 +642,40 @@ class Emitter:
         send = producer.send
         topic = self.topic
         unacked = self._unacked
-        for i, (key, value) in enumerate(records):
-            try:
-                future = send(topic, value=value, key=key)
-            except Exception as exc:
-                PRODUCER_ERRORS.labels(type(exc).__name__).inc()
-                if not _is_retriable(exc):
-                    log.error("Kafka refused a usage event: %s", exc)
-                    self._drops.drop("refused")
-                    continue
-                self._to_spool(f"send failed: {exc!r}", records[i:], abort=True)
-                return
-            unacked.append(_Unacked(key, value, future, sent_at))
+        appended = 0
+        try:
+            for i, (key, value) in enumerate(records):
+                try:
+                    future = send(topic, value=value, key=key)
+                except Exception as exc:
+                    PRODUCER_ERRORS.labels(type(exc).__name__).inc()
+                    if not _is_retriable(exc):
+                        log.error("Kafka refused a usage event: %s", exc)
+                        self._drops.drop("refused")
+                        continue
+                    self._sent_total += appended  # before _to_spool empties _unacked
+                    appended = 0
+                    self._to_spool(f"send failed: {exc!r}", records[i:], abort=True)
+                    return
+                unacked.append(_Unacked(key, value, future, sent_at))
+                appended += 1
+        finally:
+            self._sent_total += appended
+
+    def _complete_marks(self) -> None:
+        """Place the marks taken with the last batch, and complete those whose events are all
+        retired. Sender thread."""
+        marks = self._marks
+        if self._taken_marks:
+            for mark in self._taken_marks:  # everything taken with them is dispatched now
+                marks.append((self._sent_total, mark))
+            self._taken_marks.clear()
+        retired = self._sent_total - len(self._unacked)
+        not_kept = self._drops.not_kept
+        while marks and marks[0][0] <= retired:
+            _, mark = marks.popleft()
+            if not mark.future.done():
+                mark.future.set_result(not_kept == mark.drops_before)
 
     def _dispatch_spooled(self, records: list[Record]) -> bool:
         """Append to the spool if (still) SPOOLING; False if the replayer just left it."""
@@ -697,6 +783,11 @@ class Emitter:
                     self._producer.close(timeout=0)
                 self._producer = None
         _close_producer_now(self._handover)
+        self._complete_marks()  # everything is acknowledged or spooled by now
+        for _, mark in self._marks:  # not if the spool refused it: those events are dropped
+            if not mark.future.done():
+                mark.future.set_result(False)
+        self._marks.clear()
 
     # --- the replayer thread -------------------------------------------------------------------
     def _replay_loop(self) -> None:

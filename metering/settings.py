@@ -338,6 +338,19 @@ class Settings(BaseSettings):
     api_max_body_bytes: PositiveInt = Field(
         4 * 1024 * 1024, description="Largest request body (413 beyond)."
     )
+    api_ingest_lateness_margin: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None,
+        description="Seconds of EVENT_MAX_LATENESS that POST /v1/events leaves to the pipeline: "
+        "it refuses an event older than the lateness minus this, so what it accepts is still on "
+        "time when the worker reads it (default: a tenth of the lateness, at most 300).",
+    )
+    api_ingest_ack_timeout: PositiveFloat = Field(
+        10.0,
+        le=300,
+        description="Seconds POST /v1/events waits for its events to be acknowledged by Kafka "
+        "or written to the spool before it answers 202 (503 after that: send them again, the "
+        "worker counts a repeated id once).",
+    )
     api_opentelemetry: bool = Field(
         False,
         description="Let FastAPI trace and measure each request through the OpenTelemetry "
@@ -463,7 +476,21 @@ class Settings(BaseSettings):
                 f" CLICKHOUSE_RETENTION_DAYS={self.clickhouse_retention_days} days (the table"
                 " would delete rows as soon as it stored them)"
             )
+        margin = self.api_ingest_lateness_margin
+        if margin is not None and margin >= self.event_max_lateness:
+            raise ValueError(
+                f"API_INGEST_LATENESS_MARGIN={margin:g}: must be less than"
+                f" EVENT_MAX_LATENESS={self.event_max_lateness:g} (no event could be accepted)"
+            )
         return self
+
+    @property
+    def ingest_max_age(self) -> float:
+        """Seconds old an event may be for POST /v1/events: the lateness less the margin."""
+        margin = self.api_ingest_lateness_margin
+        if margin is None:
+            margin = min(300.0, self.event_max_lateness / 10)
+        return self.event_max_lateness - margin
 
     @model_validator(mode="after")
     def _derived(self) -> Settings:

@@ -143,6 +143,9 @@ class Spool:
         self._pending_events = 0
         self._pending_bytes = 0
         self._closed = False
+        #: whether the last append failed to write (a full or failing disk): until one succeeds,
+        #: the disk, not ``max_bytes``, bounds what fits (the emitter stops accepting ingest)
+        self.write_failed = False
         #: what recovery cut on open (torn or corrupt records): the owner counts them as dropped
         self.cuts: list[SpoolCut] = []
         self._recover()
@@ -288,6 +291,7 @@ class Spool:
                         self._roll()
                     except OSError:
                         log.exception("spool %s: cannot start a segment", self.directory)
+                        self.write_failed = True
                         break
             return accepted
 
@@ -307,10 +311,12 @@ class Spool:
                 os.fsync(self._writer)
         except OSError:
             log.exception("spool %s: append failed", self.directory)
+            self.write_failed = True
             with contextlib.suppress(OSError):
                 os.ftruncate(self._writer, end)
             return False
         self._ends[self._write_seg] = end + len(buf)
+        self.write_failed = False
         return True
 
     def _open_segment(self, seg: int) -> int:

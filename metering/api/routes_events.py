@@ -10,8 +10,12 @@ the emitter. Errors are reported per event by index. Invariants:
   decisions come from the limiter); an admin may send any tenant's events of either type;
 - at most ``API_MAX_BATCH`` events and ``API_MAX_BODY_BYTES`` bytes (413 beyond);
 - no event is accepted that the worker would not count (202 means every event counts): one
-  older than ``EVENT_MAX_LATENESS`` (the worker dead-letters it as late), or one repeating the
-  (subject, id) of an earlier event of the batch (the worker keeps the first of an id only).
+  older than ``EVENT_MAX_LATENESS`` less ``API_INGEST_LATENESS_MARGIN`` (the worker judges the
+  lateness when it reads the event, and dead-letters it as late), or one repeating the
+  (subject, id) of an earlier event of the batch (the worker keeps the first of an id only);
+- 202 only once the events are out of the process's memory: acknowledged by Kafka or synced to
+  the emitter's spool (``Emitter.wait_durable``, at most ``API_INGEST_ACK_TIMEOUT``); else 503,
+  and the caller sends the batch again (repeated ids count once).
   Tests: ``tests/integration/test_api_ingest.py``.
 """
 
@@ -72,18 +76,23 @@ def _check_event(
     item: Any,
     principal: Principal,
     max_future_skew: float,
-    max_lateness: float,
+    max_age: float,
     now: dt.datetime,
 ) -> UsageEvent:
-    """The validated event, or :class:`EventDecodeError` / :class:`PermissionError`."""
+    """The validated event, or :class:`EventDecodeError` / :class:`PermissionError`.
+
+    ``max_age`` (``Settings.ingest_max_age``) is the worker's lateness less a margin: the
+    worker judges lateness when it reads the event, later than now by the pipeline's delay
+    (the emitter's linger, the worker's batching and lag), so an event accepted at the
+    lateness itself would reach it late and be dead-lettered after its 202."""
     if not isinstance(item, dict):
         raise EventDecodeError("event: must be a JSON object")
     event = decode_event(json.dumps(item), now=now, max_future_skew=max_future_skew)
-    if event.time < now - dt.timedelta(seconds=max_lateness):  # the worker's cutoff, exactly
+    if event.time < now - dt.timedelta(seconds=max_age):
         age = (now - event.time).total_seconds()
         raise EventDecodeError(
-            f"time: is {age:.0f}s old, later than the accepted lateness "
-            f"({max_lateness:g}s, EVENT_MAX_LATENESS)"
+            f"time: is {age:.0f}s old; this API takes events at most {max_age:g}s old "
+            "(EVENT_MAX_LATENESS less API_INGEST_LATENESS_MARGIN, left for the pipeline)"
         )
     if not principal.is_admin:
         if event.subject != principal.tenant_id:
@@ -126,7 +135,10 @@ def _check_event(
         413: {"description": "body or batch too large"},
         415: {"description": "unsupported content type"},
         422: {"description": "invalid events, reported by index"},
-        503: {"description": "the pipeline cannot take the events now; none accepted, retry"},
+        503: {
+            "description": "the pipeline cannot take the events now, or could not confirm "
+            "them kept in time; send the batch again (repeated ids count once)"
+        },
     },
 )
 async def ingest_events(request: Request, principal: CurrentPrincipal) -> IngestAccepted:
@@ -150,7 +162,7 @@ async def ingest_events(request: Request, principal: CurrentPrincipal) -> Ingest
     for index, item in enumerate(items):
         try:
             event = _check_event(
-                item, principal, settings.event_max_future_skew, settings.event_max_lateness, now
+                item, principal, settings.event_max_future_skew, settings.ingest_max_age, now
             )
         except EventDecodeError as exc:
             errors.append({"index": index, "message": str(exc)})
@@ -183,6 +195,21 @@ async def ingest_events(request: Request, principal: CurrentPrincipal) -> Ingest
             slug="ingest-backpressure",
             headers={"Retry-After": "1"},
         )
+    # 202 promises the events count: the answer waits until they are out of this process's
+    # memory (acknowledged by Kafka, or synced to the spool), so a crash after it loses none.
+    wait_durable = getattr(ctx.emitter, "wait_durable", None)
+    dropped_before = ctx.emitter.dropped_total if wait_durable is not None else None
     for event in events:
         ctx.emitter.emit(event)
+    if wait_durable is not None and not await wait_durable(
+        settings.api_ingest_ack_timeout, dropped_before
+    ):
+        raise Problem(
+            503,
+            f"the {len(events)} events were not confirmed kept within "
+            f"{settings.api_ingest_ack_timeout:g}s (Kafka slow and the spool unavailable, or "
+            "events dropped); send the same batch again: the worker counts a repeated id once",
+            slug="ingest-unconfirmed",
+            headers={"Retry-After": "1"},
+        )
     return IngestAccepted(accepted=len(events), ids=[e.id for e in events])

@@ -139,6 +139,27 @@ def test_lateness_must_be_less_than_the_retention(monkeypatch: pytest.MonkeyPatc
     assert load_settings().event_max_lateness == 10 * 86400
 
 
+def test_the_ingest_margin_leaves_the_pipeline_part_of_the_lateness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """POST /v1/events takes events up to the lateness less a margin: by default a tenth of
+    it, at most 300 s; set, it must leave some of the lateness."""
+    assert load_settings().ingest_max_age == 3 * 3600 - 300
+    monkeypatch.setenv("EVENT_MAX_LATENESS", "120")
+    assert load_settings().ingest_max_age == 108
+    monkeypatch.setenv("API_INGEST_LATENESS_MARGIN", "0")
+    assert load_settings().ingest_max_age == 120
+    monkeypatch.setenv("API_INGEST_LATENESS_MARGIN", "120")
+    with pytest.raises(
+        SettingsError,
+        match="API_INGEST_LATENESS_MARGIN=120: must be less than EVENT_MAX_LATENESS=120",
+    ):
+        load_settings()
+    monkeypatch.setenv("API_INGEST_LATENESS_MARGIN", "-1")
+    with pytest.raises(SettingsError, match="API_INGEST_LATENESS_MARGIN"):
+        load_settings()
+
+
 def test_route_costs_and_meters_from_the_environment_are_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
