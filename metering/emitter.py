@@ -69,7 +69,13 @@ from kafka.errors import (
 from prometheus_client import Counter, Gauge, Histogram
 
 from metering.events import MAX_EVENT_BYTES, EventDecodeError, UsageEvent, encode_event
-from metering.settings import KafkaClient, Settings, get_settings, load_settings
+from metering.settings import (
+    KafkaClient,
+    Settings,
+    SettingsError,
+    get_settings,
+    load_settings,
+)
 from metering.spool import Record, Spool, SpoolBatch, SpoolLocked
 from metering.threads import NamedThread
 
@@ -308,9 +314,18 @@ class Emitter:
             **(producer_overrides or {}),
         )
         root = Path(spool_dir) if spool_dir else self.settings.metering_data_dir / "spool"
-        self.spool = _spool_slot(
-            root, spool_max_bytes or self.settings.emitter_spool_max_bytes, spool_fsync
-        )
+        try:
+            self.spool = _spool_slot(
+                root, spool_max_bytes or self.settings.emitter_spool_max_bytes, spool_fsync
+            )
+        except OSError as exc:
+            if spool_dir:
+                raise
+            # The folder comes from a setting: say which (a read-only or foreign data dir).
+            raise SettingsError(
+                f"METERING_DATA_DIR={self.settings.metering_data_dir}: the emitter cannot keep "
+                f"its spool in {root}: {exc.strerror or exc}"
+            ) from exc
 
         # Events (~2 KiB each) while the queue is short, encoded records (~0.4 KiB) beyond
         # ``lazy_limit``: at most ~16 MiB + ~17 MiB with the defaults.

@@ -17,6 +17,7 @@ import metering.emitter
 import metering.spool
 from metering.emitter import Emitter, EmitterMode
 from metering.events import usage_event
+from metering.settings import SettingsError, load_settings
 from tests.integration.test_emitter import consume, dead_address, emitters, topic
 
 __all__ = ["emitters", "topic"]  # fixtures, imported to be found
@@ -152,3 +153,13 @@ def test_has_room_is_false_when_the_disk_has_less_free_than_the_events_need(
     monkeypatch.setattr(metering.emitter.shutil, "disk_usage", nearly_full)
     assert not em.has_room(1000, 200_000)  # ~464 KB needed
     assert em.has_room(10, 2_000)
+
+
+def test_a_spool_folder_the_data_dir_cannot_hold_names_the_variable(tmp_path: Path) -> None:
+    """A read-only or foreign METERING_DATA_DIR stopped `metering api` with a bare
+    ``[Errno 30] Read-only file system: '.../spool'``; the message now names the variable.
+    (A file where the spool folder goes fails the same way without a read-only mount.)"""
+    (tmp_path / "spool").write_text("not a folder")
+    settings = load_settings(metering_data_dir=tmp_path, kafka_bootstrap_servers=dead_address())
+    with pytest.raises(SettingsError, match=f"METERING_DATA_DIR={tmp_path}: the emitter cannot"):
+        Emitter(settings)
