@@ -13,9 +13,8 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from metering.settings import Settings, get_settings
+from metering.settings import SECRET_FIELDS, Settings, get_settings
 
-SECRET_FIELDS = {"jwt_secret", "rate_limit_redis_password"}
 MASK = "***"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: a query parameter that carries a credential (redis-py, libpq and clickhouse-connect read them)
