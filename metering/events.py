@@ -119,7 +119,7 @@ class UsageData(BaseModel):
     def _finite_non_negative(cls, v: float) -> float:
         if not 0 <= v <= MAX_QUANTITY:  # NaN fails too
             raise ValueError(f"must be finite, >= 0 and <= {MAX_QUANTITY:g}")
-        return float(v)
+        return float(v) + 0.0  # -0.0 becomes 0.0: UNIQUE_COUNT would count them apart
 
     @field_validator("dimensions")
     @classmethod

@@ -27,6 +27,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable, Hashable
+from math import copysign
 from typing import Literal
 
 import msgspec
@@ -243,6 +244,7 @@ def _fast(raw: bytes, limit: dt.datetime) -> FastUsageEvent | None:
         and (meter in _known_meters or _known(meter, _known_meters, _METER_RE))
         and 0 < len(w.source) <= MAX_SOURCE_LENGTH
         and 0 <= q <= MAX_QUANTITY  # finite, >= 0, bounded (NaN fails both comparisons)
+        and (q or copysign(1.0, q) > 0)  # -0.0: the reference decoder makes it 0.0
         and (d.decision is None) == (w.type == TYPE_USAGE)
         and (not d.dimensions or _valid_dimensions(d.dimensions))
     ):

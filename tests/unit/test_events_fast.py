@@ -381,3 +381,24 @@ def test_a_refusal_is_the_reference_error_naming_the_field() -> None:
 def test_a_naive_now_is_refused_like_the_reference() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         decode_event_fast(b"{}", now=dt.datetime(2026, 3, 1), max_future_skew=SKEW)
+
+
+def test_a_negative_zero_quantity_is_counted_as_zero() -> None:
+    """ClickHouse's uniqExact tells -0.0 from 0.0: UNIQUE_COUNT over 0, 0, -0.0 answered 2.
+    Both decoders give 0.0 with its sign cleared."""
+    doc = {
+        "specversion": "1.0",
+        "id": "e-1",
+        "source": "urn:t",
+        "type": "metering.usage",
+        "subject": "acme",
+        "time": "2026-01-01T00:00:00Z",
+        "data": {"meter": "tokens", "quantity": -0.0},
+    }
+    raw = json.dumps(doc).encode()
+    assert b"-0.0" in raw
+    assert check_agree(raw)[0] == "ok"
+    assert math.copysign(1.0, decode_event(raw, now=NOW, max_future_skew=SKEW).data.quantity) == 1
+    assert (
+        math.copysign(1.0, decode_event_fast(raw, now=NOW, max_future_skew=SKEW).data.quantity) == 1
+    )
