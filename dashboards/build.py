@@ -2,7 +2,7 @@
 
     python dashboards/build.py        # rewrites dashboards/*.json
 
-Panels stay short here; tests/unit/test_dashboards.py checks that every metric a Prometheus
+Panels stay short here; tests/integration/test_dashboards.py checks that every metric a Prometheus
 panel queries is one the code exports, and that every ClickHouse panel's SQL runs against the
 schema that `metering db migrate` creates.
 """
@@ -19,14 +19,26 @@ CH = {"type": "grafana-clickhouse-datasource", "uid": "clickhouse"}
 
 
 def _panel(pid: int, title: str, kind: str, targets: list[dict[str, Any]], x: int, y: int,
-           w: int = 12, h: int = 8, unit: str = "short", desc: str = "") -> dict[str, Any]:
+           w: int = 12, h: int = 8, unit: str = "short", desc: str = "",
+           units: dict[str, str] | None = None) -> dict[str, Any]:
+    """``units``: series (by legend) whose unit is not the panel's ``unit``; they get their
+    own unit and the right-hand axis, so a count does not read as seconds or a percentage."""
     return {
         "id": pid, "title": title, "type": kind, "description": desc,
         "gridPos": {"x": x, "y": y, "w": w, "h": h},
         "datasource": targets[0]["datasource"],
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit},
+                        "overrides": [_unit_override(n, u) for n, u in (units or {}).items()]},
         "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
         "targets": targets,
+    }
+
+
+def _unit_override(series: str, unit: str) -> dict[str, Any]:
+    return {
+        "matcher": {"id": "byName", "options": series},
+        "properties": [{"id": "unit", "value": unit},
+                       {"id": "custom.axisPlacement", "value": "right"}],
     }
 
 
@@ -63,7 +75,7 @@ def operations() -> dict[str, Any]:
                  "(sum by (layer) (rate(tenant_quota_cache_hits_total[5m])) + "
                  "sum by (layer) (rate(tenant_quota_cache_misses_total[5m])))", "{{layer}}"),
             prom("sum(rate(tenant_quota_stale_served_total[5m]))", "stale served/s", "B"),
-        ], 12, 8, unit="percentunit"),
+        ], 12, 8, unit="percentunit", units={"stale served/s": "short"}),
         _panel(5, "Emitter: events and spool", "timeseries", [
             prom("sum(rate(metering_events_emitted_total[1m]))", "emitted/s"),
             prom("sum(rate(metering_events_spooled_total[1m]))", "spooled/s", "B"),
@@ -81,7 +93,11 @@ def operations() -> dict[str, Any]:
             prom("sum(rate(streams_events_duplicate_total[1m]))", "duplicates dropped/s", "C"),
             prom("sum by (reason) (rate(streams_events_dead_lettered_total[1m]))",
                  "dead-lettered {{reason}}", "D"),
-        ], 0, 24),
+            prom("sum(rate(streams_events_reread_total[1m]))", "re-read after a failed batch/s",
+                 "E"),
+        ], 0, 24, desc="consumed: each offset once per assignment; the re-reads of failed "
+                        "batches are apart (a retried batch counted again showed several times "
+                        "the input while nothing was inserted)."),
         _panel(8, "Sink delay and insert latency", "timeseries", [
             prom("histogram_quantile(0.99, sum by (le) "
                  "(rate(streams_end_to_end_delay_seconds_bucket[1m])))", "end-to-end p99"),
@@ -89,13 +105,19 @@ def operations() -> dict[str, Any]:
                  "(rate(streams_sink_insert_seconds_bucket[1m])))", "insert p99", "B"),
             prom("histogram_quantile(0.5, sum by (le) "
                  "(rate(streams_sink_batch_size_bucket[1m])))", "batch size p50", "C"),
-        ], 12, 24, unit="s"),
+        ], 12, 24, unit="s", units={"batch size p50": "short"}),
         _panel(9, "Sink and hand-off failures", "timeseries", [
             prom("sum(rate(streams_sink_insert_failures_total[1m]))", "failed batches/s"),
             prom("sum(streams_sink_unpositioned_partitions)",
                  "partitions waiting on ClickHouse", "B"),
             prom("sum(rate(streams_handoff_failures_total[1m]))", "failed hand-offs/s", "C"),
         ], 0, 32),
+        _panel(10, "Seconds since the sink last wrote", "timeseries", [
+            prom("time() - max by (instance) (streams_sink_last_write_timestamp_seconds)",
+                 "{{instance}}"),
+        ], 12, 32, unit="s", desc="Per worker, since its last batch written to ClickHouse (or "
+                                  "its start). It grows while idle too: with a consumer lag "
+                                  "above 0 it is how long the sink has been stuck."),
     ]
     return _dashboard("metering-operations", "Metering: operations", p, ["metering", "ops"])
 

@@ -29,6 +29,15 @@ each malformed or late message is dead-lettered once however often its batch is 
 a crash or a rebalance the next owner, which cannot know what was sent, sends them again: at
 least once for dead letters (their ``dlq.offset`` header tells the copies apart), exactly once
 for usage rows, which this does not touch.
+
+Metrics: the lag is measured apart from the batches, every ``lag_interval`` s, as each owned
+partition's end offset minus the next offset written to ClickHouse (not the next fetched): a
+sink whose inserts fail or hang shows its backlog growing, with
+``streams_sink_last_write_timestamp_seconds`` standing still. A revoked partition's lag series
+is removed, so the dashboard's ``sum by (partition)`` holds the new owner's value only. Each
+offset counts as consumed once per assignment; a batch read again after a failure counts in
+``streams_events_reread``, so consumed/s stays the input's rate during an outage (it showed
+four times the input while nothing was inserted) and the retry work stays visible.
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ class SinkConsumer:
         instance_id: str | None = None,
         on_assigned: AssignedHook | None = None,
         on_revoked: RevokedHook | None = None,
+        lag_interval: float = 5.0,
     ) -> None:
         self.sink = sink
         self.topic = sink.topic
@@ -88,6 +98,7 @@ class SinkConsumer:
         self.instance_id = instance_id
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
+        self.lag_interval = lag_interval
         self._lock = asyncio.Lock()
         self._assigned: set[int] = set()
         #: assigned partitions not yet positioned (ClickHouse or Kafka failed the attempt):
@@ -99,6 +110,11 @@ class SinkConsumer:
         #: kept until a batch past them is written: a batch read again skips them
         self._dead_lettered: dict[int, set[int]] = {}
         self._next: dict[int, int] = {}
+        #: per partition positioned in this assignment, the next offset not yet written to
+        #: ClickHouse (its progress): what the lag is measured from, unlike ``_next``
+        self._written: dict[int, int] = {}
+        #: per partition of this assignment, the offset below which records counted as consumed
+        self._counted: dict[int, int] = {}
         self._generation = 0
         self._stopping = asyncio.Event()
         #: set when :meth:`run` has returned (its last batch written and committed)
@@ -126,6 +142,9 @@ class SinkConsumer:
                 self._next.pop(tp.partition, None)
                 if tp.topic == self.topic:
                     self._dead_lettered.pop(tp.partition, None)  # the next owner may send them
+                    self._written.pop(tp.partition, None)
+                    self._counted.pop(tp.partition, None)
+                    _remove_lag(tp.partition)  # the next owner reports it
             self._generation += 1
             metrics.sink_unpositioned_partitions.set(len(self._unpositioned))
 
@@ -134,6 +153,7 @@ class SinkConsumer:
             partitions = {tp.partition for tp in assigned if tp.topic == self.topic}
             for p in partitions:  # a new assignment: another worker may have had them meanwhile
                 self._dead_lettered.pop(p, None)
+                self._counted.pop(p, None)
             await self._try_reposition(partitions)
 
     async def _try_reposition(self, partitions: set[int]) -> None:
@@ -211,6 +231,7 @@ class SinkConsumer:
         if self.on_assigned is not None:
             await self.on_assigned(dict(resume))
         self._next.update(resume)
+        self._written.update(resume)
         self._assigned |= partitions
         log.info("sink assigned %s: resume offsets %s", sorted(partitions), self._next)
 
@@ -318,14 +339,33 @@ class SinkConsumer:
                 else:
                     del self._dead_lettered[p]
 
+    def _count_read(self, records: list[SinkRecord]) -> None:
+        """Count ``records`` as consumed, but those read before in this assignment (a batch
+        read again after a failure) as re-read: counted as consumed at every retry, a failing
+        insert showed as several times the input's throughput."""
+        counted = self._counted
+        again = 0
+        for rec in records:
+            if rec.offset < counted.get(rec.partition, 0):
+                again += 1
+            else:
+                counted[rec.partition] = rec.offset + 1
+        metrics.events_consumed.inc(len(records) - again)
+        if again:
+            metrics.events_reread.inc(again)
+
     async def _process(self, records: list[SinkRecord]) -> None:
         assert self.consumer is not None and self.producer is not None
-        metrics.events_consumed.inc(len(records))
+        self._count_read(records)
         metrics.sink_batch_size.observe(len(records))
         batch: PreparedBatch = await self._blocking(self.sink.prepare, records)
         if batch.dead_letters:
             await self._send_dead_letters(batch.dead_letters)
         took = await self._blocking(self.sink.write, batch)
+        metrics.sink_last_write_timestamp.set_to_current_time()
+        for p, n in batch.next_offsets.items():
+            if p in self._assigned:
+                self._written[p] = n
         self._recovered("a batch was written")
         self._forget_dead_letters(batch.next_offsets)
         metrics.sink_insert_seconds.observe(took)
@@ -343,11 +383,6 @@ class SinkConsumer:
             await self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:  # ClickHouse holds the progress anyway
             log.warning("offset commit failed (resume uses ClickHouse progress): %s", exc)
-        for p in batch.next_offsets:
-            tp = TopicPartition(self.topic, p)
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                metrics.consumer_lag.labels(str(p)).set(max(0, high - batch.next_offsets[p]))
         # A batch may hold no new row and still rows ClickHouse had stored (a cut batch read
         # again): those are handed off with its range too.
         if self.on_batch_written is not None and (batch.events or batch.stored):
@@ -355,6 +390,53 @@ class SinkConsumer:
                 await self.on_batch_written(batch)
             except Exception:  # the live tables are a view; ClickHouse already holds the rows
                 log.exception("publishing the batch's aggregates failed")
+
+    # --- lag ------------------------------------------------------------------------------------
+    async def _report_lag(self) -> None:
+        """Every ``lag_interval`` s, :meth:`_update_lag`, until stopped. Apart from the batch
+        loop and without its lock: a batch whose insert hangs holds the lock, and its lag is
+        what an operator needs to see."""
+        failed = False
+        while not self._stopping.is_set():
+            try:
+                await self._update_lag()
+                failed = False
+            except Exception as exc:  # Kafka unavailable: the next round tries again
+                if not failed:
+                    log.warning("sink: measuring the consumer lag failed: %s", _one_line(exc))
+                failed = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.lag_interval)
+
+    async def _update_lag(self) -> None:
+        """Set the lag of each owned partition: its end offset minus its next offset not yet
+        written. A partition never positioned in this assignment (ClickHouse failed it since)
+        is measured from Kafka's committed offset, or the partition's first. The gauge is set
+        only for partitions still owned once the answers are in (a revoke may come between)."""
+        assert self.consumer is not None
+        owned = self._assigned | self._unpositioned
+        if not owned:
+            return
+        tps = [TopicPartition(self.topic, p) for p in sorted(owned)]
+        timeout = max(5.0, self.lag_interval)
+        try:
+            ends = await asyncio.wait_for(self.consumer.end_offsets(tps), timeout)
+        except (KafkaError, TimeoutError):  # the last end seen by a fetch, where there is one
+            assigned = self.consumer.assignment()
+            highs = {tp: self.consumer.highwater(tp) for tp in tps if tp in assigned}
+            ends = {tp: h for tp, h in highs.items() if h is not None}
+        unknown = [tp for tp in tps if tp.partition not in self._written]
+        fallback: dict[int, int] = {}
+        if unknown:
+            first = await asyncio.wait_for(self.consumer.beginning_offsets(unknown), timeout)
+            for tp in unknown:
+                committed = await asyncio.wait_for(self.consumer.committed(tp), timeout)
+                fallback[tp.partition] = first[tp] if committed is None else committed
+        for tp, end in ends.items():
+            p = tp.partition
+            written = self._written.get(p, fallback.get(p))
+            if written is not None and p in (self._assigned | self._unpositioned):
+                metrics.consumer_lag.labels(str(p)).set(max(0, end - written))
 
     async def run(self) -> None:
         try:
@@ -381,6 +463,8 @@ class SinkConsumer:
         await self.producer.start()
         await self.consumer.start()
         self.consumer.subscribe([self.topic], listener=listener)
+        metrics.sink_last_write_timestamp.set_to_current_time()  # "since" counts from the start
+        lag = asyncio.ensure_future(self._report_lag())
         # Read-ahead: the next batch is taken from Kafka (aiokafka's record parsing, on this
         # loop) while the current one is processed in the executor (the ClickHouse insert
         # releases the GIL). It is only read into memory: it is admitted, decoded and written
@@ -423,6 +507,11 @@ class SinkConsumer:
                         self._unposition(set(self._assigned))
                         self._failed("batch", exc, logging.ERROR)
         finally:
+            lag.cancel()
+            with contextlib.suppress(BaseException):
+                await lag
+            for p in self._assigned | self._unpositioned:
+                _remove_lag(p)
             if ahead is not None:
                 ahead.cancel()
                 with contextlib.suppress(BaseException):
@@ -434,6 +523,13 @@ class SinkConsumer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+def _remove_lag(partition: int) -> None:
+    """Drop ``partition``'s lag series: a series left on a worker that no longer owns the
+    partition keeps its last value, and the dashboard's sum adds it to the owner's."""
+    with contextlib.suppress(KeyError):
+        metrics.consumer_lag.remove(str(partition))
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

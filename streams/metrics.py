@@ -5,7 +5,14 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 events_consumed = Counter(
-    "streams_events_consumed", "Kafka messages the sink read from usage.events."
+    "streams_events_consumed",
+    "Kafka messages the sink read from usage.events, each offset once per assignment (a batch"
+    " read again after a failure counts in streams_events_reread instead).",
+)
+events_reread = Counter(
+    "streams_events_reread",
+    "Kafka messages the sink read again after a failed batch (already in"
+    " streams_events_consumed): the work of retries, not new input.",
 )
 events_inserted = Counter(
     "streams_events_inserted", "Usage events inserted into ClickHouse (once per event id)."
@@ -37,7 +44,16 @@ sink_unpositioned_partitions = Gauge(
     " with backoff, nothing of theirs is processed meanwhile).",
 )
 consumer_lag = Gauge(
-    "streams_consumer_lag", "Messages behind the end of usage.events, per partition.", ["partition"]
+    "streams_consumer_lag",
+    "Messages behind the end of usage.events, per partition this worker owns: the end offset"
+    " minus the next offset the sink has not written to ClickHouse (refreshed every few seconds,"
+    " also while its batches fail).",
+    ["partition"],
+)
+sink_last_write_timestamp = Gauge(
+    "streams_sink_last_write_timestamp_seconds",
+    "Unix time the sink last wrote a batch to ClickHouse (its start, before the first): with a"
+    " consumer lag above 0, the time since says how long the sink has been stuck.",
 )
 end_to_end_delay_seconds = Histogram(
     "streams_end_to_end_delay_seconds",

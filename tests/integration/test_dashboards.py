@@ -7,6 +7,7 @@ import importlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -119,3 +120,43 @@ def test_every_clickhouse_panel_runs_against_the_schema(
     assert clickhouse_client.query(grafana_macros(variable, migrated_db)).result_rows == [
         ("requests",)
     ]
+
+
+def _series_units(panel: dict[str, Any]) -> dict[str, str]:
+    """Each Prometheus series' unit (by legend): an override naming it, else the panel's."""
+    units = {t["legendFormat"]: panel["fieldConfig"]["defaults"]["unit"] for t in panel["targets"]}
+    for override in panel["fieldConfig"]["overrides"]:
+        matcher = override["matcher"]
+        assert matcher["id"] == "byName", f"{panel['title']}: matcher {matcher}"
+        assert matcher["options"] in units, f"{panel['title']}: no series {matcher['options']!r}"
+        for prop in override["properties"]:
+            if prop["id"] == "unit":
+                units[matcher["options"]] = prop["value"]
+    return units
+
+
+def test_every_series_is_shown_in_a_unit_of_its_kind() -> None:
+    """A rate or a count plotted in a panel of seconds or of a ratio reads as one: batch size
+    p50 showed as seconds, stale quota lookups served per second as a percentage."""
+    dash = json.loads((DASHBOARDS / "operations.json").read_text())
+    units = {
+        (panel["title"], legend): unit
+        for panel in dash["panels"]
+        for legend, unit in _series_units(panel).items()
+    }
+    for (title, legend), unit in units.items():
+        if legend.endswith("/s"):
+            assert unit in ("short", "reqps", "ops"), f"{title}: {legend!r} in {unit!r}"
+    assert units["Sink delay and insert latency", "batch size p50"] == "short"
+    assert units["Sink delay and insert latency", "insert p99"] == "s"
+    assert units["Quota cache hit ratio", "stale served/s"] == "short"
+    assert units["Quota cache hit ratio", "{{layer}}"] == "percentunit"
+
+
+def test_the_operations_dashboard_shows_a_stuck_sink() -> None:
+    """The lag alone read 0 while the sink was stuck; the time since its last write shows it."""
+    dash = json.loads((DASHBOARDS / "operations.json").read_text())
+    exprs = {t["expr"]: panel for panel in dash["panels"] for t in panel["targets"]}
+    (stuck,) = [e for e in exprs if "streams_sink_last_write_timestamp_seconds" in e]
+    assert stuck.startswith("time() - ") and exprs[stuck]["fieldConfig"]["defaults"]["unit"] == "s"
+    assert any("streams_events_reread_total" in e for e in exprs)
