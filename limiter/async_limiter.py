@@ -93,7 +93,7 @@ class AsyncRateLimiter:
             quota = await self._quota(tenant)
         policy = self.policy
         if not policy.breaker.allow():
-            return policy.decide(tenant, cost, quota, core.clock.today())
+            return policy.decide(tenant, cost, quota, core.clock.today(), started)
         batcher = self._batcher
         encoder = core.encoder
         try:
@@ -122,7 +122,7 @@ class AsyncRateLimiter:
             if not redis_unavailable(exc):
                 raise
             policy.redis_failed(exc)
-            return policy.decide(tenant, cost, quota, core.clock.today())
+            return policy.decide(tenant, cost, quota, core.clock.today(), started)
         policy.breaker.record_success()
         return core.decision(reply, tenant, cost, quota, started)
 

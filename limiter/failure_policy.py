@@ -147,8 +147,13 @@ class FailurePolicy:
                 self.fail_mode,
             )
 
-    def decide(self, tenant: str, cost: int, quota: Quota, day: int) -> Decision:
-        """A decision without Redis."""
+    def decide(
+        self, tenant: str, cost: int, quota: Quota, day: int, started: float | None = None
+    ) -> Decision:
+        """A decision without Redis. ``started`` is the decision's ``time.perf_counter()`` at
+        its start: the latency histogram gets the time since, Redis timeouts waited out
+        included (without it, 0)."""
+        seconds = 0.0 if started is None else time.perf_counter() - started
         metrics.redis_down_events.inc()
         date, reset_at = utc_day(day)
         if self.fail_mode == "open":
@@ -158,9 +163,9 @@ class FailurePolicy:
             allowed, tokens, retry = False, 0.0, max(self.breaker.retry_in(), 0.001)
             reason = REDIS_DOWN
         if allowed:
-            metrics.decisions.allowed(0, 0.0)  # nothing consumed from Redis
+            metrics.decisions.allowed(0, seconds)  # nothing consumed from Redis
         else:
-            metrics.decisions.rejected(reason, 0.0)
+            metrics.decisions.rejected(reason, seconds)
         return Decision(
             allowed=allowed,
             limit=quota.burst,

@@ -17,8 +17,10 @@ A change (:class:`QuotaAdmin`) writes the DB, replaces the Redis entry and publi
 quota on the channel ``tenant_quota_invalidate``; every :class:`QuotaCache` that listens
 (:meth:`QuotaCache.start` / :meth:`QuotaCache.astart`) installs it at once. ``tenants.version``
 orders changes: an older quota never replaces a newer one, and a refresh that started before a
-change was applied is discarded. After the listener reconnects (messages may have been missed),
-every local entry is refreshed.
+change was applied is discarded, as is an older version read from a Redis entry that a change
+made while Redis was down could not replace. Such a change is published again in the background
+as soon as Redis answers (:class:`QuotaAdmin`). After the listener reconnects (messages may have
+been missed), every local entry is refreshed.
 
 The Redis layer goes through the limiter's :class:`limiter.breaker.CircuitBreaker` (the limiter
 shares its breaker with the cache it is given, see :meth:`QuotaCache.use_breaker`): while the
@@ -131,6 +133,7 @@ class _Entry:
     expires_at: float  # monotonic time after which serving it counts as stale
     failing: bool = False  # the last refresh failed: serve it, retry in the background
     placeholder: bool = False  # made while both sources failed for a newcomer: no answer yet
+    since: float = 0.0  # monotonic time this version was first held (see QuotaCache._install)
 
 
 class _SourceDown(Exception):
@@ -278,7 +281,7 @@ class QuotaCache:
         refresh_at, expires_at = now + self.local_ttl / 2, now + self.local_ttl
         if data is None or data.get("unknown"):
             quota = self.default_quota if self.unknown_tenant == "default" else None
-            return _Entry(quota, 0, refresh_at, expires_at)
+            return _Entry(quota, 0, refresh_at, expires_at, since=now)
         limits = check_limits(
             data["rate_per_sec"],
             data["burst"],
@@ -286,7 +289,7 @@ class QuotaCache:
             data.get("window_limit"),
             data.get("window_seconds"),
         )
-        return _Entry(to_quota(limits), int(data["version"]), refresh_at, expires_at)
+        return _Entry(to_quota(limits), int(data["version"]), refresh_at, expires_at, since=now)
 
     def _decode(self, raw: bytes | str) -> dict[str, Any] | None:
         """A cached payload, or ``None`` when it is corrupt (then the DB answers)."""
@@ -333,16 +336,37 @@ class QuotaCache:
         local[tenant] = entry
 
     def _install(self, tenant: str, entry: _Entry, seen: _Entry | None, changes: int) -> _Entry:
-        """Install a fetched entry unless a change was applied while it was being fetched.
+        """Install a fetched entry unless a change was applied while it was being fetched, or
+        it is an older version than the one held.
 
         A placeholder (a newcomer's entry made while both sources failed) holds no answer, so a
-        fetch that overlapped its making replaces it, unless a change was applied meanwhile."""
+        fetch that overlapped its making replaces it, unless a change was applied meanwhile.
+
+        An older version comes from a Redis entry that a change could not replace (Redis was
+        down when it was made, while this process applied it): installing it would bring the
+        old quota back until that entry expires. Such an entry outlives the newer version's
+        arrival here by at most ``redis_ttl``; an older version fetched after that can only be a
+        tenant deleted and created again (versions restart at 1), and is installed."""
         with self._lock:
             current = self._local.get(tenant)
             if current is not None and current.placeholder and self._changes == changes:
                 seen = current  # it holds no answer: this fetch replaces it
             if current is not seen or (seen is None and self._changes != changes):
                 return current or entry  # a newer answer arrived meanwhile; it stays
+            if current is not None and not current.placeholder:
+                now = time.monotonic()
+                if entry.version and entry.version < current.version:
+                    if now < current.since + self.redis_ttl:
+                        log.debug(
+                            "quota of %s: ignoring version %d (stale cache), keeping %d",
+                            tenant,
+                            entry.version,
+                            current.version,
+                        )
+                        current.refresh_at = now + self.retry_interval
+                        return current
+                elif entry.version == current.version:
+                    entry.since = current.since
             self._store_entry(tenant, entry)
             return entry
 
@@ -364,6 +388,8 @@ class QuotaCache:
             entry = self._entry(payload, now)
             if entry.version and entry.version < current.version:
                 return False
+            if entry.version == current.version and not current.placeholder:
+                entry.since = current.since
             self._local[tenant] = entry
             return True
 
@@ -685,10 +711,20 @@ class QuotaCache:
 class QuotaAdmin:
     """Changes quotas so they take effect at once: DB, then the Redis entry, then a publish.
 
-    If Redis cannot be reached, the change is still stored (caches pick it up within
-    ``QUOTA_LOCAL_TTL`` + ``TENANT_QUOTA_CACHE_TTL``) and the methods report ``published=False``
-    in :attr:`last_published`.
+    If Redis cannot be reached, the change is still stored and the methods report
+    ``published=False`` in :attr:`last_published`. Redis then still holds the old quota, which
+    every other process would read back (and this one too, but for the version check of
+    :meth:`QuotaCache._install`) until its entry expires; so the publish is retried in the
+    background (a thread for :meth:`publish`, a task of the running loop for :meth:`apublish`)
+    every ``retry_interval`` seconds until Redis answers: the stale entry is deleted (the next
+    lookup reads the DB) and the change published. Retries stop after ``retry_for`` seconds
+    (default ``redis_ttl``: by then the stale entry has expired on its own, and caches pick the
+    change up within ``QUOTA_LOCAL_TTL``); a later change of the tenant that is published
+    supersedes its pending retry.
     """
+
+    #: changes awaiting a retry at most; beyond, the oldest is given up (logged)
+    MAX_PENDING: Final = 10_000
 
     def __init__(
         self,
@@ -698,18 +734,36 @@ class QuotaAdmin:
         aredis: redis.asyncio.Redis | None = None,
         redis_ttl: int = 30,
         local: QuotaCache | None = None,
+        retry_interval: float = 0.25,
+        retry_for: float | None = None,
     ) -> None:
+        if retry_interval <= 0 or (retry_for is not None and retry_for <= 0):
+            raise QuotaError("retry_interval and retry_for must be > 0")
         self.store = store
         self.redis = redis
         self.aredis = aredis
         self.redis_ttl = int(redis_ttl)
         self.local = local
         self.last_published = False
+        self.retry_interval = float(retry_interval)
+        self.retry_for = float(self.redis_ttl if retry_for is None else retry_for)
+        # tenant -> (the message to publish, monotonic time to give up); insertion ordered
+        self._pending: dict[str, tuple[str, float]] = {}
+        self._pending_lock = threading.Lock()
+        self._retry_thread: threading.Thread | None = None
+        self._retry_task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
 
     @staticmethod
     def _message(tenant: str, record: TenantRecord | None) -> str:
         quota = json.loads(encode_quota(record)) if record else None
         return json.dumps({"tenant": tenant, "quota": quota}, separators=(",", ":"))
+
+    @property
+    def pending(self) -> int:
+        """Changes stored but not yet told to Redis (their retries run in the background)."""
+        with self._pending_lock:
+            return len(self._pending)
 
     def set_quota(self, tenant: str, **changes: Any) -> TenantRecord:
         """Store the change (see :meth:`QuotaStore.set_quota`) and publish it."""
@@ -723,18 +777,24 @@ class QuotaAdmin:
         return deleted
 
     def publish(self, tenant: str, record: TenantRecord | None) -> bool:
-        """Replace the Redis entry and publish the change; False if Redis could not be told."""
+        """Replace the Redis entry and publish the change; False if Redis could not be told
+        (the publish is then retried in a background thread, see the class docstring)."""
+        message = self._message(tenant, record)
         if self.local is not None:
-            self.local.apply_change(tenant, json.loads(self._message(tenant, record))["quota"])
+            self.local.apply_change(tenant, json.loads(message)["quota"])
         self.last_published = False
         if self.redis is None:
             return False
         try:  # two calls, not a pipeline: a Cluster pipeline refuses PUBLISH
             self.redis.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
-            self.redis.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
+            self.redis.publish(INVALIDATION_CHANNEL, message)
         except _SOURCE_ERRORS as exc:
-            log.warning("quota of %s stored but not published: %s", tenant, exc)
+            log.warning("quota of %s stored but not published (retrying): %s", tenant, exc)
+            self._add_pending(tenant, message)
+            self._start_retry_thread()
+            self.last_published = False
             return False
+        self._supersede(tenant)
         self.last_published = True
         return True
 
@@ -744,19 +804,137 @@ class QuotaAdmin:
         return record
 
     async def apublish(self, tenant: str, record: TenantRecord | None) -> bool:
+        """:meth:`publish` for an event loop; a failed publish is retried by a task of it.
+
+        :attr:`last_published` is set last, with no await after it: read right after this
+        returns (or :meth:`aset_quota` does), it is this call's outcome even while other
+        changes are being published on the same loop."""
         if self.aredis is None:
-            return await asyncio.to_thread(self.publish, tenant, record)
+            published = await asyncio.to_thread(self.publish, tenant, record)
+            self.last_published = published
+            return published
+        message = self._message(tenant, record)
         if self.local is not None:
-            self.local.apply_change(tenant, json.loads(self._message(tenant, record))["quota"])
-        self.last_published = False
+            self.local.apply_change(tenant, json.loads(message)["quota"])
         try:
             await self.aredis.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
-            await self.aredis.publish(INVALIDATION_CHANNEL, self._message(tenant, record))
+            await self.aredis.publish(INVALIDATION_CHANNEL, message)
         except _SOURCE_ERRORS as exc:
-            log.warning("quota of %s stored but not published: %s", tenant, exc)
+            log.warning("quota of %s stored but not published (retrying): %s", tenant, exc)
+            self._add_pending(tenant, message)
+            self._start_retry_task()
+            self.last_published = False
             return False
+        self._supersede(tenant)
         self.last_published = True
         return True
+
+    # --- retries of failed publishes -------------------------------------------------------------
+    def _add_pending(self, tenant: str, message: str) -> None:
+        with self._pending_lock:
+            self._pending.pop(tenant, None)  # to the end: the newest
+            self._pending[tenant] = (message, time.monotonic() + self.retry_for)
+            while len(self._pending) > self.MAX_PENDING:
+                dropped = next(iter(self._pending))
+                del self._pending[dropped]
+                log.warning("too many quota changes await Redis; not retrying %s's", dropped)
+
+    def _supersede(self, tenant: str) -> None:
+        """A change of ``tenant`` reached Redis: an older one pending for it is not retried."""
+        if self._pending:
+            with self._pending_lock:
+                self._pending.pop(tenant, None)
+
+    def _due(self) -> list[tuple[str, str]]:
+        """The pending (tenant, message) pairs, less those given up on (logged)."""
+        now = time.monotonic()
+        with self._pending_lock:
+            for tenant, (_, give_up_at) in list(self._pending.items()):
+                if now >= give_up_at:
+                    del self._pending[tenant]
+                    log.warning(
+                        "quota change of %s never reached Redis within %gs; its old cache "
+                        "entry has expired, caches read the change from the DB",
+                        tenant,
+                        self.retry_for,
+                    )
+            return [(t, message) for t, (message, _) in self._pending.items()]
+
+    def _retried(self, tenant: str, message: str) -> None:
+        with self._pending_lock:
+            if self._pending.get(tenant, ("", 0.0))[0] == message:  # not superseded meanwhile
+                del self._pending[tenant]
+        log.info("quota change of %s published after Redis came back", tenant)
+
+    def _start_retry_thread(self) -> None:
+        with self._pending_lock:
+            if self._retry_thread is None or not self._retry_thread.is_alive():
+                self._stop.clear()
+                self._retry_thread = NamedThread(
+                    target=self._retry_loop, name="quota-publish-retry", daemon=True
+                )
+                self._retry_thread.start()
+
+    def _retry_loop(self) -> None:
+        assert self.redis is not None
+        while not self._stop.wait(self.retry_interval):
+            for tenant, message in self._due():
+                try:  # deleted, not set: a change made meanwhile elsewhere is never undone
+                    self.redis.delete(quota_cache_key(tenant))
+                    self.redis.publish(INVALIDATION_CHANNEL, message)
+                except _SOURCE_ERRORS as exc:  # still down: the rest waits for the next round
+                    log.debug("quota publish retry for %s failed: %s", tenant, exc)
+                    break
+                except Exception:  # a retry must never kill the retrier
+                    log.exception("quota publish retry for %s failed", tenant)
+                    break
+                self._retried(tenant, message)
+            with self._pending_lock:
+                if not self._pending:
+                    self._retry_thread = None
+                    return
+
+    def _start_retry_task(self) -> None:
+        if self._retry_task is None or self._retry_task.done():
+            task = asyncio.get_running_loop().create_task(self._aretry_loop())
+            self._retry_task = task
+            tasks = getattr(self.local, "_tasks", None)
+            if isinstance(tasks, set):  # closing the app's QuotaCache (its shutdown) cancels it
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    async def _aretry_loop(self) -> None:
+        assert self.aredis is not None
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            for tenant, message in self._due():
+                try:
+                    await self.aredis.delete(quota_cache_key(tenant))
+                    await self.aredis.publish(INVALIDATION_CHANNEL, message)
+                except _SOURCE_ERRORS as exc:
+                    log.debug("quota publish retry for %s failed: %s", tenant, exc)
+                    break
+                except Exception:
+                    log.exception("quota publish retry for %s failed", tenant)
+                    break
+                self._retried(tenant, message)
+            if not self._pending:  # no await since the check: a new failure starts a new task
+                return
+
+    def close(self) -> None:
+        """Stop retrying failed publishes (idempotent); what is pending is given up."""
+        self._stop.set()
+        thread = self._retry_thread
+        if thread is not None:
+            thread.join(timeout=2.0)
+
+    async def aclose(self) -> None:
+        """Cancel the retry task, then what :meth:`close` stops."""
+        task, self._retry_task = self._retry_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(self.close)
 
 
 __all__ = [

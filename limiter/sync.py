@@ -111,7 +111,7 @@ class RateLimiter:
             quota = self._quota(tenant)
         policy = self.policy
         if not policy.breaker.allow():
-            return policy.decide(tenant, cost, quota, core.clock.today())
+            return policy.decide(tenant, cost, quota, core.clock.today(), started)
         try:
             day = core.clock.today()
             seed = core.first_seed
@@ -136,7 +136,7 @@ class RateLimiter:
             if not redis_unavailable(exc):
                 raise
             policy.redis_failed(exc)
-            return policy.decide(tenant, cost, quota, core.clock.today())
+            return policy.decide(tenant, cost, quota, core.clock.today(), started)
         policy.breaker.record_success()
         return core.decision(reply, tenant, cost, quota, started)
 

@@ -1,6 +1,12 @@
 """Operations endpoints, open without credentials and never rate limited: ``/healthz``
 (the process runs), ``/readyz`` (it can decide: Redis and the quota DB answer; Kafka is not
-required, events wait in the emitter's spool) and ``/metrics`` (Prometheus)."""
+required, events wait in the emitter's spool) and ``/metrics`` (Prometheus).
+
+With ``RATE_LIMIT_FAIL_MODE=open`` an instance without Redis still serves (its limiter lets
+requests through within the local ceiling), so ``/readyz`` answers 200 with Redis reported
+``degraded: <kind>``: a readiness-gated load balancer must not take every instance out during a
+Redis outage, which would turn fail-open into fail-closed. With ``closed`` every request would be
+refused, and ``/readyz`` answers 503."""
 
 from __future__ import annotations
 
@@ -41,9 +47,17 @@ def _check_db(store: Any) -> None:
         conn.execute(text("SELECT 1"))
 
 
-@router.get("/readyz", summary="Readiness: Redis and the quota DB answer")
+@router.get(
+    "/readyz",
+    summary="Readiness: Redis and the quota DB answer (Redis down is degraded when fail-open)",
+)
 async def readyz(request: Request) -> Response:
     ctx = api_context(request)
+    # The limiter's own fail mode (one given to create_app may differ from the settings').
+    policy = getattr(ctx.limiter, "policy", None)
+    fail_mode = getattr(policy, "fail_mode", None)
+    if fail_mode not in ("open", "closed"):
+        fail_mode = ctx.settings.rate_limit_fail_mode
     checks: dict[str, str] = {}
     for name, probe in (
         ("redis", lambda: _check_redis(ctx.redis)),
@@ -58,11 +72,13 @@ async def readyz(request: Request) -> Response:
         except Exception as exc:  # any failure means "not ready", reported by name
             # Anyone may ask: the answer names the check and the kind of failure, never the
             # store's address or error text, which go to the log (throttled).
-            checks[name] = f"failed: {type(exc).__name__}"
+            degraded = name == "redis" and fail_mode == "open"
+            checks[name] = f"{'degraded' if degraded else 'failed'}: {type(exc).__name__}"
             log_store_failure(STORE_NAMES[name], exc, ctx.settings)
-    if all(v == "ok" for v in checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks})
-    failed = ", ".join(k for k, v in checks.items() if v != "ok")
+    failed = ", ".join(k for k, v in checks.items() if v.startswith("failed"))
+    if not failed:
+        status = "ready" if all(v == "ok" for v in checks.values()) else "degraded"
+        return JSONResponse({"status": status, "checks": checks})
     body = problem_body(503, f"not ready: {failed}", checks=checks)
     return JSONResponse(body, status_code=503, media_type=PROBLEM_JSON)
 

@@ -4,7 +4,10 @@
 Isolation: a tenant reads only its own quota and limits; changing a quota needs the admin scope.
 A change goes through :class:`limiter.quotas.QuotaAdmin`: the DB, then the Redis cache entry,
 then a publish on ``tenant_quota_invalidate`` that every process's quota cache applies at once,
-so it takes effect everywhere within a second, not after the cache TTL.
+so it takes effect everywhere within a second, not after the cache TTL. When Redis cannot be
+told, the change is stored all the same and the answer says so (``"propagated": false``, a
+``warning`` and a ``Warning`` header, as ``metering tenants set`` warns): the publish is retried
+in the background, and other processes may serve the old quota until it succeeds.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import datetime as dt
 import inspect
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from limiter.keys import daily_counter_key, token_bucket_key, window_meta_key
@@ -71,6 +74,14 @@ class QuotaOut(BaseModel):
     updated_at: dt.datetime | None = None
 
 
+class QuotaChangeOut(QuotaOut):
+    propagated: bool = Field(
+        description="false when Redis could not be told: the change is stored and its publish "
+        "is retried in the background; other processes may serve the old quota until then"
+    )
+    warning: str | None = Field(None, description="why ``propagated`` is false")
+
+
 def _quota_out(tenant: str, record: Any, default_plan: str) -> QuotaOut:
     if record is None:
         lim = plan_limits(default_plan)
@@ -114,15 +125,16 @@ async def get_quota(
 
 @router.put(
     "/v1/tenants/{tenant}/quota",
-    response_model=QuotaOut,
+    response_model=QuotaChangeOut,
     summary="Change a quota (admin); effective everywhere within a second",
 )
 async def put_quota(
     request: Request,
+    response: Response,
     body: QuotaIn,
     tenant: TenantPath,
     principal: CurrentPrincipal,
-) -> QuotaOut:
+) -> QuotaChangeOut:
     require_admin(principal)
     tenant = authorize_tenant(principal, tenant)
     ctx = api_context(request)
@@ -136,7 +148,20 @@ async def put_quota(
             record = await result if inspect.isawaitable(result) else result
     except QuotaError as exc:
         raise Problem(422, str(exc), slug="invalid-quota") from None
-    return _quota_out(tenant, record, ctx.settings.quota_default_plan)
+    # Read with no await since the change returned: QuotaAdmin sets it last, so it is this
+    # change's outcome. An admin that does not report it is taken to have published.
+    propagated = bool(getattr(admin, "last_published", True))
+    warning = None
+    if not propagated:
+        settings = ctx.settings
+        warning = (
+            "stored, but Redis could not be told; the publish is retried in the background and "
+            "processes apply the change within "
+            f"{settings.quota_local_ttl + settings.tenant_quota_cache_ttl:g}s at the latest"
+        )
+        response.headers["Warning"] = f'199 metering "{warning}"'
+    out = _quota_out(tenant, record, ctx.settings.quota_default_plan)
+    return QuotaChangeOut(**out.model_dump(), propagated=propagated, warning=warning)
 
 
 class BucketState(BaseModel):

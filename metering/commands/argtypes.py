@@ -31,3 +31,35 @@ _positive_int = positive(int)
 def positive_int(text: str) -> int:
     """A whole number >= 1 (counts, seconds, ports)."""
     return int(_positive_int(text))
+
+
+def tcp_port_or_zero(text: str) -> int:
+    """A TCP port 1-65535, or 0 for "off"."""
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535, 0 = off)")
+    return int(text)
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """A whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}-{high}, got {text}")
+        return value
+
+    return parse
+
+
+def tenant_id(text: str) -> str:
+    """A valid tenant id (:func:`metering.ids.validate_tenant_id`)."""
+    from metering.ids import InvalidIdentifier, validate_tenant_id
+
+    try:
+        return validate_tenant_id(text)
+    except InvalidIdentifier as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

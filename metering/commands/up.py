@@ -32,9 +32,12 @@ from typing import Any
 
 from metering.cli import CommandError
 from metering.commands.api import _port  # the same port argument as `metering api`
+from metering.commands.argtypes import bounded_int, tenant_id
 from metering.settings import Settings, get_settings
 
 log = logging.getLogger("metering.up")
+
+MAX_TOKEN_TTL = 10 * 365 * 86400
 
 REDIS_VARS = (
     "RATE_LIMIT_REDIS_URL",
@@ -55,9 +58,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.set_defaults(handler=_up)
 
     token = sub.add_parser("token", help="sign a JWT for a tenant (development secret)")
-    token.add_argument("tenant", help="the tenant id the token speaks for")
+    token.add_argument("tenant", type=tenant_id, help="the tenant id the token speaks for")
     token.add_argument("--admin", action="store_true", help="add the metering:admin scope")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.add_argument(
+        "--ttl",
+        type=bounded_int(1, MAX_TOKEN_TTL),
+        default=3600,
+        help=f"seconds until it expires (1-{MAX_TOKEN_TTL}, ten years)",
+    )
     token.set_defaults(handler=_token)
 
 
@@ -76,9 +84,6 @@ def ensure_dev_secret(settings: Settings) -> str | None:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(48))
     return path.read_text().strip()
-
-
-MAX_TOKEN_TTL = 10 * 365 * 86400
 
 
 def sign_token(settings: Settings, tenant: str, *, admin: bool = False, ttl: int = 3600) -> str:
@@ -106,8 +111,6 @@ def sign_token(settings: Settings, tenant: str, *, admin: bool = False, ttl: int
 
 
 def _token(args: argparse.Namespace) -> int:
-    if args.ttl <= 0:
-        raise CommandError("--ttl must be positive")
     try:
         print(sign_token(get_settings(), args.tenant, admin=args.admin, ttl=args.ttl))
     except ValueError as exc:

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from metering.cli import CommandError
+from metering.commands.argtypes import tcp_port_or_zero
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -14,7 +15,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     worker.add_argument(
         "--metrics-port",
-        type=int,
+        type=tcp_port_or_zero,
         default=None,
         metavar="PORT",
         help="serve Prometheus /metrics on this port (default: WORKER_METRICS_PORT, 0 = off)",

@@ -308,8 +308,18 @@ async def test_with_redis_unreachable_the_fail_mode_decides(
     if status == 503:
         assert "Redis down" in problem(responses[0])["detail"]
         assert responses[0].headers["retry-after"].isdigit()
-    assert ready.status_code == 503
-    assert "redis" in problem(ready)["detail"]
+    # Readiness follows the fail mode: fail-open serves, so the instance stays in the load
+    # balancer (Redis reported degraded); fail-closed refuses every request, so it is not ready.
+    assert ready.status_code == status, ready.text
+    if status == 200:
+        body = ready.json()
+        assert body["status"] == "degraded"
+        assert body["checks"]["redis"].startswith("degraded: ")
+        assert body["checks"]["quota_db"] == "ok"
+    else:
+        assert "redis" in problem(ready)["detail"]
+        assert problem(ready)["checks"]["redis"].startswith("failed: ")
+    assert dead.rsplit(":", 1)[1].split("/")[0] not in ready.text  # no address, either way
 
 
 async def test_without_redis_the_fields_never_say_more_remain_than_the_limit(

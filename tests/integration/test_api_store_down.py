@@ -213,9 +213,11 @@ async def test_readiness_and_live_limits_name_the_failed_store_but_never_its_add
     async with api_client(settings) as client:
         ready = await client.get("/readyz")
         limits = await client.get(f"/v1/limits/{tenant}", headers=auth(tenant))
-    assert ready.status_code == 503
+    assert ready.status_code == 503  # the quota DB failed; Redis alone would be degraded
     checks = problem(ready)["checks"]
-    assert checks["redis"].startswith("failed: ") and checks["quota_db"].startswith("failed: ")
+    assert settings.rate_limit_fail_mode == "open"
+    assert checks["redis"].startswith("degraded: ") and checks["quota_db"].startswith("failed: ")
+    assert problem(ready)["detail"] == "not ready: quota_db"
     assert limits.status_code == 503, limits.text[:300]
     assert problem(limits)["type"] == "urn:metering:problem:redis-down"
     assert limits.headers["retry-after"] == "5"

@@ -271,3 +271,22 @@ def test_a_limiter_shares_its_breaker_with_the_quota_cache_it_is_given(
     limiter = RateLimiter(client, fresh)
     assert fresh.breaker is limiter.breaker is not None
     client.close()
+
+
+def test_a_fetched_older_version_never_replaces_a_newer_one_within_the_redis_ttl(
+    store: MemoryStore,
+) -> None:
+    """A change applied here (published, or made by this process while Redis was down) is not
+    undone by a source still holding the version before it: that is the stale Redis entry a
+    change could not replace. Once such an entry must have expired (``redis_ttl`` after the
+    newer version arrived), an older version can only be a tenant deleted and created again
+    (versions restart at 1), and it is installed."""
+    cache = make_cache(store, local_ttl=60, redis_ttl=30)
+    assert cache.get("acme").burst == 20  # version 1
+    payload = {"rate_per_sec": 10.0, "burst": 50, "daily_limit": 1000, "version": 2}
+    assert cache.apply_change("acme", payload)
+    cache._load_now("acme", cache._local["acme"])  # the source still says version 1
+    assert cache.get("acme").burst == 50
+    cache._local["acme"].since -= 31  # v2 arrived longer than the Redis TTL ago
+    cache._load_now("acme", cache._local["acme"])
+    assert cache.get("acme").burst == 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,17 +171,29 @@ def test_route_costs_and_meters_from_the_environment_are_kept(
     assert s.rate_limit_route_meters == {"/v1/usage": "queries"}
 
 
-def test_a_command_error_run_as_a_module_is_a_message_not_a_traceback() -> None:
+def test_a_command_error_run_as_a_module_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     """As ``python -m metering.cli`` the CLI is ``__main__``; the commands raise
     ``metering.cli.CommandError``, which must still be the one it catches."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = tmp_path / "public.pem"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "metering.cli", "token", "acme", "--ttl", "0"],
+        [sys.executable, "-m", "metering.cli", "token", "acme"],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "JWT_PUBLIC_KEY": str(key), "METERING_DATA_DIR": str(tmp_path)},
     )
     assert proc.returncode == 1
-    assert proc.stderr == "metering: --ttl must be positive\n"
+    assert proc.stderr == (
+        "metering: JWT_PUBLIC_KEY is set: tokens are signed by your identity provider\n"
+    )
 
 
 def test_config_masks_the_password_of_every_url_and_keeps_the_rest(
