@@ -22,6 +22,9 @@ from tests.integration.test_emitter import consume, dead_address, emitters, topi
 
 __all__ = ["emitters", "topic"]  # fixtures, imported to be found
 
+#: the replayer gives up on the dead address at once, so closing takes no 3 s connect attempt
+FAST_FAIL = {"bootstrap_timeout_ms": 200}
+
 
 def wait_until(check: Any, timeout: float = 20.0) -> None:
     async def poll() -> None:
@@ -50,7 +53,12 @@ def test_a_mark_completes_once_every_earlier_event_is_acknowledged(
 def test_a_mark_completes_once_the_events_are_in_the_spool_while_kafka_is_away(
     emitters: list[Emitter], tmp_path: Path
 ) -> None:
-    em = Emitter(dead_address(), topic="t.durable", spool_dir=tmp_path / "spool")
+    em = Emitter(
+        dead_address(),
+        topic="t.durable",
+        spool_dir=tmp_path / "spool",
+        producer_overrides=FAST_FAIL,
+    )
     emitters.append(em)
     for i in range(300):
         em.emit(usage_event("t-a", "api.calls", i + 1))
@@ -61,7 +69,13 @@ def test_a_mark_completes_once_the_events_are_in_the_spool_while_kafka_is_away(
 def test_a_mark_says_false_when_events_were_dropped_meanwhile(
     emitters: list[Emitter], tmp_path: Path
 ) -> None:
-    em = Emitter(dead_address(), topic="t.durable", spool_dir=tmp_path / "spool", max_queue=4)
+    em = Emitter(
+        dead_address(),
+        topic="t.durable",
+        spool_dir=tmp_path / "spool",
+        producer_overrides=FAST_FAIL,
+        max_queue=4,
+    )
     emitters.append(em)
     before = em.dropped_total
     for i in range(50):  # faster than the sender takes them: the queue overflows
@@ -75,7 +89,12 @@ def test_a_mark_says_false_when_events_were_dropped_meanwhile(
 
 
 def test_wait_durable_gives_up_after_its_timeout(emitters: list[Emitter], tmp_path: Path) -> None:
-    em = Emitter(dead_address(), topic="t.durable", spool_dir=tmp_path / "spool")
+    em = Emitter(
+        dead_address(),
+        topic="t.durable",
+        spool_dir=tmp_path / "spool",
+        producer_overrides=FAST_FAIL,
+    )
     emitters.append(em)
     em._stop_sender = True  # a sender that never takes the mark (it exits when idle)
     em._wake_sender.set()
@@ -91,7 +110,12 @@ def test_wait_durable_gives_up_after_its_timeout(emitters: list[Emitter], tmp_pa
 
 
 def test_a_closed_emitter_marks_false_at_once(tmp_path: Path) -> None:
-    em = Emitter(dead_address(), topic="t.durable", spool_dir=tmp_path / "spool")
+    em = Emitter(
+        dead_address(),
+        topic="t.durable",
+        spool_dir=tmp_path / "spool",
+        producer_overrides=FAST_FAIL,
+    )
     em.close(timeout=1)
     assert em.durable_mark().result(timeout=1) is False
 
@@ -118,7 +142,12 @@ def test_has_room_is_false_while_the_spool_cannot_write(
     """The spool's own bound (256 MiB) is far away, but the disk refuses the write: the events
     would be dropped, so the ingest must not accept them (it answered 202 and dropped 1500 of
     2600 on a full tmpfs)."""
-    em = Emitter(dead_address(), topic="t.durable", spool_dir=tmp_path / "spool")
+    em = Emitter(
+        dead_address(),
+        topic="t.durable",
+        spool_dir=tmp_path / "spool",
+        producer_overrides=FAST_FAIL,
+    )
     emitters.append(em)
     em.emit(usage_event("t-a", "api.calls", 1))
     wait_until(lambda: em.spool.pending_events == 1)
@@ -139,7 +168,12 @@ def test_has_room_is_false_while_the_spool_cannot_write(
 def test_has_room_is_false_when_the_disk_has_less_free_than_the_events_need(
     emitters: list[Emitter], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    em = Emitter(dead_address(), topic="t.durable", spool_dir=tmp_path / "spool")
+    em = Emitter(
+        dead_address(),
+        topic="t.durable",
+        spool_dir=tmp_path / "spool",
+        producer_overrides=FAST_FAIL,
+    )
     emitters.append(em)
     em.emit(usage_event("t-a", "api.calls", 1))
     wait_until(lambda: em.spool.pending_events == 1)
