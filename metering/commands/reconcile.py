@@ -1,9 +1,10 @@
 """``metering reconcile [--day D] [--json] [--api URL]``: Redis counters, ClickHouse and the
 quota DB side by side for a UTC day; exit code 1 when any tenant drifts.
 
-It reads the three sources directly. In embedded mode a running ``metering up`` owns the
-ClickHouse data folder, so then it asks that process instead (``GET /v1/admin/reconcile``,
-with an admin token signed by the same secret)."""
+It reads the three sources directly. In embedded mode a running ``metering up`` or ``metering
+api`` may own the ClickHouse data folder; then it asks that process, at its own ``--host`` and
+``--port`` (``GET /v1/admin/reconcile``, with an admin token signed by the same secret). A
+folder held by a process that serves no API (a worker) is an error naming it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from metering import reconcile
 from metering.cli import CommandError
-from metering.commands.store_errors import embedded_engine_held
+from metering.commands.store_errors import EngineHolder, embedded_engine_held, embedded_holder
 from metering.settings import Settings, get_settings
 
 
@@ -79,23 +80,43 @@ def via_api(settings: Settings, base: str, day: dt.date) -> list[reconcile.Recon
     ]
 
 
+def _holder(settings: Settings) -> EngineHolder | None:
+    """The process holding the embedded engine's folder, looked up before opening it (the
+    engine prints its own error to stderr when it cannot)."""
+    return embedded_holder(settings.clickhouse_url) if settings.clickhouse_embedded else None
+
+
+def _ask(holder: EngineHolder) -> str:
+    """The API of the process holding the folder, which answers for it; else a CommandError
+    naming that process."""
+    url = holder.api_url
+    if url is None:
+        raise CommandError(
+            f"the embedded ClickHouse is in use by {holder.describe()}, which serves no API; "
+            "stop it, or pass --api URL of a `metering up` or `metering api` that owns the folder"
+        )
+    print(
+        f"metering reconcile: the embedded ClickHouse is in use by {holder.describe()}; "
+        f"asking it at {url}",
+        file=sys.stderr,
+    )
+    return url
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = get_settings()
     day = args.day or dt.datetime.now(dt.UTC).date()
     if args.api:
         rows = via_api(settings, args.api, day)
+    elif (holder := _holder(settings)) is not None:
+        rows = via_api(settings, _ask(holder), day)
     else:
         try:
             rows = direct(settings, day)
-        except Exception as exc:  # the embedded engine is held by a running `metering up`
-            if not embedded_engine_held(settings, exc):
+        except Exception as exc:  # held since the look above (a start in between)
+            if not embedded_engine_held(settings, exc) or (holder := _holder(settings)) is None:
                 raise
-            print(
-                "metering reconcile: the embedded ClickHouse is in use by a running "
-                "`metering up`; asking it at http://127.0.0.1:8000",
-                file=sys.stderr,
-            )
-            rows = via_api(settings, "http://127.0.0.1:8000", day)
+            rows = via_api(settings, _ask(holder), day)
     if args.json:
         out: dict[str, Any] = {"day": day.isoformat(), "tenants": [r.as_dict() for r in rows]}
         print(json.dumps(out, indent=2))

@@ -17,6 +17,7 @@ import fcntl
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -75,6 +76,69 @@ def embedded_folder_in_use(clickhouse_url: str) -> bool:
     finally:
         os.close(fd)  # releases the probe's lock, if it got one
     return False
+
+
+@dataclass(frozen=True)
+class EngineHolder:
+    """The process that holds an embedded engine's folder."""
+
+    pid: int
+    argv: tuple[str, ...]  # its command line ((): not readable)
+
+    @property
+    def command(self) -> str | None:
+        """``up``, ``api``, ``worker``... when it is a ``metering`` command, else None."""
+        for i, arg in enumerate(self.argv):
+            if arg.endswith(("metering", "metering.cli")) and i + 1 < len(self.argv):
+                return self.argv[i + 1]
+        return None
+
+    def _flag(self, name: str, default: str) -> str:
+        for i, arg in enumerate(self.argv):
+            if arg == name and i + 1 < len(self.argv):
+                return self.argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+        return default
+
+    @property
+    def api_url(self) -> str | None:
+        """Where it answers HTTP, when it is ``metering up`` or ``metering api`` (their
+        ``--host`` / ``--port``, default 127.0.0.1:8000; a wildcard host is asked on
+        loopback)."""
+        if self.command not in ("up", "api"):
+            return None
+        host = self._flag("--host", "127.0.0.1")
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._flag('--port', '8000')}"
+
+    def describe(self) -> str:
+        named = f"`metering {self.command}`" if self.command else "another process"
+        return f"{named} (pid {self.pid})"
+
+
+def embedded_holder(clickhouse_url: str) -> EngineHolder | None:
+    """The process holding this ``chdb://`` folder, or None when none does or this process
+    does: the engine writes its pid to ``<folder>/status`` and locks the file while it runs."""
+    folder = _folder(clickhouse_url)
+    if folder is None or not embedded_folder_in_use(clickhouse_url):
+        return None
+    try:
+        status = (folder / "status").read_text(errors="replace")
+        pid = int(re.search(r"^PID:\s*(\d+)", status, re.MULTILINE)[1])  # type: ignore[index]
+    except (OSError, TypeError, ValueError):
+        return EngineHolder(0, ())
+    if pid == os.getpid():
+        return None  # this process runs the engine itself, and shares it
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+    except OSError:
+        argv = ()
+    return EngineHolder(pid, argv)
 
 
 def embedded_engine_held(settings: Settings, exc: BaseException) -> bool:

@@ -81,23 +81,40 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _queries() -> UsageQueries:
     from metering.cli import CommandError
     from metering.clickhouse.client import clickhouse_client
-    from metering.commands.store_errors import embedded_engine_held
+    from metering.commands.store_errors import (
+        EngineHolder,
+        embedded_engine_held,
+        embedded_holder,
+    )
 
     settings = load_settings()
+
+    def held(holder: EngineHolder | None) -> CommandError:
+        # The embedded engine allows one process per data folder: a running `metering up` or
+        # `metering api` owns it, and answers the same questions over HTTP.
+        who = holder.describe() if holder else "a running `metering up`"
+        url = (holder.api_url if holder else None) or "http://127.0.0.1:8000"
+        ask = (
+            'ask it over HTTP instead, e.g. curl -H "Authorization: Bearer '
+            f'$(metering token <tenant>)" {url}/v1/billing/<tenant>/<yyyy-mm>'
+            " (or /v1/usage, /v1/usage/sliding)"
+            if holder is None or holder.api_url
+            else "stop it, or ask a `metering up` or `metering api` that owns the folder"
+        )
+        return CommandError(
+            f"the embedded ClickHouse ({settings.clickhouse_url}) is in use by {who}; {ask}"
+        )
+
+    # Looked up before opening: the engine prints its own error to stderr when it cannot.
+    if settings.clickhouse_embedded and (holder := embedded_holder(settings.clickhouse_url)):
+        raise held(holder)
     try:
         client = clickhouse_client(
             settings.clickhouse_url, timeout=settings.clickhouse_query_timeout
         )
     except Exception as exc:
-        # The embedded engine allows one process per data folder: a running `metering up`
-        # owns it, and answers the same questions over HTTP.
         if embedded_engine_held(settings, exc):
-            raise CommandError(
-                f"the embedded ClickHouse ({settings.clickhouse_url}) is in use by a running "
-                '`metering up`; ask it over HTTP instead, e.g. curl -H "Authorization: Bearer '
-                '$(metering token <tenant>)" http://127.0.0.1:8000/v1/billing/<tenant>/<yyyy-mm>'
-                " (or /v1/usage, /v1/usage/sliding)"
-            ) from None
+            raise held(embedded_holder(settings.clickhouse_url)) from None
         raise
     return UsageQueries(client, settings.clickhouse_database)
 

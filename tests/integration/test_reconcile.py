@@ -259,7 +259,7 @@ def test_the_cli_on_an_unmigrated_clickhouse_says_to_migrate(
     assert err.endswith("(UNKNOWN_DATABASE); run `metering db migrate`\n")
 
 
-def test_the_cli_asks_the_running_api_when_another_process_holds_the_engine(
+def test_the_cli_names_a_holder_of_the_engine_that_serves_no_api(
     clickhouse_client, clickhouse_url, tmp_path: Path
 ) -> None:
     import os
@@ -282,7 +282,79 @@ def test_the_cli_asks_the_running_api_when_another_process_holds_the_engine(
         timeout=120,
     )
     assert "Traceback" not in proc.stderr
-    assert (
-        "metering reconcile: the embedded ClickHouse is in use by a running `metering up`; "
-        "asking it at http://127.0.0.1:8000" in proc.stderr
+    # It used to say "a running `metering up`" and ask port 8000, where nothing listened.
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"metering: the embedded ClickHouse is in use by another process (pid {os.getpid()}), "
+        "which serves no API; stop it, or pass --api URL of a `metering up` or `metering api` "
+        "that owns the folder\n"
+    )  # and nothing of the engine's own error (it is not opened)
+
+
+def test_the_cli_asks_the_api_that_holds_the_engine_at_its_own_port(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """`metering api` on a port of its own holds the embedded folder once it has answered a
+    usage query: reconcile finds it by the folder's pid and asks it there, not at 8000."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from metering.commands.up import sign_token
+    from metering.settings import load_settings
+    from tests.integration.api_support import AUDIENCE, SECRET
+    from tests.integration.test_api_server import wait_until_serving
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = tmp_path / "ch"
+    env = {
+        **os.environ,
+        "CLICKHOUSE_URL": f"chdb://{folder}",
+        "QUOTA_DB_URL": f"sqlite:///{tmp_path / 'quota.db'}",
+        "METERING_DATA_DIR": str(tmp_path),
+        "RATE_LIMIT_REDIS_URL": own_database(redis_url),
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # not needed: events wait in the spool
+        "JWT_SECRET": SECRET,
+        "JWT_AUDIENCE": AUDIENCE,
+    }
+    subprocess.run(  # in a process of its own: this one runs the session's engine
+        [sys.executable, "-m", "metering.cli", "db", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
+    api = subprocess.Popen(
+        [sys.executable, "-m", "metering.cli", "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, api)
+        settings = load_settings(jwt_secret=SECRET, jwt_audience=AUDIENCE)
+        admin = {"Authorization": f"Bearer {sign_token(settings, 'ops', admin=True, ttl=60)}"}
+        r = httpx.get(f"{url}/v1/admin/reconcile", headers=admin, timeout=60)
+        assert r.status_code == 200, r.text  # the API has opened the engine now
+        proc = subprocess.run(
+            [sys.executable, "-m", "metering.cli", "reconcile", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (
+        f"metering reconcile: the embedded ClickHouse is in use by `metering api` "
+        f"(pid {api.pid}); asking it at {url}\n"
+    )
+    assert json.loads(proc.stdout)["tenants"] == []
