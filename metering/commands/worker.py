@@ -1,12 +1,20 @@
-"""``metering worker``: run the streams worker (Faust app: sink, tables, quota backfill)."""
+"""``metering worker``: run the streams worker (Faust app: sink, tables, quota backfill).
+
+``metering worker-health``: whether a running worker makes progress, from its ``/metrics``
+(a container health check): unhealthy when the metrics do not answer, or when messages wait
+(``streams_consumer_lag`` above 0) and the sink has written nothing for ``--stuck-after``
+seconds (``streams_sink_last_write_timestamp_seconds``). An idle worker, with nothing to
+write, is healthy however long it has not written."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import time
 
 from metering.cli import CommandError
-from metering.commands.argtypes import tcp_port_or_zero
+from metering.commands.argtypes import positive, tcp_port_or_zero
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,6 +29,71 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="serve Prometheus /metrics on this port (default: WORKER_METRICS_PORT, 0 = off)",
     )
     worker.set_defaults(handler=_run)
+
+    health = sub.add_parser(
+        "worker-health",
+        help="exit 0 if a running worker makes progress, 1 (and why) if it is stuck or silent",
+    )
+    health.add_argument(
+        "--url",
+        default=None,
+        help="its /metrics (default: http://127.0.0.1:<WORKER_METRICS_PORT>/metrics)",
+    )
+    health.add_argument(
+        "--stuck-after",
+        type=positive(float),
+        default=300.0,
+        metavar="SECONDS",
+        help="unhealthy when messages wait and nothing was written for this long (300)",
+    )
+    health.set_defaults(handler=_health)
+
+
+def stuck_reason(metrics_text: str, now: float, stuck_after: float) -> str | None:
+    """Why a worker whose ``/metrics`` read ``metrics_text`` is stuck at ``now``, or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lag = 0.0
+    last_write: float | None = None
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "streams_consumer_lag":
+            lag = sum(sample.value for sample in family.samples)
+        elif family.name == "streams_sink_last_write_timestamp_seconds":
+            last_write = max((sample.value for sample in family.samples), default=None)
+    if last_write is None:
+        return "its metrics have no streams_sink_last_write_timestamp_seconds (not a worker?)"
+    idle = now - last_write
+    if lag > 0 and idle > stuck_after:
+        return (
+            f"{lag:.0f} messages wait and the sink has written nothing for {idle:.0f}s "
+            f"(more than {stuck_after:g}s)"
+        )
+    return None
+
+
+def _health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        from metering.settings import get_settings
+
+        port = get_settings().worker_metrics_port
+        if not port:
+            raise CommandError("WORKER_METRICS_PORT is 0 (no /metrics): pass --url")
+        url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - an operator's URL
+            text = r.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"metering worker-health: {url} does not answer: {exc}", file=sys.stderr)
+        return 1
+    reason = stuck_reason(text, time.time(), args.stuck_after)
+    if reason is not None:
+        print(f"metering worker-health: stuck: {reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
