@@ -51,7 +51,7 @@ def exported_sample_names() -> set[str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    expr = re.sub(r"\b(by|without)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     return set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=[\[{)])", expr))
 
 
@@ -78,6 +78,10 @@ def test_the_metric_name_extraction_finds_selectors_not_labels() -> None:
     assert metric_names("sum by (le) (rate(x_bucket[1m])) / sum(y_total{a='b'})") == {
         "x_bucket",
         "y_total",
+    }
+    assert metric_names("sum by (i) (a) > 0 and on (i) (time() - max by (i) (b)) > 300") == {
+        "a",
+        "b",
     }
 
 
@@ -160,3 +164,40 @@ def test_the_operations_dashboard_shows_a_stuck_sink() -> None:
     (stuck,) = [e for e in exprs if "streams_sink_last_write_timestamp_seconds" in e]
     assert stuck.startswith("time() - ") and exprs[stuck]["fieldConfig"]["defaults"]["unit"] == "s"
     assert any("streams_events_reread_total" in e for e in exprs)
+
+
+ALERTS = DASHBOARDS / "prometheus" / "alerts.yml"
+PROMETHEUS_BUILTIN = {"up"}  # series Prometheus makes itself for every target
+
+
+def test_every_alert_queries_metrics_the_code_exports_and_says_what_broke() -> None:
+    import yaml
+
+    exported = exported_sample_names() | PROMETHEUS_BUILTIN
+    rules = [r for group in yaml.safe_load(ALERTS.read_text())["groups"] for r in group["rules"]]
+    assert len(rules) >= 6
+    names = [r["alert"] for r in rules]
+    assert len(set(names)) == len(names)
+    for rule in rules:
+        where = rule["alert"]
+        used = metric_names(rule["expr"])
+        assert used, f"{where}: no metric found in {rule['expr']!r}"
+        assert not used - exported, f"{where}: {sorted(used - exported)} not exported"
+        assert rule["labels"]["severity"] in {"page", "warning"}, where
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], where
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), where
+    # The stuck sink, the drops and the aging spool are what lose or delay billing.
+    assert {"MeteringWorkerStuck", "MeteringEventsDropped", "MeteringSpoolBacklogAging"} <= set(
+        names
+    )
+
+
+def test_prometheus_loads_the_alerts_and_compose_mounts_them() -> None:
+    import yaml
+
+    prom = yaml.safe_load((DASHBOARDS / "prometheus" / "prometheus.yml").read_text())
+    assert prom["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    volumes = compose["services"]["prometheus"]["volumes"]
+    assert "./dashboards/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
