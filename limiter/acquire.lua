@@ -19,7 +19,9 @@
 -- counts into the wrong day. A missing day counter is seeded with ARGV[7]; with no seed given
 -- the script answers NEED_SEED and changes nothing.
 --
--- Reply: {status, reason, tokens_milli, retry_ms, daily_used, window_used, server_day, now_s}
+-- Reply: {status, reason, tokens, retry_ms, daily_used, window_used, server_day, now_s}
+--   tokens: the whole tokens left (floored; a double holds them exactly up to 2^53, where
+--   milli-tokens lost the last one from a burst of ~9e12 on)
 --   status 1 allowed, 0 rejected, -1 WRONG_DAY, -2 NEED_SEED
 --   reason 0 ok, 1 bucket, 2 daily, 3 window, 4 cost exceeds burst, 5 cost exceeds window,
 --   6 cost exceeds the daily limit;
@@ -169,7 +171,7 @@ if reason ~= 0 then
       redis.call('PEXPIRE', KEYS[1], math.ceil(2 * full_us / 1000))
     end
   end
-  return {0, reason, math.floor(tokens * 1000), math.ceil(retry_us / 1000), used, win_used,
+  return {0, reason, math.floor(tokens), math.ceil(retry_us / 1000), used, win_used,
           server_day, now_s}
 end
 
@@ -195,4 +197,4 @@ if window_limit > 0 and cost > 0 then
   redis.call('PEXPIRE', KEYS[3], ttl)
   redis.call('PEXPIRE', KEYS[4], ttl)
 end
-return {1, 0, math.floor(tokens * 1000), 0, used, win_used, server_day, now_s}
+return {1, 0, math.floor(tokens), 0, used, win_used, server_day, now_s}

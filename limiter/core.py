@@ -72,7 +72,7 @@ class LimiterCore:
         self, reply: Sequence[int], tenant: str, cost: int, quota: Quota, started: float
     ) -> Decision:
         """Decode an ALLOWED/REJECTED reply of acquire.lua and count it in the metrics."""
-        status, reason_code, tokens_milli, retry_ms, used, win_used, server_day, now_s = reply
+        status, reason_code, tokens, retry_ms, used, win_used, server_day, now_s = reply
         self.clock.observe(now_s)
         date, reset_at = utc_day(server_day)
         allowed = status == ALLOWED
@@ -82,7 +82,7 @@ class LimiterCore:
         decision = Decision(
             allowed,
             quota.burst,
-            tokens_milli // 1000,
+            tokens,
             retry_ms / 1000,
             daily_limit,
             used,
@@ -112,8 +112,8 @@ class LimiterCore:
         return int(reply[1])
 
     def settlement(self, reply: Sequence[int], tenant: str, delta: int) -> Settlement:
-        used, tokens_milli, _win_used = reply
-        return Settlement(tenant, delta, None if used < 0 else used, tokens_milli // 1000)
+        used, tokens, _win_used = reply
+        return Settlement(tenant, delta, None if used < 0 else used, tokens)
 
     def unsettled(self, tenant: str, delta: int) -> Settlement:
         return Settlement(tenant, delta, None, 0, applied=False)

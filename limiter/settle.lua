@@ -19,7 +19,7 @@
 -- acquire.lua, a day that is not the server's changes nothing: the reply is WRONG_DAY,
 -- {-2, server_day, server_time_s}, and the client settles again into the server's day.
 --
--- Reply: {daily_used, tokens_milli, window_used}
+-- Reply: {daily_used, tokens, window_used} (tokens: whole, floored, as acquire.lua's)
 
 local delta = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -83,4 +83,4 @@ if window_limit > 0 then
     redis.call('PEXPIRE', KEYS[4], ttl)
   end
 end
-return {used, math.floor(tokens * 1000), win_used}
+return {used, math.floor(tokens), win_used}

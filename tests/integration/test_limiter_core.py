@@ -92,6 +92,19 @@ async def test_bucket_allows_burst_then_rejects_and_a_rejection_changes_nothing(
     assert (d.bucket(tenant), d.counter(tenant)) == before
 
 
+async def test_the_tokens_left_are_exact_at_the_largest_burst(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    """The scripts returned milli-tokens, which a double cannot hold exactly past 2^53: with
+    a burst of 10^15, one request left 999999999999999 tokens and the header said ...998."""
+    d = make()
+    q = Quota(rate_per_sec=10**6, burst=10**15, daily_limit=10**15)  # the slowest refill
+    first = await d.acquire(tenant, 1, q)
+    assert first.allowed and first.remaining == 10**15 - 1
+    second = await d.acquire(tenant, 7, q)  # a microsecond refills the one taken first
+    assert 10**15 - 8 <= second.remaining <= 10**15 - 7
+
+
 async def test_daily_limit_is_exact_and_resets_at_next_utc_midnight(
     make: Callable[..., Driver], tenant: str
 ) -> None:
