@@ -55,6 +55,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -240,6 +241,14 @@ class QuotaCache:
         self._miss["local"].inc()
         return self._answer(tenant, self._load_now(tenant, None))
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task of the running loop that belongs to this cache: closing the
+        cache (:meth:`aclose`, the app's shutdown) cancels it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def aget(self, tenant: str) -> Quota:
         """:meth:`get` for an event loop: refreshes run as tasks, lookups never block the loop."""
         e = self._local.get(tenant)
@@ -249,9 +258,7 @@ class QuotaCache:
                 if now >= e.expires_at and not e.failing and not self._listening:
                     return self._answer(tenant, await self._aload_now(tenant, e))
                 e.refresh_at = now + self.retry_interval
-                task = asyncio.get_running_loop().create_task(self._arefresh(tenant, e))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self.spawn(self._arefresh(tenant, e))
             if e.failing and now >= e.expires_at:
                 tenant_quota_stale_served.inc()
             self._hit["local"].inc()
@@ -896,12 +903,12 @@ class QuotaAdmin:
 
     def _start_retry_task(self) -> None:
         if self._retry_task is None or self._retry_task.done():
-            task = asyncio.get_running_loop().create_task(self._aretry_loop())
-            self._retry_task = task
-            tasks = getattr(self.local, "_tasks", None)
-            if isinstance(tasks, set):  # closing the app's QuotaCache (its shutdown) cancels it
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            # A task of the app's QuotaCache, where there is one: its shutdown cancels it.
+            self._retry_task = (
+                self.local.spawn(self._aretry_loop())
+                if self.local is not None
+                else asyncio.get_running_loop().create_task(self._aretry_loop())
+            )
 
     async def _aretry_loop(self) -> None:
         assert self.aredis is not None
