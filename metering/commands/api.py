@@ -11,15 +11,13 @@ import argparse
 from typing import Any
 
 from metering.commands import settle_heap
+from metering.commands.argtypes import tcp_port
 from metering.settings import load_settings
 
 GRACEFUL_SHUTDOWN_SECONDS = 15
 
 
-def _port(value: str) -> int:
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (1-65535)")
-    return int(value)
+_port = tcp_port  # the name `metering up` imports
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -33,11 +33,18 @@ def positive_int(text: str) -> int:
     return int(_positive_int(text))
 
 
+def tcp_port(text: str, *, zero_is_off: bool = False) -> int:
+    """A TCP port 1-65535; with ``zero_is_off``, also 0 (``--metrics-port 0``: none)."""
+    low = 0 if zero_is_off else 1
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= 65535:
+        span = "0-65535, 0 = off" if zero_is_off else "1-65535"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port ({span})")
+    return int(text)
+
+
 def tcp_port_or_zero(text: str) -> int:
     """A TCP port 1-65535, or 0 for "off"."""
-    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535, 0 = off)")
-    return int(text)
+    return tcp_port(text, zero_is_off=True)
 
 
 def bounded_int(low: int, high: int) -> Callable[[str], int]:

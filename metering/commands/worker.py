@@ -100,9 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     from metering.settings import get_settings
 
     settings = get_settings()  # a bad setting fails here, named, before Faust starts
+    # Both are checked already: the flag by its argument type, the setting by Settings.
     port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
-    if not 0 <= port <= 65535:
-        raise CommandError(f"--metrics-port {port}: must be 0-65535")
     if port:
         from prometheus_client import start_http_server
 
