@@ -15,11 +15,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from metering.emitter import Emitter
+from metering.settings import Settings
 from tests.integration.api_support import (
     ADMIN_SCOPE,
     AUDIENCE,
@@ -49,44 +51,65 @@ def wait_until_serving(url: str, proc: subprocess.Popen[bytes], timeout: float =
     raise AssertionError("metering api did not start")
 
 
+def api_environ(env: dict[str, str]) -> dict[str, str]:
+    """``env`` over this process's environment and the tests' JWT settings: what a
+    ``metering`` subprocess of these tests runs with."""
+    return {**os.environ, "JWT_SECRET": SECRET, "JWT_AUDIENCE": AUDIENCE, **env}
+
+
+def start_api(env: dict[str, str], output: int = subprocess.DEVNULL) -> tuple[Any, str]:
+    """``metering api`` on a free port, in :func:`api_environ` of ``env``, writing stdout and
+    stderr to ``output``; and its base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metering.cli", "api", "--port", str(port)],
+        env=api_environ(env),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def served_by(tmp_path: Path, settings: Settings, redis_url: str, kafka: str) -> dict[str, str]:
+    """The environment of a ``metering api`` over ``settings``' topic and quota DB."""
+    return {
+        "METERING_DATA_DIR": str(tmp_path),
+        "RATE_LIMIT_REDIS_URL": redis_url,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "USAGE_EVENTS_TOPIC": settings.usage_events_topic,
+        "QUOTA_DB_URL": settings.quota_db_url,
+    }
+
+
+def usage_events(tenant: str, ids: list[str], quantity: float = 1) -> list[dict[str, Any]]:
+    now = dt.datetime.now(dt.UTC).isoformat()
+    return [
+        {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "urn:test",
+            "type": "metering.usage",
+            "subject": tenant,
+            "time": now,
+            "data": {"meter": "tokens", "quantity": quantity},
+        }
+        for event_id in ids
+    ]
+
+
 def test_serves_without_kafka_and_flushes_to_the_spool_on_sigterm(
     tmp_path: Path, redis_url: str, kafka_bootstrap: str, tenant: str
 ) -> None:
     settings = api_settings(tmp_path, redis_url, kafka_bootstrap, topics=True)
-    port = free_port()
-    env = {
-        **os.environ,
-        "METERING_DATA_DIR": str(tmp_path),
-        "RATE_LIMIT_REDIS_URL": redis_url,
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # nothing listens there
-        "USAGE_EVENTS_TOPIC": settings.usage_events_topic,
-        "QUOTA_DB_URL": settings.quota_db_url,
-        "JWT_SECRET": SECRET,
-        "JWT_AUDIENCE": AUDIENCE,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "metering.cli", "api", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    nothing_there = f"127.0.0.1:{free_port()}"
+    proc, url = start_api(
+        served_by(tmp_path, settings, redis_url, nothing_there), output=subprocess.PIPE
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(url, proc)
         assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
         ids = [str(uuid.uuid4()) for _ in range(3)]
-        batch = [
-            {
-                "specversion": "1.0",
-                "id": event_id,
-                "source": "urn:test",
-                "type": "metering.usage",
-                "subject": tenant,
-                "time": dt.datetime.now(dt.UTC).isoformat(),
-                "data": {"meter": "tokens", "quantity": 2},
-            }
-            for event_id in ids
-        ]
+        batch = usage_events(tenant, ids, quantity=2)
         r = httpx.post(f"{url}/v1/events", json=batch, headers=auth(tenant), timeout=10)
         assert r.status_code == 202, r.text
         admin = auth(f"ops-{uuid.uuid4().hex[:6]}", ADMIN_SCOPE)
@@ -141,41 +164,14 @@ def test_events_answered_202_survive_a_sigkill_right_after(
     right after the answer, the process loses none of them: a later emitter on the same spool
     delivers the rest. (Answered from memory, 4158 of 5000 were lost this way.)"""
     settings = api_settings(tmp_path, redis_url, kafka_bootstrap, topics=True)
-    port = free_port()
-    env = {
-        **os.environ,
-        "METERING_DATA_DIR": str(tmp_path),
-        "RATE_LIMIT_REDIS_URL": redis_url,
-        "KAFKA_BOOTSTRAP_SERVERS": (
-            kafka_bootstrap if kafka == "up" else f"127.0.0.1:{free_port()}"  # nothing there
-        ),
-        "USAGE_EVENTS_TOPIC": settings.usage_events_topic,
-        "QUOTA_DB_URL": settings.quota_db_url,
-        "JWT_SECRET": SECRET,
-        "JWT_AUDIENCE": AUDIENCE,
-        "RATE_LIMIT_EMIT_DECISIONS": "false",  # only the ingested events reach the topic
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "metering.cli", "api", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    nothing_there = f"127.0.0.1:{free_port()}"
+    env = served_by(
+        tmp_path, settings, redis_url, kafka_bootstrap if kafka == "up" else nothing_there
     )
-    url = f"http://127.0.0.1:{port}"
-    now = dt.datetime.now(dt.UTC).isoformat()
+    env["RATE_LIMIT_EMIT_DECISIONS"] = "false"  # only the ingested events reach the topic
+    proc, url = start_api(env)
     ids = [str(uuid.uuid4()) for _ in range(1000)]
-    batch = [
-        {
-            "specversion": "1.0",
-            "id": event_id,
-            "source": "urn:test",
-            "type": "metering.usage",
-            "subject": tenant,
-            "time": now,
-            "data": {"meter": "tokens", "quantity": 1},
-        }
-        for event_id in ids
-    ]
+    batch = usage_events(tenant, ids)
     try:
         wait_until_serving(url, proc)
         r = httpx.post(f"{url}/v1/events", json=batch, headers=auth(tenant), timeout=30)

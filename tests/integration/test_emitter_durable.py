@@ -34,6 +34,26 @@ def wait_until(check: Any, timeout: float = 20.0) -> None:
     asyncio.run(asyncio.wait_for(poll(), timeout))
 
 
+def kafka_away(tmp_path: Path, emitters: list[Emitter], **kwargs: Any) -> Emitter:
+    """An emitter whose Kafka does not answer (it spools), closed after the test."""
+    em = Emitter(
+        dead_address(),
+        topic="t.durable",
+        spool_dir=tmp_path / "spool",
+        producer_overrides=FAST_FAIL,
+        **kwargs,
+    )
+    emitters.append(em)
+    return em
+
+
+def one_spooled(em: Emitter) -> Emitter:
+    """``em`` once an event is in its spool (it has left the queue for the disk)."""
+    em.emit(usage_event("t-a", "api.calls", 1))
+    wait_until(lambda: em.spool.pending_events == 1)
+    return em
+
+
 def test_a_mark_completes_once_every_earlier_event_is_acknowledged(
     kafka_bootstrap: str, topic: str, emitters: list[Emitter], tmp_path: Path
 ) -> None:
@@ -53,13 +73,7 @@ def test_a_mark_completes_once_every_earlier_event_is_acknowledged(
 def test_a_mark_completes_once_the_events_are_in_the_spool_while_kafka_is_away(
     emitters: list[Emitter], tmp_path: Path
 ) -> None:
-    em = Emitter(
-        dead_address(),
-        topic="t.durable",
-        spool_dir=tmp_path / "spool",
-        producer_overrides=FAST_FAIL,
-    )
-    emitters.append(em)
+    em = kafka_away(tmp_path, emitters)
     for i in range(300):
         em.emit(usage_event("t-a", "api.calls", i + 1))
     assert em.durable_mark().result(timeout=20) is True
@@ -69,14 +83,7 @@ def test_a_mark_completes_once_the_events_are_in_the_spool_while_kafka_is_away(
 def test_a_mark_says_false_when_events_were_dropped_meanwhile(
     emitters: list[Emitter], tmp_path: Path
 ) -> None:
-    em = Emitter(
-        dead_address(),
-        topic="t.durable",
-        spool_dir=tmp_path / "spool",
-        producer_overrides=FAST_FAIL,
-        max_queue=4,
-    )
-    emitters.append(em)
+    em = kafka_away(tmp_path, emitters, max_queue=4)
     before = em.dropped_total
     for i in range(50):  # faster than the sender takes them: the queue overflows
         em.emit(usage_event("t-a", "api.calls", i + 1))
@@ -89,13 +96,7 @@ def test_a_mark_says_false_when_events_were_dropped_meanwhile(
 
 
 def test_wait_durable_gives_up_after_its_timeout(emitters: list[Emitter], tmp_path: Path) -> None:
-    em = Emitter(
-        dead_address(),
-        topic="t.durable",
-        spool_dir=tmp_path / "spool",
-        producer_overrides=FAST_FAIL,
-    )
-    emitters.append(em)
+    em = kafka_away(tmp_path, emitters)
     em._stop_sender = True  # a sender that never takes the mark (it exits when idle)
     em._wake_sender.set()
     em._sender.join(5)
@@ -142,15 +143,7 @@ def test_has_room_is_false_while_the_spool_cannot_write(
     """The spool's own bound (256 MiB) is far away, but the disk refuses the write: the events
     would be dropped, so the ingest must not accept them (it answered 202 and dropped 1500 of
     2600 on a full tmpfs)."""
-    em = Emitter(
-        dead_address(),
-        topic="t.durable",
-        spool_dir=tmp_path / "spool",
-        producer_overrides=FAST_FAIL,
-    )
-    emitters.append(em)
-    em.emit(usage_event("t-a", "api.calls", 1))
-    wait_until(lambda: em.spool.pending_events == 1)
+    em = one_spooled(kafka_away(tmp_path, emitters))
     assert em.has_room(10, 2000)
     failing_disk[0] = True
     before = em.dropped_total
@@ -168,15 +161,7 @@ def test_has_room_is_false_while_the_spool_cannot_write(
 def test_has_room_is_false_when_the_disk_has_less_free_than_the_events_need(
     emitters: list[Emitter], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    em = Emitter(
-        dead_address(),
-        topic="t.durable",
-        spool_dir=tmp_path / "spool",
-        producer_overrides=FAST_FAIL,
-    )
-    emitters.append(em)
-    em.emit(usage_event("t-a", "api.calls", 1))
-    wait_until(lambda: em.spool.pending_events == 1)
+    em = one_spooled(kafka_away(tmp_path, emitters))
     assert em.has_room(1000, 200_000)
     real = metering.emitter.shutil.disk_usage
 

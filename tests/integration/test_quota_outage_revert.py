@@ -27,26 +27,17 @@ from prometheus_client import REGISTRY
 
 from limiter.quotas import INVALIDATION_CHANNEL, QuotaAdmin, QuotaCache, quota_cache_key
 from limiter.redis_factory import async_redis_from_settings, redis_from_settings
-from metering.localstack.stack import wait_until
 from metering.quota_db import QuotaStore, migrate
 from tests.integration.api_support import admin, api_client, api_settings
 from tests.integration.limiter_support import settings_for
-from tests.integration.test_limiter_quota_breaker import PrivateRedis
+from tests.integration.test_limiter_quota_breaker import PrivateRedis, private_redis
+
+__all__ = ["private_redis"]  # a fixture, imported to be found
 
 OLD = {"rate_per_sec": 1000.0, "burst": 1000, "daily_limit": 100_000}
 NEW = {**OLD, "daily_limit": 3}
 SOCKET_TIMEOUT = 0.25  # the product's default RATE_LIMIT_REDIS_SOCKET_TIMEOUT
 APPLIED_WITHIN = 1.0  # DESIGN.md: a change takes effect everywhere within one second
-
-
-@pytest.fixture
-def hung_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    try:
-        wait_until(server.ping, 10, f"redis-server on port {server.port}")
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -107,24 +98,24 @@ def redis_hits() -> float:
 
 @pytest.mark.parametrize("flavor", ["sync", "async"])
 async def test_a_publish_that_failed_is_retried_as_soon_as_redis_answers(
-    hung_redis: PrivateRedis, store: QuotaStore, tenant: str, flavor: str
+    private_redis: PrivateRedis, store: QuotaStore, tenant: str, flavor: str
 ) -> None:
     """The stale Redis entry is deleted and the change published, within a second of Redis
     answering again; nothing is left pending."""
-    client = clients(hung_redis, flavor)
+    client = clients(private_redis, flavor)
     quota_admin = QuotaAdmin(
         store, **({"redis": client} if flavor == "sync" else {"aredis": client}), redis_ttl=60
     )
-    listener = redis.Redis(port=hung_redis.port).pubsub(ignore_subscribe_messages=True)
+    listener = redis.Redis(port=private_redis.port).pubsub(ignore_subscribe_messages=True)
     try:
         await change(quota_admin, flavor, tenant, OLD)
         assert quota_admin.last_published
         listener.subscribe(INVALIDATION_CHANNEL)
-        hung_redis.pause()
+        private_redis.pause()
         record = await change(quota_admin, flavor, tenant, NEW)
         assert not quota_admin.last_published
         assert quota_admin.pending == 1
-        hung_redis.resume()
+        private_redis.resume()
         resumed = time.monotonic()
         message = None
         while message is None:
@@ -136,7 +127,7 @@ async def test_a_publish_that_failed_is_retried_as_soon_as_redis_answers(
         assert message["quota"]["version"] == record.version == 2
         assert message["quota"]["daily_limit"] == 3
         assert took < APPLIED_WITHIN + SOCKET_TIMEOUT, took
-        with redis.Redis(port=hung_redis.port) as r:
+        with redis.Redis(port=private_redis.port) as r:
             stale = r.get(quota_cache_key(tenant))
         assert stale is None or json.loads(stale)["version"] == 2, stale  # the old one is gone
         deadline = time.monotonic() + 2
@@ -144,7 +135,7 @@ async def test_a_publish_that_failed_is_retried_as_soon_as_redis_answers(
             assert time.monotonic() < deadline, "the retry never finished"
             await asyncio.sleep(0.01)
     finally:
-        hung_redis.resume()
+        private_redis.resume()
         listener.close()
         if flavor == "sync":
             quota_admin.close()
@@ -155,13 +146,13 @@ async def test_a_publish_that_failed_is_retried_as_soon_as_redis_answers(
 
 @pytest.mark.parametrize("flavor", ["sync", "async"])
 async def test_a_stale_redis_entry_never_replaces_the_newer_change_a_cache_holds(
-    hung_redis: PrivateRedis, store: QuotaStore, tenant: str, flavor: str
+    private_redis: PrivateRedis, store: QuotaStore, tenant: str, flavor: str
 ) -> None:
     """The change is made by an admin that cannot reach Redis (its client points at a port
     nobody listens on: a paused server may still run a SET it had buffered once resumed), and
     its publish is not retried here (``retry_interval`` of an hour). Redis keeps the old quota;
     the cache that applied the change reads it again and again, and keeps the new one."""
-    client = clients(hung_redis, flavor)
+    client = clients(private_redis, flavor)
     dead = clients(dead_redis(), flavor)
     kind = {"redis": client} if flavor == "sync" else {"aredis": client}
     cache = QuotaCache(store, **kind, local_ttl=0.2, redis_ttl=60)  # re-reads Redis often
@@ -179,7 +170,7 @@ async def test_a_stale_redis_entry_never_replaces_the_newer_change_a_cache_holds
         await change(down, flavor, tenant, NEW)
         assert not down.last_published
         assert await lookup(cache, flavor, tenant) == 3  # applied here at once
-        with redis.Redis(port=hung_redis.port) as r:
+        with redis.Redis(port=private_redis.port) as r:
             assert json.loads(r.get(quota_cache_key(tenant)))["daily_limit"] == 100_000
         before = redis_hits()
         deadline = time.monotonic() + 10
@@ -203,7 +194,7 @@ async def test_a_stale_redis_entry_never_replaces_the_newer_change_a_cache_holds
 
 
 async def test_a_put_while_redis_hangs_says_so_and_both_apps_keep_the_new_quota(
-    hung_redis: PrivateRedis, tmp_path: Path, kafka_bootstrap: str, tenant: str
+    private_redis: PrivateRedis, tmp_path: Path, kafka_bootstrap: str, tenant: str
 ) -> None:
     """The audit's experiment: two API processes (apps) on one Redis and quota DB, a PUT to
     one of them while Redis is hung. The PUT answers 200 and says the change did not propagate;
@@ -211,7 +202,7 @@ async def test_a_put_while_redis_hangs_says_so_and_both_apps_keep_the_new_quota(
     their local entries are refreshed from Redis many times over."""
     settings = api_settings(
         tmp_path,
-        hung_redis.url,
+        private_redis.url,
         kafka_bootstrap,
         quota_local_ttl=0.4,  # refreshed from Redis every 0.2 s while in use
         tenant_quota_cache_ttl=60,
@@ -231,13 +222,13 @@ async def test_a_put_while_redis_hangs_says_so_and_both_apps_keep_the_new_quota(
         assert "warning" not in r.headers
         assert (await enforced(c), await enforced(d)) == (100_000, 100_000)
 
-        hung_redis.pause()
+        private_redis.pause()
         try:
             t0 = time.monotonic()
             r = await c.put(f"/v1/tenants/{tenant}/quota", json=NEW, headers=admin())
             took = time.monotonic() - t0
         finally:
-            hung_redis.resume()
+            private_redis.resume()
         resumed = time.monotonic()
         assert r.status_code == 200, r.text
         assert took < 2.0, took  # the PUT does not wait for the retries
@@ -246,7 +237,7 @@ async def test_a_put_while_redis_hangs_says_so_and_both_apps_keep_the_new_quota(
         assert body["propagated"] is False
         assert "Redis could not be told" in body["warning"]
         assert r.headers["warning"].startswith('199 metering "stored, but Redis could not')
-        assert "127.0.0.1" not in r.text and str(hung_redis.port) not in r.text
+        assert "127.0.0.1" not in r.text and str(private_redis.port) not in r.text
 
         seen: list[tuple[float, int, int]] = []
         while (now := time.monotonic() - resumed) < 4.0:

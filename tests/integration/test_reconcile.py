@@ -296,55 +296,36 @@ def test_the_cli_asks_the_api_that_holds_the_engine_at_its_own_port(
 ) -> None:
     """`metering api` on a port of its own holds the embedded folder once it has answered a
     usage query: reconcile finds it by the folder's pid and asks it there, not at 8000."""
-    import os
-    import socket
     import subprocess
     import sys
 
     import httpx
 
-    from metering.commands.up import sign_token
-    from metering.settings import load_settings
-    from tests.integration.api_support import AUDIENCE, SECRET
-    from tests.integration.test_api_server import wait_until_serving
+    from tests.integration.api_support import admin
+    from tests.integration.test_api_server import api_environ, start_api, wait_until_serving
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    folder = tmp_path / "ch"
     env = {
-        **os.environ,
-        "CLICKHOUSE_URL": f"chdb://{folder}",
+        "CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}",
         "QUOTA_DB_URL": f"sqlite:///{tmp_path / 'quota.db'}",
         "METERING_DATA_DIR": str(tmp_path),
         "RATE_LIMIT_REDIS_URL": own_database(redis_url),
         "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # not needed: events wait in the spool
-        "JWT_SECRET": SECRET,
-        "JWT_AUDIENCE": AUDIENCE,
     }
     subprocess.run(  # in a process of its own: this one runs the session's engine
         [sys.executable, "-m", "metering.cli", "db", "migrate"],
-        env=env,
+        env=api_environ(env),
         check=True,
         capture_output=True,
         timeout=120,
     )
-    api = subprocess.Popen(
-        [sys.executable, "-m", "metering.cli", "api", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    api, url = start_api(env)
     try:
         wait_until_serving(url, api)
-        settings = load_settings(jwt_secret=SECRET, jwt_audience=AUDIENCE)
-        admin = {"Authorization": f"Bearer {sign_token(settings, 'ops', admin=True, ttl=60)}"}
-        r = httpx.get(f"{url}/v1/admin/reconcile", headers=admin, timeout=60)
+        r = httpx.get(f"{url}/v1/admin/reconcile", headers=admin(), timeout=60)
         assert r.status_code == 200, r.text  # the API has opened the engine now
         proc = subprocess.run(
             [sys.executable, "-m", "metering.cli", "reconcile", "--json"],
-            env=env,
+            env=api_environ(env),
             capture_output=True,
             text=True,
             timeout=120,
