@@ -16,7 +16,7 @@ from typing import Any
 
 from metering import reconcile
 from metering.cli import CommandError
-from metering.commands.store_errors import EngineHolder, embedded_engine_held, embedded_holder
+from metering.commands.store_errors import EngineHolder, embedded_engine_held, engine_holder
 from metering.settings import Settings, get_settings
 
 
@@ -80,12 +80,6 @@ def via_api(settings: Settings, base: str, day: dt.date) -> list[reconcile.Recon
     ]
 
 
-def _holder(settings: Settings) -> EngineHolder | None:
-    """The process holding the embedded engine's folder, looked up before opening it (the
-    engine prints its own error to stderr when it cannot)."""
-    return embedded_holder(settings.clickhouse_url) if settings.clickhouse_embedded else None
-
-
 def _ask(holder: EngineHolder) -> str:
     """The API of the process holding the folder, which answers for it; else a CommandError
     naming that process."""
@@ -108,13 +102,13 @@ def _run(args: argparse.Namespace) -> int:
     day = args.day or dt.datetime.now(dt.UTC).date()
     if args.api:
         rows = via_api(settings, args.api, day)
-    elif (holder := _holder(settings)) is not None:
+    elif (holder := engine_holder(settings)) is not None:
         rows = via_api(settings, _ask(holder), day)
     else:
         try:
             rows = direct(settings, day)
         except Exception as exc:  # held since the look above (a start in between)
-            if not embedded_engine_held(settings, exc) or (holder := _holder(settings)) is None:
+            if not embedded_engine_held(settings, exc) or not (holder := engine_holder(settings)):
                 raise
             rows = via_api(settings, _ask(holder), day)
     if args.json:

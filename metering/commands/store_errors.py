@@ -141,6 +141,12 @@ def embedded_holder(clickhouse_url: str) -> EngineHolder | None:
     return EngineHolder(pid, argv)
 
 
+def engine_holder(settings: Settings) -> EngineHolder | None:
+    """:func:`embedded_holder` of the settings' ClickHouse (None for a server). A command asks
+    it before opening the engine, which prints its own error to stderr when it cannot."""
+    return embedded_holder(settings.clickhouse_url) if settings.clickhouse_embedded else None
+
+
 def embedded_engine_held(settings: Settings, exc: BaseException) -> bool:
     """Whether ``exc`` is the embedded engine refusing to open a folder another process holds
     (this process may hold it itself once it opened it, so only an open failure is asked about)."""

@@ -84,7 +84,7 @@ def _queries() -> UsageQueries:
     from metering.commands.store_errors import (
         EngineHolder,
         embedded_engine_held,
-        embedded_holder,
+        engine_holder,
     )
 
     settings = load_settings()
@@ -105,8 +105,7 @@ def _queries() -> UsageQueries:
             f"the embedded ClickHouse ({settings.clickhouse_url}) is in use by {who}; {ask}"
         )
 
-    # Looked up before opening: the engine prints its own error to stderr when it cannot.
-    if settings.clickhouse_embedded and (holder := embedded_holder(settings.clickhouse_url)):
+    if holder := engine_holder(settings):
         raise held(holder)
     try:
         client = clickhouse_client(
@@ -114,7 +113,7 @@ def _queries() -> UsageQueries:
         )
     except Exception as exc:
         if embedded_engine_held(settings, exc):
-            raise held(embedded_holder(settings.clickhouse_url)) from None
+            raise held(engine_holder(settings)) from None
         raise
     return UsageQueries(client, settings.clickhouse_database)
 
