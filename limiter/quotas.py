@@ -715,6 +715,17 @@ class QuotaCache:
         self.close()
 
 
+def unpublished_warning(local_ttl: float, redis_ttl: float, *, retrying: bool) -> str:
+    """What an operator is told of a change stored while Redis could not be told: every
+    process applies it once its local copy (``local_ttl``) and the Redis entry (``redis_ttl``)
+    have expired, sooner if a retry (``retrying``: a long-lived process) reaches Redis."""
+    retry = "the publish is retried in the background and " if retrying else ""
+    return (
+        f"stored, but Redis could not be told; {retry}processes apply the change within "
+        f"{local_ttl + redis_ttl:g}s"
+    )
+
+
 class QuotaAdmin:
     """Changes quotas so they take effect at once: DB, then the Redis entry, then a publish.
 

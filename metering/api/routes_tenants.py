@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from limiter.keys import daily_counter_key, token_bucket_key, window_meta_key
+from limiter.quotas import unpublished_warning
 from metering.api.auth import (
     CurrentPrincipal,
     authorize_tenant,
@@ -154,10 +155,8 @@ async def put_quota(
     warning = None
     if not propagated:
         settings = ctx.settings
-        warning = (
-            "stored, but Redis could not be told; the publish is retried in the background and "
-            "processes apply the change within "
-            f"{settings.quota_local_ttl + settings.tenant_quota_cache_ttl:g}s at the latest"
+        warning = unpublished_warning(
+            settings.quota_local_ttl, settings.tenant_quota_cache_ttl, retrying=True
         )
         response.headers["Warning"] = f'199 metering "{warning}"'
     out = _quota_out(tenant, record, ctx.settings.quota_default_plan)

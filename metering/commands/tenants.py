@@ -115,7 +115,7 @@ def _set(args: argparse.Namespace) -> int:
             changes["window_limit"] = args.window_limit
         if args.window_seconds is not None:
             changes["window_seconds"] = args.window_seconds
-    from limiter.quotas import QuotaAdmin
+    from limiter.quotas import QuotaAdmin, unpublished_warning
 
     store = _store(settings)
     try:
@@ -127,11 +127,10 @@ def _set(args: argparse.Namespace) -> int:
         store.close()
     print(json.dumps(record.as_dict()) if args.json else f"{_HEADER}\n{_row(record)}")
     if not admin.last_published:
-        print(
-            "metering: warning: stored, but Redis could not be told; processes apply the change "
-            f"within {settings.quota_local_ttl + settings.tenant_quota_cache_ttl:g}s",
-            file=sys.stderr,
-        )
+        warning = unpublished_warning(
+            settings.quota_local_ttl, settings.tenant_quota_cache_ttl, retrying=False
+        )  # this process exits now: no retry of its own
+        print(f"metering: warning: {warning}", file=sys.stderr)
     return 0
 
 
