@@ -54,6 +54,14 @@ def _media_type(request: Request) -> str:
 _SPLIT_BATCH = msgspec.json.Decoder(list[msgspec.Raw])
 
 
+def _loads(raw: bytes) -> Any:
+    """The body parsed by Python's JSON parser, or the 400 naming where it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise Problem(400, f"request body is not valid JSON: {exc}", slug="bad-json") from None
+
+
 def _parse_body(raw: bytes, media_type: str, max_batch: int) -> list[Any]:
     """The batch's items, each the raw JSON of one event, once the batch is known to be a
     non-empty array of at most ``max_batch`` items.
@@ -64,10 +72,7 @@ def _parse_body(raw: bytes, media_type: str, max_batch: int) -> list[Any]:
     if not raw.strip():
         raise Problem(400, "request body is empty: send a JSON array of events", slug="bad-json")
     if media_type in SINGLE_TYPES:
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise Problem(400, f"request body is not valid JSON: {exc}", slug="bad-json") from None
+        body = _loads(raw)
         if not isinstance(body, dict):
             raise Problem(422, "application/cloudevents+json carries one event (a JSON object)")
         return [body]
@@ -76,10 +81,7 @@ def _parse_body(raw: bytes, media_type: str, max_batch: int) -> list[Any]:
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         # Not a well-formed JSON array: Python's parser gives the verdict and the message it
         # always gave (it also reads NaN and Infinity, then refused event by event).
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise Problem(400, f"request body is not valid JSON: {exc}", slug="bad-json") from None
+        body = _loads(raw)
         if not isinstance(body, list):
             raise Problem(
                 422, "request body must be a JSON array of events", slug="invalid-batch"
