@@ -14,6 +14,10 @@ import functools
 import time
 
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NS_PER_DAY = 86_400 * 1_000_000_000
+#: The estimate's own error: the server's second is truncated and the round trip unknown.
+_OFFSET_NOISE = 1.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -28,6 +32,28 @@ def epoch_day(day: dt.date) -> int:
     return day.toordinal() - _EPOCH_ORDINAL
 
 
+def time_in_day_ns(t_ns: int, day: dt.date | None) -> int:
+    """``t_ns`` (nanoseconds since the epoch), moved into the UTC ``day`` if it falls outside.
+
+    A decision is counted in the Redis server's UTC day; its usage event is stamped afterwards by
+    the host's clock, which may be skewed. Near midnight the two can name different days, and
+    the pipeline (ClickHouse's days, the Faust daily table, the quota DB's backfill, reconcile)
+    would then count the request on a day other than the one whose quota it used. So the event
+    keeps to the counted day: its first microsecond, or its last."""
+    if day is None:
+        return t_ns
+    start = (day.toordinal() - _EPOCH_ORDINAL) * _NS_PER_DAY
+    if t_ns < start:
+        return start
+    last = start + _NS_PER_DAY - 1000  # events carry microseconds
+    return last if t_ns > last else t_ns
+
+
+def utc_from_ns(t_ns: int) -> dt.datetime:
+    """An aware UTC datetime of ``t_ns``, exact to the microsecond (no float on the way)."""
+    return _EPOCH + dt.timedelta(microseconds=t_ns // 1000)
+
+
 class ServerClock:
     """Offset of the Redis server's clock from this process's wall clock."""
 
@@ -39,6 +65,13 @@ class ServerClock:
     def today(self) -> int:
         """The server's UTC day (days since 1970-01-01), as far as the client knows."""
         return int((time.time() + self.offset) // 86400)
+
+    def skew(self) -> float:
+        """The offset when it is larger than the estimate's own error, else 0: a host whose
+        clock is known off the server's by more than a second goes by the server's, one in step
+        keeps its own (finer) clock."""
+        offset = self.offset
+        return offset if abs(offset) > _OFFSET_NOISE else 0.0
 
     def observe(self, server_second: int) -> None:
         # The server's second was truncated: its true time is on average half a second later.

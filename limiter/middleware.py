@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Protocol
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from limiter.clock import time_in_day_ns, utc_from_ns
 from limiter.core import MAX_COST, check_tenant
 from limiter.decision import (
     COST_EXCEEDS_BURST,
@@ -416,6 +417,8 @@ class RateLimitMiddleware:
         self.exempt_paths = frozenset(exempt_paths)
         self.source = source
         self.clock = clock
+        #: the limiter's estimate of the Redis server's clock (the clock of record), if it has one
+        self._server_clock = getattr(limiter, "clock", None)
         self._event_templates = EventTemplates()
         self._refusals_logged: set[str] = set()  # shadow mode: unknown tenants logged once
 
@@ -455,7 +458,7 @@ class RateLimitMiddleware:
         if self.shadow:
             await self.app(scope, receive, send)
             return
-        headers = ratelimit_headers(decision, now=self.clock())
+        headers = ratelimit_headers(decision, now=self.clock() + self._skew())
         if not decision.allowed:
             reason = str(getattr(decision, "reason", ""))
             if reason in _NEVER_FITS:  # no wait helps: no Retry-After
@@ -543,7 +546,22 @@ class RateLimitMiddleware:
             parts = templates.learn(key, event)
             if parts is None:  # the encoding would differ from msgspec's: encode this one whole
                 return encode_wire(event)
-        return templates.splice(parts, new_decision_event_id(), time.time_ns())
+        return templates.splice(parts, new_decision_event_id(), self._event_time_ns(decision))
+
+    def _skew(self) -> float:
+        """Seconds to add to this host's clock for the Redis server's, when they are known to
+        be more than a second apart (:meth:`limiter.clock.ServerClock.skew`)."""
+        server = self._server_clock
+        return server.skew() if server is not None else 0.0
+
+    def _event_time_ns(self, decision: Any) -> int:
+        """The decision event's time: now by the server's clock as far as known, within the UTC
+        day the limiter counted the cost in (:func:`limiter.clock.time_in_day_ns`)."""
+        now = time.time_ns()
+        skew = self._skew()
+        if skew:
+            now += int(skew * 1e9)
+        return time_in_day_ns(now, getattr(decision, "day", None))
 
     def wire_event(
         self, tenant: str, decision: Any, cost: int, meter: str, route: str
@@ -555,7 +573,7 @@ class RateLimitMiddleware:
             self.source,
             TYPE_RATELIMIT,
             tenant,
-            dt.datetime.now(dt.UTC),
+            utc_from_ns(self._event_time_ns(decision)),
             FastUsageData(
                 meter,
                 float(cost),
@@ -588,6 +606,6 @@ class RateLimitMiddleware:
             source=self.source,
             type=TYPE_RATELIMIT,
             subject=tenant,
-            time=dt.datetime.now(dt.UTC),
+            time=utc_from_ns(self._event_time_ns(decision)),
             data=data,
         )

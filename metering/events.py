@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time as _time
 import uuid
 from typing import Annotated, Any, Final, Literal
 
@@ -36,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from limiter.clock import time_in_day_ns, utc_from_ns
 from metering.ids import InvalidIdentifier, validate_meter, validate_tenant_id
 from metering.settings import get_settings
 
@@ -330,7 +332,9 @@ def decision_event(
 
     ``decision`` is a :class:`limiter.Decision`-like object (``allowed``, ``reason``, ``cost``)
     or a plain bool ``allowed``. ``quantity`` is the request's cost; dimensions carry ``route``
-    and ``reason`` where known.
+    and ``reason`` where known. Without ``time`` the event is stamped now, kept within the UTC
+    day the decision was counted in (``decision.day``, the Redis server's day): see
+    :func:`limiter.clock.time_in_day_ns`.
     """
     if isinstance(decision, bool):
         allowed, reason = decision, None
@@ -352,7 +356,8 @@ def decision_event(
             "source": source,
             "type": TYPE_RATELIMIT,
             "subject": tenant,
-            "time": time or dt.datetime.now(dt.UTC),
+            "time": time
+            or utc_from_ns(time_in_day_ns(_time.time_ns(), getattr(decision, "day", None))),
             "data": {
                 "meter": meter,
                 "quantity": float(1 if cost is None else cost),

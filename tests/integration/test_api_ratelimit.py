@@ -6,11 +6,16 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 from prometheus_client import REGISTRY
 
+import limiter.clock
+import limiter.middleware
 from tests.integration.api_support import (
     AUDIENCE,
     admin,
@@ -199,6 +204,59 @@ async def test_every_decision_becomes_a_usage_event(settings, tenant: str) -> No
     assert [e.data.decision for e in events] == ["allowed", "allowed", "rejected"]
     assert {e.data.dimensions["route"] for e in events} == {"/v1/limits/{tenant}"}
     assert [e.billable for e in events] == [True, True, False]
+
+
+class _SkewedTime:
+    """The ``time`` module as a host whose clock is ``skew`` seconds ahead of Redis's."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def time_ns(self) -> int:
+        return time.time_ns() + int(self.skew * 1e9)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("past_midnight", [False, True])
+async def test_a_skewed_host_clock_moves_no_decision_to_another_day(  # type: ignore[no-untyped-def]
+    settings, redis_url: str, tenant: str, monkeypatch: pytest.MonkeyPatch, past_midnight: bool
+) -> None:
+    """The Redis server's clock is the clock of record: a request counted on its UTC day is on
+    that day in the pipeline too (ClickHouse, the Faust tables, the backfill go by the event's
+    time), however far the API host's clock is off; a host known off by more than a second
+    stamps its events by the server's clock."""
+    r = redis.Redis.from_url(redis_url)
+    seconds, micros = r.time()
+    server_now = seconds + micros / 1e6
+    midnight = (int(server_now) // 86400 + 1) * 86400
+    # The host is ahead: past Redis's next midnight, or by 3 s (unless that crosses it too).
+    skew = midnight - server_now + 0.25 if past_midnight else 3.0
+    monkeypatch.setattr(limiter.clock, "time", _SkewedTime(skew))
+    monkeypatch.setattr(limiter.middleware, "time", _SkewedTime(skew))
+    async with api_client(settings) as client:
+        await put_quota(client, tenant, rate_per_sec=100, burst=50, daily_limit=1000)
+        for _ in range(3):
+            assert (
+                await client.get(f"/v1/limits/{tenant}", headers=auth(tenant))
+            ).status_code == 200
+    seconds, micros = r.time()
+    server_after = seconds + micros / 1e6
+    counted = {k.decode() for k in r.scan_iter(match=f"rl:{{{tenant}}}:day:*")}
+    events = read_events(settings, expected=3, subject=tenant)
+    server_days = {
+        dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y%m%d") for t in (server_now, server_after)
+    }
+    assert len(events) == 3
+    for e in events:
+        assert f"rl:{{{tenant}}}:day:{e.time:%Y%m%d}" in counted
+        assert e.time.strftime("%Y%m%d") in server_days
+        if not past_midnight and len(server_days) == 1:  # stamped by the server's clock
+            assert server_now - 1.5 <= e.time.timestamp() <= server_after + 1.5
 
 
 async def test_route_costs_come_from_the_settings(

@@ -21,6 +21,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from limiter.clock import ServerClock
 from limiter.core import MAX_COST
 from limiter.decision import Decision
 from limiter.middleware import (
@@ -55,7 +56,7 @@ def decision(**over: Any) -> Decision:
         reason="ok",
         tenant="acme",
         cost=1,
-        day=RESET_AT.date(),
+        day=dt.datetime.now(dt.UTC).date(),  # the events made of it keep to this day
         quota=QUOTA,
     )
     fields.update(over)
@@ -555,11 +556,79 @@ def test_each_encoded_decision_has_its_own_id_and_the_time_it_was_made(source: s
     """decision_bytes splices an id and a time into a kept template; a source that would move
     the splice (it holds the template's time placeholder) is encoded whole instead."""
     mw = RateLimitMiddleware(inner(), ScriptedLimiter(), source=source)
-    d = decision()
     before = dt.datetime.now(dt.UTC)
+    d = decision(day=before.date())  # counted today: the event keeps to its counted day
     events = [decode_event(mw.decision_bytes("acme", d, 1, "requests", "/x")) for _ in range(3)]
     after = dt.datetime.now(dt.UTC)
     assert len({e.id for e in events}) == 3
     for e in events:
         assert e.source == source and e.subject == "acme" and e.data.decision == "allowed"
         assert before - dt.timedelta(microseconds=1) <= e.time <= after
+
+
+class SkewedLimiter(ScriptedLimiter):
+    """A scripted limiter with an estimate of the Redis server's clock (limiter.clock)."""
+
+    def __init__(self, offset: float, *decisions: Decision) -> None:
+        super().__init__(*decisions)
+        self.clock = ServerClock()
+        self.clock.offset = offset
+
+
+def event_times(mw: RateLimitMiddleware, d: Decision) -> list[dt.datetime]:
+    """The decision's event time by each of the three ways an event is made."""
+    args = ("acme", d, 1, "requests", "/x")
+    day_after = dt.datetime.combine(d.day, dt.time(), dt.UTC) + dt.timedelta(days=1)
+    return [
+        decode_event(mw.decision_bytes(*args), now=day_after).time,
+        mw.decision_event(*args).time,
+        mw.wire_event(*args).time,
+    ]
+
+
+@pytest.mark.parametrize("days", [-1, 1])
+def test_a_decision_event_keeps_to_the_day_the_limiter_counted_it_in(days: int) -> None:
+    """Redis counted the cost on its own UTC day; a host clock on the other side of midnight
+    (skewed, or the event made a few ms after the decision) must not move the event, and so
+    ClickHouse's day, the Faust daily table and the quota DB's backfill, to another day."""
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter())
+    today = dt.datetime.now(dt.UTC).date()
+    counted = today + dt.timedelta(days=days)
+    edge = dt.datetime.combine(counted, dt.time(), dt.UTC)
+    if days < 0:  # counted yesterday: the day's last microsecond
+        edge += dt.timedelta(days=1, microseconds=-1)
+    d = decision(day=counted)
+    assert event_times(mw, d) == [edge] * 3
+    if days < 0:  # (the validating builder refuses tomorrow's start: hours in its future)
+        assert decision_event("acme", d).time == edge
+
+
+def test_a_decision_event_on_its_counted_day_keeps_the_hosts_time() -> None:
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter())
+    before = dt.datetime.now(dt.UTC)
+    times = event_times(mw, decision(day=before.date()))
+    after = dt.datetime.now(dt.UTC)
+    for t in times:
+        assert before - dt.timedelta(microseconds=1) <= t <= after
+
+
+@pytest.mark.parametrize(("offset", "moved"), [(30.0, True), (-30.0, True), (0.4, False)])
+async def test_a_host_clock_known_off_the_servers_goes_by_the_servers(
+    offset: float, moved: bool
+) -> None:
+    """The limiter's estimate of the Redis server's clock is within about a second; a host
+    known off by more stamps events and computes the daily reset by the server's clock."""
+    shift = offset if moved else 0.0
+    server_day = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=shift)).date()
+    limiter = SkewedLimiter(offset, decision(day=server_day))
+    mw = RateLimitMiddleware(inner(), limiter, clock=lambda: NOW)
+    before = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=shift)
+    times = event_times(mw, decision(day=server_day))
+    after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=shift)
+    for t in times:
+        # (kept within the server's day: across midnight a time may sit on the day's edge)
+        assert before - dt.timedelta(microseconds=1) <= t <= after or t.date() == server_day
+    async with client(mw) as c:
+        r = await c.get("/v1/things/1")
+    day_reset = round(RESET_AT.timestamp() - (NOW + shift))  # the day ends an hour after NOW
+    assert f'"daily";r=990;t={day_reset}' in r.headers["ratelimit"]
