@@ -12,7 +12,6 @@ and including the minute ``now`` falls in, i.e. ``[m - N + 1, m + 1)`` in minute
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import itertools
 import types
 import zoneinfo
@@ -64,6 +63,24 @@ def rfc3339(t: dt.datetime) -> str:
     return t.isoformat(timespec=spec)
 
 
+def _rfc3339_cache() -> Callable[[dt.datetime], str]:
+    """:func:`rfc3339`, remembered per instant for one answer's times (all in one zone).
+
+    Not ``functools.lru_cache``: two times of one zone that differ only by ``fold`` (the
+    repeated hour when the clocks go back) compare and hash equal (PEP 495), so the second would
+    be given the first one's offset: ``02:00+02:00`` for ``02:00+01:00``."""
+    texts: dict[tuple[dt.datetime, int], str] = {}
+
+    def text(t: dt.datetime) -> str:
+        key = (t, t.fold)
+        found = texts.get(key)
+        if found is None:
+            found = texts[key] = rfc3339(t)
+        return found
+
+    return text
+
+
 def _value(raw: Any, aggregation: Aggregation) -> float | int:
     return int(raw) if aggregation in _INTEGRAL else float(raw)
 
@@ -101,7 +118,7 @@ class UsageResult:
 
     def to_dict(self) -> dict[str, Any]:
         q, zone = self.query, zoneinfo.ZoneInfo(self.query.tz)
-        text = functools.lru_cache(maxsize=None)(rfc3339)  # a window's end is the next's start
+        text = _rfc3339_cache()  # a window's end is the next's start
         return {
             "tenant": q.tenant,
             "meter": q.meter,

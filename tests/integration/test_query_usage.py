@@ -143,6 +143,14 @@ def test_hour_windows_repeat_the_local_hour_when_clocks_fall_back(hourly: UsageQ
         "2026-11-01T02:00:00-05:00",
     ]
     assert [r.value for r in result.rows] == [1.0] * 4
+    # The JSON answer (the API's, `metering usage --json`) tells the repeated hours apart too.
+    data = result.to_dict()["data"]
+    assert [(d["window_start"], d["window_end"]) for d in data] == [
+        ("2026-11-01T00:00:00-04:00", "2026-11-01T01:00:00-04:00"),
+        ("2026-11-01T01:00:00-04:00", "2026-11-01T01:00:00-05:00"),
+        ("2026-11-01T01:00:00-05:00", "2026-11-01T02:00:00-05:00"),
+        ("2026-11-01T02:00:00-05:00", "2026-11-01T03:00:00-05:00"),
+    ]
 
 
 @pytest.mark.parametrize(
