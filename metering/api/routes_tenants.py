@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from limiter.keys import daily_counter_key, token_bucket_key, window_meta_key
+from limiter.keys import daily_counter_key, token_bucket_key, window_log_key, window_meta_key
 from limiter.quotas import unpublished_warning
 from metering.api.auth import (
     CurrentPrincipal,
@@ -198,6 +198,17 @@ def _num(raw: Any, default: float = 0.0) -> float:
         return default
 
 
+def _window_used(raw_sum: Any, expired: list[Any]) -> int:
+    """The units in the rolling window now: the stored sum less the entries that have left it
+    since the last acquire (which prunes them: ``limiter/acquire.lua``). Entries are
+    ``<seq>:<cost>``."""
+    gone = 0
+    for member in expired:
+        text = member.decode() if isinstance(member, bytes) else str(member)
+        gone += int(_num(text.rpartition(":")[2]))
+    return max(0, int(_num(raw_sum)) - gone)
+
+
 @router.get(
     "/v1/limits/{tenant}",
     response_model=LimitsOut,
@@ -227,7 +238,17 @@ async def get_limits(
         day = now.date()
         tokens_raw, ts_raw = await ctx.redis.hmget(token_bucket_key(tenant), ["tokens", "ts"])
         used_raw = await ctx.redis.get(daily_counter_key(tenant, day))
-        window_raw = await ctx.redis.hget(window_meta_key(tenant), "sum") if window_limit else None
+        window_used = None
+        if window_limit and window_seconds:
+            window_used = _window_used(
+                await ctx.redis.hget(window_meta_key(tenant), "sum"),
+                # what the next acquire would drop: the entries that have left the window
+                await ctx.redis.zrangebyscore(
+                    window_log_key(tenant),
+                    "-inf",
+                    int(seconds) * 1_000_000 + int(micros) - window_seconds * 1_000_000,
+                ),
+            )
     except Exception as exc:  # redis.RedisError, OSError: report, do not 500
         problem = store_problem(
             exc,
@@ -256,7 +277,7 @@ async def get_limits(
             remaining=max(0, daily_limit - used),
             reset_at=reset_at,
         ),
-        window=WindowState(limit=window_limit, seconds=window_seconds, used=int(_num(window_raw)))
-        if window_limit and window_seconds
+        window=WindowState(limit=window_limit, seconds=window_seconds, used=window_used)
+        if window_limit and window_seconds and window_used is not None
         else None,
     )

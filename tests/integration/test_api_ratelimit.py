@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 import limiter.clock
 import limiter.middleware
+from limiter.keys import window_log_key, window_meta_key
 from tests.integration.api_support import (
     AUDIENCE,
     admin,
@@ -129,6 +130,40 @@ async def test_fields_match_the_limiters_live_state(settings, tenant: str) -> No
     assert '"daily";r=494;' in last.headers["ratelimit"]
     assert live["daily"]["used"] == 6
     assert math.floor(live["bucket"]["tokens"]) == 14
+
+
+async def test_the_live_window_leaves_out_what_has_left_it(  # type: ignore[no-untyped-def]
+    settings, redis_url: str, tenant: str
+) -> None:
+    """GET /v1/limits reports the rolling window's units now, not the stored sum, which only
+    the next acquire prunes of the entries that have aged out."""
+    r = redis.Redis.from_url(redis_url)
+    log_key = window_log_key(tenant)
+    async with api_client(settings) as client:
+        await put_quota(
+            client,
+            tenant,
+            rate_per_sec=100,
+            burst=50,
+            daily_limit=1000,
+            window_limit=100,
+            window_seconds=60,
+        )
+        for _ in range(5):
+            assert (
+                await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))
+            ).is_success
+        live = (await client.get(f"/v1/limits/{tenant}", headers=admin())).json()
+        assert live["window"] == {"limit": 100, "seconds": 60, "used": 5}
+        # Three of the five age out of the window (as if 61 s had passed for them).
+        for member, score in r.zrange(log_key, 0, 2, withscores=True):
+            r.zadd(log_key, {member: score - 61_000_000})
+        live = (await client.get(f"/v1/limits/{tenant}", headers=admin())).json()
+        assert live["window"]["used"] == 2
+        assert r.hget(window_meta_key(tenant), "sum") == b"5"  # nothing pruned by reading
+        # The limiter's next decision agrees: 2 in the window, and its own unit.
+        assert (await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))).is_success
+    assert r.hget(window_meta_key(tenant), "sum") == b"3"
 
 
 async def test_shadow_mode_never_blocks_but_counts(
