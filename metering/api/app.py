@@ -120,8 +120,33 @@ async def _close(resource: Any) -> None:
         await _maybe_await(result)
 
 
+#: RFC 9457 problem details: the body of every error this API answers (metering.api.problems).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "description": "urn:metering:problem:<slug> or about:blank"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string", "description": "what was wrong, naming the field or value"},
+        "errors": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "per-item errors of a batch, by index",
+        },
+    },
+    "additionalProperties": True,
+}
+_PROBLEM_CONTENT = {
+    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+}
+_FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
 def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus ``UsageEvent`` (the ingest body is read by hand, not declared)."""
+    """FastAPI's schema plus ``UsageEvent`` (the ingest body is read by hand, not declared),
+    with the errors as the API answers them: problem+json (:func:`_problem_responses`)."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = FastAPI.openapi(app)
@@ -129,8 +154,36 @@ def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(event_schema.pop("$defs", {}))
     components["UsageEvent"] = event_schema
+    _problem_responses(schema)
     app.openapi_schema = schema
     return schema
+
+
+def _problem_responses(schema: dict[str, Any]) -> None:
+    """Every error answer as the API gives it: ``application/problem+json``, never FastAPI's
+    default 422 body (``{"detail": [...]}``, which this API does not send); and the answers
+    the middlewares give every route: 401 (a missing or bad token), 429 (the rate limit) and
+    503 (a store down), on the routes they apply to."""
+    exempt = PUBLIC_PATHS | UNMETERED_ADMIN_PATHS
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if path not in PUBLIC_PATHS:
+                responses.setdefault("401", {"description": "no token, or one that did not verify"})
+                responses.setdefault(
+                    "503", {"description": "a store it needs is unavailable; retry later"}
+                )
+            if path not in exempt:
+                responses.setdefault(
+                    "429", {"description": "the tenant's rate limit or daily quota is used up"}
+                )
+            for status, response in responses.items():
+                if status[:1] in ("4", "5"):
+                    response["content"] = dict(_PROBLEM_CONTENT)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = PROBLEM_SCHEMA
+    for name in _FASTAPI_VALIDATION_SCHEMAS:
+        components.pop(name, None)
 
 
 def telemetry_argument(opentelemetry: bool) -> dict[str, Any]:
