@@ -178,24 +178,73 @@ def make_engine(url: str | URL, *, timeouts: bool = True) -> Engine:
     return create_engine(u, connect_args=connect_args, pool_pre_ping=True)
 
 
+class NewerRevisionError(RuntimeError):
+    """The quota DB is at a revision this release does not ship: a newer release migrated it
+    (a deploy rolled back). Alembic cannot migrate from it, and the models may not match it."""
+
+    def __init__(self, found: str, known: str) -> None:
+        self.found = f"revision {found}"
+        self.known = known
+        super().__init__(
+            f"the quota DB is at {self.found}, newer than this release knows ({self.known}): "
+            "deploy the newer release"
+        )
+
+
+def transactional_ddl(engine: Engine) -> Engine:
+    """Make ``engine``'s transactions cover DDL on SQLite (SQLAlchemy's pysqlite recipe).
+
+    Python's sqlite3 runs ``CREATE TABLE`` outside any transaction, so a migration killed
+    half-way would leave tables no later run can create again. Here the driver's own BEGIN is
+    off and each transaction starts with ``BEGIN IMMEDIATE``: a killed migration rolls back
+    whole, and a concurrent one waits for the write lock (``busy_timeout``), then finds the
+    work done. PostgreSQL's DDL is transactional already: its engine is returned unchanged.
+    """
+    if engine.dialect.name != "sqlite":
+        return engine
+
+    @event.listens_for(engine, "connect")
+    def _driver_autocommit(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _refuse_unknown_revision(conn: Any, script: Any) -> None:
+    """Raise :class:`NewerRevisionError` when the DB is at a revision ``script`` lacks."""
+    from alembic.runtime.migration import MigrationContext
+
+    known = {rev.revision for rev in script.walk_revisions()}
+    for current in MigrationContext.configure(conn).get_current_heads():
+        if current not in known:
+            raise NewerRevisionError(current, ", ".join(script.get_heads()) or "none")
+
+
 def migrate(url: str | URL, revision: str = "head") -> str | None:
     """Bring the quota DB at ``url`` to ``revision`` (idempotent); return the revision reached.
 
     Needs no ``alembic.ini``: the configuration is built here and the scripts ship inside the
-    package (``metering/migrations``).
+    package (``metering/migrations``). One transaction, DDL included
+    (:func:`transactional_ddl`). A DB at a revision this release does not ship raises
+    :class:`NewerRevisionError`.
     """
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
-    engine = make_engine(url, timeouts=False)
+    engine = transactional_ddl(make_engine(url, timeouts=False))
     try:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with engine.begin() as conn:
+            _refuse_unknown_revision(conn, ScriptDirectory.from_config(cfg))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
-        with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
@@ -410,6 +459,7 @@ __all__ = [
     "MIGRATIONS_DIR",
     "Base",
     "DailyUsageRow",
+    "NewerRevisionError",
     "QuotaError",
     "QuotaStore",
     "TenantRecord",
@@ -417,4 +467,5 @@ __all__ = [
     "make_engine",
     "migrate",
     "normalize_url",
+    "transactional_ddl",
 ]

@@ -45,6 +45,19 @@ def migrations() -> list[Migration]:
     return found
 
 
+class NewerSchemaError(RuntimeError):
+    """The database holds a migration version this release does not ship: a newer release
+    migrated it (a deploy rolled back). Its tables may not be what this code reads and writes."""
+
+    def __init__(self, found: int, known: int | None) -> None:
+        self.found = f"schema version {found}"
+        self.known = str(known) if known is not None else "none"
+        super().__init__(
+            f"ClickHouse is at {self.found}, newer than this release knows ({self.known}): "
+            "deploy the newer release"
+        )
+
+
 def checked_database(database: str) -> str:
     """``database`` if it is a plain identifier (safe to put into SQL text), else ValueError."""
     if not isinstance(database, str) or not _DATABASE_RE.match(database):
@@ -114,6 +127,7 @@ def apply_retention(
 
 def migrate_client(client: Any, database: str, *, retention_days: int | None = None) -> Applied:
     """Apply the pending migrations to ``database`` through ``client``; return their names.
+    A database a newer release migrated raises :class:`NewerSchemaError`, before any change.
     With ``retention_days`` (from settings), the retention tables' TTL is brought to it too
     (:func:`apply_retention`); without, new tables get :data:`DEFAULT_RETENTION_DAYS` and an
     existing TTL is left as it is."""
@@ -128,8 +142,12 @@ def migrate_client(client: Any, database: str, *, retention_days: int | None = N
     )
     versions = client.query(f"SELECT version FROM {database}.schema_migrations")  # noqa: S608
     done = {row[0] for row in versions.result_rows}
+    shipped = migrations()
+    newest = max((mig.version for mig in shipped), default=None)
+    if done and (newest is None or max(done) > newest):
+        raise NewerSchemaError(max(done), newest)
     applied = Applied()
-    for mig in migrations():
+    for mig in shipped:
         if mig.version in done:
             continue
         for statement in mig.statements(database, retention_days or DEFAULT_RETENTION_DAYS):
@@ -167,6 +185,7 @@ __all__ = [
     "RETENTION_TABLES",
     "Applied",
     "Migration",
+    "NewerSchemaError",
     "apply_retention",
     "checked_database",
     "migrate",

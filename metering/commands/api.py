@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from metering.api import create_app
+    from metering.commands.store_errors import forget_holder, record_holder
     from metering.commands.up import warn_or_refuse_redis
 
     settings = load_settings()
@@ -62,5 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     settle_heap()
     server = uvicorn.Server(server_config(app, args.host, args.port, args.log_level))
-    server.run()
+    # Who holds the embedded engine once it opens, for `metering reconcile`/`usage` beside it.
+    record = record_holder(settings.clickhouse_url, "api", args.host, args.port)
+    try:
+        server.run()
+    finally:
+        forget_holder(record)
     return 0 if server.started else 1

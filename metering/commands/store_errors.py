@@ -1,7 +1,8 @@
 """What the CLI says when a store fails a command: the quota DB, ClickHouse, Kafka or Redis
-unreachable, not migrated, or (the embedded engine) held by another process. One line naming the
-store and the setting that names it (its password masked), with a hint where one helps;
-:func:`metering.cli.main` prints it instead of the traceback, which ``--verbose`` shows.
+unreachable, not migrated, migrated by a newer release, or (the embedded engine) held by another
+process. One line naming the store and the setting that names it (its password masked), with a
+hint where one helps; :func:`metering.cli.main` prints it instead of the traceback, which
+``--verbose`` shows.
 
 The libraries' exception classes are looked up among the modules already imported: an error of
 a library this process never imported cannot have been raised, and importing one (chdb, Kafka)
@@ -13,7 +14,9 @@ The API answers a store's failure on a route with a 503 that names the store
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
 import re
 import sys
@@ -25,6 +28,7 @@ from metering.commands.config import MASK, redact
 from metering.settings import Settings, load_settings
 
 MIGRATE_HINT = "run `metering db migrate`"
+NEWER_HINT = "deploy the newer release"
 FOLDER_IN_USE = "the folder is in use by another process (a running `metering up` or worker)"
 MAX_DETAIL = 300
 
@@ -84,10 +88,14 @@ class EngineHolder:
 
     pid: int
     argv: tuple[str, ...]  # its command line ((): not readable)
+    #: what it recorded in the folder (:func:`record_holder`): its command, host and port
+    recorded: tuple[str, str, int] | None = None
 
     @property
     def command(self) -> str | None:
         """``up``, ``api``, ``worker``... when it is a ``metering`` command, else None."""
+        if self.recorded is not None:
+            return self.recorded[0]
         for i, arg in enumerate(self.argv):
             if arg.endswith(("metering", "metering.cli")) and i + 1 < len(self.argv):
                 return self.argv[i + 1]
@@ -108,21 +116,98 @@ class EngineHolder:
         loopback)."""
         if self.command not in ("up", "api"):
             return None
-        host = self._flag("--host", "127.0.0.1")
+        if self.recorded is not None:
+            host, port = self.recorded[1], str(self.recorded[2])
+        else:
+            host, port = self._flag("--host", "127.0.0.1"), self._flag("--port", "8000")
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self._flag('--port', '8000')}"
+        return f"http://{host}:{port}"
 
     def describe(self) -> str:
         named = f"`metering {self.command}`" if self.command else "another process"
         return f"{named} (pid {self.pid})"
 
 
+#: The file in the engine's folder where a `metering up` or `metering api` names itself
+#: (:func:`record_holder`).
+_HOLDER_FILE = "metering-holder-{pid}.json"
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot; None: no such process). With the
+    pid it names one process: a record left by a process gone is not taken for a new one's."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def record_holder(clickhouse_url: str, command: str, host: str, port: int) -> Path | None:
+    """Record in the embedded engine's folder of ``clickhouse_url`` that this process is
+    ``metering <command>`` serving HTTP on ``host:port`` (nothing for a ClickHouse server);
+    return the file, for :func:`forget_holder`.
+
+    Another command that finds the folder held reads it (:func:`embedded_holder`) to ask this
+    process's API instead: ``/proc/<pid>/cmdline`` cannot tell, as Faust rewrites the process
+    title of `metering up` ("[Faust:Worker] ..."). A folder that cannot be written costs only
+    that hint."""
+    folder = _folder(clickhouse_url)
+    if folder is None:
+        return None
+    pid = os.getpid()
+    path = folder / _HOLDER_FILE.format(pid=pid)
+    record = {
+        "pid": pid,
+        "started": _start_time(pid),
+        "command": command,
+        "host": host,
+        "port": port,
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(_HOLDER_FILE.format(pid="*")):  # those of processes gone
+            other = old.name.removeprefix("metering-holder-").removesuffix(".json")
+            if other.isdigit() and _start_time(int(other)) is None:
+                old.unlink(missing_ok=True)
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps(record))
+        part.replace(path)
+    except OSError:
+        return None
+    return path
+
+
+def forget_holder(path: Path | None) -> None:
+    """Remove what :func:`record_holder` wrote (the process is stopping)."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _recorded(folder: Path, pid: int) -> tuple[str, str, int] | None:
+    """What process ``pid`` recorded in ``folder`` (:func:`record_holder`), if it did."""
+    try:
+        record = json.loads((folder / _HOLDER_FILE.format(pid=pid)).read_text())
+    except (OSError, ValueError):
+        return None
+    started = record.get("started") if isinstance(record, dict) else None
+    if started is None or started != _start_time(pid):  # a process gone, its pid used again
+        return None
+    command, host, port = record.get("command"), record.get("host"), record.get("port")
+    if isinstance(command, str) and isinstance(host, str) and type(port) is int:
+        return command, host, port
+    return None
+
+
 def embedded_holder(clickhouse_url: str) -> EngineHolder | None:
     """The process holding this ``chdb://`` folder, or None when none does or this process
-    does: the engine writes its pid to ``<folder>/status`` and locks the file while it runs."""
+    does: the engine writes its pid to ``<folder>/status`` and locks the file while it runs; a
+    `metering up` or `metering api` also records what it is (:func:`record_holder`)."""
     folder = _folder(clickhouse_url)
     if folder is None or not embedded_folder_in_use(clickhouse_url):
         return None
@@ -138,7 +223,7 @@ def embedded_holder(clickhouse_url: str) -> EngineHolder | None:
         argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
     except OSError:
         argv = ()
-    return EngineHolder(pid, argv)
+    return EngineHolder(pid, argv, _recorded(folder, pid))
 
 
 def engine_holder(settings: Settings) -> EngineHolder | None:
@@ -206,14 +291,17 @@ def redis_setting(settings: Settings | None) -> str:
     return f"RATE_LIMIT_REDIS_URL={redact(settings.rate_limit_redis_url)}"
 
 
+#: a store a newer release migrated (a deploy rolled back): ``found`` and ``known`` say at what
+_NEWER = ("metering.quota_db.NewerRevisionError", "metering.clickhouse.schema.NewerSchemaError")
 #: the stores and the exception classes their clients raise
 _STORE_ERRORS: dict[str, tuple[str, ...]] = {
-    "the quota DB": ("sqlalchemy.exc.SQLAlchemyError",),
+    "the quota DB": ("sqlalchemy.exc.SQLAlchemyError", "metering.quota_db.NewerRevisionError"),
     "Kafka": ("kafka.errors.KafkaError", "aiokafka.errors.KafkaError"),
     "ClickHouse": (
         "clickhouse_connect.driver.exceptions.Error",
         "chdb.ChdbError",
         "chdb._exceptions.ChdbError",
+        "metering.clickhouse.schema.NewerSchemaError",
     ),
     "Redis": ("redis.exceptions.RedisError", "redis.exceptions.RedisClusterException"),
 }
@@ -254,6 +342,9 @@ def store_failure(exc: BaseException, settings: Settings | None = None) -> str |
         except Exception:
             settings = None
     where = f"{store} ({_setting(store, settings)})"
+    if isinstance(exc, _classes(*_NEWER)):
+        found, known = getattr(exc, "found", "?"), getattr(exc, "known", "?")
+        return f"{where} is at {found}, newer than this release knows ({known}): {NEWER_HINT}"
     if store == "ClickHouse" and settings is not None and embedded_engine_held(settings, exc):
         return f"{where}: cannot open the embedded engine: {FOLDER_IN_USE}"
     detail = _detail(exc)
@@ -267,9 +358,12 @@ def store_failure(exc: BaseException, settings: Settings | None = None) -> str |
 __all__ = [
     "FOLDER_IN_USE",
     "MIGRATE_HINT",
+    "NEWER_HINT",
     "embedded_engine_held",
     "embedded_folder_in_use",
     "failing_store",
+    "forget_holder",
+    "record_holder",
     "redis_setting",
     "store_failure",
 ]

@@ -210,6 +210,7 @@ def _up(args: argparse.Namespace) -> int:
     port (answering "starting" for now) while the stores are migrated; the API opens once Redis
     answers and the migrations are done; the worker starts once Kafka answers and the topics
     exist. Ctrl-C at any point stops what was started."""
+    from metering.commands.store_errors import forget_holder, record_holder
     from metering.embedded import ApiStartError
     from metering.localstack import LocalStack, StackError
 
@@ -217,6 +218,8 @@ def _up(args: argparse.Namespace) -> int:
     settings = get_settings()
     starting = start_missing_services(settings)
     api = None
+    # Who holds the embedded engine, for `metering reconcile`/`usage` beside this process.
+    record = record_holder(settings.clickhouse_url, "up", args.host, args.port)
     try:
         secret = ensure_dev_secret(settings)
         if secret:
@@ -251,6 +254,7 @@ def _up(args: argparse.Namespace) -> int:
     finally:
         if api is not None:
             api.stop()
+        forget_holder(record)
         if starting is not None:
             with contextlib.suppress(BaseException):
                 starting.wait()  # the stack stays locked until every start has finished

@@ -1,7 +1,9 @@
 """Alembic environment for the quota DB, configured from code (no alembic.ini).
 
 :func:`metering.quota_db.migrate` passes an open connection in ``config.attributes``; without
-one, the URL comes from the ``sqlalchemy.url`` option or, failing that, ``QUOTA_DB_URL``.
+one, the URL comes from the ``sqlalchemy.url`` option or, failing that, ``QUOTA_DB_URL``, and
+the migration runs in one transaction, DDL included, as there
+(:func:`metering.quota_db.transactional_ddl`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 from alembic import context
 
-from metering.quota_db import Base, make_engine
+from metering.quota_db import Base, make_engine, transactional_ddl
 
 config = context.config
 target_metadata = Base.metadata
@@ -37,7 +39,7 @@ def run_migrations_online() -> None:
         from metering.settings import get_settings
 
         url = get_settings().quota_db_url
-    engine = make_engine(url, timeouts=False)
+    engine = transactional_ddl(make_engine(url, timeouts=False))
     try:
         with engine.begin() as conn:
             _run(conn)
