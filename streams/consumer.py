@@ -21,6 +21,15 @@ insert fails, the re-read after each failure succeeds); a written batch does, as
 that finds nothing to write once every partition is positioned. The first failure of an outage
 is logged with its traceback, the following ones as one line each (the attempt, the next wait).
 
+Transactions: the consumer reads ``read_committed``: records of aborted transactions are
+skipped (a transactional producer's aborted events were counted), and a transaction still open
+holds its partition back: nothing at or past its first record is returned, whatever it was
+written in, until it is committed or aborted, if its producer died at Kafka's transaction
+timeout (the producer's ``transaction.timeout.ms``, 60 s by default, at most the broker's
+``transaction.max.timeout.ms``). The end offsets the lag is measured from are then the last
+stable offset (aiokafka asks for them at the consumer's isolation level): records behind an open
+transaction do not show as lag.
+
 Dead letters: a batch read again after a failed insert holds the same dead letters. Those this
 process has already sent (acknowledged) are not sent again: per source partition, the consumer
 keeps the offsets it dead-lettered and forgets them once a batch past them is written (progress
@@ -28,16 +37,25 @@ then starts after them) or the partition is revoked or assigned anew. So within 
 each malformed or late message is dead-lettered once however often its batch is retried; after
 a crash or a rebalance the next owner, which cannot know what was sent, sends them again: at
 least once for dead letters (their ``dlq.offset`` header tells the copies apart), exactly once
-for usage rows, which this does not touch.
+for usage rows, which this does not touch. A dead letter carries the original key, value and
+headers after its ``dlq.*`` ones; one too large for the dead-letter topic goes without them
+(``_send_dead_letter``), and one Kafka refuses even so is skipped, logged with its source offset
+and counted in ``streams_dead_letters_unsendable`` (the same bytes are refused at every retry:
+failing the batch stopped the partition for good, and the original stays in its topic).
 
 Metrics: the lag is measured apart from the batches, every ``lag_interval`` s, as each owned
 partition's end offset minus the next offset written to ClickHouse (not the next fetched): a
 sink whose inserts fail or hang shows its backlog growing, with
-``streams_sink_last_write_timestamp_seconds`` standing still. A revoked partition's lag series
-is removed, so the dashboard's ``sum by (partition)`` holds the new owner's value only. Each
-offset counts as consumed once per assignment; a batch read again after a failure counts in
-``streams_events_reread``, so consumed/s stays the input's rate during an outage (it showed
-four times the input while nothing was inserted) and the retry work stays visible.
+``streams_sink_last_write_timestamp_seconds`` standing still. Once every record fetched from a
+partition is written, it is measured from the consumer's position instead, which is past the
+offsets that hold no record for the sink (a transaction's commit or abort marker, an aborted
+transaction's records): measured from the last record written, a transactional producer's
+partition never read 0, and the stuck-worker alert would have fired on a sink keeping up.
+A revoked partition's lag series is removed, so the dashboard's ``sum by (partition)`` holds
+the new owner's value only. Each offset counts as consumed once per assignment; a batch read
+again after a failure counts in ``streams_events_reread``, so consumed/s stays the input's rate
+during an outage (it showed four times the input while nothing was inserted) and the retry
+work stays visible.
 """
 
 from __future__ import annotations
@@ -57,6 +75,10 @@ from streams import metrics
 from streams.sink import ClickHouseSink, DeadLetter, PreparedBatch, SinkRecord, dead_letter_value
 
 log = logging.getLogger(__name__)
+
+#: a dead letter sent without its value keeps its key up to this size (a tenant id): a longer
+#: one can be what made it too large
+FALLBACK_KEY_LIMIT = 1024
 
 AggregatePublisher = Callable[[PreparedBatch], Awaitable[None]]
 #: called under the rebalance lock with the assigned partitions' resume offsets
@@ -119,8 +141,14 @@ class SinkConsumer:
         self._stopping = asyncio.Event()
         #: set when :meth:`run` has returned (its last batch written and committed)
         self.stopped = asyncio.Event()
+        #: per partition, the offset after the last record fetched (handed out by the consumer)
+        #: in this assignment: a partition written up to it has nothing pending
+        self._fetched: dict[int, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        #: set when an acknowledgement failed: the idempotent producer's sequence numbers have
+        #: moved past what the broker holds, so every later send would fail; replaced first
+        self._producer_broken = False
 
     async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -143,6 +171,7 @@ class SinkConsumer:
                 if tp.topic == self.topic:
                     self._dead_lettered.pop(tp.partition, None)  # the next owner may send them
                     self._written.pop(tp.partition, None)
+                    self._fetched.pop(tp.partition, None)
                     self._counted.pop(tp.partition, None)
                     _remove_lag(tp.partition)  # the next owner reports it
             self._generation += 1
@@ -213,8 +242,14 @@ class SinkConsumer:
         return float(min(30.0, 0.5 * 2 ** max(0, self._failures - 1)))
 
     async def _reposition(self, partitions: set[int]) -> None:
-        """Seek ``partitions`` to the greater of the stored and the committed offset, and run
-        the assignment hook; they count as assigned only once all of it succeeded."""
+        """Seek ``partitions`` to the progress ClickHouse stored, and run the assignment hook;
+        they count as assigned only once all of it succeeded.
+
+        Kafka's committed offset is used only for a partition ClickHouse has no progress of
+        (its first assignment in this database). It is never ahead of the stored progress in
+        running (progress is written first), only when ClickHouse lost what it had stored: a
+        restore from a backup, another ``CLICKHOUSE_URL``. Resuming at the greater of the two
+        then skipped the events in between, still in Kafka; they are read again instead."""
         assert self.consumer is not None
         self._generation += 1
         self._assigned -= partitions  # nothing of theirs is processed until this completes
@@ -223,11 +258,27 @@ class SinkConsumer:
         for p in sorted(partitions):
             tp = TopicPartition(self.topic, p)
             committed = await self.consumer.committed(tp)
-            resume[p] = max(stored.get(p, 0), committed or 0)
-            if p in stored or committed is not None:
+            if p in stored:
+                resume[p] = stored[p]
+                if committed is not None and committed > stored[p]:
+                    log.warning(
+                        "sink: %s/%d: Kafka's committed offset %d is past what ClickHouse"
+                        " stored (%d), which lost rows (restored from a backup?): reading"
+                        " them again from %d",
+                        self.topic, p, committed, stored[p], stored[p],
+                    )  # fmt: skip
                 self.consumer.seek(tp, resume[p])
+            elif committed is not None:
+                resume[p] = committed
+                self.consumer.seek(tp, committed)
             else:
+                resume[p] = 0
                 await self.consumer.seek_to_beginning(tp)
+        # The sink recorded 0 for a partition without progress; one resuming at the commit
+        # records that, so the next assignment resumes there too.
+        from_commit = {p: resume[p] for p in partitions if p not in stored and resume[p]}
+        if from_commit:
+            await self._blocking(self.sink.storage.record_progress, self.topic, from_commit)
         if self.on_assigned is not None:
             await self.on_assigned(dict(resume))
         self._next.update(resume)
@@ -249,8 +300,10 @@ class SinkConsumer:
             got = await self.consumer.getmany(
                 timeout_ms=max(1, int(wait * 1000)), max_records=self.batch_size - len(out)
             )
-            for msgs in got.values():
+            for tp, msgs in got.items():
                 out.extend(msgs)  # aiokafka's ConsumerRecords, as they are (no copy per message)
+                if msgs and self._fetched.get(tp.partition, 0) <= msgs[-1].offset:
+                    self._fetched[tp.partition] = msgs[-1].offset + 1
             if out and deadline is None:
                 deadline = time.monotonic() + self.batch_within
             if generation != self._generation:
@@ -277,30 +330,39 @@ class SinkConsumer:
     async def _send_dead_letter(self, d: DeadLetter, *, omit_value: bool = False) -> Any:
         """Send one dead letter; the future of its acknowledgement.
 
-        The dead letter carries the original bytes plus its ``dlq.*`` headers, so a message
-        just under Kafka's size limit can be too large as a dead letter. Refusing it would stop
-        the whole batch, and every later one, for good (the batch is read again and again). So
-        such a dead letter goes without its value, with ``dlq.value_omitted`` (the value's
-        size); its headers name the source offset, where the original stays for the topic's
-        retention."""
+        The dead letter carries the original bytes and headers plus its ``dlq.*`` headers, so
+        a message just under Kafka's size limit can be too large as a dead letter. Refusing it
+        would stop the whole batch, and every later one, for good (the batch is read again and
+        again). So with ``omit_value`` (the caller's retry after a refusal) it goes without its
+        value (``dlq.value_omitted``: its size), without the original headers
+        (``dlq.headers_omitted``: their number) and, when longer than
+        :data:`FALLBACK_KEY_LIMIT`, without its key (``dlq.key_omitted``: its size; a key near
+        Kafka's limit was refused again, which failed the batch for good). Its ``dlq.*``
+        headers name the source offset, where the original stays for the topic's retention."""
         assert self.producer is not None
-        value = dead_letter_value(d)
         headers = d.headers()
         if not omit_value:
-            try:
-                return await self.producer.send(
-                    self.dlq_topic, value=value, key=d.record.key, headers=headers
-                )
-            except MessageSizeTooLargeError:
-                pass
-        log.warning(
-            "dead letter of %s/%d@%d sent without its %d-byte value: too large for Kafka",
-            d.record.topic, d.record.partition, d.record.offset, len(value),
-        )  # fmt: skip
+            return await self.producer.send(
+                self.dlq_topic,
+                value=dead_letter_value(d),
+                key=d.record.key,
+                headers=headers + d.original_headers(),
+            )
+        value, key, dropped = dead_letter_value(d), d.record.key, len(d.original_headers())
+        omitted = [f"its {len(value)}-byte value"]
         headers.append(("dlq.value_omitted", str(len(value)).encode()))
-        return await self.producer.send(
-            self.dlq_topic, value=b"", key=d.record.key, headers=headers
-        )
+        if key is not None and len(key) > FALLBACK_KEY_LIMIT:
+            omitted.append(f"its {len(key)}-byte key")
+            headers.append(("dlq.key_omitted", str(len(key)).encode()))
+            key = None
+        if dropped:
+            omitted.append(f"its {dropped} headers")
+            headers.append(("dlq.headers_omitted", str(dropped).encode()))
+        log.warning(
+            "dead letter of %s/%d@%d sent without %s: too large for Kafka",
+            d.record.topic, d.record.partition, d.record.offset, ", ".join(omitted),
+        )  # fmt: skip
+        return await self.producer.send(self.dlq_topic, value=b"", key=key, headers=headers)
 
     async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
         """Send ``letters`` and wait for Kafka's acknowledgements, all but those this process
@@ -309,7 +371,14 @@ class SinkConsumer:
         15 s outage). An offset counts as sent once acknowledged. The offsets sent are kept
         one by one, not as the highest one sent: a message on time at the first try can be
         late at the next (the clock moved on) and must be dead-lettered then, below offsets
-        sent before."""
+        sent before.
+
+        They are sent together (:meth:`_send_together`); those not acknowledged are sent
+        again one at a time on a new producer (:meth:`_send_alone`): one refused by the broker
+        (too large for the dead-letter topic) failed every one behind it, for good, as the
+        idempotent producer numbers its sends and the broker then refuses the next numbers as
+        out of order. One acknowledged but whose answer was lost may go twice (dead letters
+        are at least once)."""
         sent_already = self._dead_lettered
         fresh = [
             d for d in letters if d.record.offset not in sent_already.get(d.record.partition, ())
@@ -318,14 +387,96 @@ class SinkConsumer:
             log.debug(
                 "%d dead letters of a batch read again were sent already", len(letters) - len(fresh)
             )
-        sends = [await self._send_dead_letter(d) for d in fresh]
-        for d, sent in zip(fresh, sends, strict=True):
+        if not fresh:
+            return
+        if self._producer_broken:
+            await self._renew_producer()
+        for d in await self._send_together(fresh):
+            await self._send_alone(d)
+
+    async def _send_together(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """Send ``letters`` without waiting between them, then wait for every acknowledgement
+        (none is left unawaited: the abandoned ones logged "Future exception was never
+        retrieved"); return those not acknowledged, in order."""
+        futures: list[Any] = []
+        try:
+            for d in letters:
+                try:
+                    futures.append(await self._send_dead_letter(d))
+                except MessageSizeTooLargeError:  # the producer's own limit: nothing was sent
+                    futures.append(await self._send_dead_letter(d, omit_value=True))
+        except KafkaError as exc:  # the rest go one at a time
+            log.warning("sending dead letters failed (%s): sending the rest one at a time", exc)
+        finally:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = []
+        for d, result in zip(letters, results, strict=False):
+            if isinstance(result, BaseException):
+                failed.append(d)
+            else:
+                self._sent(d)
+        if failed:
+            self._producer_broken = True
+            first = next(r for r in results if isinstance(r, BaseException))
+            log.warning(
+                "%d of %d dead letters were not acknowledged (first: %s: %s): sending them"
+                " again one at a time",
+                len(failed), len(results), type(first).__name__, _one_line(first),
+            )  # fmt: skip
+        return failed + letters[len(futures) :]
+
+    async def _send_alone(self, d: DeadLetter) -> None:
+        """Send ``d`` and wait for its acknowledgement; refused as too large, again without
+        its value, key and headers (:meth:`_send_dead_letter`); refused even so, skipped
+        (:meth:`_unsendable`). Any other failure fails the batch (read again)."""
+        for omit_value in (False, True):
+            if self._producer_broken:
+                await self._renew_producer()
             try:
-                await sent
-            except MessageSizeTooLargeError:  # the broker's limit, below the producer's
-                await (await self._send_dead_letter(d, omit_value=True))
-            sent_already.setdefault(d.record.partition, set()).add(d.record.offset)
-            metrics.events_dead_lettered.labels(d.reason).inc()
+                sent = await self._send_dead_letter(d, omit_value=omit_value)
+                try:
+                    await sent
+                except BaseException:
+                    self._producer_broken = True
+                    raise
+            except MessageSizeTooLargeError:
+                continue
+            self._sent(d)
+            return
+        self._unsendable(d)
+
+    def _sent(self, d: DeadLetter) -> None:
+        self._dead_lettered.setdefault(d.record.partition, set()).add(d.record.offset)
+        metrics.events_dead_lettered.labels(d.reason).inc()
+
+    def _unsendable(self, d: DeadLetter) -> None:
+        """Kafka refused ``d`` as too large even without its value, key and original headers:
+        skipped rather than failing the batch, since the same bytes would be refused at every
+        retry and the events behind it would wait for good. Counted, and logged with its
+        source offset, where the original stays for the topic's retention."""
+        self._dead_lettered.setdefault(d.record.partition, set()).add(d.record.offset)
+        metrics.dead_letters_unsendable.inc()
+        log.error(
+            "dead letter of %s/%d@%d (%s: %s) skipped: Kafka refused it as too large even"
+            " without its value, key and headers",
+            d.record.topic, d.record.partition, d.record.offset, d.reason, d.error[:200],
+        )  # fmt: skip
+
+    async def _renew_producer(self) -> None:
+        """Replace the producer by a new one (a new producer id, its sequence numbers from 0):
+        after a refused send, the old one's every later send to that partition fails."""
+        old, self.producer = self.producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.stop()
+        self.producer = self._new_producer()
+        await self.producer.start()  # failing, the batch fails; its retry renews again
+        self._producer_broken = False
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True
+        )
 
     def _forget_dead_letters(self, next_offsets: dict[int, int]) -> None:
         """A batch is written: its partitions resume at ``next_offsets`` or later from now on,
@@ -410,33 +561,48 @@ class SinkConsumer:
 
     async def _update_lag(self) -> None:
         """Set the lag of each owned partition: its end offset minus its next offset not yet
-        written. A partition never positioned in this assignment (ClickHouse failed it since)
-        is measured from Kafka's committed offset, or the partition's first. The gauge is set
-        only for partitions still owned once the answers are in (a revoke may come between)."""
+        written, or, once every record fetched from it is written, minus the consumer's
+        position if that is further (past a transaction's commit marker, which holds no record:
+        progress stopped one short of the end). A partition never positioned in this
+        assignment (ClickHouse failed it since) is measured from Kafka's committed offset, or
+        the partition's first. The gauge is set only for partitions still owned once the
+        answers are in (a revoke may come between)."""
         assert self.consumer is not None
         owned = self._assigned | self._unpositioned
         if not owned:
             return
         tps = [TopicPartition(self.topic, p) for p in sorted(owned)]
         timeout = max(5.0, self.lag_interval)
+        consumer = self.consumer
         try:
-            ends = await asyncio.wait_for(self.consumer.end_offsets(tps), timeout)
+            ends = await asyncio.wait_for(consumer.end_offsets(tps), timeout)
         except (KafkaError, TimeoutError):  # the last end seen by a fetch, where there is one
-            assigned = self.consumer.assignment()
-            highs = {tp: self.consumer.highwater(tp) for tp in tps if tp in assigned}
-            ends = {tp: h for tp, h in highs.items() if h is not None}
+            assigned = consumer.assignment()
+            seen = {tp: _fetched_end(consumer, tp) for tp in tps if tp in assigned}
+            ends = {tp: end for tp, end in seen.items() if end is not None}
         unknown = [tp for tp in tps if tp.partition not in self._written]
         fallback: dict[int, int] = {}
         if unknown:
-            first = await asyncio.wait_for(self.consumer.beginning_offsets(unknown), timeout)
+            first = await asyncio.wait_for(consumer.beginning_offsets(unknown), timeout)
             for tp in unknown:
-                committed = await asyncio.wait_for(self.consumer.committed(tp), timeout)
+                committed = await asyncio.wait_for(consumer.committed(tp), timeout)
                 fallback[tp.partition] = first[tp] if committed is None else committed
+        # Read before what is fetched and written: a position read earlier is never past
+        # records fetched later, which count as pending.
+        positions: dict[int, int] = {}
+        assigned = consumer.assignment()
+        for tp in tps:
+            if tp.partition in self._assigned and tp in assigned:
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    positions[tp.partition] = await asyncio.wait_for(consumer.position(tp), timeout)
         for tp, end in ends.items():
             p = tp.partition
             written = self._written.get(p, fallback.get(p))
-            if written is not None and p in (self._assigned | self._unpositioned):
-                metrics.consumer_lag.labels(str(p)).set(max(0, end - written))
+            if written is None or p not in (self._assigned | self._unpositioned):
+                continue
+            if p in self._assigned and p in positions and self._fetched.get(p, 0) <= written:
+                written = max(written, positions[p])  # nothing fetched is waiting
+            metrics.consumer_lag.labels(str(p)).set(max(0, end - written))
 
     async def run(self) -> None:
         try:
@@ -455,10 +621,9 @@ class SinkConsumer:
             session_timeout_ms=int(self.session_timeout * 1000),
             heartbeat_interval_ms=min(3000, int(self.session_timeout * 1000) // 3),
             group_instance_id=self.instance_id,
+            isolation_level="read_committed",
         )
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True
-        )
+        self.producer = self._new_producer()
         listener = _Listener(self)
         await self.producer.start()
         await self.consumer.start()
@@ -518,8 +683,9 @@ class SinkConsumer:
                     await ahead
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
-            with contextlib.suppress(Exception):
-                await self.producer.stop()
+            if self.producer is not None:
+                with contextlib.suppress(Exception):
+                    await self.producer.stop()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -530,6 +696,16 @@ def _remove_lag(partition: int) -> None:
     partition keeps its last value, and the dashboard's sum adds it to the owner's."""
     with contextlib.suppress(KeyError):
         metrics.consumer_lag.remove(str(partition))
+
+
+def _fetched_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The end of ``tp`` as the last fetch saw it: its last stable offset (the end a
+    ``read_committed`` consumer reads to), else its high watermark; None before any fetch."""
+    stable = consumer.last_stable_offset(tp)
+    if stable is not None and stable >= 0:
+        return int(stable)
+    high = consumer.highwater(tp)
+    return None if high is None else int(high)
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

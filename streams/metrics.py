@@ -25,6 +25,12 @@ events_dead_lettered = Counter(
     "Messages sent to usage.events.dlq, by reason.",
     ["reason"],
 )
+dead_letters_unsendable = Counter(
+    "streams_dead_letters_unsendable",
+    "Dead letters Kafka refused even without their value, key and original headers (too large"
+    " for the dead-letter topic): skipped, each logged with its source topic, partition and"
+    " offset.",
+)
 sink_batch_size = Histogram(
     "streams_sink_batch_size",
     "Messages per sink batch.",

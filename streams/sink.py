@@ -8,8 +8,9 @@ progress, as in Kafka Connect sinks:
    atomically) has its rollups completed (``ClickHouseStorage.repair_unfinished_batch``); the
    recent-id set is rebuilt from ``usage_events`` for those partitions (ids whose event time
    is within twice the accepted lateness: every id inserted within the lateness;
-   ``streams/dedupe.py``); the resume offset of each assigned partition is the greater of its
-   ``sink_progress.next_offset`` and Kafka's committed offset, and the consumer seeks there;
+   ``streams/dedupe.py``); the resume offset of each assigned partition is its
+   ``sink_progress.next_offset`` (Kafka's committed offset only for a partition without
+   progress: ClickHouse, not the commit, says what is stored), and the consumer seeks there;
    the offsets of rows stored past it (a batch cut short) are read. A partition with no
    progress yet (tables from before progress was recorded) resumes after its stored rows (max
    ``kafka_offset`` + 1), and its resume offset is recorded as progress.
@@ -123,6 +124,13 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes | None]] = ()
+
+
+def record_headers(rec: SinkRecord) -> Sequence[tuple[str, bytes | None]]:
+    """``rec``'s Kafka headers (aiokafka's ``ConsumerRecord.headers``); none for a record
+    that has no such attribute (the :class:`SinkRecord` protocol does not require it)."""
+    return getattr(rec, "headers", None) or ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,16 @@ class DeadLetter:
             ("dlq.topic", self.record.topic.encode()),
             ("dlq.partition", str(self.record.partition).encode()),
             ("dlq.offset", str(self.record.offset).encode()),
+        ]
+
+    def original_headers(self) -> list[tuple[str, bytes]]:
+        """The source message's headers, to follow :meth:`headers` on the dead letter (its
+        producer's trace context, content type, CloudEvents attributes: what tells who sent
+        it), but those named like one of :meth:`headers`, so that each ``dlq.*`` name the
+        reader looks up appears once. A null header value is sent empty."""
+        taken = {name for name, _ in self.headers()}
+        return [
+            (name, value or b"") for name, value in record_headers(self.record) if name not in taken
         ]
 
 
@@ -543,7 +561,7 @@ class ClickHouseSink:
             try:
                 ev = decode(value)
             except EventDecodeError as exc:
-                dead_letters.append(DeadLetter(rec, "invalid", str(exc)))
+                dead_letters.append(DeadLetter(rec, "invalid", _decode_error(rec, exc)))
                 continue
             if stored_past and offset in stored_past.get(partition, ()):
                 # Its row is in ClickHouse at this offset (it passed every check when it was
@@ -601,6 +619,15 @@ class ClickHouseSink:
         return took
 
 
+def _decode_error(rec: SinkRecord, exc: EventDecodeError) -> str:
+    """Why ``rec`` could not be decoded. A CloudEvents binary-mode message (attributes in
+    ``ce_*`` headers, only the data in the value) is named as such: the fields it lacks in its
+    value would send its producer looking for the wrong mistake."""
+    if any(name.lower() == "ce_specversion" for name, _ in record_headers(rec)):
+        return "event: CloudEvents binary mode is not accepted: send structured-mode JSON"
+    return str(exc)
+
+
 def _key_error(key: bytes | None) -> str:
     shown = "none" if key is None else repr(key[:80])
     return f"key: must be the event's subject (the tenant id), got {shown}"
@@ -623,4 +650,5 @@ __all__ = [
     "SinkStorage",
     "dead_letter_value",
     "event_row",
+    "record_headers",
 ]
