@@ -33,6 +33,7 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
+    func,
     select,
 )
 from sqlalchemy.engine import URL, make_url
@@ -373,6 +374,12 @@ class QuotaStore:
                 select(DailyUsageRow.tenant, DailyUsageRow.used).where(DailyUsageRow.day == day)
             ).all()
         return {tenant: math.ceil(used) for tenant, used in rows}
+
+    def latest_daily_usage_day(self) -> dt.date | None:
+        """The latest day ``tenant_daily_usage`` holds a total for (None: it holds none)."""
+        with self.engine.connect() as conn:
+            latest = conn.scalar(select(func.max(DailyUsageRow.day)))
+        return latest if isinstance(latest, dt.date) else None
 
     def upsert_daily_usage(self, rows: Iterable[tuple[str, dt.date, int | float]]) -> int:
         """Store absolute totals per (tenant, day); idempotent. Returns the number of rows.

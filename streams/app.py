@@ -24,7 +24,7 @@
   memory without a tombstone and never expires recovered ones.
 - ``backfill`` timer: every ``WORKER_BACKFILL_INTERVAL`` s upserts absolute per tenant per UTC day
   billable totals into the quota DB, read from ClickHouse (the exact source, see
-  :mod:`streams.backfill`).
+  :mod:`streams.backfill`); one more round runs at shutdown, after the sink stopped.
 """
 
 from __future__ import annotations
@@ -319,7 +319,9 @@ async def flush_aggregates() -> None:
 async def _last_aggregates(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
     """At shutdown (Faust's consumer stopped, its producer not yet flushed): let the sink
     finish its batch in flight, then hand off what is still open, so the live tables get it when
-    the agent next runs instead of from the next owner's recovery."""
+    the agent next runs instead of from the next owner's recovery. A last backfill round reads
+    the sink's last batches into the quota DB: the timer's last round may have run before them,
+    and their day may have closed by the time a worker runs again."""
     consumer = _state.get("consumer")
     if consumer is not None:
         consumer.stop()
@@ -329,6 +331,10 @@ async def _last_aggregates(sender: Any, *args: Any, signal: Any, **kwargs: Any) 
             log.warning("the sink did not stop within 30 s; its last sums may be missing")
     if "storage" not in _state:
         return
+    try:
+        await asyncio.wait_for(backfill_round(), timeout=30)
+    except TimeoutError:
+        log.warning("shutdown: the last backfill round did not finish within 30 s")
     try:
         n = await hand_off()
     except Exception:

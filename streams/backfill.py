@@ -10,8 +10,15 @@ after that: an event the sink accepted at the last moment of its day's lateness 
 batch later, and the next round must still read its day. A round that failed leaves its days
 to the next one, which reads from the earlier of its own first day and the failed one's (a
 quota DB down across the moment a day closed would otherwise leave that day's total stale for
-good). Tests: ``tests/integration/test_streams_backfill.py``,
-``tests/integration/test_streams_worker.py``.
+good).
+
+A worker's first round also reads the days that were still open when the quota DB was last
+written (from its latest day's start less the lateness and margin, at most
+``catch_up_days`` back): a worker stopped or crashed before its last batch was read, and
+restarted after that day closed, would otherwise leave the day short for good. The worker
+also runs a last round once its sink has stopped (``streams.app``). Tests:
+``tests/integration/test_streams_backfill.py``, ``tests/integration/test_streams_worker.py``,
+``tests/integration/test_lifecycle_backfill.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,13 @@ class DailyUsageStore(Protocol):
     def upsert_daily_usage(self, rows: Any) -> int: ...
 
 
+def latest_backfilled_day(store: Any) -> dt.date | None:
+    """The latest day ``tenant_daily_usage`` holds a total for: None when it holds none, or
+    when ``store`` cannot say (not a :class:`~metering.quota_db.QuotaStore`)."""
+    latest = getattr(store, "latest_daily_usage_day", None)
+    return latest() if latest is not None else None
+
+
 class Backfill:
     """One round = read the open days' totals from ClickHouse, upsert them into the quota DB."""
 
@@ -38,6 +52,7 @@ class Backfill:
         meter: str,
         lateness_seconds: float,
         margin_seconds: float = 300.0,
+        catch_up_days: int = 31,
     ) -> None:
         self.client = client
         self.database = database
@@ -47,13 +62,34 @@ class Backfill:
         #: how long after its lateness ran out a day is still read: the sink's batch wait and
         #: insert, and the rounds' interval, with room to spare
         self.margin = dt.timedelta(seconds=margin_seconds)
+        #: how far back the first round reads at most (a quota DB last written long ago)
+        self.catch_up_days = catch_up_days
         #: the first day of the last round that failed (None after a round that succeeded)
         self._unfinished_since: dt.date | None = None
+        #: True until a round succeeded: the first one also reads the days left open by the
+        #: worker that wrote the quota DB last (:meth:`catch_up_since`)
+        self._catching_up = True
 
     def open_since(self, now: dt.datetime) -> dt.date:
         """The first UTC day that can still change (an event as late as allowed lands there,
         and is inserted within the margin)."""
         return (now.astimezone(dt.UTC) - self.lateness - self.margin).date()
+
+    def catch_up_since(self, now: dt.datetime) -> dt.date:
+        """The first day a worker's first round reads. The last round of the worker before it
+        (stopped, crashed, its host gone) ran on or after the quota DB's latest day began, and
+        read the days open then; events inserted after it, up to its stop, may be missing from
+        them. Without a latest day (a new quota DB) only the open days are read, as always."""
+        since = self.open_since(now)
+        latest = latest_backfilled_day(self.store)
+        if latest is None:
+            return since
+        oldest = (now.astimezone(dt.UTC) - dt.timedelta(days=self.catch_up_days)).date()
+        return min(since, max(self._open_at(latest), oldest))
+
+    def _open_at(self, day: dt.date) -> dt.date:
+        """The first day still open at the start of ``day``."""
+        return self.open_since(dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC))
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         now = now or dt.datetime.now(dt.UTC)
@@ -61,6 +97,8 @@ class Backfill:
         if self._unfinished_since is not None:
             since = min(since, self._unfinished_since)
         try:
+            if self._catching_up:
+                since = min(since, self.catch_up_since(now))
             rows = daily_billable_totals(self.client, self.database, meter=self.meter, since=since)
             if rows:
                 self.store.upsert_daily_usage(rows)
@@ -68,7 +106,8 @@ class Backfill:
             self._unfinished_since = since
             raise
         self._unfinished_since = None
+        self._catching_up = False
         return len(rows)
 
 
-__all__ = ["Backfill", "daily_billable_totals"]
+__all__ = ["Backfill", "daily_billable_totals", "latest_backfilled_day"]
