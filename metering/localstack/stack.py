@@ -8,7 +8,11 @@
 - ClickHouse: the embedded engine (chdb); it has no process, only a data folder.
 
 State (PIDs, ports, folders) lives in ``<root>/state.json``. ``up`` is idempotent: a service whose
-processes are alive and answering is left alone. ``down`` stops exactly the PIDs ``up`` recorded.
+processes are alive and answering is left alone. ``down`` stops exactly the processes ``up``
+started: each PID is recorded with its process's identity (boot and start time), and a PID that
+names another process by now (after a reboot, or the server died and its PID was reused) is
+never signalled. An entry written before identities were recorded is trusted only while its
+PID's command line still names the service's server and its port or folder.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ class ServiceState:
     ports: dict[str, int] = field(default_factory=dict)  # member name -> port
     paths: dict[str, str] = field(default_factory=dict)
     started_at: float = 0.0
+    #: member name -> :func:`process_identity` of its process when it was started (absent in
+    #: a state file written by an older version: see :func:`recorded_alive`)
+    identities: dict[str, str] = field(default_factory=dict)
 
 
 # Children started by this Python process, so a dead one is reaped instead of lingering as a
@@ -131,24 +138,111 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def stop_pid(pid: int, timeout: float = 15.0, sig: int = signal.SIGTERM) -> bool:
-    """Signal ``pid``, wait for it to exit, SIGKILL it after ``timeout``. True when it exited by
-    itself (or was not running), False when it had to be killed."""
-    if not pid_alive(pid):
+@functools.cache
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells the process now running as ``pid`` from any other that had or will have that
+    PID: the boot it runs in and its start time (clock ticks after boot, field 22 of
+    ``/proc/<pid>/stat``). None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{_boot_id()}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _is(pid: int, identity: str | None) -> bool:
+    """``pid`` is alive and, when ``identity`` is given, still that process."""
+    return pid_alive(pid) and (not identity or process_identity(pid) == identity)
+
+
+def _send(pid: int, sig: int, identity: str | None) -> bool:
+    """Send ``sig`` to ``pid`` if it is still the process ``identity`` names; False when it is
+    gone or another one. Through a pidfd where the kernel has them: the identity is checked on
+    the process the pidfd holds, so a PID reused in between is never signalled."""
+    try:
+        fd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfd_open here: check, then signal by PID
+        fd = None
+    try:
+        if identity and process_identity(pid) != identity:
+            return False
+        if fd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(fd, sig)
         return True
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def stop_pid(
+    pid: int, timeout: float = 15.0, sig: int = signal.SIGTERM, identity: str | None = None
+) -> bool:
+    """Signal ``pid``, wait for it to exit, SIGKILL it after ``timeout``. True when it exited by
+    itself (or was not running), False when it had to be killed. With ``identity`` (its
+    :func:`process_identity` when it was started) only that process is signalled: a PID that
+    names another process by now counts as not running."""
+    if not _is(pid, identity) or not _send(pid, sig, identity):
+        return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not pid_alive(pid):
+        if not _is(pid, identity):
             return True
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    _send(pid, signal.SIGKILL, identity)
     deadline = time.monotonic() + 5
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while _is(pid, identity) and time.monotonic() < deadline:
         time.sleep(0.05)
     return False
+
+
+#: what the command line of each service's server holds (for entries without an identity)
+SERVER_PROGRAMS = {
+    "redis": "redis-server",
+    "redis-cluster": "redis-server",
+    "redis-sentinel": "redis-server",
+    "kafka": "kafka.Kafka",
+    "postgres": "postgres",
+}
+
+
+def recorded_alive(st: ServiceState, member: str) -> bool:
+    """The process recorded for ``member`` still runs: its PID is alive and names the same
+    process (:func:`process_identity`). An entry written before identities were recorded is
+    taken for its server only while the PID's command line names the service's program and the
+    member's port or one of the service's folders, as the servers started here do (Redis shows
+    ``127.0.0.1:<port>``, Kafka its ``server.properties``, PostgreSQL its data folder); any
+    other process is not it, and is never signalled."""
+    pid = st.pids.get(member)
+    if pid is None or not pid_alive(pid):
+        return False
+    identity = st.identities.get(member)
+    if identity:
+        return process_identity(pid) == identity
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    words = cmdline.split("\0")
+    port = st.ports.get(member)
+    names_port = port is not None and any(
+        w == str(port) or w.endswith(f":{port}") for w in " ".join(words).split()
+    )
+    names_path = any(p and p in words for p in st.paths.values())
+    program = SERVER_PROGRAMS.get(st.name)
+    return program is not None and program in cmdline and (names_port or names_path)
 
 
 def port_free(port: int) -> bool:
@@ -324,7 +418,10 @@ class LocalStack:
         if not self.state_file.exists():
             return {}
         raw = json.loads(self.state_file.read_text())
-        return {k: ServiceState(**v) for k, v in raw.items()}
+        known = set(ServiceState.__dataclass_fields__)
+        return {
+            k: ServiceState(**{f: x for f, x in v.items() if f in known}) for k, v in raw.items()
+        }
 
     def _save(self, state: dict[str, ServiceState]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -373,6 +470,8 @@ class LocalStack:
             for name in wanted:
                 current = state.get(name)
                 if current is not None and self._healthy(current):
+                    for member, pid in current.pids.items():  # an older version's entry
+                        current.identities.setdefault(member, process_identity(pid) or "")
                     continue
                 if current is not None:
                     self._stop(current)
@@ -413,7 +512,7 @@ class LocalStack:
         out: dict[str, dict[str, Any]] = {}
         for name, st in self._load().items():
             out[name] = {
-                "running": {m: pid_alive(pid) for m, pid in st.pids.items()},
+                "running": {m: recorded_alive(st, m) for m in st.pids},
                 "ports": st.ports,
                 "healthy": self._healthy(st),
             }
@@ -455,7 +554,9 @@ class LocalStack:
         """Kill one member process of a service (for failure tests); return its PID."""
         st = self._load()[service]
         pid = st.pids[member]
-        stop_pid(pid, timeout=10, sig=sig)
+        if recorded_alive(st, member):
+            identity = st.identities.get(member) or process_identity(pid)
+            stop_pid(pid, timeout=10, sig=sig, identity=identity)
         return pid
 
     def restart_member(self, service: str, member: str, timeout: float = 60.0) -> None:
@@ -467,12 +568,12 @@ class LocalStack:
             state = self._load()
             st = state[service]
             old = st.pids.get(member)
-            if old is not None and pid_alive(old):
+            if old is not None and recorded_alive(st, member):
                 raise StackError(
                     f"{service}/{member} (pid {old}) is still running: kill it before restarting"
                 )
             if service == "kafka":
-                st.pids[member] = self._spawn_kafka(st)
+                self._adopt(st, member, self._spawn_kafka(st))
                 wait_until(
                     lambda: self._kafka_ready(st.ports["broker"]),
                     timeout,
@@ -481,7 +582,7 @@ class LocalStack:
                 )
             elif service in {"redis", "redis-sentinel", "redis-cluster"}:
                 argv = json.loads(st.paths[f"argv:{member}"])
-                st.pids[member] = self._spawn(argv, Path(st.paths[f"log:{member}"]))
+                self._adopt(st, member, self._spawn(argv, Path(st.paths[f"log:{member}"])))
                 wait_until(lambda: redis_ping(st.ports[member]), timeout, f"{service}/{member}")
             else:
                 raise StackError(f"restart of {service}/{member} is not supported")
@@ -559,6 +660,12 @@ class LocalStack:
         _children[proc.pid] = proc
         return proc.pid
 
+    def _adopt(self, st: ServiceState, member: str, pid: int) -> None:
+        """Record ``pid``, just spawned, as ``member`` of ``st`` with its identity: read now,
+        while it is this process's unreaped child, its PID cannot name another process yet."""
+        st.pids[member] = pid
+        st.identities[member] = process_identity(pid) or ""
+
     def _redis_argv(self, port: int, data: Path, *extra: str) -> list[str]:
         return [
             find_binary("redis-server"),
@@ -583,7 +690,7 @@ class LocalStack:
         log = self.root / st.name / f"{member}.log"
         st.paths[f"argv:{member}"] = json.dumps(argv)
         st.paths[f"log:{member}"] = str(log)
-        st.pids[member] = self._spawn(argv, log)
+        self._adopt(st, member, self._spawn(argv, log))
 
     def _start_redis(self, st: ServiceState, previous: ServiceState | None, timeout: float) -> None:
         data = self.root / "redis"
@@ -787,7 +894,7 @@ class LocalStack:
             adopt_class_data(dump, archive, proc.returncode == 0)
             if proc.returncode != 0:
                 raise StackError(f"kafka storage format failed: {proc.stdout}{proc.stderr}")
-        st.pids["broker"] = self._spawn_kafka(st)
+        self._adopt(st, "broker", self._spawn_kafka(st))
         wait_until(
             lambda: self._kafka_ready(broker), timeout, "Kafka broker", Path(st.paths["log"])
         )
@@ -848,7 +955,7 @@ class LocalStack:
                 log.touch()
                 shutil.chown(log, user, user)
         st.paths.update(data=str(data), log=str(log))
-        st.pids["postgres"] = self._spawn(argv, log, user=user)
+        self._adopt(st, "postgres", self._spawn(argv, log, user=user))
 
         def ready() -> bool:
             import psycopg
@@ -863,7 +970,7 @@ class LocalStack:
 
     # --- health and stop -----------------------------------------------------------------------
     def _healthy(self, st: ServiceState) -> bool:
-        if not st.pids or not all(pid_alive(p) for p in st.pids.values()):
+        if not st.pids or not all(recorded_alive(st, m) for m in st.pids):
             return False
         try:
             if st.name == "kafka":
@@ -878,8 +985,14 @@ class LocalStack:
     def _stop(self, st: ServiceState) -> None:
         # Sentinels first, so they do not fail over a master that is merely being stopped.
         order = sorted(st.pids.items(), key=lambda kv: not kv[0].startswith("sentinel"))
-        for _member, pid in order:
-            clean = stop_pid(pid, sig=signal.SIGINT if st.name == "postgres" else signal.SIGTERM)
+        for member, pid in order:
+            clean = True
+            if recorded_alive(st, member):  # else gone: its PID may name another process now
+                clean = stop_pid(
+                    pid,
+                    sig=signal.SIGINT if st.name == "postgres" else signal.SIGTERM,
+                    identity=st.identities.get(member) or process_identity(pid),
+                )
             if st.name == "kafka" and st.paths.get("cds_dump"):
                 # The broker's first start writes its class-data archive as it exits.
                 adopt_class_data(Path(st.paths["cds_dump"]), Path(st.paths["cds_archive"]), clean)
@@ -987,5 +1100,7 @@ __all__ = [
     "default_root",
     "ensure_kafka_jars",
     "format_env",
+    "process_identity",
+    "recorded_alive",
     "stop_pid",
 ]
