@@ -7,9 +7,11 @@ the fast ones. ``pytest -m "not integration"`` runs only the fast ones.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
+
+
+#: Where api_settings records the Kafka topics it hands out; imported by the API tests only.
+API_SUPPORT = "tests.integration.api_support"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, object, object]:
+    """The topics a fixture got from ``api_settings`` are deleted when that fixture is torn
+    down (the end of its scope), after its own teardown has stopped what used them."""
+    support = sys.modules.get(API_SUPPORT)
+    if support is None:
+        return (yield)
+    with support.collecting_topics() as made:
+        # Registered before the fixture runs, so it runs after the fixture's own teardown.
+        fixturedef.addfinalizer(lambda: support.drop_made_topics(made))
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """The topics a test body got from ``api_settings`` are deleted when it ends."""
+    support = sys.modules.get(API_SUPPORT)
+    if support is None:
+        return (yield)
+    with support.collecting_topics() as made:
+        try:
+            return (yield)
+        finally:
+            support.drop_made_topics(made)
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,11 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import jwt
@@ -22,7 +24,7 @@ from metering.api import create_app
 from metering.events import UsageEvent, decode_event
 from metering.quota_db import migrate
 from metering.settings import Settings, load_settings
-from metering.topics import ensure_topics, pipeline_topics
+from metering.topics import drop_topics, ensure_topics, pipeline_topics
 
 SECRET = "integration-secret-0123456789abcdef0123"
 AUDIENCE = "metering-api"
@@ -48,6 +50,35 @@ def admin() -> dict[str, str]:
     return auth(f"ops-{uuid.uuid4().hex[:6]}", ADMIN_SCOPE)
 
 
+#: Where :func:`api_settings` records each topic name it hands out, as (bootstrap, topic): the
+#: innermost list is the fixture's or test's being run (tests/conftest.py pushes one for each and
+#: deletes its topics when that fixture or test ends). Left behind, they pile up in the broker,
+#: and every new topic takes longer to make.
+topic_collectors: list[list[tuple[str, str]]] = []
+
+
+@contextlib.contextmanager
+def collecting_topics() -> Iterator[list[tuple[str, str]]]:
+    """The topics :func:`api_settings` hands out within the block, to :func:`drop_made_topics`."""
+    made: list[tuple[str, str]] = []
+    topic_collectors.append(made)
+    try:
+        yield made
+    finally:
+        topic_collectors.remove(made)
+
+
+def drop_made_topics(made: list[tuple[str, str]]) -> None:
+    """Delete each topic in ``made`` with its DLQ (whether :func:`api_settings` created it or the
+    app's emitter did); one that cannot be deleted is a warning, not a failed test."""
+    while made:
+        bootstrap, topic = made.pop()
+        try:
+            drop_topics(bootstrap, topic)  # the prefix: the topic and its ``.dlq``
+        except Exception as exc:  # cleanup only: never fails the test
+            warnings.warn(f"test topic {topic} not deleted: {exc!r}", stacklevel=1)
+
+
 def api_settings(
     tmp_path: Path,
     redis_url: str,
@@ -58,7 +89,9 @@ def api_settings(
     **over: Any,
 ) -> Settings:
     """Settings on the shared services; with ``topics``, a fresh one-partition topic pair;
-    the quota DB migrated unless ``migrate_quota_db`` is false (a test of a DB that is down)."""
+    the quota DB migrated unless ``migrate_quota_db`` is false (a test of a DB that is down).
+    The pair is deleted when the fixture or test that asked for it ends (see
+    :data:`topic_collectors`)."""
     topic = f"api-test-{uuid.uuid4().hex[:10]}"
     values: dict[str, Any] = {
         "metering_data_dir": tmp_path,
@@ -76,11 +109,24 @@ def api_settings(
     }
     values.update(over)
     settings = load_settings(**values)
+    if topic_collectors and settings.usage_events_topic == topic:
+        topic_collectors[-1].append((settings.kafka_bootstrap_servers, topic))
     if migrate_quota_db:
         migrate(settings.quota_db_url)
     if topics:
         ensure_topics(settings.kafka_bootstrap_servers, pipeline_topics(settings))
     return settings
+
+
+def own_redis_database(url: str, db: int) -> str:
+    """The Redis at ``url`` with database ``db`` instead of the one ``url`` names (or the default
+    0): keys of the test's own, which it may flush. The URL may name a database or not, in its
+    path or as ``?db=``, with credentials and options; a ``unix://`` URL keeps its socket path."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "db"]
+    if parts.scheme == "unix":  # urlunsplit would drop the empty host: unix:/path
+        return f"{url.partition('?')[0]}?{urlencode([*query, ('db', str(db))])}"
+    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
 
 
 @contextlib.asynccontextmanager

@@ -13,7 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.api_support import admin, api_client, api_settings, auth, problem
+from tests.integration.api_support import (
+    admin,
+    api_client,
+    api_settings,
+    auth,
+    problem,
+    read_events,
+)
 from tests.integration.query_schema import insert_events, scratch_database
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -103,11 +110,47 @@ async def test_tenant_a_is_refused_on_every_endpoint_aimed_at_b(
 async def test_an_admin_may_act_on_any_tenant(
     settings, clickhouse_client: Any, pair: tuple[str, str]
 ) -> None:  # type: ignore[no-untyped-def]
+    """Every endpoint aimed at B answers an admin with B's data, not the admin's own: B's quota
+    before and after the admin changes it, B's live limits and usage, and the event the admin
+    sends is emitted as B's."""
     _, b = pair
+    answers: dict[tuple[str, str], Any] = {}
     async with api_client(settings, clickhouse=clickhouse_client) as client:
         for call in requests_on(b):
             r = await send(client, call, admin())
             assert r.status_code in (200, 202), (call[:2], r.status_code, r.text[:300])
+            answers[call[0], call[1].replace(b, "{b}")] = r.json()
+        quota_after = (await client.get(f"/v1/tenants/{b}/quota", headers=admin())).json()
+
+    before = answers["GET", "/v1/tenants/{b}/quota"]
+    assert (before["tenant"], before["is_default"]) == (b, True)
+    changed = answers["PUT", "/v1/tenants/{b}/quota"]
+    assert (changed["tenant"], changed["burst"], changed["version"]) == (b, 10**6, 1)
+    assert (quota_after["tenant"], quota_after["burst"], quota_after["is_default"]) == (
+        b,
+        10**6,
+        False,
+    )
+    live = answers["GET", "/v1/limits/{b}"]
+    assert (live["tenant"], live["bucket"]["capacity"], live["daily"]["limit"]) == (
+        b,
+        10**6,
+        10**12,
+    )
+    for route in ("/v1/usage", "/v1/usage/sliding"):
+        usage = answers["GET", route]
+        assert usage["tenant"] == b, route
+        assert [row["value"] for row in usage["data"]] == [1000.0], (route, usage)
+    bill = answers["GET", "/v1/billing/{b}/" + MONTH]
+    assert bill["tenant"] == b
+    assert [(line["quantity"], line["events"]) for line in bill["lines"]] == [(1000, 1)]
+    top = {row["tenant"]: row["value"] for row in answers["GET", "/v1/usage/top"]["data"]}
+    assert top[b] == 1000.0
+    (event_id,) = answers["POST", "/v1/events"]["ids"]
+    # B's only event on the topic (the admin's calls were decided, and emitted, as its own).
+    assert [(e.id, e.type) for e in read_events(settings, 1, subject=b)] == [
+        (event_id, "metering.usage")
+    ]
 
 
 async def test_a_tenants_own_answers_hold_only_its_data(

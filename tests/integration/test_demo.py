@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from metering.demo import make_tenants, rejection_policy
+from tests.integration.api_support import own_redis_database
 
 
 def test_demo_tenants_cover_every_plan_and_rates_above_and_below_them() -> None:
@@ -39,7 +40,7 @@ def test_the_demo_ends_with_the_three_sources_in_agreement(
     env = {
         **os.environ,
         "METERING_DATA_DIR": str(tmp_path),
-        "RATE_LIMIT_REDIS_URL": redis_url.rsplit("/", 1)[0] + "/8",  # a database of its own
+        "RATE_LIMIT_REDIS_URL": own_redis_database(redis_url, 8),
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "USAGE_EVENTS_TOPIC": topic,
         "USAGE_EVENTS_DLQ_TOPIC": f"{topic}.dlq",

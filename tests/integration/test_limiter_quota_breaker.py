@@ -6,17 +6,23 @@ cache that is a Redis read (``tenant_quota_cache:<tenant>``). That read shares t
 breaker: while the breaker is open it is not made (the quota DB answers, as when the read fails),
 and when it fails it counts toward opening the breaker. So no decision waits out the socket
 timeout while Redis is known to be down, whether or not its tenant was seen before.
+
+What reaches the hung server is counted by a relay in front of it (:class:`CommandRelay`): a
+call that waits for Redis is a command sent to it, one that does not sends nothing. The
+breaker's clock is the test's, so half-open comes when the test says, not after a sleep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,22 +39,95 @@ from metering.quota_db import QuotaStore, migrate
 from tests.integration.limiter_support import settings_for
 
 TIMEOUT = 2.0  # RATE_LIMIT_REDIS_SOCKET_TIMEOUT (and connect timeout): large, so never confused
-FAST = 0.5  # a decision that did not wait for Redis takes far less than this (< TIMEOUT / 4)
 BURST, DAILY = 7, 777  # the quota DB's limits for every tenant of these tests
 
 
+def command_names(buffer: bytearray) -> list[bytes]:
+    """The names of the complete RESP commands at the start of ``buffer``, removed from it (a
+    command still arriving stays)."""
+    names: list[bytes] = []
+    while buffer.startswith(b"*"):
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            break
+        pos, args = end + 2, list[bytes]()
+        for _ in range(int(buffer[1:end])):
+            end = buffer.find(b"\r\n", pos)
+            if end < 0:
+                return names
+            start = end + 2
+            stop = start + int(buffer[pos + 1 : end])
+            if len(buffer) < stop + 2:
+                return names
+            args.append(bytes(buffer[start:stop]))
+            pos = stop + 2
+        names.append(args[0].upper())
+        del buffer[:pos]
+    return names
+
+
+class CommandRelay:
+    """A TCP relay to ``upstream_port`` that records each command a client sends through it, as
+    (connection number, command name): with the server hung, every one is a call waiting."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sent: list[tuple[int, bytes]] = []
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="relay", daemon=True).start()
+
+    def since(self, mark: int) -> list[tuple[int, bytes]]:
+        """The commands sent after the first ``mark`` (``mark = len(relay.sent)``)."""
+        return self.sent[mark:]
+
+    def _accept(self) -> None:
+        for number in range(1_000_000):
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, server]
+            for args in ((client, server, number), (server, client, None)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, number: int | None) -> None:
+        buffer = bytearray()
+        try:
+            while data := src.recv(65536):
+                if number is not None:
+                    buffer += data
+                    self.sent += [(number, name) for name in command_names(buffer)]
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self._sockets:
+            s.close()
+
+
 class PrivateRedis:
-    """A throwaway redis-server on a free loopback port, which the test can hang and resume."""
+    """A throwaway redis-server on a free loopback port, which the test can hang and resume;
+    clients reach it (``url``) through a :class:`CommandRelay`."""
 
     def __init__(self, directory: Path) -> None:
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
+        self.relay = CommandRelay(self.port)
+        self.url = f"redis://127.0.0.1:{self.relay.port}/0"
         self.paused = False
 
     def ping(self) -> bool:
@@ -66,8 +145,19 @@ class PrivateRedis:
 
     def stop(self) -> None:
         self.resume()
+        self.relay.close()
         self.proc.terminate()
         self.proc.wait(10)
+
+
+class Clock:
+    """The breaker's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -90,13 +180,11 @@ class Rig:
     cache: QuotaCache
     store: QuotaStore
 
-    async def acquire(self, tenant: str) -> tuple[Decision, float]:
-        """A decision for ``tenant`` (its quota looked up) and how long it took."""
+    async def acquire(self, tenant: str) -> Decision:
+        """A decision for ``tenant`` (its quota looked up)."""
         if self.flavor == "sync":
-            return await asyncio.to_thread(timed, self.limiter.acquire, tenant)
-        t0 = time.monotonic()
-        decision = await self.limiter.acquire(tenant)
-        return decision, time.monotonic() - t0
+            return await asyncio.to_thread(self.limiter.acquire, tenant)
+        return await self.limiter.acquire(tenant)
 
     async def quota_burst(self, tenant: str) -> int:
         """A quota lookup alone (no decision): the burst it answered."""
@@ -115,13 +203,14 @@ class Rig:
         self.store.close()
 
 
-def timed(call: Callable[[str], Decision], tenant: str) -> tuple[Decision, float]:
-    t0 = time.monotonic()
-    decision = call(tenant)
-    return decision, time.monotonic() - t0
-
-
-def make_rig(flavor: str, url: str, tmp_path: Path, tenants: list[str], **settings: Any) -> Rig:
+def make_rig(
+    flavor: str,
+    url: str,
+    tmp_path: Path,
+    tenants: list[str],
+    clock: Clock | None = None,
+    **settings: Any,
+) -> Rig:
     s = settings_for(
         "single",
         url=url,
@@ -136,7 +225,9 @@ def make_rig(flavor: str, url: str, tmp_path: Path, tenants: list[str], **settin
         store.set_quota(t, rate_per_sec=5.0, burst=BURST, daily_limit=DAILY)
     kwargs: dict[str, Any] = dict(
         fail_mode=s.rate_limit_fail_mode,
-        breaker=CircuitBreaker(s.rate_limit_breaker_failures, s.rate_limit_breaker_reset),
+        breaker=CircuitBreaker(
+            s.rate_limit_breaker_failures, s.rate_limit_breaker_reset, clock=clock or Clock()
+        ),
         local_limiter=LocalLimiter(s.rate_limit_local_ceiling_per_sec),
     )
     if flavor == "sync":
@@ -155,14 +246,19 @@ def assert_degraded_from_the_db(decision: Decision, fail_mode: str = "open") -> 
     assert (decision.limit, decision.daily_limit) == (BURST, DAILY), decision
 
 
+def assert_nothing_sent(private_redis: PrivateRedis, mark: int, what: str) -> None:
+    sent = private_redis.relay.since(mark)
+    assert not sent, f"{what} sent {sent} to the hung Redis with the breaker open"
+
+
 @pytest.mark.parametrize("fail_mode", ["open", "closed"])
 @pytest.mark.parametrize("flavor", ["sync", "async"])
 async def test_with_the_breaker_open_new_tenants_never_wait_for_the_quota_read(
     private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str, fail_mode: str
 ) -> None:
     """Redis hung, breaker open: tenants not in the local quota cache, one after another and
-    twenty at once, are each answered (degraded, with the DB's quota) in a fraction of the
-    socket timeout: the quota read in Redis is not made."""
+    twenty at once, are each answered (degraded, with the DB's quota) without a call to Redis:
+    the quota read is not made, nor the decision's."""
     newcomers = [f"{tenant}-n{i}" for i in range(25)]
     rig = make_rig(
         flavor,
@@ -174,26 +270,26 @@ async def test_with_the_breaker_open_new_tenants_never_wait_for_the_quota_read(
         rate_limit_breaker_reset=60.0,
     )
     try:
-        first, _ = await rig.acquire(tenant)
+        first = await rig.acquire(tenant)
         assert first.allowed and not first.degraded, first  # quota now in the local cache
 
         private_redis.pause()
-        opening, took = await rig.acquire(tenant)  # a cached quota: only the decision waits
-        assert opening.degraded and took >= TIMEOUT * 0.9, (opening, took)
+        mark = len(private_redis.relay.sent)
+        opening = await rig.acquire(tenant)  # a cached quota: only the decision waits
+        assert opening.degraded, opening
+        assert private_redis.relay.since(mark), "the decision never reached Redis"
         assert rig.limiter.breaker.state == "open"
 
+        mark = len(private_redis.relay.sent)
         for newcomer in newcomers[:5]:
-            decision, took = await rig.acquire(newcomer)
-            assert took < FAST, f"{newcomer} waited {took:.2f}s with the breaker open"
+            decision = await rig.acquire(newcomer)
             assert_degraded_from_the_db(decision, fail_mode)
+        assert_nothing_sent(private_redis, mark, "5 new tenants")
 
-        t0 = time.monotonic()
         results = await asyncio.gather(*(rig.acquire(t) for t in newcomers[5:]))
-        wall = time.monotonic() - t0
-        assert wall < FAST, f"20 concurrent new tenants took {wall:.2f}s with the breaker open"
-        for decision, took in results:
-            assert took < FAST, (decision, took)
+        for decision in results:
             assert_degraded_from_the_db(decision, fail_mode)
+        assert_nothing_sent(private_redis, mark, "20 concurrent new tenants")
         assert rig.limiter.breaker.state == "open"
     finally:
         private_redis.resume()
@@ -205,7 +301,7 @@ async def test_failed_quota_reads_open_the_breaker_the_decisions_use(
     private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str
 ) -> None:
     """Redis hung: quota lookups alone (no decision yet) that fail open the limiter's breaker;
-    the next new tenant's decision then waits for nothing."""
+    the next new tenant's decision then calls Redis for nothing."""
     newcomers = [f"{tenant}-n{i}" for i in range(3)]
     rig = make_rig(
         flavor,
@@ -222,9 +318,10 @@ async def test_failed_quota_reads_open_the_breaker_the_decisions_use(
             assert await rig.quota_burst(newcomer) == BURST  # the DB answered after the read
         assert rig.limiter.breaker.state == "open"
 
-        decision, took = await rig.acquire(newcomers[2])
-        assert took < FAST, f"waited {took:.2f}s with the breaker open"
+        mark = len(private_redis.relay.sent)
+        decision = await rig.acquire(newcomers[2])
         assert_degraded_from_the_db(decision)
+        assert_nothing_sent(private_redis, mark, "a new tenant's decision")
     finally:
         private_redis.resume()
         await rig.close()
@@ -236,7 +333,7 @@ async def test_a_hung_redis_opens_the_breaker_when_every_request_is_for_a_new_te
 ) -> None:
     """Every request for a tenant not seen yet: the quota read's failure counts as much as the
     decision's, so two failures (threshold 2) are reached by the first request, and the second
-    waits for nothing."""
+    calls Redis for nothing."""
     newcomers = [f"{tenant}-n{i}" for i in range(2)]
     rig = make_rig(
         flavor,
@@ -248,12 +345,13 @@ async def test_a_hung_redis_opens_the_breaker_when_every_request_is_for_a_new_te
     )
     try:
         private_redis.pause()
-        first, _ = await rig.acquire(newcomers[0])
+        first = await rig.acquire(newcomers[0])
         assert_degraded_from_the_db(first)
         assert rig.limiter.breaker.state == "open"
-        second, took = await rig.acquire(newcomers[1])
-        assert took < FAST, f"waited {took:.2f}s with the breaker open"
+        mark = len(private_redis.relay.sent)
+        second = await rig.acquire(newcomers[1])
         assert_degraded_from_the_db(second)
+        assert_nothing_sent(private_redis, mark, "the second new tenant")
     finally:
         private_redis.resume()
         await rig.close()
@@ -264,38 +362,40 @@ async def test_half_open_makes_one_trial_call_and_a_recovered_redis_closes_the_b
     private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str
 ) -> None:
     """Redis hung: once the reset time has passed, of eight new tenants at once exactly one
-    waits (the trial call, the quota read); its failure opens the breaker again. Redis back:
-    after the reset a new tenant's quota read is the trial, succeeds and closes the breaker,
-    and its decision is made in Redis."""
+    calls Redis (the trial call, the quota read); its failure opens the breaker again. Redis
+    back: after the reset a new tenant's quota read is the trial, succeeds and closes the
+    breaker, and its decision is made in Redis."""
     reset = 1.0
+    clock = Clock()
     newcomers = [f"{tenant}-n{i}" for i in range(9)]
     rig = make_rig(
         flavor,
         private_redis.url,
         tmp_path,
         [tenant, *newcomers],
+        clock,
         rate_limit_breaker_failures=1,
         rate_limit_breaker_reset=reset,
     )
     try:
-        assert not (await rig.acquire(tenant))[0].degraded
+        assert not (await rig.acquire(tenant)).degraded
         private_redis.pause()
-        assert (await rig.acquire(tenant))[0].degraded  # waits, opens the breaker
+        assert (await rig.acquire(tenant)).degraded  # waits, opens the breaker
         assert rig.limiter.breaker.state == "open"
 
-        await asyncio.sleep(reset + 0.1)
+        clock.now += reset
         assert rig.limiter.breaker.state == "half_open"
+        mark = len(private_redis.relay.sent)
         results = await asyncio.gather(*(rig.acquire(t) for t in newcomers[:8]))
-        waited = sorted(took for _, took in results)
-        assert waited[-1] >= TIMEOUT * 0.9, waited  # the trial call
-        assert waited[-2] < FAST, f"more than one caller waited: {waited}"
-        for decision, _ in results:
+        callers = {connection for connection, _ in private_redis.relay.since(mark)}
+        assert len(callers) == 1, f"not one trial call: {private_redis.relay.since(mark)}"
+        for decision in results:
             assert_degraded_from_the_db(decision)
         assert rig.limiter.breaker.state == "open"
 
         private_redis.resume()
-        await asyncio.sleep(reset + 0.1)
-        decision, _ = await rig.acquire(newcomers[8])
+        clock.now += reset
+        decision = await rig.acquire(newcomers[8])
         assert not decision.degraded and decision.allowed, decision
         assert (decision.limit, decision.daily_limit) == (BURST, DAILY)
         assert rig.limiter.breaker.state == "closed"

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 
 from metering import logthrottle
 from metering.logthrottle import RepeatThrottle
+from metering.settings import get_settings
+
+#: The client loggers whose level metering.cli.main sets.
+CLI_LEVELLED = ("kafka", "aiokafka", "httpx", "alembic")
 
 
 class Clock:
@@ -47,6 +52,20 @@ def test_other_loggers_are_never_held_back() -> None:
         assert all(throttle.filter(record(name)) for _ in range(50))
 
 
+@pytest.fixture
+def cli_in_process() -> Iterator[None]:
+    """``metering.cli.main`` run in this process sets the client loggers' levels and fills the
+    settings cache, both for the whole process: they are put back, so that the rest of the
+    session neither logs those clients at DEBUG nor reads this test's settings."""
+    levels = {name: logging.getLogger(name).level for name in CLI_LEVELLED}
+    get_settings.cache_clear()
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    get_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("cli_in_process")
 def test_the_cli_puts_the_throttle_on_the_root_handlers_unless_verbose(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

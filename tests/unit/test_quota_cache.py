@@ -11,14 +11,13 @@ import asyncio
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
-from limiter import CircuitBreaker, RateLimiter
+from limiter import CircuitBreaker, RateLimiter, quotas
 from limiter.quota_provider import QuotaProvider, UnknownTenant
 from limiter.quotas import QuotaCache
 from metering.ids import InvalidIdentifier
@@ -58,11 +57,26 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
+class Clock:
+    """The cache's clock, moved only by the test: whether an entry is due for a refresh or has
+    expired never depends on how fast a loaded machine runs the test."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Stands in for the ``time`` module limiter.quotas reads ``monotonic()`` from."""
+    c = Clock()
+    monkeypatch.setattr(quotas, "time", c)
+    return c
 
 
 @pytest.fixture
@@ -91,39 +105,41 @@ def test_a_warm_lookup_does_no_io_and_counts_a_local_hit(store: MemoryStore) -> 
 
 
 def test_a_hot_tenant_is_refreshed_in_the_background_without_the_request_waiting(
-    store: MemoryStore,
+    store: MemoryStore, clock: Clock
 ) -> None:
     cache = make_cache(store, local_ttl=0.2)
     cache.get("acme")
     store.put("acme", burst=30, version=2)
     store.gate = threading.Event()
-    time.sleep(0.12)  # past half the TTL: the next lookup triggers a refresh
+    clock.advance(0.15)  # past half the TTL, not expired: the next lookup triggers a refresh
     assert cache.get("acme").burst == 20  # answered from memory while the store is blocked
-    wait_for(store.waiting.is_set)
-    assert cache.get("acme").burst == 20  # still not waiting, refresh in flight
+    assert store.waiting.wait(5), "no background refresh reached the store"
+    for _ in range(20):
+        assert cache.get("acme").burst == 20  # still not waiting, refresh in flight
     store.gate.set()
-    wait_for(lambda: cache.get("acme").burst == 30)
+    cache.close()  # joins the refresher: its refresh is installed
+    assert cache.get("acme").burst == 30
     assert store.lookups == 2  # one refresh, however many lookups happened meanwhile
-    cache.close()
 
 
-def test_db_down_serves_the_last_known_quota_and_counts_it_stale(store: MemoryStore) -> None:
+def test_db_down_serves_the_last_known_quota_and_counts_it_stale(
+    store: MemoryStore, clock: Clock
+) -> None:
     cache = make_cache(store, local_ttl=0.1, retry_interval=0.05)
     assert cache.get("acme").burst == 20
     store.down = True
     stale = sample("tenant_quota_stale_served_total")
-    time.sleep(0.15)  # expired
+    clock.advance(0.15)  # expired
     for _ in range(50):
         assert cache.get("acme").burst == 20
     assert sample("tenant_quota_stale_served_total") - stale == 50
-    lookups = store.lookups
-    assert lookups <= 3  # retries are paced by retry_interval, not one per request
+    assert store.lookups == 2  # one retry: they are paced by retry_interval, not per request
     store.down = False
     store.put("acme", burst=25, version=2)
-    time.sleep(0.06)
-    cache.get("acme")  # triggers the background retry, which now succeeds
-    wait_for(lambda: cache.get("acme").burst == 25)
-    cache.close()
+    clock.advance(0.06)
+    assert cache.get("acme").burst == 20  # triggers the background retry, which now succeeds
+    cache.close()  # joins the refresher: the retry's answer is installed
+    assert cache.get("acme").burst == 25
 
 
 def test_an_unknown_tenant_gets_the_default_plan_when_so_configured(store: MemoryStore) -> None:
@@ -146,7 +162,7 @@ def test_an_unknown_tenant_is_rejected_when_so_configured(store: MemoryStore) ->
 
 
 def test_a_tenant_first_seen_while_the_db_is_down_gets_the_unknown_policy_until_it_answers(
-    store: MemoryStore,
+    store: MemoryStore, clock: Clock
 ) -> None:
     lenient = make_cache(store, unknown_tenant="default", retry_interval=0.05)
     strict = make_cache(store, unknown_tenant="reject", retry_interval=0.05)
@@ -155,17 +171,14 @@ def test_a_tenant_first_seen_while_the_db_is_down_gets_the_unknown_policy_until_
     with pytest.raises(UnknownTenant):
         strict.get("acme")
     store.down = False
-    time.sleep(0.06)
+    clock.advance(0.06)
+    # Still the policy's answer; each lookup triggers the background retry.
+    assert lenient.get("acme").burst == plan_limits("free").burst
+    with pytest.raises(UnknownTenant):
+        strict.get("acme")
     for cache in (lenient, strict):
-
-        def burst(cache: QuotaCache = cache) -> int | None:
-            try:
-                return cache.get("acme").burst  # also triggers the background retry
-            except UnknownTenant:
-                return None
-
-        wait_for(lambda burst=burst: burst() == 20)  # type: ignore[misc]
-        cache.close()
+        cache.close()  # joins the refresher: the retry's answer is installed
+        assert cache.get("acme").burst == 20
 
 
 def test_a_malformed_tenant_id_is_refused_before_any_lookup(store: MemoryStore) -> None:
@@ -188,18 +201,37 @@ def test_an_older_published_change_never_replaces_a_newer_one(store: MemoryStore
     assert not cache.apply_change("other", new)  # tenants not cached here are not added
 
 
-def test_a_refresh_that_overlaps_a_change_is_discarded(store: MemoryStore) -> None:
+def test_a_refresh_that_overlaps_a_change_is_discarded(store: MemoryStore, clock: Clock) -> None:
     cache = make_cache(store, local_ttl=0.2)
     cache.get("acme")
     store.gate = threading.Event()
-    time.sleep(0.12)
+    clock.advance(0.15)
     cache.get("acme")  # starts a refresh that reads the (old) row and blocks
-    wait_for(store.waiting.is_set)
+    assert store.waiting.wait(5), "no background refresh reached the store"
     cache.apply_change("acme", {"rate_per_sec": 1.0, "burst": 7, "daily_limit": 10, "version": 2})
     store.gate.set()
-    time.sleep(0.05)
-    cache.close()  # the refresher has finished
+    cache.close()  # joins the refresher: the overlapping refresh has finished
     assert cache.get("acme").burst == 7
+
+
+def test_a_refresh_of_an_unknown_tenant_that_overlaps_its_creation_is_discarded(
+    store: MemoryStore, clock: Clock
+) -> None:
+    """A tenant not in the DB is cached as unknown (version 0); a refresh reads "unknown" again
+    while the change that creates it (version 1) is applied. No version orders the two (an
+    unknown answer has none), so only the overlap itself tells the refresh's answer is stale:
+    installed, it would serve the default plan until the next refresh."""
+    cache = make_cache(store, local_ttl=0.2, unknown_tenant="default", default_plan="free")
+    assert cache.get("newco").burst == plan_limits("free").burst
+    store.gate = threading.Event()
+    clock.advance(0.15)
+    cache.get("newco")  # starts a refresh that reads "unknown" and blocks
+    assert store.waiting.wait(5), "no background refresh reached the store"
+    created = {"rate_per_sec": 1.0, "burst": 7, "daily_limit": 10, "version": 1}
+    assert cache.apply_change("newco", created)
+    store.gate.set()
+    cache.close()  # joins the refresher: the overlapping refresh has finished
+    assert cache.get("newco").burst == 7
 
 
 def test_daily_seed_reads_the_backfill_and_never_raises(store: MemoryStore) -> None:
@@ -209,16 +241,19 @@ def test_daily_seed_reads_the_backfill_and_never_raises(store: MemoryStore) -> N
     assert cache.daily_seed("acme", dt.date(2026, 1, 2)) == 0
 
 
-async def test_aget_serves_from_memory_and_refreshes_as_a_task(store: MemoryStore) -> None:
+async def test_aget_serves_from_memory_and_refreshes_as_a_task(
+    store: MemoryStore, clock: Clock
+) -> None:
     cache = make_cache(store, local_ttl=0.2)
     assert (await cache.aget("acme")).burst == 20
     store.put("acme", burst=40, version=2)
-    await asyncio.sleep(0.12)
+    clock.advance(0.15)
     assert (await cache.aget("acme")).burst == 20  # served, refresh scheduled
-    deadline = time.monotonic() + 5
-    while (await cache.aget("acme")).burst != 40:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    refreshes = set(cache._tasks)
+    assert len(refreshes) == 1
+    await asyncio.wait_for(asyncio.gather(*refreshes), 5)
+    assert (await cache.aget("acme")).burst == 40
+    assert store.lookups == 2
     assert await cache.adaily_seed("acme", dt.date(2026, 1, 2)) == 900
     await cache.aclose()
 
