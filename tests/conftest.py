@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,36 +24,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-#: Where api_settings records the Kafka topics it hands out; imported by the API tests only.
+#: Where api_settings records the Kafka topics it made; imported by the API tests only.
 API_SUPPORT = "tests.integration.api_support"
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(
-    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
-) -> Generator[None, object, object]:
-    """The topics a fixture got from ``api_settings`` are deleted when that fixture is torn
-    down (the end of its scope), after its own teardown has stopped what used them."""
-    support = sys.modules.get(API_SUPPORT)
-    if support is None:
-        return (yield)
-    with support.collecting_topics() as made:
-        # Registered before the fixture runs, so it runs after the fixture's own teardown.
-        fixturedef.addfinalizer(lambda: support.drop_made_topics(made))
-        return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    """The topics a test body got from ``api_settings`` are deleted when it ends."""
-    support = sys.modules.get(API_SUPPORT)
-    if support is None:
-        return (yield)
-    with support.collecting_topics() as made:
-        try:
-            return (yield)
-        finally:
-            support.drop_made_topics(made)
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +41,12 @@ def redis_url(services: ServiceProvider) -> str:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(services: ServiceProvider) -> str:
-    return services.kafka_bootstrap()
+def kafka_bootstrap(services: ServiceProvider) -> Iterator[str]:
+    yield services.kafka_bootstrap()
+    # The topics the API tests made, deleted in one request while Kafka still runs.
+    support = sys.modules.get(API_SUPPORT)
+    if support is not None:
+        support.drop_made_topics()
 
 
 @pytest.fixture(scope="session")
