@@ -417,8 +417,10 @@ class RateLimitMiddleware:
         self.exempt_paths = frozenset(exempt_paths)
         self.source = source
         self.clock = clock
-        #: the limiter's estimate of the Redis server's clock (the clock of record), if it has one
-        self._server_clock = getattr(limiter, "clock", None)
+        #: the limiter's estimate of the Redis server's clock (the clock of record), if it has
+        #: one (:class:`limiter.clock.ServerClock`; another limiter's ``clock`` may be anything)
+        server_clock = getattr(limiter, "clock", None)
+        self._server_clock = server_clock if callable(getattr(server_clock, "skew", None)) else None
         self._event_templates = EventTemplates()
         self._refusals_logged: set[str] = set()  # shadow mode: unknown tenants logged once
 

@@ -632,3 +632,21 @@ async def test_a_host_clock_known_off_the_servers_goes_by_the_servers(
         r = await c.get("/v1/things/1")
     day_reset = round(RESET_AT.timestamp() - (NOW + shift))  # the day ends an hour after NOW
     assert f'"daily";r=990;t={day_reset}' in r.headers["ratelimit"]
+
+
+async def test_a_limiter_whose_clock_is_something_else_is_served_by_the_hosts_clock() -> None:
+    """Any limiter may stand behind the middleware; a ``clock`` attribute that is not an
+    estimate of the Redis server's (a function, here) is not taken for one."""
+    limiter = ScriptedLimiter(decision())
+    limiter.clock = time_of_day  # type: ignore[attr-defined]
+    emitter = ListEmitter()
+    mw = RateLimitMiddleware(inner(), limiter, emitter=emitter, clock=lambda: NOW)
+    async with client(mw) as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 200
+    assert '"daily";r=990;t=3600' in r.headers["ratelimit"]
+    assert len(emitter.events) == 1
+
+
+def time_of_day() -> float:
+    return NOW
