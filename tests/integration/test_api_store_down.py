@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import socket
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -179,15 +178,17 @@ async def test_a_hung_clickhouse_server_is_a_503_within_the_query_timeout(
             clickhouse_query_timeout=1,
         )
         tenant = f"t-{uuid.uuid4().hex[:8]}"
-        params = {"meter": "tokens", "minutes": 5}
+        params: dict[str, str | int] = {"meter": "tokens", "minutes": 5}
         async with api_client(settings) as client:
-            started = time.monotonic()
-            r = await asyncio.wait_for(
-                client.get("/v1/usage/sliding", params=params, headers=auth(tenant)), 60
-            )
-            took = time.monotonic() - started
+            # A harness deadline, not an asserted speed: only the configured 1 s timeout
+            # answers before it (clickhouse-connect's own default would hold the call 300 s).
+            try:
+                r = await asyncio.wait_for(
+                    client.get("/v1/usage/sliding", params=params, headers=auth(tenant)), 60
+                )
+            except TimeoutError:
+                pytest.fail("no answer within 60 s: CLICKHOUSE_QUERY_TIMEOUT was not applied")
     check_store_down(r, "ClickHouse", str(port))
-    assert took < 30  # the 1 s timeout (clickhouse-connect's own default is 300 s)
 
 
 async def test_readiness_and_live_limits_name_the_failed_store_but_never_its_address(

