@@ -168,7 +168,10 @@ async def aggregate(stream: Any) -> None:
 
 
 # --- the sweep: closed days and expired windows leave the tables, with a tombstone ---------------
-_partitioner = cast(PartitionerT, app.conf.producer_partitioner or DefaultPartitioner())
+# (getattr: mypy reads the setting, a callable class attribute, as a method of Settings)
+_partitioner = cast(
+    PartitionerT, getattr(app.conf, "producer_partitioner", None) or DefaultPartitioner()
+)
 
 
 def tenant_partition(tenant: str, partitions: int) -> int:
