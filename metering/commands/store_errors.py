@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from metering.commands.config import MASK, redact
+from metering.localstack.stack import process_identity
 from metering.settings import Settings, load_settings
 
 MIGRATE_HINT = "run `metering db migrate`"
@@ -136,17 +137,6 @@ class EngineHolder:
 _HOLDER_FILE = "metering-holder-{pid}.json"
 
 
-def _start_time(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks after boot; None: no such process). With the
-    pid it names one process: a record left by a process gone is not taken for a new one's."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
-    return fields[19] if len(fields) > 19 else None
-
-
 def record_holder(clickhouse_url: str, command: str, host: str, port: int) -> Path | None:
     """Record in the embedded engine's folder of ``clickhouse_url`` that this process is
     ``metering <command>`` serving HTTP on ``host:port`` (nothing for a ClickHouse server);
@@ -163,7 +153,7 @@ def record_holder(clickhouse_url: str, command: str, host: str, port: int) -> Pa
     path = folder / _HOLDER_FILE.format(pid=pid)
     record = {
         "pid": pid,
-        "started": _start_time(pid),
+        "started": process_identity(pid),
         "command": command,
         "host": host,
         "port": port,
@@ -172,7 +162,7 @@ def record_holder(clickhouse_url: str, command: str, host: str, port: int) -> Pa
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob(_HOLDER_FILE.format(pid="*")):  # those of processes gone
             other = old.name.removeprefix("metering-holder-").removesuffix(".json")
-            if other.isdigit() and _start_time(int(other)) is None:
+            if other.isdigit() and process_identity(int(other)) is None:
                 old.unlink(missing_ok=True)
         part = path.with_name(path.name + ".part")
         part.write_text(json.dumps(record))
@@ -196,7 +186,7 @@ def _recorded(folder: Path, pid: int) -> tuple[str, str, int] | None:
     except (OSError, ValueError):
         return None
     started = record.get("started") if isinstance(record, dict) else None
-    if started is None or started != _start_time(pid):  # a process gone, its pid used again
+    if started is None or started != process_identity(pid):  # gone, its pid used again
         return None
     command, host, port = record.get("command"), record.get("host"), record.get("port")
     if isinstance(command, str) and isinstance(host, str) and type(port) is int:
