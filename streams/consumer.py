@@ -253,32 +253,31 @@ class SinkConsumer:
         assert self.consumer is not None
         self._generation += 1
         self._assigned -= partitions  # nothing of theirs is processed until this completes
-        stored = await self._blocking(self.sink.on_assigned, partitions)
+        committed: dict[int, int] = {}
+        for p in sorted(partitions):
+            offset = await self.consumer.committed(TopicPartition(self.topic, p))
+            if offset is not None:
+                committed[p] = offset
+        stored = await self._blocking(self.sink.on_assigned, partitions, committed)
         resume: dict[int, int] = {}
         for p in sorted(partitions):
             tp = TopicPartition(self.topic, p)
-            committed = await self.consumer.committed(tp)
             if p in stored:
                 resume[p] = stored[p]
-                if committed is not None and committed > stored[p]:
+                if committed.get(p, -1) > stored[p]:
                     log.warning(
                         "sink: %s/%d: Kafka's committed offset %d is past what ClickHouse"
                         " stored (%d), which lost rows (restored from a backup?): reading"
                         " them again from %d",
-                        self.topic, p, committed, stored[p], stored[p],
+                        self.topic, p, committed[p], stored[p], stored[p],
                     )  # fmt: skip
                 self.consumer.seek(tp, resume[p])
-            elif committed is not None:
-                resume[p] = committed
-                self.consumer.seek(tp, committed)
+            elif p in committed:  # the sink recorded it as the partition's progress
+                resume[p] = committed[p]
+                self.consumer.seek(tp, resume[p])
             else:
                 resume[p] = 0
                 await self.consumer.seek_to_beginning(tp)
-        # The sink recorded 0 for a partition without progress; one resuming at the commit
-        # records that, so the next assignment resumes there too.
-        from_commit = {p: resume[p] for p in partitions if p not in stored and resume[p]}
-        if from_commit:
-            await self._blocking(self.sink.storage.record_progress, self.topic, from_commit)
         if self.on_assigned is not None:
             await self.on_assigned(dict(resume))
         self._next.update(resume)

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time as _time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -508,9 +508,12 @@ class ClickHouseSink:
         self._stored_past: dict[int, set[int]] = {}
 
     # --- step 1: assignment ---------------------------------------------------------------------
-    def on_assigned(self, partitions: Iterable[int]) -> dict[int, int]:
+    def on_assigned(
+        self, partitions: Iterable[int], committed: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
         """Complete a batch a crash cut short, rebuild the id set for ``partitions``; return
-        their stored resume offsets."""
+        their stored resume offsets. A partition without stored progress resumes at Kafka's
+        ``committed`` offset, if it has one, else at 0: that is recorded as its progress."""
         parts = sorted(set(partitions))
         self.storage.repair_unfinished_batch(self.topic, parts)
         now = self.clock()
@@ -519,7 +522,8 @@ class ClickHouseSink:
         rows = self.storage.recent_ids(self.topic, parts, recent.rebuild_since(now))
         recent.add_rebuilt(rows, now)
         stored = self.storage.stored_next_offsets(self.topic, parts)
-        resume = {p: stored.get(p, 0) for p in parts}
+        committed = committed or {}
+        resume = {p: stored[p] if p in stored else committed.get(p, 0) for p in parts}
         # The rows of a batch cut short, read again from the resume offset: recognised by
         # their offsets as the batch comes by (PreparedBatch.stored).
         past = self.storage.stored_offsets(self.topic, resume)
