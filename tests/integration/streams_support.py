@@ -101,14 +101,36 @@ def wait_until_committed(
     raise TimeoutError(f"group {group} committed {committed}, end offsets {ends}")
 
 
-def read_all(bootstrap: str, topic: str, timeout_ms: int = 3000) -> list:  # type: ignore[type-arg]
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=timeout_ms,
-    )
+def read_all(bootstrap: str, topic: str, timeout_ms: int = 30_000) -> list:  # type: ignore[type-arg]
+    """Every message ``topic`` holds now: each partition read from its start to the end offset
+    taken first (what is written meanwhile may or may not be in). No idle wait: a test polling
+    a topic pays only for the read (waiting out a 3 s silence cost ~25 s per worker test).
+    ``timeout_ms`` bounds the read; a topic that does not exist yet reads as empty."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
-        return list(consumer)
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        out = []
+        deadline = time.monotonic() + timeout_ms / 1000
+        while behind := [tp for tp in tps if consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: {behind} not read to {ends} in {timeout_ms} ms")
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
+        return out
     finally:
         consumer.close()
+
+
+def read_at_least(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list:  # type: ignore[type-arg]
+    """Everything in ``topic`` once it holds at least ``expected`` messages (read to its end
+    then, so an extra message shows), or what it holds at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while len(out := read_all(bootstrap, topic)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return out

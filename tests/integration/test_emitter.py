@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
 
 from metering.emitter import Emitter, EmitterMode
@@ -25,6 +24,7 @@ from metering.events import (
 )
 from metering.spool import Spool
 from metering.topics import TopicSpec, ensure_topics
+from tests.integration.streams_support import read_at_least
 
 
 @pytest.fixture
@@ -35,22 +35,8 @@ def topic(kafka_bootstrap: str) -> str:
 
 
 def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=2000,
-    )
-    out: list = []
-    try:
-        for _ in range(int(timeout_s / 2)):
-            out.extend(consumer)
-            if len(out) >= expected:
-                break
-    finally:
-        consumer.close()
-    return out
+    """The topic's messages once ``expected`` arrived, read to its end (an extra one shows)."""
+    return read_at_least(bootstrap, topic, expected, timeout_s)
 
 
 def dead_address() -> str:
