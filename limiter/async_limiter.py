@@ -87,11 +87,15 @@ class AsyncRateLimiter:
         core = self._core
         check_tenant(tenant)
         check_cost(cost)
-        if quota is None:
-            # A QuotaCache shares the breaker: while it is open, the lookup reads no Redis; a
-            # failed read counts, so that the check below answers without a second wait.
-            quota = await self._quota(tenant)
         policy = self.policy
+        if quota is None:
+            # A QuotaCache shares the breaker: while it is open, the lookup reads no Redis. A
+            # read that failed (Redis unavailable) counts toward opening it, and the decision
+            # then makes no call of its own: one timeout waited out per decision, not two.
+            failures_seen = policy.breaker.failures_seen
+            quota = await self._quota(tenant)
+            if policy.breaker.failures_seen != failures_seen:
+                return policy.decide(tenant, cost, quota, core.clock.today(), started)
         if not policy.breaker.allow():
             return policy.decide(tenant, cost, quota, core.clock.today(), started)
         batcher = self._batcher

@@ -38,6 +38,9 @@ class CircuitBreaker:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._failures = 0
+        #: every failure recorded so far (never reset): a caller that sees it move across a
+        #: call of its own knows Redis failed meanwhile, even with the breaker still closed
+        self.failures_seen = 0
         self._opened_until: float | None = None  # None while closed
         self._probe_until: float | None = None  # a half-open probe is out until then
 
@@ -81,6 +84,7 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         with self._lock:
             self._failures += 1
+            self.failures_seen += 1
             was_closed = self._opened_until is None
             if was_closed and self._failures < self.failure_threshold:
                 return
