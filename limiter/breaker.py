@@ -11,12 +11,22 @@ Thread-safe; ``allow`` is lock-free while the breaker is closed (the hot path).
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
 from typing import Literal
 
 BreakerState = Literal["closed", "open", "half_open"]
+
+#: Where :meth:`CircuitBreaker.record_failure` also notes a failure, when set: a list the
+#: limiter sets around one decision's quota lookup, so the decision knows that its own lookup
+#: found Redis failing. The threads (``asyncio.to_thread``) and tasks the lookup starts copy the
+#: context and note into the same list; other decisions, other threads and other tenants have
+#: their own context, so a failure of theirs is not this decision's.
+FAILURES_HERE: contextvars.ContextVar[list[None] | None] = contextvars.ContextVar(
+    "breaker_failures_here", default=None
+)
 
 
 class CircuitBreaker:
@@ -38,9 +48,6 @@ class CircuitBreaker:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._failures = 0
-        #: every failure recorded so far (never reset): a caller that sees it move across a
-        #: call of its own knows Redis failed meanwhile, even with the breaker still closed
-        self.failures_seen = 0
         self._opened_until: float | None = None  # None while closed
         self._probe_until: float | None = None  # a half-open probe is out until then
 
@@ -82,9 +89,11 @@ class CircuitBreaker:
         self._changed("half_open", "closed")
 
     def record_failure(self) -> None:
+        here = FAILURES_HERE.get()
+        if here is not None:
+            here.append(None)
         with self._lock:
             self._failures += 1
-            self.failures_seen += 1
             was_closed = self._opened_until is None
             if was_closed and self._failures < self.failure_threshold:
                 return

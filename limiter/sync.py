@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from limiter.breaker import CircuitBreaker
+from limiter.breaker import FAILURES_HERE, CircuitBreaker
 from limiter.clock import utc_day
 from limiter.core import LimiterCore, NoQuota, check_cost, check_tenant, settle_inputs
 from limiter.decision import Decision, Settlement
@@ -110,9 +110,13 @@ class RateLimiter:
             # A QuotaCache shares the breaker: while it is open, the lookup reads no Redis. A
             # read that failed (Redis unavailable) counts toward opening it, and the decision
             # then makes no call of its own: one timeout waited out per decision, not two.
-            failures_seen = policy.breaker.failures_seen
-            quota = self._quota(tenant)
-            if policy.breaker.failures_seen != failures_seen:
+            failed: list[None] = []
+            here = FAILURES_HERE.set(failed)
+            try:
+                quota = self._quota(tenant)
+            finally:
+                FAILURES_HERE.reset(here)
+            if failed:
                 return policy.decide(tenant, cost, quota, core.clock.today(), started)
         if not policy.breaker.allow():
             return policy.decide(tenant, cost, quota, core.clock.today(), started)

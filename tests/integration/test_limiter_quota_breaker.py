@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import redis
 
-from limiter import AsyncRateLimiter, CircuitBreaker, LocalLimiter, RateLimiter
+from limiter import AsyncRateLimiter, CircuitBreaker, LocalLimiter, Quota, RateLimiter
 from limiter.decision import Decision
 from limiter.quotas import QuotaCache
 from limiter.redis_factory import async_redis_from_settings, redis_from_settings
@@ -382,6 +382,61 @@ async def test_a_new_tenants_decision_waits_for_no_second_call_when_its_quota_re
     finally:
         private_redis.resume()
         await rig.close()
+
+
+class SlowLookup:
+    """A quota provider whose lookup of ``slow`` waits until the test lets it go (a cache miss
+    in progress); the others answer at once."""
+
+    def __init__(self, slow: str) -> None:
+        self.slow = slow
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def get(self, tenant: str) -> Quota:
+        if tenant == self.slow:
+            self.entered.set()
+            assert self.release.wait(10)
+        return Quota(rate_per_sec=5.0, burst=BURST, daily_limit=DAILY)
+
+    async def aget(self, tenant: str) -> Quota:
+        return await asyncio.to_thread(self.get, tenant)
+
+    def daily_seed(self, tenant: str, day: Any) -> int:
+        return 0
+
+    async def adaily_seed(self, tenant: str, day: Any) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_a_failure_of_another_decision_during_a_quota_lookup_is_not_this_ones(
+    redis_url: str, tenant: str, flavor: str
+) -> None:
+    """While one decision's quota lookup is in progress, another decision's Redis call fails
+    (its tenant's node is down, say): the breaker records it, stays closed (threshold 3), and
+    the first decision still goes to Redis, which answers it (not degraded)."""
+    s = settings_for("single", url=redis_url)
+    provider = SlowLookup(tenant)
+    breaker = CircuitBreaker(3, 60.0)
+    if flavor == "sync":
+        limiter: Any = RateLimiter(redis_from_settings(s), provider, breaker=breaker)
+        pending = asyncio.ensure_future(asyncio.to_thread(limiter.acquire, tenant))
+    else:
+        limiter = AsyncRateLimiter(async_redis_from_settings(s), provider, breaker=breaker)
+        pending = asyncio.ensure_future(limiter.acquire(tenant))
+    try:
+        assert await asyncio.to_thread(provider.entered.wait, 10)
+        breaker.record_failure()  # another decision's, on another thread or task
+        provider.release.set()
+        decision = await asyncio.wait_for(pending, 10)
+        assert decision.allowed and not decision.degraded, decision
+        assert decision.remaining == BURST - 1, decision
+        assert breaker.state == "closed"
+    finally:
+        provider.release.set()
+        if flavor == "async":
+            await limiter.redis.aclose()
 
 
 @pytest.mark.parametrize("flavor", ["sync", "async"])
