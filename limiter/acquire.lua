@@ -11,6 +11,7 @@
 -- KEYS[2] rl:{t}:day:YYYYMMDD   int   units used on that UTC day
 -- KEYS[3] rl:{t}:win            zset  rolling-window log: member "<seq>:<cost>", score = ts (us)
 -- KEYS[4] rl:{t}:win:meta       hash  sum (units in the log), seq (last member number)
+--         (KEYS[3] and KEYS[4] are given, and read, only for a quota with a window)
 -- ARGV: cost, rate_per_sec, burst, daily_limit, window_limit (0 = none), window_seconds,
 --       seed ("" = none given), day_grace_seconds
 --

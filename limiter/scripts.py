@@ -8,6 +8,12 @@ calls go out as ``EVALSHA`` from the first one. A server that does not know the 
 Calls are encoded once per tenant and day (the keys) and once per quota (its numbers): the hot
 path only joins pre-encoded parts. Two forms exist: an argument tuple for redis-py's generic
 ``execute_command``/pipelines (Cluster), and the packed RESP bytes for a direct connection.
+
+A call declares only the keys it may touch: the bucket and the day's counter, and the two
+window keys only for a quota with a rolling window (the scripts read ``KEYS[3]``/``KEYS[4]``
+only then). While a Cluster migrates a slot, a script call whose declared keys are not all on
+the same side is refused with ``TRYAGAIN``; window keys that never exist would make every call
+of the tenant refused for the whole migration.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from limiter.clock import utc_day
 from limiter.keys import tenant_keys
 from limiter.quota import Quota
 
-NUM_KEYS = 4
+NUM_KEYS = 4  # with a rolling window; without one, the first NUM_KEYS_NO_WINDOW
+NUM_KEYS_NO_WINDOW = 2
 DAY_GRACE_SECONDS = 3600  # a day counter outlives its UTC day by this much (late settles)
 _CACHE_MAX = 100_000
 
@@ -77,64 +84,64 @@ class CallEncoder:
     def __init__(self, day_grace_seconds: int = DAY_GRACE_SECONDS) -> None:
         self._grace = b"%d" % day_grace_seconds
         self._grace_bulk = resp_bulk(self._grace)
-        self._keys: dict[str, tuple[int, tuple[bytes, ...], bytes]] = {}
-        self._quotas: dict[Quota, tuple[tuple[bytes, ...], bytes]] = {}
+        self._keys: dict[str, tuple[int, tuple[bytes, ...], tuple[bytes, bytes]]] = {}
+        self._quotas: dict[Quota, tuple[tuple[bytes, ...], bytes, int]] = {}
 
-    def keys(self, tenant: str, day: int) -> tuple[tuple[bytes, ...], bytes]:
-        """The script KEYS for ``tenant`` on epoch ``day``, and the packed EVALSHA head."""
+    def keys(self, tenant: str, day: int, windowed: bool = True) -> tuple[tuple[bytes, ...], bytes]:
+        """The script KEYS for ``tenant`` on epoch ``day`` (the window's two only if
+        ``windowed``), and the packed EVALSHA head."""
         entry = self._keys.get(tenant)
         if entry is None or entry[0] != day:
             if len(self._keys) >= _CACHE_MAX:
                 self._keys.clear()
             keys = tenant_keys(tenant, utc_day(day)[0])
-            head = b"*%d\r\n" % (3 + NUM_KEYS + 8) + b"".join(
-                resp_bulk(p) for p in (b"EVALSHA", ACQUIRE.sha, b"%d" % NUM_KEYS, *keys)
+            heads = tuple(
+                b"*%d\r\n" % (3 + n + 8)
+                + b"".join(resp_bulk(p) for p in (b"EVALSHA", ACQUIRE.sha, b"%d" % n, *keys[:n]))
+                for n in (NUM_KEYS_NO_WINDOW, NUM_KEYS)
             )
-            entry = self._keys[tenant] = (day, keys, head)
-        return entry[1], entry[2]
+            entry = self._keys[tenant] = (day, keys, (heads[0], heads[1]))
+        if windowed:
+            return entry[1], entry[2][1]
+        return entry[1][:NUM_KEYS_NO_WINDOW], entry[2][0]
 
-    def _quota(self, quota: Quota) -> tuple[tuple[bytes, ...], bytes]:
+    def _quota(self, quota: Quota) -> tuple[tuple[bytes, ...], bytes, int]:
+        """The quota's arguments, packed, and how many keys its calls declare."""
         entry = self._quotas.get(quota)
         if entry is None:
             if len(self._quotas) >= _CACHE_MAX:
                 self._quotas.clear()
             args = quota_args(quota)
-            entry = self._quotas[quota] = (args, b"".join(resp_bulk(a) for a in args))
+            n = NUM_KEYS if quota.window_limit else NUM_KEYS_NO_WINDOW
+            entry = self._quotas[quota] = (args, b"".join(resp_bulk(a) for a in args), n)
         return entry
 
     def acquire_args(
         self, tenant: str, day: int, cost: int, quota: Quota, seed: bytes
     ) -> tuple[bytes | str | int, ...]:
         """``execute_command`` arguments of one acquire.lua call (``seed`` b"" = none)."""
-        keys, _ = self.keys(tenant, day)
+        args, _, n = self._quota(quota)
+        keys, _ = self.keys(tenant, day, n == NUM_KEYS)
         cost_b = _SMALL_INTS[cost] if cost <= 1024 else b"%d" % cost
-        return (
-            "EVALSHA",
-            ACQUIRE.sha,
-            NUM_KEYS,
-            *keys,
-            cost_b,
-            *self._quota(quota)[0],
-            seed,
-            self._grace,
-        )
+        return ("EVALSHA", ACQUIRE.sha, n, *keys, cost_b, *args, seed, self._grace)
 
     def acquire_packed(self, tenant: str, day: int, cost: int, quota: Quota, seed: bytes) -> bytes:
         """The same call as RESP bytes, ready for a connection."""
-        _, head = self.keys(tenant, day)
+        _, packed_args, n = self._quota(quota)
+        _, head = self.keys(tenant, day, n == NUM_KEYS)
         cost_bulk = _SMALL_BULKS[cost] if cost <= 1024 else resp_bulk(b"%d" % cost)
-        return b"".join((head, cost_bulk, self._quota(quota)[1], resp_bulk(seed), self._grace_bulk))
+        return b"".join((head, cost_bulk, packed_args, resp_bulk(seed), self._grace_bulk))
 
     def settle_args(
         self, tenant: str, day: int, delta: int, quota: Quota, *, today: bool = False
     ) -> tuple[bytes | str | int, ...]:
         """One settle.lua call into ``day``; ``today``: ``day`` is the client's estimate of the
         server's day, which the script checks (WRONG_DAY, :data:`SETTLE_WRONG_DAY`)."""
-        keys, _ = self.keys(tenant, day)
-        q = self._quota(quota)[0]
+        q, _, n = self._quota(quota)
+        keys, _ = self.keys(tenant, day, n == NUM_KEYS)
         check = b"%d" % day if today else b""
         return (
-            "EVALSHA", SETTLE.sha, NUM_KEYS, *keys, b"%d" % delta, q[0], q[1], q[3], q[4], check
+            "EVALSHA", SETTLE.sha, n, *keys, b"%d" % delta, q[0], q[1], q[3], q[4], check
         )  # fmt: skip
 
 

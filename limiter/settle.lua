@@ -7,7 +7,7 @@
 -- its limit, so it is not given back.
 --
 -- KEYS: as acquire.lua (rl:{t}:tb, rl:{t}:day:YYYYMMDD of the decision's day, rl:{t}:win,
---       rl:{t}:win:meta)
+--       rl:{t}:win:meta; the window's two only for a quota with a window)
 -- ARGV: delta, rate_per_sec, burst, window_limit (0 = none), window_seconds,
 --       today ("" = none: the day of a decision, which may be over; else days since 1970-01-01
 --       of the day KEYS[2] names, which must be the server's UTC day)

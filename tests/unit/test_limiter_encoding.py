@@ -36,12 +36,33 @@ def test_packed_acquire_equals_what_redis_py_sends(cost: int, seed: bytes) -> No
     assert args[7:] == (b"%d" % cost, b"2.5", b"10", b"1000", b"50", b"60", seed, b"3600")
 
 
+@pytest.mark.parametrize("seed", [b"", b"7"])
+def test_a_quota_without_a_window_declares_only_the_bucket_and_the_day(seed: bytes) -> None:
+    """Window keys that never exist would make a Cluster refuse every call of the tenant with
+    TRYAGAIN while its slot migrates: they are declared only for a quota with a window."""
+    enc = CallEncoder(day_grace_seconds=3600)
+    q = Quota(rate_per_sec=2.5, burst=10, daily_limit=1000)
+    day = epoch_day(dt.date(2026, 11, 28))
+    windowed = Quota(rate_per_sec=2.5, burst=10, daily_limit=1000, window_limit=5, window_seconds=9)
+    for _ in range(2):  # a tenant's cached keys serve both kinds of quota
+        args = enc.acquire_args("acme", day, 3, q, seed)
+        assert enc.acquire_packed("acme", day, 3, q, seed) == redis_py_bytes(*args)
+        assert args[2:5] == (2, b"rl:{acme}:tb", b"rl:{acme}:day:20261128")
+        assert args[5:] == (b"3", b"2.5", b"10", b"1000", b"0", b"0", seed, b"3600")
+        settle = enc.settle_args("acme", day, 1, q)
+        assert settle[2:5] == (2, b"rl:{acme}:tb", b"rl:{acme}:day:20261128")
+        assert settle[5:] == (b"1", b"2.5", b"10", b"0", b"0", b"")
+        four = enc.acquire_args("acme", day, 3, windowed, seed)
+        assert four[2] == 4 and len(four) == 3 + 4 + 8
+        assert enc.acquire_packed("acme", day, 3, windowed, seed) == redis_py_bytes(*four)
+
+
 def test_settle_call_names_the_decision_day() -> None:
     enc = CallEncoder()
     q = Quota(rate_per_sec=1, burst=5, daily_limit=10)
     args = enc.settle_args("acme", epoch_day(dt.date(2026, 1, 2)), -3, q)
     assert args[1] == SETTLE.sha and args[4] == b"rl:{acme}:day:20260102"
-    assert args[7:] == (b"-3", b"1.0", b"5", b"0", b"0", b"")  # "": the day is not checked
+    assert args[5:] == (b"-3", b"1.0", b"5", b"0", b"0", b"")  # "": the day is not checked
     assert packed(args) == redis_py_bytes(*args)
 
 
