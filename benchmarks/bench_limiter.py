@@ -119,7 +119,7 @@ def script_ceiling(url: str, cpu: int | None) -> tuple[str, float | None]:
     import datetime as dt
 
     from limiter.keys import tenant_keys
-    from limiter.scripts import SCRIPTS
+    from limiter.scripts import NUM_KEYS_NO_WINDOW, SCRIPTS
 
     acquire = next(sc for sc in SCRIPTS if "acquire" in sc.name)
     client = redis.Redis.from_url(url)
@@ -128,10 +128,10 @@ def script_ceiling(url: str, cpu: int | None) -> tuple[str, float | None]:
         k.decode()
         for k in tenant_keys(
             f"bench-ceiling-{uuid.uuid4().hex[:8]}", dt.datetime.now(dt.UTC).date()
-        )
+        )[:NUM_KEYS_NO_WINDOW]  # no window: the bucket and the day, as the limiter sends it
     ]
     args = ["1", "1000000000", str(10**12), str(10**15), "0", "0", "0", "3600"]
-    call = ["evalsha", sha, "4", *keys, *args]
+    call = ["evalsha", sha, str(NUM_KEYS_NO_WINDOW), *keys, *args]
     lines = redis_benchmark(url, cpu, ["-c", "4", "-P", "64", "-n", "200000", *call])
     client.delete(*keys)
     if lines is None:
