@@ -44,6 +44,11 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
     rexc.OutOfMemoryError,  # OOM: maxmemory reached with noeviction, no write is taken
+    # MOVED/ASK (MovedError is an AskError) reaching the limiter: a client that is no Cluster
+    # client was sent to a Cluster node (one made a Cluster after start, or a URL naming one
+    # node of it); the keys live where this client cannot follow. A Cluster client follows
+    # these redirections itself and never passes them on.
+    rexc.AskError,
 )
 
 #: Error replies by which a reachable Redis refuses every write for a while: the limiter cannot
@@ -66,8 +71,9 @@ SETUP_REFUSALS = ("DB index is out of range",)
 def redis_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means Redis cannot serve the limiter now: down, unreachable, refusing
     writes (``MISCONF`` after a failed save, ``BUSY`` running a slow script, ``OOM``,
-    ``NOREPLICAS``) or refusing the connection's setup (``SETUP_REFUSALS``). Anything else (a
-    script error, a wrong type) is a bug and propagates."""
+    ``NOREPLICAS``), refusing the connection's setup (``SETUP_REFUSALS``) or redirecting a
+    client that is no Cluster client (``MOVED``, ``ASK``). Anything else (a script error, a
+    wrong type) is a bug and propagates."""
     if isinstance(exc, REDIS_UNAVAILABLE):
         return True
     if isinstance(exc, rexc.ResponseError):

@@ -151,10 +151,23 @@ def check_redis_setup(settings: Settings | None = None, *, timeout: float = 2.0)
 
     A Redis that answers but refuses the connection's own setup (a database index the server
     does not have, a wrong password or user) is a setting no request can succeed with: raise
-    :class:`SettingsError` naming the variable, rather than serve a failure on every request. A
-    Redis that does not answer (down, unreachable, busy) is not a setting's fault: the limiter
-    decides by its fail mode until it answers, and the warning line to log is returned. ``None``:
-    Redis answered. Waits at most ``timeout`` seconds (or the configured timeouts if shorter).
+    :class:`SettingsError` naming the variable, rather than serve a failure on every request. So
+    is a node of a Redis Cluster named by ``RATE_LIMIT_REDIS_URL`` or the Sentinel variables: it
+    answers ``MOVED`` for every tenant whose slot another node serves, which only a Cluster
+    client (``RATE_LIMIT_REDIS_CLUSTER_NODES``) follows. A Redis that does not answer (down,
+    unreachable, busy) is not a setting's fault: the limiter decides by its fail mode until it
+    answers, and the warning line to log is returned.
+
+    A Redis that answers is also asked (``INFO memory``; on a Cluster, every primary) whether it
+    evicts keys at ``maxmemory``: every limiter key carries a TTL, so ``volatile-*`` policies
+    evict them as well as ``allkeys-*``, and an evicted day counter is re-seeded from the quota
+    DB's backfill, which lags: the tenant's day restarts and its limits are off. Any
+    ``maxmemory-policy`` other than ``noeviction`` (the recommended one) under a ``maxmemory``
+    returns that warning line instead. A Redis that refuses ``INFO`` (as managed ones may) gets
+    neither the Cluster check nor this one.
+
+    ``None``: Redis answered and nothing is to be warned of. Waits at most ``timeout`` seconds
+    per call (or the configured timeouts if shorter).
     """
     from limiter.failure_policy import SETUP_REFUSALS, redis_unavailable
 
@@ -182,6 +195,50 @@ def check_redis_setup(settings: Settings | None = None, *, timeout: float = 2.0)
             f"{name}: Redis not reachable at start ({type(exc).__name__}: {exc}); "
             "deciding by the fail mode until it is"
         )
+    else:
+        cluster = s.redis_mode == "cluster"
+        if not cluster and any(
+            str(info.get("cluster_enabled", 0)) == "1" for info in _info(client, "cluster", False)
+        ):
+            raise SettingsError(
+                f"{name}: the server is a node of a Redis Cluster (cluster_enabled:1), which "
+                "answers MOVED for the tenants whose slots other nodes serve; name the cluster's "
+                "nodes in RATE_LIMIT_REDIS_CLUSTER_NODES instead"
+            )
+        return _eviction_warning(name, _info(client, "memory", cluster))
     finally:
         client.close()
-    return None
+
+
+def _info(client: Any, section: str, cluster: bool) -> list[dict[str, Any]]:
+    """The ``INFO section`` of the server (of each primary of a Cluster); none if refused (a
+    managed Redis may rename or deny ``INFO``) or if the server stopped answering meanwhile."""
+    try:
+        if not cluster:
+            return [client.info(section)]
+        replies = client.info(section, target_nodes=redis.RedisCluster.PRIMARIES)
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+        return []
+    if all(isinstance(reply, dict) for reply in replies.values()):  # {node name: INFO}
+        return list(replies.values())
+    return [replies]  # a single primary: its INFO itself
+
+
+def _eviction_warning(name: str, infos: list[dict[str, Any]]) -> str | None:
+    """The warning line for servers (their ``INFO memory``) that evict keys at maxmemory."""
+    evicting = sorted(
+        {
+            str(info.get("maxmemory_policy"))
+            for info in infos
+            if str(info.get("maxmemory", 0)) not in ("0", "")
+            and info.get("maxmemory_policy", "noeviction") != "noeviction"
+        }
+    )
+    if not evicting:
+        return None
+    return (
+        f"{name}: Redis evicts keys at maxmemory (maxmemory-policy {', '.join(evicting)}); the "
+        "limiter's counters all carry a TTL and may be evicted, and an evicted day counter "
+        "restarts from the quota DB's backfill, which lags: a tenant's daily usage would be "
+        "forgotten. maxmemory-policy noeviction is recommended"
+    )

@@ -196,8 +196,9 @@ def ensure_pipeline_topics(settings: Settings) -> None:
 
 def warn_or_refuse_redis(settings: Settings) -> None:
     """Refuse to start (SettingsError) when the limiter's Redis answers but refuses the
-    configured connection (a database it lacks, wrong credentials); log a warning when it does
-    not answer: the limiter decides by its fail mode until it does."""
+    configured connection (a database it lacks, wrong credentials) or is a Cluster node named
+    as a single server; log a warning when it does not answer (the limiter decides by its fail
+    mode until it does) or evicts keys at maxmemory (see ``check_redis_setup``)."""
     from limiter.redis_factory import check_redis_setup
 
     warning = check_redis_setup(settings)
