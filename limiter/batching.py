@@ -33,8 +33,11 @@ watches the oldest write's deadline (``socket_timeout``). Against the tasks: 0.5
 CPU per decision with one caller, 0.74x with 16, 0.87-0.90x with 64, and 1.03-1.31x the
 decisions per second (``benchmarks/bench_batching.py --baseline-ref a4a3c59``).
 
-Against a Cluster, redis-py's cluster pipeline groups the calls per node, one pipeline per
-batch.
+Against a Cluster, a batch goes out as one redis-py cluster pipeline per master (by the slot of
+each call's first key), the pipelines sent concurrently: a pipeline that fails raises its
+error for all its calls, and one shared by the whole batch would fail the calls that did run
+on the healthy masters (their units counted) with the error of one dead master. Each call
+gets its own master's outcome instead; none is ever sent again, as it may have run.
 
 A reply of ``NOSCRIPT`` (after ``SCRIPT FLUSH``, a restart, a failover) loads the scripts once
 and that call is sent again; each call's own error reply goes to its own caller; a connection
@@ -68,6 +71,8 @@ _PushNotification = getattr(hiredis, "PushNotification", None)  # RESP3 out-of-b
 #: A parsed reply of any kind a pipelined call gets: a value, or its own error reply as an
 #: exception object (redis-py's mapping: NOSCRIPT -> NoScriptError, READONLY -> ReadOnlyError).
 Reply = Any
+#: A queued call: its caller's future and the call (packed bytes, or a Cluster argument tuple).
+_Queued = tuple[asyncio.Future[Any], Any]
 
 
 def _reply_reader() -> hiredis.Reader:
@@ -84,11 +89,11 @@ class ScriptBatcher:
 
     ``max_batch`` bounds one write; ``max_inflight`` bounds the writes whose replies are still
     awaited (on a single node: the depth of the pipeline on the one connection; on a Cluster:
-    the pipelines in flight at once); ``overlap_at`` (Cluster only) is the queue length at which
-    a second pipeline starts while one is in flight; ``answer_chunk`` (single node and Sentinel):
-    a write whose replies arrive when no other write is in flight, with more than this many
-    callers, has its callers answered in halves, the writer running in between (0: always all
-    at once; see :meth:`_answer_in_halves`)."""
+    the batches in flight at once, each sent as one pipeline per master); ``overlap_at``
+    (Cluster only) is the queue length at which a second batch starts while one is in flight;
+    ``answer_chunk`` (single node and Sentinel): a write whose replies arrive when no other
+    write is in flight, with more than this many callers, has its callers answered in halves,
+    the writer running in between (0: always all at once; see :meth:`_answer_in_halves`)."""
 
     def __init__(
         self,
@@ -361,7 +366,7 @@ class ScriptBatcher:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # -- Cluster: redis-py's cluster pipeline, grouped per node --------------------------
+    # -- Cluster: one redis-py cluster pipeline per master -------------------------------
 
     async def _drain(self) -> None:
         try:
@@ -370,16 +375,58 @@ class ScriptBatcher:
                 batch = queue[: self.max_batch]
                 del queue[: self.max_batch]
                 self._batch_size.observe(len(batch))
-                try:
-                    replies = await self._send_pipeline([call for _, call in batch])
-                except BaseException as exc:
-                    _fail([fut for fut, _ in batch], exc)
-                    if not isinstance(exc, Exception):
-                        raise
+                groups = self._by_node(batch)
+                if len(groups) == 1:
+                    await self._send_group(batch)
                     continue
-                _answer([fut for fut, _ in batch], replies)
+                # Every group settles before anything is raised (a cancellation, say), so no
+                # caller is left unanswered while its pipeline still runs.
+                outcomes = await asyncio.gather(
+                    *(self._send_group(group) for group in groups), return_exceptions=True
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
         finally:
             self._running -= 1
+
+    def _by_node(self, batch: list[_Queued]) -> list[list[_Queued]]:
+        """The batch's calls grouped by the master that owns the slot of their first key, as
+        the client's slot map has it now.
+
+        Only a partition: each group's pipeline routes its calls itself (and follows MOVED and
+        ASK), so a map that is out of date at worst puts a call in another master's group,
+        whose failure it then shares. A call that cannot be placed (no slot map yet: the
+        client's first batch; a slot no master covers) goes in one group of its own, which its
+        pipeline routes."""
+        client = self.client
+        slot_owner = client.nodes_manager.get_node_from_slot
+        keyslot = client.keyslot
+        groups: dict[str | None, list[_Queued]] = {}
+        for item in batch:
+            args = item[1]
+            try:  # EVALSHA sha numkeys key ...: the keys share the tenant's hash tag
+                node: str | None = slot_owner(keyslot(args[3])).name
+            except Exception:  # unplaceable: the pipeline's own routing decides
+                node = None
+            group = groups.get(node)
+            if group is None:
+                groups[node] = [item]
+            else:
+                group.append(item)
+        return list(groups.values())
+
+    async def _send_group(self, batch: list[_Queued]) -> None:
+        """Send one master's calls as one pipeline; a pipeline that fails (its connection
+        lost or refused, a timeout) fails those calls only."""
+        try:
+            replies = await self._send_pipeline([call for _, call in batch])
+        except BaseException as exc:
+            _fail([fut for fut, _ in batch], exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        _answer([fut for fut, _ in batch], replies)
 
     async def _send_pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
