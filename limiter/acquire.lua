@@ -18,7 +18,8 @@
 -- The day in KEYS[2] must be the server's UTC day; otherwise nothing is counted and the
 -- script answers WRONG_DAY with the server's day, so a client with a skewed clock never
 -- counts into the wrong day. A missing day counter is seeded with ARGV[7]; with no seed given
--- the script answers NEED_SEED and changes nothing.
+-- the script answers NEED_SEED and changes nothing. An existing counter below a seed given is
+-- raised to it (the first decision of a tenant after the server changed: see limiter/core.py).
 --
 -- Reply: {status, reason, tokens, retry_ms, daily_used, window_used, server_day, now_s}
 --   tokens: the whole tokens left (floored; a double holds them exactly up to 2^53, where
@@ -77,6 +78,17 @@ if not used then
   redis.call('SET', KEYS[2], used, 'EXAT', (server_day + 1) * 86400 + tonumber(ARGV[8]))
 else
   used = tonumber(used)
+  -- A seed given for a counter that exists: the client found the server changed (restarted,
+  -- restored, failed over): a counter from an older snapshot than the quota DB's backfill is
+  -- raised to it (the usage it already counted), never lowered. "0" and "" change nothing.
+  local seed = ARGV[7]
+  if seed ~= '' and seed ~= '0' then
+    seed = tonumber(seed)
+    if seed > used then
+      used = seed
+      redis.call('SET', KEYS[2], used, 'KEEPTTL')
+    end
+  end
 end
 
 -- Token bucket, refilled by elapsed server time, capped at burst.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from limiter.batching import ScriptBatcher
 from limiter.breaker import FAILURES_HERE, CircuitBreaker
 from limiter.clock import utc_day
@@ -58,6 +60,7 @@ class AsyncRateLimiter:
             max_batch=max_batch,
             max_inflight=max_inflight,
             answer_chunk=answer_chunk,
+            on_scripts_loaded=self._core.server_changed,
         )
 
     @classmethod
@@ -107,12 +110,25 @@ class AsyncRateLimiter:
         try:
             day = core.clock.today()
             seed = core.first_seed
-            for _ in range(4):
+            changes = core.server_changes
+            if changes and core.reseed_due(tenant):  # the server changed: see LimiterCore
+                seed = b"%d" % await self._seed(tenant, day)
+            for _ in range(5):
                 if batcher.packed:
                     call: Any = encoder.acquire_packed(tenant, day, cost, quota, seed)
                 else:
                     call = encoder.acquire_args(tenant, day, cost, quota, seed)
-                reply = await batcher.execute(call)
+                try:
+                    reply = await batcher.submit(call)
+                except NoScriptError:
+                    # The server lost the scripts (restarted, restored, failed over): its day
+                    # counter may be older than what was counted, so the call goes again
+                    # carrying the seed (see LimiterCore.server_changes).
+                    await batcher.load_scripts()
+                    changes = core.server_changes
+                    if changes:
+                        seed = b"%d" % await self._seed(tenant, day)
+                    continue
                 status = reply[0]
                 if status >= 0:
                     break
@@ -132,6 +148,8 @@ class AsyncRateLimiter:
             policy.redis_failed(exc)
             return policy.decide(tenant, cost, quota, core.clock.today(), started)
         policy.breaker.record_success()
+        if changes and seed != core.first_seed:
+            core.reseeded(tenant, changes)
         return core.decision(reply, tenant, cost, quota, started)
 
     async def settle(

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -103,6 +103,7 @@ class ScriptBatcher:
         max_inflight: int = 4,
         overlap_at: int = 64,
         answer_chunk: int = 8,
+        on_scripts_loaded: Callable[[], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_inflight < 1 or overlap_at < 1:
             raise ValueError("max_batch, max_inflight and overlap_at must be >= 1")
@@ -110,6 +111,8 @@ class ScriptBatcher:
             raise ValueError("answer_chunk must be >= 0 (0: answer every reply of a write at once)")
         self.answer_chunk = answer_chunk
         self.overlap_at = overlap_at
+        #: called once the scripts were loaded after a NOSCRIPT (the server changed)
+        self.on_scripts_loaded = on_scripts_loaded
         self.client = client
         self.packed = not isinstance(client, RedisCluster)
         self.max_batch = max_batch
@@ -137,7 +140,7 @@ class ScriptBatcher:
         try:
             return await self.submit(call)
         except NoScriptError:
-            await self._load_scripts()
+            await self.load_scripts()
             return await self.submit(call)
 
     def submit(self, call: Any) -> asyncio.Future[Any]:
@@ -164,7 +167,9 @@ class ScriptBatcher:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _load_scripts(self) -> None:
+    async def load_scripts(self) -> None:
+        """Load the scripts (after a ``NOSCRIPT``), once for all the callers that saw it at
+        the same time; then ``on_scripts_loaded``."""
         if self._loading is None or self._loading.done():
             self._loading = asyncio.ensure_future(self._load_all())
         await asyncio.shield(self._loading)
@@ -173,11 +178,13 @@ class ScriptBatcher:
         if not self.packed:  # a Cluster client loads them on every primary
             for script in SCRIPTS:
                 await self.client.script_load(script.source)
-            return
-        # On the limiter's own connection, the one that just answered NOSCRIPT: after a restart
-        # the client's pooled connections may still be the dead ones.
-        for script in SCRIPTS:
-            await self.submit(resp_command([b"SCRIPT", b"LOAD", script.source]))
+        else:
+            # On the limiter's own connection, the one that just answered NOSCRIPT: after a
+            # restart the client's pooled connections may still be the dead ones.
+            for script in SCRIPTS:
+                await self.submit(resp_command([b"SCRIPT", b"LOAD", script.source]))
+        if self.on_scripts_loaded is not None:
+            self.on_scripts_loaded()
 
     # -- single node and Sentinel: auto-pipelining on one connection -----------------------
 

@@ -59,6 +59,9 @@ def check_tenant(tenant: object) -> str:
     return valid
 
 
+_RESEEDED_MAX = 100_000
+
+
 class LimiterCore:
     def __init__(self, quotas: QuotaProvider | None, day_grace_seconds: int) -> None:
         self.quotas = quotas
@@ -66,7 +69,31 @@ class LimiterCore:
         self.clock = ServerClock()
         # Without a provider there is nothing to seed from: a lost day starts at 0 (no 2nd trip).
         self.first_seed = b"0" if quotas is None else b""
+        #: Times a Redis server answered without the limiter's scripts (``NOSCRIPT``: restarted,
+        #: restored from a snapshot, failed over, ``SCRIPT FLUSH``). Its day counters may have
+        #: come back from an older snapshot, lower than what was counted (and backfilled into
+        #: the quota DB) since: from then on each tenant's next decision carries its quota DB
+        #: seed once, and acquire.lua raises a lower counter to it. Stays 0 without a provider.
+        self.server_changes = 0
+        self._reseeded: dict[str, int] = {}  # tenant -> server_changes its seed was sent in
         self._metrics = metrics.decisions
+
+    def server_changed(self) -> None:
+        """A server answered ``NOSCRIPT``: every tenant's next decision sends its seed."""
+        if self.quotas is not None:
+            self.server_changes += 1
+            self._reseeded.clear()
+
+    def reseed_due(self, tenant: str) -> bool:
+        """Whether ``tenant``'s decision should carry its seed (hot path: only asked while
+        ``server_changes`` is non-zero)."""
+        return self._reseeded.get(tenant) != self.server_changes
+
+    def reseeded(self, tenant: str, changes: int) -> None:
+        """``tenant``'s seed reached the server as it was after ``changes`` changes."""
+        if len(self._reseeded) >= _RESEEDED_MAX:
+            self._reseeded.clear()  # at worst a tenant's seed is sent once more
+        self._reseeded[tenant] = changes
 
     def decision(
         self, reply: Sequence[int], tenant: str, cost: int, quota: Quota, started: float

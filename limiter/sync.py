@@ -123,13 +123,27 @@ class RateLimiter:
         try:
             day = core.clock.today()
             seed = core.first_seed
-            for _ in range(4):
-                if self._pool is not None:
-                    reply = self._call_packed(
-                        core.encoder.acquire_packed(tenant, day, cost, quota, seed)
-                    )
-                else:
-                    reply = self._call(core.encoder.acquire_args(tenant, day, cost, quota, seed))
+            changes = core.server_changes
+            if changes and core.reseed_due(tenant):  # the server changed: see LimiterCore
+                seed = b"%d" % self._seed(tenant, day)
+            for _ in range(5):
+                try:
+                    if self._pool is not None:
+                        reply = self._roundtrip(
+                            core.encoder.acquire_packed(tenant, day, cost, quota, seed)
+                        )
+                    else:
+                        args = core.encoder.acquire_args(tenant, day, cost, quota, seed)
+                        reply = self.redis.execute_command(*args)
+                except NoScriptError:
+                    # The server lost the scripts (restarted, restored, failed over): its day
+                    # counter may be older than what was counted, so the call goes again
+                    # carrying the seed (see LimiterCore.server_changes).
+                    self._load_scripts()
+                    changes = core.server_changes
+                    if changes:
+                        seed = b"%d" % self._seed(tenant, day)
+                    continue
                 status = reply[0]
                 if status >= 0:
                     break
@@ -146,6 +160,8 @@ class RateLimiter:
             policy.redis_failed(exc)
             return policy.decide(tenant, cost, quota, core.clock.today(), started)
         policy.breaker.record_success()
+        if changes and seed != core.first_seed:
+            core.reseeded(tenant, changes)
         return core.decision(reply, tenant, cost, quota, started)
 
     def settle(
@@ -210,6 +226,7 @@ class RateLimiter:
     def _load_scripts(self) -> None:
         for script in SCRIPTS:
             self.redis.script_load(script.source)
+        self._core.server_changed()
 
     def _call(self, args: tuple[Any, ...]) -> Any:
         try:
@@ -217,13 +234,6 @@ class RateLimiter:
         except NoScriptError:
             self._load_scripts()
             return self.redis.execute_command(*args)
-
-    def _call_packed(self, command: bytes) -> Any:
-        try:
-            return self._roundtrip(command)
-        except NoScriptError:
-            self._load_scripts()
-            return self._roundtrip(command)
 
     def _roundtrip(self, command: bytes) -> Any:
         """Write one packed command and read its reply.

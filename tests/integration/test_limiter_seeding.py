@@ -62,19 +62,19 @@ def answer_the_first_call_with(limiter: Any, reply: list[int]) -> None:
     only way to have midnight pass between two calls of one decision.)"""
     replies = [reply]
     if isinstance(limiter, RateLimiter):
-        real_call = limiter._call_packed
+        real_call = limiter._roundtrip
 
         def call(command: bytes) -> Any:
             return replies.pop() if replies else real_call(command)
 
-        limiter._call_packed = call  # type: ignore[method-assign]
+        limiter._roundtrip = call  # type: ignore[method-assign]
     else:
-        real_execute = limiter._batcher.execute
+        real_submit = limiter._batcher.submit
 
-        async def execute(command: Any) -> Any:
-            return replies.pop() if replies else await real_execute(command)
+        async def submit(command: Any) -> Any:
+            return replies.pop() if replies else await real_submit(command)
 
-        limiter._batcher.execute = execute  # type: ignore[method-assign]
+        limiter._batcher.submit = submit  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("flavor", ["sync", "async"])
