@@ -72,7 +72,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 
 from streams import metrics
-from streams.sink import ClickHouseSink, DeadLetter, PreparedBatch, SinkRecord, dead_letter_value
+from streams.sink import (
+    ClickHouseSink,
+    DeadLetter,
+    PreparedBatch,
+    SinkRecord,
+    dead_letter_value,
+    resume_offsets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,24 +266,19 @@ class SinkConsumer:
             if offset is not None:
                 committed[p] = offset
         stored = await self._blocking(self.sink.on_assigned, partitions, committed)
-        resume: dict[int, int] = {}
-        for p in sorted(partitions):
+        resume = resume_offsets(sorted(partitions), stored, committed)  # what the sink recorded
+        for p, offset in resume.items():
             tp = TopicPartition(self.topic, p)
-            if p in stored:
-                resume[p] = stored[p]
-                if committed.get(p, -1) > stored[p]:
-                    log.warning(
-                        "sink: %s/%d: Kafka's committed offset %d is past what ClickHouse"
-                        " stored (%d), which lost rows (restored from a backup?): reading"
-                        " them again from %d",
-                        self.topic, p, committed[p], stored[p], stored[p],
-                    )  # fmt: skip
-                self.consumer.seek(tp, resume[p])
-            elif p in committed:  # the sink recorded it as the partition's progress
-                resume[p] = committed[p]
-                self.consumer.seek(tp, resume[p])
+            if committed.get(p, -1) > offset:
+                log.warning(
+                    "sink: %s/%d: Kafka's committed offset %d is past what ClickHouse"
+                    " stored (%d), which lost rows (restored from a backup?): reading"
+                    " them again from %d",
+                    self.topic, p, committed[p], offset, offset,
+                )  # fmt: skip
+            if p in stored or p in committed:
+                self.consumer.seek(tp, offset)
             else:
-                resume[p] = 0
                 await self.consumer.seek_to_beginning(tp)
         if self.on_assigned is not None:
             await self.on_assigned(dict(resume))

@@ -478,6 +478,15 @@ class ClickHouseStorage:
         ]
 
 
+def resume_offsets(
+    partitions: Iterable[int], stored: Mapping[int, int], committed: Mapping[int, int]
+) -> dict[int, int]:
+    """Where each partition resumes: ClickHouse's stored progress (the record), else Kafka's
+    ``committed`` offset (a partition without progress: its first assignment in this
+    database), else 0."""
+    return {p: stored[p] if p in stored else committed.get(p, 0) for p in partitions}
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -522,8 +531,7 @@ class ClickHouseSink:
         rows = self.storage.recent_ids(self.topic, parts, recent.rebuild_since(now))
         recent.add_rebuilt(rows, now)
         stored = self.storage.stored_next_offsets(self.topic, parts)
-        committed = committed or {}
-        resume = {p: stored[p] if p in stored else committed.get(p, 0) for p in parts}
+        resume = resume_offsets(parts, stored, committed or {})
         # The rows of a batch cut short, read again from the resume offset: recognised by
         # their offsets as the batch comes by (PreparedBatch.stored).
         past = self.storage.stored_offsets(self.topic, resume)
