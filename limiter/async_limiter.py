@@ -18,6 +18,7 @@ from limiter.failure_policy import (
     FailMode,
     FailurePolicy,
     redis_unavailable,
+    share_master_breakers,
     shared_breaker,
 )
 from limiter.local_limiter import LocalLimiter
@@ -53,6 +54,8 @@ class AsyncRateLimiter:
         self.policy = FailurePolicy(
             fail_mode, breaker=shared_breaker(quotas, breaker), local_limiter=local_limiter
         )
+        self.policy.per_master(redis_client)
+        share_master_breakers(quotas, self.policy)
         self._core = LimiterCore(quotas, day_grace_seconds)
         self.clock = self._core.clock  # the estimate of the Redis server's clock
         self._batcher = ScriptBatcher(
@@ -91,20 +94,20 @@ class AsyncRateLimiter:
         check_tenant(tenant)
         check_cost(cost)
         policy = self.policy
+        failed: list[CircuitBreaker] = []  # the breakers that failures of the lookup went to
         if quota is None:
             # A QuotaCache shares the breaker: while it is open, the lookup reads no Redis. A
             # read that failed (Redis unavailable) counts toward opening it, and the decision
-            # then makes no call of its own: one timeout waited out per decision, not two.
-            failed: list[None] = []
+            # then makes no call of its own: one timeout waited out per decision, not two (on
+            # a Cluster: when the read failed on the master that serves this decision too).
             here = FAILURES_HERE.set(failed)
             try:
                 quota = await self._quota(tenant)
             finally:
                 FAILURES_HERE.reset(here)
-            if failed:
-                return policy.decide(tenant, cost, quota, core.clock.today(), started)
-        if not policy.breaker.allow():
-            return policy.decide(tenant, cost, quota, core.clock.today(), started)
+        breaker = policy.breaker_of(tenant)
+        if breaker in failed or not breaker.allow():
+            return policy.decide(tenant, cost, quota, core.clock.today(), started, breaker)
         batcher = self._batcher
         encoder = core.encoder
         try:
@@ -145,9 +148,9 @@ class AsyncRateLimiter:
         except REDIS_ERRORS as exc:
             if not redis_unavailable(exc):
                 raise
-            policy.redis_failed(exc)
-            return policy.decide(tenant, cost, quota, core.clock.today(), started)
-        policy.breaker.record_success()
+            policy.redis_failed(exc, breaker)
+            return policy.decide(tenant, cost, quota, core.clock.today(), started, breaker)
+        breaker.record_success()
         if changes and seed != core.first_seed:
             core.reseeded(tenant, changes)
         return core.decision(reply, tenant, cost, quota, started)
@@ -168,7 +171,8 @@ class AsyncRateLimiter:
             quota = quota or decision_or_reserved_cost.quota
         if quota is None:
             quota = await self._quota(tenant)
-        if not self.policy.breaker.allow():
+        breaker = self.policy.breaker_of(tenant)
+        if not breaker.allow():
             return self._core.unsettled(tenant, delta)
         today = day is None
         core = self._core
@@ -186,9 +190,9 @@ class AsyncRateLimiter:
         except REDIS_ERRORS as exc:
             if not redis_unavailable(exc):
                 raise
-            self.policy.redis_failed(exc)
+            self.policy.redis_failed(exc, breaker)
             return self._core.unsettled(tenant, delta)
-        self.policy.breaker.record_success()
+        breaker.record_success()
         return self._core.settlement(reply, tenant, delta)
 
     async def _quota(self, tenant: str) -> Quota:

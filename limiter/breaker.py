@@ -19,12 +19,13 @@ from typing import Literal
 
 BreakerState = Literal["closed", "open", "half_open"]
 
-#: Where :meth:`CircuitBreaker.record_failure` also notes a failure, when set: a list the
-#: limiter sets around one decision's quota lookup, so the decision knows that its own lookup
-#: found Redis failing. The threads (``asyncio.to_thread``) and tasks the lookup starts copy the
-#: context and note into the same list; other decisions, other threads and other tenants have
-#: their own context, so a failure of theirs is not this decision's.
-FAILURES_HERE: contextvars.ContextVar[list[None] | None] = contextvars.ContextVar(
+#: Where :meth:`CircuitBreaker.record_failure` also notes a failure (the breaker that recorded
+#: it), when set: a list the limiter sets around one decision's quota lookup, so the decision
+#: knows that its own lookup found Redis failing (on a Cluster: which master's breaker). The
+#: threads (``asyncio.to_thread``) and tasks the lookup starts copy the context and note into
+#: the same list; other decisions, other threads and other tenants have their own context, so a
+#: failure of theirs is not this decision's.
+FAILURES_HERE: contextvars.ContextVar[list[CircuitBreaker] | None] = contextvars.ContextVar(
     "breaker_failures_here", default=None
 )
 
@@ -50,6 +51,14 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_until: float | None = None  # None while closed
         self._probe_until: float | None = None  # a half-open probe is out until then
+
+    def like(
+        self, on_change: Callable[[BreakerState, BreakerState], None] | None = None
+    ) -> CircuitBreaker:
+        """A new, closed breaker with this one's threshold, reset time and clock."""
+        return CircuitBreaker(
+            self.failure_threshold, self.reset_after, clock=self._clock, on_change=on_change
+        )
 
     @property
     def state(self) -> BreakerState:
@@ -91,7 +100,7 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         here = FAILURES_HERE.get()
         if here is not None:
-            here.append(None)
+            here.append(self)
         with self._lock:
             self._failures += 1
             was_closed = self._opened_until is None

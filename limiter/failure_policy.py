@@ -12,14 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
+import redis
+import redis.asyncio
 from redis import exceptions as rexc
+from redis.cluster import key_slot
 
 from limiter import metrics
 from limiter.breaker import BreakerState, CircuitBreaker
 from limiter.clock import utc_day
 from limiter.decision import LOCAL_CEILING, REDIS_DOWN, Decision
+from limiter.keys import token_bucket_key
 from limiter.local_limiter import LocalLimiter
 from limiter.quota import Quota
 
@@ -90,6 +95,72 @@ def log_breaker_change(old: BreakerState, new: BreakerState) -> None:
         log.warning("Redis reachable again: circuit breaker %s", new)
 
 
+def log_master_breaker_change(master: str) -> Callable[[BreakerState, BreakerState], None]:
+    """The ``on_change`` hook of one Cluster master's breaker: the log line names the master."""
+
+    def changed(old: BreakerState, new: BreakerState) -> None:
+        if new == "open":
+            log.warning(
+                "Redis Cluster master %s unavailable: its circuit breaker open (was %s)",
+                master,
+                old,
+            )
+        else:
+            log.warning(
+                "Redis Cluster master %s reachable again: its circuit breaker %s", master, new
+            )
+
+    return changed
+
+
+def is_cluster_client(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (sync, asyncio, or a lazy sync one)."""
+    from limiter.redis_factory import LazyRedisCluster
+
+    return isinstance(client, redis.RedisCluster | redis.asyncio.RedisCluster | LazyRedisCluster)
+
+
+class MasterBreakers:
+    """One circuit breaker per master of a Redis Cluster, so that a master that fails (killed,
+    cut off, failing over) sends to the fail mode only the tenants whose slots it serves, while
+    the other masters' tenants go on being decided by Redis. With one breaker for the whole
+    Cluster, a dead master's failures opened it for every tenant until its replica took over.
+
+    A key's breaker is the one of the master that owns the key's slot in the client's slot map
+    as it is now. A replica promoted by a failover is a new master, with a breaker of its own
+    (closed), so its tenants come back as soon as the client's map names it (the dead master's
+    half-open probes are what make the client read the map again). A key that cannot be placed
+    gets ``default``, the breaker of the Cluster as a whole: the client has no slot map yet (a
+    Cluster that could not be reached at all opens it), or the slot has no master."""
+
+    def __init__(self, client: Any, default: CircuitBreaker) -> None:
+        from limiter.redis_factory import LazyRedisCluster
+
+        self._client = client
+        self._lazy = client if isinstance(client, LazyRedisCluster) else None
+        self.default = default
+        #: ``host:port`` of each master met so far -> its breaker.
+        self.by_master: dict[str, CircuitBreaker] = {}
+
+    def for_key(self, key: bytes) -> CircuitBreaker:
+        """The breaker of the master that serves ``key`` (see the class)."""
+        client = self._client
+        if self._lazy is not None:
+            client = self._lazy.made  # a lazy client is never made here: that would connect
+            if client is None:
+                return self.default
+        try:
+            master: str = client.nodes_manager.get_node_from_slot(key_slot(key)).name
+        except Exception:  # no slot map yet, or the slot has no master
+            return self.default
+        breaker = self.by_master.get(master)
+        if breaker is None:
+            breaker = self.by_master.setdefault(
+                master, self.default.like(on_change=log_master_breaker_change(master))
+            )
+        return breaker
+
+
 def shared_breaker(quotas: object, breaker: CircuitBreaker | None) -> CircuitBreaker | None:
     """The breaker of a limiter given ``breaker`` (``None``: the policy's default) and the quota
     provider ``quotas``, shared with the provider when it reads Redis itself (it has
@@ -108,6 +179,19 @@ def shared_breaker(quotas: object, breaker: CircuitBreaker | None) -> CircuitBre
         )
     use(breaker)
     return breaker
+
+
+def share_master_breakers(quotas: object, policy: FailurePolicy) -> None:
+    """On a Cluster, the quota provider that shares ``policy``'s breaker (see
+    :func:`shared_breaker`) shares its per-master breakers too: a quota read goes to the master
+    of its own key, and counts toward (or is spared by) that master's breaker."""
+    use = getattr(quotas, "use_master_breakers", None)
+    if (
+        policy.masters is not None
+        and callable(use)
+        and getattr(quotas, "breaker", None) is policy.breaker
+    ):
+        use(policy.masters)
 
 
 class FailurePolicy:
@@ -137,12 +221,30 @@ class FailurePolicy:
             raise ValueError(f"fail_mode must be 'open' or 'closed', not {fail_mode!r}")
         self.fail_mode = fail_mode
         self.breaker = breaker or CircuitBreaker(on_change=log_breaker_change)
+        #: Set by :meth:`per_master` for a Cluster client: a breaker per master.
+        self.masters: MasterBreakers | None = None
         self.local = local_limiter or LocalLimiter(100.0)
         self._log_every = log_every
         self._logged_at = -1e18
 
-    def redis_failed(self, exc: BaseException) -> None:
-        self.breaker.record_failure()
+    def per_master(self, client: Any) -> None:
+        """Give each master of ``client``, when it is a Redis Cluster client, a breaker of its
+        own (:class:`MasterBreakers`); ``breaker`` stays the one of anything else."""
+        if is_cluster_client(client):
+            self.masters = MasterBreakers(client, self.breaker)
+
+    def breaker_of(self, tenant: str) -> CircuitBreaker:
+        """The breaker that guards ``tenant``'s calls: ``breaker``, or on a Cluster the one of
+        the master serving the tenant's keys (they share the tenant's hash tag)."""
+        masters = self.masters
+        if masters is None:
+            return self.breaker
+        return masters.for_key(token_bucket_key(tenant).encode())
+
+    def redis_failed(self, exc: BaseException, breaker: CircuitBreaker | None = None) -> None:
+        """A call failed because Redis is unavailable: a failure of ``breaker`` (by default
+        ``self.breaker``), and a warning now and then."""
+        (breaker or self.breaker).record_failure()
         now = time.monotonic()
         if now - self._logged_at >= self._log_every:
             self._logged_at = now
@@ -154,11 +256,18 @@ class FailurePolicy:
             )
 
     def decide(
-        self, tenant: str, cost: int, quota: Quota, day: int, started: float | None = None
+        self,
+        tenant: str,
+        cost: int,
+        quota: Quota,
+        day: int,
+        started: float | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Decision:
         """A decision without Redis. ``started`` is the decision's ``time.perf_counter()`` at
         its start: the latency histogram gets the time since, Redis timeouts waited out
-        included (without it, 0)."""
+        included (without it, 0). ``breaker`` (by default ``self.breaker``) is the one that
+        kept Redis out: a refusal's ``retry_after`` is the time until its next probe."""
         seconds = 0.0 if started is None else time.perf_counter() - started
         metrics.redis_down_events.inc()
         date, reset_at = utc_day(day)
@@ -166,7 +275,8 @@ class FailurePolicy:
             allowed, tokens, retry = self.local.try_acquire(tenant, cost)
             reason = REDIS_DOWN if allowed else LOCAL_CEILING
         else:
-            allowed, tokens, retry = False, 0.0, max(self.breaker.retry_in(), 0.001)
+            retry = max((breaker or self.breaker).retry_in(), 0.001)
+            allowed, tokens = False, 0.0
             reason = REDIS_DOWN
         if allowed:
             metrics.decisions.allowed(0, seconds)  # nothing consumed from Redis

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
     from limiter.breaker import CircuitBreaker
+    from limiter.failure_policy import MasterBreakers
     from metering.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class QuotaCache:
         self.retry_interval = float(retry_interval)
         self.max_entries = max_entries
         self.breaker = breaker
+        self._masters: MasterBreakers | None = None  # see use_master_breakers
         self._local: dict[str, _Entry] = {}
         self._changes = 0  # invalidations applied; a cold fetch that overlaps one is discarded
         self._lock = threading.Lock()
@@ -422,21 +424,32 @@ class QuotaCache:
             self.breaker = breaker
         return self.breaker
 
-    def _redis_allowed(self) -> bool:
+    def use_master_breakers(self, masters: MasterBreakers) -> None:
+        """On a Redis Cluster: guard each lookup's Redis calls with the breaker of the master
+        that serves its key, one of ``masters`` (the limiter's: see
+        :class:`limiter.failure_policy.MasterBreakers`), instead of the breaker in use."""
+        self._masters = masters
+
+    def _breaker_for(self, key: str) -> CircuitBreaker | None:
+        masters = self._masters
+        return self.breaker if masters is None else masters.for_key(key.encode())
+
+    @staticmethod
+    def _redis_allowed(breaker: CircuitBreaker | None) -> bool:
         """May this lookup call Redis? No while the breaker is open (Redis known to be down), nor
         while another caller makes the half-open trial call; yes otherwise (the trial call
         included: its outcome is reported like any other)."""
-        breaker = self.breaker
         return breaker is None or breaker.allow()
 
-    def _redis_answered(self) -> None:
-        if self.breaker is not None:
-            self.breaker.record_success()
+    @staticmethod
+    def _redis_answered(breaker: CircuitBreaker | None) -> None:
+        if breaker is not None:
+            breaker.record_success()
 
-    def _redis_failed(self, exc: BaseException) -> None:
+    @staticmethod
+    def _redis_failed(exc: BaseException, breaker: CircuitBreaker | None) -> None:
         """A Redis call of a lookup failed: a failure of the breaker if Redis is unavailable; an
         error reply (Redis is up) reports back like a success."""
-        breaker = self.breaker
         if breaker is None:
             return
         if redis_unavailable(exc):
@@ -461,20 +474,21 @@ class QuotaCache:
 
         While the breaker keeps Redis out, the Redis layer is passed over as if it had failed."""
         key = quota_cache_key(tenant)
+        breaker = self._breaker_for(key)
         redis_ok = self.redis is not None
         if self.redis is not None:
             raw = None
-            if not self._redis_allowed():
+            if not self._redis_allowed(breaker):
                 redis_ok = False  # known to be down: not waited for
             else:
                 try:
                     raw = self.redis.get(key)
                 except _SOURCE_ERRORS as exc:
-                    self._redis_failed(exc)
+                    self._redis_failed(exc, breaker)
                     log.debug("quota cache read failed for %s: %s", tenant, exc)
                     redis_ok = False
                 else:
-                    self._redis_answered()
+                    self._redis_answered(breaker)
             data = self._decode(raw) if raw is not None else None
             if data is not None:
                 self._hit["redis"].inc()
@@ -486,14 +500,14 @@ class QuotaCache:
             raise _SourceDown(str(exc)) from exc
         (self._hit if record else self._miss)["db"].inc()
         payload = self._db_payload(tenant, record)
-        if redis_ok and self.redis is not None and self._redis_allowed():
+        if redis_ok and self.redis is not None and self._redis_allowed(breaker):
             try:
                 self.redis.set(key, payload, ex=self.redis_ttl, nx=True)
             except _SOURCE_ERRORS as exc:
-                self._redis_failed(exc)
+                self._redis_failed(exc, breaker)
                 log.debug("quota cache write-back failed for %s: %s", tenant, exc)
             else:
-                self._redis_answered()
+                self._redis_answered(breaker)
         return json.loads(payload) if record else None
 
     def _load_now(self, tenant: str, previous: _Entry | None) -> _Entry:
@@ -534,18 +548,19 @@ class QuotaCache:
         if self.aredis is None:
             return await asyncio.to_thread(self._fetch, tenant)
         key = quota_cache_key(tenant)
+        breaker = self._breaker_for(key)
         redis_ok, raw = True, None
-        if not self._redis_allowed():
+        if not self._redis_allowed(breaker):
             redis_ok = False  # known to be down: not waited for
         else:
             try:
                 raw = await self.aredis.get(key)
             except _SOURCE_ERRORS as exc:
-                self._redis_failed(exc)
+                self._redis_failed(exc, breaker)
                 log.debug("quota cache read failed for %s: %s", tenant, exc)
                 redis_ok = False
             else:
-                self._redis_answered()
+                self._redis_answered(breaker)
         data = self._decode(raw) if raw is not None else None
         if data is not None:
             self._hit["redis"].inc()
@@ -557,14 +572,14 @@ class QuotaCache:
             raise _SourceDown(str(exc)) from exc
         (self._hit if record else self._miss)["db"].inc()
         payload = self._db_payload(tenant, record)
-        if redis_ok and self._redis_allowed():
+        if redis_ok and self._redis_allowed(breaker):
             try:
                 await self.aredis.set(key, payload, ex=self.redis_ttl, nx=True)
             except _SOURCE_ERRORS as exc:
-                self._redis_failed(exc)
+                self._redis_failed(exc, breaker)
                 log.debug("quota cache write-back failed for %s: %s", tenant, exc)
             else:
-                self._redis_answered()
+                self._redis_answered(breaker)
         return json.loads(payload) if record else None
 
     async def _aload_now(self, tenant: str, previous: _Entry | None) -> _Entry:

@@ -63,6 +63,11 @@ class LazyRedisCluster:
                 client = self._client
         return client
 
+    @property
+    def made(self) -> redis.RedisCluster | None:
+        """The cluster client if it was made already, else ``None`` (never makes it)."""
+        return self._client
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # only the client's public attributes (not copy's, pickle's)
             raise AttributeError(name)

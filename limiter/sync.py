@@ -25,6 +25,7 @@ from limiter.failure_policy import (
     FailMode,
     FailurePolicy,
     redis_unavailable,
+    share_master_breakers,
     shared_breaker,
 )
 from limiter.local_limiter import LocalLimiter
@@ -66,6 +67,8 @@ class RateLimiter:
         self.policy = FailurePolicy(
             fail_mode, breaker=shared_breaker(quotas, breaker), local_limiter=local_limiter
         )
+        self.policy.per_master(redis_client)
+        share_master_breakers(quotas, self.policy)
         self._core = LimiterCore(quotas, day_grace_seconds)
         self.clock = self._core.clock  # the estimate of the Redis server's clock
         # A plain client (single node or Sentinel master) gets the direct connection path.
@@ -106,20 +109,20 @@ class RateLimiter:
         check_tenant(tenant)
         check_cost(cost)
         policy = self.policy
+        failed: list[CircuitBreaker] = []  # the breakers that failures of the lookup went to
         if quota is None:
             # A QuotaCache shares the breaker: while it is open, the lookup reads no Redis. A
             # read that failed (Redis unavailable) counts toward opening it, and the decision
-            # then makes no call of its own: one timeout waited out per decision, not two.
-            failed: list[None] = []
+            # then makes no call of its own: one timeout waited out per decision, not two (on
+            # a Cluster: when the read failed on the master that serves this decision too).
             here = FAILURES_HERE.set(failed)
             try:
                 quota = self._quota(tenant)
             finally:
                 FAILURES_HERE.reset(here)
-            if failed:
-                return policy.decide(tenant, cost, quota, core.clock.today(), started)
-        if not policy.breaker.allow():
-            return policy.decide(tenant, cost, quota, core.clock.today(), started)
+        breaker = policy.breaker_of(tenant)
+        if breaker in failed or not breaker.allow():
+            return policy.decide(tenant, cost, quota, core.clock.today(), started, breaker)
         try:
             day = core.clock.today()
             seed = core.first_seed
@@ -157,9 +160,9 @@ class RateLimiter:
         except REDIS_ERRORS as exc:
             if not redis_unavailable(exc):
                 raise
-            policy.redis_failed(exc)
-            return policy.decide(tenant, cost, quota, core.clock.today(), started)
-        policy.breaker.record_success()
+            policy.redis_failed(exc, breaker)
+            return policy.decide(tenant, cost, quota, core.clock.today(), started, breaker)
+        breaker.record_success()
         if changes and seed != core.first_seed:
             core.reseeded(tenant, changes)
         return core.decision(reply, tenant, cost, quota, started)
@@ -184,7 +187,8 @@ class RateLimiter:
             quota = quota or decision_or_reserved_cost.quota
         if quota is None:
             quota = self._quota(tenant)
-        if not self.policy.breaker.allow():
+        breaker = self.policy.breaker_of(tenant)
+        if not breaker.allow():
             return self._core.unsettled(tenant, delta)
         today = day is None
         core = self._core
@@ -201,9 +205,9 @@ class RateLimiter:
         except REDIS_ERRORS as exc:
             if not redis_unavailable(exc):
                 raise
-            self.policy.redis_failed(exc)
+            self.policy.redis_failed(exc, breaker)
             return self._core.unsettled(tenant, delta)
-        self.policy.breaker.record_success()
+        breaker.record_success()
         return self._core.settlement(reply, tenant, delta)
 
     def close(self) -> None:

@@ -6,9 +6,12 @@ import datetime as dt
 from typing import Any
 
 import redis
+from redis.cluster import key_slot
 
 from limiter import Quota, UnknownTenant
+from limiter.keys import token_bucket_key
 from limiter.redis_factory import async_redis_from_settings, redis_from_settings
+from metering.localstack import LocalStack
 from metering.settings import Settings, load_settings
 
 KINDS = ("single", "sentinel", "cluster")
@@ -102,3 +105,39 @@ def server_time(client: Any, key: str = "") -> float:
 
 def server_day(client: Any, key: str = "") -> dt.date:
     return dt.datetime.fromtimestamp(server_time(client, key), dt.UTC).date()
+
+
+class ClusterAdmin:
+    """Plain connections to each member of a dedicated Cluster."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.ports: dict[str, int] = dict(stack.status()["redis-cluster"]["ports"])
+        self.nodes = {m: redis.Redis(port=p, decode_responses=True) for m, p in self.ports.items()}
+        self.ids = {m: str(r.execute_command("CLUSTER", "MYID")) for m, r in self.nodes.items()}
+
+    def owner(self, tenant: str, via: str) -> str:
+        """The member that serves ``tenant``'s keys, as member ``via`` sees the slot map."""
+        return self.owner_of_slot(key_slot(token_bucket_key(tenant).encode()), via)
+
+    def owner_of_slot(self, slot: int, via: str) -> str:
+        """The member that serves ``slot``, as member ``via`` sees the slot map."""
+        by_port = {p: m for m, p in self.ports.items()}
+        for first, last, master, *_ in self.nodes[via].execute_command("CLUSTER", "SLOTS"):
+            if first <= slot <= last:
+                return by_port[int(master[1])]
+        raise AssertionError(f"slot {slot} is not covered")
+
+    def tenant_per_master(self, prefix: str) -> dict[str, str]:
+        """One tenant on each master: member -> tenant."""
+        via = next(iter(self.nodes))
+        found: dict[str, str] = {}
+        i = 0
+        while len(found) < len(self.nodes):
+            t = f"{prefix}-{i}"
+            found.setdefault(self.owner(t, via), t)
+            i += 1
+        return found
+
+    def close(self) -> None:
+        for r in self.nodes.values():
+            r.close()

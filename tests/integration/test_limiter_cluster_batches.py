@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import redis
 from prometheus_client import REGISTRY
 from redis.cluster import key_slot
 
@@ -18,43 +17,10 @@ from limiter.breaker import CircuitBreaker
 from limiter.keys import daily_counter_key, token_bucket_key
 from limiter.redis_factory import async_redis_from_settings
 from metering.localstack import LocalStack
-from tests.integration.limiter_support import server_day, settings_for
+from tests.integration.limiter_support import ClusterAdmin, server_day, settings_for
 
 QUOTA = Quota(rate_per_sec=10**6, burst=10**6, daily_limit=10**9)
 CALLS_EACH = 2  # calls per tenant in the batch
-
-
-class ClusterAdmin:
-    """Plain connections to each member of a dedicated Cluster."""
-
-    def __init__(self, stack: LocalStack) -> None:
-        self.ports: dict[str, int] = dict(stack.status()["redis-cluster"]["ports"])
-        self.nodes = {m: redis.Redis(port=p, decode_responses=True) for m, p in self.ports.items()}
-        self.ids = {m: str(r.execute_command("CLUSTER", "MYID")) for m, r in self.nodes.items()}
-
-    def owner(self, tenant: str, via: str) -> str:
-        """The member that serves ``tenant``'s keys, as member ``via`` sees the slot map."""
-        slot = key_slot(token_bucket_key(tenant).encode())
-        by_port = {p: m for m, p in self.ports.items()}
-        for first, last, master, *_ in self.nodes[via].execute_command("CLUSTER", "SLOTS"):
-            if first <= slot <= last:
-                return by_port[int(master[1])]
-        raise AssertionError(f"slot {slot} is not covered")
-
-    def tenant_per_master(self, prefix: str) -> dict[str, str]:
-        """One tenant on each master: member -> tenant."""
-        via = next(iter(self.nodes))
-        found: dict[str, str] = {}
-        i = 0
-        while len(found) < len(self.nodes):
-            t = f"{prefix}-{i}"
-            found.setdefault(self.owner(t, via), t)
-            i += 1
-        return found
-
-    def close(self) -> None:
-        for r in self.nodes.values():
-            r.close()
 
 
 def batches() -> tuple[float, float]:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
+import redis
 from redis._parsers.base import BaseParser
-from redis.exceptions import RedisClusterException, RedisClusterUnreachableError
+from redis.cluster import key_slot
+from redis.exceptions import (
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+)
 
 from limiter import CircuitBreaker, LocalLimiter, Quota
-from limiter.failure_policy import REDIS_ERRORS, FailurePolicy, redis_unavailable
+from limiter.failure_policy import REDIS_ERRORS, FailurePolicy, MasterBreakers, redis_unavailable
+from limiter.keys import token_bucket_key
 from limiter.middleware import ratelimit_headers
+from limiter.redis_factory import LazyRedisCluster
 
 
 class Clock:
@@ -139,3 +150,92 @@ def test_a_fail_open_decision_never_says_more_remain_than_its_limit(ceiling: flo
     for d in decisions:
         fields = dict(ratelimit_headers(d, now=20_000 * 86400.0))
         assert 0 <= int(fields[b"x-ratelimit-remaining"]) <= int(fields[b"x-ratelimit-limit"])
+
+
+def test_a_breaker_like_another_is_new_and_closed_with_its_settings() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=2, reset_after=7.0, clock=clock)
+    b.record_failure()
+    b.record_failure()
+    twin = b.like()
+    assert (twin.failure_threshold, twin.reset_after, twin.state) == (2, 7.0, "closed")
+    twin.record_failure()
+    twin.record_failure()
+    clock.now += 6.9
+    assert twin.state == "open"  # on the same clock
+    clock.now += 0.2
+    assert twin.state == "half_open"
+
+
+class SlotMap:
+    """A Cluster client's slot map, as ``MasterBreakers`` reads it: slots 0-8191 on one
+    master, the rest on another, or no map at all (a client that never reached the Cluster)."""
+
+    def __init__(self) -> None:
+        self.masters: dict[range, str] | None = {range(0, 8192): "a:1", range(8192, 16384): "b:2"}
+        self.nodes_manager = self
+
+    def get_node_from_slot(self, slot: int) -> SimpleNamespace:
+        for slots, name in (self.masters or {}).items():
+            if slot in slots:
+                return SimpleNamespace(name=name)
+        raise SlotNotCoveredError(f"slot {slot} not covered")
+
+
+def master_of(tenant: str) -> str:
+    return "a:1" if key_slot(token_bucket_key(tenant).encode()) < 8192 else "b:2"
+
+
+def tenants_on(master: str, count: int) -> list[str]:
+    return [t for t in (f"t{i}" for i in range(200)) if master_of(t) == master][:count]
+
+
+def test_each_master_of_a_cluster_has_a_breaker_and_a_tenant_uses_its_masters() -> None:
+    default = CircuitBreaker(failure_threshold=2, reset_after=5.0)
+    masters = MasterBreakers(SlotMap(), default)
+    (a1, a2), (b1,) = tenants_on("a:1", 2), tenants_on("b:2", 1)
+    policy = FailurePolicy("closed", breaker=default)
+    policy.masters = masters
+    assert policy.breaker_of(a1) is policy.breaker_of(a2)  # one master, one breaker
+    assert policy.breaker_of(a1) is not policy.breaker_of(b1)
+    assert default not in (policy.breaker_of(a1), policy.breaker_of(b1))
+    assert sorted(masters.by_master) == ["a:1", "b:2"]
+    for _ in range(2):
+        policy.redis_failed(ConnectionError("a:1 is down"), policy.breaker_of(a1))
+    assert policy.breaker_of(a2).state == "open"
+    assert (policy.breaker_of(b1).state, default.state) == ("closed", "closed")
+    refused = policy.decide(a2, 1, Quota(1.0, 1, 10), 20_000, breaker=policy.breaker_of(a2))
+    assert refused.degraded and not refused.allowed
+    assert 4.9 < refused.retry_after <= 5.0  # until the next probe of a:1's breaker
+
+
+def test_a_key_with_no_master_yet_uses_the_clusters_own_breaker() -> None:
+    default = CircuitBreaker()
+    slot_map = SlotMap()
+    slot_map.masters = None
+    masters = MasterBreakers(slot_map, default)
+    assert masters.for_key(b"rl:{t}:tb") is default
+    assert masters.by_master == {}
+
+
+def test_a_lazy_cluster_client_is_not_made_to_find_a_breaker() -> None:
+    made: list[SlotMap] = []
+
+    def make() -> Any:
+        made.append(SlotMap())
+        return made[-1]
+
+    lazy = LazyRedisCluster(make)
+    policy = FailurePolicy(breaker=CircuitBreaker())
+    policy.per_master(lazy)
+    assert policy.masters is not None
+    assert policy.breaker_of("t1") is policy.breaker and made == []  # nothing connected
+    lazy.client  # noqa: B018  (the first use makes it)
+    assert policy.breaker_of("t1") is not policy.breaker
+    assert list(policy.masters.by_master) == [master_of("t1")]
+
+
+def test_a_client_that_is_no_cluster_client_keeps_one_breaker() -> None:
+    policy = FailurePolicy(breaker=CircuitBreaker())
+    policy.per_master(redis.Redis())  # never connects: no command is sent
+    assert policy.masters is None and policy.breaker_of("t1") is policy.breaker
