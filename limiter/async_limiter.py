@@ -85,6 +85,8 @@ class AsyncRateLimiter:
 
     @property
     def breaker(self) -> CircuitBreaker:
+        """The circuit breaker of the limiter's Redis; on a Cluster, of the calls that cannot be
+        placed on a master yet (each master has its own: ``policy.breaker_of(tenant)``)."""
         return self.policy.breaker
 
     async def acquire(self, tenant: str, cost: int = 1, quota: Quota | None = None) -> Decision:

@@ -99,6 +99,8 @@ class RateLimiter:
 
     @property
     def breaker(self) -> CircuitBreaker:
+        """The circuit breaker of the limiter's Redis; on a Cluster, of the calls that cannot be
+        placed on a master yet (each master has its own: ``policy.breaker_of(tenant)``)."""
         return self.policy.breaker
 
     # --- public --------------------------------------------------------------------------------
