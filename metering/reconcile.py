@@ -10,6 +10,11 @@ The three agree once the pipeline has caught up. A tenant whose numbers differ i
 event lost or double counted, a backfill that stalled, or a counter that was reset or seeded
 wrong. The comparison is a pure function (:func:`compare`); the fetchers are thin I/O at the
 edges, sync for the CLI and async for the API route.
+
+The day counter expires ``DAY_GRACE_SECONDS`` (1 h) after its day ends, while late events keep
+arriving for ``EVENT_MAX_LATENESS`` (3 h) and the backfill's margin: a closed day is final in
+ClickHouse and the quota DB only after its counters are gone. A counter missing then is
+*expired*, as designed, not drift: such a day is reconciled as ClickHouse against the quota DB.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from limiter.clock import epoch_day
+from limiter.scripts import DAY_GRACE_SECONDS
 from metering.ids import is_valid_tenant_id
 
 _DAY_KEY_RE = re.compile(r"^rl:\{(?P<tenant>[^{}]+)\}:day:(?P<day>\d{8})$", re.ASCII)
@@ -32,17 +39,21 @@ class ReconcileRow:
     redis: int | None
     clickhouse: int | None
     quota_db: int | None
+    #: The Redis counter is gone because its day ended more than the grace ago (see
+    #: :func:`counters_expired`); Redis is then left out of the comparison.
+    expired: bool = False
 
     @property
     def agrees(self) -> bool:
-        return len({v or 0 for v in (self.redis, self.clickhouse, self.quota_db)}) == 1
+        return not self.drift
 
     @property
     def drift(self) -> dict[str, int]:
         """Each source's difference from ClickHouse (the deduplicated record), where non-zero."""
         base = self.clickhouse or 0
         out = {}
-        for name, value in (("redis", self.redis), ("quota_db", self.quota_db)):
+        sources = (("redis", self.redis), ("quota_db", self.quota_db))
+        for name, value in sources[1:] if self.expired else sources:
             if (value or 0) != base:
                 out[name] = (value or 0) - base
         return out
@@ -52,11 +63,36 @@ class ReconcileRow:
 
 
 def compare(
-    redis: Mapping[str, int], clickhouse: Mapping[str, int], quota_db: Mapping[str, int]
+    redis: Mapping[str, int],
+    clickhouse: Mapping[str, int],
+    quota_db: Mapping[str, int],
+    *,
+    counters_expired: bool = False,
 ) -> list[ReconcileRow]:
-    """One row per tenant seen by any source, sorted by tenant."""
+    """One row per tenant seen by any source, sorted by tenant. ``counters_expired``: the day's
+    Redis counters are gone by design, so a tenant without one is marked expired rather than
+    compared as 0 (one still there, kept by a longer grace, is compared)."""
     tenants = sorted(set(redis) | set(clickhouse) | set(quota_db))
-    return [ReconcileRow(t, redis.get(t), clickhouse.get(t), quota_db.get(t)) for t in tenants]
+    return [
+        ReconcileRow(
+            t,
+            redis.get(t),
+            clickhouse.get(t),
+            quota_db.get(t),
+            counters_expired and t not in redis,
+        )
+        for t in tenants
+    ]
+
+
+def counters_expired(
+    day: dt.date, now: dt.datetime, grace_seconds: int = DAY_GRACE_SECONDS
+) -> bool:
+    """Whether the limiter's counters of the UTC ``day`` have expired at ``now``: acquire.lua
+    sets them to expire at the end of the day plus the grace. Before that a missing counter is
+    drift for a tenant with usage (Redis restarted empty, a key deleted); a tenant without
+    decisions has none, and agrees as long as ClickHouse and the quota DB show none either."""
+    return now.timestamp() >= (epoch_day(day) + 1) * 86400 + grace_seconds
 
 
 def day_key(tenant: str, day: dt.date) -> str:
@@ -120,10 +156,17 @@ def format_report(rows: Iterable[ReconcileRow], day: dt.date) -> str:
         status = (
             "ok" if r.agrees else "DRIFT " + ", ".join(f"{k} {v:+d}" for k, v in r.drift.items())
         )
+        redis = "expired" if r.expired else show(r.redis)
         lines.append(
-            f"{r.tenant:<28}{show(r.redis):>12}{show(r.clickhouse):>12}"
-            f"{show(r.quota_db):>12}  {status}"
+            f"{r.tenant:<28}{redis:>12}{show(r.clickhouse):>12}{show(r.quota_db):>12}  {status}"
         )
     drifted = sum(1 for r in rows if not r.agrees)
-    lines.append(f"{len(rows)} tenants, {drifted} with drift")
+    expired = sum(1 for r in rows if r.expired)
+    summary = f"{len(rows)} tenants, {drifted} with drift"
+    if expired:
+        summary += (
+            f"; {expired} Redis counters expired after the day ended"
+            " (compared: clickhouse with quota db)"
+        )
+    lines.append(summary)
     return "\n".join(lines)

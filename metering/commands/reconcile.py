@@ -1,5 +1,8 @@
 """``metering reconcile [--day D] [--json] [--api URL]``: Redis counters, ClickHouse and the
-quota DB side by side for a UTC day; exit code 1 when any tenant drifts.
+quota DB side by side for a UTC day; exit code 1 when any tenant drifts. The Redis counters of a
+day that ended more than the limiter's grace ago have expired by design: they show as
+``expired`` and the day is checked as ClickHouse against the quota DB
+(:func:`metering.reconcile.counters_expired`).
 
 It reads the three sources directly. In embedded mode a running ``metering up`` or ``metering
 api`` may own the ClickHouse data folder; then it asks that process, at its own ``--host`` and
@@ -54,7 +57,8 @@ def direct(settings: Settings, day: dt.date) -> list[reconcile.ReconcileRow]:
         ch, settings.clickhouse_database, day, settings.worker_backfill_meter
     )
     db = QuotaStore(settings.quota_db_url).daily_usage_for_day(day)
-    return reconcile.compare(counters, totals, db)
+    expired = reconcile.counters_expired(day, dt.datetime.now(dt.UTC))
+    return reconcile.compare(counters, totals, db, counters_expired=expired)
 
 
 def via_api(settings: Settings, base: str, day: dt.date) -> list[reconcile.ReconcileRow]:
@@ -75,7 +79,9 @@ def via_api(settings: Settings, base: str, day: dt.date) -> list[reconcile.Recon
     if r.status_code != 200:
         raise CommandError(f"the API at {base} answered {r.status_code}: {r.text[:500]}")
     return [
-        reconcile.ReconcileRow(t["tenant"], t["redis"], t["clickhouse"], t["quota_db"])
+        reconcile.ReconcileRow(
+            t["tenant"], t["redis"], t["clickhouse"], t["quota_db"], t.get("expired", False)
+        )
         for t in r.json()["tenants"]
     ]
 
