@@ -118,6 +118,13 @@ def operations() -> dict[str, Any]:
         ], 12, 32, unit="s", desc="Per worker, since its last batch written to ClickHouse (or "
                                   "its start). It grows while idle too: with a consumer lag "
                                   "above 0 it is how long the sink has been stuck."),
+        _panel(11, "Redis clock offset", "timeseries", [
+            prom("max by (instance) (rate_limiter_redis_clock_offset_seconds)", "{{instance}}"),
+        ], 0, 40, unit="s", desc="The Redis server's clock minus each API host's, as the "
+                                 "limiter sees it (about 1 s of its own error). Decision events "
+                                 "carry Redis's time and the workers judge them by theirs: "
+                                 "past EVENT_MAX_FUTURE_SKEW (300 s) ahead they are "
+                                 "dead-lettered. Fix with NTP on the Redis and worker hosts."),
     ]
     return _dashboard("metering-operations", "Metering: operations", p, ["metering", "ops"])
 

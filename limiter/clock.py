@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import threading
 import time
+import weakref
 
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -57,10 +59,12 @@ def utc_from_ns(t_ns: int) -> dt.datetime:
 class ServerClock:
     """Offset of the Redis server's clock from this process's wall clock."""
 
-    __slots__ = ("offset",)
+    __slots__ = ("__weakref__", "offset")
 
     def __init__(self) -> None:
         self.offset = 0.0
+        with _live_lock:
+            _live.add(self)
 
     def today(self) -> int:
         """The server's UTC day (days since 1970-01-01), as far as the client knows."""
@@ -76,3 +80,20 @@ class ServerClock:
     def observe(self, server_second: int) -> None:
         # The server's second was truncated: its true time is on average half a second later.
         self.offset = server_second + 0.5 - time.time()
+
+
+#: Every ServerClock alive in this process, for :func:`observed_offset` (one per limiter).
+_live: weakref.WeakSet[ServerClock] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def observed_offset() -> float | None:
+    """The offset of the Redis server's clock from this host's, in seconds (positive: the server
+    is ahead), as this process's limiters last observed it; the largest in absolute value when
+    there are several. None while no limiter exists.
+
+    Read when it is exported (a Prometheus scrape), not pushed: every decision observes the
+    server's second, and this costs the hot path nothing."""
+    with _live_lock:
+        offsets = [c.offset for c in _live]
+    return max(offsets, key=abs) if offsets else None

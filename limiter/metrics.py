@@ -17,7 +17,14 @@ import threading
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from limiter.clock import observed_offset
 
 DECISION_BUCKETS = (
     0.0001,
@@ -96,8 +103,29 @@ class DecisionMetrics:
         )
 
 
+class RedisClockOffset:
+    """``rate_limiter_redis_clock_offset_seconds``: how far the Redis server's clock is from this
+    host's (:func:`limiter.clock.observed_offset`), read at scrape time. Decision events are
+    stamped by the server's clock and checked by the workers against theirs: an offset past
+    ``EVENT_MAX_FUTURE_SKEW`` (or the lateness) dead-letters them. No sample before a limiter
+    exists in the process."""
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "rate_limiter_redis_clock_offset_seconds",
+            "Offset of the Redis server's clock from this host's, as the limiter observes it "
+            "in its replies (positive: Redis ahead; about a second of its own error).",
+        )
+        offset = observed_offset()
+        if offset is not None:
+            gauge.add_metric([], offset)
+        yield gauge
+
+
 decisions = DecisionMetrics()
 REGISTRY.register(decisions)
+redis_clock_offset = RedisClockOffset()
+REGISTRY.register(redis_clock_offset)
 
 redis_down_events = Counter(
     "redis_down_events", "Decisions made without Redis (error, timeout or open breaker)."
@@ -119,8 +147,10 @@ tenant_quota_stale_served = Counter(
 
 __all__ = [
     "DecisionMetrics",
+    "RedisClockOffset",
     "decisions",
     "rate_limiter_batch_size",
+    "redis_clock_offset",
     "redis_down_events",
     "tenant_quota_cache_hits",
     "tenant_quota_cache_misses",
