@@ -12,7 +12,13 @@ An event is what the pipeline counts. Its invariants, enforced here and nowhere 
   most ``max_future_skew`` seconds ahead of the decoder's clock;
 - ``id`` is 1-128 printable ASCII characters, set once when the event is made: a resend carries
   the same id, which is how the pipeline recognises a duplicate;
-- the encoded event is at most :data:`MAX_EVENT_BYTES` bytes.
+- the encoded event is at most :data:`MAX_EVENT_BYTES` bytes;
+- unknown fields inside ``data`` are refused; at the top level, the optional CloudEvents
+  attribute ``dataschema`` (a URI reference of at most :data:`MAX_DATASCHEMA_LENGTH`
+  characters) and extension attributes (names of 1-20 lower-case ASCII letters and digits,
+  values a string of at most :data:`MAX_EXTENSION_VALUE` characters, an integer in the
+  32-bit signed range, or a boolean: e.g. ``traceparent``) are validated and then dropped:
+  nothing stores them (there is no column), and an event is encoded without them.
 
 Everything that fails raises :class:`EventDecodeError`, whose message names the field
 (``data.quantity: must be finite, >= 0 and <= 1e+15``). Tests: ``tests/unit/test_events*.py``.
@@ -21,6 +27,7 @@ Everything that fails raises :class:`EventDecodeError`, whose message names the 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import time as _time
 import uuid
@@ -57,9 +64,23 @@ MAX_SOURCE_LENGTH = 256
 #: rollups, the quota DB's totals or a JSON answer (an event at 1.7e308 could, and stalled them).
 MAX_QUANTITY = 1e15
 DEFAULT_MAX_FUTURE_SKEW = 300.0
+MAX_DATASCHEMA_LENGTH = 2048
+#: The longest string value of an extension attribute (a W3C ``tracestate`` may be 512+).
+MAX_EXTENSION_VALUE = 2048
+_EXTENSION_INT_MIN, _EXTENSION_INT_MAX = -(2**31), 2**31 - 1  # CloudEvents' Integer
+_MAX_PROBLEMS_SHOWN = 10
 
 _DIMENSION_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}")
 _ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}")
+_EXTENSION_NAME_RE = re.compile(r"[a-z0-9]{1,20}", re.ASCII)
+#: RFC 3986 URI-reference, checked by character set: a scheme (letter first) or, for a relative
+#: reference, no ``:`` in the first segment; ``%`` only as ``%HH``; ``#`` at most once.
+_URI_REFERENCE_RE = re.compile(
+    r"(?:[A-Za-z][A-Za-z0-9+.-]*:|(?![^/?#]*:))"
+    r"(?:[A-Za-z0-9._~:/?@!$&'()*+,;=\[\]-]|%[0-9A-Fa-f]{2})*"
+    r"(?:#(?:[A-Za-z0-9._~:/?@!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)?",
+    re.ASCII,
+)
 _RFC3339_RE = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
@@ -70,6 +91,102 @@ DecisionOutcome = Literal["allowed", "rejected"]
 
 class EventDecodeError(ValueError):
     """An event is malformed or invalid; the message names the field and what is wrong."""
+
+
+def seconds_past(seconds: float, bound: float) -> str:
+    """``seconds`` (more than ``bound``) as text that reads as more than ``bound``: whole
+    seconds, unless they round to the bound or below (300.001 is not "300s" when 300 s is the
+    most allowed), then milliseconds rounded up."""
+    text = f"{seconds:.0f}"
+    if float(text) > bound:
+        return text
+    text = f"{math.ceil(seconds * 1000) / 1000:.3f}"
+    return text if float(text) > bound else repr(seconds)
+
+
+def _attribute_problems(attributes: dict[str, Any]) -> list[str]:
+    """What is wrong with the top-level attributes of an event (``attributes``: its JSON
+    object) that are not fields of :class:`UsageEvent`: ``dataschema`` and extension
+    attributes. Both decoders use it, so they cannot disagree on an attribute."""
+    problems = []
+    for name, value in attributes.items():
+        if name in _FIELDS:
+            continue
+        if name == "dataschema":
+            if not (
+                isinstance(value, str)
+                and 0 < len(value) <= MAX_DATASCHEMA_LENGTH
+                and _URI_REFERENCE_RE.fullmatch(value)
+            ):
+                problems.append(
+                    f"dataschema: must be a URI reference (RFC 3986) of 1-"
+                    f"{MAX_DATASCHEMA_LENGTH} characters"
+                )
+            continue
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        if name.lower() in _ATTRIBUTES:
+            problems.append(
+                f"{shown}: is not a known field (attribute names are lower case: {name.lower()!r})"
+            )
+        elif not _EXTENSION_NAME_RE.fullmatch(name):
+            problems.append(
+                f"{shown}: is not a known field, nor an extension attribute name "
+                "(1-20 lower-case ASCII letters and digits)"
+            )
+        elif type(value) is str:
+            if len(value) > MAX_EXTENSION_VALUE:
+                problems.append(
+                    f"{name}: is {len(value)} characters, at most {MAX_EXTENSION_VALUE} allowed "
+                    "for an extension attribute"
+                )
+        elif type(value) is int:
+            if not _EXTENSION_INT_MIN <= value <= _EXTENSION_INT_MAX:
+                problems.append(
+                    f"{name}: an extension attribute's integer must be within "
+                    f"{_EXTENSION_INT_MIN} and {_EXTENSION_INT_MAX}"
+                )
+        elif type(value) is not bool:
+            problems.append(
+                f"{name}: an extension attribute must be a string, an integer or a boolean, "
+                f"not {_json_kind(value)}"
+            )
+    return problems
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, float):
+        return "a number with a fraction or an exponent"
+    return type(value).__name__
+
+
+def _schema_attributes(schema: dict[str, Any]) -> None:
+    """The accepted attributes the model has no field for, in its JSON schema."""
+    schema["properties"]["dataschema"] = {
+        "type": "string",
+        "format": "uri-reference",
+        "minLength": 1,
+        "maxLength": MAX_DATASCHEMA_LENGTH,
+        "description": "CloudEvents dataschema: accepted, not stored",
+    }
+    # Not the names of fields: a property matching both would have to meet both schemas.
+    known = "|".join(sorted({*schema["properties"], "dataschema"}))
+    schema["patternProperties"] = {
+        f"^(?!(?:{known})$)[a-z0-9]{{1,20}}$": {
+            "anyOf": [
+                {"type": "string", "maxLength": MAX_EXTENSION_VALUE},
+                {"type": "integer", "minimum": _EXTENSION_INT_MIN, "maximum": _EXTENSION_INT_MAX},
+                {"type": "boolean"},
+            ],
+            "description": "a CloudEvents extension attribute (e.g. traceparent): accepted, "
+            "not stored",
+        }
+    }
 
 
 def parse_rfc3339(text: str) -> dt.datetime | None:
@@ -144,9 +261,17 @@ class UsageData(BaseModel):
 
 
 class UsageEvent(BaseModel):
-    """A CloudEvents 1.0 usage event; ``subject`` is the tenant. Immutable once made."""
+    """A CloudEvents 1.0 usage event; ``subject`` is the tenant. Immutable once made.
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    ``dataschema`` and extension attributes (``traceparent``, ``tracestate``, ...) are accepted
+    at the top level, checked, and not kept: nothing downstream stores them (there is no column
+    for them), so the model has no field for them and :func:`encode_event` does not write them.
+    Its JSON schema (the API's OpenAPI document) describes them all the same.
+    """
+
+    model_config = ConfigDict(
+        strict=True, frozen=True, extra="forbid", json_schema_extra=_schema_attributes
+    )
 
     specversion: Literal["1.0"] = SPECVERSION
     id: Annotated[str, AfterValidator(_check_id)]
@@ -156,6 +281,19 @@ class UsageEvent(BaseModel):
     time: dt.datetime
     datacontenttype: Literal["application/json"] | None = None
     data: UsageData
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_extension_attributes(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.keys() <= _FIELDS:
+            return data
+        problems = _attribute_problems(data)
+        if len(problems) > _MAX_PROBLEMS_SHOWN:  # 32 KiB of bad attributes: a bounded message
+            more = len(problems) - _MAX_PROBLEMS_SHOWN
+            problems[_MAX_PROBLEMS_SHOWN:] = [f"event: and {more} more bad attributes"]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {k: v for k, v in data.items() if k in _FIELDS}
 
     @field_validator("time", mode="before")
     @classmethod
@@ -182,9 +320,8 @@ class UsageEvent(BaseModel):
         if skew is not None:
             now = ctx.get("now") or dt.datetime.now(dt.UTC)
             if v > now + dt.timedelta(seconds=skew):
-                raise ValueError(
-                    f"is {(v - now).total_seconds():.0f}s in the future (at most {skew:g}s allowed)"
-                )
+                ahead = seconds_past((v - now).total_seconds(), skew)
+                raise ValueError(f"is {ahead}s in the future (at most {skew:g}s allowed)")
         return v
 
     @model_validator(mode="after")
@@ -203,6 +340,11 @@ class UsageEvent(BaseModel):
     def billable(self) -> bool:
         """False iff this is a rejected limiter decision (rejections are never billed)."""
         return self.data.decision != "rejected"
+
+
+#: The fields of an event; with ``dataschema``, the CloudEvents attributes it may carry
+_FIELDS: Final = frozenset(UsageEvent.model_fields)
+_ATTRIBUTES: Final = _FIELDS | {"dataschema"}
 
 
 def _describe(exc: ValidationError) -> str:
@@ -370,9 +512,11 @@ def decision_event(
 
 __all__ = [
     "DEFAULT_MAX_FUTURE_SKEW",
+    "MAX_DATASCHEMA_LENGTH",
     "MAX_DIMENSIONS",
     "MAX_DIMENSION_VALUE",
     "MAX_EVENT_BYTES",
+    "MAX_EXTENSION_VALUE",
     "TYPE_RATELIMIT",
     "TYPE_USAGE",
     "EventDecodeError",
@@ -383,5 +527,6 @@ __all__ = [
     "encode_event",
     "new_event_id",
     "parse_rfc3339",
+    "seconds_past",
     "usage_event",
 ]

@@ -13,12 +13,18 @@ refuse less than the reference (never more). The one-way property that matters, 
 
 Rules mirrored (see :mod:`metering.events`): required ``id``, ``subject``, ``time``, ``data``
 (``meter``, ``quantity``); defaults ``specversion`` "1.0", ``source`` ``urn:metering``, ``type``
-``metering.usage``; unknown fields refused at both levels; strict JSON types (no bool as a
-number, no number as a string); id, tenant and meter patterns; source 1-256 characters; quantity
-finite, >= 0 and at most ``MAX_QUANTITY``; at most 16 dimensions, key pattern, values of at most
-256 characters; decision present iff type is ``metering.ratelimit``; time RFC 3339 with an
-offset, held in UTC, at most ``max_future_skew`` s ahead of ``now``; at most
-:data:`MAX_EVENT_BYTES` encoded bytes.
+``metering.usage``; unknown fields refused in ``data``; at the top level, ``dataschema`` and
+extension attributes checked by the reference's own rules and dropped; strict JSON types (no
+bool as a number, no number as a string); id, tenant and meter patterns; source 1-256
+characters; quantity finite, >= 0 and at most ``MAX_QUANTITY``; at most 16 dimensions, key
+pattern, values of at most 256 characters; decision present iff type is
+``metering.ratelimit``; time RFC 3339 with an offset, held in UTC, at most ``max_future_skew``
+s ahead of ``now``; at most :data:`MAX_EVENT_BYTES` encoded bytes.
+
+An event without extension attributes costs one strict msgspec parse, as it did before they
+were accepted. One with them (the strict parse refuses an unknown top-level field) is parsed
+twice more, leniently and as a plain object whose extra attributes get the reference's own
+checks: still msgspec, and cheaper than falling back to the reference.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import re
 import time
 from collections.abc import Callable, Hashable
 from math import copysign
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -43,6 +49,7 @@ from metering.events import (
     MAX_SOURCE_LENGTH,
     TYPE_USAGE,
     UsageEvent,
+    _attribute_problems,
     _default_skew,
     decode_event,
     parse_rfc3339,
@@ -72,6 +79,11 @@ class _WireEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     source: str = DEFAULT_SOURCE
     type: Literal["metering.usage", "metering.ratelimit"] = TYPE_USAGE
     datacontenttype: Literal["application/json"] | None = None
+
+
+class _ExtendedWireEvent(_WireEvent, forbid_unknown_fields=False, gc=False):
+    """:class:`_WireEvent` ignoring unknown top-level fields (``data`` still refuses them), for
+    an event with extension attributes: :func:`_attribute_problems` judges those."""
 
 
 class WireEvent(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
@@ -118,6 +130,9 @@ class FastUsageEvent(WireEvent, frozen=True, gc=False):
 
 
 _decoder = msgspec.json.Decoder(_WireEvent)
+_extended_decoder = msgspec.json.Decoder(_ExtendedWireEvent)
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+_UNKNOWN_TOP_LEVEL = "Object contains unknown field"  # msgspec's words; " - at `$...`" if nested
 
 
 encode_wire = msgspec.json.Encoder().encode
@@ -227,6 +242,15 @@ def _fast(raw: bytes, limit: dt.datetime) -> FastUsageEvent | None:
     """The event if every rule holds, else None (the caller then asks the reference)."""
     try:
         w = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        if not _extended(exc):
+            return None
+        try:
+            w = _extended_decoder.decode(raw)
+            if _attribute_problems(_object_decoder.decode(raw)):
+                return None
+        except (msgspec.MsgspecError, UnicodeDecodeError, ValueError, RecursionError):
+            return None
     except (msgspec.MsgspecError, UnicodeDecodeError, ValueError):
         return None
     d = w.data
@@ -261,6 +285,13 @@ def _fast(raw: bytes, limit: dt.datetime) -> FastUsageEvent | None:
     return FastUsageEvent(
         w.specversion, event_id, w.source, w.type, subject, t, d, w.datacontenttype
     )
+
+
+def _extended(exc: msgspec.ValidationError) -> bool:
+    """Whether the strict parse refused only for an unknown top-level field (an extension
+    attribute, maybe): msgspec names the first error only, so others show in the next parse."""
+    text = str(exc)
+    return text.startswith(_UNKNOWN_TOP_LEVEL) and " - at `" not in text
 
 
 def future_limit(now: dt.datetime | None, max_future_skew: float | None) -> dt.datetime:

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from metering.clickhouse.schema import checked_database
-from metering.events import EventDecodeError
+from metering.events import EventDecodeError, seconds_past
 from metering.events_fast import FastUsageEvent, batch_decoder
 from streams.dedupe import RecentIds
 
@@ -589,13 +589,13 @@ class ClickHouseSink:
                 continue
             t = ev.time
             if t < cutoff:  # later than the lateness (RecentIds.is_late)
-                age = (now - t).total_seconds()
+                lateness = recent.lateness.total_seconds()
+                age = seconds_past((now - t).total_seconds(), lateness)
                 dead_letters.append(
                     DeadLetter(
                         rec,
                         "late",
-                        f"time: {age:.0f}s old, later than the accepted lateness "
-                        f"({recent.lateness.total_seconds():g}s)",
+                        f"time: {age}s old, later than the accepted lateness ({lateness:g}s)",
                     )
                 )
                 continue

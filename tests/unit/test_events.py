@@ -175,7 +175,7 @@ def test_a_missing_required_field_is_named(field: str) -> None:
         ({"id": "x" * 129}, "id", "printable ASCII"),
         ({"source": ""}, "source", "at least 1"),
         ({"datacontenttype": "text/xml"}, "datacontenttype", "application/json"),
-        ({"extension": "x"}, "extension", "not a known field"),
+        ({"Extension": "x"}, "Extension", "not a known field"),  # not an extension name
         ({"data_unit": "x"}, "data.unit", "not a known field"),
     ],
 )
