@@ -349,6 +349,13 @@ class Settings(BaseSettings):
         "it refuses an event older than the lateness minus this, so what it accepts is still on "
         "time when the worker reads it (default: a tenth of the lateness, at most 300).",
     )
+    api_ingest_future_margin: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None,
+        description="Seconds of EVENT_MAX_FUTURE_SKEW that POST /v1/events leaves for clock "
+        "differences between its host and the worker's: it refuses an event further ahead than "
+        "the skew minus this, so what it accepts is not too far ahead by the worker's clock "
+        "(default: a tenth of the skew, at most 30).",
+    )
     api_ingest_ack_timeout: PositiveFloat = Field(
         10.0,
         le=300,
@@ -499,6 +506,13 @@ class Settings(BaseSettings):
                 f"API_INGEST_LATENESS_MARGIN={margin:g}: must be less than"
                 f" EVENT_MAX_LATENESS={self.event_max_lateness:g} (no event could be accepted)"
             )
+        ahead = self.api_ingest_future_margin
+        if ahead is not None and ahead >= self.event_max_future_skew:
+            raise ValueError(
+                f"API_INGEST_FUTURE_MARGIN={ahead:g}: must be less than"
+                f" EVENT_MAX_FUTURE_SKEW={self.event_max_future_skew:g} (no event ahead of the"
+                " API's clock could be accepted)"
+            )
         return self
 
     @property
@@ -508,6 +522,15 @@ class Settings(BaseSettings):
         if margin is None:
             margin = min(300.0, self.event_max_lateness / 10)
         return self.event_max_lateness - margin
+
+    @property
+    def ingest_max_ahead(self) -> float:
+        """Seconds ahead of the API's clock an event may be for POST /v1/events: the skew less
+        the margin. The worker checks the skew again by its own clock, which may be behind."""
+        margin = self.api_ingest_future_margin
+        if margin is None:
+            margin = min(30.0, self.event_max_future_skew / 10)
+        return self.event_max_future_skew - margin
 
     @model_validator(mode="after")
     def _derived(self) -> Settings:

@@ -12,7 +12,9 @@ the emitter. Errors are reported per event by index. Invariants:
 - no event is accepted that the worker would not count (202 means every event counts): one
   older than ``EVENT_MAX_LATENESS`` less ``API_INGEST_LATENESS_MARGIN`` (the worker judges the
   lateness when it reads the event, and dead-letters it as late), or one repeating the
-  (subject, id) of an earlier event of the batch (the worker keeps the first of an id only);
+  (subject, id) of an earlier event of the batch (the worker keeps the first of an id only),
+  or one further ahead than ``EVENT_MAX_FUTURE_SKEW`` less ``API_INGEST_FUTURE_MARGIN`` (the
+  worker checks the skew again by its own clock, which may be behind this host's);
 - 202 only once the events are out of the process's memory: acknowledged by Kafka or synced to
   the emitter's spool (``Emitter.wait_durable``, at most ``API_INGEST_ACK_TIMEOUT``); else 503,
   and the caller sends the batch again (repeated ids count once).
@@ -33,7 +35,13 @@ from pydantic import BaseModel
 from metering.api.auth import CurrentPrincipal, Principal, bearer_scheme
 from metering.api.context import api_context
 from metering.api.problems import Problem, StoreFailureRoute
-from metering.events import TYPE_USAGE, EventDecodeError, UsageEvent, decode_event
+from metering.events import (
+    TYPE_USAGE,
+    EventDecodeError,
+    UsageEvent,
+    decode_event,
+    seconds_past,
+)
 from metering.settings import Settings
 
 router = APIRouter(tags=["events"], route_class=StoreFailureRoute)
@@ -111,7 +119,9 @@ def _check_event(
     ``max_age`` (``Settings.ingest_max_age``) is the worker's lateness less a margin: the
     worker judges lateness when it reads the event, later than now by the pipeline's delay
     (the emitter's linger, the worker's batching and lag), so an event accepted at the
-    lateness itself would reach it late and be dead-lettered after its 202."""
+    lateness itself would reach it late and be dead-lettered after its 202. Likewise
+    ``max_future_skew`` (``Settings.ingest_max_ahead``) is the worker's skew less a margin for
+    the worker's clock being behind this host's."""
     if isinstance(item, msgspec.Raw):
         try:
             item = json.loads(bytes(item))
@@ -123,7 +133,8 @@ def _check_event(
     if event.time < now - dt.timedelta(seconds=max_age):
         age = (now - event.time).total_seconds()
         raise EventDecodeError(
-            f"time: is {age:.0f}s old; this API takes events at most {max_age:g}s old "
+            f"time: is {seconds_past(age, max_age)}s old; this API takes events at most"
+            f" {max_age:g}s old "
             "(EVENT_MAX_LATENESS less API_INGEST_LATENESS_MARGIN, left for the pipeline)"
         )
     if not principal.is_admin:
@@ -150,7 +161,7 @@ def _checked_batch(
     for index, item in enumerate(items):
         try:
             event = _check_event(
-                item, principal, settings.event_max_future_skew, settings.ingest_max_age, now
+                item, principal, settings.ingest_max_ahead, settings.ingest_max_age, now
             )
         except EventDecodeError as exc:
             errors.append({"index": index, "message": str(exc)})

@@ -54,8 +54,21 @@ def _invalid(exc: QueryError, path_params: frozenset[str] = frozenset()) -> Prob
     )
 
 
+def _plus_decoded(value: str) -> bool:
+    """``value`` is an RFC 3339 time whose offset's ``+`` was sent unencoded: a query string
+    decodes ``+`` to a space, so ``...T00:00:00+01:00`` arrives as ``...T00:00:00 01:00``."""
+    head, sep, offset = value.rpartition(" ")
+    return bool(sep) and _RFC3339_RE.fullmatch(f"{head}+{offset}") is not None
+
+
 def _instant(value: str, param: str) -> datetime:
     if not _RFC3339_RE.fullmatch(value):
+        if _plus_decoded(value):
+            raise QueryError(
+                param,
+                f"{value!r} has a space where its offset's '+' was: a '+' in a query string"
+                " means a space, so send it encoded as %2B (e.g. 2026-03-01T00:00:00%2B01:00)",
+            )
         raise QueryError(
             param, "must be an RFC 3339 time with an offset, e.g. 2026-03-01T00:00:00Z"
         )
