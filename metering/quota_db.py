@@ -225,6 +225,31 @@ def _refuse_unknown_revision(conn: Any, script: Any) -> None:
             raise NewerRevisionError(current, ", ".join(script.get_heads()) or "none")
 
 
+def _script_directory() -> Any:
+    """The Alembic scripts shipped in the package, without an ``alembic.ini``."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(cfg)
+
+
+def check_revision(url: str | URL) -> None:
+    """Raise :class:`NewerRevisionError` if the quota DB at ``url`` is at a revision this release
+    does not ship. Reads ``alembic_version`` only: a DB not migrated has no revision to refuse,
+    and an SQLite file not made yet is left unmade."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and not (u.database and Path(u.database).is_file()):
+        return
+    engine = make_engine(u)
+    try:
+        with engine.connect() as conn:
+            _refuse_unknown_revision(conn, _script_directory())
+    finally:
+        engine.dispose()
+
+
 def migrate(url: str | URL, revision: str = "head") -> str | None:
     """Bring the quota DB at ``url`` to ``revision`` (idempotent); return the revision reached.
 

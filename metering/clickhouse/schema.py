@@ -143,9 +143,7 @@ def migrate_client(client: Any, database: str, *, retention_days: int | None = N
     versions = client.query(f"SELECT version FROM {database}.schema_migrations")  # noqa: S608
     done = {row[0] for row in versions.result_rows}
     shipped = migrations()
-    newest = max((mig.version for mig in shipped), default=None)
-    if done and (newest is None or max(done) > newest):
-        raise NewerSchemaError(max(done), newest)
+    _refuse_newer(max(done, default=None), shipped)
     applied = Applied()
     for mig in shipped:
         if mig.version in done:
@@ -161,6 +159,32 @@ def migrate_client(client: Any, database: str, *, retention_days: int | None = N
     if retention_days is not None:
         applied.retention = apply_retention(client, database, retention_days)
     return applied
+
+
+def _refuse_newer(found: int | None, shipped: list[Migration]) -> None:
+    """Raise :class:`NewerSchemaError` if ``found`` (the newest version applied) is one that
+    ``shipped`` lacks."""
+    newest = max((mig.version for mig in shipped), default=None)
+    if found is not None and (newest is None or found > newest):
+        raise NewerSchemaError(found, newest)
+
+
+def check_not_newer(client: Any, database: str) -> None:
+    """Raise :class:`NewerSchemaError` if ``database`` was migrated by a newer release. Reads
+    only (no ``CREATE``): a database not migrated yet passes."""
+    checked_database(database)
+    tables = client.query(
+        "SELECT count() FROM system.tables"
+        " WHERE database = {d:String} AND name = 'schema_migrations'",
+        parameters={"d": database},
+    ).result_rows
+    if not tables[0][0]:
+        return
+    rows = client.query(
+        f"SELECT max(version), count() FROM {database}.schema_migrations"  # noqa: S608
+    ).result_rows
+    found, count = rows[0]
+    _refuse_newer(found if count else None, migrations())
 
 
 def migrate(settings_or_client: Settings | Any, database: str | None = None) -> Applied:
@@ -187,6 +211,7 @@ __all__ = [
     "Migration",
     "NewerSchemaError",
     "apply_retention",
+    "check_not_newer",
     "checked_database",
     "migrate",
     "migrate_client",
