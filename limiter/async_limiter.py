@@ -17,7 +17,6 @@ from limiter.failure_policy import (
     REDIS_ERRORS,
     FailMode,
     FailurePolicy,
-    redis_unavailable,
     share_master_breakers,
     shared_breaker,
 )
@@ -148,9 +147,7 @@ class AsyncRateLimiter:
             else:
                 raise RuntimeError(f"acquire.lua kept answering status {status}")
         except REDIS_ERRORS as exc:
-            if not redis_unavailable(exc):
-                raise
-            policy.redis_failed(exc, breaker)
+            policy.call_failed(exc, tenant, breaker)  # a bug is raised again
             return policy.decide(tenant, cost, quota, core.clock.today(), started, breaker)
         breaker.record_success()
         if changes and seed != core.first_seed:
@@ -190,9 +187,7 @@ class AsyncRateLimiter:
             else:
                 raise RuntimeError("settle.lua kept answering WRONG_DAY")
         except REDIS_ERRORS as exc:
-            if not redis_unavailable(exc):
-                raise
-            self.policy.redis_failed(exc, breaker)
+            self.policy.call_failed(exc, tenant, breaker)  # a bug is raised again
             return self._core.unsettled(tenant, delta)
         breaker.record_success()
         return self._core.settlement(reply, tenant, delta)

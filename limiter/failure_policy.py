@@ -77,14 +77,20 @@ def redis_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means Redis cannot serve the limiter now: down, unreachable, refusing
     writes (``MISCONF`` after a failed save, ``BUSY`` running a slow script, ``OOM``,
     ``NOREPLICAS``), refusing the connection's setup (``SETUP_REFUSALS``) or redirecting a
-    client that is no Cluster client (``MOVED``, ``ASK``). Anything else (a script error, a
-    wrong type) is a bug and propagates."""
+    client that is no Cluster client (``MOVED``, ``ASK``). Not so a key of the wrong type (one
+    tenant's keys, see :meth:`FailurePolicy.call_failed`) nor a script error (a bug)."""
     if isinstance(exc, REDIS_UNAVAILABLE):
         return True
     if isinstance(exc, rexc.ResponseError):
         code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
         return code in REFUSING_WRITES or str(exc).startswith(SETUP_REFUSALS)
     return False
+
+
+def wrong_type(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a script because one of its keys holds another type
+    (``WRONGTYPE``): something else wrote into the limiter's key space. Redis itself is up."""
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def log_breaker_change(old: BreakerState, new: BreakerState) -> None:
@@ -226,6 +232,7 @@ class FailurePolicy:
         self.local = local_limiter or LocalLimiter(100.0)
         self._log_every = log_every
         self._logged_at = -1e18
+        self._wrong_type_logged_at = -1e18
 
     def per_master(self, client: Any) -> None:
         """Give each master of ``client``, when it is a Redis Cluster client, a breaker of its
@@ -252,6 +259,36 @@ class FailurePolicy:
                 "Redis call failed (%s: %s); deciding fail-%s",
                 type(exc).__name__,
                 exc,
+                self.fail_mode,
+            )
+
+    def call_failed(
+        self, exc: BaseException, tenant: str, breaker: CircuitBreaker | None = None
+    ) -> None:
+        """A limiter call for ``tenant`` raised ``exc``; the caller then answers without Redis.
+
+        Redis unavailable: a failure of ``breaker`` (see :meth:`redis_failed`). A key of the
+        tenant's holding another type (``WRONGTYPE``: something else wrote into ``rl:{tenant}:``)
+        fails every call of that tenant, and only that tenant, until the key is deleted: an
+        error is logged naming it, and the tenant is decided by the fail mode instead of every
+        request of it failing (Redis answered, so the breaker counts a success). Anything else
+        is a bug and is raised again."""
+        if redis_unavailable(exc):
+            self.redis_failed(exc, breaker)
+            return
+        if not wrong_type(exc):
+            raise exc
+        (breaker or self.breaker).record_success()
+        now = time.monotonic()
+        if now - self._wrong_type_logged_at >= self._log_every:
+            self._wrong_type_logged_at = now
+            log.error(
+                "Redis refused the limiter's keys of tenant %r (%s): a key under rl:{%s}: holds"
+                " another type, written by something else; deciding fail-%s for this tenant"
+                " until it is deleted",
+                tenant,
+                exc,
+                tenant,
                 self.fail_mode,
             )
 

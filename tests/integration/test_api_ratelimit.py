@@ -458,3 +458,40 @@ async def test_the_api_logs_its_circuit_breaker_opening_once(
             await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))
     opened = [r.getMessage() for r in caplog.records if "circuit breaker open" in r.getMessage()]
     assert opened == ["Redis unavailable: circuit breaker open (was closed)"]
+
+
+@pytest.mark.parametrize(("fail_mode", "status"), [("open", 200), ("closed", 503)])
+async def test_a_limiter_key_of_another_type_gets_the_fail_mode_not_a_500(
+    settings,
+    redis_url: str,
+    tenant: str,
+    fail_mode: str,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # type: ignore[no-untyped-def]
+    """Something else wrote a string where the tenant's token bucket (a hash) lives: every
+    script call of that tenant gets WRONGTYPE until the key is deleted. Its requests are decided
+    by the fail mode (they were each a 500), an error names the key, other tenants are decided
+    by Redis, and the breaker stays closed (Redis is up)."""
+    from limiter.keys import token_bucket_key
+
+    raw = redis.Redis.from_url(redis_url)
+    raw.set(token_bucket_key(tenant), "not a hash")
+    other = f"{tenant}-other"
+    settings = settings.model_copy(update={"rate_limit_fail_mode": fail_mode})
+    try:
+        with caplog.at_level(logging.ERROR, logger="limiter"):
+            async with api_client(settings) as client:
+                broken = [
+                    await client.get(f"/v1/tenants/{tenant}/quota", headers=auth(tenant))
+                    for _ in range(3)
+                ]
+                fine = await client.get(f"/v1/tenants/{other}/quota", headers=auth(other))
+    finally:
+        raw.delete(token_bucket_key(tenant))
+        raw.close()
+    assert [r.status_code for r in broken] == [status] * 3
+    assert fine.status_code == 200 and fine.headers["x-ratelimit-remaining"] != ""
+    errors = [r.getMessage() for r in caplog.records if "WRONGTYPE" in r.getMessage()]
+    assert len(errors) == 1, errors  # once, not per request
+    assert f"rl:{{{tenant}}}:" in errors[0] and f"fail-{fail_mode}" in errors[0]

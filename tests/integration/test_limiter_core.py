@@ -438,3 +438,30 @@ async def test_window_retry_after_waits_for_just_enough_old_entries(
     assert later.retry_after - rejected.retry_after > 0.3
     too_big = await d.acquire(tenant, 41, q)
     assert (too_big.allowed, too_big.reason) == (False, "cost_exceeds_window")
+
+
+async def test_a_key_of_another_type_gets_that_tenant_the_fail_mode_and_no_one_else(
+    make: Callable[..., Driver], tenant: str
+) -> None:
+    """Something else wrote a hash where the tenant's day counter (a string) lives: Redis
+    answers WRONGTYPE to each of its calls. The tenant is decided by the fail mode (closed:
+    refused) and a settle applies nothing, instead of an exception per request; another tenant
+    is decided by Redis and the breaker stays closed, as Redis is up."""
+    d = make(fail_mode="closed")
+    q = Quota(**SLOW)
+    assert (await d.acquire(tenant, 1, q)).allowed
+    day = server_day(d.raw, token_bucket_key(tenant))
+    key = daily_counter_key(tenant, day)
+    d.raw.delete(key)
+    d.raw.hset(key, "x", "1")
+    try:
+        refused = [await d.acquire(tenant, 1, q) for _ in range(4)]
+        settled = await d.settle(tenant, 1, 2, q)
+        other = await d.acquire(f"{tenant}-other", 1, q)
+    finally:
+        d.raw.delete(key)
+    assert all(x.degraded and not x.allowed and x.reason == "redis_down" for x in refused)
+    assert not settled.applied
+    assert other.allowed and not other.degraded and other.daily_used == 1
+    assert d.limiter.policy.breaker_of(tenant).state == "closed"
+    assert (await d.acquire(tenant, 1, q)).allowed  # the key deleted: decided by Redis again
