@@ -261,6 +261,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], dict[str, str], int]] = [
     ("/v1/usage", {**MARCH_END, "to": "2026-03-01T00:00:00Z"}, ACME, 422),
     ("/v1/usage", {**MARCH_END, "from": "2016-01-01T00:00:00Z", "window": "MINUTE"}, ACME, 422),
     ("/v1/usage", {**MARCH_END, "from": "2026-03-29T00:00:00.0000001Z"}, ACME, 422),
+    ("/v1/usage", {**MARCH_END, "from": "2026-03-29T00:00:00+00:60"}, ACME, 422),
     ("/v1/usage/sliding", {"meter": "requests", "minutes": -1}, ACME, 422),
     ("/v1/usage/sliding", {"meter": "requests", "minutes": 10**9}, ACME, 422),
     ("/v1/usage/sliding", {"meter": "requests", "points": 0}, ACME, 422),

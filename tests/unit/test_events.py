@@ -70,6 +70,13 @@ def test_a_time_with_an_offset_is_held_and_written_in_utc() -> None:
     assert json.loads(encode_event(ev))["time"] == "2026-03-01T11:30:00Z"
 
 
+@pytest.mark.parametrize("offset", ["+00:60", "+24:00", "-99:00", "+1:00"])
+def test_an_offset_outside_rfc_3339_is_refused(offset: str) -> None:
+    """Python's parser reads ``+00:60`` as an hour; RFC 3339's minutes end at 59, hours at 23."""
+    with pytest.raises(EventDecodeError, match="time: must be an RFC 3339 timestamp"):
+        decode_doc(valid_doc(time=f"2026-03-01T11:30:00{offset}"))
+
+
 def test_encode_then_decode_gives_the_same_event() -> None:
     ev = usage_event("t1", "storage.gb", 0.125, {"bucket": "b-1"}, time=NOW)
     assert decode_event(encode_event(ev), now=NOW) == ev
