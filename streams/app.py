@@ -33,7 +33,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -70,7 +70,7 @@ WINDOW_STEP = 60.0  # ... at one-minute resolution
 WINDOW_EXPIRES = dt.timedelta(minutes=30)
 AGGREGATE_FLUSH_SECONDS = settings.worker_aggregate_interval
 SWEEP_INTERVAL = settings.worker_table_sweep_interval  # the tables' sweep (closed days, ...)
-SWEEP_LIMIT = 10_000  # deletions per table and sweep: a backlog goes in a few rounds
+SWEEP_LIMIT = 10_000  # deletions per table and slice: a sweep runs slices until none is left
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -222,20 +222,38 @@ def sweep_tables(now: float, partitions: int, owned: Collection[int]) -> tuple[i
     return len(daily), len(windows)
 
 
-@app.timer(SWEEP_INTERVAL)
-async def sweep() -> None:
-    """Keep the tables bounded: see ``sweep_tables``. Skipped until the consumer knows
-    ``accepted_usage``'s partitions (a tombstone must reach the key's own partition)."""
+async def sweep_all(now: Callable[[], float] = time.time) -> tuple[int, int] | None:
+    """Run ``sweep_tables`` slice after slice until a slice finds less than ``SWEEP_LIMIT`` of
+    each to delete, letting the agents run between slices. One slice per sweep fell behind once
+    more than ``SWEEP_LIMIT`` windows expired per interval (a tenant sending fresh meter names
+    makes that many), and Faust's own expiry then popped the rest without a tombstone: they came
+    back at every restart. None until the consumer knows ``accepted_usage``'s partitions (a
+    tombstone must reach the key's own partition); else the (daily, window) keys deleted."""
     topic = accepted_usage.get_topic_name()
-    try:
+    days = windows = 0
+    while True:
         partitions = app.consumer.topic_partitions(topic)
         if not partitions:
-            return
+            return None
         owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
-        days, windows = sweep_tables(time.time(), partitions, owned)
+        d, w = sweep_tables(now(), partitions, owned)
+        days, windows = days + d, windows + w
+        if d < SWEEP_LIMIT and w < SWEEP_LIMIT:
+            return days, windows
+        await asyncio.sleep(0)
+
+
+@app.timer(SWEEP_INTERVAL)
+async def sweep() -> None:
+    """Keep the tables bounded: see ``sweep_all``."""
+    try:
+        swept = await sweep_all()
     except Exception:
         log.exception("table sweep failed; retried at the next one")
         return
+    if swept is None:
+        return
+    days, windows = swept
     if days or windows:
         log.info(
             "table sweep: %d closed daily values and %d expired windows deleted", days, windows

@@ -162,3 +162,27 @@ def test_fausts_own_window_expiry_comes_only_after_the_sweep() -> None:
             last_sweep = end + expires + sa.SWEEP_INTERVAL  # it is deleted by then
             assert not window.stale(end, last_sweep + 1.0)
             assert window.stale(end, end + expires + 3 * sa.SWEEP_INTERVAL)  # a backstop still
+
+
+async def test_a_sweep_deletes_a_backlog_larger_than_one_slice(
+    tables: dict[str, list[tuple[int, Any, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More windows expired than one slice deletes (a tenant sending fresh meter names makes
+    ``SWEEP_LIMIT`` of them a minute): one sweep runs slices until none is left, each with its
+    tombstone, instead of leaving the rest to Faust's own expiry, which sends none."""
+    monkeypatch.setattr(sa, "SWEEP_LIMIT", 3)
+    topic = sa.accepted_usage.get_topic_name()
+    monkeypatch.setattr(
+        sa.app,
+        "_consumer",
+        SimpleNamespace(topic_partitions=lambda t: PARTITIONS if t == topic else None),
+    )
+    owned = [SimpleNamespace(topic=topic, partition=p) for p in range(PARTITIONS)]
+    monkeypatch.setattr(sa.app, "assignor", SimpleNamespace(assigned_actives=lambda: owned))
+    closed = first_open_day(NOW, sa.settings.event_max_lateness) - dt.timedelta(days=1)
+    stale = [NOW - 7200.0, NOW - 7200.0 + 299.9]
+    recover(sa.tenant_daily_usage, [(f"t{i}|requests|{closed}", value(1), 0) for i in range(7)])
+    recover(sa.tenant_recent_usage.table, [([f"t{i}|m{i}", stale], value(1), 0) for i in range(11)])
+    assert await sa.sweep_all(lambda: NOW) == (7, 11)
+    assert len(tables["daily"]) == 7 and len(tables["windows"]) == 11
+    assert not sa.tenant_daily_usage.data and not sa.tenant_recent_usage.table.data
