@@ -429,7 +429,13 @@ class RateLimitMiddleware:
         for rule in self.rules:
             if (rule.method is None or rule.method == method) and rule.regex.match(path):
                 return rule.pattern, rule.cost, rule.meter
-        return self.unmatched_route or path, self.default_cost, self.default_meter
+        # Without route templates the path names the route, cut to what a dimension holds:
+        # an event the worker would dead-letter is usage lost.
+        return (
+            self.unmatched_route or path[:MAX_DIMENSION_VALUE],
+            self.default_cost,
+            self.default_meter,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt_paths:

@@ -36,7 +36,13 @@ from limiter.middleware import (
 )
 from limiter.quota import Quota
 from limiter.quota_provider import UnknownTenant
-from metering.events import UsageEvent, decision_event, decode_event, encode_event
+from metering.events import (
+    MAX_DIMENSION_VALUE,
+    UsageEvent,
+    decision_event,
+    decode_event,
+    encode_event,
+)
 
 NOW = 1_800_000_000.0  # a fixed Unix time
 RESET_AT = dt.datetime.fromtimestamp(NOW + 3600, dt.UTC)  # the day ends in an hour
@@ -650,3 +656,16 @@ async def test_a_limiter_whose_clock_is_something_else_is_served_by_the_hosts_cl
 
 def time_of_day() -> float:
     return NOW
+
+
+async def test_without_route_templates_a_long_path_still_makes_a_valid_event() -> None:
+    """Without ``routes`` the path names the route dimension; one longer than a dimension value
+    may be (256) made an event the worker dead-letters, so an allowed request's usage was lost.
+    The route is the path cut to that length (``ListEmitter`` decodes it strictly)."""
+    emitter = ListEmitter()
+    mw = RateLimitMiddleware(inner(), ScriptedLimiter(decision()), emitter=emitter)
+    path = "/v1/things/" + "x" * 300
+    async with client(mw) as c:
+        assert (await c.get(path)).status_code == 200
+    (event,) = emitter.events
+    assert event.data.dimensions["route"] == path[:MAX_DIMENSION_VALUE]
