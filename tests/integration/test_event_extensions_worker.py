@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer
-
 from metering.settings import Settings
 from streams.sink import ClickHouseSink, Record
 from tests.integration.api_support import api_client, api_settings, auth, problem
+from tests.integration.streams_support import read_at_least
 from tests.unit.test_streams_sink import RecordedStorage
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -38,27 +36,12 @@ def traced_event(tenant: str, **over: Any) -> dict[str, Any]:
     return body
 
 
-def read_records(settings: Settings, expected: int, timeout: float = 30.0) -> list[Record]:
-    """The raw records on the settings' topic, read until ``expected`` arrived or ``timeout``."""
-    consumer = KafkaConsumer(
-        settings.usage_events_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        consumer_timeout_ms=1000,
+def read_records(settings: Settings, expected: int) -> list[Record]:
+    """The raw records on the settings' topic, once ``expected`` arrived."""
+    messages = read_at_least(
+        settings.kafka_bootstrap_servers, settings.usage_events_topic, expected
     )
-    records: list[Record] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(
-                    Record(m.topic, m.partition, m.offset, m.key, m.value) for m in batch
-                )
-    finally:
-        consumer.close()
-    return records
+    return [Record(m.topic, m.partition, m.offset, m.key, m.value) for m in messages]
 
 
 def worker_sink(storage: RecordedStorage, settings: Settings) -> ClickHouseSink:
