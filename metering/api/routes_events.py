@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from typing import Any
 
 import anyio.to_thread
@@ -127,6 +128,10 @@ def _check_event(
             item = json.loads(bytes(item))
         except RecursionError:
             raise EventDecodeError("event: nested too deeply") from None
+        except ValueError:  # valid JSON (msgspec read it): an integer Python will not convert
+            raise EventDecodeError(
+                f"event: holds a number of more than {sys.get_int_max_str_digits()} digits"
+            ) from None
     if not isinstance(item, dict):
         raise EventDecodeError("event: must be a JSON object")
     event = decode_event(json.dumps(item), now=now, max_future_skew=max_future_skew)

@@ -145,3 +145,17 @@ async def test_an_offset_whose_plus_was_sent_unencoded_is_named_as_such() -> Non
         assert [e["message"] for e in r.json()["errors"]] == [
             "must be an RFC 3339 time with an offset, e.g. 2026-03-01T00:00:00Z"
         ]
+
+
+def test_an_integer_too_long_for_python_is_a_422_naming_the_event() -> None:
+    """JSON allows an integer of any length; Python refuses to convert one of more than 4,300
+    digits with a bare ValueError, which escaped the per-event checks as a 500."""
+    settings = load_settings()
+    huge = json.dumps({**event(0), "abc": "HUGE"}).replace('"HUGE"', "9" * 5000)
+    body = f"[{json.dumps(event(0))}, {huge}]".encode()
+    with pytest.raises(Problem) as refused:
+        _checked_batch(body, "application/json", settings, PRINCIPAL)
+    assert refused.value.status == 422
+    [error] = refused.value.extra["errors"]
+    assert error["index"] == 1
+    assert error["message"].startswith("event: holds a number of more than")
