@@ -78,6 +78,11 @@ if not used then
   redis.call('SET', KEYS[2], used, 'EXAT', (server_day + 1) * 86400 + tonumber(ARGV[8]))
 else
   used = tonumber(used)
+  if used == nil or used % 1 ~= 0 then
+    -- Something else wrote here: refused before any write (the client decides by its fail
+    -- mode and logs it), not an arithmetic error after the bucket was taken from.
+    return redis.error_reply('limiter: ' .. KEYS[2] .. ' holds no whole count')
+  end
   -- A seed given for a counter that exists: the client found the server changed (restarted,
   -- restored, failed over): a counter from an older snapshot than the quota DB's backfill is
   -- raised to it (the usage it already counted), never lowered. "0" and "" change nothing.

@@ -77,8 +77,9 @@ def redis_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means Redis cannot serve the limiter now: down, unreachable, refusing
     writes (``MISCONF`` after a failed save, ``BUSY`` running a slow script, ``OOM``,
     ``NOREPLICAS``), refusing the connection's setup (``SETUP_REFUSALS``) or redirecting a
-    client that is no Cluster client (``MOVED``, ``ASK``). Not so a key of the wrong type (one
-    tenant's keys, see :meth:`FailurePolicy.call_failed`) nor a script error (a bug)."""
+    client that is no Cluster client (``MOVED``, ``ASK``). Not so another error reply (a key of
+    the wrong type or value, a script error): that refuses one tenant's call, see
+    :meth:`FailurePolicy.call_failed`."""
     if isinstance(exc, REDIS_UNAVAILABLE):
         return True
     if isinstance(exc, rexc.ResponseError):
@@ -190,14 +191,16 @@ def shared_breaker(quotas: object, breaker: CircuitBreaker | None) -> CircuitBre
 def share_master_breakers(quotas: object, policy: FailurePolicy) -> None:
     """On a Cluster, the quota provider that shares ``policy``'s breaker (see
     :func:`shared_breaker`) shares its per-master breakers too: a quota read goes to the master
-    of its own key, and counts toward (or is spared by) that master's breaker."""
+    of its own key, and counts toward (or is spared by) that master's breaker. A provider that
+    already shares another limiter's, around the same breaker, lends them to this one: two
+    limiters over one cache keep one breaker per master, as they kept one breaker."""
     use = getattr(quotas, "use_master_breakers", None)
     if (
         policy.masters is not None
         and callable(use)
         and getattr(quotas, "breaker", None) is policy.breaker
     ):
-        use(policy.masters)
+        policy.masters = use(policy.masters)
 
 
 class FailurePolicy:
@@ -232,7 +235,7 @@ class FailurePolicy:
         self.local = local_limiter or LocalLimiter(100.0)
         self._log_every = log_every
         self._logged_at = -1e18
-        self._wrong_type_logged_at = -1e18
+        self._refused_logged_at = -1e18
 
     def per_master(self, client: Any) -> None:
         """Give each master of ``client``, when it is a Redis Cluster client, a breaker of its
@@ -267,28 +270,35 @@ class FailurePolicy:
     ) -> None:
         """A limiter call for ``tenant`` raised ``exc``; the caller then answers without Redis.
 
-        Redis unavailable: a failure of ``breaker`` (see :meth:`redis_failed`). A key of the
-        tenant's holding another type (``WRONGTYPE``: something else wrote into ``rl:{tenant}:``)
-        fails every call of that tenant, and only that tenant, until the key is deleted: an
-        error is logged naming it, and the tenant is decided by the fail mode instead of every
-        request of it failing (Redis answered, so the breaker counts a success). Anything else
-        is a bug and is raised again."""
+        Redis unavailable: a failure of ``breaker`` (see :meth:`redis_failed`). Any other error
+        reply refuses this tenant's call, not Redis: a key under ``rl:{tenant}:`` holding
+        another type (``WRONGTYPE``) or a value the limiter did not write (something else wrote
+        into its key space), or a script error. It repeats for every call of that tenant until
+        the key is deleted (or the script fixed), so the tenant is decided by the fail mode
+        instead of every request of it failing, an error is logged (at most every
+        ``log_every`` seconds) naming the keys, and the breaker counts a success (Redis
+        answered). Anything that is no Redis error is a bug and is raised again."""
         if redis_unavailable(exc):
             self.redis_failed(exc, breaker)
             return
-        if not wrong_type(exc):
+        if not isinstance(exc, rexc.ResponseError):
             raise exc
         (breaker or self.breaker).record_success()
         now = time.monotonic()
-        if now - self._wrong_type_logged_at >= self._log_every:
-            self._wrong_type_logged_at = now
+        if now - self._refused_logged_at >= self._log_every:
+            self._refused_logged_at = now
+            what = (
+                "holds another type"
+                if wrong_type(exc)
+                else "may hold a value the limiter did not write (or its script failed)"
+            )
             log.error(
-                "Redis refused the limiter's keys of tenant %r (%s): a key under rl:{%s}: holds"
-                " another type, written by something else; deciding fail-%s for this tenant"
-                " until it is deleted",
+                "Redis refused the limiter's call for tenant %r (%s): a key under rl:{%s}: %s;"
+                " deciding fail-%s for this tenant until it is deleted",
                 tenant,
                 exc,
                 tenant,
+                what,
                 self.fail_mode,
             )
 

@@ -440,20 +440,25 @@ async def test_window_retry_after_waits_for_just_enough_old_entries(
     assert (too_big.allowed, too_big.reason) == (False, "cost_exceeds_window")
 
 
+@pytest.mark.parametrize("garbage", ["hash", "abc", "1.5"])
 async def test_a_key_of_another_type_gets_that_tenant_the_fail_mode_and_no_one_else(
-    make: Callable[..., Driver], tenant: str
+    make: Callable[..., Driver], tenant: str, garbage: str
 ) -> None:
-    """Something else wrote a hash where the tenant's day counter (a string) lives: Redis
-    answers WRONGTYPE to each of its calls. The tenant is decided by the fail mode (closed:
-    refused) and a settle applies nothing, instead of an exception per request; another tenant
-    is decided by Redis and the breaker stays closed, as Redis is up."""
+    """Something else wrote into the tenant's day counter: a hash where a string lives (Redis
+    answers WRONGTYPE), or a string that is no integer (the script fails on it). Each call of
+    the tenant fails. The tenant is decided by the fail mode (closed: refused) and a settle
+    applies nothing, instead of an exception per request; another tenant is decided by Redis
+    and the breaker stays closed, as Redis is up."""
     d = make(fail_mode="closed")
     q = Quota(**SLOW)
     assert (await d.acquire(tenant, 1, q)).allowed
     day = server_day(d.raw, token_bucket_key(tenant))
     key = daily_counter_key(tenant, day)
     d.raw.delete(key)
-    d.raw.hset(key, "x", "1")
+    if garbage == "hash":
+        d.raw.hset(key, "x", "1")
+    else:
+        d.raw.set(key, garbage)
     try:
         refused = [await d.acquire(tenant, 1, q) for _ in range(4)]
         settled = await d.settle(tenant, 1, 2, q)
@@ -461,7 +466,8 @@ async def test_a_key_of_another_type_gets_that_tenant_the_fail_mode_and_no_one_e
     finally:
         d.raw.delete(key)
     assert all(x.degraded and not x.allowed and x.reason == "redis_down" for x in refused)
-    assert not settled.applied
+    # settle.lua reads "1.5" as a number and writes the counter back whole: that one applies.
+    assert settled.applied is (garbage == "1.5")
     assert other.allowed and not other.degraded and other.daily_used == 1
     assert d.limiter.policy.breaker_of(tenant).state == "closed"
     assert (await d.acquire(tenant, 1, q)).allowed  # the key deleted: decided by Redis again
