@@ -424,11 +424,15 @@ class QuotaCache:
             self.breaker = breaker
         return self.breaker
 
-    def use_master_breakers(self, masters: MasterBreakers) -> None:
+    def use_master_breakers(self, masters: MasterBreakers) -> MasterBreakers:
         """On a Redis Cluster: guard each lookup's Redis calls with the breaker of the master
         that serves its key, one of ``masters`` (the limiter's: see
-        :class:`limiter.failure_policy.MasterBreakers`), instead of the breaker in use."""
-        self._masters = masters
+        :class:`limiter.failure_policy.MasterBreakers`), instead of the breaker in use, unless
+        the cache already has per-master breakers around the same breaker (another limiter's):
+        the ones in use are returned."""
+        if self._masters is None or self._masters.default is not masters.default:
+            self._masters = masters
+        return self._masters
 
     def _breaker_for(self, key: str) -> CircuitBreaker | None:
         masters = self._masters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,11 +16,13 @@ from redis.exceptions import (
     SlotNotCoveredError,
 )
 
-from limiter import CircuitBreaker, LocalLimiter, Quota
+from limiter import CircuitBreaker, LocalLimiter, Quota, RateLimiter
 from limiter.failure_policy import REDIS_ERRORS, FailurePolicy, MasterBreakers, redis_unavailable
 from limiter.keys import token_bucket_key
 from limiter.middleware import ratelimit_headers
+from limiter.quotas import QuotaCache
 from limiter.redis_factory import LazyRedisCluster
+from metering.quota_db import QuotaStore
 
 
 class Clock:
@@ -239,3 +242,17 @@ def test_a_client_that_is_no_cluster_client_keeps_one_breaker() -> None:
     policy = FailurePolicy(breaker=CircuitBreaker())
     policy.per_master(redis.Redis())  # never connects: no command is sent
     assert policy.masters is None and policy.breaker_of("t1") is policy.breaker
+
+
+def test_two_limiters_over_one_quota_cache_share_the_masters_breakers(tmp_path: Path) -> None:
+    """A sync and an async limiter (say) over one QuotaCache on a Cluster: the cache shares
+    the first one's breaker, and both keep one breaker per master, as they kept one breaker
+    before there were several. Each limiter making a map of its own left the cache with the
+    last one's, so the first never learnt of its quota reads' failures."""
+    cache = QuotaCache(QuotaStore(f"sqlite:///{tmp_path / 'quota.db'}"))
+    lazy = LazyRedisCluster(lambda: SlotMap())  # type: ignore[arg-type,return-value]
+    first = RateLimiter(lazy, cache)
+    second = RateLimiter(lazy, cache)
+    assert first.breaker is second.breaker is cache.breaker
+    assert first.policy.masters is not None
+    assert first.policy.masters is second.policy.masters is cache._masters
