@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,10 +80,19 @@ def ensure_dev_secret(settings: Settings) -> str | None:
         return None
     path = dev_secret_path(settings)
     if not path.exists():
+        # Written whole under another name and linked into place: two first starts at once
+        # (`metering up &` and `metering token`) both read one secret, never a half-written
+        # one, and the second's link finds the first's file.
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(48))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".jwt-secret-")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(48))
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip()
 
 
