@@ -25,6 +25,16 @@ from prometheus_client.core import (
 )
 
 from limiter.clock import observed_offset
+from limiter.decision import (
+    BUCKET,
+    COST_EXCEEDS_BURST,
+    COST_EXCEEDS_DAILY,
+    COST_EXCEEDS_WINDOW,
+    DAILY,
+    LOCAL_CEILING,
+    REDIS_DOWN,
+    WINDOW,
+)
 
 DECISION_BUCKETS = (
     0.0001,
@@ -39,6 +49,19 @@ DECISION_BUCKETS = (
     0.1,
     0.25,
     1.0,
+)
+
+#: The reasons a decision is rejected for: acquire.lua's (``limiter.core.REASONS`` but ``ok``)
+#: and the fail mode's (:mod:`limiter.failure_policy`).
+REJECTION_REASONS = (
+    BUCKET,
+    DAILY,
+    WINDOW,
+    COST_EXCEEDS_BURST,
+    COST_EXCEEDS_WINDOW,
+    COST_EXCEEDS_DAILY,
+    REDIS_DOWN,
+    LOCAL_CEILING,
 )
 
 
@@ -83,7 +106,9 @@ class DecisionMetrics:
         rej = CounterMetricFamily(
             "rate_limiter_rejections", "Rejected rate-limit decisions.", labels=["reason"]
         )
-        for reason, n in sorted(rejections.items()):
+        # Every known reason from the first scrape, at 0: increase() sees no increase from a
+        # series' first sample, so one that first appeared at 1 would hide that rejection.
+        for reason, n in sorted((dict.fromkeys(REJECTION_REASONS, 0) | rejections).items()):
             rej.add_metric([reason], n)
         yield rej
         yield CounterMetricFamily(
@@ -146,6 +171,7 @@ tenant_quota_stale_served = Counter(
 )
 
 __all__ = [
+    "REJECTION_REASONS",
     "DecisionMetrics",
     "RedisClockOffset",
     "decisions",

@@ -55,7 +55,7 @@ import time
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from kafka import KafkaProducer
 from kafka.errors import (
@@ -97,6 +97,23 @@ EVENTS_DROPPED = Counter(
     "spool tail whose record count cannot be told: one per cut, its bytes logged)",
     ["reason"],
 )
+#: Why an event was lost: the only values ``metering_events_dropped{reason}`` takes.
+DropReason = Literal[
+    "queue_full",
+    "spool_full",
+    "closed",
+    "refused",
+    "invalid",
+    "error",
+    "spool_corrupt",
+    "spool_cut",
+]
+DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)
+# Each reason's series exists at 0 from the start: a labelled child appears at its first
+# increment, already at 1, and increase() sees no increase from a series' first sample, so the
+# alert on drops would miss the first drop (or burst) of each reason in each process.
+for _reason in DROP_REASONS:
+    EVENTS_DROPPED.labels(_reason)
 PRODUCER_ERRORS = Counter(
     "metering_emitter_producer_errors", "Kafka producer errors seen by the emitter", ["error"]
 )
@@ -156,7 +173,7 @@ class _DropLog:
         #: flush() reports); a record lost from the spool was already reported kept
         self.not_kept = 0
 
-    def drop(self, reason: str, n: int = 1, *, from_spool: bool = False) -> None:
+    def drop(self, reason: DropReason, n: int = 1, *, from_spool: bool = False) -> None:
         EVENTS_DROPPED.labels(reason).inc(n)
         if not from_spool:
             self.not_kept += n
@@ -1026,11 +1043,13 @@ class Emitter:
 
 
 __all__ = [
+    "DROP_REASONS",
     "EVENTS_DELIVERED",
     "EVENTS_DROPPED",
     "EVENTS_EMITTED",
     "EVENTS_REPLAYED",
     "EVENTS_SPOOLED",
+    "DropReason",
     "Emitter",
     "EmitterMode",
     "default_compression",

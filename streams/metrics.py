@@ -25,6 +25,13 @@ events_dead_lettered = Counter(
     "Messages sent to usage.events.dlq, by reason.",
     ["reason"],
 )
+#: The reasons :class:`streams.sink.DeadLetter` gives (its ``dlq.reason`` header).
+DEAD_LETTER_REASONS = ("invalid", "late")
+# Each reason's series exists at 0 from the start: a labelled child appears at its first
+# increment, already at 1, and increase() sees no increase from a series' first sample, so the
+# alert on dead letters would miss the first of each reason in each worker.
+for _reason in DEAD_LETTER_REASONS:
+    events_dead_lettered.labels(_reason)
 dead_letters_unsendable = Counter(
     "streams_dead_letters_unsendable",
     "Dead letters Kafka refused even without their value, key and original headers (too large"
