@@ -21,6 +21,10 @@ limit can be tried on live traffic first; its decision events carry ``shadow=tru
 quota provider refuses (``QUOTA_UNKNOWN_TENANT=reject``) is answered ``403``, except in shadow
 mode: then it is logged (once per tenant) and emitted as a rejected decision with reason
 ``unknown_tenant``, and the request is passed on.
+
+:meth:`RateLimitMiddleware.from_settings` makes it as the ``RATE_LIMIT_*`` settings say (route
+costs and meters, shadow mode, whether decisions are emitted), as the HTTP API does; the
+constructor reads no settings.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from limiter.async_limiter import AsyncRateLimiter
 from limiter.clock import time_in_day_ns, utc_from_ns
 from limiter.core import MAX_COST, check_tenant
 from limiter.decision import (
@@ -49,6 +54,7 @@ from limiter.decision import (
     COST_EXCEEDS_WINDOW,
     UNKNOWN_TENANT,
 )
+from limiter.sync import RateLimiter
 from metering.events import (
     MAX_DIMENSION_VALUE,
     MAX_SOURCE_LENGTH,
@@ -59,6 +65,9 @@ from metering.events import (
 )
 from metering.events_fast import EventTemplates, FastUsageData, WireEvent, encode_wire
 from metering.ids import InvalidIdentifier, validate_meter
+
+if TYPE_CHECKING:
+    from metering.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +379,30 @@ def tenant_from_scope(scope: Scope) -> str | None:
     return None
 
 
+def check_limiter(limiter: object) -> None:
+    """Refuse, at construction, a limiter of this project that would fail every request.
+
+    The middleware never passes a quota, so an :class:`limiter.AsyncRateLimiter` without a quota
+    provider would answer every request 403 ("no quota given ... and no quota provider set").
+    The provider is read from the limiter's core (``_core.quotas``,
+    :class:`limiter.core.LimiterCore`), which the limiters do not expose otherwise. The
+    synchronous :class:`limiter.RateLimiter` cannot be awaited at all. Any other limiter
+    (``async acquire(tenant, cost=...)``) is taken as it is."""
+    if isinstance(limiter, RateLimiter):
+        raise TypeError(
+            "RateLimitMiddleware needs an AsyncRateLimiter: RateLimiter.acquire is synchronous "
+            "(use AsyncRateLimiter.from_settings(quotas=QuotaCache.from_settings(settings)))"
+        )
+    core = getattr(limiter, "_core", None)
+    if isinstance(limiter, AsyncRateLimiter) and getattr(core, "quotas", None) is None:
+        raise ValueError(
+            "RateLimitMiddleware: the limiter has no quota provider, so every request would "
+            "be answered 403 (no quota for the tenant); give the limiter a quota provider: "
+            "AsyncRateLimiter.from_settings(quotas=QuotaCache.from_settings(settings)), or "
+            "AsyncRateLimiter(redis, quotas) with your own limiter.QuotaProvider"
+        )
+
+
 # --- the middleware -----------------------------------------------------------------------------
 class RateLimitMiddleware:
     """See the module docstring. ``limiter`` is an :class:`limiter.AsyncRateLimiter` (anything
@@ -378,7 +411,13 @@ class RateLimitMiddleware:
 
     ``routes`` are path templates (``/v1/tenants/{tenant}/quota``) naming the ``route``
     dimension of decision events; ``costs`` / ``meters`` map ``"/path"`` or ``"METHOD /path"``
-    to a route's cost and meter."""
+    to a route's cost and meter. The constructor reads no settings: :meth:`from_settings` makes
+    the middleware the ``RATE_LIMIT_*`` settings describe.
+
+    An :class:`limiter.AsyncRateLimiter` without a quota provider is refused (``ValueError``:
+    every request would be a 403), and so is the synchronous :class:`limiter.RateLimiter`
+    (``TypeError``). Without an emitter, decisions are not emitted (nothing reaches billing);
+    that is logged once, as a warning."""
 
     def __init__(
         self,
@@ -396,6 +435,7 @@ class RateLimitMiddleware:
         source: str = "urn:metering:api",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        check_limiter(limiter)
         self.app = app
         self.limiter = limiter
         self.emitter = emitter
@@ -423,6 +463,45 @@ class RateLimitMiddleware:
         self._server_clock = server_clock if callable(getattr(server_clock, "skew", None)) else None
         self._event_templates = EventTemplates()
         self._refusals_logged: set[str] = set()  # shadow mode: unknown tenants logged once
+        if emitter is None:
+            log.warning(
+                "RateLimitMiddleware without an emitter: its decisions are not emitted as %s "
+                "events, so billing gets no usage from it%s (pass emitter=Emitter(settings), "
+                "unless RATE_LIMIT_EMIT_DECISIONS=false means it)",
+                TYPE_RATELIMIT,
+                "; in shadow mode nothing of the trial is recorded" if shadow else "",
+            )
+
+    @classmethod
+    def from_settings(
+        cls,
+        app: ASGIApp,
+        limiter: AsyncLimiter,
+        *,
+        emitter: DecisionEmitter | None = None,
+        routes: Collection[str] = (),
+        settings: Settings | None = None,
+        exempt_paths: Iterable[str] = DEFAULT_EXEMPT_PATHS,
+    ) -> RateLimitMiddleware:
+        """The middleware the settings (default: the environment) describe; the one place they
+        are mapped to it, the HTTP API's included: ``RATE_LIMIT_ROUTE_COSTS``,
+        ``RATE_LIMIT_ROUTE_METERS``, ``RATE_LIMIT_SHADOW_MODE``, and
+        ``RATE_LIMIT_EMIT_DECISIONS`` (false: ``emitter`` is not used). Also usable as the
+        factory of Starlette's ``app.add_middleware(RateLimitMiddleware.from_settings, ...)``."""
+        if settings is None:
+            from metering.settings import get_settings
+
+            settings = get_settings()
+        return cls(
+            app,
+            limiter,
+            emitter=emitter if settings.rate_limit_emit_decisions else None,
+            routes=routes,
+            costs=settings.rate_limit_route_costs,
+            meters=settings.rate_limit_route_meters,
+            shadow=settings.rate_limit_shadow_mode,
+            exempt_paths=exempt_paths,
+        )
 
     def route_for(self, method: str, path: str) -> tuple[str, int, str]:
         """(route name, cost, meter) for a request; unmatched paths use the defaults."""

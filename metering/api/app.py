@@ -261,13 +261,11 @@ def create_app(
     # add_middleware wraps: the last added runs first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(
-        RateLimitMiddleware,
+        RateLimitMiddleware.from_settings,  # RATE_LIMIT_ROUTE_COSTS, _ROUTE_METERS, _SHADOW_MODE...
         limiter=parts["limiter"],
-        emitter=parts["emitter"] if settings.rate_limit_emit_decisions else None,
+        emitter=parts["emitter"],
         routes=templates,
-        costs=settings.rate_limit_route_costs,
-        meters=settings.rate_limit_route_meters,
-        shadow=settings.rate_limit_shadow_mode,
+        settings=settings,
         # Operator tooling is not tenant usage: reconciling must not add to what it compares.
         exempt_paths=PUBLIC_PATHS | UNMETERED_ADMIN_PATHS,
     )
