@@ -180,6 +180,23 @@ class DemoClient:
         return round(sum(row["value"] for row in r.json()["data"]))
 
 
+async def reconciled(client: DemoClient, day: dt.date, timeout: float) -> bool:
+    """Wait until the API's reconcile (never metered) finds every tenant agreeing for ``day``,
+    or ``timeout`` passes. The demo's operator is a tenant too, metered for each read
+    ``collect`` made: its last reads reach ClickHouse and the backfill after the comparison,
+    and stopping the product before they did left ``metering reconcile`` showing it apart."""
+    end = time.monotonic() + timeout
+    while True:
+        r = await client.http.get(
+            "/v1/admin/reconcile", headers=client.admin, params={"day": day.isoformat()}
+        )
+        if r.status_code == 200 and r.json().get("drifted") == 0:
+            return True
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(1.0)
+
+
 async def drive(
     client: DemoClient, runs: list[TenantRun], seconds: float, progress: Any = None
 ) -> float:

@@ -84,6 +84,8 @@ def _demo(args: argparse.Namespace) -> int:
                 result.caught_up_after = await demo.collect(
                     client, runs, QuotaStore(settings.quota_db_url), day, timeout=90
                 )
+                if result.caught_up_after is not None:  # the operator's own reads too
+                    await demo.reconciled(client, day, timeout=30)
             finally:
                 await client.close()
 
@@ -146,8 +148,8 @@ def _demo(args: argparse.Namespace) -> int:
             )
         console.print(
             f"\ndemo finished in {result.seconds:.0f}s; the product is stopped now.\n"
-            f"To keep it running: metering up (API docs {base}/docs, metrics {base}/metrics); "
-            f"a token: metering token <tenant> [--admin]; the three sources side by side: "
-            f"metering reconcile"
+            f"To keep it running: metering up{'' if args.port == 8000 else f' --port {args.port}'}"
+            f" (API docs {base}/docs, metrics {base}/metrics); a token: metering token <tenant>"
+            f" [--admin]; with it running, the three sources side by side: metering reconcile"
         )
     return 0 if result.all_agree else 1
