@@ -72,6 +72,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.reference:
         print(reference())
         return 0
-    for key, value in get_settings().as_env().items():
+    for key, value in effective(get_settings()).items():
         print(f"{key}={MASK if key.lower() in SECRET_FIELDS else redact(value)}")
     return 0
+
+
+def effective(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables, with the margins that default to a share of
+    another setting shown as they are in force (``as_env`` leaves unset settings out)."""
+    env = settings.as_env()
+    computed = {
+        "API_INGEST_LATENESS_MARGIN": settings.event_max_lateness - settings.ingest_max_age,
+        "API_INGEST_FUTURE_MARGIN": settings.event_max_future_skew - settings.ingest_max_ahead,
+    }
+    for key, value in computed.items():
+        env.setdefault(key, f"{value:g}")
+    order = {name.upper(): i for i, name in enumerate(Settings.model_fields)}
+    return dict(sorted(env.items(), key=lambda kv: order.get(kv[0], len(order))))

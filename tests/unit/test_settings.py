@@ -376,3 +376,26 @@ def test_a_short_jwt_secret_fails_at_start_naming_the_variable_not_the_value(
     )
     monkeypatch.setenv("JWT_SECRET", "x" * 32)
     assert load_settings().jwt_secret == "x" * 32
+
+
+def test_config_shows_the_ingest_margins_in_force_when_unset(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The margins default to a share of the lateness and the skew; left unset they were left
+    out of `metering config`, which says it prints the effective settings."""
+    from metering.cli import main
+    from metering.settings import get_settings
+
+    for var in ("API_INGEST_LATENESS_MARGIN", "API_INGEST_FUTURE_MARGIN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("EVENT_MAX_LATENESS", "1000")
+    monkeypatch.setenv("EVENT_MAX_FUTURE_SKEW", "300")
+    get_settings.cache_clear()
+    try:
+        assert main(["config"]) == 0
+    finally:
+        get_settings.cache_clear()
+    shown = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert shown["API_INGEST_LATENESS_MARGIN"] == "100"  # a tenth of 1000 s
+    assert shown["API_INGEST_FUTURE_MARGIN"] == "30"  # a tenth of 300 s, at most 30
+    assert list(shown).index("API_INGEST_LATENESS_MARGIN") > list(shown).index("API_MAX_BATCH")
