@@ -77,12 +77,13 @@ if not used then
   used = tonumber(seed)
   redis.call('SET', KEYS[2], used, 'EXAT', (server_day + 1) * 86400 + tonumber(ARGV[8]))
 else
-  used = tonumber(used)
-  if used == nil or used % 1 ~= 0 then
+  if not string.match(used, '^%-?%d+$') then
     -- Something else wrote here: refused before any write (the client decides by its fail
-    -- mode and logs it), not an arithmetic error after the bucket was taken from.
+    -- mode and logs it), not an error at INCRBY after the bucket was taken from. Only what
+    -- INCRBY takes passes (tonumber would take '5.0', ' 5', '1e2', '0x10').
     return redis.error_reply('limiter: ' .. KEYS[2] .. ' holds no whole count')
   end
+  used = tonumber(used)
   -- A seed given for a counter that exists: the client found the server changed (restarted,
   -- restored, failed over): a counter from an older snapshot than the quota DB's backfill is
   -- raised to it (the usage it already counted), never lowered. "0" and "" change nothing.
