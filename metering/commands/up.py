@@ -91,6 +91,11 @@ def ensure_dev_secret(settings: Settings) -> str | None:
             os.link(tmp, path)
         except FileExistsError:
             pass
+        except OSError:  # a filesystem without hard links (vfat, some network mounts)
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(Path(tmp).read_text())
         finally:
             os.unlink(tmp)
     return path.read_text().strip()

@@ -51,3 +51,23 @@ def test_first_starts_at_once_all_read_one_whole_secret(
         path = dev_secret_path(settings)
         assert os.stat(path).st_mode & 0o777 == 0o600
         assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
+
+
+def test_a_filesystem_without_hard_links_still_gets_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vfat and some network mounts refuse hard links (EPERM): the secret is then created
+    in place, exclusively, as before the link was used."""
+    for var in ("JWT_SECRET", "JWT_PUBLIC_KEY"):
+        monkeypatch.delenv(var, raising=False)
+
+    def refuse(src: str, dst: str) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    settings = load_settings(metering_data_dir=tmp_path)
+    secret = ensure_dev_secret(settings)
+    assert secret is not None and len(secret) >= 48
+    assert ensure_dev_secret(settings) == secret
+    path = dev_secret_path(settings)
+    assert os.listdir(path.parent) == [path.name]
