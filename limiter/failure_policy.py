@@ -288,13 +288,14 @@ class FailurePolicy:
         if now - self._refused_logged_at >= self._log_every:
             self._refused_logged_at = now
             what = (
-                "holds another type"
+                "holds another type, written by something else: delete it"
                 if wrong_type(exc)
-                else "may hold a value the limiter did not write (or its script failed)"
+                else "may hold a value the limiter did not write (delete it), or Redis refuses"
+                " the call itself (an ACL, a script error)"
             )
             log.error(
                 "Redis refused the limiter's call for tenant %r (%s): a key under rl:{%s}: %s;"
-                " deciding fail-%s for this tenant until it is deleted",
+                " deciding fail-%s for each such call",
                 tenant,
                 exc,
                 tenant,
