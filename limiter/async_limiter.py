@@ -17,8 +17,6 @@ from limiter.failure_policy import (
     REDIS_ERRORS,
     FailMode,
     FailurePolicy,
-    share_master_breakers,
-    shared_breaker,
 )
 from limiter.local_limiter import LocalLimiter
 from limiter.quota import Quota
@@ -50,11 +48,9 @@ class AsyncRateLimiter:
     ) -> None:
         self.redis = redis_client
         # A quota provider that reads Redis (the QuotaCache) shares the breaker: see acquire.
-        self.policy = FailurePolicy(
-            fail_mode, breaker=shared_breaker(quotas, breaker), local_limiter=local_limiter
+        self.policy = FailurePolicy.for_limiter(
+            fail_mode, redis_client, quotas, breaker=breaker, local_limiter=local_limiter
         )
-        self.policy.per_master(redis_client)
-        share_master_breakers(quotas, self.policy)
         self._core = LimiterCore(quotas, day_grace_seconds)
         self.clock = self._core.clock  # the estimate of the Redis server's clock
         self._batcher = ScriptBatcher(

@@ -218,6 +218,26 @@ class FailurePolicy:
             local_limiter=LocalLimiter(settings.rate_limit_local_ceiling_per_sec),
         )
 
+    @classmethod
+    def for_limiter(
+        cls,
+        fail_mode: FailMode,
+        redis_client: Any,
+        quotas: object,
+        *,
+        breaker: CircuitBreaker | None = None,
+        local_limiter: LocalLimiter | None = None,
+    ) -> FailurePolicy:
+        """The policy of a limiter on ``redis_client`` with the quota provider ``quotas``: its
+        breaker shared with the provider (:func:`shared_breaker`) and, on a Cluster, one per
+        master, shared likewise (:meth:`per_master`, :func:`share_master_breakers`)."""
+        policy = cls(
+            fail_mode, breaker=shared_breaker(quotas, breaker), local_limiter=local_limiter
+        )
+        policy.per_master(redis_client)
+        share_master_breakers(quotas, policy)
+        return policy
+
     def __init__(
         self,
         fail_mode: FailMode = "open",
