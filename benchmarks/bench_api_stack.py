@@ -70,6 +70,25 @@ def fake_limited_app(answer_after_turn: bool, tenant: str) -> Any:
     return app
 
 
+def ping_scope(headers: list[tuple[bytes, bytes]], state: dict[str, Any] | None = None) -> Any:
+    """The ASGI scope of one ``GET /v1/ping``, as a server hands it to the app."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/ping",
+        "raw_path": b"/v1/ping",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+        "state": {} if state is None else state,
+    }
+
+
 async def drive(app: Any, token: str, tasks: int, seconds: float) -> float:
     """CPU seconds of this thread per request, ``tasks`` callers for ``seconds``."""
     headers = [(b"host", b"bench"), (b"authorization", f"Bearer {token}".encode())]
@@ -88,22 +107,7 @@ async def drive(app: Any, token: str, tasks: int, seconds: float) -> float:
     async def caller() -> None:
         nonlocal done
         while not stop:
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "GET",
-                "scheme": "http",
-                "path": "/v1/ping",
-                "raw_path": b"/v1/ping",
-                "query_string": b"",
-                "root_path": "",
-                "headers": headers,
-                "client": ("127.0.0.1", 40000),
-                "server": ("127.0.0.1", 8000),
-                "state": {},
-            }
-            await app(scope, receive, send)
+            await app(ping_scope(headers), receive, send)
             done += 1
             await asyncio.sleep(0)  # as a server's next request arrives on a later loop turn
 

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_api_stack import ping_scope  # noqa: E402  (the scope bench_api_stack drives)
+
 WARM = 2000
 
 
@@ -96,21 +99,7 @@ def child(variant: str, n: int) -> None:
             pass
 
         for i in range(n):
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "GET",
-                "scheme": "http",
-                "path": "/v1/ping",
-                "raw_path": b"/v1/ping",
-                "root_path": "",
-                "query_string": b"",
-                "headers": [(b"host", b"bench")],
-                "client": ("127.0.0.1", 40000),
-                "server": ("127.0.0.1", 8000),
-                "state": {"tenant_id": f"t{i % 64}"},
-            }
+            scope = ping_scope([(b"host", b"bench")], {"tenant_id": f"t{i % 64}"})
             await target(scope, receive, send)
         if variant == "limited":
             assert Emitter.sent == n, Emitter.sent
