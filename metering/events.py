@@ -81,10 +81,11 @@ _URI_REFERENCE_RE = re.compile(
     r"(?:#(?:[A-Za-z0-9._~:/?@!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)?",
     re.ASCII,
 )
-_RFC3339_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
-    re.ASCII,
-)
+#: An RFC 3339 date and time up to the seconds, and its offset (hours 00-23, minutes 00-59:
+#: Python's parser alone reads ``+00:60`` as an hour): the query parameters use them too.
+RFC3339_SECONDS = r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}"
+RFC3339_OFFSET = r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_RFC3339_RE = re.compile(rf"{RFC3339_SECONDS}(\.\d{{1,9}})?{RFC3339_OFFSET}", re.ASCII)
 
 EventType = Literal["metering.usage", "metering.ratelimit"]
 DecisionOutcome = Literal["allowed", "rejected"]

@@ -22,6 +22,7 @@ from metering.api.auth import CurrentPrincipal, Principal, authorize_tenant, req
 from metering.api.context import api_context
 from metering.api.problems import Problem, StoreFailureRoute
 from metering.billing import billing_statement
+from metering.events import RFC3339_OFFSET, RFC3339_SECONDS
 from metering.queries import UsageQueries
 from metering.query_sql import (
     MAX_SLIDING_MINUTES,
@@ -36,10 +37,8 @@ from metering.query_sql import (
 
 router = APIRouter(tags=["usage"], route_class=StoreFailureRoute)
 
-_RFC3339_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
-    re.ASCII,
-)
+# Microseconds at most: what a query bound can mean (the event parser takes nanoseconds).
+_RFC3339_RE = re.compile(rf"{RFC3339_SECONDS}(\.\d{{1,6}})?{RFC3339_OFFSET}", re.ASCII)
 MAX_FILTER_PARAMS = 200
 
 
