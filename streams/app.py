@@ -302,6 +302,7 @@ async def _recover(resume: dict[int, int]) -> None:
             _executor, plan_recovery, _state["storage"], settings.usage_events_topic, resume
         )
         ledger.recover(plans)
+    _warn_if_split()
     resent = [p.partition for p in plans if p.resend is not None and p.resend.sums]
     reopened = [p.partition for p in plans if p.open.sums]
     if resent or reopened:
@@ -310,6 +311,41 @@ async def _recover(resume: dict[int, int]) -> None:
             resent,
             reopened,
         )
+
+
+def embedded_split_warning(
+    embedded: bool, topic: str, owned: Collection[int], partitions: Collection[int]
+) -> str | None:
+    """The warning for a worker on the embedded engine that owns only some of ``topic``'s
+    partitions: another worker of its group writes the rest into another folder. None when
+    nothing is split (one worker, or a ClickHouse server shared by all of them)."""
+    if not embedded or not owned or not partitions or set(partitions) <= set(owned):
+        return None
+    return (
+        f"this worker owns {len(owned)} of the {len(partitions)} partitions of {topic}"
+        f" ({sorted(owned)}) and writes them to an embedded ClickHouse folder: another worker"
+        f" of group {settings.worker_group} writes the others to its own. Each folder then"
+        " answers for its partitions only, and rows a worker inserted and had not yet handed to"
+        " the live tables when it was evicted from the group are in no other folder to recover"
+        " them from. Run several workers against one ClickHouse server (CLICKHOUSE_URL="
+        "http(s)://...), or one worker."
+    )
+
+
+def _warn_if_split() -> None:
+    """Once per process: :func:`embedded_split_warning` for the sink's current assignment."""
+    sink = _state.get("consumer")
+    kafka = getattr(sink, "consumer", None)
+    if kafka is None or _state.get("split_warned"):
+        return
+    topic = settings.usage_events_topic
+    owned = {tp.partition for tp in kafka.assignment() if tp.topic == topic}
+    message = embedded_split_warning(
+        settings.clickhouse_embedded, topic, owned, kafka.partitions_for_topic(topic) or ()
+    )
+    if message is not None:
+        _state["split_warned"] = True
+        log.warning(message)
 
 
 async def _revoked(partitions: set[int]) -> None:

@@ -41,6 +41,8 @@ from tests.integration.streams_support import (
 
 ROOT = Path(__file__).resolve().parents[2]
 LATENESS = 3600
+#: what aiokafka logs when the group coordinator has dropped this member (session timed out)
+EVICTED = "Heartbeat session expired"
 
 
 class Worker:
@@ -71,10 +73,12 @@ class Worker:
             time.sleep(0.5)
         raise TimeoutError(f"{text!r} not in {self.data_dir / 'worker.log'}")
 
+    def log_text(self) -> str:
+        return (self.data_dir / "worker.log").read_text(errors="replace")
+
     def log_tail(self, lines: int = 60) -> str:
         """The end of the worker's log, for an assertion message."""
-        text = (self.data_dir / "worker.log").read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -167,13 +171,45 @@ def changelog_latest(bootstrap: str, topic: str) -> dict[Any, float]:
     return latest
 
 
+def handoff_history(bootstrap: str, group: str, key: str) -> str:
+    """What reached the daily table for ``key`` (``"<tenant>|<meter>|<day>"``), for a failure
+    message: the hand-offs of its tenant on ``accepted_usage`` (partition, offset, time, source
+    range, quantity) and each changelog record of the key (quantity and marks)."""
+    tenant = key.partition("|")[0]
+    lines = [f"hand-offs of {tenant} (partition@offset time source [start, end) quantity):"]
+    for m in read_all(bootstrap, f"{group}-accepted-usage"):
+        value = json.loads(m.value) if m.value is not None else None
+        if not isinstance(value, dict) or value.get("tenant") != tenant:
+            continue
+        quantity = sum(s[2] for s in value.get("sums", []))
+        lines.append(
+            f"  {m.partition}@{m.offset} {m.timestamp} {value.get('source')}"
+            f" [{value.get('start')}, {value.get('end')}) {quantity}"
+        )
+    lines.append(f"changelog records of {key} (partition@offset time value):")
+    for m in read_all(bootstrap, f"{group}-tenant_daily_usage-changelog"):
+        if table_key(m.key) == key:
+            lines.append(f"  {m.partition}@{m.offset} {m.timestamp} {m.value!r}")
+    return "\n".join(lines)
+
+
 def wait_for_daily_total(
-    bootstrap: str, group: str, key: str, total: float, timeout: float
+    bootstrap: str,
+    group: str,
+    key: str,
+    total: float,
+    timeout: float,
+    workers: tuple[Worker, ...] = (),
 ) -> None:
     changelog = f"{group}-tenant_daily_usage-changelog"
     deadline = time.monotonic() + timeout
     while (got := changelog_latest(bootstrap, changelog).get(key)) != total:
-        assert time.monotonic() < deadline, f"the daily table holds {got} for {key}, not {total}"
+        if time.monotonic() >= deadline:
+            logs = "\n".join(f"--- {w.data_dir.name}:\n{w.log_tail(200)}" for w in workers)
+            pytest.fail(
+                f"the daily table holds {got} for {key}, not {total}\n"
+                f"{handoff_history(bootstrap, group, key)}\n{logs}"
+            )
         time.sleep(1)
 
 
@@ -200,7 +236,7 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
     # The Faust table's changelog is written on the agent's own schedule: wait for it rather
     # than for a fixed time (1.5 s was once not enough on a loaded machine).
     for key, total in ((f"{tenant}|requests|{today}", 600.0), (f"{other}|requests|{today}", 200.0)):
-        wait_for_daily_total(kafka_bootstrap, group, key, total, timeout=60)
+        wait_for_daily_total(kafka_bootstrap, group, key, total, timeout=60, workers=(worker,))
     worker.stop()
 
     assert store.daily_usage(tenant, today) == 600
@@ -328,7 +364,9 @@ def test_a_graceful_stop_hands_the_last_sums_to_the_faust_tables(
     assert sum(q for a in accepted if a["tenant"] == tenant for _, _, q in a["sums"]) == 150.0
     today = dt.datetime.now(dt.UTC).date()
     worker.start()  # the agent resumes after its committed offset: the last sums come in now
-    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 150.0, timeout=90)
+    wait_for_daily_total(
+        kafka_bootstrap, group, f"{tenant}|requests|{today}", 150.0, timeout=90, workers=(worker,)
+    )
     worker.stop()
 
 
@@ -348,7 +386,9 @@ def test_each_meter_has_its_own_values_in_the_faust_tables(
     # does not exist yet creates it, with one partition).
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
     today = now.date()
-    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 14.0, timeout=90)
+    wait_for_daily_total(
+        kafka_bootstrap, group, f"{tenant}|requests|{today}", 14.0, timeout=90, workers=(worker,)
+    )
     wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|tokens|{today}", 64.0, timeout=30)
     worker.stop()
     daily = changelog_latest(kafka_bootstrap, f"{group}-tenant_daily_usage-changelog")
@@ -489,7 +529,9 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     worker.start()
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
     today = dt.datetime.now(dt.UTC).date()
-    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 6000.0, timeout=60)
+    wait_for_daily_total(
+        kafka_bootstrap, group, f"{tenant}|requests|{today}", 6000.0, timeout=60, workers=(worker,)
+    )
     time.sleep(2)  # a second flush after the total: it must not add anything more
     worker.kill()  # and a replay of accepted_usage after this kill must not either
     worker.start()
@@ -514,14 +556,29 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
 def test_a_second_worker_joining_mid_stream_keeps_totals_exact(
     kafka_bootstrap: str, pipeline, tenant: str
 ) -> None:
+    """Each worker has its own embedded folder here, so a partition's next owner cannot read
+    the rows the previous one inserted: every handover must be the graceful one, where the
+    previous owner hands its open ranges off when revoked. An eviction (a member that missed
+    its session timeout) skips that; with a shared ClickHouse server, the supported way to run
+    several workers, the next owner recovers those rows from ClickHouse (the SIGKILL tests
+    show that recovery), but across two folders they were lost from the tables, and the
+    evicted worker, rejoining, read again what the other had inserted. So the session timeout
+    here is long enough that a loaded machine cannot evict a member (10 s once did, in CI),
+    and an eviction fails the test by its name."""
     topic, _, group, make = pipeline
     tenants = tenants_covering(tenant, partitions=4, per_partition=2)
     produce(
         kafka_bootstrap, topic, [event_message(tenants[i % 8], 1, id=f"a{i}") for i in range(4000)]
     )
-    a = make("wa").start()
+
+    def make_member(name: str) -> Worker:
+        w = make(name)
+        w.env = {**w.env, "WORKER_SESSION_TIMEOUT": "45"}
+        return w
+
+    a = make_member("wa").start()
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120, at_least=1000)
-    b = make("wb").start()
+    b = make_member("wb").start()
     b.wait_for_log("sink assigned", timeout=90)  # b's sink joined: the group rebalanced
     produce(
         kafka_bootstrap,
@@ -529,11 +586,21 @@ def test_a_second_worker_joining_mid_stream_keeps_totals_exact(
         [event_message(tenants[i % 8], 1, id=f"b{i}") for i in range(4000)],
     )
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=150)
+    # b never owned every partition while a ran: it said its folder holds a part only
+    assert "writes them to an embedded ClickHouse folder" in b.log_text(), b.log_tail()
+    for w in (a, b):
+        assert EVICTED not in w.log_text(), (
+            f"{w.data_dir.name} was evicted from its group (its event loop stalled past the"
+            f" session timeout): with two embedded folders its rows cannot be recovered\n"
+            + w.log_tail(200)
+        )
     # The Faust tables too: the partitions b took over were handed off by a before they moved
     # and by b after, with nothing counted twice or left out.
     today = dt.datetime.now(dt.UTC).date()
     for t in tenants:
-        wait_for_daily_total(kafka_bootstrap, group, f"{t}|requests|{today}", 1000.0, timeout=60)
+        wait_for_daily_total(
+            kafka_bootstrap, group, f"{t}|requests|{today}", 1000.0, timeout=60, workers=(a, b)
+        )
     a.stop()
     b.stop()
     ids_a = {r[0] for r in a.query("SELECT id FROM metering.usage_events")}
@@ -567,7 +634,9 @@ def test_a_worker_restarted_with_its_instance_id_takes_its_partitions_back_at_on
     worker.wait_for_log("sink assigned", timeout=40, count=2)
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=60)
     today = dt.datetime.now(dt.UTC).date()
-    wait_for_daily_total(kafka_bootstrap, group, f"{tenant}|requests|{today}", 4000.0, timeout=60)
+    wait_for_daily_total(
+        kafka_bootstrap, group, f"{tenant}|requests|{today}", 4000.0, timeout=60, workers=(worker,)
+    )
     worker.stop()
     assert worker.query("SELECT count(), uniqExact(id) FROM metering.usage_events") == [
         [4000, 4000]
