@@ -174,4 +174,7 @@ def test_allowed_matches_the_refill_arithmetic_over_server_time(
     assert elapsed > 0
     assert allowed > burst, allowed
     assert allowed == pytest.approx(rate * elapsed - tokens_left, abs=1e-6)
-    assert 0 <= tokens_left < 1
+    # What the last allowed call left: below a token when the callers kept asking right up to
+    # it, more after a stall of the machine (it failed CI once), never a full bucket
+    # (whose capped refill the equality above would not hold for).
+    assert 0 <= tokens_left <= burst - 1
