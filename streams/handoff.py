@@ -25,8 +25,12 @@ insert, so a worker killed in between would lose them from the tables, and a rep
 - **Recovery on assignment** (a restart, a rebalance, a failed batch): the new owner of a
   partition reads its last recorded range, resends it with sums recomputed from
   ``usage_events`` (rows carry their source offsets; the same rows give the same sums), and
-  opens ``[that end, resume offset)`` with the sums of the rows inserted there, which no flush
-  has covered. On a revoke the current owner flushes the partition's range first.
+  hands off ``[that end, resume offset)``, the rows inserted there which no flush has covered,
+  as a range of its own before the rows it inserts itself. On a revoke the current owner
+  flushes the partition's range first. A previous owner that lost the partition to an
+  eviction (stalled past its session timeout) instead hands off, when it wakes, the very
+  range the new owner recovered, with the same bounds and sums: the copy that comes second is
+  dropped by the marks.
 
 Messages of the earlier format (one per tenant, meter and minute, no range) are still folded in,
 without marks, under the same per-meter keys.
@@ -231,12 +235,17 @@ def add_legacy(old: Any, quantity: float) -> dict[str, Any]:
 # --- the sink side ------------------------------------------------------------------------------
 @dataclass
 class PartitionRange:
-    """A closed range of one source partition and the billable sums of its inserted rows."""
+    """A closed range of one source partition and the billable sums of its inserted rows.
+
+    ``fixed``: its bounds are kept as they are (never merged with other rows): a recovered
+    range, which the partition's previous owner may still hand off itself with the same
+    bounds and sums (see :meth:`HandoffLedger.recover`)."""
 
     partition: int
     start: int
     end: int
     sums: Sums = field(default_factory=dict)
+    fixed: bool = False
 
     def handoffs(self, topic: str) -> list[Handoff]:
         per_tenant: dict[str, list[tuple[str, int, float]]] = {}
@@ -310,17 +319,33 @@ class HandoffLedger:
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self._open: dict[int, PartitionRange] = {}
+        #: closed and not yet recorded, before the open range of their partition (recovered)
+        self._closed: dict[int, list[PartitionRange]] = {}
         #: recorded in ``aggregate_handoffs`` and not yet acknowledged: resent before any newer
         self.unsent: list[PartitionRange] = []
 
     def recover(self, plans: Iterable[Recovery]) -> None:
+        """Take a newly assigned partition's :class:`Recovery`. The rows after its last recorded
+        range are handed off as a range of their own, with exactly the bounds the previous
+        owner's open range had if that owner lost the partition to an eviction (a stalled
+        process whose session timed out) instead of a revoke: when it wakes, its revoke
+        callback hands off those same rows with the same bounds, and whichever copy comes
+        second is dropped by the marks. Merged with this owner's new rows into one longer
+        range, the two copies differed and both were applied."""
         for plan in plans:
+            p = plan.partition
             # The partition's unsent ranges end at or before its last recorded one: resending
             # that one (recomputed) covers them.
-            self.unsent = [r for r in self.unsent if r.partition != plan.partition]
+            self.unsent = [r for r in self.unsent if r.partition != p]
             if plan.resend is not None and plan.resend.sums:
                 self.unsent.append(plan.resend)
-            self._open[plan.partition] = plan.open
+            if plan.open.sums:
+                rng = plan.open
+                self._closed[p] = [PartitionRange(p, rng.start, rng.end, rng.sums, fixed=True)]
+                self._open[p] = PartitionRange(p, rng.end, rng.end)
+            else:
+                self._closed.pop(p, None)
+                self._open[p] = plan.open
 
     def add(self, batch: PreparedBatch) -> None:
         """Add an inserted batch's billable sums (rejected decisions are never billed) to the
@@ -344,12 +369,20 @@ class HandoffLedger:
             sums[k] = sums.get(k, 0.0) + d.quantity
 
     def take(self, partitions: Iterable[int] | None = None) -> list[PartitionRange]:
-        """Close the open ranges (of ``partitions``, default all) that hold sums; each open
-        range starts again at the end of the one taken. A range without sums is skipped: the
-        rows in it bill nothing, so no flush needs to cover it."""
+        """One range per partition (of ``partitions``, default all): its closed (recovered)
+        range if it has one, else its open range if that holds sums; an open range taken
+        starts again at its end. One per partition, so that a flush records at most one range
+        of each partition and only a partition's last recorded range can be unsent (what
+        :func:`plan_recovery` resends). A range without sums is skipped: the rows in it bill
+        nothing, so no flush needs to cover it."""
         parts = self._open.keys() if partitions is None else set(partitions) & self._open.keys()
         taken = []
         for p in sorted(parts):
+            if closed := self._closed.get(p):
+                taken.append(closed.pop(0))  # the open range waits for the next take
+                if not closed:
+                    del self._closed[p]
+                continue
             rng = self._open[p]
             if rng.end > rng.start and rng.sums:
                 taken.append(rng)
@@ -357,12 +390,16 @@ class HandoffLedger:
         return taken
 
     def untake(self, ranges: Iterable[PartitionRange]) -> None:
-        """Put ranges taken by :meth:`take` back (recording them failed): merged with what was
-        added to their partitions since."""
+        """Put ranges taken by :meth:`take` back (recording them failed): a ``fixed`` range as
+        it was, before its partition's open range; any other merged with what was added to its
+        partition since."""
         for rng in ranges:
             cur = self._open.get(rng.partition)
             if cur is None:
                 continue  # revoked meanwhile: the next owner recomputes it
+            if rng.fixed:
+                self._closed.setdefault(rng.partition, []).append(rng)
+                continue
             merged = dict(rng.sums)
             for k, q in cur.sums.items():
                 merged[k] = merged.get(k, 0.0) + q
@@ -374,6 +411,7 @@ class HandoffLedger:
         """Forget revoked partitions (after their ranges were flushed)."""
         for p in partitions:
             self._open.pop(p, None)
+            self._closed.pop(p, None)
 
 
 def messages(topic: str, ranges: Iterable[PartitionRange]) -> Iterator[Handoff]:
@@ -407,12 +445,15 @@ async def flush(
     (of ``partitions``, default all), ``record`` them (partition, start, end) and ``send`` their
     messages; ``send`` returns once Kafka acknowledged them all. Returns the messages sent.
 
+    A partition with a recovered range (:meth:`HandoffLedger.recover`) takes two rounds: the
+    recovered range, recorded and acknowledged, then its open range; each round records at
+    most one range per partition.
+
     On failure the ranges stay queued (recorded ones in ``ledger.unsent``, unrecorded ones back
     in the open ranges) for the next flush, and nothing newer of a partition is recorded or
     sent while an older range of it is unsent. Callers serialise flushes and recoveries."""
     sent = await _send_unsent(ledger, send)  # all of them first: the marks compare ends
-    taken = ledger.take(partitions)
-    if taken:
+    while taken := ledger.take(partitions):
         try:
             await record([(r.partition, r.start, r.end) for r in taken])
         except BaseException:
@@ -420,6 +461,8 @@ async def flush(
             raise
         ledger.unsent.extend(taken)  # recorded: from here on only ever resent whole
         sent += await _send_unsent(ledger, send)
+        if not any(r.fixed for r in taken):
+            break  # a recovered range was taken alone: its partition's open range comes next
     return sent
 
 

@@ -471,3 +471,69 @@ def test_a_batch_cut_short_is_read_again_and_handed_off_whole() -> None:
     assert sorted(r[12] for r in storage.rows) == [0, 1, 2, 3, 4, 5]  # each row once
     # Past the cut batch, nothing is taken for stored any more.
     assert second.prepare([Record(TOPIC, 0, 4, b"acme", recs[4].value)]).stored == []
+
+
+def test_an_evicted_owners_late_hand_off_and_the_next_owners_recovery_count_once() -> None:
+    """A stalled worker loses its partition to an eviction (its session timed out) with rows
+    inserted and not yet handed off. The next owner recovers them from the shared ClickHouse and
+    hands them off; the evicted worker, waking, hands the same rows off from its open range when
+    its revoke callback finally runs. Its messages may arrive at any point among the new
+    owner's: the rows count once wherever they land (they counted twice when they came before
+    the new owner's first flush, which sent them merged with its own new rows)."""
+    storage = Storage()
+    rng = random.Random(7)
+    records = source_events(rng, per_partition=60)[0]
+
+    def sink() -> ClickHouseSink:
+        return ClickHouseSink(
+            storage, topic=TOPIC, lateness_seconds=3600, max_future_skew=300, clock=lambda: NOW
+        )
+
+    sent_a: list[Handoff] = []
+    sent_b: list[Handoff] = []
+
+    async def record(ranges: list[tuple[int, int, int]]) -> None:
+        storage.record_handoffs(TOPIC, ranges)
+
+    def sender(into: list[Handoff]) -> Any:
+        async def send(handoffs: list[Handoff]) -> None:
+            into.extend(handoffs)
+
+        return send
+
+    def owner() -> tuple[ClickHouseSink, HandoffLedger]:
+        s = sink()
+        resume = {0: s.on_assigned([0]).get(0, 0)}
+        ledger = HandoffLedger(TOPIC)
+        ledger.recover(plan_recovery(storage, TOPIC, resume))
+        return s, ledger
+
+    def insert(s: ClickHouseSink, ledger: HandoffLedger, part: list[Record]) -> None:
+        batch = s.prepare(part)
+        s.write(batch)
+        ledger.add(batch)
+
+    sink_a, ledger_a = owner()
+    insert(sink_a, ledger_a, records[:15])
+    asyncio.run(flush(ledger_a, record, sender(sent_a)))  # handed off: [0, 15)
+    before = list(sent_a)
+    insert(sink_a, ledger_a, records[15:25])
+    insert(sink_a, ledger_a, records[25:35])  # inserted, still open when the eviction comes
+    sink_b, ledger_b = owner()  # the next owner, positioned from the stored progress
+    insert(sink_b, ledger_b, records[35:50])
+    asyncio.run(flush(ledger_b, record, sender(sent_b)))
+    insert(sink_b, ledger_b, records[50:])
+    asyncio.run(flush(ledger_b, record, sender(sent_b)))
+    late = len(sent_a)
+    asyncio.run(flush(ledger_a, record, sender(sent_a), {0}))  # the evicted one's revoke
+    late_messages = sent_a[late:]
+    assert late_messages, "the evicted worker had rows to hand off"
+    want_daily, want_windows = expected(storage)
+    for at in range(len(sent_b) + 1):
+        log = before + sent_b[:at] + late_messages + sent_b[at:]
+        daily: dict[Any, Any] = {}
+        windows: dict[Any, Any] = {}
+        for h in log:
+            fold_into(Handoff.from_message(h.message()), daily, windows, WINDOWS.ranges)
+        assert {k: usage(v) for k, v in daily.items()} == pytest.approx(want_daily), at
+        assert {k: usage(v) for k, v in windows.items()} == pytest.approx(want_windows), at
