@@ -338,10 +338,18 @@ class QuotaCache:
 
     # --- installing entries ---------------------------------------------------------------------
     def _store_entry(self, tenant: str, entry: _Entry) -> None:
+        """Install ``entry`` last in the dict's order, which is the order of eviction: a tenant
+        in use is reloaded every ``local_ttl`` at most, so a full cache drops the tenant
+        refreshed least recently (a least-recently-used order at that resolution, kept with
+        no work on the lookup path). Under the lock."""
         local = self._local
-        if tenant not in local and len(local) >= self.max_entries:
+        if tenant in local:
+            # Moved to the end. A lookup on another thread between these two steps misses and
+            # loads the tenant itself; its fetch then finds this entry installed and keeps it.
+            del local[tenant]
+        elif len(local) >= self.max_entries:
             with contextlib.suppress(StopIteration, KeyError, RuntimeError):
-                local.pop(next(iter(local)))  # the oldest inserted: approximately FIFO
+                local.pop(next(iter(local)))  # the least recently installed
         local[tenant] = entry
 
     def _install(self, tenant: str, entry: _Entry, seen: _Entry | None, changes: int) -> _Entry:

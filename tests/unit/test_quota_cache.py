@@ -272,6 +272,29 @@ def test_memory_is_bounded_by_max_entries(store: MemoryStore) -> None:
     assert store.lookups == 4  # the oldest was evicted
 
 
+def test_a_full_cache_evicts_the_tenant_least_recently_refreshed(
+    store: MemoryStore, clock: Clock
+) -> None:
+    """A tenant in use is reloaded every ``local_ttl``; each reload puts it last in the order of
+    eviction, so a full cache drops tenants nobody asked for lately, not the first ever cached
+    (a client cycling through many tenants pushed the busiest ones out, each then waiting on
+    Redis or the DB for its next lookup)."""
+    for name in ("a1", "a2", "a3"):
+        store.put(name, burst=5)
+    cache = make_cache(store, max_entries=2, local_ttl=5)
+    cache.get("a1")
+    cache.get("a2")
+    clock.advance(6)
+    cache.get("a1")  # expired and reloaded: in use
+    assert store.lookups == 3
+    cache.get("a3")  # full: a2, not refreshed since it was cached, makes room
+    assert store.lookups == 4
+    cache.get("a1")
+    assert store.lookups == 4
+    cache.get("a2")
+    assert store.lookups == 5
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
