@@ -95,6 +95,25 @@ def counters_expired(
     return now.timestamp() >= (epoch_day(day) + 1) * 86400 + grace_seconds
 
 
+def _server_time(reply: Any) -> dt.datetime:
+    """A ``TIME`` reply as an aware UTC datetime. A Cluster client answers per node: the
+    earliest, so that a day's counters count as expired once every master's clock says so."""
+    replies = list(reply.values()) if isinstance(reply, dict) else [reply]
+    seconds, micros = min((int(s), int(u)) for s, u in replies)
+    return dt.datetime.fromtimestamp(seconds, dt.UTC) + dt.timedelta(microseconds=micros)
+
+
+def redis_now(client: Any) -> dt.datetime:
+    """The Redis server's time: the clock acquire.lua expires the day counters by (EXAT), so
+    the one :func:`counters_expired` is judged by. The host's own clock, off by X seconds,
+    showed a missing counter as drift, or as expired, for X seconds around the expiry."""
+    return _server_time(client.time())
+
+
+async def aredis_now(client: Any) -> dt.datetime:
+    return _server_time(await client.time())
+
+
 def day_key(tenant: str, day: dt.date) -> str:
     return f"rl:{{{tenant}}}:day:{day:%Y%m%d}"
 

@@ -45,8 +45,9 @@ async def reconcile_day(
         ),
     )
     db = await loop.run_in_executor(None, ctx.quota_store.daily_usage_for_day, day)
-    # After the scan: a counter that expired during it is missing as designed.
-    expired = reconcile.counters_expired(day, dt.datetime.now(dt.UTC))
+    # After the scan: a counter that expired during it is missing as designed. By the Redis
+    # server's clock, which expires them.
+    expired = reconcile.counters_expired(day, await reconcile.aredis_now(ctx.redis))
     rows = reconcile.compare(redis_counts, ch, db, counters_expired=expired)
     return {
         "day": day.isoformat(),

@@ -28,13 +28,30 @@ USED = 115
 @pytest.fixture
 def closed_day(clickhouse_client, clickhouse_db, clickhouse_url, redis_url, tmp_path: Path):
     """A tenant's usage two days ago in ClickHouse and the quota DB, and no counter in Redis."""
+    yield from _usage_without_counter(
+        clickhouse_client, clickhouse_db, clickhouse_url, redis_url, tmp_path, days_ago=2
+    )
+
+
+@pytest.fixture
+def open_day(clickhouse_client, clickhouse_db, clickhouse_url, redis_url, tmp_path: Path):
+    """The same today: a missing counter is drift (Redis restarted empty, a key deleted)."""
+    yield from _usage_without_counter(
+        clickhouse_client, clickhouse_db, clickhouse_url, redis_url, tmp_path, days_ago=0
+    )
+
+
+def _usage_without_counter(  # type: ignore[no-untyped-def]
+    clickhouse_client, clickhouse_db, clickhouse_url, redis_url, tmp_path: Path, days_ago: int
+):
     migrate(clickhouse_client, clickhouse_db)
     db_url = f"sqlite:///{tmp_path / 'quota.db'}"
     migrate_quota_db(db_url)
     store = QuotaStore(db_url)
     tenant = f"rec-exp-{uuid.uuid4().hex[:8]}"
-    day = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=2)
-    at = dt.datetime.combine(day, dt.time(23, 59, 59), tzinfo=dt.UTC)
+    now = dt.datetime.now(dt.UTC)
+    day = now.date() - dt.timedelta(days=days_ago)
+    at = min(dt.datetime.combine(day, dt.time(23, 59, 59), tzinfo=dt.UTC), now)
     row = [uuid.uuid4().hex, "metering.usage", "urn:t", tenant, "requests", "", 1, at, USED, {}]
     clickhouse_client.insert(
         f"{clickhouse_db}.usage_events", [[*row, "t", 0, 0]], column_names=EVENT_COLUMNS
@@ -48,19 +65,60 @@ def closed_day(clickhouse_client, clickhouse_db, clickhouse_url, redis_url, tmp_
     yield {"tenant": tenant, "day": day, "store": store, "db_url": db_url, "redis_url": redis_db}
 
 
-@pytest.fixture
-def cli_env(closed_day, clickhouse_url, clickhouse_db, monkeypatch):
+def _cli_env(day: dict, clickhouse_url, clickhouse_db, monkeypatch):  # type: ignore[no-untyped-def]
     from metering.settings import get_settings
 
     monkeypatch.setenv("CLICKHOUSE_URL", clickhouse_url)
     monkeypatch.setenv("CLICKHOUSE_DATABASE", clickhouse_db)
-    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", closed_day["redis_url"])
-    monkeypatch.setenv("QUOTA_DB_URL", closed_day["db_url"])
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", day["redis_url"])
+    monkeypatch.setenv("QUOTA_DB_URL", day["db_url"])
     for var in ("RATE_LIMIT_REDIS_CLUSTER_NODES", "RATE_LIMIT_REDIS_SENTINELS"):
         monkeypatch.delenv(var, raising=False)
     get_settings.cache_clear()
-    yield closed_day
+    yield day
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def cli_env(closed_day, clickhouse_url, clickhouse_db, monkeypatch):
+    yield from _cli_env(closed_day, clickhouse_url, clickhouse_db, monkeypatch)
+
+
+@pytest.fixture
+def open_day_env(open_day, clickhouse_url, clickhouse_db, monkeypatch):
+    yield from _cli_env(open_day, clickhouse_url, clickhouse_db, monkeypatch)
+
+
+class _HostAhead(dt.datetime):
+    """This host's clock three days ahead of the Redis server's."""
+
+    @classmethod
+    def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+        return dt.datetime.now(tz) + dt.timedelta(days=3)
+
+
+def test_counters_expire_by_the_redis_servers_clock_not_the_hosts(
+    open_day_env, capsys, monkeypatch
+) -> None:
+    """Today's counter is missing (Redis restarted empty): drift, exit code 1, even when the
+    host running reconcile has a clock past the counters' expiry (it marked the row expired,
+    exit code 0); acquire.lua expires them by the server's ``TIME``."""
+    from types import SimpleNamespace
+
+    import metering.commands.reconcile as command
+    from metering.cli import main
+
+    monkeypatch.setattr(
+        command,
+        "dt",
+        SimpleNamespace(date=dt.date, datetime=_HostAhead, UTC=dt.UTC, timedelta=dt.timedelta),
+    )
+    assert main(["reconcile", "--day", open_day_env["day"].isoformat(), "--json"]) == 1
+    (row,) = json.loads(capsys.readouterr().out)["tenants"]
+    assert (row["redis"], row["expired"], row["agrees"]) == (None, False, False)
+    client = redis.Redis.from_url(open_day_env["redis_url"])
+    assert reconcile.redis_now(client).date() == open_day_env["day"]
+    client.close()
 
 
 def test_a_closed_day_whose_counters_expired_reconciles_with_exit_code_0(cli_env, capsys) -> None:

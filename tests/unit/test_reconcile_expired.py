@@ -53,3 +53,14 @@ def test_a_missing_counter_of_a_live_day_is_still_drift_unless_there_is_no_usage
     assert not by["a"].expired and by["a"].drift == {"redis": -5}
     assert by["b"].agrees  # no decisions today: no counter, nothing to count
     assert "1 with drift" in format_report(rows, DAY) and "expired" not in format_report(rows, DAY)
+
+
+def test_a_cluster_clients_time_reply_counts_by_its_earliest_master() -> None:
+    """A Cluster client answers ``TIME`` per node: the day's counters count as expired once
+    every master's clock has passed the expiry, so the earliest answer is the one taken."""
+    from metering.reconcile import _server_time
+
+    one = _server_time((1_700_000_000, 250_000))
+    assert one == dt.datetime(2023, 11, 14, 22, 13, 20, 250_000, tzinfo=dt.UTC)
+    per_node = {"10.0.0.1:7000": (1_700_000_005, 0), "10.0.0.2:7000": (1_700_000_000, 250_000)}
+    assert _server_time(per_node) == one
