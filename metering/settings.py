@@ -294,7 +294,8 @@ class Settings(BaseSettings):
         description=(
             "Seconds Kafka waits for a silent worker before giving its partitions to the others"
             " (Faust's broker_session_timeout and the sink consumer's session timeout); unset,"
-            " each keeps its client's default (Faust 60 s, the sink 10 s). After a crash, a"
+            " Faust keeps its 60 s and the sink takes 45 s (Kafka's consumer default since 3.0;"
+            " aiokafka's 10 s evicted a worker whose process stalled briefly). After a crash, a"
             " restarted or surviving worker resumes after about this long."
         ),
     )

@@ -439,7 +439,10 @@ async def run_sink() -> None:
         batch_within=settings.worker_batch_within,
         executor=_executor,
         on_batch_written=publish_aggregates,
-        session_timeout=settings.worker_session_timeout or 10.0,  # aiokafka's default
+        # Kafka's consumer default since 3.0 (KIP-735), not aiokafka's 10 s: an evicted sink
+        # hands its open ranges off late, and a batch it had in flight may land after the next
+        # owner read the partition (see streams/handoff.py and the README's "Scaling out").
+        session_timeout=settings.worker_session_timeout or 45.0,
         instance_id=f"{settings.worker_instance_id}.sink" if settings.worker_instance_id else None,
         on_assigned=_recover,
         on_revoked=_revoked,
