@@ -32,7 +32,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -55,6 +58,7 @@ from streams.handoff import (
     fold_legacy_into,
     is_handoff_message,
     plan_recovery,
+    record_claimed,
     tenant_of,
     usage,
     window_key,
@@ -276,12 +280,33 @@ async def _send(handoffs: list[Handoff]) -> None:
     await asyncio.gather(*futures)
 
 
-async def _record(ranges: list[tuple[int, int, int]]) -> None:
+#: this process's name in ``aggregate_claims`` (a claim is made per assignment, numbered)
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def _record(ranges: list[tuple[int, int, int]]) -> set[int]:
+    """Record the ranges of the partitions this worker still holds the claim of; the others
+    (claimed by another worker since: this one was evicted from the group) are lost to it."""
     loop = asyncio.get_running_loop()
     storage = _state["storage"]
-    await loop.run_in_executor(
-        _executor, storage.record_handoffs, settings.usage_events_topic, ranges
+    lost: set[int] = await loop.run_in_executor(
+        _executor,
+        record_claimed,
+        storage,
+        settings.usage_events_topic,
+        ranges,
+        dict(ledger.claims),
     )
+    if lost:
+        metrics.handoff_fenced.inc(len(lost))
+        log.warning(
+            "hand-off: partitions %s of %s were claimed by another worker since this one"
+            " recovered them (it was evicted from the group: a stall past"
+            " WORKER_SESSION_TIMEOUT?); their rows are left to that worker",
+            sorted(lost),
+            settings.usage_events_topic,
+        )
+    return lost
 
 
 async def hand_off(partitions: set[int] | None = None) -> int:
@@ -299,7 +324,7 @@ async def _recover(resume: dict[int, int]) -> None:
     loop = asyncio.get_running_loop()
     async with _handoff_lock:
         plans = await loop.run_in_executor(
-            _executor, plan_recovery, _state["storage"], settings.usage_events_topic, resume
+            _executor, plan_recovery, _state["storage"], settings.usage_events_topic, resume, OWNER
         )
         ledger.recover(plans)
     _warn_if_split()

@@ -27,10 +27,17 @@ insert, so a worker killed in between would lose them from the tables, and a rep
   ``usage_events`` (rows carry their source offsets; the same rows give the same sums), and
   hands off ``[that end, resume offset)``, the rows inserted there which no flush has covered,
   as a range of its own before the rows it inserts itself. On a revoke the current owner
-  flushes the partition's range first. A previous owner that lost the partition to an
-  eviction (stalled past its session timeout) instead hands off, when it wakes, the very
-  range the new owner recovered, with the same bounds and sums: the copy that comes second is
-  dropped by the marks.
+  flushes the partition's range first.
+- **Claims: a previous owner still running.** A worker evicted from the sink's group (stalled
+  past its session timeout) does not know it until it wakes, and its open ranges then need not
+  match what the new owner recovered (a batch it was writing when it stalled is read again by
+  the new owner; a range it had recovered itself is kept apart from its newer rows); applied,
+  both owners' copies counted. So each recovery first claims its partitions in ClickHouse's
+  ``aggregate_claims`` (the next claim number, and the worker's name), and a flush records a
+  partition's ranges only while its claim is still the latest (:func:`record_claimed`); a
+  superseded worker drops them (:meth:`HandoffLedger.lose`) and the new owner, which recovered
+  those rows, hands them off. The check and the record are two ClickHouse calls: a claim made
+  between them is not seen (a stall of those few milliseconds).
 
 Messages of the earlier format (one per tenant, meter and minute, no range) are still folded in,
 without marks, under the same per-meter keys.
@@ -50,7 +57,15 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard
 
@@ -260,6 +275,10 @@ class PartitionRange:
 
 class HandoffStorage(Protocol):
     def record_handoffs(self, topic: str, ranges: Iterable[tuple[int, int, int]]) -> None: ...
+    def claims(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, str]]: ...
+    def claim_partitions(
+        self, topic: str, partitions: Iterable[int], owner: str
+    ) -> dict[int, tuple[int, str]]: ...
     def last_handoffs(
         self, topic: str, partitions: Iterable[int]
     ) -> dict[int, tuple[int, int]]: ...
@@ -275,6 +294,7 @@ class Recovery:
     partition: int
     resend: PartitionRange | None  # the last recorded range, maybe sent in part
     open: PartitionRange  # inserted rows no flush has covered, and where the next range starts
+    claim: tuple[int, str] | None = None  # (claim number, owner), when the partition was claimed
 
 
 def _sums(rows: Iterable[tuple[str, str, int, float]]) -> Sums:
@@ -285,18 +305,26 @@ def _sums(rows: Iterable[tuple[str, str, int, float]]) -> Sums:
     return out
 
 
-def plan_recovery(storage: HandoffStorage, topic: str, resume: Mapping[int, int]) -> list[Recovery]:
+def plan_recovery(
+    storage: HandoffStorage, topic: str, resume: Mapping[int, int], owner: str | None = None
+) -> list[Recovery]:
     """For each assigned partition (``resume``: partition -> the sink's resume offset), read its
     last recorded range and the rows after it from ClickHouse. Blocking: run in the ClickHouse
-    thread, under the hand-off lock (no flush may record a range meanwhile)."""
+    thread, under the hand-off lock (no flush may record a range meanwhile).
+
+    With an ``owner``, the partitions are claimed for it first (:func:`record_claimed`): from
+    then on, a previous owner still running (evicted from the group, not yet aware of it)
+    records no more ranges of them, so the last recorded range read next is final."""
+    claimed = storage.claim_partitions(topic, resume, owner) if owner is not None else {}
     last = storage.last_handoffs(topic, resume)
     plans = []
     for p, resume_at in sorted(resume.items()):
+        claim = claimed.get(p)
         if p not in last:
             # Nothing handed off from this partition yet: every row inserted from it is open.
             # (Migration 004 recorded where the earlier hand-off, without ranges, had got to.)
             rows = storage.billable_sums(topic, p, 0, resume_at) if resume_at > 0 else []
-            plans.append(Recovery(p, None, PartitionRange(p, 0, resume_at, _sums(rows))))
+            plans.append(Recovery(p, None, PartitionRange(p, 0, resume_at, _sums(rows)), claim))
             continue
         start, end = last[p]
         resend = PartitionRange(p, start, end, _sums(storage.billable_sums(topic, p, start, end)))
@@ -305,8 +333,33 @@ def plan_recovery(storage: HandoffStorage, topic: str, resume: Mapping[int, int]
             opened = PartitionRange(p, end, resume_at, _sums(rows))
         else:
             opened = PartitionRange(p, end, end)
-        plans.append(Recovery(p, resend, opened))
+        plans.append(Recovery(p, resend, opened, claim))
     return plans
+
+
+def record_claimed(
+    storage: HandoffStorage,
+    topic: str,
+    ranges: Iterable[tuple[int, int, int]],
+    claims: Mapping[int, tuple[int, str]],
+) -> set[int]:
+    """Record the (partition, start, end) ranges whose partition is still claimed as in
+    ``claims`` (the claims this worker made when it recovered them); return the partitions
+    claimed since by another owner, whose ranges are not recorded. Blocking.
+
+    A worker evicted from the sink's group (a process stalled past its session timeout) does
+    not know it until it wakes, and its open ranges then have other bounds than those the new
+    owner recovered: its batch in flight was read again by the new owner, or it held a
+    recovered range apart from its newer rows. Sent, both owners' ranges were applied. The
+    check and the insert are two ClickHouse calls: a claim landing between them is not seen."""
+    ranges = list(ranges)
+    parts = {p for p, _, _ in ranges}
+    current = storage.claims(topic, parts) if parts else {}
+    lost = {p for p in parts if p in claims and current.get(p, claims[p]) != claims[p]}
+    kept = [r for r in ranges if r[0] not in lost]
+    if kept:
+        storage.record_handoffs(topic, kept)
+    return lost
 
 
 class HandoffLedger:
@@ -323,6 +376,10 @@ class HandoffLedger:
         self._closed: dict[int, list[PartitionRange]] = {}
         #: recorded in ``aggregate_handoffs`` and not yet acknowledged: resent before any newer
         self.unsent: list[PartitionRange] = []
+        #: the claim each partition was recovered under (:func:`record_claimed`)
+        self.claims: dict[int, tuple[int, str]] = {}
+        #: claimed by another owner since: nothing more of them is handed off from here
+        self._lost: set[int] = set()
 
     def recover(self, plans: Iterable[Recovery]) -> None:
         """Take a newly assigned partition's :class:`Recovery`. The rows after its last recorded
@@ -334,6 +391,11 @@ class HandoffLedger:
         range, the two copies differed and both were applied."""
         for plan in plans:
             p = plan.partition
+            self._lost.discard(p)
+            if plan.claim is not None:
+                self.claims[p] = plan.claim
+            else:
+                self.claims.pop(p, None)
             # The partition's unsent ranges end at or before its last recorded one: resending
             # that one (recomputed) covers them.
             self.unsent = [r for r in self.unsent if r.partition != p]
@@ -352,14 +414,17 @@ class HandoffLedger:
         open ranges and move their ends past the batch. The rows a cut batch had stored at
         these offsets (``batch.stored``, read again after a crash) count too: a range's sums
         are those of every row stored at its offsets, as :func:`plan_recovery` reads them."""
+        lost = self._lost
         for p, nxt in batch.next_offsets.items():
+            if p in lost:
+                continue  # its new owner hands these rows off (it reads them from ClickHouse)
             rng = self._open[p]  # opened by recover(): the consumer positions before it processes
             rng.end = max(rng.end, nxt)
         inserted = ((rec, ev, ms) for (rec, ev), ms in zip(batch.events, batch.millis, strict=True))
         current, sums = -1, None
         for rec, ev, ms in itertools.chain(inserted, batch.stored):
             d = ev.data
-            if d.decision == "rejected":
+            if d.decision == "rejected" or (lost and rec.partition in lost):
                 continue
             if rec.partition != current:
                 current = rec.partition
@@ -412,6 +477,19 @@ class HandoffLedger:
         for p in partitions:
             self._open.pop(p, None)
             self._closed.pop(p, None)
+            self.claims.pop(p, None)
+            self._lost.discard(p)
+
+    def lose(self, partitions: Iterable[int]) -> None:
+        """Partitions another owner claimed since this one recovered them: drop their ranges
+        (the new owner recovered those rows from ClickHouse, and resends the last recorded
+        range) and hand nothing more of them off until they are recovered here again."""
+        lost = set(partitions)
+        for p in lost:
+            self._open.pop(p, None)
+            self._closed.pop(p, None)
+        self.unsent = [r for r in self.unsent if r.partition not in lost]
+        self._lost |= lost
 
 
 def messages(topic: str, ranges: Iterable[PartitionRange]) -> Iterator[Handoff]:
@@ -419,7 +497,9 @@ def messages(topic: str, ranges: Iterable[PartitionRange]) -> Iterator[Handoff]:
         yield from rng.handoffs(topic)
 
 
-RecordRanges = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
+#: records (partition, start, end) ranges; returns the partitions it refused (claimed by
+#: another owner, see :func:`record_claimed`), or None when it recorded them all
+RecordRanges = Callable[[list[tuple[int, int, int]]], Awaitable[Collection[int] | None]]
 SendHandoffs = Callable[[list[Handoff]], Awaitable[None]]
 
 
@@ -455,10 +535,13 @@ async def flush(
     sent = await _send_unsent(ledger, send)  # all of them first: the marks compare ends
     while taken := ledger.take(partitions):
         try:
-            await record([(r.partition, r.start, r.end) for r in taken])
+            lost = await record([(r.partition, r.start, r.end) for r in taken])
         except BaseException:
             ledger.untake(taken)
             raise
+        if lost:
+            ledger.lose(lost)
+            taken = [r for r in taken if r.partition not in lost]
         ledger.unsent.extend(taken)  # recorded: from here on only ever resent whole
         sent += await _send_unsent(ledger, send)
         if not any(r.fixed for r in taken):
@@ -554,6 +637,7 @@ __all__ = [
     "is_handoff_message",
     "messages",
     "plan_recovery",
+    "record_claimed",
     "source_of",
     "tenant_of",
     "usage",

@@ -84,6 +84,11 @@ handoff_messages = Counter(
 handoff_failures = Counter(
     "streams_handoff_failures", "Hand-off flushes that failed (their ranges are sent again)."
 )
+handoff_fenced = Counter(
+    "streams_handoff_fenced",
+    "Partitions whose hand-off ranges this worker dropped because another worker had claimed"
+    " them since (this one was evicted from the sink's group); the other hands those rows off.",
+)
 handoffs_malformed = Counter(
     "streams_handoffs_malformed", "accepted_usage messages the aggregate agent could not read."
 )

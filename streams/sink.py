@@ -428,6 +428,35 @@ class ClickHouseStorage:
                 column_names=["topic", "partition", "start_offset", "end_offset"],
             )
 
+    def claims(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, str]]:
+        """Each partition's latest hand-off claim: (claim number, owner)."""
+        parts = sorted({int(p) for p in partitions})
+        if not parts:
+            return {}
+        result = self.client.query(
+            f"SELECT partition, max(claim), argMax(owner, claim)"  # noqa: S608
+            f" FROM {self.database}.aggregate_claims"
+            f" WHERE topic = {{t:String}} AND partition IN {{ps:Array(Int32)}} GROUP BY partition",
+            parameters={"t": topic, "ps": parts},
+        )
+        return {int(p): (int(n), str(o)) for p, n, o in result.result_rows}
+
+    def claim_partitions(
+        self, topic: str, partitions: Iterable[int], owner: str
+    ) -> dict[int, tuple[int, str]]:
+        """Claim ``partitions`` for ``owner``, each with the number after its latest claim."""
+        current = self.claims(topic, partitions)
+        claimed = {
+            int(p): (current.get(int(p), (0, ""))[0] + 1, owner) for p in sorted(set(partitions))
+        }
+        if claimed:
+            self.client.insert(
+                f"{self.database}.aggregate_claims",
+                [[topic, p, n, o] for p, (n, o) in claimed.items()],
+                column_names=["topic", "partition", "claim", "owner"],
+            )
+        return claimed
+
     def last_handoffs(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
         """Each partition's last recorded range (the one with the greatest end)."""
         parts = sorted({int(p) for p in partitions})

@@ -29,7 +29,7 @@ def test_migrate_applies_every_version_once_and_again_changes_nothing(
     }
     assert {
         "usage_events", "usage_minute", "usage_hour", "usage_day", "usage_minute_by_time",
-        "sink_progress", "aggregate_handoffs", "schema_migrations",
+        "sink_progress", "aggregate_handoffs", "aggregate_claims", "schema_migrations",
     } <= tables  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import datetime as dt
 
 from metering.clickhouse.schema import migrate
 from metering.events import decision_event, encode_event, usage_event
-from streams.handoff import HandoffLedger, plan_recovery
+from streams.handoff import HandoffLedger, plan_recovery, record_claimed
 from streams.sink import ClickHouseSink, ClickHouseStorage, Record
 
 TOPIC = "usage.events"
@@ -82,3 +82,27 @@ def test_migration_004_counts_rows_stored_before_it_as_handed_off(clickhouse_cli
     plans = plan_recovery(storage, TOPIC, {0: 12, 1: 0, 3: 43})
     assert all(p.resend is None or not p.resend.sums for p in plans)
     assert all(not p.open.sums for p in plans)
+
+
+def test_claims_fence_a_previous_owners_ranges(clickhouse_client, clickhouse_db):  # type: ignore[no-untyped-def]
+    """Each assignment claims its partitions with the next number (migration 006); a worker
+    whose claim was superseded (evicted, then woken) records no range of them."""
+    migrate(clickhouse_client, clickhouse_db)
+    sink = sink_on(clickhouse_client, clickhouse_db)
+    storage = sink.storage
+    assert isinstance(storage, ClickHouseStorage)
+    sink.write(sink.prepare(records(0, 0, 20)))
+    (z,) = plan_recovery(storage, TOPIC, {0: 0}, "worker-z")
+    assert z.claim == (1, "worker-z")
+    zs = {0: z.claim}
+    assert record_claimed(storage, TOPIC, [(0, 0, 8)], zs) == set()
+    b, _ = plan_recovery(storage, TOPIC, {0: 20, 1: 0}, "worker-b")
+    assert b.claim == (2, "worker-b")
+    assert storage.claims(TOPIC, [0, 1, 2]) == {0: (2, "worker-b"), 1: (1, "worker-b")}
+    # b read z's last range as final: z can record no more of partition 0, b can.
+    assert b.resend is not None and (b.resend.start, b.resend.end) == (0, 8)
+    assert record_claimed(storage, TOPIC, [(0, 8, 20)], zs) == {0}
+    assert storage.last_handoffs(TOPIC, [0]) == {0: (0, 8)}
+    assert record_claimed(storage, TOPIC, [(0, 8, 20)], {0: b.claim}) == set()
+    assert storage.last_handoffs(TOPIC, [0]) == {0: (8, 20)}
+    assert storage.claims("other.topic", [0]) == {}
