@@ -113,6 +113,8 @@ def operations() -> dict[str, Any]:
             prom("sum(rate(streams_handoff_failures_total[1m]))", "failed hand-offs/s", "C"),
             prom("sum(increase(streams_handoff_fenced_total[5m]))",
                  "partitions fenced (evicted worker), 5 min", "D"),
+            prom("sum(increase(streams_changelog_superseded_total[5m]))",
+                 "late changelog records skipped, 5 min", "E"),
         ], 0, 32),
         _panel(10, "Seconds since the sink last wrote", "timeseries", [
             prom("time() - max by (instance) (streams_sink_last_write_timestamp_seconds)",

@@ -16,7 +16,9 @@
   of a partition resends its last recorded range and hands off the rows after it, from
   ClickHouse.
 - Tables use the in-memory store backed by their changelog topics: after a restart or a rebalance
-  Faust replays the changelog into memory before the agent resumes (no RocksDB needed).
+  Faust replays the changelog into memory before the agent resumes (no RocksDB needed); a
+  record older than the value already recovered (by the values' marks: an evicted worker's
+  late writes) is skipped (:mod:`streams.stores`).
 - ``sweep`` timer: every ``SWEEP_INTERVAL`` s deletes, with a changelog tombstone, the daily
   values of closed days (older than ``EVENT_MAX_LATENESS`` plus a day) and the windows ended
   more than ``WINDOW_EXPIRES`` ago, also those the changelog brought back after a restart; the
@@ -64,6 +66,7 @@ from streams.handoff import (
     window_key,
 )
 from streams.sink import ClickHouseSink, ClickHouseStorage, PreparedBatch
+from streams.stores import STORE_URL
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,8 @@ def _broker_urls(bootstrap: str) -> list[str]:
 app = faust.App(
     settings.worker_group,
     broker=_broker_urls(settings.kafka_bootstrap_servers),
-    store="memory://",
+    # Faust's in-memory store, recovering each key by its marks (streams/stores.py)
+    store=STORE_URL,
     value_serializer="raw",
     topic_partitions=settings.usage_events_partitions,
     web_enabled=False,

@@ -241,6 +241,24 @@ def fold(old: Any, source: str, end: int, quantity: float) -> dict[str, Any] | N
     return {"q": q + quantity, "m": marks}
 
 
+def superseded(value: Any, current: Any) -> bool:
+    """Whether table value ``value`` is older than ``current``: both carry marks, none of
+    ``value``'s is past ``current``'s, and one is behind. Every write of a key moves one of its
+    marks forward (:func:`fold`), so a changelog record with such a value was written before
+    ``current``'s and landed after it: a worker evicted from the agent's group (stalled past its
+    session timeout) flushes the table writes it had buffered when it wakes, after the new
+    owner's. Recovery keeps ``current`` (:class:`streams.stores.MarkedMemoryStore`)."""
+    if not (isinstance(value, Mapping) and isinstance(current, Mapping)):
+        return False
+    marks, held = value.get("m"), current.get("m")
+    if not (isinstance(marks, Mapping) and isinstance(held, Mapping)) or marks == held:
+        return False
+    return all(
+        isinstance(end, int) and isinstance(held.get(source), int) and end <= held[source]
+        for source, end in marks.items()
+    )
+
+
 def add_legacy(old: Any, quantity: float) -> dict[str, Any]:
     """Add an old-format message's quantity (no range, so no mark)."""
     marks = dict(old.get("m") or {}) if isinstance(old, Mapping) else {}
@@ -639,6 +657,7 @@ __all__ = [
     "plan_recovery",
     "record_claimed",
     "source_of",
+    "superseded",
     "tenant_of",
     "usage",
     "window_key",

@@ -89,6 +89,11 @@ handoff_fenced = Counter(
     "Partitions whose hand-off ranges this worker dropped because another worker had claimed"
     " them since (this one was evicted from the sink's group); the other hands those rows off.",
 )
+changelog_superseded = Counter(
+    "streams_changelog_superseded",
+    "Table changelog records skipped at recovery because the value already recovered was newer"
+    " (written late by a worker evicted from the group).",
+)
 handoffs_malformed = Counter(
     "streams_handoffs_malformed", "accepted_usage messages the aggregate agent could not read."
 )
