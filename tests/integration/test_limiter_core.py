@@ -423,19 +423,38 @@ def test_the_script_reads_the_day_from_the_key_as_the_calendar_does(
 async def test_window_retry_after_waits_for_just_enough_old_entries(
     make: Callable[..., Driver], tenant: str
 ) -> None:
+    """Each call is bracketed by readings of the server's clock, the one the script stamps the
+    entries with, so each wait is checked against when its entry was made and when it was
+    asked, however long the calls took."""
     d = make()
     q = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6, window_limit=40, window_seconds=30)
-    first = await d.acquire(tenant, 2, q)
+
+    async def timed(cost: int) -> tuple[float, Any, float]:
+        """(server time before, the decision, server time after)."""
+        before = server_time(d.raw, window_log_key(tenant))
+        decision = await d.acquire(tenant, cost, q)
+        return before, decision, server_time(d.raw, window_log_key(tenant))
+
+    def assert_waits_for(made: tuple[float, Any, float], asked: tuple[float, Any, float]) -> None:
+        """``asked`` waits until the entry ``made`` leaves the window, 30 s after it (rounded up
+        to a millisecond by the script; 10 us for the float sums)."""
+        low = made[0] + 30 - asked[2] - 1e-5
+        high = made[2] + 30 - asked[0] + 0.001 + 1e-5
+        assert low <= asked[1].retry_after <= high, (low, asked[1].retry_after, high)
+
+    first = await timed(2)
     await asyncio.sleep(0.6)
-    for _ in range(38):
+    second = await timed(1)
+    for _ in range(37):
         assert (await d.acquire(tenant, 1, q)).allowed
-    # Full (40). A cost of 2 needs the 2 units of the oldest entry to leave: ~30 s after it.
-    rejected = await d.acquire(tenant, 2, q)
-    assert first.allowed and (rejected.reason, rejected.window_remaining) == ("window", 0)
-    assert 25.0 < rejected.retry_after < 30.0
-    # A cost of 3 also needs the next one, at least 0.6 s younger.
-    later = await d.acquire(tenant, 3, q)
-    assert later.retry_after - rejected.retry_after > 0.3
+    assert first[1].allowed and second[1].allowed
+    # Full (40). A cost of 2 needs the 2 units of the oldest entry to leave: 30 s after it.
+    rejected = await timed(2)
+    assert (rejected[1].reason, rejected[1].window_remaining) == ("window", 0)
+    assert_waits_for(first, rejected)
+    # A cost of 3 also needs the next one, made at least 0.6 s later: 30 s after that one.
+    later = await timed(3)
+    assert_waits_for(second, later)
     too_big = await d.acquire(tenant, 41, q)
     assert (too_big.allowed, too_big.reason) == (False, "cost_exceeds_window")
 

@@ -61,6 +61,18 @@ def store(quota_db_url: str) -> Iterator[QuotaStore]:
     s.close()
 
 
+def wait_until_subscribed(servers: list[redis.Redis], name: str) -> None:
+    """Until the client named ``name`` has subscribed on one of ``servers``: a change published
+    before is lost to it, and a started listener may not have (``start`` returns after 2 s
+    without, and its SUBSCRIBE may still be on its way to the server)."""
+    deadline = time.monotonic() + 10
+    while not any(
+        c["name"] == name and int(c["sub"]) > 0 for server in servers for c in server.client_list()
+    ):
+        assert time.monotonic() < deadline, f"{name} did not subscribe within 10 s"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def cleanup(r: redis.Redis) -> Iterator[list[str]]:
     tenants: list[str] = []
@@ -177,16 +189,21 @@ async def test_a_db_row_the_limiter_cannot_use_is_a_failed_source_and_never_cach
 
 
 def test_a_change_replaces_the_redis_entry_and_reaches_listening_caches(
-    store: QuotaStore, r: redis.Redis, tenant: str, cleanup: list[str]
+    store: QuotaStore, redis_url: str, r: redis.Redis, tenant: str, cleanup: list[str]
 ) -> None:
     cleanup.append(tenant)
+    name = f"quota-listener-{tenant}"
     admin = QuotaAdmin(store, r, redis_ttl=30)
     admin.set_quota(tenant, plan="free")
-    cache = QuotaCache(store, r, local_ttl=3600).start()  # only an invalidation can change it
+    listener = redis.Redis.from_url(redis_url, client_name=name)
+    cache = QuotaCache(store, listener, local_ttl=3600).start()  # only an invalidation changes it
     try:
         assert cache.get(tenant).burst == 10
-        pubsub = r.pubsub(ignore_subscribe_messages=True)
+        wait_until_subscribed([r], name)
+        pubsub = r.pubsub()
         pubsub.subscribe(INVALIDATION_CHANNEL)
+        confirmed = pubsub.get_message(timeout=10)  # sent once the server has subscribed it
+        assert confirmed and confirmed["type"] == "subscribe", confirmed
         record = admin.set_quota(tenant, burst=77)
         assert admin.last_published
         assert json.loads(r.get(quota_cache_key(tenant)))["burst"] == 77  # replaced, not deleted
@@ -196,7 +213,7 @@ def test_a_change_replaces_the_redis_entry_and_reaches_listening_caches(
             time.sleep(0.001)
         published = []  # what every other process received
         while not published:
-            message = pubsub.get_message(timeout=1)  # None for the subscribe confirmation
+            message = pubsub.get_message(timeout=1)
             assert time.monotonic() < deadline, "no invalidation was published"
             if message and json.loads(message["data"])["tenant"] == tenant:
                 published.append(json.loads(message["data"]))
@@ -211,6 +228,7 @@ def test_a_change_replaces_the_redis_entry_and_reaches_listening_caches(
             time.sleep(0.001)
     finally:
         cache.close()
+        listener.close()
 
 
 CHILD = textwrap.dedent(
@@ -219,8 +237,9 @@ CHILD = textwrap.dedent(
     from limiter.quotas import QuotaCache
     from metering.quota_db import QuotaStore
 
-    db_url, redis_url, tenant = sys.argv[1:4]
-    cache = QuotaCache(QuotaStore(db_url), redis.Redis.from_url(redis_url), local_ttl=3600)
+    db_url, redis_url, tenant, name = sys.argv[1:5]
+    client = redis.Redis.from_url(redis_url, client_name=name)
+    cache = QuotaCache(QuotaStore(db_url), client, local_ttl=3600)
     published = []  # the bursts of the changes to this tenant the listener applied
     apply_change = cache.apply_change
 
@@ -246,16 +265,19 @@ def test_a_change_in_one_process_is_applied_by_another_within_one_second(
     quota_db_url: str, store: QuotaStore, redis_url: str, tenant: str, cleanup: list[str]
 ) -> None:
     cleanup.append(tenant)
-    admin = QuotaAdmin(store, redis.Redis.from_url(redis_url))
+    name = f"quota-listener-{tenant}"
+    r = redis.Redis.from_url(redis_url)
+    admin = QuotaAdmin(store, r)
     admin.set_quota(tenant, plan="pro")
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, quota_db_url, redis_url, tenant],
+        [sys.executable, "-c", CHILD, quota_db_url, redis_url, tenant, name],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert child.stdout is not None
         assert child.stdout.readline().split() == ["ready", "100"]
+        wait_until_subscribed([r], name)
         admin.set_quota(tenant, burst=123)
         # The mechanism of the one second, not a stopwatch across processes: the other process
         # holds the quota locally for an hour, so it can only have the change from the
@@ -264,6 +286,7 @@ def test_a_change_in_one_process_is_applied_by_another_within_one_second(
         assert child.stdout.readline().split() == ["seen", "123", "123"]
     finally:
         child.wait(timeout=15)
+        r.close()
     assert child.returncode == 0
 
 
@@ -278,6 +301,7 @@ def test_a_change_published_while_the_listener_was_disconnected_is_picked_up_on_
     ).start()
     try:
         assert cache.get(tenant).burst == 10
+        wait_until_subscribed([r], name)
         listener = [c for c in r.client_list() if c["name"] == name and "P" in c["flags"]]
         assert len(listener) == 1
         r.client_kill_filter(_id=listener[0]["id"])  # only this test's subscription
@@ -298,10 +322,15 @@ async def test_the_async_path_reads_redis_and_applies_published_changes(
     import redis.asyncio as aioredis
 
     cleanup.append(tenant)
-    ar = aioredis.Redis.from_url(redis_url)
+    name = f"quota-listener-{tenant}"
+    ar = aioredis.Redis.from_url(redis_url, client_name=name)
     cache = await QuotaCache(store, aredis=ar, local_ttl=3600).astart()
     admin = QuotaAdmin(store, aredis=ar)
     try:
+        deadline = time.monotonic() + 10  # the listener is a task of this loop: await, not block
+        while not any(c["name"] == name and int(c["sub"]) > 0 for c in await ar.client_list()):
+            assert time.monotonic() < deadline, f"{name} did not subscribe within 10 s"
+            await asyncio.sleep(0.01)
         await admin.aset_quota(tenant, plan="pro")
         before = counts()
         assert (await cache.aget(tenant)).burst == 100
@@ -326,13 +355,17 @@ def test_on_redis_cluster_a_change_is_cached_published_and_applied(
         ClusterNode(h, int(p))
         for h, p in (n.rsplit(":", 1) for n in redis_cluster_nodes.split(","))
     ]
-    writer, reader = RedisCluster(startup_nodes=nodes), RedisCluster(startup_nodes=nodes)
+    name = f"quota-listener-{tenant}"
+    writer = RedisCluster(startup_nodes=nodes)
+    reader = RedisCluster(startup_nodes=nodes, client_name=name)
+    members = [redis.Redis(host=n.host, port=n.port) for n in nodes]
     admin = QuotaAdmin(store, writer)
     cache = QuotaCache(store, reader, local_ttl=3600)
     try:
         admin.set_quota(tenant, plan="pro")
         assert admin.last_published
         cache.start()
+        wait_until_subscribed(members, name)  # on whichever node its connection went to
         before = counts()
         assert cache.get(tenant).burst == 100
         assert delta(before) == {"misses.local": 1, "hits.redis": 1}
@@ -346,3 +379,5 @@ def test_on_redis_cluster_a_change_is_cached_published_and_applied(
         writer.delete(quota_cache_key(tenant))
         writer.close()
         reader.close()
+        for member in members:
+            member.close()

@@ -143,7 +143,7 @@ def test_an_unreachable_cluster_is_unavailable_and_a_cluster_usage_error_is_not(
 def test_a_fail_open_decision_never_says_more_remain_than_its_limit(ceiling: float) -> None:
     """Without Redis the local ceiling decides; its tokens (up to ``ceiling``) are reported
     against the tenant's burst, so they are capped at it: never 99 left of a limit of 10."""
-    policy = FailurePolicy("open", local_limiter=LocalLimiter(ceiling))
+    policy = FailurePolicy("open", local_limiter=LocalLimiter(ceiling, clock=Clock()))
     quota = Quota(rate_per_sec=5.0, burst=10, daily_limit=1000)
     decisions = [policy.decide("acme", 1, quota, 20_000) for _ in range(4)]
     assert all(d.degraded and d.limit == 10 for d in decisions)
@@ -194,7 +194,8 @@ def tenants_on(master: str, count: int) -> list[str]:
 
 
 def test_each_master_of_a_cluster_has_a_breaker_and_a_tenant_uses_its_masters() -> None:
-    default = CircuitBreaker(failure_threshold=2, reset_after=5.0)
+    clock = Clock()
+    default = CircuitBreaker(failure_threshold=2, reset_after=5.0, clock=clock)
     masters = MasterBreakers(SlotMap(), default)
     (a1, a2), (b1,) = tenants_on("a:1", 2), tenants_on("b:2", 1)
     policy = FailurePolicy("closed", breaker=default)
@@ -209,7 +210,10 @@ def test_each_master_of_a_cluster_has_a_breaker_and_a_tenant_uses_its_masters() 
     assert (policy.breaker_of(b1).state, default.state) == ("closed", "closed")
     refused = policy.decide(a2, 1, Quota(1.0, 1, 10), 20_000, breaker=policy.breaker_of(a2))
     assert refused.degraded and not refused.allowed
-    assert 4.9 < refused.retry_after <= 5.0  # until the next probe of a:1's breaker
+    assert refused.retry_after == 5.0  # until the next probe of a:1's breaker (on its clock)
+    clock.now += 1.5
+    later = policy.decide(a1, 1, Quota(1.0, 1, 10), 20_000, breaker=policy.breaker_of(a1))
+    assert later.retry_after == 3.5
 
 
 def test_a_key_with_no_master_yet_uses_the_clusters_own_breaker() -> None:
