@@ -2,7 +2,8 @@
 values, across crashes at each step of a flush and replays of ``accepted_usage``.
 
 The simulation drives the real sink (``ClickHouseSink`` over a recorded storage), the real
-ledger, ``flush``, ``plan_recovery`` and ``fold_into``; only Kafka and ClickHouse are modelled
+ledger, ``flush``, ``plan_recovery`` (each life claiming the partitions), ``record_claimed`` and
+``fold_into``; only Kafka and ClickHouse are modelled
 (the worker's SIGKILL test in ``tests/integration/test_streams_worker.py`` runs the real ones).
 """
 
@@ -191,6 +192,7 @@ def run(seed: int) -> tuple[Storage, Tables]:
     source = source_events(rng, per_partition=rng.randint(20, 60))
     storage = Storage()
     tables = Tables()
+    lives: list[str] = []
 
     async def life(last: bool) -> bool:
         """One process: recover, then batches and flushes until a crash (or, if ``last``,
@@ -201,19 +203,22 @@ def run(seed: int) -> tuple[Storage, Tables]:
         stored = sink.on_assigned(PARTITIONS)
         resume = {p: stored.get(p, 0) for p in PARTITIONS}
         ledger = HandoffLedger(TOPIC)
-        ledger.recover(plan_recovery(storage, TOPIC, resume))
+        lives.append(f"life-{len(lives)}")  # each process claims the partitions anew
+        ledger.recover(plan_recovery(storage, TOPIC, resume, lives[-1]))
         pos = dict(resume)
         crash_at = None if last else rng.randint(1, 12)
         step = 0
 
-        async def record(ranges: list[tuple[int, int, int]]) -> None:
+        async def record(ranges: list[tuple[int, int, int]]) -> set[int]:
             if mode == "before_record":
                 raise Crash
             if fail == "record":
                 raise Unavailable
-            storage.record_handoffs(TOPIC, ranges)
+            lost = record_claimed(storage, TOPIC, ranges, ledger.claims)
+            assert not lost  # one process at a time: its claims stay the latest
             if mode == "after_record":
                 raise Crash
+            return lost
 
         async def send(handoffs: list[Handoff]) -> None:
             if (mode == "mid_send" or fail == "send") and handoffs:
