@@ -390,8 +390,8 @@ class HandoffLedger:
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self._open: dict[int, PartitionRange] = {}
-        #: closed and not yet recorded, before the open range of their partition (recovered)
-        self._closed: dict[int, list[PartitionRange]] = {}
+        #: a partition's recovered range, closed and not yet recorded: taken before its open one
+        self._closed: dict[int, PartitionRange] = {}
         #: recorded in ``aggregate_handoffs`` and not yet acknowledged: resent before any newer
         self.unsent: list[PartitionRange] = []
         #: the claim each partition was recovered under (:func:`record_claimed`)
@@ -421,7 +421,7 @@ class HandoffLedger:
                 self.unsent.append(plan.resend)
             if plan.open.sums:
                 rng = plan.open
-                self._closed[p] = [PartitionRange(p, rng.start, rng.end, rng.sums, fixed=True)]
+                self._closed[p] = PartitionRange(p, rng.start, rng.end, rng.sums, fixed=True)
                 self._open[p] = PartitionRange(p, rng.end, rng.end)
             else:
                 self._closed.pop(p, None)
@@ -461,10 +461,8 @@ class HandoffLedger:
         parts = self._open.keys() if partitions is None else set(partitions) & self._open.keys()
         taken = []
         for p in sorted(parts):
-            if closed := self._closed.get(p):
-                taken.append(closed.pop(0))  # the open range waits for the next take
-                if not closed:
-                    del self._closed[p]
+            if (closed := self._closed.pop(p, None)) is not None:
+                taken.append(closed)  # the open range waits for the next take
                 continue
             rng = self._open[p]
             if rng.end > rng.start and rng.sums:
@@ -481,7 +479,7 @@ class HandoffLedger:
             if cur is None:
                 continue  # revoked meanwhile: the next owner recomputes it
             if rng.fixed:
-                self._closed.setdefault(rng.partition, []).append(rng)
+                self._closed[rng.partition] = rng
                 continue
             merged = dict(rng.sums)
             for k, q in cur.sums.items():
