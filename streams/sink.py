@@ -428,18 +428,26 @@ class ClickHouseStorage:
                 column_names=["topic", "partition", "start_offset", "end_offset"],
             )
 
-    def claims(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, str]]:
-        """Each partition's latest hand-off claim: (claim number, owner)."""
+    def _latest(
+        self, table: str, other: str, by: str, topic: str, partitions: Iterable[int]
+    ) -> list[tuple[int, Any, Any]]:
+        """Per partition of ``topic``: (partition, ``other`` of the row with the greatest
+        ``by``, that greatest ``by``), from ``table``. Names are this class's own constants."""
         parts = sorted({int(p) for p in partitions})
         if not parts:
-            return {}
+            return []
         result = self.client.query(
-            f"SELECT partition, max(claim), argMax(owner, claim)"  # noqa: S608
-            f" FROM {self.database}.aggregate_claims"
+            f"SELECT partition, argMax({other}, {by}), max({by})"  # noqa: S608
+            f" FROM {self.database}.{table}"
             f" WHERE topic = {{t:String}} AND partition IN {{ps:Array(Int32)}} GROUP BY partition",
             parameters={"t": topic, "ps": parts},
         )
-        return {int(p): (int(n), str(o)) for p, n, o in result.result_rows}
+        return [(int(p), a, b) for p, a, b in result.result_rows]
+
+    def claims(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, str]]:
+        """Each partition's latest hand-off claim: (claim number, owner)."""
+        rows = self._latest("aggregate_claims", "owner", "claim", topic, partitions)
+        return {p: (int(n), str(o)) for p, o, n in rows}
 
     def claim_partitions(
         self, topic: str, partitions: Iterable[int], owner: str
@@ -459,16 +467,8 @@ class ClickHouseStorage:
 
     def last_handoffs(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
         """Each partition's last recorded range (the one with the greatest end)."""
-        parts = sorted({int(p) for p in partitions})
-        if not parts:
-            return {}
-        result = self.client.query(
-            f"SELECT partition, argMax(start_offset, end_offset), max(end_offset)"  # noqa: S608
-            f" FROM {self.database}.aggregate_handoffs"
-            f" WHERE topic = {{t:String}} AND partition IN {{ps:Array(Int32)}} GROUP BY partition",
-            parameters={"t": topic, "ps": parts},
-        )
-        return {int(p): (int(a), int(b)) for p, a, b in result.result_rows}
+        rows = self._latest("aggregate_handoffs", "start_offset", "end_offset", topic, partitions)
+        return {p: (int(a), int(b)) for p, a, b in rows}
 
     def billable_sums(
         self, topic: str, partition: int, start: int, end: int
