@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from limiter.clock import epoch_day
+from limiter.clock import epoch_day, utc_from_ns
 from limiter.scripts import DAY_GRACE_SECONDS
 from metering.ids import is_valid_tenant_id
 
@@ -100,7 +100,7 @@ def _server_time(reply: Any) -> dt.datetime:
     earliest, so that a day's counters count as expired once every master's clock says so."""
     replies = list(reply.values()) if isinstance(reply, dict) else [reply]
     seconds, micros = min((int(s), int(u)) for s, u in replies)
-    return dt.datetime.fromtimestamp(seconds, dt.UTC) + dt.timedelta(microseconds=micros)
+    return utc_from_ns(seconds * 1_000_000_000 + micros * 1000)
 
 
 def redis_now(client: Any) -> dt.datetime:
