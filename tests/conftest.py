@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
+
+
+#: A test that would start this close before 00:00 UTC waits until the day has turned first.
+#: Daily quotas, the limiter's day counters and the events' days all roll over at midnight, so a
+#: test straddling it would see its counts split across two days. Longer tests that work out
+#: "today" after the fact date their events from one instant instead (``one_event_time``).
+MIDNIGHT_GUARD_SECONDS = 20.0
+
+
+def seconds_to_utc_midnight(now: float | None = None) -> float:
+    now = time.time() if now is None else now
+    return 86400.0 - now % 86400.0
+
+
+@pytest.fixture(autouse=True)
+def _not_across_midnight() -> None:
+    wait = seconds_to_utc_midnight()
+    if wait < MIDNIGHT_GUARD_SECONDS:
+        time.sleep(wait + 0.5)
 
 
 #: Where api_settings records the Kafka topics it made; imported by the API tests only.

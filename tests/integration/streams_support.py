@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 import uuid
+from collections.abc import Iterator
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -56,10 +58,31 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> 
         producer.close()
 
 
+#: The instant ``event_message`` dates events from while ``one_event_time`` holds one.
+_EVENT_TIME: list[dt.datetime] = []
+
+
+@contextlib.contextmanager
+def one_event_time() -> Iterator[dt.datetime]:
+    """Date every ``event_message`` of a test from one instant, taken now: a test that runs
+    across 00:00 UTC then still puts its events, and so its daily totals, in one day."""
+    _EVENT_TIME.append(dt.datetime.now(dt.UTC))
+    try:
+        yield _EVENT_TIME[-1]
+    finally:
+        _EVENT_TIME.pop()
+
+
+def event_day() -> dt.date:
+    """The UTC day of the events ``event_message`` makes now."""
+    return (_EVENT_TIME[-1] if _EVENT_TIME else dt.datetime.now(dt.UTC)).date()
+
+
 def event_message(
     tenant: str, quantity: float, *, id: str | None = None, age_seconds: float = 0
 ) -> tuple[bytes, bytes]:
-    t = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_seconds)
+    base = _EVENT_TIME[-1] if _EVENT_TIME else dt.datetime.now(dt.UTC)
+    t = base - dt.timedelta(seconds=age_seconds)
     ev = usage_event(tenant, "requests", quantity, time=t, id=id)
     return tenant.encode(), encode_event(ev)
 

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ from metering.quota_db import QuotaStore
 from streams.handoff import usage
 from tests.integration.streams_support import (
     committed_offsets,
+    event_day,
     event_message,
+    one_event_time,
     partition_of,
     produce,
     read_all,
@@ -113,6 +116,14 @@ class Worker:
             timeout=60,
         )
         return json.loads(out.stdout)
+
+
+@pytest.fixture(autouse=True)
+def _events_of_one_day() -> Iterator[None]:
+    """These tests run for minutes and work out "today" after their events are in: the events
+    carry one instant (``one_event_time``), so crossing 00:00 UTC cannot split their totals."""
+    with one_event_time():
+        yield
 
 
 @pytest.fixture
@@ -229,7 +240,7 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
     worker = make("w1").start()
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
     store = QuotaStore(f"sqlite:///{worker.data_dir / 'quota.db'}")
-    today = dt.datetime.now(dt.UTC).date()
+    today = event_day()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and store.daily_usage(other, today) == 0:
         time.sleep(0.5)  # the backfill timer runs every second
@@ -362,7 +373,7 @@ def test_a_graceful_stop_hands_the_last_sums_to_the_faust_tables(
     worker.stop()
     accepted = [json.loads(m.value) for m in read_all(kafka_bootstrap, f"{group}-accepted-usage")]
     assert sum(q for a in accepted if a["tenant"] == tenant for _, _, q in a["sums"]) == 150.0
-    today = dt.datetime.now(dt.UTC).date()
+    today = event_day()
     worker.start()  # the agent resumes after its committed offset: the last sums come in now
     wait_for_daily_total(
         kafka_bootstrap, group, f"{tenant}|requests|{today}", 150.0, timeout=90, workers=(worker,)
@@ -457,7 +468,7 @@ def test_the_sweep_deletes_recovered_closed_days_and_expired_windows(
 
     # What an earlier life left in the changelogs (the earlier key formats too).
     now = time.time()
-    today = dt.datetime.now(dt.UTC).date()
+    today = event_day()
     closed = today - dt.timedelta(days=3)  # LATENESS is an hour: closed for two days already
     kept = today - dt.timedelta(days=1)  # still open (the day's margin)
     start = (now - 7200) // 60 * 60
@@ -528,7 +539,7 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     worker.env = base_env
     worker.start()
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=120)
-    today = dt.datetime.now(dt.UTC).date()
+    today = event_day()
     wait_for_daily_total(
         kafka_bootstrap, group, f"{tenant}|requests|{today}", 6000.0, timeout=60, workers=(worker,)
     )
@@ -597,7 +608,7 @@ def test_a_second_worker_joining_mid_stream_keeps_totals_exact(
         )
     # The Faust tables too: the partitions b took over were handed off by a before they moved
     # and by b after, with nothing counted twice or left out.
-    today = dt.datetime.now(dt.UTC).date()
+    today = event_day()
     for t in tenants:
         wait_for_daily_total(
             kafka_bootstrap, group, f"{t}|requests|{today}", 1000.0, timeout=60, workers=(a, b)
@@ -634,7 +645,7 @@ def test_a_worker_restarted_with_its_instance_id_takes_its_partitions_back_at_on
     # Without the instance id the group would hold the dead member's partitions for 60 s.
     worker.wait_for_log("sink assigned", timeout=40, count=2)
     wait_until_committed(kafka_bootstrap, sink_group(group), topic, timeout=60)
-    today = dt.datetime.now(dt.UTC).date()
+    today = event_day()
     wait_for_daily_total(
         kafka_bootstrap, group, f"{tenant}|requests|{today}", 4000.0, timeout=60, workers=(worker,)
     )
