@@ -3,7 +3,9 @@ concurrent callers coalesced into pipelined round trips (:mod:`limiter.batching`
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -84,8 +86,22 @@ class AsyncRateLimiter:
         placed on a master yet (each master has its own: ``policy.breaker_of(tenant)``)."""
         return self.policy.breaker
 
-    async def acquire(self, tenant: str, cost: int = 1, quota: Quota | None = None) -> Decision:
-        """Decide whether ``tenant`` may spend ``cost`` units now, and if so spend them."""
+    async def acquire(
+        self,
+        tenant: str,
+        cost: int = 1,
+        quota: Quota | None = None,
+        *,
+        on_abandoned: Callable[[Decision], None] | None = None,
+    ) -> Decision:
+        """Decide whether ``tenant`` may spend ``cost`` units now, and if so spend them.
+
+        A caller cancelled while its call is in flight does not get the decision, but Redis
+        makes it all the same once the call is written (its units are spent).
+        ``on_abandoned`` then gets that decision when Redis's reply arrives, so that a caller
+        that meters decisions (the middleware emits each one) meters this one too. A call not
+        written yet when its caller is cancelled is taken back and never runs; one whose
+        connection fails has an unknown outcome and ``on_abandoned`` is not called."""
         started = time.perf_counter()
         core = self._core
         check_tenant(tenant)
@@ -118,8 +134,18 @@ class AsyncRateLimiter:
                     call: Any = encoder.acquire_packed(tenant, day, cost, quota, seed)
                 else:
                     call = encoder.acquire_args(tenant, day, cost, quota, seed)
+                fut = batcher.submit(call)
                 try:
-                    reply = await batcher.submit(call)
+                    reply = await fut
+                except asyncio.CancelledError:
+                    if on_abandoned is not None:
+                        batcher.abandon(
+                            fut,
+                            self._abandoned_reply(
+                                tenant, cost, quota, started, seed, changes, on_abandoned
+                            ),
+                        )
+                    raise
                 except NoScriptError:
                     # The server lost the scripts (restarted, restored, failed over): its day
                     # counter may be older than what was counted, so the call goes again
@@ -149,6 +175,31 @@ class AsyncRateLimiter:
         if changes and seed != core.first_seed:
             core.reseeded(tenant, changes)
         return core.decision(reply, tenant, cost, quota, started)
+
+    def _abandoned_reply(
+        self,
+        tenant: str,
+        cost: int,
+        quota: Quota,
+        started: float,
+        seed: bytes,
+        changes: int,
+        on_abandoned: Callable[[Decision], None],
+    ) -> Callable[[Any], None]:
+        """What to do with the reply of a call whose caller was cancelled: the same as
+        :meth:`acquire` does with a decision, which then goes to ``on_abandoned``."""
+        core = self._core
+        breaker = self.policy.breaker_of(tenant)
+
+        def on_reply(reply: Any) -> None:
+            if isinstance(reply, BaseException) or reply[0] < 0:
+                return  # an error reply, or no decision yet (a seed asked for): nothing spent
+            breaker.record_success()
+            if changes and seed != core.first_seed:
+                core.reseeded(tenant, changes)
+            on_abandoned(core.decision(reply, tenant, cost, quota, started))
+
+        return on_reply
 
     async def settle(
         self,

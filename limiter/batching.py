@@ -44,13 +44,18 @@ and that call is sent again; each call's own error reply goes to its own caller;
 failure, a timeout (``socket_timeout`` from each write) or a ``READONLY`` reply (the server
 became a replica) fails the calls in flight and the next write opens a new connection.
 
-A caller cancelled after its call was queued is simply not answered: the call itself may still
-run (once it is written, Redis executes it), exactly as with any request cancelled in flight.
+A cancelled caller: a call still queued is written all the same, unless its caller hands it
+back with :meth:`ScriptBatcher.abandon`; then it is taken out of the queue and never runs. A
+call already written runs in Redis whatever happens to its caller (its units are spent), so
+``abandon`` also takes a callback that gets the call's reply when it arrives: the async
+limiter builds the decision from it, and the middleware emits it, so that no decision Redis
+counted goes without its usage event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,7 +70,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from limiter import metrics
 from limiter.scripts import SCRIPTS, resp_command
 
+log = logging.getLogger(__name__)
+
 _NOT_ENOUGH_DATA = object()  # hiredis's answer while a reply is incomplete
+_UNKNOWN = object()  # the outcome of a cancelled caller's call when its connection failed
 _PushNotification = getattr(hiredis, "PushNotification", None)  # RESP3 out-of-band messages
 
 #: A parsed reply of any kind a pipelined call gets: a value, or its own error reply as an
@@ -131,6 +139,10 @@ class ScriptBatcher:
         self._replies: list[Reply] = []  # the oldest write's replies read so far
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._loading: asyncio.Task[None] | None = None
+        #: written calls whose callers were cancelled: the callback for each one's reply
+        self._abandoned: dict[asyncio.Future[Any], Callable[[Reply], None]] = {}
+        #: replies of cancelled callers that have not called ``abandon`` yet (one turn)
+        self._unclaimed: dict[asyncio.Future[Any], Reply] = {}
 
     async def execute(self, call: Any) -> Any:
         """Send one call (packed bytes, or an argument tuple on a Cluster) and return its reply.
@@ -159,6 +171,50 @@ class ScriptBatcher:
             self._running += 1
             self._spawn(self._drain())
         return fut
+
+    def abandon(self, fut: asyncio.Future[Any], on_reply: Callable[[Reply], None]) -> None:
+        """The caller of ``fut`` (from :meth:`submit`) was cancelled while it waited.
+
+        A call not written yet leaves the queue: it never runs. A written call runs in Redis
+        whatever happens to its caller, so ``on_reply`` gets its reply (an error reply as an
+        exception object) when it arrives; not on a timeout or a lost connection, as then
+        whether it ran is unknown (as it is for a caller still waiting, which gets the error).
+        A reply that arrived between the cancellation and this call is handed over at once."""
+        if fut.done() and not fut.cancelled():  # answered before the cancellation took effect
+            exc = fut.exception()
+            self._hand_over(on_reply, exc if exc is not None else fut.result())
+            return
+        queue = self._queue
+        for i, (queued, _) in enumerate(queue):
+            if queued is fut:
+                del queue[i]
+                return
+        if fut in self._unclaimed:
+            reply = self._unclaimed.pop(fut)
+            if reply is not _UNKNOWN:
+                self._hand_over(on_reply, reply)
+        else:
+            self._abandoned[fut] = on_reply
+
+    def _orphan_reply(self, fut: asyncio.Future[Any], reply: Reply) -> None:
+        """A reply for a caller that is no longer waiting (cancelled)."""
+        on_reply = self._abandoned.pop(fut, None)
+        if on_reply is not None:
+            if reply is not _UNKNOWN:
+                self._hand_over(on_reply, reply)
+        elif fut.cancelled():
+            # The cancelled caller's ``abandon`` may come in a later callback (its task wakes
+            # up after the cancellation's turn of the loop): the reply waits for it one turn.
+            unclaimed = self._unclaimed
+            unclaimed[fut] = reply
+            asyncio.get_running_loop().call_soon(unclaimed.pop, fut, None)
+
+    @staticmethod
+    def _hand_over(on_reply: Callable[[Reply], None], reply: Reply) -> None:
+        try:
+            on_reply(reply)
+        except Exception:  # the transport's callbacks must go on answering the other callers
+            log.exception("the callback of a cancelled caller's reply failed")
 
     async def aclose(self) -> None:
         """Return the held connection to its pool (the calls in flight get
@@ -237,7 +293,7 @@ class ScriptBatcher:
             self._conn = conn
         except BaseException as exc:
             waiting, self._queue[:] = list(self._queue), []
-            _fail([fut for fut, _ in waiting], exc)
+            self._fail([fut for fut, _ in waiting], exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -274,7 +330,7 @@ class ScriptBatcher:
         if not self.answer_chunk:
             readonly = False
             for futures, done in completed:
-                readonly |= _answer(futures, done)
+                readonly |= self._answer(futures, done)
         elif len(completed) == 1 and not inflight and len(completed[0][0]) > self.answer_chunk:
             readonly = self._answer_in_halves(*completed[0])
         else:
@@ -301,7 +357,7 @@ class ScriptBatcher:
         if not groups:
             return False
         (futures, replies), *rest = groups
-        readonly = _answer(futures, replies)
+        readonly = self._answer(futures, replies)
         if rest:
             readonly |= any(isinstance(r, ReadOnlyError) for _, later in rest for r in later)
             asyncio.get_running_loop().call_soon(self._answer_in_turns, rest)
@@ -356,7 +412,7 @@ class ScriptBatcher:
         inflight, self._inflight = self._inflight, deque()
         self._replies = []
         for _, futures in inflight:
-            _fail(futures, exc)
+            self._fail(futures, exc)
         self._spawn(self._release(conn))
         if restart:
             self._schedule_flush()
@@ -429,11 +485,11 @@ class ScriptBatcher:
         try:
             replies = await self._send_pipeline([call for _, call in batch])
         except BaseException as exc:
-            _fail([fut for fut, _ in batch], exc)
+            self._fail([fut for fut, _ in batch], exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        _answer([fut for fut, _ in batch], replies)
+        self._answer([fut for fut, _ in batch], replies)
 
     async def _send_pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
@@ -441,28 +497,32 @@ class ScriptBatcher:
             pipe.execute_command(*args)
         return list(await pipe.execute(raise_on_error=False))
 
+    # -- answering ---------------------------------------------------------------------------
 
-def _fail(futures: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
-    """Fail every caller still waiting with ``exc`` (one that gave up is skipped)."""
-    for fut in futures:
-        if not fut.done():
-            fut.set_exception(exc)
+    def _fail(self, futures: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
+        """Fail every caller still waiting with ``exc``. A cancelled caller's call has an
+        unknown outcome: its ``abandon`` callback is dropped, and never called."""
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(exc)
+            elif fut.cancelled():
+                self._orphan_reply(fut, _UNKNOWN)
 
-
-def _answer(futures: Sequence[asyncio.Future[Any]], replies: Sequence[Any]) -> bool:
-    """Give each caller its reply (an error reply as its exception); a caller that gave up
-    (cancelled) is skipped. True if a reply was ``READONLY`` (the server became a replica)."""
-    readonly = False
-    for fut, reply in zip(futures, replies, strict=True):
-        if isinstance(reply, ReadOnlyError):
-            readonly = True
-        if fut.done():
-            continue
-        if isinstance(reply, Exception):
-            fut.set_exception(reply)
-        else:
-            fut.set_result(reply)
-    return readonly
+    def _answer(self, futures: Sequence[asyncio.Future[Any]], replies: Sequence[Any]) -> bool:
+        """Give each caller its reply (an error reply as its exception); a caller that gave up
+        (cancelled) has it handed to its ``abandon`` callback. True if a reply was
+        ``READONLY`` (the server became a replica)."""
+        readonly = False
+        for fut, reply in zip(futures, replies, strict=True):
+            if isinstance(reply, ReadOnlyError):
+                readonly = True
+            if fut.done():
+                self._orphan_reply(fut, reply)
+            elif isinstance(reply, Exception):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+        return readonly
 
 
 class _Pipe(asyncio.Protocol):

@@ -531,7 +531,19 @@ class RateLimitMiddleware:
             return
         route, cost, meter = self.route_for(scope["method"], scope["path"])
         try:
-            decision = await self.limiter.acquire(tenant, cost=cost)
+            limiter = self.limiter
+            if isinstance(limiter, AsyncRateLimiter):
+                # A request cancelled (a timeout, a server's shutdown) while its call is in
+                # flight: Redis still counts the decision, so it is still emitted.
+                decision = await limiter.acquire(
+                    tenant,
+                    cost=cost,
+                    on_abandoned=lambda d: self._emit(
+                        tenant, d, cost=cost, meter=meter, route=route
+                    ),
+                )
+            else:
+                decision = await limiter.acquire(tenant, cost=cost)
         except LookupError as exc:  # limiter.quota_provider.UnknownTenant with reject policy
             if self.shadow:  # never blocks: what would have been refused is recorded instead
                 self._shadow_refusal(tenant, exc)

@@ -4,20 +4,27 @@ call's error or cancellation never leaks into the others in its batch. Also: the
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aredis
 from prometheus_client import REGISTRY
+from starlette.types import Message, Receive, Scope, Send
 
 from limiter import AsyncRateLimiter, Quota, RateLimiter, batching
+from limiter.decision import Decision
 from limiter.keys import token_bucket_key
+from limiter.middleware import RateLimitMiddleware
 from limiter.scripts import resp_command
 from metering.localstack import LocalStack
 
 QUOTA = Quota(rate_per_sec=1000, burst=1000, daily_limit=10**6)
+#: never refuses in a test: every decision counts one more in the day
+AMPLE = Quota(rate_per_sec=10**6, burst=10**6, daily_limit=10**7)
 
 
 @pytest.fixture
@@ -100,6 +107,115 @@ async def test_cancelled_callers_do_not_disturb_the_rest_of_the_batch(
     after = await asyncio.gather(*(limiter.acquire(tenant, 1, QUOTA) for _ in range(5)))
     used = [d.daily_used for d in after]
     assert used == sorted(used) and len(set(used)) == 5
+
+
+async def test_a_call_cancelled_before_its_write_is_taken_back_and_never_runs(
+    client: aredis.Redis, tenant: str
+) -> None:
+    limiter = AsyncRateLimiter(client)  # no connection yet: the first call waits for one
+    abandoned: list[Decision] = []
+    task = asyncio.create_task(limiter.acquire(tenant, 1, QUOTA, on_abandoned=abandoned.append))
+    await asyncio.sleep(0)
+    assert len(limiter._batcher._queue) == 1  # queued while the connection opens
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not limiter._batcher._queue
+    assert (await limiter.acquire(tenant, 1, QUOTA)).daily_used == 1  # the first that ran
+    assert not abandoned
+
+
+async def test_a_decision_redis_made_reaches_its_caller_or_on_abandoned_exactly_once(
+    client: aredis.Redis, tenant: str
+) -> None:
+    """Callers cancelled at every point of their call: each decision Redis counted (the day
+    counter numbers them) reaches either its caller or the caller's ``on_abandoned``, once;
+    nothing is left behind in the transport."""
+    limiter = AsyncRateLimiter(client)
+    await limiter.acquire(tenant, 1, AMPLE)  # connected, scripts loaded
+    batcher = limiter._batcher
+    got: list[Decision] = []
+    abandoned: list[Decision] = []
+    rng = random.Random(20261207)
+    cancelled = 0
+    for _ in range(150):
+        tasks = [
+            asyncio.create_task(limiter.acquire(tenant, 1, AMPLE, on_abandoned=abandoned.append))
+            for _ in range(8)
+        ]
+        for _ in range(rng.randint(0, 4)):  # cancelled before, at or after the write
+            await asyncio.sleep(0)
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.random() * 0.0005)  # or while the reply is on its way
+        for t in tasks[::2]:
+            t.cancel()
+        for r in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(r, Decision):
+                got.append(r)
+            else:
+                assert isinstance(r, asyncio.CancelledError), r
+                cancelled += 1
+    deadline = time.monotonic() + 5
+    while batcher._inflight:
+        assert time.monotonic() < deadline, "writes still in flight"
+        await asyncio.sleep(0.01)
+    last = (await limiter.acquire(tenant, 1, AMPLE)).daily_used
+    numbers = sorted(d.daily_used for d in got + abandoned)
+    assert numbers == list(range(2, last))  # each counted decision once, none missing
+    assert abandoned and len(abandoned) < cancelled  # both cases happened
+    assert not batcher._abandoned and not batcher._unclaimed and not batcher._queue
+
+
+async def test_the_middleware_emits_the_decision_of_a_request_cancelled_in_flight(
+    client: aredis.Redis, tenant: str
+) -> None:
+    """A request cancelled while its limiter call is in flight (a timeout middleware, a
+    server's shutdown) had its units counted by Redis: its decision is still emitted."""
+
+    class Quotas:
+        async def aget(self, tenant: str) -> Quota:
+            return AMPLE
+
+        async def adaily_seed(self, tenant: str, day: object) -> int:
+            return 0
+
+    class Events:
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+
+        def emit(self, event: Any) -> None:
+            self.events.append(event)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        pass
+
+    limiter = AsyncRateLimiter(client, Quotas())  # type: ignore[arg-type]
+    emitted = Events()
+    middleware = RateLimitMiddleware(app, limiter, emitter=emitted)
+    scope = {"type": "http", "method": "GET", "path": "/x", "state": {"tenant_id": tenant}}
+    await middleware(scope, receive, send)
+    rng = random.Random(7)
+    for _ in range(100):
+        tasks = [asyncio.create_task(middleware(scope, receive, send)) for _ in range(8)]
+        for _ in range(rng.randint(1, 3)):
+            await asyncio.sleep(0)
+        for t in tasks[::2]:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    deadline = time.monotonic() + 5
+    while limiter._batcher._inflight:
+        assert time.monotonic() < deadline, "writes still in flight"
+        await asyncio.sleep(0.01)
+    counted = (await limiter.acquire(tenant, 1, AMPLE)).daily_used - 1
+    assert len(emitted.events) == counted
+    assert len({e.id for e in emitted.events}) == counted
 
 
 @pytest.mark.parametrize("answer_chunk", [8, 0])
