@@ -10,6 +10,10 @@ insert, so a worker killed in between would lose them from the tables, and a rep
   ``[start, end)`` of its offsets (``end`` = the next offset after the last inserted batch).
   Every ``WORKER_AGGREGATE_INTERVAL`` s the open ranges are closed and handed off: one message
   per (tenant, range) carrying the range and the tenant's per-(meter, minute) billable sums.
+  A tenant with sums too many for one Kafka message (thousands of meters, or hours of minutes
+  of many meters) gets several messages for the range, cut between meters
+  (:data:`HANDOFF_PART_BYTES`): every table key is of one meter, so each key still gets the
+  range's quantity from exactly one message, and the marks work as for one message.
 - **Intent before sending.** A flush records its ranges in ClickHouse's ``aggregate_handoffs``
   (one row per partition) *before* sending, sends, and waits for Kafka's acknowledgements. The
   next flush starts only after that, and a failed flush is retried as a whole before any newer
@@ -73,6 +77,15 @@ from streams.sink import PreparedBatch
 
 #: (tenant, meter, minute start in epoch seconds) -> billable quantity
 Sums = dict[tuple[str, str, int], float]
+
+#: A tenant's sums of one range go out in messages of at most about this many bytes of JSON, cut
+#: between meters: Kafka refuses a message over the producer's ``max_request_size`` (Faust's
+#: default 1,000,000), and a refused hand-off is retried before anything newer, so one tenant's
+#: oversized message would stop the tables of every tenant. One meter's sums are never cut
+#: (they are at most a minute each of the lateness: ~8,000 minutes fit in a message).
+HANDOFF_PART_BYTES = 256 * 1024
+#: a bound on the JSON of one sum ``["<meter>", minute, quantity]`` beyond its meter's length
+_SUM_JSON_OVERHEAD = 48
 
 
 def source_of(topic: str, partition: int) -> str:
@@ -280,15 +293,44 @@ class PartitionRange:
     sums: Sums = field(default_factory=dict)
     fixed: bool = False
 
-    def handoffs(self, topic: str) -> list[Handoff]:
+    def handoffs(self, topic: str, part_bytes: int = HANDOFF_PART_BYTES) -> list[Handoff]:
+        """One message per tenant, or several for a tenant whose sums take more than
+        ``part_bytes`` of JSON (cut between meters, see :data:`HANDOFF_PART_BYTES`)."""
         per_tenant: dict[str, list[tuple[str, int, float]]] = {}
         for (tenant, meter, minute), q in sorted(self.sums.items()):
             per_tenant.setdefault(tenant, []).append((meter, minute, q))
         source = source_of(topic, self.partition)
         return [
-            Handoff(tenant, source, self.start, self.end, tuple(items))
+            Handoff(tenant, source, self.start, self.end, part)
             for tenant, items in per_tenant.items()
+            for part in _cut_between_meters(items, part_bytes)
         ]
+
+
+#: a meter name is at most 64 characters (``metering.ids``)
+_MAX_SUM_JSON = 64 + _SUM_JSON_OVERHEAD
+
+
+def _cut_between_meters(
+    items: list[tuple[str, int, float]], part_bytes: int
+) -> Iterator[tuple[tuple[str, int, float], ...]]:
+    """``items`` (sorted by meter) in parts of at most ``part_bytes`` of JSON, each meter's
+    sums whole in one part (a meter with more than that is a part of its own)."""
+    if len(items) * _MAX_SUM_JSON <= part_bytes:  # nearly always: one message
+        yield tuple(items)
+        return
+    part: list[tuple[str, int, float]] = []
+    size = 0
+    for meter, group in itertools.groupby(items, key=lambda item: item[0]):
+        sums = list(group)
+        grown = len(sums) * (len(meter) + _SUM_JSON_OVERHEAD)
+        if part and size + grown > part_bytes:
+            yield tuple(part)
+            part, size = [], 0
+        part.extend(sums)
+        size += grown
+    if part:
+        yield tuple(part)
 
 
 class HandoffStorage(Protocol):

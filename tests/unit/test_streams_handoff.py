@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
+import json
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -22,8 +23,10 @@ from faust.windows import HoppingWindow
 
 from metering.events import decision_event, encode_event, usage_event
 from streams.handoff import (
+    HANDOFF_PART_BYTES,
     Handoff,
     HandoffLedger,
+    PartitionRange,
     closed_daily_keys,
     daily_key,
     expired_window_keys,
@@ -302,6 +305,49 @@ def test_a_range_with_several_minutes_of_one_window_adds_them_all() -> None:
     both = [wr for wr in WINDOWS.ranges(float(minute)) if wr[0] <= minute - 60]
     assert both and all(usage(windows[("acme|requests", wr)]) == 3.0 for wr in both)
     assert fold_into(h, daily, windows, WINDOWS.ranges) == 0
+
+
+def test_a_tenant_with_too_many_sums_for_one_message_gets_several_cut_between_meters() -> None:
+    """The scale audit's case: one tenant's 25,000 meters in one range made a 1.9 MB message,
+    which Kafka refused; the flush retried it before anything newer, so the tables of every
+    tenant stopped. The sums now go out in parts under the budget, each meter whole in one
+    part, and the parts count exactly what one message would, each key once."""
+    minute = int(NOW.timestamp()) // 60 * 60
+    meters = [f"m{i:05d}" + "x" * 58 for i in range(3000)]  # 64 characters, the longest
+    sums = {("big", m, minute - 60 * k): float(k + 1) for m in meters for k in range(20)}
+    sums[("small", "requests", minute)] = 2.0
+    rng = PartitionRange(0, 0, 100, sums)
+
+    parts = rng.handoffs(TOPIC)
+
+    small = [h for h in parts if h.tenant == "small"]
+    assert [h.sums for h in small] == [(("requests", minute, 2.0),)]
+    big = [h for h in parts if h.tenant == "big"]
+    assert len(big) > 1
+    for h in big:
+        size = len(json.dumps(h.message()))
+        assert size <= HANDOFF_PART_BYTES + 200  # the budget, plus the tenant and range
+        assert (h.source, h.start, h.end) == (source_of(TOPIC, 0), 0, 100)
+    owners = {}
+    for i, h in enumerate(big):
+        for meter, _, _ in h.sums:
+            assert owners.setdefault(meter, i) == i, f"{meter} in parts {owners[meter]} and {i}"
+    assert [s for h in big for s in h.sums] == sorted(
+        (m, t, q) for (_, m, t), q in sums.items() if m != "requests"
+    )
+
+    whole = Handoff("big", source_of(TOPIC, 0), 0, 100, tuple(s for h in big for s in h.sums))
+    want_daily: dict[Any, Any] = {}
+    want_windows: dict[Any, Any] = {}
+    fold_into(whole, want_daily, want_windows, WINDOWS.ranges)
+    daily: dict[Any, Any] = {}
+    windows: dict[Any, Any] = {}
+    for h in big:
+        fold_into(h, daily, windows, WINDOWS.ranges)
+    assert daily == want_daily  # both days of every meter (the minutes cross midnight)
+    assert windows == want_windows
+    assert len(daily) == 2 * len(meters)
+    assert sum(fold_into(h, daily, windows, WINDOWS.ranges) for h in big) == 0  # a resend
 
 
 @pytest.mark.parametrize(
