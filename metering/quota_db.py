@@ -30,7 +30,6 @@ from sqlalchemy import (
     Engine,
     Integer,
     String,
-    case,
     create_engine,
     event,
     func,
@@ -438,15 +437,12 @@ class QuotaStore:
         else:
             from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
         stmt = insert(DailyUsageRow)
+        # A row is written only when its total grew: ``updated_at`` says when it last did, and
+        # on PostgreSQL an unchanged total leaves no dead row version behind.
         stmt = stmt.on_conflict_do_update(
             index_elements=[DailyUsageRow.tenant, DailyUsageRow.day],
-            set_={
-                "used": case(
-                    (stmt.excluded.used > DailyUsageRow.used, stmt.excluded.used),
-                    else_=DailyUsageRow.used,
-                ),
-                "updated_at": stmt.excluded.updated_at,
-            },
+            set_={"used": stmt.excluded.used, "updated_at": stmt.excluded.updated_at},
+            where=stmt.excluded.used > DailyUsageRow.used,
         )
         with self._session() as s:
             s.execute(stmt, payload)

@@ -12,6 +12,11 @@ to the next one, which reads from the earlier of its own first day and the faile
 quota DB down across the moment a day closed would otherwise leave that day's total stale for
 good).
 
+A round upserts only the totals that changed since the rounds before it wrote them (with tens of
+thousands of tenants, rewriting every open tenant-day every few seconds took most of the thread
+the sink inserts from); every ``rewrite_seconds`` a round writes them all again, so a quota DB
+restored or edited meanwhile is put right.
+
 A worker's first round also reads the days that were still open when the quota DB was last
 written (from its latest day's start less the lateness and margin, at most
 ``catch_up_days`` back): a worker stopped or crashed before its last batch was read, and
@@ -53,6 +58,7 @@ class Backfill:
         lateness_seconds: float,
         margin_seconds: float = 300.0,
         catch_up_days: int = 31,
+        rewrite_seconds: float = 300.0,
     ) -> None:
         self.client = client
         self.database = database
@@ -69,6 +75,12 @@ class Backfill:
         #: True until a round succeeded: the first one also reads the days left open by the
         #: worker that wrote the quota DB last (:meth:`catch_up_since`)
         self._catching_up = True
+        #: the totals written since the last full round, per (tenant, day): a round upserts
+        #: only the totals that differ
+        self._written: dict[tuple[str, dt.date], float] = {}
+        #: how often a round writes every total it read (none is skipped as unchanged)
+        self.rewrite_every = dt.timedelta(seconds=rewrite_seconds)
+        self._rewrite_at: dt.datetime | None = None  # None: the next round writes them all
 
     def open_since(self, now: dt.datetime) -> dt.date:
         """The first UTC day that can still change (an event as late as allowed lands there,
@@ -92,6 +104,8 @@ class Backfill:
         return self.open_since(dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC))
 
     def run_once(self, now: dt.datetime | None = None) -> int:
+        """One round; returns the number of totals upserted (those that changed, or all of
+        them in a full round)."""
         now = now or dt.datetime.now(dt.UTC)
         since = self.open_since(now)
         if self._unfinished_since is not None:
@@ -100,11 +114,20 @@ class Backfill:
             if self._catching_up:
                 since = min(since, self.catch_up_since(now))
             rows = daily_billable_totals(self.client, self.database, meter=self.meter, since=since)
+            full = self._rewrite_at is None or now >= self._rewrite_at
+            written = self._written
+            if not full:
+                rows = [r for r in rows if written.get((r[0], r[1])) != r[2]]
             if rows:
                 self.store.upsert_daily_usage(rows)
         except BaseException:
             self._unfinished_since = since
             raise
+        if full:
+            written.clear()  # also forgets the days closed since
+            self._rewrite_at = now + self.rewrite_every
+        for tenant, day, used in rows:
+            written[(tenant, day)] = used
         self._unfinished_since = None
         self._catching_up = False
         return len(rows)

@@ -107,6 +107,26 @@ def test_a_smaller_total_from_an_older_round_never_moves_a_day_back(store: Quota
     assert store.daily_usage("acme", DAY) == 17
 
 
+def test_a_total_written_again_unchanged_keeps_its_row_as_it_was(store: QuotaStore) -> None:
+    """``updated_at`` says when a day's total last grew; an unchanged or smaller total is not
+    written (on PostgreSQL, no dead row version per tenant-day and round)."""
+
+    def stored() -> tuple[float, dt.datetime]:
+        with store.engine.connect() as conn:
+            used, at = conn.execute(
+                text("SELECT used, updated_at FROM tenant_daily_usage WHERE tenant = 'acme'")
+            ).one()
+        return float(used), at
+
+    store.upsert_daily_usage([("acme", DAY, 7)])
+    first = stored()
+    store.upsert_daily_usage([("acme", DAY, 7)])
+    store.upsert_daily_usage([("acme", DAY, 6)])
+    assert stored() == first
+    store.upsert_daily_usage([("acme", DAY, 9)])
+    assert stored()[0] == 9
+
+
 @pytest.mark.parametrize(
     ("tenant", "changes", "error", "message"),
     [

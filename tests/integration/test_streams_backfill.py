@@ -40,7 +40,8 @@ def test_backfill_upserts_billable_request_totals_of_open_days_and_repeats_idemp
     )
 
     assert backfill.run_once(NOW) == 1  # only today is still open
-    assert backfill.run_once(NOW) == 1
+    assert backfill.run_once(NOW) == 0  # unchanged: not written again
+    assert backfill.run_once(NOW + backfill.rewrite_every) == 1  # a full round writes it again
     assert store.daily_usage(tenant, NOW.date()) == 20
     assert store.daily_usage(tenant, (NOW - dt.timedelta(days=3)).date()) == 0
 
@@ -113,3 +114,42 @@ def test_a_day_whose_last_round_failed_is_read_by_the_next_round(
     assert backfill.run_once(closes + dt.timedelta(seconds=4)) == 1
     assert store.daily_usage(tenant, day) == 9
     assert backfill.run_once(closes + dt.timedelta(seconds=9)) == 0
+
+
+def test_a_round_writes_only_the_totals_that_changed_and_a_full_round_puts_edits_right(
+    clickhouse_client, clickhouse_db: str, tenant: str, tmp_path: Path
+) -> None:
+    """The scale audit's case: every round rewrote every open tenant-day (60,000 rows every
+    5 s, in the thread the sink inserts from). Now a round writes the totals that changed; every
+    ``rewrite_seconds`` a round writes them all, which puts a quota DB restored or edited
+    meanwhile right again."""
+    migrate(clickhouse_client, clickhouse_db)
+    tenants = [f"{tenant}-{i}" for i in range(5)]
+    insert = f"{clickhouse_db}.usage_events"
+    rows = [row(i, t, "requests", 1, decision="allowed") for i, t in enumerate(tenants)]
+    clickhouse_client.insert(insert, rows, column_names=EVENT_COLUMNS)
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate_quota_db(url)
+    store = QuotaStore(url)
+    backfill = Backfill(
+        clickhouse_client,
+        clickhouse_db,
+        store,
+        meter="requests",
+        lateness_seconds=3600,
+        rewrite_seconds=60,
+    )
+    assert backfill.run_once(NOW) == 5
+    assert backfill.run_once(NOW + dt.timedelta(seconds=5)) == 0
+    more = [row(10, tenants[2], "requests", 4, decision="allowed")]
+    clickhouse_client.insert(insert, more, column_names=EVENT_COLUMNS)
+    assert backfill.run_once(NOW + dt.timedelta(seconds=10)) == 1  # the one that grew
+    assert store.daily_usage(tenants[2], NOW.date()) == 5
+
+    # A quota DB put back to an older state (a restore): the next full round rewrites it.
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM tenant_daily_usage WHERE tenant = ?", (tenants[0],))
+    assert backfill.run_once(NOW + dt.timedelta(seconds=15)) == 0
+    assert store.daily_usage(tenants[0], NOW.date()) == 0
+    assert backfill.run_once(NOW + dt.timedelta(seconds=60)) == 5
+    assert [store.daily_usage(t, NOW.date()) for t in tenants] == [1, 1, 5, 1, 1]
