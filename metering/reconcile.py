@@ -127,25 +127,63 @@ def _tenant_of(key: bytes | str) -> str | None:
     return m["tenant"] if m and is_valid_tenant_id(m["tenant"]) else None
 
 
+#: the counters read in one pipelined round trip (one SCAN page's worth)
+_READ_BATCH = 1000
+
+
+def _counted(out: dict[str, int], tenants: list[str], values: list[Any]) -> None:
+    for tenant, value in zip(tenants, values, strict=True):
+        if value is not None:  # expired between the SCAN and the GET
+            out[tenant] = int(float(value))
+
+
 def redis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
     """Every tenant's daily counter for ``day`` (SCAN, so Redis is never blocked; on Cluster
-    redis-py scans every primary)."""
+    redis-py scans every primary), read a SCAN page at a time in one pipelined round trip."""
     out: dict[str, int] = {}
-    for key in client.scan_iter(match=_day_pattern(day), count=1000):
-        tenant = _tenant_of(key)
-        value = client.get(key) if tenant else None
-        if tenant and value is not None:
-            out[tenant] = int(float(value))
+    keys: list[Any] = []
+    tenants: list[str] = []
+
+    def read() -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        _counted(out, tenants, pipe.execute())
+        keys.clear()
+        tenants.clear()
+
+    for key in client.scan_iter(match=_day_pattern(day), count=_READ_BATCH):
+        if (tenant := _tenant_of(key)) is not None:
+            keys.append(key)
+            tenants.append(tenant)
+            if len(keys) >= _READ_BATCH:
+                read()
+    if keys:
+        read()
     return out
 
 
 async def aredis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
     out: dict[str, int] = {}
-    async for key in client.scan_iter(match=_day_pattern(day), count=1000):
-        tenant = _tenant_of(key)
-        value = await client.get(key) if tenant else None
-        if tenant and value is not None:
-            out[tenant] = int(float(value))
+    keys: list[Any] = []
+    tenants: list[str] = []
+
+    async def read() -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        _counted(out, tenants, await pipe.execute())
+        keys.clear()
+        tenants.clear()
+
+    async for key in client.scan_iter(match=_day_pattern(day), count=_READ_BATCH):
+        if (tenant := _tenant_of(key)) is not None:
+            keys.append(key)
+            tenants.append(tenant)
+            if len(keys) >= _READ_BATCH:
+                await read()
+    if keys:
+        await read()
     return out
 
 

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -339,3 +340,50 @@ def test_the_cli_asks_the_api_that_holds_the_engine_at_its_own_port(
         f"(pid {api.pid}); asking it at {url}\n"
     )
     assert json.loads(proc.stdout)["tenants"] == []
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+async def test_the_counters_are_read_page_by_page_in_pipelined_round_trips(
+    redis_url: str, topology: str, request: pytest.FixtureRequest
+) -> None:
+    """2,500 tenants' counters (more than one read's worth), on a single node and spread over a
+    Cluster's masters: each read once, sync and async, and another day's key is left out.
+    (The scale audit's reconcile read them one GET per round trip.)"""
+    import redis.asyncio as aredis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import ClusterNode, RedisCluster
+
+    day = dt.date(2031, 5, 17)  # a day no other test counts in
+    prefix = f"rc-{uuid.uuid4().hex[:8]}"
+    want = {f"{prefix}-{i}": i + 1 for i in range(2500)}
+    if topology == "single":
+        client: Any = redis.Redis.from_url(redis_url)
+        aclient: Any = aredis.Redis.from_url(redis_url)
+    else:
+        nodes = request.getfixturevalue("redis_cluster_nodes")
+        hosts = [n.rsplit(":", 1) for n in nodes.split(",")]
+        client = RedisCluster(startup_nodes=[ClusterNode(h, int(p)) for h, p in hosts])
+        aclient = AsyncRedisCluster(
+            startup_nodes=[aredis.cluster.ClusterNode(h, int(p)) for h, p in hosts]
+        )
+    keys = [reconcile.day_key(t, day) for t in want]
+    other_day = reconcile.day_key(f"{prefix}-x", day + dt.timedelta(days=1))
+    try:
+        pipe = client.pipeline(transaction=False)
+        for used, key in zip(want.values(), keys, strict=True):
+            pipe.set(key, used, ex=600)
+        pipe.set(other_day, 5, ex=600)
+        pipe.execute()
+
+        got = reconcile.redis_daily_counters(client, day)
+        agot = await reconcile.aredis_daily_counters(aclient, day)
+        mine = {t: v for t, v in got.items() if t.startswith(prefix)}
+        assert mine == want
+        assert {t: v for t, v in agot.items() if t.startswith(prefix)} == want
+    finally:
+        pipe = client.pipeline(transaction=False)
+        for key in [*keys, other_day]:
+            pipe.delete(key)
+        pipe.execute()
+        client.close()
+        await aclient.aclose()
