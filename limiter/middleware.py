@@ -40,6 +40,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from starlette.routing import compile_path
@@ -538,9 +539,7 @@ class RateLimitMiddleware:
                 decision = await limiter.acquire(
                     tenant,
                     cost=cost,
-                    on_abandoned=lambda d: self._emit(
-                        tenant, d, cost=cost, meter=meter, route=route
-                    ),
+                    on_abandoned=partial(self._emit_abandoned, tenant, cost, meter, route),
                 )
             else:
                 decision = await limiter.acquire(tenant, cost=cost)
@@ -599,6 +598,12 @@ class RateLimitMiddleware:
             logged.clear()
         logged.add(tenant)
         log.warning("shadow mode: passing on tenant %s, which would get 403 (%s)", tenant, exc)
+
+    def _emit_abandoned(
+        self, tenant: str, cost: int, meter: str, route: str, decision: Any
+    ) -> None:
+        """The decision of a request cancelled while the limiter's call was in flight."""
+        self._emit(tenant, decision, cost=cost, meter=meter, route=route)
 
     def _emit(self, tenant: str, decision: Any, *, cost: int, meter: str, route: str) -> None:
         if self.emitter is None:
