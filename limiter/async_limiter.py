@@ -201,6 +201,13 @@ class AsyncRateLimiter:
 
         return on_reply
 
+    async def drain(self, timeout: float = 5.0) -> bool:
+        """Wait, at most ``timeout`` s, for the calls in flight to be answered, so that the
+        decisions of callers cancelled meanwhile reach their ``on_abandoned`` (a server's
+        shutdown: after cancelling its requests, before closing their emitter). True if none
+        was left."""
+        return await self._batcher.drain(timeout)
+
     async def settle(
         self,
         tenant: str,

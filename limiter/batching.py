@@ -216,6 +216,20 @@ class ScriptBatcher:
         except Exception:  # the transport's callbacks must go on answering the other callers
             log.exception("the callback of a cancelled caller's reply failed")
 
+    async def drain(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` s, until no call is queued or awaits its reply, so that the
+        replies of callers cancelled in flight have reached their ``abandon`` callbacks. A
+        server's shutdown cancels its requests and then closes what their decisions go to (the
+        emitter): it drains the limiter in between. True if nothing was left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await asyncio.sleep(0)  # the cancelled callers take back what is not written yet
+        while self._queue or self._inflight or self._running or self._unclaimed:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     async def aclose(self) -> None:
         """Return the held connection to its pool (the calls in flight get
         ``ConnectionError``; calls queued later open a new connection)."""

@@ -109,6 +109,11 @@ def _build_defaults(settings: Settings, given: dict[str, Any]) -> tuple[dict[str
     return out, built
 
 
+#: how long shutdown waits for the limiter's calls in flight (their replies come within the
+#: Redis socket timeout, 0.25 s by default)
+_DRAIN_SECONDS = 5.0
+
+
 async def _close(resource: Any) -> None:
     if hasattr(resource, "aclose"):
         await resource.aclose()
@@ -232,6 +237,21 @@ def create_app(
         try:
             yield
         finally:
+            # uvicorn cancels the requests still running when its graceful shutdown times
+            # out, then runs this at once: the decisions Redis made for them are handed over
+            # (on_abandoned) when its replies arrive, and must reach the emitter before it
+            # closes (it is the first to close).
+            drain = getattr(parts["limiter"], "drain", None)
+            if drain is not None:
+                try:
+                    if not await drain(_DRAIN_SECONDS):
+                        log.warning(
+                            "shutdown: limiter calls still unanswered after %s s; the "
+                            "decisions of requests cancelled with them may go unemitted",
+                            _DRAIN_SECONDS,
+                        )
+                except Exception:
+                    log.exception("draining the limiter failed")
             for resource in owned:
                 try:
                     await _close(resource)

@@ -3,6 +3,7 @@ exemptions, and quota changes taking effect at once."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import math
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from prometheus_client import REGISTRY
@@ -17,6 +19,8 @@ from prometheus_client import REGISTRY
 import limiter.clock
 import limiter.middleware
 from limiter.keys import window_log_key, window_meta_key
+from metering import reconcile
+from metering.localstack import LocalStack
 from tests.integration.api_support import (
     AUDIENCE,
     admin,
@@ -239,6 +243,74 @@ async def test_every_decision_becomes_a_usage_event(settings, tenant: str) -> No
     assert [e.data.decision for e in events] == ["allowed", "allowed", "rejected"]
     assert {e.data.dimensions["route"] for e in events} == {"/v1/limits/{tenant}"}
     assert [e.billable for e in events] == [True, True, False]
+
+
+async def test_requests_cancelled_at_shutdown_still_have_their_decisions_emitted(
+    tmp_path: Path, kafka_bootstrap: str, dedicated_stack: LocalStack, tenant: str
+) -> None:
+    """uvicorn's graceful-shutdown timeout cancels the requests in flight and at once runs the
+    lifespan's shutdown, which closes the emitter first. The decisions Redis makes for those
+    requests arrive after that (here Redis holds them back 300 ms, ``CLIENT PAUSE``); the review
+    found every one of them dropped by the closing emitter. Now the shutdown drains the limiter
+    first: Redis counts the cancelled requests' decisions and each is emitted. (Before, with
+    this pause, the shutdown closed the Redis connection before Redis ran the calls, so none
+    was counted; the order itself is checked by the next test.)"""
+    from metering.api.app import create_app
+
+    redis_url = dedicated_stack.up(["redis"])["RATE_LIMIT_REDIS_URL"]
+    settings = api_settings(
+        tmp_path, redis_url, kafka_bootstrap, topics=True, rate_limit_redis_socket_timeout=5.0
+    )
+    raw = redis.Redis.from_url(redis_url)
+    app = create_app(settings)
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    batcher = app.state.context.limiter._batcher
+    headers = auth(tenant)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        await client.get(f"/v1/limits/{tenant}", headers=headers)  # quota cached, scripts loaded
+        raw.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        tasks = [
+            asyncio.create_task(client.get(f"/v1/limits/{tenant}", headers=headers))
+            for _ in range(32)
+        ]
+        for _ in range(500):  # until the calls are written and await their replies
+            if batcher._inflight:
+                break
+            await asyncio.sleep(0)
+        assert batcher._inflight
+        for t in tasks:
+            t.cancel()
+        await lifespan.__aexit__(None, None, None)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert not any(isinstance(r, httpx.Response) for r in results)  # all cancelled in flight
+    counted = int(raw.get(reconcile.day_key(tenant, dt.datetime.now(dt.UTC).date())) or 0)
+    assert counted > 1  # the warm-up's and the cancelled requests' decisions
+    events = read_events(settings, expected=counted, subject=tenant)
+    assert len([e for e in events if e.data.decision == "allowed"]) == counted
+    assert len({e.id for e in events}) == len(events)
+
+
+async def test_the_shutdown_drains_the_limiter_before_it_closes_the_emitter(
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    from metering.api.app import create_app
+
+    app = create_app(settings)
+    context = app.state.context
+    real_drain = context.limiter.drain
+    emitter_open: list[bool] = []
+
+    async def drain(timeout: float) -> bool:
+        emitter_open.append(not context.emitter._closing)
+        return await real_drain(timeout)
+
+    context.limiter.drain = drain
+    async with app.router.lifespan_context(app):
+        pass
+    assert emitter_open == [True]
+    assert context.emitter._closing  # closed after
 
 
 class _SkewedTime:
