@@ -459,12 +459,22 @@ class QuotaCache:
             breaker.record_success()
 
     @staticmethod
-    def _redis_failed(exc: BaseException, breaker: CircuitBreaker | None) -> None:
+    def _redis_failed(
+        exc: BaseException, breaker: CircuitBreaker | None, background: bool = False
+    ) -> None:
         """A Redis call of a lookup failed: a failure of the breaker if Redis is unavailable; an
-        error reply (Redis is up) reports back like a success."""
+        error reply (Redis is up) reports back like a success.
+
+        Not a background refresh's failure: no request waited for it (each is served from the
+        local entry), and its timeout may be the event loop's, not Redis's (a saturated loop
+        resumes redis-py's read after its socket timeout although the reply is in: the overload
+        audit saw three such refreshes open the breaker over a healthy Redis, and 2,122 requests
+        answered 503). The limiter's own calls tell an outage, and open the breaker then."""
         if breaker is None:
             return
         if redis_unavailable(exc):
+            if background:
+                return
             breaker.record_failure()
         elif isinstance(exc, ResponseError):
             breaker.record_success()
@@ -481,10 +491,11 @@ class QuotaCache:
                 raise _SourceDown(f"invalid quota DB row: {exc}") from exc
         return payload
 
-    def _fetch(self, tenant: str) -> dict[str, Any] | None:
+    def _fetch(self, tenant: str, background: bool = False) -> dict[str, Any] | None:
         """Redis, then the DB (written back to Redis). Raises :class:`_SourceDown`.
 
-        While the breaker keeps Redis out, the Redis layer is passed over as if it had failed."""
+        While the breaker keeps Redis out, the Redis layer is passed over as if it had failed.
+        A ``background`` refresh's failures are not the breaker's (see :meth:`_redis_failed`)."""
         key = quota_cache_key(tenant)
         breaker = self._breaker_for(key)
         redis_ok = self.redis is not None
@@ -496,7 +507,7 @@ class QuotaCache:
                 try:
                     raw = self.redis.get(key)
                 except _SOURCE_ERRORS as exc:
-                    self._redis_failed(exc, breaker)
+                    self._redis_failed(exc, breaker, background)
                     log.debug("quota cache read failed for %s: %s", tenant, exc)
                     redis_ok = False
                 else:
@@ -516,18 +527,18 @@ class QuotaCache:
             try:
                 self.redis.set(key, payload, ex=self.redis_ttl, nx=True)
             except _SOURCE_ERRORS as exc:
-                self._redis_failed(exc, breaker)
+                self._redis_failed(exc, breaker, background)
                 log.debug("quota cache write-back failed for %s: %s", tenant, exc)
             else:
                 self._redis_answered(breaker)
         return json.loads(payload) if record else None
 
-    def _load_now(self, tenant: str, previous: _Entry | None) -> _Entry:
+    def _load_now(self, tenant: str, previous: _Entry | None, background: bool = False) -> _Entry:
         if previous is None:
             validate_tenant_id(tenant)
         changes = self._changes
         try:
-            data = self._fetch(tenant)
+            data = self._fetch(tenant, background)
         except _SourceDown as exc:
             log.debug("quota sources down for %s: %s", tenant, exc)
             return self._fallback(tenant, previous)
@@ -551,14 +562,14 @@ class QuotaCache:
             if seen is None:
                 continue
             try:
-                self._load_now(tenant, seen)
+                self._load_now(tenant, seen, background=True)
             except Exception:  # a refresh must never kill the refresher
                 log.exception("background refresh of the quota of %s failed", tenant)
 
     # --- fetching (async) ------------------------------------------------------------------------
-    async def _afetch(self, tenant: str) -> dict[str, Any] | None:
+    async def _afetch(self, tenant: str, background: bool = False) -> dict[str, Any] | None:
         if self.aredis is None:
-            return await asyncio.to_thread(self._fetch, tenant)
+            return await asyncio.to_thread(self._fetch, tenant, background)
         key = quota_cache_key(tenant)
         breaker = self._breaker_for(key)
         redis_ok, raw = True, None
@@ -568,7 +579,7 @@ class QuotaCache:
             try:
                 raw = await self.aredis.get(key)
             except _SOURCE_ERRORS as exc:
-                self._redis_failed(exc, breaker)
+                self._redis_failed(exc, breaker, background)
                 log.debug("quota cache read failed for %s: %s", tenant, exc)
                 redis_ok = False
             else:
@@ -588,18 +599,20 @@ class QuotaCache:
             try:
                 await self.aredis.set(key, payload, ex=self.redis_ttl, nx=True)
             except _SOURCE_ERRORS as exc:
-                self._redis_failed(exc, breaker)
+                self._redis_failed(exc, breaker, background)
                 log.debug("quota cache write-back failed for %s: %s", tenant, exc)
             else:
                 self._redis_answered(breaker)
         return json.loads(payload) if record else None
 
-    async def _aload_now(self, tenant: str, previous: _Entry | None) -> _Entry:
+    async def _aload_now(
+        self, tenant: str, previous: _Entry | None, background: bool = False
+    ) -> _Entry:
         if previous is None:
             validate_tenant_id(tenant)
         changes = self._changes
         try:
-            data = await self._afetch(tenant)
+            data = await self._afetch(tenant, background)
         except _SourceDown as exc:
             log.debug("quota sources down for %s: %s", tenant, exc)
             return self._fallback(tenant, previous)
@@ -607,7 +620,7 @@ class QuotaCache:
 
     async def _arefresh(self, tenant: str, seen: _Entry) -> None:
         try:
-            await self._aload_now(tenant, seen)
+            await self._aload_now(tenant, seen, background=True)
         except Exception:
             log.exception("background refresh of the quota of %s failed", tenant)
 

@@ -464,3 +464,39 @@ async def test_half_open_makes_one_trial_call_and_a_recovered_redis_closes_the_b
     finally:
         private_redis.resume()
         await rig.close()
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_a_background_refresh_whose_read_fails_leaves_the_breaker_to_the_decisions(
+    private_redis: PrivateRedis, tmp_path: Path, tenant: str, flavor: str
+) -> None:
+    """The overload audit's case: under a saturated event loop, redis-py's reads of background
+    quota refreshes timed out over a healthy Redis (the loop resumed them after their socket
+    timeout), opened the shared breaker, and 2,122 requests were answered 503. A refresh serves
+    no request (each is answered from the local entry), so its failure is not the breaker's;
+    the limiter's own calls tell an outage."""
+    rig = make_rig(
+        flavor,
+        private_redis.url,
+        tmp_path,
+        [tenant],
+        quota_local_ttl=1.0,
+        rate_limit_breaker_failures=1,
+        rate_limit_breaker_reset=60.0,
+    )
+    try:
+        assert await rig.quota_burst(tenant) == BURST  # in the local cache
+        private_redis.pause()
+        await asyncio.sleep(0.6)  # past the entry's refresh time (half the local TTL)
+        mark = len(private_redis.relay.sent)
+        assert await rig.quota_burst(tenant) == BURST  # served at once; a refresh starts
+        for _ in range(200):  # the refresh's read reaches Redis (its task or its thread)
+            if private_redis.relay.since(mark):
+                break
+            await asyncio.sleep(0.05)
+        assert private_redis.relay.since(mark), "no refresh read Redis"
+        await asyncio.sleep(TIMEOUT + 1.0)  # the read times out; the DB answers the refresh
+        assert rig.limiter.breaker.state == "closed"
+    finally:
+        private_redis.resume()
+        await rig.close()
