@@ -49,6 +49,7 @@ from faust.types.transports import PartitionerT
 from metering.settings import Settings, get_settings
 from streams import metrics
 from streams.handoff import (
+    CLOCK_MARGIN_SECONDS,
     Handoff,
     HandoffLedger,
     closed_daily_keys,
@@ -269,7 +270,14 @@ async def sweep() -> None:
 
 
 # --- the hand-off: exactly once into the tables (streams/handoff.py) -----------------------------
-ledger = HandoffLedger(settings.usage_events_topic)
+def _windows_closed_before() -> float:
+    """The time before which a minute is in no window the agent still writes, on any worker
+    whose clock is at most ``CLOCK_MARGIN_SECONDS`` behind this one's (see
+    ``streams.handoff.merge_closed_minutes``)."""
+    return time.time() - WINDOW_SIZE - WINDOW_EXPIRES.total_seconds() - CLOCK_MARGIN_SECONDS
+
+
+ledger = HandoffLedger(settings.usage_events_topic, _windows_closed_before)
 _handoff_lock = asyncio.Lock()
 
 

@@ -13,7 +13,11 @@ insert, so a worker killed in between would lose them from the tables, and a rep
   A tenant with sums too many for one Kafka message (thousands of meters, or hours of minutes
   of many meters) gets several messages for the range, cut between meters
   (:data:`HANDOFF_PART_BYTES`): every table key is of one meter, so each key still gets the
-  range's quantity from exactly one message, and the marks work as for one message.
+  range's quantity from exactly one message, and the marks work as for one message. One
+  meter's sums too many for a message (days of minutes: a lateness of a week or more) have
+  the minutes that no open window holds any more merged per UTC day
+  (:func:`merge_closed_minutes`): the day's value is the same, and those windows are not
+  written any more.
 - **Intent before sending.** A flush records its ranges in ClickHouse's ``aggregate_handoffs``
   (one row per partition) *before* sending, sends, and waits for Kafka's acknowledgements. The
   next flush starts only after that, and a failed flush is retried as a whole before any newer
@@ -86,6 +90,8 @@ Sums = dict[tuple[str, str, int], float]
 HANDOFF_PART_BYTES = 256 * 1024
 #: a bound on the JSON of one sum ``["<meter>", minute, quantity]`` beyond its meter's length
 _SUM_JSON_OVERHEAD = 48
+#: how far the clock of the worker that applies a hand-off may be behind the sender's
+CLOCK_MARGIN_SECONDS = 300.0
 
 
 def source_of(topic: str, partition: int) -> str:
@@ -293,9 +299,16 @@ class PartitionRange:
     sums: Sums = field(default_factory=dict)
     fixed: bool = False
 
-    def handoffs(self, topic: str, part_bytes: int = HANDOFF_PART_BYTES) -> list[Handoff]:
+    def handoffs(
+        self,
+        topic: str,
+        part_bytes: int = HANDOFF_PART_BYTES,
+        windows_closed_before: float | None = None,
+    ) -> list[Handoff]:
         """One message per tenant, or several for a tenant whose sums take more than
-        ``part_bytes`` of JSON (cut between meters, see :data:`HANDOFF_PART_BYTES`)."""
+        ``part_bytes`` of JSON (cut between meters, see :data:`HANDOFF_PART_BYTES`); a meter
+        whose sums alone take more has its minutes before ``windows_closed_before`` merged per
+        day (:func:`merge_closed_minutes`)."""
         per_tenant: dict[str, list[tuple[str, int, float]]] = {}
         for (tenant, meter, minute), q in sorted(self.sums.items()):
             per_tenant.setdefault(tenant, []).append((meter, minute, q))
@@ -303,7 +316,7 @@ class PartitionRange:
         return [
             Handoff(tenant, source, self.start, self.end, part)
             for tenant, items in per_tenant.items()
-            for part in _cut_between_meters(items, part_bytes)
+            for part in _cut_between_meters(items, part_bytes, windows_closed_before)
         ]
 
 
@@ -312,10 +325,13 @@ _MAX_SUM_JSON = 64 + _SUM_JSON_OVERHEAD
 
 
 def _cut_between_meters(
-    items: list[tuple[str, int, float]], part_bytes: int
+    items: list[tuple[str, int, float]],
+    part_bytes: int,
+    windows_closed_before: float | None = None,
 ) -> Iterator[tuple[tuple[str, int, float], ...]]:
-    """``items`` (sorted by meter) in parts of at most ``part_bytes`` of JSON, each meter's
-    sums whole in one part (a meter with more than that is a part of its own)."""
+    """``items`` (sorted by meter, then minute) in parts of at most ``part_bytes`` of JSON,
+    each meter's sums whole in one part; a meter with more than that alone has its closed
+    minutes merged per day (when ``windows_closed_before`` is given) and is a part of its own."""
     if len(items) * _MAX_SUM_JSON <= part_bytes:  # nearly always: one message
         yield tuple(items)
         return
@@ -324,6 +340,9 @@ def _cut_between_meters(
     for meter, group in itertools.groupby(items, key=lambda item: item[0]):
         sums = list(group)
         grown = len(sums) * (len(meter) + _SUM_JSON_OVERHEAD)
+        if grown > part_bytes and windows_closed_before is not None:
+            sums = merge_closed_minutes(sums, windows_closed_before)
+            grown = len(sums) * (len(meter) + _SUM_JSON_OVERHEAD)
         if part and size + grown > part_bytes:
             yield tuple(part)
             part, size = [], 0
@@ -331,6 +350,35 @@ def _cut_between_meters(
         size += grown
     if part:
         yield tuple(part)
+
+
+def merge_closed_minutes(
+    sums: list[tuple[str, int, float]], before: float
+) -> list[tuple[str, int, float]]:
+    """One meter's sums (sorted by minute) with the minutes before ``before`` merged per UTC
+    day into that day's first such minute.
+
+    ``before`` is a time by which every window holding those minutes has expired on the
+    worker that applies the hand-off (the sender's now, less the windows' size and expiry
+    and :data:`CLOCK_MARGIN_SECONDS`): the agent writes no window that ended that long ago
+    (:func:`fold_into`'s ``windows_after``), so those minutes only count toward their day,
+    whose value is the same sum, added in the same order. A resend merged at another time
+    gives every key it writes the same quantity."""
+    merged: dict[int, int] = {}  # UTC day number -> its index in ``out``
+    out: list[tuple[str, int, float]] = []
+    for meter, minute, q in sums:
+        if minute >= before:
+            out.append((meter, minute, q))
+            continue
+        day = minute // 86400
+        at = merged.get(day)
+        if at is None:
+            merged[day] = len(out)
+            out.append((meter, minute, q))
+        else:
+            m, first, total = out[at]
+            out[at] = (m, first, total + q)
+    return out
 
 
 class HandoffStorage(Protocol):
@@ -429,8 +477,13 @@ class HandoffLedger:
     thread); the caller serialises :meth:`take`, :meth:`recover` and the sending (one lock).
     """
 
-    def __init__(self, topic: str) -> None:
+    def __init__(
+        self, topic: str, windows_closed_before: Callable[[], float] | None = None
+    ) -> None:
         self.topic = topic
+        #: the time before which a minute is in no open window any more, now (see
+        #: :func:`merge_closed_minutes`); None: never merged
+        self.windows_closed_before = windows_closed_before
         self._open: dict[int, PartitionRange] = {}
         #: a partition's recovered range, closed and not yet recorded: taken before its open one
         self._closed: dict[int, PartitionRange] = {}
@@ -550,9 +603,11 @@ class HandoffLedger:
         self._lost |= lost
 
 
-def messages(topic: str, ranges: Iterable[PartitionRange]) -> Iterator[Handoff]:
+def messages(
+    topic: str, ranges: Iterable[PartitionRange], windows_closed_before: float | None = None
+) -> Iterator[Handoff]:
     for rng in ranges:
-        yield from rng.handoffs(topic)
+        yield from rng.handoffs(topic, windows_closed_before=windows_closed_before)
 
 
 #: records (partition, start, end) ranges; returns the partitions it refused (claimed by
@@ -566,7 +621,8 @@ async def _send_unsent(ledger: HandoffLedger, send: SendHandoffs) -> int:
     pending = list(ledger.unsent)
     if not pending:
         return 0
-    handoffs = list(messages(ledger.topic, pending))
+    closed = ledger.windows_closed_before
+    handoffs = list(messages(ledger.topic, pending, closed() if closed is not None else None))
     await send(handoffs)
     done = {id(r) for r in pending}
     ledger.unsent = [r for r in ledger.unsent if id(r) not in done]

@@ -350,6 +350,37 @@ def test_a_tenant_with_too_many_sums_for_one_message_gets_several_cut_between_me
     assert sum(fold_into(h, daily, windows, WINDOWS.ranges) for h in big) == 0  # a resend
 
 
+def test_one_meter_with_too_many_minutes_for_a_message_has_its_closed_minutes_merged_per_day() -> (
+    None
+):
+    """The review's case: one meter's sums are never cut (a window key would get the range
+    from two parts with the same mark), and with a lateness of days they alone passed Kafka's
+    1 MB. The minutes no open window holds are merged per day: every day value and every
+    window the agent still writes get what the unmerged sums gave them."""
+    minute = int(NOW.timestamp()) // 60 * 60
+    meter = "m" * 64
+    sums = {("acme", meter, minute - 60 * k): 1.0 + (k % 7) / 8 for k in range(3 * 1440)}
+    closed_before = NOW.timestamp() - 300 - 1800 - 300  # the window, its expiry, the margin
+    rng = PartitionRange(0, 0, 100, sums)
+
+    (merged,) = rng.handoffs(TOPIC, windows_closed_before=closed_before)
+    (unmerged,) = rng.handoffs(TOPIC, part_bytes=10**9)
+
+    assert len(json.dumps(merged.message())) < 20_000  # 4,320 sums before: ~500 KB
+    assert len(merged.sums) <= 4 + (NOW.timestamp() - closed_before) / 60 + 1  # days, minutes
+    windows_after = NOW.timestamp() - 1800  # what the agent still writes
+    for applied_at in (0.0, 250.0):  # on a worker whose clock is as much behind or ahead
+        tables: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
+        for h in (merged, unmerged):
+            daily: dict[Any, Any] = {}
+            windows: dict[Any, Any] = {}
+            fold_into(h, daily, windows, WINDOWS.ranges, windows_after=windows_after - applied_at)
+            tables.append((daily, windows))
+        assert tables[0] == tables[1]
+    assert len(tables[0][0]) == 4  # the minutes reach back into a fourth day
+    assert tables[0][1]  # and recent windows are written
+
+
 @pytest.mark.parametrize(
     ("value", "error"),
     [
