@@ -92,10 +92,15 @@ class CircuitBreaker:
                 self._failures = 0
             return
         with self._lock:
+            until = self._opened_until
+            if until is None:
+                return
+            # A call already in flight when it opened may answer too: Redis answers either way.
+            old: BreakerState = "open" if self._clock() < until else "half_open"
             self._failures = 0
             self._opened_until = None
             self._probe_until = None
-        self._changed("half_open", "closed")
+        self._changed(old, "closed")
 
     def record_failure(self) -> None:
         here = FAILURES_HERE.get()
@@ -103,12 +108,17 @@ class CircuitBreaker:
             here.append(self)
         with self._lock:
             self._failures += 1
-            was_closed = self._opened_until is None
-            if was_closed and self._failures < self.failure_threshold:
+            until = self._opened_until
+            if until is None and self._failures < self.failure_threshold:
                 return
-            self._opened_until = self._clock() + self.reset_after
+            now = self._clock()
+            old: BreakerState = (
+                "closed" if until is None else "open" if now < until else "half_open"
+            )
+            self._opened_until = now + self.reset_after
             self._probe_until = None
-        self._changed("closed" if was_closed else "half_open", "open")
+        if old != "open":  # a failure while open (a call in flight when it opened) keeps it so
+            self._changed(old, "open")
 
     def _changed(self, old: BreakerState, new: BreakerState) -> None:
         if self._on_change is not None:

@@ -65,6 +65,23 @@ def test_half_open_lets_exactly_one_probe_through_and_its_result_decides() -> No
     assert changes == [("closed", "open"), ("half_open", "open"), ("half_open", "closed")]
 
 
+def test_the_calls_in_flight_when_it_opened_report_only_real_changes() -> None:
+    """The overload audit's log: every further failure while open logged "open (was
+    half_open)". A failure while open keeps it open, without a change to report; a success
+    from a call in flight closes it, reported as from open."""
+    clock = Clock()
+    changes: list[tuple[str, str]] = []
+    b = CircuitBreaker(1, 1.0, clock=clock, on_change=lambda o, n: changes.append((o, n)))
+    b.record_failure()
+    b.record_failure()
+    b.record_failure()
+    assert b.state == "open"
+    b.record_success()
+    assert b.state == "closed"
+    b.record_success()
+    assert changes == [("closed", "open"), ("open", "closed")]
+
+
 def test_a_probe_that_never_reports_back_is_given_up_after_reset_after() -> None:
     clock = Clock()
     b = CircuitBreaker(1, 1.0, clock=clock)
