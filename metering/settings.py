@@ -364,6 +364,14 @@ class Settings(BaseSettings):
         "or written to the spool before it answers 202 (503 after that: send them again, the "
         "worker counts a repeated id once).",
     )
+    api_ingest_max_concurrent: PositiveInt = Field(
+        32,
+        le=10_000,
+        description="POST /v1/events requests taken at once (read, checked, awaiting Kafka); "
+        "one more is answered 503 with Retry-After before its body is read, so a burst of large "
+        "batches cannot take the API's memory (each holds up to API_MAX_BODY_BYTES, and its "
+        "events parsed).",
+    )
     api_opentelemetry: bool = Field(
         False,
         description="Let FastAPI trace and measure each request through the OpenTelemetry "

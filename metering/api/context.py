@@ -24,6 +24,7 @@ class ApiContext:
     quotas: Any  # limiter.quota_provider.QuotaProvider, or None
     redis: Any  # the limiter's async Redis client (live counters, readiness)
     clickhouse: Any = None  # clickhouse-connect client; opened on first use when not given
+    ingest_in_flight: int = 0  # POST /v1/events requests being served (API_INGEST_MAX_CONCURRENT)
 
     def clickhouse_client(self) -> Any:
         """The ClickHouse client (opened on first use: the embedded engine allows one data

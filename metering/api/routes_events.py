@@ -240,6 +240,27 @@ async def ingest_events(request: Request, principal: CurrentPrincipal) -> Ingest
             slug="unsupported-media-type",
         )
     settings = ctx.settings
+    # One event loop: no other request runs between the check and the count.
+    if ctx.ingest_in_flight >= settings.api_ingest_max_concurrent:
+        raise Problem(
+            503,
+            f"the API is taking {ctx.ingest_in_flight} batches of events already (at most "
+            f"{settings.api_ingest_max_concurrent} at once); none of this one accepted, send "
+            "it again",
+            slug="ingest-busy",
+            headers={"Retry-After": "1"},
+        )
+    ctx.ingest_in_flight += 1
+    try:
+        return await _ingest(request, principal, ctx, media_type)
+    finally:
+        ctx.ingest_in_flight -= 1
+
+
+async def _ingest(
+    request: Request, principal: Principal, ctx: Any, media_type: str
+) -> IngestAccepted:
+    settings = ctx.settings
     body = await request.body()
     # Parsing and checking a large batch takes tens of ms of Python: in a thread, the event
     # loop keeps serving meanwhile (the GIL is handed over every few ms).
