@@ -143,6 +143,8 @@ class ScriptBatcher:
         self._abandoned: dict[asyncio.Future[Any], Callable[[Reply], None]] = {}
         #: replies of cancelled callers that have not called ``abandon`` yet (one turn)
         self._unclaimed: dict[asyncio.Future[Any], Reply] = {}
+        #: groups of replies read and not answered yet (:meth:`_answer_in_turns`)
+        self._deferred = 0
 
     async def execute(self, call: Any) -> Any:
         """Send one call (packed bytes, or an argument tuple on a Cluster) and return its reply.
@@ -224,7 +226,7 @@ class ScriptBatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await asyncio.sleep(0)  # the cancelled callers take back what is not written yet
-        while self._queue or self._inflight or self._running or self._unclaimed:
+        while self._queue or self._inflight or self._running or self._deferred or self._unclaimed:
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.005)
@@ -374,8 +376,13 @@ class ScriptBatcher:
         readonly = self._answer(futures, replies)
         if rest:
             readonly |= any(isinstance(r, ReadOnlyError) for _, later in rest for r in later)
-            asyncio.get_running_loop().call_soon(self._answer_in_turns, rest)
+            self._deferred += 1  # off _inflight already: drain waits for them here
+            asyncio.get_running_loop().call_soon(self._answer_deferred, rest)
         return readonly
+
+    def _answer_deferred(self, groups: list[tuple[list[asyncio.Future[Any]], list[Reply]]]) -> None:
+        self._deferred -= 1
+        self._answer_in_turns(groups)
 
     def _answer_in_halves(
         self, futures: list[asyncio.Future[Any]], replies: list[Reply], first: int | None = None

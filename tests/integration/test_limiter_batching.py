@@ -218,6 +218,22 @@ async def test_the_middleware_emits_the_decision_of_a_request_cancelled_in_fligh
     assert len({e.id for e in emitted.events}) == counted
 
 
+async def test_drain_waits_for_the_replies_read_and_still_to_be_answered(
+    client: aredis.Redis,
+) -> None:
+    """The second review's case: the replies of several writes read at once leave the writes
+    in flight together and are answered a write per turn of the loop; drain returned as soon
+    as nothing was in flight, and at shutdown the emitter then dropped the decisions handed
+    over after it. It waits for every group read to be answered."""
+    batcher = AsyncRateLimiter(client)._batcher
+    loop = asyncio.get_running_loop()
+    groups = [([loop.create_future() for _ in range(2)], [b"r", b"r"]) for _ in range(4)]
+    batcher._answer_in_turns(groups)  # as _received does with four writes' replies in one read
+    assert await batcher.drain(1.0)
+    assert all(f.done() for futures, _ in groups for f in futures)
+    assert batcher._deferred == 0
+
+
 @pytest.mark.parametrize("answer_chunk", [8, 0])
 async def test_callers_of_a_lone_write_are_answered_in_chunks_so_their_next_calls_go_early(
     client: aredis.Redis, tenant: str, answer_chunk: int
