@@ -380,6 +380,18 @@ def test_one_meter_with_too_many_minutes_for_a_message_has_its_closed_minutes_me
     assert len(tables[0][0]) == 4  # the minutes reach back into a fourth day
     assert tables[0][1]  # and recent windows are written
 
+    # A resend (a failed flush, a recovery) merged an hour later and applied then: each of the
+    # two copies gives every key what the unmerged sums give it, so the marks may drop either.
+    later = NOW.timestamp() + 3600
+    (resent,) = rng.handoffs(TOPIC, windows_closed_before=closed_before + 3600)
+    assert len(resent.sums) < len(merged.sums)
+    applied_later: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
+    for h in (resent, merged, unmerged):
+        daily, windows = {}, {}
+        fold_into(h, daily, windows, WINDOWS.ranges, windows_after=later - 1800)
+        applied_later.append((daily, windows))
+    assert applied_later[0] == applied_later[1] == applied_later[2]
+
 
 @pytest.mark.parametrize(
     ("value", "error"),
