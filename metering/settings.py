@@ -372,6 +372,13 @@ class Settings(BaseSettings):
         "batches cannot take the API's memory (each holds up to API_MAX_BODY_BYTES, and its "
         "events parsed).",
     )
+    api_shutdown_timeout: PositiveInt = Field(
+        15,
+        le=3600,
+        description="Whole seconds metering api gives the requests still running when it is "
+        "told to stop (SIGTERM); then they are cancelled (the decisions Redis made for them are "
+        "still emitted) and the emitter is flushed.",
+    )
     api_opentelemetry: bool = Field(
         False,
         description="Let FastAPI trace and measure each request through the OpenTelemetry "

@@ -23,6 +23,7 @@ from metering.settings import Settings, load_settings
 
 log = logging.getLogger("metering.api")
 
+#: uvicorn's graceful-shutdown timeout when none is given (``API_SHUTDOWN_TIMEOUT``'s default)
 GRACEFUL_SHUTDOWN_SECONDS = 15
 #: Seconds the start-up schema check waits for a ClickHouse server (then serves unchecked).
 VERSION_CHECK_TIMEOUT = 5.0
@@ -44,9 +45,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     api.set_defaults(handler=_serve)
 
 
-def server_config(app: Any, host: str, port: int, log_level: str = "info", **extra: Any) -> Any:
+def server_config(
+    app: Any,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    shutdown_timeout: int = GRACEFUL_SHUTDOWN_SECONDS,
+    **extra: Any,
+) -> Any:
     """The uvicorn configuration ``metering api`` serves with (the benchmark serves with it too);
-    ``extra``: more ``uvicorn.Config`` arguments."""
+    ``shutdown_timeout``: seconds the requests still running at a shutdown get before they are
+    cancelled (``API_SHUTDOWN_TIMEOUT``); ``extra``: more ``uvicorn.Config`` arguments."""
     import uvicorn
 
     return uvicorn.Config(
@@ -57,7 +66,7 @@ def server_config(app: Any, host: str, port: int, log_level: str = "info", **ext
         log_level=log_level,
         proxy_headers=False,
         server_header=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_graceful_shutdown=shutdown_timeout,
         **extra,
     )
 
@@ -124,7 +133,9 @@ def _serve(args: argparse.Namespace) -> int:
     check_store_versions(settings)
     app = create_app(settings)
     settle_heap()
-    server = uvicorn.Server(server_config(app, args.host, args.port, args.log_level))
+    server = uvicorn.Server(
+        server_config(app, args.host, args.port, args.log_level, settings.api_shutdown_timeout)
+    )
     # Who holds the embedded engine once it opens, for `metering reconcile`/`usage` beside it.
     record = record_holder(settings.clickhouse_url, "api", args.host, args.port)
     try:
