@@ -131,60 +131,53 @@ def _tenant_of(key: bytes | str) -> str | None:
 _READ_BATCH = 1000
 
 
-def _counted(out: dict[str, int], tenants: list[str], values: list[Any]) -> None:
-    for tenant, value in zip(tenants, values, strict=True):
-        if value is not None:  # expired between the SCAN and the GET
-            out[tenant] = int(float(value))
+class _CounterReads:
+    """The day counters SCAN finds, read a page at a time in one pipelined round trip (the sync
+    and the async reader share it: only their ``execute`` differs)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.page: list[tuple[Any, str]] = []  # (key, its tenant)
+
+    def add(self, key: Any) -> bool:
+        """Take a key SCAN found; True when the page is full (read it)."""
+        if (tenant := _tenant_of(key)) is not None:
+            self.page.append((key, tenant))
+        return len(self.page) >= _READ_BATCH
+
+    def pipeline(self, client: Any) -> Any:
+        pipe = client.pipeline(transaction=False)
+        for key, _ in self.page:
+            pipe.get(key)
+        return pipe
+
+    def take(self, values: list[Any]) -> None:
+        for (_, tenant), value in zip(self.page, values, strict=True):
+            if value is not None:  # expired between the SCAN and the GET
+                self.counters[tenant] = int(float(value))
+        self.page = []
 
 
 def redis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
     """Every tenant's daily counter for ``day`` (SCAN, so Redis is never blocked; on Cluster
     redis-py scans every primary), read a SCAN page at a time in one pipelined round trip."""
-    out: dict[str, int] = {}
-    keys: list[Any] = []
-    tenants: list[str] = []
-
-    def read() -> None:
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            pipe.get(key)
-        _counted(out, tenants, pipe.execute())
-        keys.clear()
-        tenants.clear()
-
+    reads = _CounterReads()
     for key in client.scan_iter(match=_day_pattern(day), count=_READ_BATCH):
-        if (tenant := _tenant_of(key)) is not None:
-            keys.append(key)
-            tenants.append(tenant)
-            if len(keys) >= _READ_BATCH:
-                read()
-    if keys:
-        read()
-    return out
+        if reads.add(key):
+            reads.take(reads.pipeline(client).execute())
+    if reads.page:
+        reads.take(reads.pipeline(client).execute())
+    return reads.counters
 
 
 async def aredis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
-    out: dict[str, int] = {}
-    keys: list[Any] = []
-    tenants: list[str] = []
-
-    async def read() -> None:
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            pipe.get(key)
-        _counted(out, tenants, await pipe.execute())
-        keys.clear()
-        tenants.clear()
-
+    reads = _CounterReads()
     async for key in client.scan_iter(match=_day_pattern(day), count=_READ_BATCH):
-        if (tenant := _tenant_of(key)) is not None:
-            keys.append(key)
-            tenants.append(tenant)
-            if len(keys) >= _READ_BATCH:
-                await read()
-    if keys:
-        await read()
-    return out
+        if reads.add(key):
+            reads.take(await reads.pipeline(client).execute())
+    if reads.page:
+        reads.take(await reads.pipeline(client).execute())
+    return reads.counters
 
 
 def clickhouse_daily_totals(client: Any, database: str, day: dt.date, meter: str) -> dict[str, int]:
