@@ -453,10 +453,9 @@ class ClickHouseStorage:
         self, topic: str, partitions: Iterable[int], owner: str
     ) -> dict[int, tuple[int, str]]:
         """Claim ``partitions`` for ``owner``, each with the number after its latest claim."""
-        current = self.claims(topic, partitions)
-        claimed = {
-            int(p): (current.get(int(p), (0, ""))[0] + 1, owner) for p in sorted(set(partitions))
-        }
+        parts = sorted({int(p) for p in partitions})
+        current = self.claims(topic, parts)
+        claimed = {p: (current.get(p, (0, ""))[0] + 1, owner) for p in parts}
         if claimed:
             self.client.insert(
                 f"{self.database}.aggregate_claims",
