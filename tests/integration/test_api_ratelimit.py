@@ -21,6 +21,7 @@ import limiter.middleware
 from limiter.keys import window_log_key, window_meta_key
 from metering import reconcile
 from metering.localstack import LocalStack
+from tests.conftest import seconds_to_utc_midnight
 from tests.integration.api_support import (
     AUDIENCE,
     admin,
@@ -37,11 +38,6 @@ from tests.integration.api_support import (
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str, kafka_bootstrap: str):  # type: ignore[no-untyped-def]
     return api_settings(tmp_path, redis_url, kafka_bootstrap, topics=True)
-
-
-def seconds_to_utc_midnight(now: dt.datetime) -> float:
-    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
-    return (midnight - now).total_seconds()
 
 
 # --- authentication ------------------------------------------------------------------------------
@@ -115,7 +111,7 @@ async def test_daily_limit_gives_429_until_the_utc_day_ends(settings, tenant: st
     rejected = responses[3]
     assert rejected.headers["x-ratelimit-limit"] == "3"
     assert rejected.headers["x-ratelimit-remaining"] == "0"
-    to_midnight = seconds_to_utc_midnight(now)
+    to_midnight = seconds_to_utc_midnight(now.timestamp())
     assert abs(int(rejected.headers["retry-after"]) - to_midnight) <= 5
     assert abs(int(rejected.headers["x-ratelimit-reset"]) - (now.timestamp() + to_midnight)) <= 5
     assert '"daily";r=0;' in rejected.headers["ratelimit"]

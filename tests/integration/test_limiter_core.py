@@ -13,6 +13,7 @@ import pytest
 
 from limiter import AsyncRateLimiter, NoQuota, Quota, RateLimiter, UnknownTenant
 from limiter.keys import daily_counter_key, token_bucket_key, window_log_key, window_meta_key
+from tests.conftest import seconds_to_utc_midnight
 from tests.integration.limiter_support import KINDS, StaticQuotas, Targets, server_day, server_time
 
 
@@ -198,7 +199,7 @@ async def test_day_counter_ttl_ends_after_the_next_utc_midnight(
     key = daily_counter_key(tenant, server_day(d.raw, token_bucket_key(tenant)))
     ttl = d.raw.ttl(key)
     now = server_time(d.raw, key)
-    to_midnight = 86400 - now % 86400
+    to_midnight = seconds_to_utc_midnight(now)
     assert to_midnight < ttl <= to_midnight + 3600 + 1  # midnight plus one hour of grace
 
 
