@@ -34,7 +34,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from metering.api.auth import CurrentPrincipal, Principal, bearer_scheme
-from metering.api.context import api_context
+from metering.api.context import ApiContext, api_context
 from metering.api.problems import Problem, StoreFailureRoute
 from metering.events import (
     TYPE_USAGE,
@@ -258,7 +258,7 @@ async def ingest_events(request: Request, principal: CurrentPrincipal) -> Ingest
 
 
 async def _ingest(
-    request: Request, principal: Principal, ctx: Any, media_type: str
+    request: Request, principal: Principal, ctx: ApiContext, media_type: str
 ) -> IngestAccepted:
     settings = ctx.settings
     body = await request.body()
