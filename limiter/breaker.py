@@ -3,7 +3,9 @@ to be down.
 
 closed --(``failure_threshold`` consecutive failures)--> open --(``reset_after`` s)--> half-open:
 one caller probes Redis (the others are answered without Redis meanwhile); its success closes
-the breaker, its failure opens it again for another ``reset_after``. A probe that never reports
+the breaker, its failure opens it again for another ``reset_after``. While open, the answers of
+calls let through before it opened change nothing: a failure keeps it open (from then), a
+success does not close it (it is no news of Redis since the failures). A probe that never reports
 back (its caller was cancelled) is given up after ``reset_after`` and another caller probes.
 
 Thread-safe; ``allow`` is lock-free while the breaker is closed (the hot path).
@@ -95,8 +97,14 @@ class CircuitBreaker:
             until = self._opened_until
             if until is None:
                 return
-            # A call already in flight when it opened may answer too: Redis answers either way.
-            old: BreakerState = "open" if self._clock() < until else "half_open"
+            if self._clock() < until:
+                # Open: no call has gone to Redis since it opened, so this answer is from a
+                # call let through before the failures that opened it (its reply may have
+                # been read before they happened). It says nothing about Redis now; the
+                # probe after ``reset_after`` does. (Closing here let calls wait out Redis's
+                # timeouts again, three failures more, before it reopened.)
+                return
+            old: BreakerState = "half_open"
             self._failures = 0
             self._opened_until = None
             self._probe_until = None
