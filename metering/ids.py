@@ -43,3 +43,12 @@ def validate_meter(meter: object) -> str:
             "starting with a letter or digit"
         )
     return meter
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (controls, escapes, line breaks)
+    written as its Python escape, for a terminal or a log line: a tenant's dimension value or
+    token claim must not move the cursor, forge a table row or set a window title."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

@@ -37,7 +37,7 @@ from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from metering.api.problems import Problem, send_problem
-from metering.ids import InvalidIdentifier, validate_tenant_id
+from metering.ids import InvalidIdentifier, printable, validate_tenant_id
 from metering.settings import Settings, SettingsError
 
 ADMIN_SCOPE = "metering:admin"
@@ -77,7 +77,7 @@ def _shown(text: str, limit: int = _QUOTED_MAX, *, quoted: bool = False) -> str:
         text = text[: limit - 3] + "..."
     if quoted:
         return repr(text)
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return printable(text)
 
 
 def challenge_description(text: str) -> str:

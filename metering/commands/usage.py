@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from metering.billing import billing_statement
+from metering.ids import printable
 from metering.queries import UsageQueries, rfc3339
 from metering.query_sql import Aggregation, DecisionFilter, QueryError, UsageQuery, Window
 from metering.settings import load_settings
@@ -155,7 +156,9 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value)
+    # A dimension value is whatever a tenant sent (any characters): escaped, so it cannot
+    # forge a row of the table or send escape sequences to the operator's terminal.
+    return printable(str(value))
 
 
 def _print(payload: dict[str, Any], as_json: bool, table: str) -> int:
