@@ -26,6 +26,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from metering.redact import MASK, redact
+
 HostPort = tuple[str, int]
 
 #: A number of seconds, a rate: > 0 and finite (pydantic's PositiveFloat takes ``inf``, with
@@ -596,8 +598,15 @@ def _describe(exc: ValidationError, env: dict[str, str]) -> str:
         field = str(err["loc"][0])
         var = field.upper()
         raw = env.get(var, env.get(field, "<default>"))
+        # An error message goes to logs and terminals: no secret, no URL's password, neither
+        # in the value shown nor in the check's message, which may quote it or an item of it.
         if field in SECRET_FIELDS:
-            raw = "***"  # an error message goes to logs and terminals
+            raw = MASK
+        else:
+            for part in {raw, *raw.split(",")}:
+                if part and (masked := redact(part)) != part:
+                    msg = msg.replace(part, masked)
+            raw = redact(raw)
         lines.append(f"{var}={raw!r}: {msg}")
     return "invalid setting(s): " + "; ".join(lines)
 

@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any
-from urllib.parse import urlsplit
 
+from metering.redact import MASK, redact
 from metering.settings import SECRET_FIELDS, Settings, get_settings
-
-MASK = "***"
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-#: a query parameter that carries a credential (redis-py, libpq and clickhouse-connect read them)
-_SECRET_PARAM = re.compile(r"(?i)((?:^|&)[^=&]*(?:pass|pwd|secret|token)[^=&]*=)[^&]*")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,29 +37,6 @@ def reference() -> str:
         default = _default(field).replace("|", "\\|")
         lines.append(f"| `{name.upper()}` | {f'`{default}`' if default else ''} | {desc} |")
     return "\n".join(lines)
-
-
-def _masked_userinfo(netloc: str) -> str:
-    """``user:pw@host`` -> ``user:***@host`` (the last ``@`` ends the userinfo, as in urlsplit)."""
-    userinfo, at, host = netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    return f"{user}:{MASK}@{host}" if at and colon else netloc
-
-
-def redact(value: str) -> str:
-    """``value`` with the password of its URL, or of each ``user:pw@host:port`` item of a
-    comma-separated list, masked; anything else unchanged."""
-    if scheme := _URL.match(value):
-        # Spliced by hand: urlunsplit would rewrite chdb:///path as chdb:/path.
-        netloc = urlsplit(value).netloc
-        rest = value[scheme.end() + len(netloc) :]
-        path, question, query = rest.partition("?")
-        query, hash_, fragment = query.partition("#")
-        query = _SECRET_PARAM.sub(rf"\g<1>{MASK}", query)
-        return f"{scheme[0]}{_masked_userinfo(netloc)}{path}{question}{query}{hash_}{fragment}"
-    if "@" in value and not value.startswith(("{", "[")):  # not a JSON setting
-        return ",".join(_masked_userinfo(item) for item in value.split(","))
-    return value
 
 
 def _run(args: argparse.Namespace) -> int:

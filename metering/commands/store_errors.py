@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from metering.commands.config import MASK, redact
 from metering.localstack.stack import process_identity
+from metering.redact import MASK, redact
 from metering.settings import Settings, load_settings
 
 MIGRATE_HINT = "run `metering db migrate`"

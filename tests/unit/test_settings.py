@@ -241,7 +241,7 @@ def test_config_masks_the_password_of_every_url_and_keeps_the_rest(
     ],
 )
 def test_redaction_masks_only_the_password(value: str, shown: str) -> None:
-    from metering.commands.config import redact
+    from metering.redact import redact
 
     assert redact(value) == shown
 
@@ -399,3 +399,27 @@ def test_config_shows_the_ingest_margins_in_force_when_unset(
     assert shown["API_INGEST_LATENESS_MARGIN"] == "100"  # a tenth of 1000 s
     assert shown["API_INGEST_FUTURE_MARGIN"] == "30"  # a tenth of 300 s, at most 30
     assert list(shown).index("API_INGEST_LATENESS_MARGIN") > list(shown).index("API_MAX_BATCH")
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("RATE_LIMIT_REDIS_URL", "redis://:Hunter2SecretPw@127.0.0.1:63790x/0"),
+        ("QUOTA_DB_URL", "postgresql://app:Hunter2SecretPw@/quota"),
+        ("CLICKHOUSE_URL", "https://default:Hunter2SecretPw@ch.example:84430/"),
+        ("CLICKHOUSE_URL", "https://default:Hunter2SecretPw@[::1/"),
+        ("RATE_LIMIT_REDIS_SENTINELS", "u:Hunter2SecretPw@h"),
+    ],
+)
+def test_an_invalid_url_setting_is_named_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    """The security audit: the start-up error printed the whole value, password and all, into
+    service logs, where JWT_SECRET was already masked and `metering config` masks URLs."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    message = str(err.value)
+    assert f"{var}=" in message, message
+    assert "Hunter2SecretPw" not in message, message
+    assert "***" in message, message
