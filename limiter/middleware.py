@@ -366,7 +366,13 @@ def build_route_rules(
 
 
 def tenant_from_scope(scope: Scope) -> str | None:
-    """The tenant an authentication layer put into the request state, or ``None``."""
+    """The tenant an authentication layer put into the request state, or ``None`` (no caller
+    known: the app's own authentication answers for it).
+
+    From a verified token payload: its ``tenant_id`` claim, or ``sub`` when the token has no
+    ``tenant_id`` at all. A ``tenant_id`` that is present but empty, null or not a string is
+    not a tenant, and is not replaced by ``sub`` (a user's id is not a tenant):
+    :class:`InvalidIdentifier` is raised."""
     state = scope.get("state")
     if not state:
         return None
@@ -375,8 +381,15 @@ def tenant_from_scope(scope: Scope) -> str | None:
         return str(tenant)
     payload = state.get("token_payload")
     if isinstance(payload, Mapping):
-        claimed = payload.get("tenant_id") or payload.get("sub")
-        return str(claimed) if claimed else None
+        claim = "tenant_id" if "tenant_id" in payload else "sub"
+        claimed = payload.get(claim)
+        if claimed is None and claim == "sub":
+            return None
+        if not isinstance(claimed, str):
+            raise InvalidIdentifier(
+                f"token claim {claim!r} must be a tenant id string, not {type(claimed).__name__}"
+            )
+        return claimed
     return None
 
 
@@ -521,7 +534,11 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in self.exempt_paths:
             await self.app(scope, receive, send)
             return
-        tenant = tenant_from_scope(scope)
+        try:
+            tenant = tenant_from_scope(scope)
+        except InvalidIdentifier as exc:
+            await send_problem(send, 400, "Bad Request", str(exc))
+            return
         if tenant is None:
             await self.app(scope, receive, send)
             return

@@ -102,13 +102,18 @@ class Principal:
 
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     """Tenant and scopes from verified claims; raise :class:`AuthError` when unusable."""
-    raw_tenant = claims.get("tenant_id") or claims.get("sub")
-    if raw_tenant is None:
+    # ``sub`` only when there is no ``tenant_id`` at all: one present but empty or null (a user
+    # bound to no tenant) is refused, not replaced by the user's id.
+    claim = "tenant_id" if "tenant_id" in claims else "sub"
+    raw_tenant = claims.get(claim)
+    if raw_tenant is None and claim == "sub":
         raise AuthError("token has neither a 'tenant_id' nor a 'sub' claim")
     try:
         tenant = validate_tenant_id(raw_tenant)
     except InvalidIdentifier as exc:
-        raise AuthError(f"token tenant: {exc}", description="token tenant is invalid") from None
+        raise AuthError(
+            f"token tenant: {exc} (claim {claim!r})", description="token tenant is invalid"
+        ) from None
     raw_scope = claims.get("scope", "")
     if isinstance(raw_scope, str):
         scopes = frozenset(raw_scope.split())

@@ -345,3 +345,18 @@ async def test_a_huge_exp_is_401_token_is_invalid(verifier: TokenVerifier) -> No
 async def test_a_future_iat_is_401_naming_iat(verifier: TokenVerifier) -> None:
     r = await _refusal(verifier, token({"sub": "a", "iat": int(time.time()) + 600}))
     assert r.json()["detail"] == "token is not valid yet (iat: issued in the future)"
+
+
+@pytest.mark.parametrize("present", ["", None, False, 0, 42, ["acme"]])
+def test_a_tenant_id_claim_present_but_empty_or_not_a_string_is_refused_not_replaced_by_sub(
+    verifier: TokenVerifier, present: object
+) -> None:
+    """The security audit: ``tenant_id: ""`` (or null, false, 0) fell back to ``sub``, so a user
+    bound to no tenant was admitted as a tenant named by the user's id. Only a token with no
+    ``tenant_id`` at all is the tenant its ``sub`` names."""
+    with pytest.raises(AuthError) as err:
+        verifier.verify(token({"tenant_id": present, "sub": "user-42"}))
+    assert str(err.value).startswith("token tenant: ")
+    assert "(claim 'tenant_id')" in str(err.value)
+    assert verifier.verify(token({"sub": "user-42"})).tenant_id == "user-42"
+

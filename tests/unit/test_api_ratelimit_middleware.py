@@ -669,3 +669,33 @@ async def test_without_route_templates_a_long_path_still_makes_a_valid_event() -
         assert (await c.get(path)).status_code == 200
     (event,) = emitter.events
     assert event.data.dimensions["route"] == path[:MAX_DIMENSION_VALUE]
+
+
+@pytest.mark.parametrize("present", ["", None, False, 0, 42])
+async def test_a_token_payload_whose_tenant_id_is_empty_or_not_a_string_is_400_not_its_sub(
+    present: object,
+) -> None:
+    """The security audit: the middleware took ``sub`` for a ``tenant_id`` present but empty
+    (a user bound to no tenant, limited and billed as a tenant named by the user's id), and
+    ``str()`` of a non-string claim (42 became tenant "42")."""
+    limiter = ScriptedLimiter(decision(allowed=True), decision(allowed=True))
+    mw = RateLimitMiddleware(inner(), limiter, emitter=ListEmitter())
+
+    def with_payload(payload: dict[str, Any]) -> Any:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            scope.setdefault("state", {})["token_payload"] = payload
+            await mw(scope, receive, send)
+
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://t")
+
+    async with with_payload({"tenant_id": present, "sub": "user-42"}) as c:
+        r = await c.get("/v1/things/1")
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/problem+json"
+    assert "'tenant_id'" in r.json()["detail"] or "invalid tenant id ''" in r.json()["detail"]
+    assert limiter.calls == []
+    async with with_payload({"sub": "user-42"}) as c:  # no tenant_id at all: sub is the tenant
+        assert (await c.get("/v1/things/1")).status_code == 200
+    async with with_payload({"scope": "read"}) as c:  # no caller known: the app's own concern
+        assert (await c.get("/v1/things/1")).status_code == 200
+    assert limiter.calls == [("user-42", 1)]
