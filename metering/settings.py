@@ -332,7 +332,8 @@ class Settings(BaseSettings):
         None, description="PEM (or a path to one) for RS256/ES256 API tokens."
     )
     jwt_audience: str | None = Field(
-        None, description="Required aud claim of API tokens, when set."
+        None,
+        description="Required aud claim of API tokens; unset, tokens with an aud are refused.",
     )
     jwt_algorithms: str = Field("HS256,RS256,ES256", description="Token algorithms accepted.")
     jwt_leeway: float = Field(

@@ -231,7 +231,9 @@ class TokenVerifier:
                 algorithms=[alg],
                 audience=self.audience,
                 leeway=self.leeway,
-                options={"require": ["exp"], "verify_aud": self.audience is not None},
+                # Always verified: with no JWT_AUDIENCE, a token that names an audience is
+                # for some other service and is refused (RFC 7519, 4.1.3).
+                options={"require": ["exp"]},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token has expired") from None
@@ -241,6 +243,12 @@ class TokenVerifier:
                 raise AuthError("token is not valid yet (iat: issued in the future)") from None
             raise AuthError("token is not valid yet (nbf)") from None
         except jwt.InvalidAudienceError:
+            if self.audience is None:
+                raise AuthError(
+                    "token names an audience ('aud') and this API has none (JWT_AUDIENCE): a "
+                    "token for another service is not accepted",
+                    description="token audience is wrong",
+                ) from None
             raise AuthError(
                 f"token audience is not {self.audience!r}", description="token audience is wrong"
             ) from None

@@ -360,3 +360,17 @@ def test_a_tenant_id_claim_present_but_empty_or_not_a_string_is_refused_not_repl
     assert "(claim 'tenant_id')" in str(err.value)
     assert verifier.verify(token({"sub": "user-42"})).tenant_id == "user-42"
 
+
+def test_with_no_audience_set_a_token_for_another_audience_is_refused() -> None:
+    """The security audit: with JWT_AUDIENCE unset, a token minted for "billing-ui" by the same
+    identity provider was accepted as a metering token. RFC 7519 4.1.3: a token whose ``aud``
+    does not name the processor MUST be rejected; one without ``aud`` is still accepted."""
+    no_audience = TokenVerifier(secret=SECRET, audience=None, leeway=5)
+    for aud in ("billing-ui", ["billing-ui", "reports"]):
+        raw = jwt.encode(
+            {"sub": "acme", "aud": aud, "exp": int(time.time()) + 300}, SECRET, algorithm="HS256"
+        )
+        with pytest.raises(AuthError, match=r"^token names an audience \('aud'\)"):
+            no_audience.verify(raw)
+    raw = jwt.encode({"sub": "acme", "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
+    assert no_audience.verify(raw).tenant_id == "acme"
