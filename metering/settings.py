@@ -575,6 +575,16 @@ class Settings(BaseSettings):
     def clickhouse_embedded(self) -> bool:
         return self.clickhouse_url.startswith("chdb:")
 
+    def __repr_args__(self) -> Any:
+        """``repr(settings)`` (in a traceback, a debug log, a dataclass's repr) with secrets and
+        URL passwords masked, as ``metering config`` shows them."""
+        for name, value in super().__repr_args__():
+            if name in SECRET_FIELDS and value is not None:
+                value = MASK
+            elif isinstance(value, str):
+                value = redact(value)
+            yield name, value
+
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables (what ``metering dev up`` prints)."""
         out: dict[str, str] = {}

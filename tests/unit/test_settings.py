@@ -423,3 +423,16 @@ def test_an_invalid_url_setting_is_named_without_its_password(
     assert f"{var}=" in message, message
     assert "Hunter2SecretPw" not in message, message
     assert "***" in message, message
+
+
+def test_the_repr_of_settings_masks_secrets_and_url_passwords() -> None:
+    """A repr reaches tracebacks and debug logs (an ApiContext's dataclass repr holds one)."""
+    s = load_settings(
+        jwt_secret="s" * 40,
+        rate_limit_redis_url="redis://:Hunter2SecretPw@127.0.0.1:6379/0",
+        quota_db_url="postgresql://app:Hunter2SecretPw@db/quota",
+    )
+    shown = repr(s)
+    assert "Hunter2SecretPw" not in shown and "s" * 40 not in shown
+    assert "redis://:***@127.0.0.1:6379/0" in shown and "jwt_secret='***'" in shown
+    assert s.jwt_secret == "s" * 40  # the value itself unchanged
