@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,8 +166,19 @@ def make_engine(url: str | URL, *, timeouts: bool = True) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the worker's upserts
             cur.execute("PRAGMA busy_timeout=5000")
+            # Readers never wait for the worker's upserts. The switch to WAL of a file just
+            # made does not wait on SQLite's busy handler: with several processes starting on
+            # a fresh file at once (migrations), it failed "database is locked" at once.
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
             cur.close()
 
         return engine
@@ -249,6 +262,10 @@ def check_revision(url: str | URL) -> None:
         engine.dispose()
 
 
+#: The PostgreSQL advisory lock ``migrate`` holds (any constant of its own: "metering" in ASCII).
+_MIGRATE_LOCK_KEY = 0x6D65746572696E67
+
+
 def migrate(url: str | URL, revision: str = "head") -> str | None:
     """Bring the quota DB at ``url`` to ``revision`` (idempotent); return the revision reached.
 
@@ -267,6 +284,12 @@ def migrate(url: str | URL, revision: str = "head") -> str | None:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # Workers migrate on every start: on a fresh database two at once both created
+                # the tables, and one failed on PostgreSQL's catalog (a duplicate type name).
+                # The lock, held to this transaction's end, makes the second wait and then
+                # find the work done (SQLite: the BEGIN IMMEDIATE of transactional_ddl).
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK_KEY})")
             _refuse_unknown_revision(conn, ScriptDirectory.from_config(cfg))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
@@ -288,6 +311,21 @@ class QuotaStore:
             engine = make_engine(url)
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # A quota change reads the row, then writes it. PostgreSQL locks the row for that
+        # (SELECT ... FOR UPDATE); SQLite ignores FOR UPDATE and its driver begins the
+        # transaction only at the first write, so two changes at once both read version n,
+        # both wrote n+1, and the row became a column-by-column mix of the two (the operators
+        # audit: 37 of 40 races). On an SQLite file, changes go through a second engine whose
+        # transactions begin with BEGIN IMMEDIATE (the write lock, waited for up to the
+        # busy_timeout), so they run one after the other; reads keep the shared engine.
+        self._writer: Engine | None = None
+        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            self._writer = transactional_ddl(make_engine(engine.url))
+        self._write_sessions = (
+            sessionmaker(self._writer, expire_on_commit=False)
+            if self._writer is not None
+            else self._sessions
+        )
 
     @classmethod
     def from_settings(cls, settings: Any) -> QuotaStore:
@@ -295,10 +333,15 @@ class QuotaStore:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._writer is not None:
+            self._writer.dispose()
 
     @contextmanager
-    def _session(self) -> Iterator[Session]:
-        with self._sessions() as session, session.begin():
+    def _session(self, *, writes: bool = False) -> Iterator[Session]:
+        """A transaction; ``writes``: one that reads rows to change them (serialised on
+        SQLite, see ``__init__``)."""
+        sessions = self._write_sessions if writes else self._sessions
+        with sessions() as session, session.begin():
             yield session
 
     # --- tenants ---------------------------------------------------------------------------------
@@ -335,7 +378,7 @@ class QuotaStore:
             get_plan(plan)
         for attempt in range(2):  # a concurrent first insert of the same tenant: retry as update
             try:
-                with self._session() as s:
+                with self._session(writes=True) as s:
                     row = s.get(TenantRow, tenant, with_for_update=True)
                     chosen = plan or (row.plan if row else "custom")
                     defaults = get_plan(chosen).limits if plan else None
@@ -372,7 +415,7 @@ class QuotaStore:
     def delete_tenant(self, tenant: str) -> bool:
         """Remove a tenant's row (its usage stays); True if there was one."""
         validate_tenant_id(tenant)
-        with self._session() as s:
+        with self._session(writes=True) as s:
             row = s.get(TenantRow, tenant)
             if row is None:
                 return False

@@ -175,3 +175,83 @@ def test_a_plain_postgresql_url_uses_the_installed_psycopg_driver(postgres_url: 
         assert store.engine.dialect.driver == "psycopg"
         assert store.list_tenants() == []
         store.close()
+
+
+def test_quota_changes_at_once_run_one_after_the_other_each_whole(store: QuotaStore) -> None:
+    """The operators audit, on SQLite (the default): two admins' PUTs at once both read
+    version n and both wrote n+1, and the row became a mix of the two (one's rate, the
+    other's burst), a quota nobody sent, enforced as such. Each change must get its own
+    version, and the stored row must be the newest change whole."""
+    import threading
+
+    store.set_quota("acme", rate_per_sec=50, burst=100, daily_limit=1000)
+    changes = [(float(1 + i), 10 + i, 100 + i) for i in range(8)]
+    barrier = threading.Barrier(len(changes))
+    results: list[tuple[int, float, int, int]] = []
+    errors: list[BaseException] = []
+
+    def change(rate: float, burst: int, daily: int) -> None:
+        try:
+            barrier.wait()
+            rec = store.set_quota("acme", rate_per_sec=rate, burst=burst, daily_limit=daily)
+            results.append((rec.version, rec.limits.rate_per_sec, rec.limits.burst, daily))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=change, args=c) for c in changes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    versions = sorted(v for v, *_ in results)
+    assert versions == list(range(2, 2 + len(changes))), versions
+    newest = max(results)
+    stored = store.get_tenant("acme")
+    assert stored is not None and stored.version == newest[0]
+    assert (stored.limits.rate_per_sec, stored.limits.burst, stored.limits.daily_limit) == (
+        newest[1],
+        newest[2],
+        newest[3],
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migrations_run_at_once_on_a_fresh_db_both_succeed(
+    backend: str, tmp_path, services
+) -> None:
+    """The operators audit: two `metering db migrate` (or two workers starting, which migrate)
+    at once on a fresh PostgreSQL database: one failed in 3 of 9 runs ("duplicate key value
+    violates unique constraint pg_type_typname_nsp_index"). Four at once, five fresh DBs."""
+    import threading
+
+    for round_ in range(5):
+        if backend == "sqlite":
+            urls = iter([f"sqlite:///{tmp_path / f'quota-{round_}.db'}"])
+        else:
+            urls = fresh_postgres_database(services.postgres_url())
+        url = next(urls)
+        barrier = threading.Barrier(4)
+        reached: list[str | None] = []
+        errors: list[BaseException] = []
+
+        def run(
+            url: str = url,
+            barrier: threading.Barrier = barrier,
+            reached: list[str | None] = reached,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                barrier.wait()
+                reached.append(migrate(url))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        next(urls, None)  # drops the PostgreSQL database
+        assert not errors, (round_, errors)
+        assert reached == ["0001"] * 4
