@@ -13,8 +13,9 @@ A lookup tries, in order:
 3. **db**: the quota DB. Its answer is written back to Redis with ``SET NX``: a write-back never
    replaces an entry that :class:`QuotaAdmin` wrote for a newer change meanwhile.
 
-A change (:class:`QuotaAdmin`) writes the DB, replaces the Redis entry and publishes the new
-quota on the channel ``tenant_quota_invalidate``; every :class:`QuotaCache` that listens
+A change (:class:`QuotaAdmin`) writes the DB, replaces the Redis entry (unless Redis holds a newer
+version of the tenant: see :class:`QuotaAdmin`) and publishes the new quota on the channel
+``tenant_quota_invalidate``; every :class:`QuotaCache` that listens
 (:meth:`QuotaCache.start` / :meth:`QuotaCache.astart`) installs it at once. ``tenants.version``
 orders changes: an older quota never replaces a newer one, and a refresh that started before a
 change was applied is discarded, as is an older version read from a Redis entry that a change
@@ -59,7 +60,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
 from limiter.failure_policy import redis_unavailable
@@ -70,6 +71,7 @@ from limiter.metrics import (
 )
 from limiter.quota import Quota
 from limiter.quota_provider import UnknownTenant
+from limiter.scripts import LuaScript
 from metering.ids import InvalidIdentifier, validate_tenant_id
 from metering.plans import Limits, QuotaError, check_limits, plan_limits
 from metering.quota_db import QuotaStore, TenantRecord
@@ -89,6 +91,8 @@ INVALIDATION_CHANNEL: Final = "tenant_quota_invalidate"
 CACHE_KEY_PREFIX: Final = "tenant_quota_cache:"
 #: Failures of the sources: the last known quota is served instead.
 _SOURCE_ERRORS = (RedisError, RedisClusterException, SQLAlchemyError, OSError)
+#: Writes a change's Redis entry unless Redis holds a newer version (see :class:`QuotaAdmin`).
+QUOTA_ENTRY: Final = LuaScript.from_package("quota_entry.lua")
 
 
 def quota_cache_key(tenant: str) -> str:
@@ -755,6 +759,16 @@ class QuotaCache:
         self.close()
 
 
+def _kept_newer(tenant: str, record: TenantRecord | None) -> None:
+    """``quota_entry.lua`` kept a newer version than ``record``'s (never for a deletion)."""
+    log.info(
+        "quota of %s: Redis holds a newer version than %s; the entry is kept, the change "
+        "published all the same (caches that hold a newer version ignore it)",
+        tenant,
+        record.version if record is not None else "a deletion",
+    )
+
+
 def unpublished_warning(local_ttl: float, redis_ttl: float, *, retrying: bool) -> str:
     """What an operator is told of a change stored while Redis could not be told: every
     process applies it once its local copy (``local_ttl``) and the Redis entry (``redis_ttl``)
@@ -769,16 +783,36 @@ def unpublished_warning(local_ttl: float, redis_ttl: float, *, retrying: bool) -
 class QuotaAdmin:
     """Changes quotas so they take effect at once: DB, then the Redis entry, then a publish.
 
+    The Redis entry is written only if Redis does not hold a newer version of the tenant
+    (``quota_entry.lua``: one call, one key, so a Redis Cluster runs it too). The DB orders two
+    changes of a tenant (``tenants.version``), but their writes may reach Redis in the other
+    order: two admin requests at once, a retried publish, a call that timed out and that the
+    server still runs. An audit saw the DB at version 7 and Redis at version 5 after a plain
+    SET of the older change landed last; every process that did not hold the tenant (a new
+    replica) enforced the old quota until the entry expired, as :meth:`QuotaCache.apply_change`
+    only protects processes that hold it. So between a tenant's creation and its deletion, its
+    Redis entry only ever moves to a newer version (or an equal one: the same change).
+
+    A deletion has no version (the row is gone; a tenant created again starts over at version
+    1), so it cannot be ordered against a change of the same tenant made at the same time: its
+    ``{"unknown": true}`` entry always replaces the one held, and any change replaces it in turn.
+    Such a race may leave the entry of the one that reached Redis last for up to ``redis_ttl``,
+    as before versions were compared; so may a tenant created again while Redis still holds a
+    higher version of its previous life (its deletion never reached Redis), which the caches
+    that hold the tenant keep as well (see :meth:`QuotaCache._install`).
+
     If Redis cannot be reached, the change is still stored and the methods report
     ``published=False`` in :attr:`last_published`. Redis then still holds the old quota, which
     every other process would read back (and this one too, but for the version check of
     :meth:`QuotaCache._install`) until its entry expires; so the publish is retried in the
     background (a thread for :meth:`publish`, a task of the running loop for :meth:`apublish`)
-    every ``retry_interval`` seconds until Redis answers: the stale entry is deleted (the next
-    lookup reads the DB) and the change published. Retries stop after ``retry_for`` seconds
-    (default ``redis_ttl``: by then the stale entry has expired on its own, and caches pick the
-    change up within ``QUOTA_LOCAL_TTL``); a later change of the tenant that is published
-    supersedes its pending retry.
+    every ``retry_interval`` seconds until Redis answers: the entry is written as above (a newer
+    change made meanwhile elsewhere is kept; a deletion's entry is deleted instead, and the next
+    lookup reads the DB, so that a late ``{"unknown": true}`` never undoes the tenant being
+    created again meanwhile elsewhere) and the change published. Retries stop after
+    ``retry_for`` seconds (default ``redis_ttl``: by then the stale entry has expired on its
+    own, and caches pick the change up within ``QUOTA_LOCAL_TTL``); a later change of the tenant
+    that is published supersedes its pending retry.
     """
 
     #: changes awaiting a retry at most; beyond, the oldest is given up (logged)
@@ -805,8 +839,9 @@ class QuotaAdmin:
         self.last_published = False
         self.retry_interval = float(retry_interval)
         self.retry_for = float(self.redis_ttl if retry_for is None else retry_for)
-        # tenant -> (the message to publish, monotonic time to give up); insertion ordered
-        self._pending: dict[str, tuple[str, float]] = {}
+        # tenant -> (the message to publish, the change (None: deleted), monotonic time to give
+        # up); insertion ordered
+        self._pending: dict[str, tuple[str, TenantRecord | None, float]] = {}
         self._pending_lock = threading.Lock()
         self._retry_thread: threading.Thread | None = None
         self._retry_task: asyncio.Task[None] | None = None
@@ -816,6 +851,38 @@ class QuotaAdmin:
     def _message(tenant: str, record: TenantRecord | None) -> str:
         quota = json.loads(encode_quota(record)) if record else None
         return json.dumps({"tenant": tenant, "quota": quota}, separators=(",", ":"))
+
+    def _entry_args(self, tenant: str, record: TenantRecord | None) -> tuple[str | int, ...]:
+        """KEYS and ARGV of the ``quota_entry.lua`` call that writes ``record``'s entry."""
+        version = record.version if record is not None else 0
+        return (quota_cache_key(tenant), encode_quota(record), version, self.redis_ttl)
+
+    def _write_entry(self, client: redis.Redis, tenant: str, record: TenantRecord | None) -> None:
+        """Replace ``tenant``'s Redis entry by ``record``'s unless Redis holds a newer version
+        (see the class docstring). One round trip: ``EVALSHA``, or, from a server that does not
+        know the script (a restart, a failover, ``SCRIPT FLUSH``), ``EVAL``, which makes it
+        known there. Not redis-py's ``register_script``: it binds a client, and a lazy Cluster
+        client (:class:`limiter.redis_factory.LazyRedisCluster`) would have to reach the
+        cluster as the admin is made."""
+        args = self._entry_args(tenant, record)
+        try:
+            written = client.evalsha(QUOTA_ENTRY.sha.decode(), 1, *args)
+        except NoScriptError:
+            written = client.eval(QUOTA_ENTRY.source.decode(), 1, *args)
+        if not written:
+            _kept_newer(tenant, record)
+
+    async def _awrite_entry(
+        self, client: redis.asyncio.Redis, tenant: str, record: TenantRecord | None
+    ) -> None:
+        """:meth:`_write_entry` on an asyncio client."""
+        args = self._entry_args(tenant, record)
+        try:
+            written = await client.evalsha(QUOTA_ENTRY.sha.decode(), 1, *args)
+        except NoScriptError:
+            written = await client.eval(QUOTA_ENTRY.source.decode(), 1, *args)
+        if not written:
+            _kept_newer(tenant, record)
 
     @property
     def pending(self) -> int:
@@ -844,11 +911,11 @@ class QuotaAdmin:
         if self.redis is None:
             return False
         try:  # two calls, not a pipeline: a Cluster pipeline refuses PUBLISH
-            self.redis.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
+            self._write_entry(self.redis, tenant, record)
             self.redis.publish(INVALIDATION_CHANNEL, message)
         except _SOURCE_ERRORS as exc:
             log.warning("quota of %s stored but not published (retrying): %s", tenant, exc)
-            self._add_pending(tenant, message)
+            self._add_pending(tenant, message, record)
             self._start_retry_thread()
             self.last_published = False
             return False
@@ -875,11 +942,11 @@ class QuotaAdmin:
         if self.local is not None:
             self.local.apply_change(tenant, json.loads(message)["quota"])
         try:
-            await self.aredis.set(quota_cache_key(tenant), encode_quota(record), ex=self.redis_ttl)
+            await self._awrite_entry(self.aredis, tenant, record)
             await self.aredis.publish(INVALIDATION_CHANNEL, message)
         except _SOURCE_ERRORS as exc:
             log.warning("quota of %s stored but not published (retrying): %s", tenant, exc)
-            self._add_pending(tenant, message)
+            self._add_pending(tenant, message, record)
             self._start_retry_task()
             self.last_published = False
             return False
@@ -888,10 +955,10 @@ class QuotaAdmin:
         return True
 
     # --- retries of failed publishes -------------------------------------------------------------
-    def _add_pending(self, tenant: str, message: str) -> None:
+    def _add_pending(self, tenant: str, message: str, record: TenantRecord | None) -> None:
         with self._pending_lock:
             self._pending.pop(tenant, None)  # to the end: the newest
-            self._pending[tenant] = (message, time.monotonic() + self.retry_for)
+            self._pending[tenant] = (message, record, time.monotonic() + self.retry_for)
             while len(self._pending) > self.MAX_PENDING:
                 dropped = next(iter(self._pending))
                 del self._pending[dropped]
@@ -903,11 +970,11 @@ class QuotaAdmin:
             with self._pending_lock:
                 self._pending.pop(tenant, None)
 
-    def _due(self) -> list[tuple[str, str]]:
-        """The pending (tenant, message) pairs, less those given up on (logged)."""
+    def _due(self) -> list[tuple[str, str, TenantRecord | None]]:
+        """The pending (tenant, message, change), less those given up on (logged)."""
         now = time.monotonic()
         with self._pending_lock:
-            for tenant, (_, give_up_at) in list(self._pending.items()):
+            for tenant, (_, _, give_up_at) in list(self._pending.items()):
                 if now >= give_up_at:
                     del self._pending[tenant]
                     log.warning(
@@ -916,11 +983,12 @@ class QuotaAdmin:
                         tenant,
                         self.retry_for,
                     )
-            return [(t, message) for t, (message, _) in self._pending.items()]
+            return [(t, message, record) for t, (message, record, _) in self._pending.items()]
 
     def _retried(self, tenant: str, message: str) -> None:
         with self._pending_lock:
-            if self._pending.get(tenant, ("", 0.0))[0] == message:  # not superseded meanwhile
+            pending = self._pending.get(tenant)
+            if pending is not None and pending[0] == message:  # not superseded meanwhile
                 del self._pending[tenant]
         log.info("quota change of %s published after Redis came back", tenant)
 
@@ -936,9 +1004,12 @@ class QuotaAdmin:
     def _retry_loop(self) -> None:
         assert self.redis is not None
         while not self._stop.wait(self.retry_interval):
-            for tenant, message in self._due():
-                try:  # deleted, not set: a change made meanwhile elsewhere is never undone
-                    self.redis.delete(quota_cache_key(tenant))
+            for tenant, message, record in self._due():
+                try:  # a newer change made meanwhile elsewhere is never undone (class docstring)
+                    if record is None:
+                        self.redis.delete(quota_cache_key(tenant))
+                    else:
+                        self._write_entry(self.redis, tenant, record)
                     self.redis.publish(INVALIDATION_CHANNEL, message)
                 except _SOURCE_ERRORS as exc:  # still down: the rest waits for the next round
                     log.debug("quota publish retry for %s failed: %s", tenant, exc)
@@ -965,9 +1036,12 @@ class QuotaAdmin:
         assert self.aredis is not None
         while True:
             await asyncio.sleep(self.retry_interval)
-            for tenant, message in self._due():
+            for tenant, message, record in self._due():
                 try:
-                    await self.aredis.delete(quota_cache_key(tenant))
+                    if record is None:
+                        await self.aredis.delete(quota_cache_key(tenant))
+                    else:
+                        await self._awrite_entry(self.aredis, tenant, record)
                     await self.aredis.publish(INVALIDATION_CHANNEL, message)
                 except _SOURCE_ERRORS as exc:
                     log.debug("quota publish retry for %s failed: %s", tenant, exc)

@@ -7,29 +7,36 @@ miss counters per layer, changes applied by other processes within a second thro
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import text
 
 from limiter.quota import Quota
 from limiter.quota_provider import UnknownTenant
 from limiter.quotas import (
     INVALIDATION_CHANNEL,
+    QUOTA_ENTRY,
     QuotaAdmin,
     QuotaCache,
     encode_quota,
     quota_cache_key,
 )
-from metering.quota_db import QuotaStore, migrate
+from limiter.scripts import LuaScript
+from metering.quota_db import QuotaStore, TenantRecord, migrate
 
 
 def counts() -> dict[str, float]:
@@ -381,3 +388,213 @@ def test_on_redis_cluster_a_change_is_cached_published_and_applied(
         reader.close()
         for member in members:
             member.close()
+
+
+# --- the order of changes in Redis --------------------------------------------------------------
+def three_versions(store: QuotaStore, tenant: str) -> list[TenantRecord]:
+    """Versions 1, 2 and 3 of ``tenant`` (bursts 10, 11, 12), stored as the DB orders them."""
+    return [
+        store.set_quota(tenant, rate_per_sec=1.0, burst=burst, daily_limit=1000)
+        for burst in (10, 11, 12)
+    ]
+
+
+def held(r: redis.Redis, tenant: str) -> tuple[int, int] | None:
+    """(version, burst) of the tenant's Redis entry, or None when there is none."""
+    raw = r.get(quota_cache_key(tenant))
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return data["version"], data["burst"]
+
+
+def published(pubsub: Any, tenant: str, count: int) -> list[int | None]:
+    """The versions of the next ``count`` changes of ``tenant`` published (None: deleted)."""
+    versions: list[int | None] = []
+    deadline = time.monotonic() + 10
+    while len(versions) < count:
+        assert time.monotonic() < deadline, f"only {versions} were published"
+        message = pubsub.get_message(timeout=0.5)
+        if message and json.loads(message["data"])["tenant"] == tenant:
+            quota = json.loads(message["data"])["quota"]
+            versions.append(None if quota is None else quota["version"])
+    return versions
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_an_older_change_that_reaches_redis_last_never_replaces_a_newer_entry(
+    store: QuotaStore, redis_url: str, r: redis.Redis, tenant: str, cleanup: list[str], flavor: str
+) -> None:
+    """Two changes of one tenant, ordered by the DB, whose writes reach Redis in the other order
+    (the audit: DB at v7, Redis at v5 until the entry expired, and a new replica enforced the
+    old quota): Redis keeps the newer one, and both changes are still published (a cache that
+    holds the tenant compares versions itself)."""
+    import redis.asyncio as aioredis
+
+    cleanup.append(tenant)
+    v1, v2, v3 = three_versions(store, tenant)
+    ar = aioredis.Redis.from_url(redis_url)
+    admin = QuotaAdmin(store, r) if flavor == "sync" else QuotaAdmin(store, aredis=ar)
+
+    async def publish(record: TenantRecord) -> None:
+        if flavor == "sync":
+            admin.publish(tenant, record)
+        else:
+            await admin.apublish(tenant, record)
+        assert admin.last_published
+
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(INVALIDATION_CHANNEL)
+        await publish(v1)
+        await publish(v3)
+        assert held(r, tenant) == (3, 12)  # an older entry is replaced
+        await publish(v2)  # the change the DB made before v3, told to Redis after it
+        assert held(r, tenant) == (3, 12)
+        assert 0 < r.ttl(quota_cache_key(tenant)) <= 30
+        assert published(pubsub, tenant, 3) == [1, 3, 2]
+        before = counts()
+        assert QuotaCache(store, r).get(tenant).burst == 12  # a new replica: Redis answers
+        assert delta(before) == {"misses.local": 1, "hits.redis": 1}
+        await publish(v3)  # the same change again (an equal version) is written again
+        assert held(r, tenant) == (3, 12)
+    finally:
+        pubsub.close()
+        await ar.aclose()
+
+
+def test_a_deletion_replaces_any_version_and_a_tenant_created_again_replaces_the_deletion(
+    store: QuotaStore, r: redis.Redis, tenant: str, cleanup: list[str]
+) -> None:
+    """A deletion carries no version to compare (a tenant created again starts over at
+    version 1): its entry replaces a higher version, and the new tenant's version 1 replaces it
+    in turn, as if versions were not compared."""
+    cleanup.append(tenant)
+    admin = QuotaAdmin(store, r)
+    three_versions(store, tenant)
+    admin.set_quota(tenant, burst=13)
+    assert held(r, tenant) == (4, 13)
+    admin.delete_tenant(tenant)
+    assert json.loads(r.get(quota_cache_key(tenant))) == {"unknown": True}
+    record = admin.set_quota(tenant, rate_per_sec=1.0, burst=5, daily_limit=100)
+    assert record.version == 1
+    assert held(r, tenant) == (1, 5)
+
+
+async def close_client(client: Any) -> None:
+    if isinstance(client, redis.Redis):
+        client.close()
+    else:
+        await client.aclose()
+
+
+def unreachable(flavor: str) -> Any:
+    """A client of a loopback port nobody listens on (refused at once, no retries)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if flavor == "sync":
+        return redis.Redis(port=port, retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis(port=port, retry=AsyncRetry(NoBackoff(), 0))
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+async def test_a_retried_publish_never_replaces_a_newer_entry_and_replaces_an_older_one(
+    store: QuotaStore, redis_url: str, r: redis.Redis, cleanup: list[str], flavor: str
+) -> None:
+    """An admin that could not reach Redis retries its publish once Redis answers (here: once
+    its client is pointed at the real one). Meanwhile another process made a newer change of
+    ``newer`` and told Redis: the retried older change leaves it. ``older`` holds an entry
+    older than the retried change: the retry replaces it."""
+    import redis.asyncio as aioredis
+
+    newer, older = f"t-{uuid.uuid4().hex[:12]}", f"t-{uuid.uuid4().hex[:12]}"
+    cleanup.extend([newer, older])
+    _, n2, n3 = three_versions(store, newer)
+    o1, o2, _ = three_versions(store, older)
+    dead = unreachable(flavor)
+    ar = aioredis.Redis.from_url(redis_url)
+    kind = "redis" if flavor == "sync" else "aredis"
+    down = QuotaAdmin(store, **{kind: dead}, retry_interval=0.05)
+    up = QuotaAdmin(store, r)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(INVALIDATION_CHANNEL)
+        up.publish(older, o1)
+        for tenant, record in ((newer, n2), (older, o2)):
+            if flavor == "sync":
+                assert not down.publish(tenant, record)
+            else:
+                assert not await down.apublish(tenant, record)
+        assert down.pending == 2
+        up.publish(newer, n3)  # another process, told Redis after the failed one
+        assert held(r, newer) == (3, 12)
+        setattr(down, kind, r if flavor == "sync" else ar)  # Redis answers the retrier now
+        # The retried v2 is published all the same (read in a thread: the retrier may be a task
+        # of this loop).
+        assert await asyncio.to_thread(published, pubsub, newer, 2) == [3, 2]
+        deadline = time.monotonic() + 10
+        while down.pending:
+            assert time.monotonic() < deadline, "the retries never finished"
+            await asyncio.sleep(0.01)
+        assert held(r, newer) == (3, 12)
+        assert held(r, older) == (2, 11)
+    finally:
+        pubsub.close()
+        if flavor == "sync":
+            down.close()
+        else:
+            await down.aclose()
+        await ar.aclose()
+        await close_client(dead)
+
+
+def test_a_server_that_does_not_know_the_script_is_sent_it(
+    store: QuotaStore,
+    r: redis.Redis,
+    tenant: str,
+    cleanup: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """EVALSHA of a script the server does not hold (a restart, a failover, SCRIPT FLUSH) is
+    answered NOSCRIPT: the call is sent again as EVAL, which makes the server hold it. A script
+    of its own (a comment with the tenant) stands for the unknown one: a SCRIPT FLUSH would
+    disturb the other tests sharing this Redis."""
+    cleanup.append(tenant)
+    source = QUOTA_ENTRY.source + f"-- {tenant}\n".encode()
+    sha = hashlib.sha1(source).hexdigest().encode()  # noqa: S324 (Redis names scripts so)
+    script = LuaScript("quota_entry.lua", source, sha)
+    monkeypatch.setattr("limiter.quotas.QUOTA_ENTRY", script)
+    assert r.script_exists(script.sha.decode()) == [False]
+    admin = QuotaAdmin(store, r)
+    _, v2, v3 = three_versions(store, tenant)
+    admin.publish(tenant, v3)
+    assert admin.last_published
+    assert r.script_exists(script.sha.decode()) == [True]
+    admin.publish(tenant, v2)  # by EVALSHA now
+    assert held(r, tenant) == (3, 12)
+
+
+def test_on_redis_cluster_an_older_change_never_replaces_a_newer_entry(
+    store: QuotaStore, redis_cluster_nodes: str, tenant: str
+) -> None:
+    from redis.cluster import ClusterNode, RedisCluster
+
+    nodes = [
+        ClusterNode(h, int(p))
+        for h, p in (n.rsplit(":", 1) for n in redis_cluster_nodes.split(","))
+    ]
+    writer = RedisCluster(startup_nodes=nodes)
+    admin = QuotaAdmin(store, writer)
+    try:
+        v1, v2, v3 = three_versions(store, tenant)
+        for record in (v1, v3, v2):
+            admin.publish(tenant, record)
+            assert admin.last_published
+        assert json.loads(writer.get(quota_cache_key(tenant)))["version"] == 3
+    finally:
+        writer.delete(quota_cache_key(tenant))
+        writer.close()
