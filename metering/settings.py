@@ -255,8 +255,11 @@ class Settings(BaseSettings):
     )
     clickhouse_retention_days: PositiveInt = Field(
         400,
+        # The TTL is a DateTime (seconds, to 2106): today + ~29,000 days wraps into the past,
+        # and the tables deleted every row as they stored it (the billing audit, 36,500).
+        le=10000,
         description="Days usage_events and its rollups keep rows (table TTL, applied by every"
-        " migration, so a change reaches existing tables).",
+        " migration, so a change reaches existing tables); at most 10000.",
     )
 
     # --- streams worker ------------------------------------------------------------------------

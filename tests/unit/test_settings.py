@@ -436,3 +436,17 @@ def test_the_repr_of_settings_masks_secrets_and_url_passwords() -> None:
     assert "Hunter2SecretPw" not in shown and "s" * 40 not in shown
     assert "redis://:***@127.0.0.1:6379/0" in shown and "jwt_secret='***'" in shown
     assert s.jwt_secret == "s" * 40  # the value itself unchanged
+
+
+@pytest.mark.parametrize("days", ["29000", "36500"])
+def test_a_retention_past_what_clickhouse_ttl_can_hold_is_refused(
+    monkeypatch: pytest.MonkeyPatch, days: str
+) -> None:
+    """The billing audit: 36,500 days ("keep a century") was accepted, and the TTL
+    ``toDateTime(time) + INTERVAL N DAY`` wrapped past 2106 into 1970: every row was deleted as
+    it was stored, while billing still answered from the rollups."""
+    monkeypatch.setenv("CLICKHOUSE_RETENTION_DAYS", days)
+    with pytest.raises(SettingsError, match=rf"CLICKHOUSE_RETENTION_DAYS='{days}'.*10000"):
+        load_settings()
+    monkeypatch.setenv("CLICKHOUSE_RETENTION_DAYS", "10000")
+    assert load_settings().clickhouse_retention_days == 10000
