@@ -107,6 +107,7 @@ def billing_statement(
 ) -> BillingStatement:
     """The statement of ``tenant`` for ``month`` in ``tz``: one line per meter with usage."""
     start, end = month_period(month, tz)
+    queries.check_zone(tz, start, end)  # the month's bounds are Python's, its rows ClickHouse's
     totals = queries.meter_totals(tenant, start, end, force_raw=force_raw)
     lines = tuple(StatementLine(meter, _number(q), n) for meter, q, n in totals)
     return BillingStatement(tenant, month, tz, start, end, lines)

@@ -23,6 +23,8 @@ from typing import Any
 import msgspec
 
 from metering.query_sql import (
+    EARLIEST,
+    LATEST_TIME,
     MAX_RESULT_ROWS,
     MAX_SLIDING_MINUTES,
     MAX_SLIDING_POINTS,
@@ -221,12 +223,90 @@ def rolling_sums(
     return [(first_end_s + 60 * k, float(prefix[k + minutes] - prefix[k])) for k in range(points)]
 
 
+#: The step at which :meth:`UsageQueries.check_zone` compares the two time-zone databases: no
+#: zone has changed its offset at other than a whole half hour of UTC.
+ZONE_CHECK_STEP_SECONDS = 1800
+_ZONE_CHECK_SQL = (
+    "SELECT groupArray(timeZoneOffset(toDateTime(t, {tz:String}))) FROM "
+    "(SELECT arrayJoin(range({a:UInt32}, {b:UInt32}, {step:UInt32})) AS t)"
+)
+
+
+def python_offsets(tz: str, starts: range) -> list[int]:
+    """The UTC offsets (seconds) Python's ``zoneinfo`` gives ``tz`` at each of ``starts``."""
+    zone = zoneinfo.ZoneInfo(tz)
+    out = []
+    for t in starts:
+        offset = dt.datetime.fromtimestamp(t, zone).utcoffset()
+        out.append(int(offset.total_seconds()) if offset is not None else 0)
+    return out
+
+
 class UsageQueries:
     """Usage, sliding-window and top-tenant questions against one database of one client."""
+
+    #: (zone, year) pairs found alike in both time-zone databases, at most (then forgotten)
+    MAX_ZONE_YEARS_KEPT = 10_000
 
     def __init__(self, client: Any, database: str = "metering") -> None:
         self.client = client
         self.database = validate_database(database)
+        self._zone_years_alike: set[tuple[str, int]] = set()
+
+    def check_zone(self, tz: str, start: dt.datetime, end: dt.datetime) -> None:
+        """Refuse ``tz`` (:class:`QueryError` on ``tz``) if Python's time-zone database and
+        ClickHouse's give it different UTC offsets in a year that ``[start, end)`` touches.
+
+        ClickHouse cuts the windows (its own copy of the IANA database); Python computes a
+        statement's month bounds, the windows' labels and which rollup may answer (``zoneinfo``:
+        the host's copy, or the ``tzdata`` package). The billing audit found them a release
+        apart on this machine (2025b, 2026c), differing for America/Vancouver, Africa/Casablanca
+        and others: a statement billed events to the wrong month and disagreed with the MONTH
+        window of ``/v1/usage``. A wrong bill is worse than none: a question whose span (and two
+        days around it) they disagree on is refused, saying why, until the two agree. Compared
+        every half hour of each year the span touches; a year found alike is remembered (a year
+        costs ~25 ms the first time)."""
+        if tz == "UTC":
+            return
+        first = max(start - dt.timedelta(days=2), EARLIEST).year
+        last = min(end + dt.timedelta(days=2), LATEST_TIME).year
+        for year in range(first, last + 1):
+            if (tz, year) in self._zone_years_alike:
+                continue
+            a = max(int(dt.datetime(year, 1, 1, tzinfo=UTC).timestamp()), 0)
+            b = int(dt.datetime(year + 1, 1, 1, tzinfo=UTC).timestamp())
+            starts = range(a, b, ZONE_CHECK_STEP_SECONDS)
+            (theirs,) = self.run(
+                SqlQuery(
+                    _ZONE_CHECK_SQL,
+                    {"tz": tz, "a": a, "b": b, "step": ZONE_CHECK_STEP_SECONDS},
+                )
+            )[0]
+            ours = python_offsets(tz, starts)
+            if list(theirs) != ours:
+                # Refused only if they differ within the question's own span (two days' margin
+                # for the windows at its edges): a zone's earlier months stay answerable.
+                lo = (start - dt.timedelta(days=2)).timestamp()
+                hi = (end + dt.timedelta(days=2)).timestamp()
+                differ = [
+                    i
+                    for i, (x, y) in enumerate(zip(ours, theirs, strict=True))
+                    if x != y and lo <= starts[i] < hi
+                ]
+                if not differ:
+                    continue  # not remembered: the next question may reach the difference
+                i = differ[0]
+                when = dt.datetime.fromtimestamp(starts[i], UTC).strftime("%Y-%m-%dT%H:%MZ")
+                raise QueryError(
+                    "tz",
+                    f"{tz}: this server's time zone database and ClickHouse's disagree on its "
+                    f"UTC offset in {year} (at {when}: {ours[i]:+d} s against {theirs[i]:+d} s),"
+                    " so its windows and months cannot be computed consistently; use another "
+                    "zone or UTC until the two are updated to the same release",
+                )
+            if len(self._zone_years_alike) >= self.MAX_ZONE_YEARS_KEPT:
+                self._zone_years_alike.clear()
+            self._zone_years_alike.add((tz, year))
 
     def run(self, query: SqlQuery) -> list[tuple[Any, ...]]:
         """Execute ``query`` with its parameters bound server-side."""
@@ -249,6 +329,7 @@ class UsageQueries:
 
     def usage(self, q: UsageQuery, *, force_raw: bool = False) -> UsageResult:
         """Usage of ``q.meter`` by window and group; rollups where they answer, raw otherwise."""
+        self.check_zone(q.tz, q.start, q.end)
         sql = build_usage(q, self.database, force_raw=force_raw)
         columns = self.run_columns(sql)
         count = len(columns[0]) if columns else 0

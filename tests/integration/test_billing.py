@@ -16,7 +16,7 @@ import pytest
 
 from metering.billing import billing_statement, month_period
 from metering.queries import UsageQueries
-from metering.query_sql import QueryError
+from metering.query_sql import QueryError, UsageQuery
 from tests.integration.query_schema import at, insert_events, scratch_database
 
 
@@ -177,3 +177,96 @@ def test_a_month_reaching_outside_the_stored_times_is_refused_naming_the_month(
     assert err.value.param == "month"
     assert "outside the times stored" in str(err.value)
     month_period(month, "UTC")  # the same month in UTC is within them
+
+
+# The zones the billing audit found a release apart between this machine's zoneinfo (2025b) and
+# the embedded ClickHouse's (2026c), or between the tzdata package (2026f) and ClickHouse's.
+DRIFTED_ZONES = [
+    "America/Vancouver",
+    "America/Edmonton",
+    "Africa/Casablanca",
+    "Europe/Chisinau",
+    "America/Winnipeg",
+    "America/Havana",
+]
+
+
+@pytest.fixture(scope="module")
+def autumn(clickhouse_client: Any) -> Iterator[UsageQueries]:
+    """One ``requests`` event of 1 at half past every UTC hour, 2026-10-25 to 2026-12-05: the
+    months around the changes the drifted zones' databases disagree on."""
+    t, stop, events = at("2026-10-25T00:30:00Z"), at("2026-12-05T00:00:00Z"), []
+    while t < stop:
+        events.append({"tenant": "acme", "meter": "requests", "time": t, "quantity": 1})
+        t += dt.timedelta(hours=1)
+    with scratch_database(clickhouse_client) as db:
+        insert_events(clickhouse_client, db, events)
+        yield UsageQueries(clickhouse_client, db)
+
+
+@pytest.mark.parametrize("tz", [*DRIFTED_ZONES, "Europe/Berlin"])
+@pytest.mark.parametrize("month", ["2026-03", "2026-11"])
+def test_a_statement_and_the_month_window_agree_or_the_zone_is_refused(
+    billing: UsageQueries, autumn: UsageQueries, tz: str, month: str
+) -> None:
+    """The billing audit: a statement's month bounds came from Python's zone database and the
+    MONTH windows from ClickHouse's, a release apart: for America/Vancouver's November 2026 the
+    two billed different hours. On any machine, either the databases agree on the zone in that
+    month (and so do the two answers), or both refuse it on ``tz``, naming the disagreement."""
+    queries = billing if month == "2026-03" else autumn
+    try:
+        statement = billing_statement(queries, "acme", month, tz)
+    except QueryError as exc:
+        assert exc.param == "tz" and "disagree" in str(exc), exc
+        first = at(f"{month}-01T00:00:00Z")
+        with pytest.raises(QueryError, match="disagree"):
+            queries.usage(
+                UsageQuery(
+                    tenant="acme",
+                    meter="requests",
+                    start=first - dt.timedelta(days=1),
+                    end=first + dt.timedelta(days=31),
+                    window="MONTH",
+                    tz=tz,
+                )
+            )
+        return
+    window = queries.usage(
+        UsageQuery(
+            tenant="acme",
+            meter="requests",
+            start=statement.period_start - dt.timedelta(days=1),
+            end=statement.period_end + dt.timedelta(days=1),
+            window="MONTH",
+            tz=tz,
+        )
+    )
+    rows = {(r.window_start, r.window_end): r.value for r in window.rows}
+    assert (statement.period_start, statement.period_end) in rows, (statement, rows)
+    billed = {line.meter: line.quantity for line in statement.lines}["requests"]
+    assert billed == rows[statement.period_start, statement.period_end]
+
+
+def test_a_zone_whose_offsets_differ_between_the_databases_is_refused(
+    billing: UsageQueries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check itself, wherever the two databases happen to agree: Python's side made to
+    move Europe/Berlin's spring change by an hour."""
+    import metering.queries as queries_module
+
+    real = queries_module.python_offsets
+
+    def drifted(tz: str, starts: range) -> list[int]:
+        out = real(tz, starts)
+        change = int(at("2026-03-29T01:00:00Z").timestamp())
+        moved = range(change, change + 3600)
+        return [3600 if t in moved else o for t, o in zip(starts, out, strict=True)]
+
+    fresh = UsageQueries(billing.client, billing.database)
+    monkeypatch.setattr(queries_module, "python_offsets", drifted)
+    refused = r"Europe/Berlin: .* disagree .* 2026 \(at 2026-03-29T01:00Z"
+    with pytest.raises(QueryError, match=refused):
+        billing_statement(fresh, "acme", "2026-03", "Europe/Berlin")
+    assert billing_statement(fresh, "acme", "2025-12", "UTC").lines == ()  # UTC: no check
+    monkeypatch.setattr(queries_module, "python_offsets", real)
+    assert billing_statement(fresh, "acme", "2026-03", "Europe/Berlin").lines
