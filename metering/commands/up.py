@@ -111,6 +111,12 @@ def sign_token(settings: Settings, tenant: str, *, admin: bool = False, ttl: int
         raise CommandError("JWT_PUBLIC_KEY is set: tokens are signed by your identity provider")
     if not 0 < ttl <= MAX_TOKEN_TTL:
         raise ValueError(f"ttl must be 1-{MAX_TOKEN_TTL} seconds (ten years), got {ttl}")
+    accepted = {a.strip().upper() for a in settings.jwt_algorithms.split(",") if a.strip()}
+    if "HS256" not in accepted:  # the API would refuse the token: say so here, not with a 401
+        raise CommandError(
+            f"JWT_ALGORITHMS={settings.jwt_algorithms!r} does not accept HS256, the algorithm "
+            "metering token signs with JWT_SECRET"
+        )
     now = dt.datetime.now(dt.UTC)
     claims: dict[str, Any] = {
         "sub": validate_tenant_id(tenant),

@@ -23,3 +23,13 @@ def test_a_lifetime_out_of_range_is_refused_naming_the_bounds(ttl: int) -> None:
     """A huge --ttl used to end in OverflowError (a date past year 9999) or a C int overflow."""
     with pytest.raises(ValueError, match=rf"ttl must be 1-{MAX_TOKEN_TTL} seconds"):
         sign_token(load_settings(jwt_secret=SECRET), "acme", ttl=ttl)
+
+
+def test_a_token_the_api_would_refuse_for_its_algorithm_is_not_signed() -> None:
+    """The operators audit: with JWT_ALGORITHMS=RS256,ES256 `metering token` still signed an
+    HS256 token, which the API then refused with a 401."""
+    from metering.cli import CommandError
+
+    with pytest.raises(CommandError, match="JWT_ALGORITHMS='RS256,ES256' does not accept HS256"):
+        sign_token(load_settings(jwt_secret=SECRET, jwt_algorithms="RS256,ES256"), "acme")
+    assert sign_token(load_settings(jwt_secret=SECRET, jwt_algorithms=" hs256 ,RS256"), "acme")
