@@ -18,7 +18,7 @@ import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -36,6 +36,7 @@ from metering.query_sql import (
     QueryError,
     SqlQuery,
     UsageQuery,
+    Window,
     build_minute_series,
     build_statement,
     build_top_tenants,
@@ -223,13 +224,18 @@ def rolling_sums(
     return [(first_end_s + 60 * k, float(prefix[k + minutes] - prefix[k])) for k in range(points)]
 
 
-#: The step at which :meth:`UsageQueries.check_zone` compares the two time-zone databases: no
-#: zone has changed its offset at other than a whole half hour of UTC.
+#: The step at which :func:`zone_check` compares the two time-zone databases: no zone has
+#: changed its offset at other than a whole half hour of UTC.
 ZONE_CHECK_STEP_SECONDS = 1800
 _ZONE_CHECK_SQL = (
     "SELECT groupArray(timeZoneOffset(toDateTime(t, {tz:String}))) FROM "
     "(SELECT arrayJoin(range({a:UInt32}, {b:UInt32}, {step:UInt32})) AS t)"
 )
+#: (zone, year) -> the instants at which the two databases give different offsets, as
+#: ``(instant, Python's offset, ClickHouse's)``; empty: alike. Per process (one process talks
+#: to one ClickHouse), shared by every :class:`UsageQueries` (the API makes one per request).
+_ZONE_YEARS: dict[tuple[str, int], tuple[tuple[int, int, int], ...]] = {}
+_ZONE_YEARS_KEPT = 10_000
 
 
 def python_offsets(tz: str, starts: range) -> list[int]:
@@ -242,71 +248,98 @@ def python_offsets(tz: str, starts: range) -> list[int]:
     return out
 
 
+def _zone_year_differences(
+    queries: UsageQueries, tz: str, year: int
+) -> tuple[tuple[int, int, int], ...]:
+    found = _ZONE_YEARS.get((tz, year))
+    if found is not None:
+        return found
+    a = max(int(dt.datetime(year, 1, 1, tzinfo=UTC).timestamp()), 0)
+    b = int(dt.datetime(year + 1, 1, 1, tzinfo=UTC).timestamp())
+    starts = range(a, b, ZONE_CHECK_STEP_SECONDS)
+    (theirs,) = queries.run(
+        SqlQuery(_ZONE_CHECK_SQL, {"tz": tz, "a": a, "b": b, "step": ZONE_CHECK_STEP_SECONDS})
+    )[0]
+    ours = python_offsets(tz, starts)
+    found = tuple((t, x, y) for t, x, y in zip(starts, ours, theirs, strict=True) if x != y)
+    if len(_ZONE_YEARS) >= _ZONE_YEARS_KEPT:
+        _ZONE_YEARS.clear()
+    _ZONE_YEARS[tz, year] = found
+    return found
+
+
+def zone_check(
+    queries: UsageQueries,
+    tz: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    margin: dt.timedelta = dt.timedelta(days=2),
+) -> None:
+    """Refuse ``tz`` (:class:`QueryError` on ``tz``) if Python's time-zone database and
+    ClickHouse's give it different UTC offsets within ``[start - margin, end + margin)``.
+
+    ClickHouse cuts the windows (its own copy of the IANA database); Python computes a
+    statement's month bounds, the windows' labels and which rollup may answer (``zoneinfo``:
+    the host's copy, or the ``tzdata`` package). The billing audit found them a release apart
+    on this machine (2025b, 2026c), differing for America/Vancouver, Africa/Casablanca and
+    others: a statement billed events to the wrong month and disagreed with the MONTH window of
+    ``/v1/usage``. A wrong bill is worse than none: a question whose span they disagree on is
+    refused, saying why, until the two agree. ``margin`` covers the DAY windows at the span's
+    edges (a MONTH window's bounds are checked as they come: :func:`zone_check_instants`). The
+    databases are compared every half hour of each year the span touches, once per process
+    and year (~25 ms), and the differences kept."""
+    if tz == "UTC":
+        return
+    lo = int((start - margin).timestamp())
+    hi = int((end + margin).timestamp())
+    first = max(start - margin, EARLIEST).year
+    last = min(end + margin, LATEST_TIME).year
+    for year in range(first, last + 1):
+        for t, ours, theirs in _zone_year_differences(queries, tz, year):
+            if lo <= t < hi:
+                _refuse_zone(tz, year, t, ours, theirs)
+
+
+def zone_check_instants(queries: UsageQueries, tz: str, instants: Iterable[int]) -> None:
+    """:func:`zone_check` for single instants (epoch seconds): the bounds of windows that
+    ClickHouse cut and Python labels, which may lie outside the question's span (a MONTH
+    window begins up to a month before it)."""
+    if tz == "UTC":
+        return
+    for t in instants:
+        year = dt.datetime.fromtimestamp(t, UTC).year
+        for d, ours, theirs in _zone_year_differences(queries, tz, year):
+            if d <= t < d + ZONE_CHECK_STEP_SECONDS:
+                _refuse_zone(tz, year, d, ours, theirs)
+
+
+def _refuse_zone(tz: str, year: int, t: int, ours: int, theirs: int) -> NoReturn:
+    when = dt.datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%MZ")
+    raise QueryError(
+        "tz",
+        f"{tz}: this server's time zone database and ClickHouse's disagree on its UTC offset in"
+        f" {year} (at {when}: {ours:+d} s against {theirs:+d} s), so its windows and months"
+        " cannot be computed consistently; use another zone or UTC until the two are updated"
+        " to the same release",
+    )
+
+
 class UsageQueries:
     """Usage, sliding-window and top-tenant questions against one database of one client."""
-
-    #: (zone, year) pairs found alike in both time-zone databases, at most (then forgotten)
-    MAX_ZONE_YEARS_KEPT = 10_000
 
     def __init__(self, client: Any, database: str = "metering") -> None:
         self.client = client
         self.database = validate_database(database)
-        self._zone_years_alike: set[tuple[str, int]] = set()
 
-    def check_zone(self, tz: str, start: dt.datetime, end: dt.datetime) -> None:
-        """Refuse ``tz`` (:class:`QueryError` on ``tz``) if Python's time-zone database and
-        ClickHouse's give it different UTC offsets in a year that ``[start, end)`` touches.
-
-        ClickHouse cuts the windows (its own copy of the IANA database); Python computes a
-        statement's month bounds, the windows' labels and which rollup may answer (``zoneinfo``:
-        the host's copy, or the ``tzdata`` package). The billing audit found them a release
-        apart on this machine (2025b, 2026c), differing for America/Vancouver, Africa/Casablanca
-        and others: a statement billed events to the wrong month and disagreed with the MONTH
-        window of ``/v1/usage``. A wrong bill is worse than none: a question whose span (and two
-        days around it) they disagree on is refused, saying why, until the two agree. Compared
-        every half hour of each year the span touches; a year found alike is remembered (a year
-        costs ~25 ms the first time)."""
-        if tz == "UTC":
-            return
-        first = max(start - dt.timedelta(days=2), EARLIEST).year
-        last = min(end + dt.timedelta(days=2), LATEST_TIME).year
-        for year in range(first, last + 1):
-            if (tz, year) in self._zone_years_alike:
-                continue
-            a = max(int(dt.datetime(year, 1, 1, tzinfo=UTC).timestamp()), 0)
-            b = int(dt.datetime(year + 1, 1, 1, tzinfo=UTC).timestamp())
-            starts = range(a, b, ZONE_CHECK_STEP_SECONDS)
-            (theirs,) = self.run(
-                SqlQuery(
-                    _ZONE_CHECK_SQL,
-                    {"tz": tz, "a": a, "b": b, "step": ZONE_CHECK_STEP_SECONDS},
-                )
-            )[0]
-            ours = python_offsets(tz, starts)
-            if list(theirs) != ours:
-                # Refused only if they differ within the question's own span (two days' margin
-                # for the windows at its edges): a zone's earlier months stay answerable.
-                lo = (start - dt.timedelta(days=2)).timestamp()
-                hi = (end + dt.timedelta(days=2)).timestamp()
-                differ = [
-                    i
-                    for i, (x, y) in enumerate(zip(ours, theirs, strict=True))
-                    if x != y and lo <= starts[i] < hi
-                ]
-                if not differ:
-                    continue  # not remembered: the next question may reach the difference
-                i = differ[0]
-                when = dt.datetime.fromtimestamp(starts[i], UTC).strftime("%Y-%m-%dT%H:%MZ")
-                raise QueryError(
-                    "tz",
-                    f"{tz}: this server's time zone database and ClickHouse's disagree on its "
-                    f"UTC offset in {year} (at {when}: {ours[i]:+d} s against {theirs[i]:+d} s),"
-                    " so its windows and months cannot be computed consistently; use another "
-                    "zone or UTC until the two are updated to the same release",
-                )
-            if len(self._zone_years_alike) >= self.MAX_ZONE_YEARS_KEPT:
-                self._zone_years_alike.clear()
-            self._zone_years_alike.add((tz, year))
+    def check_zone(
+        self,
+        tz: str,
+        start: dt.datetime,
+        end: dt.datetime,
+        margin: dt.timedelta = dt.timedelta(days=2),
+    ) -> None:
+        """:func:`zone_check` against this client's ClickHouse."""
+        zone_check(self, tz, start, end, margin)
 
     def run(self, query: SqlQuery) -> list[tuple[Any, ...]]:
         """Execute ``query`` with its parameters bound server-side."""
@@ -350,6 +383,8 @@ class UsageQueries:
                 window_ends = columns.pop(0)
             else:
                 window_ends = [s + MINUTE_WINDOW_SECONDS for s in window_starts]
+            if q.window == Window.MONTH:  # may begin up to a month before the question
+                zone_check_instants(self, q.tz, {*window_starts, *window_ends})
             starts, ends = _instants(window_starts, window_ends, zone)
         *group_columns, values = columns
         names = q.group_by
