@@ -54,7 +54,15 @@ def wait_until_serving(url: str, proc: subprocess.Popen[bytes], timeout: float =
 def api_environ(env: dict[str, str]) -> dict[str, str]:
     """``env`` over this process's environment and the tests' JWT settings: what a
     ``metering`` subprocess of these tests runs with."""
-    return {**os.environ, "JWT_SECRET": SECRET, "JWT_AUDIENCE": AUDIENCE, **env}
+    # PYTHONFAULTHANDLER: a server that will not stop is made to print every thread's stack
+    # (stop_api), so a hang seen once on CI says where it was.
+    return {
+        **os.environ,
+        "JWT_SECRET": SECRET,
+        "JWT_AUDIENCE": AUDIENCE,
+        "PYTHONFAULTHANDLER": "1",
+        **env,
+    }
 
 
 def start_api(env: dict[str, str], output: int = subprocess.DEVNULL) -> tuple[Any, str]:
@@ -68,6 +76,27 @@ def start_api(env: dict[str, str], output: int = subprocess.DEVNULL) -> tuple[An
         stderr=subprocess.STDOUT,
     )
     return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_api(proc: Any, timeout: float = 60) -> str:
+    """SIGTERM ``proc`` (from :func:`start_api` with ``output=subprocess.PIPE``) and return what
+    it wrote. One that has not exited within ``timeout`` fails the test with every thread's
+    stack: SIGABRT, which ``PYTHONFAULTHANDLER`` turns into a dump. (CI once saw a ``metering
+    api`` still running 60 s after SIGTERM, with no way to tell where it waited.)"""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return str(proc.communicate(timeout=timeout)[0].decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out = proc.communicate(timeout=15)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0].decode(errors="replace")
+        raise AssertionError(
+            f"metering api still running {timeout:g} s after SIGTERM; its output and threads:\n"
+            + out[-12000:]
+        ) from None
 
 
 def served_by(tmp_path: Path, settings: Settings, redis_url: str, kafka: str) -> dict[str, str]:
@@ -116,8 +145,7 @@ def test_serves_without_kafka_and_flushes_to_the_spool_on_sigterm(
         r = httpx.get(f"{url}/v1/limits/{tenant}", headers=admin, timeout=10)
         assert r.json()["daily"]["used"] == 1  # the ingest request, counted while Kafka is down
     finally:
-        proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=60)[0].decode(errors="replace")
+        output = stop_api(proc)
     # uvicorn re-raises the signal after its graceful shutdown: "terminated by SIGTERM".
     assert proc.returncode in (0, -signal.SIGTERM), output[-2000:]
     assert "Application shutdown complete" in output

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metering.clickhouse.schema import migrations
-from tests.integration.test_api_server import api_environ, start_api, wait_until_serving
+from tests.integration.test_api_server import api_environ, start_api, stop_api, wait_until_serving
 
 #: Migrates the embedded ClickHouse folder argv[1] (database argv[2]), then records a version
 #: newer than this release ships, as a newer release would. In a process of its own: chdb opens
@@ -122,7 +122,6 @@ def test_stores_of_this_release_or_not_migrated_yet_are_served(
             made = [p.name for p in (tmp_path / "clickhouse").iterdir()]
             assert all(name.startswith("metering-holder-") for name in made), made
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+        out = stop_api(proc)
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "schema version not checked" not in out  # nothing failed to answer
