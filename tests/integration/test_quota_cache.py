@@ -37,6 +37,7 @@ from limiter.quotas import (
 )
 from limiter.scripts import LuaScript
 from metering.quota_db import QuotaStore, TenantRecord, migrate
+from metering.settings import parse_host_ports
 
 
 def counts() -> dict[str, float]:
@@ -358,10 +359,7 @@ def test_on_redis_cluster_a_change_is_cached_published_and_applied(
 ) -> None:
     from redis.cluster import ClusterNode, RedisCluster
 
-    nodes = [
-        ClusterNode(h, int(p))
-        for h, p in (n.rsplit(":", 1) for n in redis_cluster_nodes.split(","))
-    ]
+    nodes = [ClusterNode(h, p) for h, p in parse_host_ports(redis_cluster_nodes)]
     name = f"quota-listener-{tenant}"
     writer = RedisCluster(startup_nodes=nodes)
     reader = RedisCluster(startup_nodes=nodes, client_name=name)
@@ -583,10 +581,7 @@ def test_on_redis_cluster_an_older_change_never_replaces_a_newer_entry(
 ) -> None:
     from redis.cluster import ClusterNode, RedisCluster
 
-    nodes = [
-        ClusterNode(h, int(p))
-        for h, p in (n.rsplit(":", 1) for n in redis_cluster_nodes.split(","))
-    ]
+    nodes = [ClusterNode(h, p) for h, p in parse_host_ports(redis_cluster_nodes)]
     writer = RedisCluster(startup_nodes=nodes)
     admin = QuotaAdmin(store, writer)
     try:
