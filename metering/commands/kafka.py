@@ -1,4 +1,5 @@
-"""``metering kafka init``: create the pipeline's topics (idempotent)."""
+"""``metering kafka init``: create the pipeline's topics (idempotent); ``metering kafka dlq``:
+the newest dead letters, with their reasons (read-only)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--partitions", type=positive_int, default=None, help="partitions of usage.events"
     )
     init.set_defaults(handler=_init)
+    dlq = ksub.add_parser(
+        "dlq", help="the newest dead letters of usage.events.dlq with their reasons (read-only)"
+    )
+    dlq.add_argument(
+        "--limit", type=positive_int, default=20, help="how many of the newest (default 20)"
+    )
+    dlq.add_argument("--json", action="store_true", help="one JSON object, keys and values too")
+    dlq.set_defaults(handler=_dlq)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -52,3 +61,39 @@ def _existing(state: TopicState, spec: TopicSpec) -> str:
         wanted = ", ".join(f"{key}={value}" for key, value in asked.items())
         text += f"; settings ask {wanted}: existing topics are left as they are"
     return text
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    import json
+
+    from metering.cli import CommandError
+    from metering.dead_letters import read_dead_letters
+
+    settings = load_settings()
+    if args.limit > MAX_DLQ_LIMIT:
+        raise CommandError(f"--limit: at most {MAX_DLQ_LIMIT}, got {args.limit}")
+    try:
+        letters = read_dead_letters(
+            settings.kafka_bootstrap_servers, settings.usage_events_dlq_topic, args.limit
+        )
+    except LookupError as exc:
+        raise CommandError(str(exc.args[0])) from None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "topic": settings.usage_events_dlq_topic,
+                    "dead_letters": [d.to_dict() for d in letters],
+                },
+                indent=2,
+            )
+        )
+    else:
+        from metering.dead_letters import format_dead_letters
+
+        print(format_dead_letters(letters))
+    return 0
+
+
+#: Most dead letters ``kafka dlq`` reads at once (each may be up to the topic's message size).
+MAX_DLQ_LIMIT = 10_000
