@@ -65,7 +65,7 @@ from metering.events import (
     UsageEvent,
 )
 from metering.events_fast import EventTemplates, FastUsageData, WireEvent, encode_wire
-from metering.ids import InvalidIdentifier, validate_meter
+from metering.ids import InvalidIdentifier, tenant_claim, validate_meter
 
 if TYPE_CHECKING:
     from metering.settings import Settings
@@ -381,8 +381,7 @@ def tenant_from_scope(scope: Scope) -> str | None:
         return str(tenant)
     payload = state.get("token_payload")
     if isinstance(payload, Mapping):
-        claim = "tenant_id" if "tenant_id" in payload else "sub"
-        claimed = payload.get(claim)
+        claim, claimed = tenant_claim(payload)
         if claimed is None and claim == "sub":
             return None
         if not isinstance(claimed, str):

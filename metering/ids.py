@@ -8,6 +8,8 @@ a file name and a URL path segment. A meter name is the same shape, 1-64 charact
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 TENANT_ID_MAX = 64
 _TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -52,3 +54,12 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def tenant_claim(claims: Mapping[str, Any]) -> tuple[str, Any]:
+    """The claim of verified token ``claims`` that names the tenant, and its value (None when
+    absent): ``tenant_id``, or ``sub`` only when the token has no ``tenant_id`` at all. One
+    present but empty or null (a user bound to no tenant) is the value to check and refuse,
+    never replaced by ``sub`` (a user's id is not a tenant)."""
+    claim = "tenant_id" if "tenant_id" in claims else "sub"
+    return claim, claims.get(claim)

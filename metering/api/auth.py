@@ -37,7 +37,7 @@ from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from metering.api.problems import Problem, send_problem
-from metering.ids import InvalidIdentifier, printable, validate_tenant_id
+from metering.ids import InvalidIdentifier, printable, tenant_claim, validate_tenant_id
 from metering.settings import Settings, SettingsError
 
 ADMIN_SCOPE = "metering:admin"
@@ -102,10 +102,7 @@ class Principal:
 
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     """Tenant and scopes from verified claims; raise :class:`AuthError` when unusable."""
-    # ``sub`` only when there is no ``tenant_id`` at all: one present but empty or null (a user
-    # bound to no tenant) is refused, not replaced by the user's id.
-    claim = "tenant_id" if "tenant_id" in claims else "sub"
-    raw_tenant = claims.get(claim)
+    claim, raw_tenant = tenant_claim(claims)
     if raw_tenant is None and claim == "sub":
         raise AuthError("token has neither a 'tenant_id' nor a 'sub' claim")
     try:
