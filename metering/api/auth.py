@@ -121,6 +121,12 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     return Principal(tenant, scopes, dict(claims))
 
 
+def algorithm_names(names: Iterable[str]) -> frozenset[str]:
+    """``JWT_ALGORITHMS``' entries as the names PyJWT knows (trimmed, upper case, empty ones
+    dropped): what the verifier accepts, and what ``metering token`` checks it signs with."""
+    return frozenset(a.strip().upper() for a in names if a.strip())
+
+
 def _key_serves(alg: str, key: Any) -> bool:
     """Whether PyJWT accepts ``key`` for ``alg`` (RSA keys for RS/PS, an EC key for the ES
     algorithm of its curve)."""
@@ -158,7 +164,7 @@ class TokenVerifier:
     ) -> None:
         self._secret = secret or None
         self._public_key = load_pem_public_key(public_key.encode()) if public_key else None
-        allowed = {a.strip().upper() for a in algorithms if a.strip()}
+        allowed = algorithm_names(algorithms)
         usable = set()
         if self._secret:
             usable |= _SECRET_ALGS

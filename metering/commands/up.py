@@ -104,6 +104,7 @@ def ensure_dev_secret(settings: Settings) -> str | None:
 def sign_token(settings: Settings, tenant: str, *, admin: bool = False, ttl: int = 3600) -> str:
     import jwt
 
+    from metering.api.auth import algorithm_names
     from metering.ids import validate_tenant_id
 
     secret = settings.jwt_secret or ensure_dev_secret(settings)
@@ -111,8 +112,8 @@ def sign_token(settings: Settings, tenant: str, *, admin: bool = False, ttl: int
         raise CommandError("JWT_PUBLIC_KEY is set: tokens are signed by your identity provider")
     if not 0 < ttl <= MAX_TOKEN_TTL:
         raise ValueError(f"ttl must be 1-{MAX_TOKEN_TTL} seconds (ten years), got {ttl}")
-    accepted = {a.strip().upper() for a in settings.jwt_algorithms.split(",") if a.strip()}
-    if "HS256" not in accepted:  # the API would refuse the token: say so here, not with a 401
+    # The API would refuse the token: say so here, not with a 401.
+    if "HS256" not in algorithm_names(settings.jwt_algorithms.split(",")):
         raise CommandError(
             f"JWT_ALGORITHMS={settings.jwt_algorithms!r} does not accept HS256, the algorithm "
             "metering token signs with JWT_SECRET"
