@@ -10,11 +10,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
-
-from metering.ids import printable
 
 #: The headers a dead letter carries ahead of its original message's.
 DLQ_HEADERS = ("dlq.reason", "dlq.error", "dlq.topic", "dlq.partition", "dlq.offset")
@@ -123,33 +120,4 @@ def read_dead_letters(
         consumer.close()
 
 
-def format_dead_letters(letters: list[DeadLetterView], error_width: int = 100) -> str:
-    """A table of ``letters`` and a count by reason; every field written printable (a dead
-    letter's text is whatever a producer sent)."""
-    from metering.commands.usage import render_table
-
-    if not letters:
-        return "no dead letters"
-    rows = []
-    for d in letters:
-        error = printable(d.error)
-        if len(error) > error_width:
-            error = error[: error_width - 3] + "..."
-        key = printable(d.key.decode("utf-8", "replace")) if d.key is not None else "-"
-        rows.append(
-            [
-                d.time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                f"{d.partition}@{d.offset}",
-                d.reason,
-                key[:64],
-                printable(d.source),
-                error,
-            ]
-        )
-    table = render_table(["time", "at", "reason", "key", "from", "error"], rows)
-    counts = Counter(d.reason for d in letters)
-    by_reason = ", ".join(f"{printable(r)} {n}" for r, n in sorted(counts.items()))
-    return f"{table}\n({len(letters)} dead letters: {by_reason})"
-
-
-__all__ = ["DLQ_HEADERS", "DeadLetterView", "format_dead_letters", "read_dead_letters"]
+__all__ = ["DLQ_HEADERS", "DeadLetterView", "read_dead_letters"]

@@ -4,8 +4,14 @@ the newest dead letters, with their reasons (read-only)."""
 from __future__ import annotations
 
 import argparse
+import json
+from collections import Counter
 
+from metering.cli import CommandError
 from metering.commands.argtypes import positive_int
+from metering.commands.usage import render_table
+from metering.dead_letters import DeadLetterView, read_dead_letters
+from metering.ids import printable
 from metering.settings import load_settings
 from metering.topics import TopicSpec, TopicState, describe_topics, ensure_topics, pipeline_topics
 
@@ -64,11 +70,6 @@ def _existing(state: TopicState, spec: TopicSpec) -> str:
 
 
 def _dlq(args: argparse.Namespace) -> int:
-    import json
-
-    from metering.cli import CommandError
-    from metering.dead_letters import read_dead_letters
-
     settings = load_settings()
     if args.limit > MAX_DLQ_LIMIT:
         raise CommandError(f"--limit: at most {MAX_DLQ_LIMIT}, got {args.limit}")
@@ -79,20 +80,41 @@ def _dlq(args: argparse.Namespace) -> int:
     except LookupError as exc:
         raise CommandError(str(exc.args[0])) from None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "topic": settings.usage_events_dlq_topic,
-                    "dead_letters": [d.to_dict() for d in letters],
-                },
-                indent=2,
-            )
-        )
+        shown = {
+            "topic": settings.usage_events_dlq_topic,
+            "dead_letters": [d.to_dict() for d in letters],
+        }
+        print(json.dumps(shown, indent=2))
     else:
-        from metering.dead_letters import format_dead_letters
-
-        print(format_dead_letters(letters))
+        print(_dlq_table(letters))
     return 0
+
+
+def _dlq_table(letters: list[DeadLetterView], error_width: int = 100) -> str:
+    """A table of ``letters`` and a count by reason; every field written printable (a dead
+    letter's text is whatever a producer sent)."""
+    if not letters:
+        return "no dead letters"
+    rows = []
+    for d in letters:
+        error = printable(d.error)
+        if len(error) > error_width:
+            error = error[: error_width - 3] + "..."
+        key = printable(d.key.decode("utf-8", "replace")) if d.key is not None else "-"
+        rows.append(
+            [
+                d.time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                f"{d.partition}@{d.offset}",
+                d.reason,
+                key[:64],
+                printable(d.source),
+                error,
+            ]
+        )
+    table = render_table(["time", "at", "reason", "key", "from", "error"], rows)
+    counts = Counter(d.reason for d in letters)
+    by_reason = ", ".join(f"{printable(r)} {n}" for r, n in sorted(counts.items()))
+    return f"{table}\n({len(letters)} dead letters: {by_reason})"
 
 
 #: Most dead letters ``kafka dlq`` reads at once (each may be up to the topic's message size).
