@@ -224,8 +224,8 @@ def rolling_sums(
     return [(first_end_s + 60 * k, float(prefix[k + minutes] - prefix[k])) for k in range(points)]
 
 
-#: The step at which :func:`zone_check` compares the two time-zone databases: no zone has
-#: changed its offset at other than a whole half hour of UTC.
+#: The step at which :meth:`UsageQueries.check_zone` compares the two time-zone databases: no
+#: zone has changed its offset at other than a whole half hour of UTC.
 ZONE_CHECK_STEP_SECONDS = 1800
 _ZONE_CHECK_SQL = (
     "SELECT groupArray(timeZoneOffset(toDateTime(t, {tz:String}))) FROM "
@@ -246,71 +246,6 @@ def python_offsets(tz: str, starts: range) -> list[int]:
         offset = dt.datetime.fromtimestamp(t, zone).utcoffset()
         out.append(int(offset.total_seconds()) if offset is not None else 0)
     return out
-
-
-def _zone_year_differences(
-    queries: UsageQueries, tz: str, year: int
-) -> tuple[tuple[int, int, int], ...]:
-    found = _ZONE_YEARS.get((tz, year))
-    if found is not None:
-        return found
-    a = max(int(dt.datetime(year, 1, 1, tzinfo=UTC).timestamp()), 0)
-    b = int(dt.datetime(year + 1, 1, 1, tzinfo=UTC).timestamp())
-    starts = range(a, b, ZONE_CHECK_STEP_SECONDS)
-    (theirs,) = queries.run(
-        SqlQuery(_ZONE_CHECK_SQL, {"tz": tz, "a": a, "b": b, "step": ZONE_CHECK_STEP_SECONDS})
-    )[0]
-    ours = python_offsets(tz, starts)
-    found = tuple((t, x, y) for t, x, y in zip(starts, ours, theirs, strict=True) if x != y)
-    if len(_ZONE_YEARS) >= _ZONE_YEARS_KEPT:
-        _ZONE_YEARS.clear()
-    _ZONE_YEARS[tz, year] = found
-    return found
-
-
-def zone_check(
-    queries: UsageQueries,
-    tz: str,
-    start: dt.datetime,
-    end: dt.datetime,
-    margin: dt.timedelta = dt.timedelta(days=2),
-) -> None:
-    """Refuse ``tz`` (:class:`QueryError` on ``tz``) if Python's time-zone database and
-    ClickHouse's give it different UTC offsets within ``[start - margin, end + margin)``.
-
-    ClickHouse cuts the windows (its own copy of the IANA database); Python computes a
-    statement's month bounds, the windows' labels and which rollup may answer (``zoneinfo``:
-    the host's copy, or the ``tzdata`` package). The billing audit found them a release apart
-    on this machine (2025b, 2026c), differing for America/Vancouver, Africa/Casablanca and
-    others: a statement billed events to the wrong month and disagreed with the MONTH window of
-    ``/v1/usage``. A wrong bill is worse than none: a question whose span they disagree on is
-    refused, saying why, until the two agree. ``margin`` covers the DAY windows at the span's
-    edges (a MONTH window's bounds are checked as they come: :func:`zone_check_instants`). The
-    databases are compared every half hour of each year the span touches, once per process
-    and year (~25 ms), and the differences kept."""
-    if tz == "UTC":
-        return
-    lo = int((start - margin).timestamp())
-    hi = int((end + margin).timestamp())
-    first = max(start - margin, EARLIEST).year
-    last = min(end + margin, LATEST_TIME).year
-    for year in range(first, last + 1):
-        for t, ours, theirs in _zone_year_differences(queries, tz, year):
-            if lo <= t < hi:
-                _refuse_zone(tz, year, t, ours, theirs)
-
-
-def zone_check_instants(queries: UsageQueries, tz: str, instants: Iterable[int]) -> None:
-    """:func:`zone_check` for single instants (epoch seconds): the bounds of windows that
-    ClickHouse cut and Python labels, which may lie outside the question's span (a MONTH
-    window begins up to a month before it)."""
-    if tz == "UTC":
-        return
-    for t in instants:
-        year = dt.datetime.fromtimestamp(t, UTC).year
-        for d, ours, theirs in _zone_year_differences(queries, tz, year):
-            if d <= t < d + ZONE_CHECK_STEP_SECONDS:
-                _refuse_zone(tz, year, d, ours, theirs)
 
 
 def _refuse_zone(tz: str, year: int, t: int, ours: int, theirs: int) -> NoReturn:
@@ -338,8 +273,61 @@ class UsageQueries:
         end: dt.datetime,
         margin: dt.timedelta = dt.timedelta(days=2),
     ) -> None:
-        """:func:`zone_check` against this client's ClickHouse."""
-        zone_check(self, tz, start, end, margin)
+        """Refuse ``tz`` (:class:`QueryError` on ``tz``) if Python's time-zone database and
+        ClickHouse's give it different UTC offsets within ``[start - margin, end + margin)``.
+
+        ClickHouse cuts the windows (its own copy of the IANA database); Python computes a
+        statement's month bounds, the windows' labels and which rollup may answer
+        (``zoneinfo``: the host's copy, or the ``tzdata`` package). The billing audit found them
+        a release apart on this machine (2025b, 2026c), differing for America/Vancouver,
+        Africa/Casablanca and others: a statement billed events to the wrong month and
+        disagreed with the MONTH window of ``/v1/usage``. A wrong bill is worse than none: a
+        question whose span they disagree on is refused, saying why, until the two agree.
+        ``margin`` covers the DAY windows at the span's edges (a MONTH window's bounds are
+        checked as they come: :meth:`check_zone_instants`). The databases are compared every
+        half hour of each year the span touches, once per process and year (~25 ms), and the
+        differences kept."""
+        if tz == "UTC":
+            return
+        lo = int((start - margin).timestamp())
+        hi = int((end + margin).timestamp())
+        first = max(start - margin, EARLIEST).year
+        last = min(end + margin, LATEST_TIME).year
+        for year in range(first, last + 1):
+            for t, ours, theirs in self._zone_differences(tz, year):
+                if lo <= t < hi:
+                    _refuse_zone(tz, year, t, ours, theirs)
+
+    def check_zone_instants(self, tz: str, instants: Iterable[int]) -> None:
+        """:meth:`check_zone` for single instants (epoch seconds): the bounds of windows that
+        ClickHouse cut and Python labels, which may lie outside the question's span (a MONTH
+        window begins up to a month before it)."""
+        if tz == "UTC":
+            return
+        for t in instants:
+            year = dt.datetime.fromtimestamp(t, UTC).year
+            for d, ours, theirs in self._zone_differences(tz, year):
+                if d <= t < d + ZONE_CHECK_STEP_SECONDS:
+                    _refuse_zone(tz, year, d, ours, theirs)
+
+    def _zone_differences(self, tz: str, year: int) -> tuple[tuple[int, int, int], ...]:
+        """``(instant, Python's offset, ClickHouse's)`` where the two differ in ``year``
+        (remembered per process: see ``_ZONE_YEARS``)."""
+        found = _ZONE_YEARS.get((tz, year))
+        if found is not None:
+            return found
+        a = max(int(dt.datetime(year, 1, 1, tzinfo=UTC).timestamp()), 0)
+        b = int(dt.datetime(year + 1, 1, 1, tzinfo=UTC).timestamp())
+        starts = range(a, b, ZONE_CHECK_STEP_SECONDS)
+        (theirs,) = self.run(
+            SqlQuery(_ZONE_CHECK_SQL, {"tz": tz, "a": a, "b": b, "step": ZONE_CHECK_STEP_SECONDS})
+        )[0]
+        ours = python_offsets(tz, starts)
+        found = tuple((t, x, y) for t, x, y in zip(starts, ours, theirs, strict=True) if x != y)
+        if len(_ZONE_YEARS) >= _ZONE_YEARS_KEPT:
+            _ZONE_YEARS.clear()
+        _ZONE_YEARS[tz, year] = found
+        return found
 
     def run(self, query: SqlQuery) -> list[tuple[Any, ...]]:
         """Execute ``query`` with its parameters bound server-side."""
@@ -384,7 +372,7 @@ class UsageQueries:
             else:
                 window_ends = [s + MINUTE_WINDOW_SECONDS for s in window_starts]
             if q.window == Window.MONTH:  # may begin up to a month before the question
-                zone_check_instants(self, q.tz, {*window_starts, *window_ends})
+                self.check_zone_instants(q.tz, {*window_starts, *window_ends})
             starts, ends = _instants(window_starts, window_ends, zone)
         *group_columns, values = columns
         names = q.group_by
