@@ -839,9 +839,9 @@ class QuotaAdmin:
         self.last_published = False
         self.retry_interval = float(retry_interval)
         self.retry_for = float(self.redis_ttl if retry_for is None else retry_for)
-        # tenant -> (the message to publish, the change (None: deleted), monotonic time to give
-        # up); insertion ordered
-        self._pending: dict[str, tuple[str, TenantRecord | None, float]] = {}
+        # tenant -> (the change to tell Redis (None: deleted; its message is made again from
+        # it), monotonic time to give up); insertion ordered
+        self._pending: dict[str, tuple[TenantRecord | None, float]] = {}
         self._pending_lock = threading.Lock()
         self._retry_thread: threading.Thread | None = None
         self._retry_task: asyncio.Task[None] | None = None
@@ -915,7 +915,7 @@ class QuotaAdmin:
             self.redis.publish(INVALIDATION_CHANNEL, message)
         except _SOURCE_ERRORS as exc:
             log.warning("quota of %s stored but not published (retrying): %s", tenant, exc)
-            self._add_pending(tenant, message, record)
+            self._add_pending(tenant, record)
             self._start_retry_thread()
             self.last_published = False
             return False
@@ -946,7 +946,7 @@ class QuotaAdmin:
             await self.aredis.publish(INVALIDATION_CHANNEL, message)
         except _SOURCE_ERRORS as exc:
             log.warning("quota of %s stored but not published (retrying): %s", tenant, exc)
-            self._add_pending(tenant, message, record)
+            self._add_pending(tenant, record)
             self._start_retry_task()
             self.last_published = False
             return False
@@ -955,10 +955,10 @@ class QuotaAdmin:
         return True
 
     # --- retries of failed publishes -------------------------------------------------------------
-    def _add_pending(self, tenant: str, message: str, record: TenantRecord | None) -> None:
+    def _add_pending(self, tenant: str, record: TenantRecord | None) -> None:
         with self._pending_lock:
             self._pending.pop(tenant, None)  # to the end: the newest
-            self._pending[tenant] = (message, record, time.monotonic() + self.retry_for)
+            self._pending[tenant] = (record, time.monotonic() + self.retry_for)
             while len(self._pending) > self.MAX_PENDING:
                 dropped = next(iter(self._pending))
                 del self._pending[dropped]
@@ -970,11 +970,11 @@ class QuotaAdmin:
             with self._pending_lock:
                 self._pending.pop(tenant, None)
 
-    def _due(self) -> list[tuple[str, str, TenantRecord | None]]:
-        """The pending (tenant, message, change), less those given up on (logged)."""
+    def _due(self) -> list[tuple[str, TenantRecord | None]]:
+        """The pending (tenant, change) pairs, less those given up on (logged)."""
         now = time.monotonic()
         with self._pending_lock:
-            for tenant, (_, _, give_up_at) in list(self._pending.items()):
+            for tenant, (_, give_up_at) in list(self._pending.items()):
                 if now >= give_up_at:
                     del self._pending[tenant]
                     log.warning(
@@ -983,12 +983,12 @@ class QuotaAdmin:
                         tenant,
                         self.retry_for,
                     )
-            return [(t, message, record) for t, (message, record, _) in self._pending.items()]
+            return [(t, record) for t, (record, _) in self._pending.items()]
 
-    def _retried(self, tenant: str, message: str) -> None:
+    def _retried(self, tenant: str, record: TenantRecord | None) -> None:
         with self._pending_lock:
             pending = self._pending.get(tenant)
-            if pending is not None and pending[0] == message:  # not superseded meanwhile
+            if pending is not None and pending[0] == record:  # not superseded meanwhile
                 del self._pending[tenant]
         log.info("quota change of %s published after Redis came back", tenant)
 
@@ -1004,7 +1004,8 @@ class QuotaAdmin:
     def _retry_loop(self) -> None:
         assert self.redis is not None
         while not self._stop.wait(self.retry_interval):
-            for tenant, message, record in self._due():
+            for tenant, record in self._due():
+                message = self._message(tenant, record)
                 try:  # a newer change made meanwhile elsewhere is never undone (class docstring)
                     if record is None:
                         self.redis.delete(quota_cache_key(tenant))
@@ -1017,7 +1018,7 @@ class QuotaAdmin:
                 except Exception:  # a retry must never kill the retrier
                     log.exception("quota publish retry for %s failed", tenant)
                     break
-                self._retried(tenant, message)
+                self._retried(tenant, record)
             with self._pending_lock:
                 if not self._pending:
                     self._retry_thread = None
@@ -1036,7 +1037,8 @@ class QuotaAdmin:
         assert self.aredis is not None
         while True:
             await asyncio.sleep(self.retry_interval)
-            for tenant, message, record in self._due():
+            for tenant, record in self._due():
+                message = self._message(tenant, record)
                 try:
                     if record is None:
                         await self.aredis.delete(quota_cache_key(tenant))
@@ -1049,7 +1051,7 @@ class QuotaAdmin:
                 except Exception:
                     log.exception("quota publish retry for %s failed", tenant)
                     break
-                self._retried(tenant, message)
+                self._retried(tenant, record)
             if not self._pending:  # no await since the check: a new failure starts a new task
                 return
 
