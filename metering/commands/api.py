@@ -23,8 +23,8 @@ from metering.settings import Settings, load_settings
 
 log = logging.getLogger("metering.api")
 
-#: uvicorn's graceful-shutdown timeout when none is given (``API_SHUTDOWN_TIMEOUT``'s default)
-GRACEFUL_SHUTDOWN_SECONDS = 15
+#: uvicorn's graceful-shutdown timeout when none is given: ``API_SHUTDOWN_TIMEOUT``'s default
+GRACEFUL_SHUTDOWN_SECONDS: int = Settings.model_fields["api_shutdown_timeout"].default
 #: Seconds the start-up schema check waits for a ClickHouse server (then serves unchecked).
 VERSION_CHECK_TIMEOUT = 5.0
 
