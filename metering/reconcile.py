@@ -1,9 +1,10 @@
 """Reconciliation: for one UTC day, each tenant's usage as three places see it.
 
 - Redis: the limiter's daily counter ``rl:{<tenant>}:day:<YYYYMMDD>`` (what enforcement counted);
-- ClickHouse: the billable usage of the limiter's meter (``WORKER_BACKFILL_METER``, default
-  ``requests``) for that day, from the ``usage_day`` rollup of the deduplicated ``usage_events``
-  (what the pipeline recorded);
+- ClickHouse: the same count as the pipeline recorded it, from a rollup of the deduplicated
+  ``usage_events``: by default the cost of the tenant's allowed limiter decisions on every meter
+  (``decisions_day``), or with ``WORKER_BACKFILL_MEASURE=meter`` the billable usage of
+  ``WORKER_BACKFILL_METER`` (``usage_day``); :mod:`metering.clickhouse.totals`;
 - the quota DB: ``tenant_daily_usage`` (what the worker backfilled, the same definition).
 
 The three agree once the pipeline has caught up. A tenant whose numbers differ is a drift: an
@@ -28,6 +29,7 @@ from typing import Any
 
 from limiter.clock import epoch_day, utc_from_ns
 from limiter.scripts import DAY_GRACE_SECONDS
+from metering.clickhouse.totals import DECISIONS, Measure, daily_totals
 from metering.ids import is_valid_tenant_id
 
 _DAY_KEY_RE = re.compile(r"^rl:\{(?P<tenant>[^{}]+)\}:day:(?P<day>\d{8})$", re.ASCII)
@@ -180,22 +182,31 @@ async def aredis_daily_counters(client: Any, day: dt.date) -> dict[str, int]:
     return reads.counters
 
 
-def clickhouse_daily_totals(client: Any, database: str, day: dt.date, meter: str) -> dict[str, int]:
-    """Billable usage of ``meter`` per tenant for the UTC day (the backfill's definition),
-    rounded up as the quota DB's day totals are read (``QuotaStore.daily_usage_for_day``), so
-    a fractional total copied exactly is not reported as drift."""
-    from metering.clickhouse.totals import daily_billable_totals
-
-    rows = daily_billable_totals(
-        client, database, meter=meter, since=day, until=day + dt.timedelta(days=1)
+def clickhouse_daily_totals(
+    client: Any, database: str, day: dt.date, meter: str, measure: Measure = DECISIONS
+) -> dict[str, int]:
+    """Each tenant's total for the UTC day by ``measure`` (the backfill's definition; ``meter``
+    is read for ``"meter"``), rounded up as the quota DB's day totals are read
+    (``QuotaStore.daily_usage_for_day``), so a fractional total copied exactly is not reported
+    as drift."""
+    rows = daily_totals(
+        client,
+        database,
+        measure=measure,
+        meter=meter,
+        since=day,
+        until=day + dt.timedelta(days=1),
     )
     return {tenant: math.ceil(total) for tenant, _day, total in rows}
 
 
-def format_report(rows: Iterable[ReconcileRow], day: dt.date) -> str:
+def format_report(rows: Iterable[ReconcileRow], day: dt.date, measure: str | None = None) -> str:
+    """The table ``metering reconcile`` prints; ``measure`` says what was counted
+    (:func:`metering.clickhouse.totals.describe_measure`)."""
     rows = list(rows)
+    counted = f" of {measure}" if measure else ""
     lines = [
-        f"reconcile {day.isoformat()} (UTC): redis counter / clickhouse / quota db",
+        f"reconcile {day.isoformat()} (UTC): redis counter / clickhouse / quota db{counted}",
         f"{'tenant':<28}{'redis':>12}{'clickhouse':>12}{'quota db':>12}  status",
     ]
 

@@ -322,8 +322,21 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0 = off)."
     )
+    worker_backfill_measure: Literal["decisions", "meter"] = Field(
+        "decisions",
+        description=(
+            "What tenant_daily_usage holds (the seed of a lost daily counter, and what"
+            " reconcile compares): decisions = the cost of the limiter's allowed decisions on"
+            " every meter, as the daily counter counts it; meter = the billable usage of"
+            " WORKER_BACKFILL_METER (services that meter with usage events of their own)."
+        ),
+    )
     worker_backfill_meter: str = Field(
-        "requests", description="Meter whose billable daily totals go to tenant_daily_usage."
+        "requests",
+        description=(
+            "Meter whose billable daily totals go to tenant_daily_usage when"
+            " WORKER_BACKFILL_MEASURE=meter."
+        ),
     )
 
     # --- HTTP API ------------------------------------------------------------------------------

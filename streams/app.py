@@ -511,6 +511,7 @@ async def backfill_round() -> None:
                 settings.clickhouse_database,
                 QuotaStore(settings.quota_db_url),
                 meter=settings.worker_backfill_meter,
+                measure=settings.worker_backfill_measure,
                 lateness_seconds=settings.event_max_lateness,
                 margin_seconds=300 + 2 * settings.worker_backfill_interval,
             )

@@ -1,6 +1,10 @@
-"""The quota-DB backfill: per tenant per UTC day billable totals, from ClickHouse.
+"""The quota-DB backfill: per tenant per UTC day totals, from ClickHouse.
 
-Totals are read from the ``usage_day`` rollup, i.e. from the deduplicated ``usage_events``,
+By default a total is the cost of the tenant's allowed limiter decisions that day, every
+meter, as the limiter's daily counter counts it (``WORKER_BACKFILL_MEASURE``; the measures are
+defined in :mod:`metering.clickhouse.totals`): ``tenant_daily_usage`` is what a lost counter is
+seeded with. Totals are read from rollups (``decisions_day``, or ``usage_day`` for one meter's
+billable usage) of the deduplicated ``usage_events``,
 rather than from the Faust table: ClickHouse is the one place where each event counts exactly
 once (the Faust tables are fed after the insert and can replay or miss a batch around a crash;
 they serve the live view). Each round upserts ABSOLUTE totals (``QuotaStore.upsert_daily_usage``),
@@ -31,7 +35,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Protocol
 
-from metering.clickhouse.totals import daily_billable_totals
+from metering.clickhouse.totals import DECISIONS, Measure, daily_billable_totals, daily_totals
 
 
 class DailyUsageStore(Protocol):
@@ -54,7 +58,8 @@ class Backfill:
         database: str,
         store: DailyUsageStore,
         *,
-        meter: str,
+        meter: str = "requests",
+        measure: Measure = DECISIONS,
         lateness_seconds: float,
         margin_seconds: float = 300.0,
         catch_up_days: int = 31,
@@ -63,6 +68,8 @@ class Backfill:
         self.client = client
         self.database = database
         self.store = store
+        #: what a total is (:mod:`metering.clickhouse.totals`); ``meter`` is read for "meter"
+        self.measure: Measure = measure
         self.meter = meter
         self.lateness = dt.timedelta(seconds=lateness_seconds)
         #: how long after its lateness ran out a day is still read: the sink's batch wait and
@@ -113,7 +120,9 @@ class Backfill:
         try:
             if self._catching_up:
                 since = min(since, self.catch_up_since(now))
-            rows = daily_billable_totals(self.client, self.database, meter=self.meter, since=since)
+            rows = daily_totals(
+                self.client, self.database, measure=self.measure, meter=self.meter, since=since
+            )
             full = self._rewrite_at is None or now >= self._rewrite_at
             written = self._written
             if not full:
@@ -133,4 +142,4 @@ class Backfill:
         return len(rows)
 
 
-__all__ = ["Backfill", "daily_billable_totals", "latest_backfilled_day"]
+__all__ = ["Backfill", "daily_billable_totals", "daily_totals", "latest_backfilled_day"]

@@ -100,6 +100,76 @@ ROLLUPS = {
 }
 
 
+@dataclass(frozen=True)
+class RepairedRollup:
+    """How :meth:`ClickHouseStorage.repair_unfinished_batch` completes one rollup: the
+    rollup's key columns, each with its expression over ``usage_events`` (as its view has
+    it), the rows of ``usage_events`` it takes, and the columns besides the sum and count that
+    a correcting row carries (idempotent states, or constants)."""
+
+    keys: tuple[tuple[str, str], ...]
+    where: str = "1"
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def repair_sql(self, db: str, table: str, tail: str) -> str:
+        """One correcting row per key the rows past the progress (``tail``) touch: the sum and
+        count ``usage_events`` holds there less what the rollup holds, where it holds less."""
+        names = ", ".join(name for name, _ in self.keys)
+        exprs = ", ".join(expr for _, expr in self.keys)
+        picked = ", ".join(f"{expr} AS {name}" for name, expr in self.keys)
+        extra_cols = "".join(f", {name}" for name, _ in self.extra)
+        extra_vals = "".join(f", {expr} AS {name}" for name, expr in self.extra)
+        keys = (
+            f"SELECT DISTINCT {exprs} FROM {db}.usage_events"  # noqa: S608
+            f" WHERE kafka_topic = {{t:String}} AND ({tail}) AND {self.where}"
+        )
+        return (
+            f"INSERT INTO {db}.{table} ({names}, quantity_sum, event_count{extra_cols})"  # noqa: S608
+            f" SELECT {', '.join(f'e.{n}' for n, _ in self.keys)}, e.s - r.s, e.c - r.c"
+            f"{''.join(f', e.{n}' for n, _ in self.extra)} FROM ("
+            f"  SELECT {picked}, sum(quantity) AS s, toUInt64(count()) AS c{extra_vals}"
+            f"  FROM {db}.usage_events WHERE {self.where} AND ({exprs}) IN ({keys})"
+            f"  GROUP BY {names}) AS e"
+            f" LEFT JOIN ("
+            f"  SELECT {names}, sum(quantity_sum) AS s, sum(event_count) AS c FROM {db}.{table}"
+            f"  WHERE ({names}) IN ({keys}) GROUP BY {names}) AS r"
+            f" USING ({names}) WHERE e.c > r.c"
+        )
+
+
+def _usage_rollup(bucket_fn: str) -> RepairedRollup:
+    return RepairedRollup(
+        keys=(
+            ("tenant", "tenant"),
+            ("meter", "meter"),
+            ("billable", "billable"),
+            ("bucket", f"toDateTime({bucket_fn}(time), 'UTC')"),
+        ),
+        extra=(
+            ("quantity_max", "max(quantity)"),
+            ("quantity_uniq", "uniqExactState(quantity)"),
+            ("quantity_latest", "argMaxState(quantity, time)"),
+        ),
+    )
+
+
+#: every rollup fed by a materialized view from usage_events, as the repair completes it
+REPAIRED_ROLLUPS = {table: _usage_rollup(fn) for table, fn in ROLLUPS.items()} | {
+    # metering/clickhouse/007_decisions_day.sql; a correcting row is the view's (filled = 0)
+    "decisions_day": RepairedRollup(
+        keys=(
+            ("tenant", "tenant"),
+            ("meter", "meter"),
+            ("decision", "decision"),
+            ("degraded", "toUInt8(dimensions['degraded'] = 'true')"),
+            ("bucket", "toDateTime(toStartOfDay(time), 'UTC')"),
+        ),
+        where="type = 'metering.ratelimit'",
+        extra=(("filled", "toUInt8(0)"),),
+    ),
+}
+
+
 class SinkRecord(Protocol):
     """What the sink reads of one Kafka message: aiokafka's ``ConsumerRecord`` as fetched (the
     consumer hands them over without copying), or a :class:`Record`."""
@@ -387,33 +457,11 @@ class ClickHouseStorage:
             f"(kafka_partition = {p:d} AND kafka_offset >= {int(progress.get(p, 0)):d})"
             for p in parts
         )
-        db = self.database
         written = 0
-        for table, fn in ROLLUPS.items():
-            bucket = f"toDateTime({fn}(time), 'UTC')"
-            keys = (
-                f"SELECT DISTINCT tenant, meter, billable, {bucket} FROM {db}.usage_events"  # noqa: S608
-                f" WHERE kafka_topic = {{t:String}} AND ({tail})"
-            )
+        for table, rollup in REPAIRED_ROLLUPS.items():
             before = self._rollup_count(table)
-            self.client.command(
-                f"INSERT INTO {db}.{table} (tenant, meter, billable, bucket, quantity_sum,"  # noqa: S608
-                f" event_count, quantity_max, quantity_uniq, quantity_latest)"
-                f" SELECT e.tenant, e.meter, e.billable, e.bucket, e.s - r.s, e.c - r.c,"
-                f" e.mx, e.u, e.l FROM ("
-                f"  SELECT tenant, meter, billable, {bucket} AS bucket, sum(quantity) AS s,"
-                f"  toUInt64(count()) AS c, max(quantity) AS mx, uniqExactState(quantity) AS u,"
-                f"  argMaxState(quantity, time) AS l FROM {db}.usage_events"
-                f"  WHERE (tenant, meter, billable, {bucket}) IN ({keys})"
-                f"  GROUP BY tenant, meter, billable, bucket) AS e"
-                f" LEFT JOIN ("
-                f"  SELECT tenant, meter, billable, bucket, sum(quantity_sum) AS s,"
-                f"  sum(event_count) AS c FROM {db}.{table}"
-                f"  WHERE (tenant, meter, billable, bucket) IN ({keys})"
-                f"  GROUP BY tenant, meter, billable, bucket) AS r"
-                f" USING (tenant, meter, billable, bucket) WHERE e.c > r.c",
-                parameters={"t": topic},
-            )
+            sql = rollup.repair_sql(self.database, table, tail)
+            self.client.command(sql, parameters={"t": topic})
             written += self._rollup_count(table) - before
         return written
 
@@ -680,6 +728,7 @@ def dead_letter_value(letter: DeadLetter) -> bytes:
 
 __all__ = [
     "EVENT_COLUMNS",
+    "REPAIRED_ROLLUPS",
     "ROLLUPS",
     "ClickHouseSink",
     "ClickHouseStorage",

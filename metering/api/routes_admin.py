@@ -42,6 +42,7 @@ async def reconcile_day(
             settings.clickhouse_database,
             day,
             settings.worker_backfill_meter,
+            settings.worker_backfill_measure,
         ),
     )
     db = await loop.run_in_executor(None, ctx.quota_store.daily_usage_for_day, day)
@@ -51,6 +52,7 @@ async def reconcile_day(
     rows = reconcile.compare(redis_counts, ch, db, counters_expired=expired)
     return {
         "day": day.isoformat(),
+        "measure": settings.worker_backfill_measure,
         "meter": settings.worker_backfill_meter,
         "tenants": [r.as_dict() for r in rows],
         "drifted": sum(1 for r in rows if not r.agrees),

@@ -3,12 +3,17 @@
 Applied versions are recorded in ``<database>.schema_migrations``; every statement is also
 ``IF NOT EXISTS``, so re-running (or a crash half-way through a file) is harmless. The files use
 two placeholders, ``${database}`` and ``${retention_days}``, filled from validated settings
-(never from request input). Tests: ``tests/integration/test_clickhouse_schema.py``.
+(never from request input), and a migration that fills a new rollup from the rows stored
+before it uses a third, ``${cut}`` (:func:`view_cut`): its view takes the rows inserted from
+the cut on, its fill those inserted before, so no row is counted twice or missed while workers
+insert. Tests: ``tests/integration/test_clickhouse_schema.py``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 from string import Template
@@ -26,8 +31,10 @@ class Migration:
     name: str
     sql: str
 
-    def statements(self, database: str, retention_days: int) -> list[str]:
-        text = Template(self.sql).substitute(database=database, retention_days=retention_days)
+    def statements(self, database: str, retention_days: int, cut: str | None = None) -> list[str]:
+        text = Template(self.sql).substitute(
+            database=database, retention_days=retention_days, cut=cut or ""
+        )
         body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
         return [s.strip() for s in body.split(";") if s.strip()]
 
@@ -76,7 +83,15 @@ RETENTION_TABLES = {
     "usage_hour": "bucket",
     "usage_day": "bucket",
     "usage_minute_by_time": "bucket",
+    "decisions_day": "bucket",
 }
+#: How far ahead of a ClickHouse server's clock a migration sets its cut, and how long past the
+#: cut it waits before its fill: an insert begun before the view existed (a worker of the
+#: release before, still running) stamps its rows before the cut and has stored them by then.
+#: The embedded engine runs in this process alone (one process per data folder): no wait.
+SERVER_CUT_SECONDS = 10.0
+_VIEW_RE = re.compile(r"CREATE MATERIALIZED VIEW IF NOT EXISTS \$\{database\}\.(\w+)")
+_CUT_RE = re.compile(r"inserted_at >= toDateTime64\('([0-9: .-]+)'")
 _TTL_DAYS = re.compile(r"\bTTL .*?\+ toIntervalDay\((\d+)\)")
 
 
@@ -125,6 +140,43 @@ def apply_retention(
     return changed
 
 
+def _embedded(client: Any) -> bool:
+    return "chdb" in type(client).__module__
+
+
+def _server_now(client: Any) -> dt.datetime:
+    (now,) = client.query("SELECT now64(3, 'UTC')").result_rows[0]
+    return now.replace(tzinfo=None) if isinstance(now, dt.datetime) else now
+
+
+def view_cut(client: Any, database: str, migration: Migration) -> str:
+    """The cut of ``migration``'s view (``${cut}``): the one in the view's definition when a
+    run cut short made the view already (its rows so far were counted by it), else the server's
+    clock, plus :data:`SERVER_CUT_SECONDS` for a server, plus a millisecond (the resolution of
+    ``inserted_at``: a row stored in the millisecond the clock was read is before the cut)."""
+    view = _VIEW_RE.search(migration.sql)
+    if view is not None:
+        rows = client.query(
+            "SELECT create_table_query FROM system.tables WHERE database = {d:String}"
+            " AND name = {v:String}",
+            parameters={"d": database, "v": view.group(1)},
+        ).result_rows
+        if rows and (made := _CUT_RE.search(rows[0][0] or "")):
+            return made.group(1)
+    ahead = 0.0 if _embedded(client) else SERVER_CUT_SECONDS
+    cut = _server_now(client) + dt.timedelta(seconds=ahead, milliseconds=1)
+    return cut.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def wait_past_cut(client: Any, cut: str) -> None:
+    """Return once the server's clock is past ``cut`` (by :data:`SERVER_CUT_SECONDS` for a
+    server): every row stamped before the cut is stored by then."""
+    settle = 0.0 if _embedded(client) else SERVER_CUT_SECONDS
+    until = dt.datetime.strptime(cut, "%Y-%m-%d %H:%M:%S.%f") + dt.timedelta(seconds=settle)
+    while (left := (until - _server_now(client)).total_seconds()) >= 0:
+        time.sleep(min(left + 0.001, 1.0))
+
+
 def migrate_client(client: Any, database: str, *, retention_days: int | None = None) -> Applied:
     """Apply the pending migrations to ``database`` through ``client``; return their names.
     A database a newer release migrated raises :class:`NewerSchemaError`, before any change.
@@ -148,7 +200,10 @@ def migrate_client(client: Any, database: str, *, retention_days: int | None = N
     for mig in shipped:
         if mig.version in done:
             continue
-        for statement in mig.statements(database, retention_days or DEFAULT_RETENTION_DAYS):
+        cut = view_cut(client, database, mig) if "${cut}" in mig.sql else None
+        for statement in mig.statements(database, retention_days or DEFAULT_RETENTION_DAYS, cut):
+            if cut is not None and statement.startswith("INSERT"):
+                wait_past_cut(client, cut)
             client.command(statement)
         client.insert(
             f"{database}.schema_migrations",
@@ -217,4 +272,6 @@ __all__ = [
     "migrate_client",
     "migrations",
     "retention_in_force",
+    "view_cut",
+    "wait_past_cut",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 
 from metering import reconcile
 from metering.cli import CommandError
+from metering.clickhouse.totals import describe_measure
 from metering.commands.store_errors import EngineHolder, embedded_engine_held, engine_holder
 from metering.settings import Settings, get_settings
 
@@ -57,7 +58,11 @@ def direct(settings: Settings, day: dt.date) -> list[reconcile.ReconcileRow]:
     finally:
         redis.close()
     totals = reconcile.clickhouse_daily_totals(
-        ch, settings.clickhouse_database, day, settings.worker_backfill_meter
+        ch,
+        settings.clickhouse_database,
+        day,
+        settings.worker_backfill_meter,
+        settings.worker_backfill_measure,
     )
     db = QuotaStore(settings.quota_db_url).daily_usage_for_day(day)
     expired = reconcile.counters_expired(day, now)
@@ -121,8 +126,13 @@ def _run(args: argparse.Namespace) -> int:
                 raise
             rows = via_api(settings, _ask(holder), day)
     if args.json:
-        out: dict[str, Any] = {"day": day.isoformat(), "tenants": [r.as_dict() for r in rows]}
+        out: dict[str, Any] = {
+            "day": day.isoformat(),
+            "measure": settings.worker_backfill_measure,
+            "tenants": [r.as_dict() for r in rows],
+        }
         print(json.dumps(out, indent=2))
     else:
-        print(reconcile.format_report(rows, day))
+        measure = describe_measure(settings.worker_backfill_measure, settings.worker_backfill_meter)
+        print(reconcile.format_report(rows, day, measure))
     return 0 if all(r.agrees for r in rows) else 1

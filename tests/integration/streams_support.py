@@ -12,7 +12,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.partitioner.default import murmur2
 
-from metering.events import encode_event, usage_event
+from metering.events import decision_event, encode_event, usage_event
 
 
 def unique_topics(bootstrap: str, partitions: int = 3) -> tuple[str, str]:
@@ -79,11 +79,23 @@ def event_day() -> dt.date:
 
 
 def event_message(
-    tenant: str, quantity: float, *, id: str | None = None, age_seconds: float = 0
+    tenant: str,
+    quantity: float,
+    *,
+    id: str | None = None,
+    age_seconds: float = 0,
+    decision: str | None = None,
 ) -> tuple[bytes, bytes]:
+    """A usage event on meter ``requests``, or with ``decision`` ("allowed", "rejected") the
+    limiter's decision of that cost, as the middleware emits it."""
     base = _EVENT_TIME[-1] if _EVENT_TIME else dt.datetime.now(dt.UTC)
     t = base - dt.timedelta(seconds=age_seconds)
-    ev = usage_event(tenant, "requests", quantity, time=t, id=id)
+    if decision is None:
+        ev = usage_event(tenant, "requests", quantity, time=t, id=id)
+    else:
+        ev = decision_event(tenant, decision == "allowed", cost=quantity, time=t)
+        if id is not None:
+            ev = ev.model_copy(update={"id": id})
     return tenant.encode(), encode_event(ev)
 
 

@@ -18,10 +18,8 @@ MARGIN = 300.0 + 2 * 5  # as the worker sets it for a 5 s WORKER_BACKFILL_INTERV
 
 
 def events(first: int, n: int, tenant: str, time: dt.datetime) -> list[list[object]]:
-    return [
-        [f"e{i}", "metering.usage", "urn:t", tenant, "requests", "", 1, time, 1.0, {}, "t", 0, i]
-        for i in range(first, first + n)
-    ]
+    decision = ["metering.ratelimit", "urn:t", tenant, "requests", "allowed", 1, time, 1.0]
+    return [[f"e{i}", *decision, {}, "t", 0, i] for i in range(first, first + n)]
 
 
 def quota_store(tmp_path: Path) -> QuotaStore:

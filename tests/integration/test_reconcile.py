@@ -21,7 +21,7 @@ from metering import reconcile
 from metering.clickhouse.client import adopt_embedded_client
 from metering.clickhouse.schema import migrate
 from metering.emitter import Emitter
-from metering.events import decision_event
+from metering.events import decision_event, usage_event
 from metering.quota_db import DailyUsageRow, QuotaStore
 from metering.quota_db import migrate as migrate_quota_db
 from streams.backfill import Backfill
@@ -29,6 +29,8 @@ from tests.integration.streams_support import unique_topics
 from tests.integration.test_streams_sink import make_sink, run_until_caught_up
 
 ALLOWED = {"a": 7, "b": 3}  # allowed decisions per tenant (suffixes; tenants are unique per run)
+#: each tenant's route meter (RATE_LIMIT_ROUTE_METERS): the daily counter counts every meter
+METERS = {"a": "requests", "b": "queries"}
 RECONCILE_DB = 9  # a Redis database of its own, so the report holds this test's tenants only
 
 
@@ -54,17 +56,21 @@ def pipeline(clickhouse_client, clickhouse_db, redis_url, kafka_bootstrap, tmp_p
     emitter = Emitter(kafka_bootstrap, topic=topic, spool_dir=tmp_path / "spool")
     quota = Quota(rate_per_sec=1000.0, burst=1000, daily_limit=1_000_000)
     for key, n in ALLOWED.items():
+        meter = METERS[key]
         for _ in range(n):
             decision = limiter.acquire(tenants[key], 1, quota=quota)
             assert decision.allowed
-            emitter.emit(decision_event(tenants[key], decision, cost=1, route="/v1/x"))
+            emitter.emit(decision_event(tenants[key], decision, meter=meter, cost=1, route="/x"))
+        refused = limiter.acquire(tenants[key], 2000, quota=quota)  # over the burst: no count
+        assert not refused.allowed
+        emitter.emit(decision_event(tenants[key], refused, meter=meter, cost=2000, route="/x"))
+    # The tenant's own usage on the limiter's default meter: billed, never in its daily count.
+    emitter.emit(usage_event(tenants["a"], "requests", 500))
     assert emitter.flush(30)
     emitter.close()
     sink = make_sink(clickhouse_client, clickhouse_db, topic)
     asyncio.run(run_until_caught_up(sink, kafka_bootstrap, f"g-{topic}", dlq))
-    Backfill(
-        clickhouse_client, clickhouse_db, store, meter="requests", lateness_seconds=3600
-    ).run_once()
+    Backfill(clickhouse_client, clickhouse_db, store, lateness_seconds=3600).run_once()
     day = dt.datetime.now(dt.UTC).date()
     yield {
         "client": client,
@@ -194,7 +200,8 @@ def test_a_fractional_total_copied_exactly_is_not_drift(
     store = QuotaStore(db_url)
     tenant = f"rec-frac-{uuid.uuid4().hex[:8]}"
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    row = [uuid.uuid4().hex, "metering.usage", "urn:t", tenant, "requests", "", 1, now, 2.5, {}]
+    row = [uuid.uuid4().hex, "metering.ratelimit", "urn:t", tenant, "requests", "allowed", 1]
+    row += [now, 2.5, {}]
     clickhouse_client.insert(
         f"{clickhouse_db}.usage_events", [[*row, "t", 0, 0]], column_names=EVENT_COLUMNS
     )

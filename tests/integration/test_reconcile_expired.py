@@ -52,7 +52,8 @@ def _usage_without_counter(  # type: ignore[no-untyped-def]
     now = dt.datetime.now(dt.UTC)
     day = now.date() - dt.timedelta(days=days_ago)
     at = min(dt.datetime.combine(day, dt.time(23, 59, 59), tzinfo=dt.UTC), now)
-    row = [uuid.uuid4().hex, "metering.usage", "urn:t", tenant, "requests", "", 1, at, USED, {}]
+    row = [uuid.uuid4().hex, "metering.ratelimit", "urn:t", tenant, "requests", "allowed", 1]
+    row += [at, USED, {}]
     clickhouse_client.insert(
         f"{clickhouse_db}.usage_events", [[*row, "t", 0, 0]], column_names=EVENT_COLUMNS
     )

@@ -1,4 +1,6 @@
-"""The quota-DB backfill reads exact billable day totals from ClickHouse and upserts them."""
+"""The quota-DB backfill reads exact day totals from ClickHouse and upserts them: by default the
+cost of each tenant's allowed limiter decisions on every meter (what the daily counter counts),
+or one meter's billable usage."""
 
 from __future__ import annotations
 
@@ -16,11 +18,21 @@ from streams.sink import EVENT_COLUMNS
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def row(i: int, tenant: str, meter: str, qty: float, *, decision: str = "", days_ago: int = 0):  # type: ignore[no-untyped-def]
+def row(  # type: ignore[no-untyped-def]
+    i: int,
+    tenant: str,
+    meter: str,
+    qty: float,
+    *,
+    decision: str = "",
+    days_ago: int = 0,
+    dimensions: dict[str, str] | None = None,
+):
     t = NOW - dt.timedelta(days=days_ago)
     billable = 0 if decision == "rejected" else 1
     typ = "metering.ratelimit" if decision else "metering.usage"
-    return [f"e{i}", typ, "urn:t", tenant, meter, decision, billable, t, qty, {}, "t", 0, i]
+    dims = dimensions or {}
+    return [f"e{i}", typ, "urn:t", tenant, meter, decision, billable, t, qty, dims, "t", 0, i]
 
 
 def test_backfill_upserts_billable_request_totals_of_open_days_and_repeats_idempotently(
@@ -61,7 +73,7 @@ def test_an_event_accepted_as_its_day_closes_still_reaches_the_quota_db(
     store = QuotaStore(url)
     lateness = 3600.0
     day = (NOW - dt.timedelta(days=5)).date()
-    late = row(1, tenant, "requests", 7)
+    late = row(1, tenant, "requests", 7, decision="allowed")
     late[EVENT_COLUMNS.index("time")] = _day_end(day) - dt.timedelta(seconds=1)
     clickhouse_client.insert(f"{clickhouse_db}.usage_events", [late], column_names=EVENT_COLUMNS)
     backfill = Backfill(
@@ -98,7 +110,7 @@ def test_a_day_whose_last_round_failed_is_read_by_the_next_round(
     migrate_quota_db(url)
     store = QuotaStore(url)
     day = (NOW - dt.timedelta(days=5)).date()
-    event = row(1, tenant, "requests", 9)
+    event = row(1, tenant, "requests", 9, decision="allowed")
     event[EVENT_COLUMNS.index("time")] = _day_end(day) - dt.timedelta(minutes=1)
     clickhouse_client.insert(f"{clickhouse_db}.usage_events", [event], column_names=EVENT_COLUMNS)
     failing = FailingOnce(store)
@@ -153,3 +165,59 @@ def test_a_round_writes_only_the_totals_that_changed_and_a_full_round_puts_edits
     assert store.daily_usage(tenants[0], NOW.date()) == 0
     assert backfill.run_once(NOW + dt.timedelta(seconds=60)) == 5
     assert [store.daily_usage(t, NOW.date()) for t in tenants] == [1, 1, 5, 1, 1]
+
+
+def test_a_total_is_what_the_daily_counter_counts_allowed_decisions_of_every_meter(
+    clickhouse_client, clickhouse_db: str, tenant: str, tmp_path: Path
+) -> None:
+    """The audits' case: with routes sent to other meters (RATE_LIMIT_ROUTE_METERS), the backfill
+    summed one meter and a lost counter was re-seeded too low; a tenant's own usage events on
+    meter ``requests`` were added to the seed. The daily counter counts the cost of every allowed
+    decision made by Redis, whatever its meter, and nothing else."""
+    migrate(clickhouse_client, clickhouse_db)
+    degraded = {"degraded": "true", "reason": "redis_down"}
+    rows = [
+        row(1, tenant, "requests", 3, decision="allowed"),
+        row(2, tenant, "queries", 5, decision="allowed"),  # another route's meter: counted
+        row(3, tenant, "queries", 2, decision="allowed", dimensions={"shadow": "true"}),
+        row(4, tenant, "requests", 40, decision="rejected"),  # changed no counter
+        row(5, tenant, "requests", 11, decision="allowed", dimensions=degraded),  # no Redis
+        row(6, tenant, "requests", 500),  # the tenant's own usage event: billed, not limited
+        row(7, tenant, "requests", 4, decision="allowed", days_ago=1),  # yesterday
+    ]
+    clickhouse_client.insert(f"{clickhouse_db}.usage_events", rows, column_names=EVENT_COLUMNS)
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate_quota_db(url)
+    store = QuotaStore(url)
+    backfill = Backfill(clickhouse_client, clickhouse_db, store, lateness_seconds=3 * 86400)
+    assert backfill.measure == "decisions"
+    assert backfill.run_once(NOW) == 2
+    assert store.daily_usage(tenant, NOW.date()) == 3 + 5 + 2
+    assert store.daily_usage(tenant, (NOW - dt.timedelta(days=1)).date()) == 4
+
+
+def test_the_meter_measure_keeps_one_meters_billable_usage(
+    clickhouse_client, clickhouse_db: str, tenant: str, tmp_path: Path
+) -> None:
+    """WORKER_BACKFILL_MEASURE=meter: services that meter with usage events of their own."""
+    migrate(clickhouse_client, clickhouse_db)
+    rows = [
+        row(1, tenant, "requests", 3, decision="allowed"),
+        row(2, tenant, "queries", 5, decision="allowed"),  # another meter: not counted
+        row(3, tenant, "requests", 40, decision="rejected"),  # never billable
+        row(4, tenant, "requests", 500),  # a usage event of the meter: counted
+    ]
+    clickhouse_client.insert(f"{clickhouse_db}.usage_events", rows, column_names=EVENT_COLUMNS)
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate_quota_db(url)
+    store = QuotaStore(url)
+    backfill = Backfill(
+        clickhouse_client,
+        clickhouse_db,
+        store,
+        meter="requests",
+        measure="meter",
+        lateness_seconds=3600,
+    )
+    assert backfill.run_once(NOW) == 1
+    assert store.daily_usage(tenant, NOW.date()) == 503

@@ -230,10 +230,12 @@ def test_worker_counts_each_event_once_in_clickhouse_the_faust_table_and_the_quo
 ) -> None:
     topic, dlq, group, make = pipeline
     other = f"{tenant}-b"
-    messages = [event_message(tenant, 2, id=f"a{i}") for i in range(300)]
-    messages += [event_message(other, 1, id=f"b{i}") for i in range(200)]
-    messages += [event_message(tenant, 2, id=f"a{i}") for i in range(0, 300, 3)]  # resends
-    messages += [event_message(other, 50, id="b-old", age_seconds=LATENESS + 60)]  # too late
+    # The limiter's allowed decisions: what the quota DB's day totals count.
+    allowed = {"decision": "allowed"}
+    messages = [event_message(tenant, 2, id=f"a{i}", **allowed) for i in range(300)]
+    messages += [event_message(other, 1, id=f"b{i}", **allowed) for i in range(200)]
+    messages += [event_message(tenant, 2, id=f"a{i}", **allowed) for i in range(0, 300, 3)]
+    messages += [event_message(other, 50, id="b-old", age_seconds=LATENESS + 60, **allowed)]
     messages += [(b"k", b"\xff\xfe not utf-8"), (b"k", b"[]")]
     produce(kafka_bootstrap, topic, messages)
 

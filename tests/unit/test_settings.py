@@ -59,6 +59,7 @@ def test_seed_names_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
         ("RATE_LIMIT_LOCAL_CEILING_PER_SEC", "nan", "finite"),
         ("QUOTA_DEFAULT_PLAN", "bogus", "unknown plan"),
         ("WORKER_BACKFILL_METER", "a b", "invalid meter"),
+        ("WORKER_BACKFILL_MEASURE", "requests", "'decisions' or 'meter'"),
         # Accepted once, then failing later or never applied:
         ("QUOTA_DEFAULT_PLAN", "custom", "no default limits"),  # create_app raised at start
         ("JWT_LEEWAY", "inf", "finite"),  # no token would ever expire
