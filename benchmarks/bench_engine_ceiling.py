@@ -32,13 +32,19 @@ from procstat import cpu_seconds
 
 from metering.clickhouse.client import clickhouse_client
 from metering.clickhouse.schema import migrate_client
-from streams.sink import ROLLUPS, ClickHouseStorage
+from streams.sink import REPAIRED_ROLLUPS, ClickHouseStorage
 
 TENANTS = [f"bench-{i:03d}" for i in range(200)]  # as bench_worker.py's events
 
 
-def batches(events: int, batch_size: int, partitions: int) -> list[tuple[list[tuple], list[int]]]:
-    """Rows as the sink builds them (the columns of ``EVENT_COLUMNS``) with their millis."""
+def batches(
+    events: int, batch_size: int, partitions: int, kind: str = "usage"
+) -> list[tuple[list[tuple], list[int]]]:
+    """Rows as the sink builds them (the columns of ``EVENT_COLUMNS``) with their millis:
+    ``metering.usage`` events, or with ``kind="decisions"`` the limiter's allowed decisions."""
+    typ, decision = ("metering.usage", "")
+    if kind == "decisions":
+        typ, decision = ("metering.ratelimit", "allowed")
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     out = []
@@ -48,7 +54,7 @@ def batches(events: int, batch_size: int, partitions: int) -> list[tuple[list[tu
             when = now - dt.timedelta(milliseconds=i % 60_000)
             tenant = TENANTS[i % len(TENANTS)]
             rows.append((
-                str(uuid.uuid4()), "metering.usage", "urn:bench", tenant, "requests", "",
+                str(uuid.uuid4()), typ, "urn:bench", tenant, "requests", decision,
                 1, when, 1.0, {"route": "/v1/x"}, "bench.events",
                 (i % len(TENANTS)) % partitions, i // partitions,
             ))  # fmt: skip
@@ -63,6 +69,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=50_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--no-rollups", action="store_true", help="drop the materialized views")
+    ap.add_argument(
+        "--kind",
+        choices=("usage", "decisions"),
+        default="decisions",
+        help="usage events, or the limiter's decisions (what a limited request emits)",
+    )
     args = ap.parse_args()
     if args.events <= 0 or args.batch_size <= 0:
         ap.error("--events and --batch-size must be positive")
@@ -71,10 +83,10 @@ def main() -> int:
         client = clickhouse_client(f"chdb://{folder}")
         migrate_client(client, "metering", retention_days=400)
         if args.no_rollups:
-            for table in ROLLUPS:
+            for table in REPAIRED_ROLLUPS:
                 client.command(f"DROP VIEW metering.{table}_mv")
         storage = ClickHouseStorage(client, "metering")
-        work = batches(args.events, args.batch_size, args.partitions)
+        work = batches(args.events, args.batch_size, args.partitions, args.kind)
         pid = __import__("os").getpid()
         started, cpu0 = time.perf_counter(), cpu_seconds(pid)
         for rows, millis in work:
@@ -86,7 +98,7 @@ def main() -> int:
             return 1
         print(json.dumps({
             "events": args.events, "batch_size": args.batch_size,
-            "rollups": not args.no_rollups, "rows_per_s": args.events / wall,
+            "rollups": not args.no_rollups, "kind": args.kind, "rows_per_s": args.events / wall,
             "cpu_us_per_row": cpu / args.events * 1e6,
         }))  # fmt: skip
         return 0

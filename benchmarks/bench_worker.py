@@ -3,7 +3,9 @@
 Run: ``python benchmarks/bench_worker.py [--events 300000] [--partitions 4] [--minutes 10]``
 (Kafka from KAFKA_BOOTSTRAP_SERVERS, default 127.0.0.1:9092; a fresh topic per run.)
 
-Phase 1, throughput: ``--events`` usage events are written to a fresh topic first; then
+Phase 1, throughput: ``--events`` events (``--kind``: the limiter's allowed decisions, what a
+limited request emits and the default, or ``metering.usage`` events) are written to a fresh
+topic first; then
 (a) a raw aiokafka consumer reads them all (the ceiling: fetch + no processing; its CPU per
 event too), then ``bench_engine_ceiling.py`` stores as many prepared rows through the sink's
 insert path alone (the other ceiling: store, no fetch; ``--no-engine`` skips it), and
@@ -47,13 +49,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TENANTS = [f"bench-{i:03d}" for i in range(200)]
 
 
+#: what the events are: "decisions" (the limiter's, allowed) or "usage" (set by --kind)
+KIND = {"kind": "decisions"}
+
+
 def event_bytes(i: int, when: dt.datetime) -> tuple[bytes, bytes]:
     tenant = TENANTS[i % len(TENANTS)]
     t = when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    if KIND["kind"] == "decisions":
+        typ, decision = "metering.ratelimit", ',"decision":"allowed"'
+    else:
+        typ, decision = "metering.usage", ""
     return tenant.encode(), (
         f'{{"specversion":"1.0","id":"{uuid.uuid4()}","source":"urn:bench",'
-        f'"type":"metering.usage","subject":"{tenant}","time":"{t}",'
-        f'"data":{{"meter":"requests","quantity":1.0,"dimensions":{{"route":"/v1/x"}}}}}}'
+        f'"type":"{typ}","subject":"{tenant}","time":"{t}",'
+        f'"data":{{"meter":"requests","quantity":1.0,"dimensions":{{"route":"/v1/x"}}{decision}}}}}'
     ).encode()
 
 
@@ -120,7 +130,7 @@ def engine_ceiling(events: int, batch_size: int, partitions: int) -> dict[str, f
     out = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("bench_engine_ceiling.py")),
          "--events", str(events), "--batch-size", str(batch_size),
-         "--partitions", str(partitions)],
+         "--partitions", str(partitions), "--kind", KIND["kind"]],
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -177,6 +187,12 @@ def main() -> int:
     )
     ap.add_argument("--batch-within", type=float, default=0.5)
     ap.add_argument("--lateness", type=float, default=120.0)
+    ap.add_argument(
+        "--kind",
+        choices=("decisions", "usage"),
+        default="decisions",
+        help="the limiter's allowed decisions (what a limited request emits), or usage events",
+    )
     ap.add_argument("--metrics-port", type=int, default=19108)
     ap.add_argument(
         "--phase2-rate",
@@ -192,6 +208,7 @@ def main() -> int:
         help="skip the engine-alone measurement (bench_engine_ceiling.py) after the raw consumer",
     )
     args = ap.parse_args()
+    KIND["kind"] = args.kind
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     base = f"bench-{uuid.uuid4().hex[:8]}"
     topic, dlq, group = f"{base}.events", f"{base}.dlq", base
