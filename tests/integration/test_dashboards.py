@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +203,41 @@ def test_prometheus_loads_the_alerts_and_compose_mounts_them() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     volumes = compose["services"]["prometheus"]["volumes"]
     assert "./dashboards/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
+
+
+ALERT_TESTS = DASHBOARDS / "prometheus" / "alerts.test.yml"
+
+
+def test_the_alerts_fire_when_what_they_name_breaks() -> None:
+    """promtool's rule unit tests (alerts.test.yml): each alert fires on the breakage it names,
+    with its labels and rendered annotations, only after its `for`, and not while all is well.
+    An alert that never fires pages nobody, and the test that would show it must not be skipped
+    on a machine without promtool: CI then passes with the alerts unchecked."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail(
+            "promtool is not installed: it unit-tests the alert rules "
+            "(apt-get install prometheus, or run scripts/bootstrap as root)"
+        )
+    # From the rules' directory: alerts.test.yml names its rule file relative to itself.
+    for args in (["check", "rules", ALERTS.name], ["test", "rules", ALERT_TESTS.name]):
+        proc = subprocess.run(
+            [promtool, *args], cwd=ALERTS.parent, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, f"promtool {' '.join(args)}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_keep_it_silent() -> None:
+    """A new alert without a case in alerts.test.yml would pass promtool unseen."""
+    import yaml
+
+    rules = [r for group in yaml.safe_load(ALERTS.read_text())["groups"] for r in group["rules"]]
+    suite = yaml.safe_load(ALERT_TESTS.read_text())
+    assert suite["rule_files"] == [ALERTS.name]
+    cases = [case for test in suite["tests"] for case in test.get("alert_rule_test", [])]
+    firing = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    silent = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    names = {r["alert"] for r in rules}
+    assert not names - firing, f"{sorted(names - firing)}: no case where it fires"
+    assert not names - silent, f"{sorted(names - silent)}: no case where it must not fire"
+    assert not (firing | silent) - names, f"cases of unknown alerts: {(firing | silent) - names}"
