@@ -110,6 +110,9 @@ class RepairedRollup:
     keys: tuple[tuple[str, str], ...]
     where: str = "1"
     extra: tuple[tuple[str, str], ...] = ()
+    #: a table of absolute totals (replaced by key, read ``FINAL``) that the rollup's readers
+    #: add to it: the rows stored before its view existed (migration 007's fill)
+    filled: str | None = None
 
     def repair_sql(self, db: str, table: str, tail: str) -> str:
         """One correcting row per key the rows past the progress (``tail``) touch: the sum and
@@ -119,6 +122,13 @@ class RepairedRollup:
         picked = ", ".join(f"{expr} AS {name}" for name, expr in self.keys)
         extra_cols = "".join(f", {name}" for name, _ in self.extra)
         extra_vals = "".join(f", {expr} AS {name}" for name, expr in self.extra)
+        held = f"{db}.{table}"
+        if self.filled is not None:
+            cols = f"{names}, quantity_sum, event_count"
+            held = (
+                f"(SELECT {cols} FROM {db}.{table}"  # noqa: S608
+                f" UNION ALL SELECT {cols} FROM {db}.{self.filled} FINAL)"
+            )
         keys = (
             f"SELECT DISTINCT {exprs} FROM {db}.usage_events"  # noqa: S608
             f" WHERE kafka_topic = {{t:String}} AND ({tail}) AND {self.where}"
@@ -131,7 +141,7 @@ class RepairedRollup:
             f"  FROM {db}.usage_events WHERE {self.where} AND ({exprs}) IN ({keys})"
             f"  GROUP BY {names}) AS e"
             f" LEFT JOIN ("
-            f"  SELECT {names}, sum(quantity_sum) AS s, sum(event_count) AS c FROM {db}.{table}"
+            f"  SELECT {names}, sum(quantity_sum) AS s, sum(event_count) AS c FROM {held}"
             f"  WHERE ({names}) IN ({keys}) GROUP BY {names}) AS r"
             f" USING ({names}) WHERE e.c > r.c"
         )
@@ -155,7 +165,7 @@ def _usage_rollup(bucket_fn: str) -> RepairedRollup:
 
 #: every rollup fed by a materialized view from usage_events, as the repair completes it
 REPAIRED_ROLLUPS = {table: _usage_rollup(fn) for table, fn in ROLLUPS.items()} | {
-    # metering/clickhouse/007_decisions_day.sql; a correcting row is the view's (filled = 0)
+    # metering/clickhouse/007_decisions_day.sql
     "decisions_day": RepairedRollup(
         keys=(
             ("tenant", "tenant"),
@@ -165,7 +175,7 @@ REPAIRED_ROLLUPS = {table: _usage_rollup(fn) for table, fn in ROLLUPS.items()} |
             ("bucket", "toDateTime(toStartOfDay(time), 'UTC')"),
         ),
         where="type = 'metering.ratelimit'",
-        extra=(("filled", "toUInt8(0)"),),
+        filled="decisions_day_filled",
     ),
 }
 

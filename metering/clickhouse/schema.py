@@ -6,7 +6,8 @@ two placeholders, ``${database}`` and ``${retention_days}``, filled from validat
 (never from request input), and a migration that fills a new rollup from the rows stored
 before it uses a third, ``${cut}`` (:func:`view_cut`): its view takes the rows inserted from
 the cut on, its fill those inserted before, so no row is counted twice or missed while workers
-insert. Tests: ``tests/integration/test_clickhouse_schema.py``.
+insert; the fill writes absolute totals that replace each other, so it may run again or twice at
+once. Tests: ``tests/integration/test_clickhouse_schema.py``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ RETENTION_TABLES = {
     "usage_day": "bucket",
     "usage_minute_by_time": "bucket",
     "decisions_day": "bucket",
+    "decisions_day_filled": "bucket",
 }
 #: How far ahead of a ClickHouse server's clock a migration sets its cut, and how long past the
 #: cut it waits before its fill: an insert begun before the view existed (a worker of the
@@ -149,20 +151,28 @@ def _server_now(client: Any) -> dt.datetime:
     return now.replace(tzinfo=None) if isinstance(now, dt.datetime) else now
 
 
+def _made_cut(client: Any, database: str, migration: Migration) -> str | None:
+    """The cut in the definition of ``migration``'s view, if the view exists."""
+    view = _VIEW_RE.search(migration.sql)
+    if view is None:
+        return None
+    rows = client.query(
+        "SELECT create_table_query FROM system.tables WHERE database = {d:String}"
+        " AND name = {v:String}",
+        parameters={"d": database, "v": view.group(1)},
+    ).result_rows
+    made = _CUT_RE.search(rows[0][0] or "") if rows else None
+    return made.group(1) if made else None
+
+
 def view_cut(client: Any, database: str, migration: Migration) -> str:
     """The cut of ``migration``'s view (``${cut}``): the one in the view's definition when a
-    run cut short made the view already (its rows so far were counted by it), else the server's
+    run (cut short, or running beside this one) made the view already, else the server's
     clock, plus :data:`SERVER_CUT_SECONDS` for a server, plus a millisecond (the resolution of
     ``inserted_at``: a row stored in the millisecond the clock was read is before the cut)."""
-    view = _VIEW_RE.search(migration.sql)
-    if view is not None:
-        rows = client.query(
-            "SELECT create_table_query FROM system.tables WHERE database = {d:String}"
-            " AND name = {v:String}",
-            parameters={"d": database, "v": view.group(1)},
-        ).result_rows
-        if rows and (made := _CUT_RE.search(rows[0][0] or "")):
-            return made.group(1)
+    made = _made_cut(client, database, migration)
+    if made is not None:
+        return made
     ahead = 0.0 if _embedded(client) else SERVER_CUT_SECONDS
     cut = _server_now(client) + dt.timedelta(seconds=ahead, milliseconds=1)
     return cut.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
@@ -175,6 +185,23 @@ def wait_past_cut(client: Any, cut: str) -> None:
     until = dt.datetime.strptime(cut, "%Y-%m-%d %H:%M:%S.%f") + dt.timedelta(seconds=settle)
     while (left := (until - _server_now(client)).total_seconds()) >= 0:
         time.sleep(min(left + 0.001, 1.0))
+
+
+def _apply_with_cut(client: Any, database: str, retention_days: int, mig: Migration) -> None:
+    """Apply a migration whose view starts at a cut and whose fill (its INSERT statements) sums
+    the rows before it. The fill runs with the cut of the view that exists once the view is
+    made: another run of the migration at the same moment (two workers starting) may have made
+    it first, with its own cut, and ``IF NOT EXISTS`` kept that one."""
+    for statement in mig.statements(database, retention_days, view_cut(client, database, mig)):
+        if not statement.startswith("INSERT"):
+            client.command(statement)
+    cut = _made_cut(client, database, mig)
+    if cut is None:
+        raise RuntimeError(f"migration {mig.version:03d}: its view holds no cut after it was made")
+    wait_past_cut(client, cut)
+    for statement in mig.statements(database, retention_days, cut):
+        if statement.startswith("INSERT"):
+            client.command(statement)
 
 
 def migrate_client(client: Any, database: str, *, retention_days: int | None = None) -> Applied:
@@ -200,11 +227,12 @@ def migrate_client(client: Any, database: str, *, retention_days: int | None = N
     for mig in shipped:
         if mig.version in done:
             continue
-        cut = view_cut(client, database, mig) if "${cut}" in mig.sql else None
-        for statement in mig.statements(database, retention_days or DEFAULT_RETENTION_DAYS, cut):
-            if cut is not None and statement.startswith("INSERT"):
-                wait_past_cut(client, cut)
-            client.command(statement)
+        retention = retention_days or DEFAULT_RETENTION_DAYS
+        if "${cut}" not in mig.sql:
+            for statement in mig.statements(database, retention):
+                client.command(statement)
+        else:
+            _apply_with_cut(client, database, retention, mig)
         client.insert(
             f"{database}.schema_migrations",
             [[mig.version, mig.name]],

@@ -53,11 +53,16 @@ def daily_allowed_decisions(
     for every day in ``[since, until)`` (``until`` open-ended when None)."""
     checked_database(database)
     until_clause = " AND bucket < {until:Date}" if until is not None else ""
+    where = (
+        f" WHERE decision = 'allowed' AND degraded = 0 AND bucket >= {{since:Date}}{until_clause}"
+    )
+    # The view's rows, and the totals of the rows stored before it (migration 007's fill).
     result = client.query(
-        f"SELECT tenant, toDate(bucket) AS day, sum(quantity_sum)"  # noqa: S608
-        f" FROM {database}.decisions_day"
-        f" WHERE decision = 'allowed' AND degraded = 0 AND bucket >= {{since:Date}}"
-        f"{until_clause} GROUP BY tenant, day ORDER BY tenant, day",
+        f"SELECT tenant, toDate(bucket) AS day, sum(q) FROM ("  # noqa: S608
+        f" SELECT tenant, bucket, quantity_sum AS q FROM {database}.decisions_day{where}"
+        f" UNION ALL SELECT tenant, bucket, quantity_sum AS q"
+        f" FROM {database}.decisions_day_filled FINAL{where}"
+        f") GROUP BY tenant, day ORDER BY tenant, day",
         parameters={"since": since, "until": until},
     )
     return [(tenant, day, float(total)) for tenant, day, total in result.result_rows]
@@ -81,7 +86,13 @@ def daily_totals(
     raise ValueError(f"unknown measure {measure!r}: one of {', '.join(MEASURES)}")
 
 
-def describe_measure(measure: Measure, meter: str) -> str:
+def measure_key(measure: Measure, meter: str) -> str:
+    """What a total counts, as the quota DB records it beside the total
+    (``tenant_daily_usage.measure``): ``decisions``, or ``meter:<name>``."""
+    return DECISIONS if measure == DECISIONS else f"{METER}:{meter}"
+
+
+def describe_measure(measure: str, meter: str) -> str:
     """What ``measure`` totals, in a few words (reconcile's report says which it compared)."""
     if measure == METER:
         return f"billable usage of meter {meter!r}"

@@ -1,7 +1,8 @@
 """``decisions_day`` (migration 007): the limiter's decisions per tenant and UTC day, which the
 backfill and reconcile read. Its view takes the rows inserted from a cut on and the migration
 fills the rows stored before it: every row counts once, on a database migrated with rows in it,
-on a migration cut short and run again, and with inserts running while it migrates."""
+on a migration cut short and run again, with inserts running while it migrates, and with two
+migrations at once."""
 
 from __future__ import annotations
 
@@ -93,11 +94,17 @@ def test_a_database_migrated_with_rows_counts_each_decision_once(
     expected = {(tenant, today): 2 * 5.0, (tenant, yesterday): 2 * 4.0}
     assert expected_from_raw(clickhouse_client, clickhouse_db) == expected
     assert from_rollup(clickhouse_client, clickhouse_db) == expected
-    by_origin = clickhouse_client.query(
-        f"SELECT filled, sum(event_count) FROM {clickhouse_db}.decisions_day GROUP BY filled"
-        " ORDER BY filled"
-    ).result_rows
-    assert by_origin == [(0, 5), (1, 5)]  # every decision, rejected and degraded ones too
+    # Every decision, rejected and degraded ones too: by the view, and by the fill.
+    assert origins(clickhouse_client, clickhouse_db) == (5, 5)
+
+
+def origins(client, db: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """The decisions counted by the view, and by the fill of the rows stored before it."""
+    viewed = client.query(f"SELECT sum(event_count) FROM {db}.decisions_day").result_rows[0][0]
+    filled = client.query(
+        f"SELECT sum(event_count) FROM {db}.decisions_day_filled FINAL"
+    ).result_rows[0][0]
+    return int(viewed), int(filled)
 
 
 def test_a_migration_cut_short_runs_again_with_its_cut_and_counts_nothing_twice(
@@ -149,15 +156,40 @@ def test_rows_inserted_while_a_server_migrates_count_once(
         stop.set()
         worker.join(30)
     assert batches > 1
-    filled, viewed = (
-        clickhouse_client.query(
-            f"SELECT sum(event_count) FROM {clickhouse_db}.decisions_day WHERE filled = {f}"
-        ).result_rows[0][0]
-        for f in (1, 0)
-    )
+    viewed, filled = origins(clickhouse_client, clickhouse_db)
     assert filled > 5 and viewed > 0  # the inserts ran on both sides of the cut
     expected = expected_from_raw(clickhouse_client, clickhouse_db)
     assert expected[(tenant, NOW.date())] == 5 + 20 * batches
+    assert from_rollup(clickhouse_client, clickhouse_db) == expected
+
+
+def test_two_migrations_at_once_count_each_decision_once(
+    clickhouse_client, clickhouse_db: str, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's case: two workers of the new release start together on a ClickHouse
+    server, each migrating. Both ran 007; each deleted the fill rows and wrote its own, so the
+    decisions stored before the upgrade counted twice, for good. Now the fill's totals replace
+    each other, and the second run fills with the cut of the view the first one made."""
+    migrate_up_to(clickhouse_client, clickhouse_db, 6, monkeypatch)
+    insert(clickhouse_client, clickhouse_db, mixed_rows(tenant))
+    monkeypatch.setattr(schema, "_embedded", lambda client: False)
+    monkeypatch.setattr(schema, "SERVER_CUT_SECONDS", 0.5)
+    applied: list[list[str]] = []
+
+    def run(delay: float) -> None:
+        threading.Event().wait(delay)
+        applied.append(migrate_client(clickhouse_client, clickhouse_db))
+
+    runs = [threading.Thread(target=run, args=(d,)) for d in (0.0, 0.3)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(30)
+    assert applied == [["007_decisions_day"], ["007_decisions_day"]]
+    insert(clickhouse_client, clickhouse_db, mixed_rows(tenant))
+    assert origins(clickhouse_client, clickhouse_db) == (5, 5)
+    expected = expected_from_raw(clickhouse_client, clickhouse_db)
+    assert expected[(tenant, NOW.date())] == 2 * 5.0
     assert from_rollup(clickhouse_client, clickhouse_db) == expected
 
 
