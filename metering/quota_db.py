@@ -35,6 +35,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
 )
 from sqlalchemy.engine import URL, make_url
@@ -90,6 +91,9 @@ class DailyUsageRow(Base):
     day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
     used: Mapped[float] = mapped_column(Double, nullable=False)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    #: what ``used`` counts (:func:`metering.clickhouse.totals.measure_key`); NULL: written
+    #: before revision 0002, by a release that totalled WORKER_BACKFILL_METER's billable usage
+    measure: Mapped[str | None] = mapped_column(String(80), nullable=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,13 +446,27 @@ class QuotaStore:
             ).all()
         return {tenant: math.ceil(used) for tenant, used in rows}
 
+    def earliest_day_of_another_measure(self, measure: str, since: dt.date) -> dt.date | None:
+        """The earliest day from ``since`` on holding a total of another measure than
+        ``measure`` (or of none recorded: written before revision 0002); None if there is none."""
+        with self.engine.connect() as conn:
+            earliest = conn.scalar(
+                select(func.min(DailyUsageRow.day)).where(
+                    DailyUsageRow.day >= since,
+                    DailyUsageRow.measure.is_distinct_from(measure),
+                )
+            )
+        return earliest if isinstance(earliest, dt.date) else None
+
     def latest_daily_usage_day(self) -> dt.date | None:
         """The latest day ``tenant_daily_usage`` holds a total for (None: it holds none)."""
         with self.engine.connect() as conn:
             latest = conn.scalar(select(func.max(DailyUsageRow.day)))
         return latest if isinstance(latest, dt.date) else None
 
-    def upsert_daily_usage(self, rows: Iterable[tuple[str, dt.date, int | float]]) -> int:
+    def upsert_daily_usage(
+        self, rows: Iterable[tuple[str, dt.date, int | float]], measure: str | None = None
+    ) -> int:
         """Store absolute totals per (tenant, day); idempotent. Returns the number of rows.
 
         A total replaces a smaller stored one (the worker's tables hold the truth), so a
@@ -457,6 +475,11 @@ class QuotaStore:
         and each worker's backfill writes every tenant, so two workers' rounds can interleave
         (A reads 10, B reads and writes 15, A writes 10): the stored total must not move back,
         since it is what a lost Redis day counter is seeded from.
+
+        With ``measure`` (what the totals count: ``metering.clickhouse.totals.measure_key``) a
+        total also replaces one of another measure, larger or not, and records its measure: a
+        release or a setting that changed what is totalled does not leave the old totals in
+        place (they could only ever be raised). Without it the stored measure is left as is.
         """
         now = _utcnow()
         values: dict[tuple[str, dt.date], float] = {}
@@ -474,18 +497,27 @@ class QuotaStore:
         payload = [
             {"tenant": t, "day": d, "used": u, "updated_at": now} for (t, d), u in values.items()
         ]
+        if measure is not None:
+            for row in payload:
+                row["measure"] = measure
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
         stmt = insert(DailyUsageRow)
-        # A row is written only when its total grew: ``updated_at`` says when it last did, and
-        # on PostgreSQL an unchanged total leaves no dead row version behind.
+        # A row is written only when its total grew (or its measure changed): ``updated_at``
+        # says when it last did, and on PostgreSQL an unchanged total leaves no dead row behind.
+        changes: dict[str, Any] = {
+            "used": stmt.excluded.used,
+            "updated_at": stmt.excluded.updated_at,
+        }
+        grew: Any = stmt.excluded.used > DailyUsageRow.used
+        if measure is not None:
+            changes["measure"] = stmt.excluded.measure
+            grew = or_(grew, DailyUsageRow.measure.is_distinct_from(stmt.excluded.measure))
         stmt = stmt.on_conflict_do_update(
-            index_elements=[DailyUsageRow.tenant, DailyUsageRow.day],
-            set_={"used": stmt.excluded.used, "updated_at": stmt.excluded.updated_at},
-            where=stmt.excluded.used > DailyUsageRow.used,
+            index_elements=[DailyUsageRow.tenant, DailyUsageRow.day], set_=changes, where=grew
         )
         with self._session() as s:
             s.execute(stmt, payload)

@@ -21,11 +21,13 @@ thousands of tenants, rewriting every open tenant-day every few seconds took mos
 the sink inserts from); every ``rewrite_seconds`` a round writes them all again, so a quota DB
 restored or edited meanwhile is put right.
 
-A worker's first round also reads the days that were still open when the quota DB was last
-written (from its latest day's start less the lateness and margin, at most
-``catch_up_days`` back): a worker stopped or crashed before its last batch was read, and
-restarted after that day closed, would otherwise leave the day short for good. The worker
-also runs a last round once its sink has stopped (``streams.app``). Tests:
+A worker's first round also reads the days, up to ``catch_up_days`` back, whose totals count
+another measure (``tenant_daily_usage.measure``: written by the release before, or before
+``WORKER_BACKFILL_MEASURE`` changed), and replaces them. It also reads the days that were
+still open when the quota DB was last written (from its latest day's start less the lateness and
+margin, at most ``catch_up_days`` back): a worker stopped or crashed before its last batch was
+read, and restarted after that day closed, would otherwise leave the day short for good. The
+worker also runs a last round once its sink has stopped (``streams.app``). Tests:
 ``tests/integration/test_streams_backfill.py``, ``tests/integration/test_streams_worker.py``,
 ``tests/integration/test_lifecycle_backfill.py``.
 """
@@ -35,11 +37,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Protocol
 
-from metering.clickhouse.totals import DECISIONS, Measure, daily_billable_totals, daily_totals
+from metering.clickhouse.totals import (
+    DECISIONS,
+    Measure,
+    daily_billable_totals,
+    daily_totals,
+    measure_key,
+)
 
 
 class DailyUsageStore(Protocol):
-    def upsert_daily_usage(self, rows: Any) -> int: ...
+    def upsert_daily_usage(self, rows: Any, measure: str | None = None) -> int: ...
 
 
 def latest_backfilled_day(store: Any) -> dt.date | None:
@@ -71,6 +79,9 @@ class Backfill:
         #: what a total is (:mod:`metering.clickhouse.totals`); ``meter`` is read for "meter"
         self.measure: Measure = measure
         self.meter = meter
+        #: what the totals count, as the quota DB records it: a stored total of another
+        #: measure (an upgrade, a changed setting) is replaced, not only ever raised
+        self.measure_key = measure_key(measure, meter)
         self.lateness = dt.timedelta(seconds=lateness_seconds)
         #: how long after its lateness ran out a day is still read: the sink's batch wait and
         #: insert, and the rounds' interval, with room to spare
@@ -100,10 +111,15 @@ class Backfill:
         read the days open then; events inserted after it, up to its stop, may be missing from
         them. Without a latest day (a new quota DB) only the open days are read, as always."""
         since = self.open_since(now)
+        oldest = (now.astimezone(dt.UTC) - dt.timedelta(days=self.catch_up_days)).date()
+        other = getattr(self.store, "earliest_day_of_another_measure", None)
+        if other is not None and (day := other(self.measure_key, oldest)) is not None:
+            # Totals of another measure (the release before, a changed setting): rewrite them
+            # all, up to catch_up_days back, so the seeds and reconcile count one thing.
+            since = min(since, day)
         latest = latest_backfilled_day(self.store)
         if latest is None:
             return since
-        oldest = (now.astimezone(dt.UTC) - dt.timedelta(days=self.catch_up_days)).date()
         return min(since, max(self._open_at(latest), oldest))
 
     def _open_at(self, day: dt.date) -> dt.date:
@@ -128,7 +144,7 @@ class Backfill:
             if not full:
                 rows = [r for r in rows if written.get((r[0], r[1])) != r[2]]
             if rows:
-                self.store.upsert_daily_usage(rows)
+                self.store.upsert_daily_usage(rows, measure=self.measure_key)
         except BaseException:
             self._unfinished_since = since
             raise

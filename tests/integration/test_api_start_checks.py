@@ -78,10 +78,10 @@ def test_a_quota_db_a_newer_release_migrated_is_refused_in_one_line(env: dict[st
     migrate(env)
     path = env["QUOTA_DB_URL"].removeprefix("sqlite:///")
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0002'")
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
     assert refused(env) == (
-        f"metering: the quota DB (QUOTA_DB_URL={env['QUOTA_DB_URL']}) is at revision 0002, "
-        "newer than this release knows (0001): deploy the newer release"
+        f"metering: the quota DB (QUOTA_DB_URL={env['QUOTA_DB_URL']}) is at revision 0099, "
+        "newer than this release knows (0002): deploy the newer release"
     )
 
 

@@ -96,7 +96,7 @@ def test_a_quota_migration_killed_half_way_leaves_a_database_the_next_run_migrat
     # It used to keep `tenants` (sqlite3 runs DDL outside a transaction): every later run
     # then failed with "table tenants already exists".
     assert "tenants" not in tables(path)
-    assert migrate_quota_db(url) == "0001"
+    assert migrate_quota_db(url) == "0002"
     assert {"tenants", "tenant_daily_usage", "alembic_version"} <= tables(path)
 
 
@@ -124,8 +124,8 @@ def test_two_quota_migrations_at_once_on_a_fresh_file_both_succeed(tmp_path: Pat
                 proc.wait(30)
     assert first.returncode == 0, err_first
     assert second.returncode == 0, err_second  # it said "table tenants already exists"
-    assert out_first.endswith("revision 0001\n")
-    assert out_second.endswith("revision 0001\n")
+    assert out_first.endswith("revision 0002\n")
+    assert out_second.endswith("revision 0002\n")
 
 
 def test_a_quota_db_a_newer_release_migrated_is_one_line_naming_both_revisions(
@@ -136,13 +136,13 @@ def test_a_quota_db_a_newer_release_migrated_is_one_line_naming_both_revisions(
     path = tmp_path / "quota.db"
     migrate_quota_db(f"sqlite:///{path}")
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0002'")
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
     monkeypatch.setenv("QUOTA_DB_URL", f"sqlite:///{path}")
     assert main(["db", "migrate", "--only", "quota"]) == 1
-    # It was alembic's traceback: "Can't locate revision identified by '0002'".
+    # It was alembic's traceback: "Can't locate revision identified by '0099'".
     assert capsys.readouterr().err == (
-        f"metering: the quota DB (QUOTA_DB_URL=sqlite:///{path}) is at revision 0002, newer "
-        "than this release knows (0001): deploy the newer release\n"
+        f"metering: the quota DB (QUOTA_DB_URL=sqlite:///{path}) is at revision 0099, newer "
+        "than this release knows (0002): deploy the newer release\n"
     )
 
 

@@ -122,7 +122,7 @@ def test_db_migrate_brings_up_the_quota_db_and_clickhouse(tmp_path: Path) -> Non
     cmd = [sys.executable, "-m", "metering.cli", "db", "migrate"]
     first = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
-    assert "quota DB: at revision 0001" in first.stdout
+    assert "quota DB: at revision 0002" in first.stdout
     assert "ClickHouse: applied 001_" in first.stdout
     again = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr

@@ -27,8 +27,8 @@ def store(quota_db_url: str) -> QuotaStore:
 def test_migrations_build_both_tables_from_empty_and_run_again_harmlessly(
     quota_db_url: str,
 ) -> None:
-    assert migrate(quota_db_url) == "0001"
-    assert migrate(quota_db_url) == "0001"
+    assert migrate(quota_db_url) == "0002"
+    assert migrate(quota_db_url) == "0002"
     engine = make_engine(quota_db_url)
     try:
         insp = inspect(engine)
@@ -93,6 +93,24 @@ def test_daily_usage_upserts_absolute_totals_idempotently(store: QuotaStore) -> 
     store.upsert_daily_usage([("acme", DAY, 950)])  # a later total replaces the earlier one
     assert store.daily_usage("acme", DAY) == 950
     assert store.upsert_daily_usage([]) == 0
+
+
+def test_a_total_of_another_measure_is_replaced_and_then_only_raised(store: QuotaStore) -> None:
+    """An upgrade (or WORKER_BACKFILL_MEASURE changed) totals something else: the old totals
+    must not stay because they are larger; within one measure a total still only grows."""
+    later = DAY + dt.timedelta(days=2)
+    store.upsert_daily_usage([("acme", DAY, 510), ("acme", later, 7)])  # measure not recorded
+    assert store.earliest_day_of_another_measure("decisions", DAY) == DAY
+    store.upsert_daily_usage([("acme", DAY, 10)], measure="decisions")
+    assert store.daily_usage("acme", DAY) == 10
+    assert store.earliest_day_of_another_measure("decisions", DAY) == later
+    store.upsert_daily_usage([("acme", DAY, 4)], measure="decisions")
+    assert store.daily_usage("acme", DAY) == 10
+    store.upsert_daily_usage([("acme", DAY, 3)])  # without a measure: as before, only raises
+    assert store.daily_usage("acme", DAY) == 10
+    store.upsert_daily_usage([("acme", DAY, 8)], measure="meter:requests")
+    assert store.daily_usage("acme", DAY) == 8
+    assert store.earliest_day_of_another_measure("meter:requests", later) == later
 
 
 def test_a_smaller_total_from_an_older_round_never_moves_a_day_back(store: QuotaStore) -> None:
@@ -170,7 +188,7 @@ def test_the_schema_itself_refuses_a_negative_limit_written_around_the_code(
 def test_a_plain_postgresql_url_uses_the_installed_psycopg_driver(postgres_url: str) -> None:
     for url in fresh_postgres_database(postgres_url):
         plain = "postgresql://" + url.split("://", 1)[1]
-        assert migrate(plain) == "0001"
+        assert migrate(plain) == "0002"
         store = QuotaStore(plain)
         assert store.engine.dialect.driver == "psycopg"
         assert store.list_tenants() == []
@@ -254,4 +272,4 @@ def test_migrations_run_at_once_on_a_fresh_db_both_succeed(
             t.join()
         next(urls, None)  # drops the PostgreSQL database
         assert not errors, (round_, errors)
-        assert reached == ["0001"] * 4
+        assert reached == ["0002"] * 4

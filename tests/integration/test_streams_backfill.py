@@ -95,11 +95,11 @@ class FailingOnce:
         self.store = store
         self.fail = True
 
-    def upsert_daily_usage(self, rows):  # type: ignore[no-untyped-def]
+    def upsert_daily_usage(self, rows, measure=None):  # type: ignore[no-untyped-def]
         if self.fail:
             self.fail = False
             raise ConnectionError("quota DB unreachable")
-        return self.store.upsert_daily_usage(rows)
+        return self.store.upsert_daily_usage(rows, measure)
 
 
 def test_a_day_whose_last_round_failed_is_read_by_the_next_round(
@@ -221,3 +221,43 @@ def test_the_meter_measure_keeps_one_meters_billable_usage(
     )
     assert backfill.run_once(NOW) == 1
     assert store.daily_usage(tenant, NOW.date()) == 503
+
+
+def test_totals_of_another_measure_are_replaced_not_only_ever_raised(
+    clickhouse_client, clickhouse_db: str, tenant: str, tmp_path: Path
+) -> None:
+    """The review's case: the release before wrote meter ``requests``' billable usage (a
+    tenant's own usage events included), and the quota DB only ever raised a total, so after the
+    upgrade the larger old totals stayed: a lost counter was re-seeded with them, and reconcile
+    reported drift on every day before. A worker's first round now replaces the totals of
+    another measure, up to ``catch_up_days`` back; then totals only grow again."""
+    migrate(clickhouse_client, clickhouse_db)
+    closed = (NOW - dt.timedelta(days=3)).date()
+    rows = [row(1, tenant, "requests", 10, decision="allowed")]
+    rows += [row(2, tenant, "requests", 45, decision="allowed", days_ago=3)]
+    clickhouse_client.insert(f"{clickhouse_db}.usage_events", rows, column_names=EVENT_COLUMNS)
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    migrate_quota_db(url)
+    store = QuotaStore(url)
+    # As the release before left them: no measure recorded, and larger.
+    store.upsert_daily_usage([(tenant, NOW.date(), 510), (tenant, closed, 205)])
+    backfill = Backfill(clickhouse_client, clickhouse_db, store, lateness_seconds=3600)
+    assert backfill.run_once(NOW) == 2
+    assert store.daily_usage(tenant, NOW.date()) == 10
+    assert store.daily_usage(tenant, closed) == 45
+    assert store.earliest_day_of_another_measure("decisions", closed) is None
+    # Of the same measure, a smaller total (a slower worker's round) never moves it back.
+    store.upsert_daily_usage([(tenant, NOW.date(), 4)], measure="decisions")
+    assert store.daily_usage(tenant, NOW.date()) == 10
+    # WORKER_BACKFILL_MEASURE changed: the next worker replaces them again.
+    metered = Backfill(
+        clickhouse_client,
+        clickhouse_db,
+        store,
+        meter="requests",
+        measure="meter",
+        lateness_seconds=3600,
+    )
+    assert metered.measure_key == "meter:requests"
+    assert metered.run_once(NOW) == 2
+    assert store.earliest_day_of_another_measure("meter:requests", closed) is None
