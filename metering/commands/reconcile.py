@@ -70,6 +70,14 @@ def direct(settings: Settings, day: dt.date) -> list[reconcile.ReconcileRow]:
 
 
 def via_api(settings: Settings, base: str, day: dt.date) -> list[reconcile.ReconcileRow]:
+    return ask_api(settings, base, day)[0]
+
+
+def ask_api(
+    settings: Settings, base: str, day: dt.date
+) -> tuple[list[reconcile.ReconcileRow], tuple[str, str]]:
+    """The API's reconciliation of ``day``, and the measure and meter it compared (its own
+    settings, which may not be this shell's)."""
     import httpx
 
     from metering.commands.up import sign_token
@@ -86,12 +94,15 @@ def via_api(settings: Settings, base: str, day: dt.date) -> list[reconcile.Recon
         raise CommandError(f"could not reach the API at {base}: {exc}") from None
     if r.status_code != 200:
         raise CommandError(f"the API at {base} answered {r.status_code}: {r.text[:500]}")
-    return [
+    answer = r.json()
+    rows = [
         reconcile.ReconcileRow(
             t["tenant"], t["redis"], t["clickhouse"], t["quota_db"], t.get("expired", False)
         )
-        for t in r.json()["tenants"]
+        for t in answer["tenants"]
     ]
+    # A release before this one named only the meter, and compared its billable usage.
+    return rows, (answer.get("measure", "meter"), answer.get("meter", "requests"))
 
 
 def _ask(holder: EngineHolder) -> str:
@@ -114,25 +125,28 @@ def _ask(holder: EngineHolder) -> str:
 def _run(args: argparse.Namespace) -> int:
     settings = get_settings()
     day = args.day or dt.datetime.now(dt.UTC).date()
+    compared: tuple[str, str] = (settings.worker_backfill_measure, settings.worker_backfill_meter)
     if args.api:
-        rows = via_api(settings, args.api, day)
+        rows, compared = ask_api(settings, args.api, day)
     elif (holder := engine_holder(settings)) is not None:
-        rows = via_api(settings, _ask(holder), day)
+        rows, compared = ask_api(settings, _ask(holder), day)
     else:
         try:
             rows = direct(settings, day)
         except Exception as exc:  # held since the look above (a start in between)
             if not embedded_engine_held(settings, exc) or not (holder := engine_holder(settings)):
                 raise
-            rows = via_api(settings, _ask(holder), day)
+            rows, compared = ask_api(settings, _ask(holder), day)
+    measure, meter = compared  # by the API's settings when it answered, not this shell's
     if args.json:
         out: dict[str, Any] = {
             "day": day.isoformat(),
-            "measure": settings.worker_backfill_measure,
+            "measure": measure,
+            "meter": meter,
             "tenants": [r.as_dict() for r in rows],
         }
         print(json.dumps(out, indent=2))
     else:
-        measure = describe_measure(settings.worker_backfill_measure, settings.worker_backfill_meter)
-        print(reconcile.format_report(rows, day, measure))
+        described = describe_measure(measure, meter)
+        print(reconcile.format_report(rows, day, described))
     return 0 if all(r.agrees for r in rows) else 1
