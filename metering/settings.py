@@ -174,7 +174,12 @@ class Settings(BaseSettings):
         False, description="Decide and count, but never block (dry run of new limits)."
     )
     rate_limit_emit_decisions: bool = Field(
-        True, description="Emit every limiter decision as a metering.ratelimit usage event."
+        True,
+        description=(
+            "Emit every limiter decision as a metering.ratelimit usage event. They are what"
+            " tenant_daily_usage totals by default (WORKER_BACKFILL_MEASURE): off, a lost daily"
+            " counter is seeded with 0 unless the measure is meter."
+        ),
     )
 
     # --- quotas --------------------------------------------------------------------------------
