@@ -523,7 +523,9 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     kafka_bootstrap: str, pipeline, tenant: str
 ) -> None:
     topic, _, group, make = pipeline
-    first = [event_message(tenant, 1, id=f"e{i}") for i in range(4000)]
+    # The limiter's allowed decisions: counted in every rollup, decisions_day among them, and
+    # in the quota DB's day total (the seed of a lost Redis counter).
+    first = [event_message(tenant, 1, id=f"e{i}", decision="allowed") for i in range(4000)]
     produce(kafka_bootstrap, topic, first)
     worker = make("w1")
     base_env = worker.env
@@ -535,7 +537,7 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     worker.kill()  # no shutdown: whatever was inserted and not yet committed stays so
     at_kill = sum(committed_offsets(kafka_bootstrap, sink_group(group), topic).values())
     assert at_kill < 4000, "the kill should land mid-stream"
-    second = [event_message(tenant, 1, id=f"e{i}") for i in range(4000, 6000)]
+    second = [event_message(tenant, 1, id=f"e{i}", decision="allowed") for i in range(4000, 6000)]
     second += first[:500]  # producer retries of events the first life may have inserted
     produce(kafka_bootstrap, topic, second)
     worker.env = base_env
@@ -563,6 +565,12 @@ def test_sigkill_in_the_middle_of_a_stream_then_restart_keeps_totals_exact(
     assert worker.query(
         "SELECT sum(event_count), sum(quantity_sum) FROM metering.usage_minute"
     ) == [[6000, 6000.0]]
+    assert worker.query(
+        "SELECT sum(event_count), sum(quantity_sum) FROM metering.decisions_day"
+    ) == [[6000, 6000.0]]
+    # The last backfill round ran as the worker stopped.
+    store = QuotaStore(f"sqlite:///{worker.data_dir / 'quota.db'}")
+    assert store.daily_usage(tenant, today) == 6000
 
 
 @pytest.mark.slow
