@@ -1,8 +1,15 @@
-"""``metering db migrate``: bring the quota DB and the ClickHouse schema up to date (idempotent)."""
+"""``metering db migrate``: bring the quota DB and the ClickHouse schema up to date (idempotent).
+
+``metering db backfill --since D [--until D]``: write the days' totals from ClickHouse into the
+quota DB's ``tenant_daily_usage``, as the worker does for the open days: for days a worker no
+longer reads (closed more than ``catch_up_days`` ago when it started; a quota DB restored from
+an old backup; totals of a measure in force before). Totals of the configured measure only
+grow; those of another measure are replaced (``QuotaStore.upsert_daily_usage``)."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 
 from metering.quota_db import migrate as migrate_quota_db
 from metering.settings import load_settings
@@ -21,6 +28,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="migrate only this database",
     )
     migrate.set_defaults(handler=_migrate)
+    backfill = dsub.add_parser(
+        "backfill",
+        help="write days' totals from ClickHouse into the quota DB (tenant_daily_usage)",
+    )
+    backfill.add_argument("--since", type=_day, required=True, help="first UTC day, YYYY-MM-DD")
+    backfill.add_argument(
+        "--until", type=_day, default=None, help="last UTC day, YYYY-MM-DD (default today)"
+    )
+    backfill.set_defaults(handler=_backfill)
+
+
+def _day(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -38,4 +61,39 @@ def _migrate(args: argparse.Namespace) -> int:
             print(
                 f"ClickHouse: {table} keeps rows {now} days (was {was}; CLICKHOUSE_RETENTION_DAYS)"
             )
+    return 0
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from metering.cli import CommandError
+    from metering.clickhouse.client import clickhouse_client
+    from metering.clickhouse.totals import daily_totals, describe_measure, measure_key
+    from metering.commands.store_errors import engine_holder
+    from metering.quota_db import QuotaStore
+
+    settings = load_settings()
+    until = args.until or dt.datetime.now(dt.UTC).date()
+    if args.since > until:
+        raise CommandError(f"--since {args.since} is after --until {until}")
+    if (holder := engine_holder(settings)) is not None:
+        raise CommandError(
+            f"the embedded ClickHouse is in use by {holder.describe()}: stop it first (a"
+            " running worker backfills the open days itself)"
+        )
+    measure, meter = settings.worker_backfill_measure, settings.worker_backfill_meter
+    client = clickhouse_client(settings.clickhouse_url, timeout=settings.clickhouse_query_timeout)
+    rows = daily_totals(
+        client,
+        settings.clickhouse_database,
+        measure=measure,
+        meter=meter,
+        since=args.since,
+        until=until + dt.timedelta(days=1),
+    )
+    QuotaStore(settings.quota_db_url).upsert_daily_usage(rows, measure=measure_key(measure, meter))
+    tenants = len({tenant for tenant, _, _ in rows})
+    print(
+        f"quota DB: {len(rows)} day totals of {tenants} tenants, {args.since} to {until}"
+        f" ({describe_measure(measure, meter)})"
+    )
     return 0
