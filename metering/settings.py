@@ -400,8 +400,8 @@ class Settings(BaseSettings):
         15,
         le=3600,
         description="Whole seconds metering api gives the requests still running when it is "
-        "told to stop (SIGTERM); then they are cancelled (the decisions Redis made for them are "
-        "still emitted) and the emitter is flushed.",
+        "told to stop (SIGTERM); then they are cancelled and answered 503 with Retry-After "
+        "(the decisions Redis made for them are still emitted), and the emitter is flushed.",
     )
     api_opentelemetry: bool = Field(
         False,

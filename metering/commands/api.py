@@ -58,8 +58,11 @@ def server_config(
     cancelled (``API_SHUTDOWN_TIMEOUT``); ``extra``: more ``uvicorn.Config`` arguments."""
     import uvicorn
 
+    from metering.api.shutdown import AnswerCancelledAtShutdown
+
     return uvicorn.Config(
-        app,
+        # A request still running when the shutdown times out gets 503, not uvicorn's 500.
+        AnswerCancelledAtShutdown(app),
         host=host,
         port=port,
         lifespan="on",
