@@ -345,6 +345,18 @@ def require_admin(principal: Principal) -> None:
         raise Problem(403, f"this needs the {ADMIN_SCOPE!r} scope", slug="forbidden")
 
 
+def admin_principal(principal: CurrentPrincipal) -> Principal:
+    """The verified caller, if an admin (else 403). As a dependency it is solved before the
+    route's query and body are validated: a caller without the scope learns it needs the scope,
+    not what its request got wrong (a non-admin's quota change with a bad field got a 422)."""
+    require_admin(principal)
+    return principal
+
+
+#: A route parameter ``principal: AdminPrincipal`` receives the verified caller, an admin.
+AdminPrincipal = Annotated[Principal, Depends(admin_principal)]
+
+
 def authorize_tenant(principal: Principal, tenant: str) -> str:
     """``tenant`` if the caller may act on it (itself, or any tenant for an admin); the tenant
     id is validated first, so a bad id is a 422, never a key built from unchecked input."""

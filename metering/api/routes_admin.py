@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from metering import reconcile
-from metering.api.auth import CurrentPrincipal, require_admin
+from metering.api.auth import AdminPrincipal
 from metering.api.context import api_context
 from metering.api.problems import Problem, StoreFailureRoute
 
@@ -24,10 +24,9 @@ UNMETERED_ADMIN_PATHS = frozenset({"/v1/admin/reconcile"})
 @router.get("/v1/admin/reconcile", summary="Compare Redis counters, ClickHouse and the quota DB")
 async def reconcile_day(
     request: Request,
-    principal: CurrentPrincipal,
+    principal: AdminPrincipal,
     day: Annotated[dt.date | None, Query(description="UTC day, default today")] = None,
 ) -> dict[str, Any]:
-    require_admin(principal)
     day = day or dt.datetime.now(dt.UTC).date()
     if abs((dt.datetime.now(dt.UTC).date() - day).days) > 400:
         raise Problem(400, f"day {day.isoformat()} is outside the retention", slug="bad-request")

@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from limiter.keys import daily_counter_key, token_bucket_key, window_log_key, window_meta_key
 from limiter.quotas import unpublished_warning
 from metering.api.auth import (
+    AdminPrincipal,
     CurrentPrincipal,
     authorize_tenant,
     bearer_scheme,
-    require_admin,
 )
 from metering.api.context import api_context
 from metering.api.problems import Problem, StoreFailureRoute, store_problem
@@ -134,9 +134,8 @@ async def put_quota(
     response: Response,
     body: QuotaIn,
     tenant: TenantPath,
-    principal: CurrentPrincipal,
+    principal: AdminPrincipal,
 ) -> QuotaChangeOut:
-    require_admin(principal)
     tenant = authorize_tenant(principal, tenant)
     ctx = api_context(request)
     changes = body.model_dump()

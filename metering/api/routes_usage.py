@@ -18,7 +18,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from metering.api.auth import CurrentPrincipal, Principal, authorize_tenant, require_admin
+from metering.api.auth import AdminPrincipal, CurrentPrincipal, Principal, authorize_tenant
 from metering.api.context import api_context
 from metering.api.problems import Problem, StoreFailureRoute
 from metering.billing import billing_statement
@@ -248,7 +248,7 @@ def get_sliding_usage(
 @router.get("/v1/usage/top", response_model=TopOut)
 def get_top_tenants(
     request: Request,
-    principal: CurrentPrincipal,
+    principal: AdminPrincipal,
     meter: MeterParam,
     minutes: Annotated[int, Query(ge=1, le=MAX_SLIDING_MINUTES)] = 60,
     limit: Annotated[int, Query(ge=1, le=MAX_TOP)] = 10,
@@ -256,7 +256,6 @@ def get_top_tenants(
     decision: DecisionParam = DecisionFilter.BILLABLE,
 ) -> Any:
     """The tenants with the most usage over the last N minutes (admins only)."""
-    require_admin(principal)
     try:
         result = usage_queries(request).top_tenants(
             meter, minutes, limit, aggregation=aggregation, decision=decision

@@ -107,6 +107,27 @@ async def test_tenant_a_is_refused_on_every_endpoint_aimed_at_b(
     assert live["daily"]["used"] == 0
 
 
+async def test_a_tenant_on_an_admin_endpoint_is_told_it_needs_the_scope_before_its_mistakes(
+    settings, clickhouse_client: Any, pair: tuple[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    """The operators audit's case: a non-admin's quota change with a bad field got a 422 naming
+    the body's fields, not the 403. The scope is now checked first on every admin endpoint; an
+    admin with the same mistakes gets the 422."""
+    a, _ = pair
+    mistaken = [
+        ("PUT", f"/v1/tenants/{a}/quota", {"json": {"burst": "many"}}),
+        ("GET", "/v1/admin/reconcile", {"params": {"day": "yesterday"}}),
+        ("GET", "/v1/usage/top", {"params": {"meter": "tokens", "minutes": 0}}),
+    ]
+    async with api_client(settings, clickhouse=clickhouse_client) as client:
+        for call in mistaken:
+            r = await send(client, call, auth(a))
+            assert r.status_code == 403, (call[:2], r.status_code, r.text[:300])
+            assert problem(r)["detail"] == "this needs the 'metering:admin' scope"
+            r = await send(client, call, admin())
+            assert r.status_code == 422, (call[:2], r.status_code, r.text[:300])
+
+
 async def test_an_admin_may_act_on_any_tenant(
     settings, clickhouse_client: Any, pair: tuple[str, str]
 ) -> None:  # type: ignore[no-untyped-def]
