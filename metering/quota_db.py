@@ -37,6 +37,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    update,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
@@ -465,7 +466,12 @@ class QuotaStore:
         return latest if isinstance(latest, dt.date) else None
 
     def upsert_daily_usage(
-        self, rows: Iterable[tuple[str, dt.date, int | float]], measure: str | None = None
+        self,
+        rows: Iterable[tuple[str, dt.date, int | float]],
+        measure: str | None = None,
+        *,
+        covering: tuple[dt.date, dt.date | None] | None = None,
+        replace: bool = False,
     ) -> int:
         """Store absolute totals per (tenant, day); idempotent. Returns the number of rows.
 
@@ -480,7 +486,18 @@ class QuotaStore:
         total also replaces one of another measure, larger or not, and records its measure: a
         release or a setting that changed what is totalled does not leave the old totals in
         place (they could only ever be raised). Without it the stored measure is left as is.
+
+        ``covering=(since, until)`` (``until`` None: open-ended) says ``rows`` are every
+        total of those days: a stored total of another measure that they leave out (a tenant
+        with none of this measure's usage that day) is set to 0 of ``measure``, in the same
+        transaction; ``replace`` sets every stored total of those days to what ``rows`` say
+        (0 where they say nothing), smaller or not (``metering db backfill --replace``: totals
+        an old release's worker raised beside a new one). Both need ``measure``.
         """
+        if (covering is not None or replace) and measure is None:
+            raise ValueError("covering and replace need the measure the totals count")
+        if replace and covering is None:
+            raise ValueError("replace needs the days the totals cover")
         now = _utcnow()
         values: dict[tuple[str, dt.date], float] = {}
         for tenant, day, used in rows:
@@ -492,7 +509,7 @@ class QuotaStore:
             if not math.isfinite(used) or used < 0:
                 raise QuotaError(f"used must be finite and >= 0, got {used!r}")
             values[(tenant, day)] = float(used)
-        if not values:
+        if not values and covering is None:
             return 0
         payload = [
             {"tenant": t, "day": d, "used": u, "updated_at": now} for (t, d), u in values.items()
@@ -520,7 +537,18 @@ class QuotaStore:
             index_elements=[DailyUsageRow.tenant, DailyUsageRow.day], set_=changes, where=grew
         )
         with self._session() as s:
-            s.execute(stmt, payload)
+            if covering is not None:
+                # First to 0 of this measure, then raised to the totals given: the days' rows
+                # left out end at 0, in one transaction (readers never see the zeros alone).
+                since, until = covering
+                cleared = update(DailyUsageRow).where(DailyUsageRow.day >= since)
+                if until is not None:
+                    cleared = cleared.where(DailyUsageRow.day < until)
+                if not replace:
+                    cleared = cleared.where(DailyUsageRow.measure.is_distinct_from(measure))
+                s.execute(cleared.values(used=0.0, measure=measure, updated_at=now))
+            if payload:
+                s.execute(stmt, payload)
         return len(payload)
 
 

@@ -23,7 +23,8 @@ restored or edited meanwhile is put right.
 
 A worker's first round also reads the days, up to ``catch_up_days`` back, whose totals count
 another measure (``tenant_daily_usage.measure``: written by the release before, or before
-``WORKER_BACKFILL_MEASURE`` changed), and replaces them. It also reads the days that were
+``WORKER_BACKFILL_MEASURE`` changed), and replaces them, setting to 0 those of a tenant with
+none of this measure's usage that day. It also reads the days that were
 still open when the quota DB was last written (from its latest day's start less the lateness and
 margin, at most ``catch_up_days`` back): a worker stopped or crashed before its last batch was
 read, and restarted after that day closed, would otherwise leave the day short for good. The
@@ -47,7 +48,9 @@ from metering.clickhouse.totals import (
 
 
 class DailyUsageStore(Protocol):
-    def upsert_daily_usage(self, rows: Any, measure: str | None = None) -> int: ...
+    def upsert_daily_usage(
+        self, rows: Any, measure: str | None = None, *, covering: Any = None
+    ) -> int: ...
 
 
 def latest_backfilled_day(store: Any) -> dt.date | None:
@@ -93,6 +96,9 @@ class Backfill:
         #: True until a round succeeded: the first one also reads the days left open by the
         #: worker that wrote the quota DB last (:meth:`catch_up_since`)
         self._catching_up = True
+        #: True when the first round found totals of another measure: it rewrites every
+        #: total of the days it reads, those this measure has none for set to 0
+        self._other_measure = False
         #: the totals written since the last full round, per (tenant, day): a round upserts
         #: only the totals that differ
         self._written: dict[tuple[str, dt.date], float] = {}
@@ -117,6 +123,7 @@ class Backfill:
             # Totals of another measure (the release before, a changed setting): rewrite them
             # all, up to catch_up_days back, so the seeds and reconcile count one thing.
             since = min(since, day)
+            self._other_measure = True
         latest = latest_backfilled_day(self.store)
         if latest is None:
             return since
@@ -143,7 +150,13 @@ class Backfill:
             written = self._written
             if not full:
                 rows = [r for r in rows if written.get((r[0], r[1])) != r[2]]
-            if rows:
+            if self._catching_up and self._other_measure and full:
+                # Every total of the days read: one of another measure that these leave out (a
+                # tenant with no usage of this measure that day) is set to 0, not left as is.
+                self.store.upsert_daily_usage(
+                    rows, measure=self.measure_key, covering=(since, None)
+                )
+            elif rows:
                 self.store.upsert_daily_usage(rows, measure=self.measure_key)
         except BaseException:
             self._unfinished_since = since

@@ -95,11 +95,11 @@ class FailingOnce:
         self.store = store
         self.fail = True
 
-    def upsert_daily_usage(self, rows, measure=None):  # type: ignore[no-untyped-def]
+    def upsert_daily_usage(self, rows, measure=None, **kw):  # type: ignore[no-untyped-def]
         if self.fail:
             self.fail = False
             raise ConnectionError("quota DB unreachable")
-        return self.store.upsert_daily_usage(rows, measure)
+        return self.store.upsert_daily_usage(rows, measure, **kw)
 
 
 def test_a_day_whose_last_round_failed_is_read_by_the_next_round(
@@ -239,12 +239,18 @@ def test_totals_of_another_measure_are_replaced_not_only_ever_raised(
     url = f"sqlite:///{tmp_path / 'quota.db'}"
     migrate_quota_db(url)
     store = QuotaStore(url)
-    # As the release before left them: no measure recorded, and larger.
-    store.upsert_daily_usage([(tenant, NOW.date(), 510), (tenant, closed, 205)])
+    # As the release before left them: no measure recorded, and larger. The second review's
+    # case: a tenant whose day had only its own usage events has no decisions total at all, and
+    # its old total stayed (the seed of its lost counter: 500).
+    only_usage = f"{tenant}-u"
+    store.upsert_daily_usage(
+        [(tenant, NOW.date(), 510), (tenant, closed, 205), (only_usage, NOW.date(), 500)]
+    )
     backfill = Backfill(clickhouse_client, clickhouse_db, store, lateness_seconds=3600)
     assert backfill.run_once(NOW) == 2
     assert store.daily_usage(tenant, NOW.date()) == 10
     assert store.daily_usage(tenant, closed) == 45
+    assert store.daily_usage(only_usage, NOW.date()) == 0
     assert store.earliest_day_of_another_measure("decisions", closed) is None
     # Of the same measure, a smaller total (a slower worker's round) never moves it back.
     store.upsert_daily_usage([(tenant, NOW.date(), 4)], measure="decisions")
