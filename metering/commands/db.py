@@ -4,7 +4,8 @@
 quota DB's ``tenant_daily_usage``, as the worker does for the open days: for days a worker no
 longer reads (closed more than ``catch_up_days`` ago when it started; a quota DB restored from
 an old backup; totals of a measure in force before). Totals of the configured measure only
-grow; those of another measure are replaced (``QuotaStore.upsert_daily_usage``)."""
+grow, unless ``--replace``; those of another measure are replaced, and set to 0 where
+ClickHouse has none (``QuotaStore.upsert_daily_usage``)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     backfill.add_argument(
         "--until", type=_day, default=None, help="last UTC day, YYYY-MM-DD (default today)"
     )
+    backfill.add_argument(
+        "--replace",
+        action="store_true",
+        help="set every total of those days to ClickHouse's, also where it is smaller (totals"
+        " a worker of an earlier release raised beside a new one)",
+    )
     backfill.set_defaults(handler=_backfill)
+
+
+#: The days ClickHouse's Date holds (it clamps others silently).
+FIRST_DAY, LAST_DAY = dt.date(1970, 1, 1), dt.date(2149, 6, 5)
 
 
 def _day(text: str) -> dt.date:
@@ -75,6 +86,11 @@ def _backfill(args: argparse.Namespace) -> int:
     until = args.until or dt.datetime.now(dt.UTC).date()
     if args.since > until:
         raise CommandError(f"--since {args.since} is after --until {until}")
+    for name, day in (("--since", args.since), ("--until", until)):
+        if not FIRST_DAY <= day <= LAST_DAY:
+            raise CommandError(
+                f"{name} {day} is outside ClickHouse's days ({FIRST_DAY} to {LAST_DAY})"
+            )
     if (holder := engine_holder(settings)) is not None:
         raise CommandError(
             f"the embedded ClickHouse is in use by {holder.describe()}: stop it first (a"
@@ -82,15 +98,19 @@ def _backfill(args: argparse.Namespace) -> int:
         )
     measure, meter = settings.worker_backfill_measure, settings.worker_backfill_meter
     client = clickhouse_client(settings.clickhouse_url, timeout=settings.clickhouse_query_timeout)
+    end = until + dt.timedelta(days=1)
     rows = daily_totals(
         client,
         settings.clickhouse_database,
         measure=measure,
         meter=meter,
         since=args.since,
-        until=until + dt.timedelta(days=1),
+        until=end,
     )
-    QuotaStore(settings.quota_db_url).upsert_daily_usage(rows, measure=measure_key(measure, meter))
+    # Every total of those days: one of another measure they leave out is set to 0.
+    QuotaStore(settings.quota_db_url).upsert_daily_usage(
+        rows, measure=measure_key(measure, meter), covering=(args.since, end), replace=args.replace
+    )
     tenants = len({tenant for tenant, _, _ in rows})
     print(
         f"quota DB: {len(rows)} day totals of {tenants} tenants, {args.since} to {until}"

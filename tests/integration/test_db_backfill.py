@@ -65,6 +65,31 @@ def test_days_before_the_workers_catch_up_are_written_with_the_measure_in_force(
     assert [cli.daily_usage(tenant, d) for d in (older, old, TODAY)] == [7, 9, 1]
 
 
+def test_totals_clickhouse_has_none_for_are_zeroed_and_replace_lowers_raised_ones(
+    cli: QuotaStore, clickhouse_client, clickhouse_db: str, tenant: str, capsys
+) -> None:
+    """The second review's cases: a tenant-day of another measure with no total of this one
+    kept its old total (only the pairs ClickHouse returned were written); and a total of this
+    measure raised by a worker of the release before could not be lowered by anything."""
+    from metering.cli import main
+
+    day = TODAY - dt.timedelta(days=3)
+    clickhouse_client.insert(
+        f"{clickhouse_db}.usage_events", [decision(1, tenant, 3, 4)], column_names=EVENT_COLUMNS
+    )
+    quiet, raised = f"{tenant}-q", f"{tenant}-r"
+    cli.upsert_daily_usage([(quiet, day, 500)])  # another measure; no decisions that day
+    cli.upsert_daily_usage([(raised, day, 300), (tenant, day, 60)], measure="decisions")
+    outside = day - dt.timedelta(days=1)
+    cli.upsert_daily_usage([(quiet, outside, 200)])  # a day not asked for: left alone
+    assert main(["db", "backfill", "--since", str(day), "--until", str(day)]) == 0
+    assert [cli.daily_usage(t, day) for t in (tenant, quiet, raised)] == [60, 0, 300]
+    assert main(["db", "backfill", "--since", str(day), "--until", str(day), "--replace"]) == 0
+    assert [cli.daily_usage(t, day) for t in (tenant, quiet, raised)] == [4, 0, 0]
+    assert cli.daily_usage(quiet, outside) == 200
+    capsys.readouterr()
+
+
 def test_bad_days_are_refused_naming_them(cli: QuotaStore, capsys) -> None:  # type: ignore[no-untyped-def]
     from metering.cli import main
 
@@ -74,6 +99,13 @@ def test_bad_days_are_refused_naming_them(cli: QuotaStore, capsys) -> None:  # t
         main(["db", "backfill", "--since", "last week"])
     assert exit_.value.code == 2
     assert "'last week' is not a day (YYYY-MM-DD)" in capsys.readouterr().err
+    # It was a traceback (OverflowError), and ClickHouse clamps other days silently.
+    assert main(["db", "backfill", "--since", "2026-12-01", "--until", "9999-12-31"]) == 1
+    assert capsys.readouterr().err == (
+        "metering: --until 9999-12-31 is outside ClickHouse's days (1970-01-01 to 2149-06-05)\n"
+    )
+    assert main(["db", "backfill", "--since", "1969-12-31", "--until", "1970-01-02"]) == 1
+    assert "--since 1969-12-31 is outside ClickHouse's days" in capsys.readouterr().err
 
 
 def test_an_engine_another_process_holds_is_named_in_one_line(
