@@ -35,7 +35,8 @@ MAX_DETAIL = 300
 
 # A table or database the migrations make is missing (SQLite, PostgreSQL, ClickHouse).
 _UNMIGRATED = re.compile(
-    r"no such table|relation \S+ does not exist|UNKNOWN_DATABASE|UNKNOWN_TABLE"
+    r"no such table|relation \S+ does not exist|has no column named|no such column"
+    r"|UNKNOWN_DATABASE|UNKNOWN_TABLE"
 )
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>]+")

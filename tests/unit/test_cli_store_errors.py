@@ -89,3 +89,22 @@ def test_an_error_of_no_store_is_left_to_propagate() -> None:
 )
 def test_redis_is_named_by_the_setting_of_its_mode(settings: dict[str, str], named: str) -> None:
     assert redis_setting(load_settings(**settings)) == named
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "table tenant_daily_usage has no column named measure",  # SQLite, an INSERT
+        "no such column: tenant_daily_usage.measure",  # SQLite, a SELECT
+    ],
+)
+def test_a_quota_db_without_a_column_of_this_release_says_to_migrate(
+    monkeypatch: pytest.MonkeyPatch, said: str
+) -> None:
+    """The second review's case: a SQLite quota DB still at revision 0001 was named, without
+    the hint PostgreSQL's wording of the same got."""
+    monkeypatch.setenv("QUOTA_DB_URL", "sqlite:///var/quota.db")
+    error = OperationalError("INSERT INTO tenant_daily_usage", {}, Exception(said))
+    assert store_failure(error) == (
+        f"the quota DB (QUOTA_DB_URL=sqlite:///var/quota.db): {said}; run `metering db migrate`"
+    )
