@@ -4,6 +4,7 @@ with a message naming it, and argparse exits 2 with ``--flag: message``."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 from collections.abc import Callable
 
@@ -70,3 +71,11 @@ def tenant_id(text: str) -> str:
         return validate_tenant_id(text)
     except InvalidIdentifier as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def utc_day(text: str) -> dt.date:
+    """A UTC day written YYYY-MM-DD."""
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
+from metering.commands.argtypes import utc_day
 from metering.quota_db import migrate as migrate_quota_db
 from metering.settings import load_settings
 
@@ -33,9 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "backfill",
         help="write days' totals from ClickHouse into the quota DB (tenant_daily_usage)",
     )
-    backfill.add_argument("--since", type=_day, required=True, help="first UTC day, YYYY-MM-DD")
+    backfill.add_argument("--since", type=utc_day, required=True, help="first UTC day, YYYY-MM-DD")
     backfill.add_argument(
-        "--until", type=_day, default=None, help="last UTC day, YYYY-MM-DD (default today)"
+        "--until", type=utc_day, default=None, help="last UTC day, YYYY-MM-DD (default today)"
     )
     backfill.add_argument(
         "--replace",
@@ -48,13 +49,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 #: The days ClickHouse's Date holds (it clamps others silently).
 FIRST_DAY, LAST_DAY = dt.date(1970, 1, 1), dt.date(2149, 6, 5)
-
-
-def _day(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -20,13 +20,14 @@ from typing import Any
 from metering import reconcile
 from metering.cli import CommandError
 from metering.clickhouse.totals import describe_measure
+from metering.commands.argtypes import utc_day
 from metering.commands.store_errors import EngineHolder, embedded_engine_held, engine_holder
 from metering.settings import Settings, get_settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rec = sub.add_parser("reconcile", help="compare Redis, ClickHouse and the quota DB for a day")
-    rec.add_argument("--day", type=_day, default=None, help="UTC day YYYY-MM-DD (default today)")
+    rec.add_argument("--day", type=utc_day, default=None, help="UTC day YYYY-MM-DD (default today)")
     rec.add_argument("--json", action="store_true", help="print JSON")
     rec.add_argument(
         "--api",
@@ -34,13 +35,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="ask a running API (e.g. http://127.0.0.1:8000) instead of the sources",
     )
     rec.set_defaults(handler=_run)
-
-
-def _day(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
 
 
 def direct(settings: Settings, day: dt.date) -> list[reconcile.ReconcileRow]:
