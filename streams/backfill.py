@@ -96,9 +96,6 @@ class Backfill:
         #: True until a round succeeded: the first one also reads the days left open by the
         #: worker that wrote the quota DB last (:meth:`catch_up_since`)
         self._catching_up = True
-        #: True when the first round found totals of another measure: it rewrites every
-        #: total of the days it reads, those this measure has none for set to 0
-        self._other_measure = False
         #: the totals written since the last full round, per (tenant, day): a round upserts
         #: only the totals that differ
         self._written: dict[tuple[str, dt.date], float] = {}
@@ -123,7 +120,6 @@ class Backfill:
             # Totals of another measure (the release before, a changed setting): rewrite them
             # all, up to catch_up_days back, so the seeds and reconcile count one thing.
             since = min(since, day)
-            self._other_measure = True
         latest = latest_backfilled_day(self.store)
         if latest is None:
             return since
@@ -150,7 +146,7 @@ class Backfill:
             written = self._written
             if not full:
                 rows = [r for r in rows if written.get((r[0], r[1])) != r[2]]
-            if self._catching_up and self._other_measure and full:
+            if self._catching_up and full:
                 # Every total of the days read: one of another measure that these leave out (a
                 # tenant with no usage of this measure that day) is set to 0, not left as is.
                 self.store.upsert_daily_usage(
